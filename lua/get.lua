@@ -1,0 +1,95 @@
+--[[
+  get.lua: look up entries of one shard in L2 and L3 in one call, counting hits and moving tiers.
+
+  KEYS[1..4]  the shard's l2, l3, exp and stats keys (see includes/shard.lua)
+  ARGV[1..8]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas)
+  ARGV[9..]   entry ids to look up (one or more)
+
+  For each id, in order:
+    * absent, data gone, past its absolute expiry, or idle past its tier's ttl -> a miss
+      (the last two also remove or demote it, as the sweep would have);
+    * in L2 -> an L2 hit; its score becomes now;
+    * in L3 -> an L3 hit; when its hit count reaches promote_after it moves to L2 (promotion),
+      otherwise its L3 score becomes now.
+  Every hit increments the entry's fleet-wide hit count `n`.
+
+  Reply: { {promotions, demotions, evictions, expirations},  -- caused by this call
+           {tier, payload, fill_l1, ttl_left_ms, version},   -- one per id; tier 0 = miss (only {0}),
+           ... }                                             -- 2 = L2 hit, 3 = L3 hit
+    fill_l1 = 1 when the entry is in L2 after this hit and its count >= promote_after
+    ttl_left_ms = ms until its absolute expiry, -1 when it has none
+]]
+-- @include "includes/shard.lua"
+
+local err = check_head()
+if err then return redis.error_reply(err) end
+if #ARGV <= HEAD then return redis.error_reply('VRC_BADARG get needs at least one entry id') end
+for i = HEAD + 1, #ARGV do
+  if string.len(ARGV[i]) == 0 then return redis.error_reply('VRC_BADARG get: empty entry id') end
+end
+
+sweep()
+
+local results, l2_hits, l3_hits, misses = {}, 0, 0, 0
+for i = HEAD + 1, #ARGV do
+  local id = ARGV[i]
+  local ek = entry_key(id)
+  local s2 = redis.call('ZSCORE', l2_key, id)
+  local s3 = nil
+  if s2 then s2 = tonumber(s2) else s3 = tonumber(redis.call('ZSCORE', l3_key, id)) end
+  local reply = {0}
+  if s2 or s3 then
+    local f = redis.call('HMGET', ek, 'v', 'ver', 'x', 's')
+    local expiry = tonumber(f[3])
+    if not f[1] then                                   -- data gone (evicted by Redis or by hand)
+      redis.call('ZREM', s2 and l2_key or l3_key, id)
+      redis.call('ZREM', exp_key, id)
+    elseif expiry and now >= expiry then               -- absolute ttl passed
+      drop(id, s2 and 2 or 3)
+      ev.expirations = ev.expirations + 1
+    else
+      if s2 and idle2 > 0 and now - s2 >= idle2 then   -- idle in L2: it belongs to L3 by now
+        redis.call('ZREM', l2_key, id)
+        s3, s2 = s2 + idle2, nil
+        into_l3(id, s3)
+      end
+      if s3 and idle3 > 0 and now - s3 >= idle3 then   -- idle in L3: it is gone
+        drop(id, 3)
+        ev.expirations = ev.expirations + 1
+      else
+        local n = redis.call('HINCRBY', ek, 'n', 1)
+        local tier, in_l2 = 2, true
+        if s2 then
+          redis.call('ZADD', l2_key, now, id)
+          l2_hits = l2_hits + 1
+        else
+          tier = 3
+          l3_hits = l3_hits + 1
+          if n >= promote_after then
+            local size = tonumber(f[4]) or 0
+            redis.call('ZREM', l3_key, id)
+            redis.call('ZADD', l2_key, now, id)
+            bytes3, bytes2 = bytes3 - size, bytes2 + size
+            ev.promotions = ev.promotions + 1
+          else
+            redis.call('ZADD', l3_key, now, id)
+            in_l2 = false
+          end
+        end
+        local fill = 0
+        if in_l2 and n >= promote_after then fill = 1 end
+        reply = {tier, f[1], fill, expiry and (expiry - now) or -1, tonumber(f[2])}
+      end
+    end
+  else
+    redis.call('DEL', ek)                              -- data without an index entry is never valid
+  end
+  if reply[1] == 0 then misses = misses + 1 end
+  results[#results + 1] = reply
+end
+
+enforce_bounds()
+local fills = 0
+for _, r in ipairs(results) do if r[3] == 1 then fills = fills + 1 end end
+table.insert(results, 1, flush_stats({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills}))
+return results

@@ -1,0 +1,153 @@
+--[[
+  includes/shard.lua: the shard prelude, pasted at the top of get.lua, put.lua and delete.lua.
+
+  A namespace is split into shards; every key of one shard shares the shard's hash tag, so each
+  script call touches exactly one hash slot (Redis Cluster rule). The shard's keys:
+
+    KEYS[1]  <ns>:{<tag>}:l2      ZSET  member = entry id, score = last touch in L2 (ms)
+    KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms)
+    KEYS[3]  <ns>:{<tag>}:exp     ZSET  member = entry id, score = absolute expiry (ms); entries with a ttl only
+    KEYS[4]  <ns>:{<tag>}:stats   HASH  fleet counters and byte totals of this shard
+
+  Entry data lives at <ns>:{<tag>}:e:<id>, a HASH:
+    v = payload (bytes), s = payload size accounted in the byte totals (bytes),
+    n = Redis hits since it last entered L2/L3 by put or demotion,
+    ver = version (from the shard's `seq` counter), x = absolute expiry (ms, absent = none),
+    k = the original key when <id> is a hash of it.
+  Entry key names are derived from KEYS[1] here, so they always share its hash tag and slot.
+
+  Common ARGV (every script using this prelude):
+    ARGV[1]  now, ms since the epoch; 0 = use the server's TIME (tests pass a fake clock)
+    ARGV[2]  L2 capacity of this shard, entries (>= 1)
+    ARGV[3]  L3 capacity of this shard, entries (>= 1)
+    ARGV[4]  L2 idle ttl, ms: an entry untouched this long moves to L3 (0 = never)
+    ARGV[5]  L3 idle ttl, ms: an entry untouched this long is removed (0 = never)
+    ARGV[6]  promote_after, Redis hits (>= 1)
+    ARGV[7]  L1 hits the calling process had since its last report (>= 0; fleet counter piggyback)
+    ARGV[8]  L1 evictions since its last report (>= 0)
+  Script-specific ARGV start at ARGV[9] (HEAD + 1).
+
+  Tier semantics kept here:
+    * an entry is in exactly one of L2 / L3; data and index entries come and go together;
+    * L2 over capacity -> its least recently touched entries move to L3 (score = now, count reset);
+      L3 over capacity -> its least recently touched entries are removed (evictions);
+    * idle movement and absolute expiry are applied to the key being read, and swept for up to
+      SWEEP other due entries per call, so Redis never does unbounded work in one call.
+]]
+local HEAD = 8
+local SWEEP = 16
+
+local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local base = string.sub(l2_key, 1, -3)
+
+local function arg_int(i, min)
+  local v = tonumber(ARGV[i])
+  if v == nil or v ~= math.floor(v) or v < min then return nil end
+  return v
+end
+
+-- Validates the common ARGV; returns an error message or nil. Called before the first write.
+local now, cap2, cap3, idle2, idle3, promote_after, l1_hits, l1_evictions
+local function check_head()
+  now, cap2, cap3 = arg_int(1, 0), arg_int(2, 1), arg_int(3, 1)
+  idle2, idle3, promote_after = arg_int(4, 0), arg_int(5, 0), arg_int(6, 1)
+  l1_hits, l1_evictions = arg_int(7, 0), arg_int(8, 0)
+  if not (now and cap2 and cap3 and idle2 and idle3 and promote_after and l1_hits and l1_evictions) then
+    return 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, deltas)'
+  end
+  if now == 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return nil
+end
+
+local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
+local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
+
+local function entry_key(id) return base .. 'e:' .. id end
+
+-- The accounted size of an entry (0 when its data is gone). Byte totals use this recorded size,
+-- not HSTRLEN, so a payload edited by hand cannot make them drift.
+local function size_of(ek) return tonumber(redis.call('HGET', ek, 's')) or 0 end
+
+-- Removes an entry from every index and deletes its data; `tier` is 2, 3 or nil (not indexed).
+local function drop(id, tier)
+  local ek = entry_key(id)
+  local size = size_of(ek)
+  if tier == 2 then redis.call('ZREM', l2_key, id); bytes2 = bytes2 - size
+  elseif tier == 3 then redis.call('ZREM', l3_key, id); bytes3 = bytes3 - size end
+  redis.call('ZREM', exp_key, id)
+  redis.call('DEL', ek)
+end
+
+-- Puts an entry (already removed from L2's index) into L3 with the given score; count restarts.
+local function into_l3(id, score)
+  local ek = entry_key(id)
+  local size = size_of(ek)
+  if size == 0 then                  -- leftover index entry whose data is gone: finish removing it
+    redis.call('ZREM', exp_key, id)
+    return
+  end
+  redis.call('ZADD', l3_key, score, id)
+  redis.call('HSET', ek, 'n', 0)
+  bytes2, bytes3 = bytes2 - size, bytes3 + size
+  ev.demotions = ev.demotions + 1
+end
+
+-- Bounded sweep of due work: absolute expiry, L2 idle -> L3, L3 idle -> gone.
+local function sweep()
+  local due = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, SWEEP)
+  for _, id in ipairs(due) do
+    local tier = nil
+    if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
+    drop(id, tier)
+    ev.expirations = ev.expirations + 1
+  end
+  if idle2 > 0 then
+    due = redis.call('ZRANGEBYSCORE', l2_key, '-inf', now - idle2, 'WITHSCORES', 'LIMIT', 0, SWEEP)
+    for i = 1, #due, 2 do
+      redis.call('ZREM', l2_key, due[i])
+      into_l3(due[i], tonumber(due[i + 1]) + idle2)   -- it became idle at last touch + idle2
+    end
+  end
+  if idle3 > 0 then
+    due = redis.call('ZRANGEBYSCORE', l3_key, '-inf', now - idle3, 'LIMIT', 0, SWEEP)
+    for _, id in ipairs(due) do
+      drop(id, 3)
+      ev.expirations = ev.expirations + 1
+    end
+  end
+end
+
+-- LRU bounds: L2 overflow demotes to L3, L3 overflow evicts.
+local function enforce_bounds()
+  local over = redis.call('ZCARD', l2_key) - cap2
+  if over > 0 then
+    local popped = redis.call('ZPOPMIN', l2_key, over)
+    for i = 1, #popped, 2 do into_l3(popped[i], now) end
+  end
+  over = redis.call('ZCARD', l3_key) - cap3
+  if over > 0 then
+    local popped = redis.call('ZPOPMIN', l3_key, over)
+    for i = 1, #popped, 2 do
+      local ek = entry_key(popped[i])
+      bytes3 = bytes3 - size_of(ek)
+      redis.call('ZREM', exp_key, popped[i])
+      redis.call('DEL', ek)
+      ev.evictions = ev.evictions + 1
+    end
+  end
+end
+
+-- Writes this call's counters and byte deltas into the shard's stats hash (one place, at the end).
+local function flush_stats(extra)
+  local deltas = {l1_hits = l1_hits, l1_evictions = l1_evictions, l2_bytes = bytes2, l3_bytes = bytes3,
+                  promotions = ev.promotions, demotions = ev.demotions, evictions = ev.evictions,
+                  expirations = ev.expirations}
+  for field, d in pairs(extra) do deltas[field] = d end
+  for field, d in pairs(deltas) do
+    if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
+  end
+  return {ev.promotions, ev.demotions, ev.evictions, ev.expirations}
+end

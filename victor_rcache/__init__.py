@@ -1,0 +1,38 @@
+"""victor_rcache: a Redis-backed multi-level cache shared by a fleet of workers.
+
+L1 lives in each process; L2 and L3 live in Redis, moved between by Lua scripts in one round trip.
+"""
+
+from .aio import AsyncMultiLevelCache
+from .cache import MultiLevelCache
+from .codec import Codec, MsgpackCodec
+from .config import CacheConfig
+from .errors import (
+    CacheError,
+    CacheUnavailableError,
+    ConfigurationError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    InvalidTTLError,
+    SerializationError,
+    ValueTooLargeError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncMultiLevelCache",
+    "CacheConfig",
+    "CacheError",
+    "CacheUnavailableError",
+    "Codec",
+    "ConfigurationError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "InvalidTTLError",
+    "MsgpackCodec",
+    "MultiLevelCache",
+    "SerializationError",
+    "ValueTooLargeError",
+    "__version__",
+]

@@ -1,0 +1,126 @@
+"""Settings of a cache, validated once, readable from the environment.
+
+Every setting is a constructor argument of :class:`~victor_rcache.MultiLevelCache`; the same names
+in upper case with a ``VICTOR_RCACHE_`` prefix configure :meth:`MultiLevelCache.from_env`
+(``VICTOR_RCACHE_L2_SIZE=5000``). The URL comes from ``redis_url``, else ``VICTOR_RCACHE_URL``,
+else ``REDIS_URL``, else ``redis://localhost:6379/0``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .codec import Codec, MsgpackCodec
+from .errors import ConfigurationError, InvalidTTLError
+
+DEFAULT_URL = "redis://localhost:6379/0"
+ENV_PREFIX = "VICTOR_RCACHE_"
+MAX_TTL_SECONDS = 10 * 365 * 86400.0  # ten years: anything longer is almost surely a unit mistake
+MAX_VALUE_BYTES_LIMIT = 512 * 1024 * 1024  # Redis's own limit for one string
+
+
+def check_ttl(value: object, what: str = "ttl", error: type[Exception] = InvalidTTLError) -> float:
+    """Validate a duration in seconds: a finite number, > 0, at most ten years."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{what} must be a number of seconds, not {type(value).__name__}; e.g. {what}=60")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds <= 0:
+        raise error(f"{what}={value!r} must be a positive number of seconds; use None for no expiry")
+    if seconds > MAX_TTL_SECONDS:
+        raise error(f"{what}={value!r} seconds is over ten years; did you pass milliseconds? Use seconds")
+    return seconds
+
+
+def _check_size(value: object, what: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{what}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """All settings; see the README's configuration table for their meaning."""
+
+    redis_url: str | None = None
+    namespace: str = "vrc"
+    l1_size: int = 1000
+    l2_size: int = 10_000
+    l3_size: int = 100_000
+    l1_ttl: float | None = 300.0
+    l2_ttl: float | None = 3600.0
+    l3_ttl: float | None = 86400.0
+    promote_after: int = 3
+    shards: int = 16
+    max_value_bytes: int = 1024 * 1024
+    fail_open: bool = True
+    socket_timeout: float = 0.5
+    connect_timeout: float = 0.5
+    codec: Codec = field(default_factory=MsgpackCodec)
+    clock: Callable[[], float] | None = None
+
+    def __post_init__(self) -> None:
+        _check_size(self.l1_size, "l1_size")
+        _check_size(self.shards, "shards")
+        for name in ("l2_size", "l3_size"):
+            size = _check_size(getattr(self, name), name)
+            if size < self.shards:
+                raise ConfigurationError(
+                    f"{name}={size} is smaller than shards={self.shards}: every shard needs room for an entry; "
+                    f"raise {name} or lower shards"
+                )
+        _check_size(self.promote_after, "promote_after")
+        _check_size(self.max_value_bytes, "max_value_bytes")
+        if self.max_value_bytes > MAX_VALUE_BYTES_LIMIT:
+            raise ConfigurationError(f"max_value_bytes={self.max_value_bytes} exceeds Redis's 512 MiB string limit")
+        for name in ("l1_ttl", "l2_ttl", "l3_ttl"):
+            if getattr(self, name) is not None:
+                check_ttl(getattr(self, name), name, ConfigurationError)
+        for name in ("socket_timeout", "connect_timeout"):
+            check_ttl(getattr(self, name), name, ConfigurationError)
+        if not isinstance(self.codec, Codec):
+            raise ConfigurationError("codec must have a name and encode()/decode() methods (see victor_rcache.Codec)")
+        if self.clock is not None and not callable(self.clock):
+            raise ConfigurationError("clock must be a callable returning seconds, like time.monotonic")
+
+    @property
+    def url(self) -> str:
+        """The Redis URL in effect (argument, then VICTOR_RCACHE_URL, then REDIS_URL)."""
+        return self.redis_url or os.environ.get(ENV_PREFIX + "URL") or os.environ.get("REDIS_URL") or DEFAULT_URL
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> CacheConfig:
+        """Build a config from ``VICTOR_RCACHE_*`` variables; keyword arguments take precedence."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if f.name in ("codec", "clock", "redis_url") or raw is None:
+                continue
+            values[f.name] = _parse_env(f.name, str(f.type), raw)
+        values.setdefault("redis_url", env.get(ENV_PREFIX + "URL") or env.get("REDIS_URL"))
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse_env(name: str, type_name: str, raw: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    text = raw.strip()
+    try:
+        if type_name == "bool":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if type_name == "int":
+            return int(text)
+        if type_name.startswith("float"):
+            return None if text.lower() in ("", "none") and "None" in type_name else float(text)
+        return text
+    except ValueError:
+        kind = type_name.split(" ", maxsplit=1)[0]
+        raise ConfigurationError(f"{var}={raw!r} is not a valid {kind}; fix the variable") from None

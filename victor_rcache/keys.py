@@ -1,0 +1,126 @@
+"""Key layout: how a user key becomes a shard and Redis key names.
+
+Every Redis key starts with ``<namespace>:``. A namespace is split into ``shards``; each shard's
+keys share one hash tag (the part in braces), so a script never touches two hash slots, and the
+shards' tags are chosen to fall in evenly spaced slot ranges, so Redis Cluster spreads a namespace
+over all its masters::
+
+    <ns>:config                  HASH  fleet-wide settings every worker checks (shards, format)
+    <ns>:{s<i>.<salt>}:l2        ZSET  L2 index: entry id -> last touch (ms)
+    <ns>:{s<i>.<salt>}:l3        ZSET  L3 index: entry id -> last touch (ms)
+    <ns>:{s<i>.<salt>}:exp       ZSET  entry id -> absolute expiry (ms), entries with a ttl only
+    <ns>:{s<i>.<salt>}:stats     HASH  the shard's fleet counters and byte totals
+    <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, s size, n hits, ver, x expiry, k key
+
+An entry id is the key itself (UTF-8 for ``str``), readable in ``redis-cli``; keys over 1 KiB, or
+starting with ``#``, are stored as ``#`` + SHA-256 hex, with the original key kept in field ``k``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from .errors import ConfigurationError, InvalidKeyError
+
+MAX_RAW_KEY_BYTES = 1024
+MAX_SHARDS = 1024
+_HASHED = b"#"
+
+
+def key_bytes(key: str | bytes) -> bytes:
+    """The canonical bytes of a user key (str is UTF-8); raises InvalidKeyError."""
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidKeyError(f"key {key!r} is not valid Unicode ({exc.reason}); pass bytes instead") from exc
+    elif isinstance(key, bytes):
+        raw = key
+    else:
+        raise InvalidKeyError(f"a key must be str or bytes, not {type(key).__name__}; convert it with str()")
+    if not raw:
+        raise InvalidKeyError("a key must not be empty; use a descriptive non-empty key")
+    return raw
+
+
+@dataclass(frozen=True)
+class EntryRef:
+    """Where one user key lives: its canonical bytes, shard and entry id."""
+
+    key: bytes
+    shard: int
+    id: bytes
+
+    @property
+    def hashed(self) -> bool:
+        return self.id != self.key
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """The four index/counter keys of one shard, in the order the scripts take them."""
+
+    index: int
+    l2: bytes
+    l3: bytes
+    exp: bytes
+    stats: bytes
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [self.l2, self.l3, self.exp, self.stats]
+
+    def entry(self, entry_id: bytes) -> bytes:
+        return self.l2[:-2] + b"e:" + entry_id
+
+
+def _shard_tag(index: int, shards: int) -> str:
+    """A tag for shard ``index`` whose slot lies in the index-th of ``shards`` equal slot ranges."""
+    lo = index * REDIS_CLUSTER_HASH_SLOTS // shards
+    hi = (index + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+    salt = 0
+    while not lo <= key_slot(f"s{index}.{salt}".encode()) < hi:
+        salt += 1
+    return f"s{index}.{salt}"
+
+
+class KeySpace:
+    """Names every Redis key of one namespace."""
+
+    def __init__(self, namespace: str, shards: int) -> None:
+        if not namespace or not namespace.isprintable() or any(c in namespace for c in "{}: "):
+            raise ConfigurationError(
+                f"namespace {namespace!r} must be non-empty printable text without spaces, ':', '{{' or '}}'; "
+                "use something like 'tools' or 'agents-prod'"
+            )
+        if not 1 <= shards <= MAX_SHARDS:
+            raise ConfigurationError(f"shards={shards} must be between 1 and {MAX_SHARDS}; the default is 16")
+        self.namespace = namespace
+        self.shards = shards
+        self.prefix = namespace.encode() + b":"
+        self.config = self.prefix + b"config"
+
+    @cached_property
+    def shard_keys(self) -> tuple[ShardKeys, ...]:
+        out = []
+        for i in range(self.shards):
+            base = self.prefix + b"{" + _shard_tag(i, self.shards).encode() + b"}:"
+            out.append(ShardKeys(i, base + b"l2", base + b"l3", base + b"exp", base + b"stats"))
+        return tuple(out)
+
+    def ref(self, key: str | bytes) -> EntryRef:
+        """Locate a user key (raises InvalidKeyError for empty or non-encodable keys)."""
+        raw = key_bytes(key)
+        shard = zlib.crc32(raw) % self.shards
+        if len(raw) > MAX_RAW_KEY_BYTES or raw.startswith(_HASHED):
+            return EntryRef(raw, shard, _HASHED + hashlib.sha256(raw).hexdigest().encode())
+        return EntryRef(raw, shard, raw)
+
+    def entry_key(self, ref: EntryRef) -> bytes:
+        """The Redis key of an entry's data hash."""
+        return self.shard_keys[ref.shard].entry(ref.id)

@@ -1,0 +1,81 @@
+"""Counters and the metrics shape users of the in-process design know.
+
+Per tier: ``hits + misses`` is the number of requests that reached the tier (L1: every get; L2:
+L1's misses; L3: L2's misses), so each request is counted once in ``combined`` however deep it
+went. Fleet numbers come from the shards' ``stats`` hashes that the scripts keep in Redis; a
+process reports its L1 hits there with its next script call (and on close), so fleet L1 numbers
+can lag by the calls a process has not yet made.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+COUNTERS = ("gets", "l1_hits", "l2_hits", "l3_hits", "misses", "l1_fills", "promotions", "demotions",
+            "evictions", "expirations", "puts", "redis_errors", "decode_errors", "script_reloads")
+
+
+class Counters:
+    """Thread-safe process counters."""
+
+    def __init__(self) -> None:
+        self._values = dict.fromkeys(COUNTERS, 0)
+        self._lock = threading.Lock()
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._values[name] += delta
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+def fleet_tally(stats: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Sum the shards' stats hashes into the same counters a process keeps."""
+    total: dict[str, int] = {}
+    for shard in stats:
+        for name, value in shard.items():
+            total[name] = total.get(name, 0) + value
+    tally = {name: total.get(name, 0) for name in COUNTERS}
+    tally["l1_evictions"] = total.get("l1_evictions", 0)
+    tally["gets"] = tally["l1_hits"] + tally["l2_hits"] + tally["l3_hits"] + tally["misses"]
+    return tally
+
+
+def _tier(hits: int, gets: int, promotions: int, demotions: int, evictions: int,
+          size: tuple[int, int] | None) -> dict[str, Any]:
+    return {"hits": hits, "misses": gets - hits, "hit_rate": hits / gets if gets else 0.0,
+            "promotions": promotions, "demotions": demotions, "evictions": evictions,
+            "entry_count": None if size is None else size[0], "total_size": None if size is None else size[1]}
+
+
+def build_metrics(tally: dict[str, int] | None, l1_size: tuple[int, int] | None,
+                  redis_sizes: dict[str, tuple[int, int]] | None, local: dict[str, int],
+                  available: bool) -> dict[str, Any]:
+    """The metrics dict: l1/l2/l3/combined from ``tally``, plus this process's health counters.
+
+    ``tally`` is None when fleet counters could not be read; sizes are None when unknown
+    (Redis unreachable, or the fleet's L1 sizes, which live in each process).
+    """
+    t = tally or dict.fromkeys((*COUNTERS, "l1_evictions"), 0)
+    sizes = redis_sizes or {}
+    gets = t["gets"]
+    l2_gets = gets - t["l1_hits"]
+    l3_gets = l2_gets - t["l2_hits"]
+    hits = t["l1_hits"] + t["l2_hits"] + t["l3_hits"]
+    return {
+        "l1": _tier(t["l1_hits"], gets, t["l1_fills"], 0, t["l1_evictions"], l1_size),
+        "l2": _tier(t["l2_hits"], l2_gets, t["promotions"], t["demotions"], 0, sizes.get("l2")),
+        "l3": _tier(t["l3_hits"], l3_gets, 0, 0, t["evictions"], sizes.get("l3")),
+        "combined": {"total_hits": hits, "total_misses": gets - hits, "hit_rate": hits / gets if gets else 0.0,
+                     "total_promotions": t["l1_fills"] + t["promotions"], "total_demotions": t["demotions"],
+                     "total_evictions": t["l1_evictions"] + t["evictions"],
+                     "total_expirations": t["expirations"], "gets": gets, "puts": t["puts"]},
+        "health": {"redis_available": available, "redis_errors": local["redis_errors"],
+                   "decode_errors": local["decode_errors"], "script_reloads": local["script_reloads"],
+                   "fleet_counters": tally is not None},
+    }

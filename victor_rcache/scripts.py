@@ -1,0 +1,74 @@
+"""The Lua script registry: each script is read once from ``lua/``, its includes expanded, its
+SHA1 computed; calls go out as EVALSHA and fall back to EVAL (which also reloads the script into
+Redis's cache) on NOSCRIPT, e.g. after ``SCRIPT FLUSH``, a restart or a failover.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+_INCLUDE = re.compile(r'^-- @include "([\w./-]+)"\s*$', re.MULTILINE)
+
+Command = tuple[Any, ...]
+
+
+def lua_dir() -> Path:
+    """The folder holding the scripts: inside the installed package, else the source checkout's."""
+    packaged = Path(str(resources.files("victor_rcache"))) / "lua"
+    if (packaged / "get.lua").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: bytes
+    sha: str
+
+    @classmethod
+    def load(cls, name: str, folder: Path | None = None) -> Script:
+        folder = folder or lua_dir()
+        text = (folder / f"{name}.lua").read_text("utf-8")
+        text = _INCLUDE.sub(lambda m: (folder / m.group(1)).read_text("utf-8"), text)
+        source = text.encode()
+        return cls(name, source, hashlib.sha1(source).hexdigest())
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One script invocation; every key in ``keys`` shares a hash slot."""
+
+    script: Script
+    keys: tuple[bytes, ...]
+    args: tuple[bytes | int | str, ...]
+
+    def evalsha(self) -> Command:
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
+    def eval(self) -> Command:
+        return ("EVAL", self.script.source, len(self.keys), *self.keys, *self.args)
+
+
+class Scripts:
+    """The scripts the tiers use, loaded once per process."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.get = Script.load("get", folder)
+        self.put = Script.load("put", folder)
+        self.delete = Script.load("delete", folder)
+        self.flush = Script.load("flush", folder)
+
+    def all(self) -> tuple[Script, ...]:
+        return (self.get, self.put, self.delete, self.flush)
+
+
+def needs_reload(reply: object) -> bool:
+    return isinstance(reply, NoScriptError)
