@@ -1,0 +1,71 @@
+"""Redis down: fail-open callers keep working on L1; fail-closed callers get one typed error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from victor_rcache import AsyncMultiLevelCache, CacheUnavailableError, MultiLevelCache
+from victor_rcache.local_redis import LocalRedisServer, free_port
+
+DEAD = f"redis://127.0.0.1:{free_port()}/0"
+
+
+def test_fail_open_cache_without_redis_never_raises_and_keeps_its_own_writes() -> None:
+    cache = MultiLevelCache(DEAD, namespace="down")
+    assert cache.get("k", "default") == "default"
+    cache.put("k", {"v": 1})
+    assert cache.get("k") == {"v": 1}  # this process still reads its own write from L1
+    cache.put_many({"a": 1, "b": 2})
+    assert cache.get_many(["a", "b", "c"]) == {"a": 1, "b": 2}
+    assert cache.delete("k") is True
+    assert cache.get("k") is None
+    cache.invalidate()
+    assert cache.get("a") is None
+    m = cache.get_metrics()
+    assert m["health"]["redis_available"] is False
+    assert m["health"]["redis_errors"] >= 6
+    assert m["l2"]["entry_count"] is None
+    assert m["combined"]["total_hits"] + m["combined"]["total_misses"] == m["combined"]["gets"]
+    cache.close()
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.get("k"), lambda c: c.put("k", 1), lambda c: c.get_many(["k"]), lambda c: c.put_many({"k": 1}),
+    lambda c: c.delete("k"), lambda c: c.invalidate(), lambda c: c.get_metrics(),
+])
+def test_fail_closed_cache_raises_cache_unavailable(call: Callable[[MultiLevelCache], Any]) -> None:
+    cache = MultiLevelCache(DEAD, namespace="down", fail_open=False)
+    with pytest.raises(CacheUnavailableError, match="fail_open=True"):
+        call(cache)
+
+
+def test_async_fail_open_without_redis() -> None:
+    async def scenario() -> tuple[Any, Any]:
+        async with AsyncMultiLevelCache(DEAD, namespace="down") as cache:
+            missing = await cache.get("k", "default")
+            await cache.put("k", 1)
+            return missing, await cache.get("k")
+
+    assert asyncio.run(scenario()) == ("default", 1)
+
+
+def test_cache_resumes_when_redis_comes_back_on_the_same_port(namespace: str) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    cache, other = MultiLevelCache(url, namespace=namespace), MultiLevelCache(url, namespace=namespace)
+    with LocalRedisServer(port=port):
+        cache.put("before", 1)
+        assert other.get("before") == 1
+    assert other.get("during", "miss") == "miss"  # Redis is gone: a miss, not an error
+    cache.put("during", 2)
+    with LocalRedisServer(port=port):  # restarted empty: scripts must be reloaded transparently
+        assert other.get("during", "miss") == "miss"
+        cache.put("after", 3)
+        assert other.get("after") == 3
+        assert other.get_metrics()["health"]["redis_available"] is True
+    cache.close()
+    other.close()

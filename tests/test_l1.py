@@ -1,0 +1,91 @@
+"""L1: LRU order, TTL on a fake clock, version rule, byte accounting, thread safety (no Redis)."""
+
+from __future__ import annotations
+
+import threading
+
+from victor_rcache.l1 import LocalCache
+
+from .helpers import FakeClock
+
+
+def test_least_recently_used_entry_is_evicted_first() -> None:
+    l1 = LocalCache(2, None, FakeClock())
+    l1.set(b"a", b"1", 1)
+    l1.set(b"b", b"2", 1)
+    assert l1.get(b"a") is not None  # "a" is now the most recent
+    l1.set(b"c", b"3", 1)
+    assert (l1.get(b"a") is not None, l1.get(b"b"), l1.get(b"c") is not None) == (True, None, True)
+    assert l1.evictions == 1
+
+
+def test_copy_expires_at_l1_ttl_or_the_values_own_ttl_whichever_is_first() -> None:
+    clock = FakeClock()
+    l1 = LocalCache(10, 5.0, clock)
+    l1.set(b"long", b"x", 1)
+    l1.set(b"short", b"x", 1, ttl_left=2.0)
+    clock.advance(1.999)
+    assert l1.get(b"short") is not None
+    clock.advance(0.001)
+    assert l1.get(b"short") is None
+    clock.advance(2.999)
+    assert l1.get(b"long") is not None
+    clock.advance(0.001)
+    assert l1.get(b"long") is None
+    assert len(l1) == 0
+
+
+def test_a_zero_remaining_ttl_stores_nothing() -> None:
+    l1 = LocalCache(10, 5.0, FakeClock())
+    l1.set(b"k", b"old", 1)
+    assert l1.set(b"k", b"x", 2, ttl_left=0.0) is False
+    assert l1.get(b"k") is None
+
+
+def test_an_older_version_never_replaces_a_newer_one() -> None:
+    l1 = LocalCache(10, None, FakeClock())
+    assert l1.set(b"k", b"new", 7)
+    assert l1.set(b"k", b"stale", 6) is False
+    entry = l1.get(b"k")
+    assert entry is not None
+    assert entry.payload == b"new"
+    assert l1.set(b"k", b"offline write", 0)  # version 0: written while Redis was down, always wins
+    entry = l1.get(b"k")
+    assert entry is not None
+    assert entry.payload == b"offline write"
+
+
+def test_total_size_tracks_payload_bytes() -> None:
+    l1 = LocalCache(2, None, FakeClock())
+    l1.set(b"a", b"12345", 1)
+    l1.set(b"b", b"123", 1)
+    l1.set(b"a", b"1", 2)
+    assert l1.total_size == 4
+    l1.set(b"c", b"12", 1)  # evicts "b"
+    assert l1.total_size == 3
+    l1.pop(b"a")
+    assert l1.total_size == 2
+    l1.clear()
+    assert (l1.total_size, len(l1)) == (0, 0)
+
+
+def test_concurrent_writers_keep_the_bound_and_the_byte_count() -> None:
+    l1 = LocalCache(50, None, FakeClock())
+    barrier = threading.Barrier(8)
+
+    def work(t: int) -> None:
+        barrier.wait()
+        for i in range(2000):
+            key = f"k{(i * 7 + t) % 120}".encode()
+            l1.set(key, b"x" * (i % 9 + 1), i)
+            l1.get(key)
+            if i % 13 == 0:
+                l1.pop(key)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(l1) <= 50
+    assert l1.total_size == sum(len(e.payload) for e in l1._data.values())
