@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from .cache import CacheBase
 from .config import CacheConfig
 from .connection import async_client
-from .tiers import Batch, Scope, Step
+from .tiers import Batch, Scope, Step, feed, queue
 
 T = TypeVar("T")
 
@@ -27,24 +27,18 @@ class AsyncMultiLevelCache(CacheBase):
         self.client = client if client is not None else async_client(self.config)
 
     async def _drive(self, step: Step[T]) -> T:
-        try:
-            batch = next(step)
-            while True:
-                try:
-                    replies = await self._send(batch)
-                except RedisError as exc:
-                    batch = step.throw(exc)
-                else:
-                    batch = step.send(replies)
-        except StopIteration as done:
-            result: T = done.value
-            return result
+        batch, result = feed(step, None)
+        while batch is not None:
+            batch, result = feed(step, await self._send(batch))
+        return cast(T, result)
 
-    async def _send(self, batch: Batch) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for command in batch:
-            pipe.execute_command(*command)
-        return await pipe.execute(raise_on_error=False)
+    async def _send(self, batch: Batch) -> list[Any] | RedisError:
+        try:
+            replies: list[Any] = await queue(self.client.pipeline(transaction=False), batch).execute(
+                raise_on_error=False)
+        except RedisError as exc:
+            return exc
+        return replies
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         return await self._drive(self._core.get(key, default))

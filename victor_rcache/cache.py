@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.exceptions import RedisError
@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from .config import CacheConfig
 from .connection import sync_client
 from .errors import ConfigurationError
-from .tiers import Batch, Scope, Step, TierCore
+from .tiers import Batch, Scope, Step, TierCore, feed, queue
 
 T = TypeVar("T")
 
@@ -61,25 +61,18 @@ class MultiLevelCache(CacheBase):
         self.client = client if client is not None else sync_client(self.config)
 
     def _drive(self, step: Step[T]) -> T:
-        """Run a core operation: send each batch it yields as one pipeline, hand back the replies."""
-        try:
-            batch = next(step)
-            while True:
-                try:
-                    replies = self._send(batch)
-                except RedisError as exc:
-                    batch = step.throw(exc)
-                else:
-                    batch = step.send(replies)
-        except StopIteration as done:
-            result: T = done.value
-            return result
+        """Run a core operation: send each batch it yields as one pipeline, feed back the replies."""
+        batch, result = feed(step, None)
+        while batch is not None:
+            batch, result = feed(step, self._send(batch))
+        return cast(T, result)
 
-    def _send(self, batch: Batch) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for command in batch:
-            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-        return pipe.execute(raise_on_error=False)
+    def _send(self, batch: Batch) -> list[Any] | RedisError:
+        try:
+            replies: list[Any] = queue(self.client.pipeline(transaction=False), batch).execute(raise_on_error=False)
+        except RedisError as exc:
+            return exc
+        return replies
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` on a miss. A cached ``None`` is a hit."""

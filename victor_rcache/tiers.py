@@ -53,6 +53,29 @@ FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 _scripts: Scripts | None = None
 
 
+def feed(step: Step[T], outcome: list[Any] | RedisError | None) -> tuple[Batch | None, T | None]:
+    """Advance an operation with the outcome of its last batch (None to start it).
+
+    Returns ``(next batch, None)`` while it needs I/O, ``(None, result)`` once it is done. A front
+    end's whole job is: send the batch as one pipeline, feed back the replies or the Redis error.
+    """
+    try:
+        if outcome is None:
+            return next(step), None
+        if isinstance(outcome, RedisError):
+            return step.throw(outcome), None
+        return step.send(outcome), None
+    except StopIteration as done:
+        return None, done.value
+
+
+def queue(pipe: Any, batch: Batch) -> Any:
+    """Queue a batch on a (sync or async) redis-py pipeline."""
+    for command in batch:
+        pipe.execute_command(*command)
+    return pipe
+
+
 def default_scripts() -> Scripts:
     """The process-wide script registry (read from disk once)."""
     global _scripts
