@@ -28,12 +28,12 @@ sweep()
 
 local deleted, count = {0}, 0
 for i = HEAD + 1, #ARGV, 2 do
-  local id, expected = ARGV[i], ARGV[i + 1]
+  local id, expected = ARGV[i], tonumber(ARGV[i + 1])
   local tier = nil
   if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
-  local version = redis.call('HGET', entry_key(id), 'ver')
+  local version = tonumber(redis.call('HGET', entry_key(id), 'ver'))
   local d = 0
-  if (tier or version) and (expected == '' or expected == version) then
+  if (tier or version) and (expected == nil or expected == version) then
     drop(id, tier)
     d = 1
   end

@@ -13,7 +13,7 @@
 local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local base = string.sub(l2_key, 1, -3)
 local batch = tonumber(ARGV[1])
-if batch == nil or batch < 1 or batch ~= math.floor(batch) then
+if not string.match(ARGV[1] or '', '^%d+$') or string.len(ARGV[1]) > 9 or batch < 1 then
   return redis.error_reply('VRC_BADARG flush: batch must be a positive integer')
 end
 
@@ -34,5 +34,7 @@ for _, tier in ipairs({{l2_key, 'l2_bytes'}, {l3_key, 'l3_bytes'}, {exp_key, nil
 end
 
 local left = redis.call('ZCARD', l2_key) + redis.call('ZCARD', l3_key) + redis.call('ZCARD', exp_key)
-if left == 0 then redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0) end  -- heal any drift
+if left == 0 and redis.call('EXISTS', stats_key) == 1 then        -- heal any drift (see README)
+  redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0)
+end
 return left

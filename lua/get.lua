@@ -89,7 +89,12 @@ for i = HEAD + 1, #ARGV do
 end
 
 enforce_bounds()
+-- A later promotion in this call may have pushed an entry back down: only what is still in L2 fills L1.
 local fills = 0
-for _, r in ipairs(results) do if r[3] == 1 then fills = fills + 1 end end
+for i, r in ipairs(results) do
+  if r[3] == 1 then
+    if redis.call('ZSCORE', l2_key, ARGV[HEAD + i]) then fills = fills + 1 else r[3] = 0 end
+  end
+end
 table.insert(results, 1, flush_stats({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills}))
 return results

@@ -9,8 +9,9 @@
                 ttl_ms       absolute time to live, ms (0 = none)
                 key          the original key when id is its hash, else empty
 
-  A previous entry under the same id, in L2 or L3, is replaced. The data key also gets a Redis
-  PEXPIRE of ttl_ms, so Redis itself drops it on time even if no script runs.
+  A previous entry under the same id, in L2 or L3, is replaced. Absolute expiry is enforced by the
+  scripts (never served at or after it; swept away by later calls on the shard), not by a Redis
+  PEXPIRE: Redis deleting the data behind the scripts' back would lose its accounted size.
 
   Reply: { {promotions, demotions, evictions, expirations}, version_1, version_2, ... }
 ]]
@@ -45,7 +46,6 @@ for i = HEAD + 1, #ARGV, 4 do
   if ttl > 0 then
     redis.call('HSET', ek, 'x', now + ttl)
     redis.call('ZADD', exp_key, now + ttl, id)
-    redis.call('PEXPIRE', ek, ttl)
   end
   redis.call('ZADD', l2_key, now, id)
   bytes2 = bytes2 + string.len(payload)

@@ -166,15 +166,21 @@ def test_absolute_ttl_is_never_exceeded_in_any_tier(make_cache: Make, raw: redis
     assert writer.get("short") is None  # L1 copies expire with the value
     assert reader.get("short") is None
     assert make_cache(**settings).get("short") is None  # and Redis no longer serves it
-    check_invariants(raw, namespace, 1, 10_000, 100_000, now_ms=clock.ms)
-    assert 0 < raw.pttl(KeySpace(namespace, 1).shard_keys[0].entry(b"short")) <= 10_000 or \
-        read_namespace(raw, namespace, 1).tier_of(b"short") == 0
+    state = check_invariants(raw, namespace, 1, 10_000, 100_000, now_ms=clock.ms)
+    assert state.tier_of(b"short") == 0  # the read that found it expired removed it
+    assert writer.get_metrics("fleet")["combined"]["total_expirations"] == 1
 
 
-def test_put_with_ttl_sets_a_redis_expiry_on_the_data(make_cache: Make, raw: redis.Redis, namespace: str) -> None:
-    make_cache().put("t", "v", ttl=30)
-    space = KeySpace(namespace, 16)
-    assert 0 < raw.pttl(space.entry_key(space.ref("t"))) <= 30_000
+def test_expired_entries_are_swept_by_any_call_on_their_shard(make_cache: Make, raw: redis.Redis,
+                                                              namespace: str, clock: FakeClock) -> None:
+    cache = make_cache(shards=1, clock=clock)
+    cache.put_many({f"k{i}": i for i in range(5)}, ttl=30)
+    cache.put("forever", 1)
+    clock.advance(30)
+    assert cache.get("unrelated") is None
+    state = check_invariants(raw, namespace, 1, 10_000, 100_000)  # no expired leftover allowed
+    assert state.l2_ids == {b"forever"}
+    assert state.shards[0].exp == {}
 
 
 def test_put_replaces_a_value_wherever_it_lives(make_cache: Make, raw: redis.Redis, namespace: str,
@@ -346,3 +352,19 @@ def test_metrics_report_entries_and_bytes_from_redis(make_cache: Make, raw: redi
     assert m["l3"]["entry_count"] == len(state.l3_ids) == 6
     assert m["l1"]["entry_count"] == 10
     assert m["l1"]["total_size"] == sum(len(cache.config.codec.encode("x" * i)) + 9 for i in range(10))
+
+
+def test_only_entries_still_in_l2_after_the_call_are_copied_into_l1(make_cache: Make, raw: redis.Redis,
+                                                                     namespace: str, clock: FakeClock) -> None:
+    settings = {"shards": 1, "l2_size": 1, "l3_size": 5, "promote_after": 1, "clock": clock}
+    writer = make_cache(**settings)
+    for key in ("a", "b", "c"):
+        writer.put(key, key)
+        clock.advance(1)  # a and b end up in L3, c in L2
+    reader = make_cache(**settings)
+    assert reader.get_many(["a", "b"]) == {"a": "a", "b": "b"}  # both promote; b's promotion demotes a
+    state = check_invariants(raw, namespace, 1, 1, 5)
+    assert state.l2_ids == {b"b"}
+    assert reader._core.l1.get(b"a") is None
+    assert reader._core.l1.get(b"b") is not None
+    assert reader.get_metrics()["l1"]["promotions"] == 1

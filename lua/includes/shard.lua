@@ -40,9 +40,14 @@ local SWEEP = 16
 local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local base = string.sub(l2_key, 1, -3)
 
+-- ARGV[i] as an integer >= min, or nil. Only plain decimal digits are accepted (no sign, exponent,
+-- hex, spaces, inf or nan, all of which tonumber takes), and at most 2^53, so the number is exact
+-- in Lua and Redis reads it back unchanged when the script writes it.
 local function arg_int(i, min)
-  local v = tonumber(ARGV[i])
-  if v == nil or v ~= math.floor(v) or v < min then return nil end
+  local s = ARGV[i]
+  if s == nil or string.len(s) > 16 or not string.match(s, '^%d+$') then return nil end
+  local v = tonumber(s)
+  if v < min or v > 9007199254740992 then return nil end
   return v
 end
 

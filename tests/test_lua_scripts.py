@@ -1,0 +1,486 @@
+"""The Lua scripts themselves, against a real Redis (DESIGN.md §5 invariants 6 and 7, §6 script reload).
+
+* every script documents its KEYS, ARGV and Reply, and the registry expands its includes;
+* invariant 7: a script refuses bad ARGV before its first write, even with sweep work due;
+* invariant 6: every script call the front end sends touches keys of one hash slot (a slot guard
+  wraps the sync front end's batch sending and checks every EVALSHA/EVAL, including the entry keys
+  the script derives from KEYS[1]);
+* shard tags split the slot space evenly, and keys with braces stay in their shard's slot;
+* after SCRIPT FLUSH a call still succeeds and the script is cached again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import NoScriptError, ResponseError
+
+from victor_rcache import MultiLevelCache
+from victor_rcache.keys import KeySpace
+from victor_rcache.local_redis import LocalRedisServer, free_port
+from victor_rcache.scripts import Script, ScriptCall, Scripts, lua_dir
+from victor_rcache.tiers import default_scripts
+
+from .helpers import FakeClock, check_invariants, read_namespace
+
+Make = Callable[..., MultiLevelCache]
+Arg = bytes | int | str
+
+SCRIPT_NAMES = ("get", "put", "delete", "flush")
+
+
+def script_named(name: str) -> Script:
+    script: Script = getattr(default_scripts(), name)
+    return script
+
+
+def run_script(raw: redis.Redis, script: Script, keys: Sequence[bytes], argv: Sequence[Arg]) -> Any:
+    """Call a script directly, as the library does: EVALSHA, then EVAL when Redis forgot it."""
+    try:
+        return raw.evalsha(script.sha, len(keys), *keys, *argv)
+    except NoScriptError:
+        return raw.eval(script.source, len(keys), *keys, *argv)  # type: ignore[arg-type]
+
+
+def snapshot(raw: redis.Redis, namespace: str) -> dict[bytes, tuple[bytes | None, int]]:
+    """Every key of the namespace: its DUMP (type, value, encoding) and absolute expiry (PEXPIRETIME)."""
+    out: dict[bytes, tuple[bytes | None, int]] = {}
+    for key in raw.scan_iter(match=namespace.encode() + b":*", count=1000):
+        out[key] = (raw.dump(key), int(raw.execute_command("PEXPIRETIME", key)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ headers
+
+
+def test_every_script_opens_with_a_header_documenting_keys_argv_and_reply() -> None:
+    paths = sorted(lua_dir().glob("*.lua"))
+    assert {p.stem for p in paths} == set(SCRIPT_NAMES)
+    for path in paths:
+        text = path.read_text("utf-8")
+        assert text.startswith("--[["), f"{path.name} does not open with a --[[ ... ]] header block"
+        header = text[: text.index("]]")]
+        for needle in ("KEYS[", "ARGV[", "Reply"):
+            assert needle in header, f"{path.name}'s header does not mention {needle!r}"
+
+
+def test_scripts_registry_loads_every_script_with_includes_expanded(raw: redis.Redis) -> None:
+    scripts = Scripts()
+    assert tuple(s.name for s in scripts.all()) == SCRIPT_NAMES
+    prelude = (lua_dir() / "includes" / "shard.lua").read_bytes()
+    for script in scripts.all():
+        on_disk = (lua_dir() / f"{script.name}.lua").read_bytes()
+        assert b"@include" not in script.source, f"{script.name}: an @include was left unexpanded"
+        assert script.sha == hashlib.sha1(script.source).hexdigest()
+        if b"@include" in on_disk:
+            assert prelude in script.source, f"{script.name}: the shard prelude was not pasted in"
+        # Redis compiles the expanded source and agrees on its SHA1 (what EVALSHA is sent with).
+        assert raw.script_load(script.source) == script.sha  # type: ignore[arg-type]
+    assert {s.name for s in scripts.all() if prelude in s.source} == {"get", "put", "delete"}
+
+
+# --------------------------------------------------- invariant 7: validate before the first write
+
+DUE_SETTINGS: dict[str, Any] = {"shards": 1, "l2_size": 3, "l3_size": 4, "l2_ttl": 60, "l3_ttl": 600,
+                                "promote_after": 3}
+HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "l1_hits", "l1_evictions")
+GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 0, 0)  # matches DUE_SETTINGS
+GOOD_BODY: dict[str, tuple[Arg, ...]] = {
+    "get": (b"e", b"a"),
+    "put": (b"new", b"payload", 0, b""),
+    "delete": (b"e", b""),
+    "flush": (1,),
+}
+
+
+@dataclass(frozen=True)
+class DueState:
+    keys: list[bytes]  # the shard's KEYS[1..4]
+    now_ms: int  # a clock value at which every kind of sweep work is due
+
+
+def build_due_state(make_cache: Make, raw: redis.Redis, namespace: str, clock: FakeClock) -> DueState:
+    """One shard holding L2 and L3 entries, one with an absolute ttl, then a clock jump making all of it
+    due: absolute expiry passed, L2 idle past l2_ttl, L3 idle past l3_ttl. A script that wrote anything
+    (even just its sweep) before validating would change what Redis holds."""
+    cache = make_cache(clock=clock, **DUE_SETTINGS)
+    for key in ("a", "b", "c", "d", "e"):
+        cache.put(key, key * 10)
+        clock.advance(1)
+    cache.put("short", "absolute ttl", ttl=1000)
+    clock.advance(1)
+    cache.put("x" * 2000, "hashed id")
+    clock.advance(2000)
+    now_ms = clock.ms
+    state = read_namespace(raw, namespace, 1).shards[0]
+    for index in ("l2", "l3", "exp", "entries"):
+        assert getattr(state, index), f"the setup left {index} empty"
+    assert max(state.l2.values()) <= now_ms - 60_000, "no L2 entry is idle past l2_ttl"
+    assert max(state.l3.values()) <= now_ms - 600_000, "no L3 entry is idle past l3_ttl"
+    assert max(state.exp.values()) <= now_ms, "no absolute ttl has passed"
+    return DueState(KeySpace(namespace, 1).shard_keys[0].keys, now_ms)
+
+
+@dataclass(frozen=True)
+class Call:
+    """ARGV for one script call: the common header (with overrides) and a script-specific body."""
+
+    script: str
+    label: str
+    head: dict[str, Arg] = field(default_factory=dict)
+    body: tuple[Arg, ...] | None = None  # None = the script's good body
+    head_fields: int = len(HEAD_FIELDS)  # fewer = the header is cut short
+
+    def argv(self, now_ms: int) -> list[Arg]:
+        body = list(GOOD_BODY[self.script] if self.body is None else self.body)
+        if self.script == "flush":  # flush.lua takes no common header
+            return body
+        values = dict(zip(HEAD_FIELDS, (now_ms, *GOOD_HEAD_AFTER_NOW), strict=True))
+        values.update(self.head)
+        return list(values.values())[: self.head_fields] + body
+
+
+BAD_HEADS: list[tuple[str, Arg]] = [
+    ("now", "abc"), ("now", "1.5"), ("now", "-1"), ("now", ""),
+    ("cap2", 0), ("cap3", 0), ("cap2", -3), ("cap3", "2.5"),
+    ("idle2", -1), ("idle3", -60_000), ("idle2", "soon"),
+    ("promote_after", 0), ("promote_after", -1),
+    ("l1_hits", -1), ("l1_evictions", "x"),
+]
+
+BAD_CALLS: list[Call] = [
+    *(Call(s, f"{f}={v!r}", head={f: v}) for s in ("get", "put", "delete") for f, v in BAD_HEADS),
+    *(Call(s, "header cut short", head_fields=7, body=()) for s in ("get", "put", "delete")),
+    Call("get", "no ids", body=()),
+    Call("get", "empty id", body=(b"",)),
+    Call("get", "empty id after a good one", body=(b"e", b"")),
+    Call("put", "no groups", body=()),
+    Call("put", "3 items", body=(b"new", b"payload", 0)),
+    Call("put", "5 items", body=(b"new", b"payload", 0, b"", b"more")),
+    Call("put", "7 items", body=(b"new", b"payload", 0, b"", b"n2", b"p2", 0)),
+    Call("put", "empty id", body=(b"", b"payload", 0, b"")),
+    Call("put", "empty payload", body=(b"new", b"", 0, b"")),
+    Call("put", "ttl_ms 1.5", body=(b"new", b"payload", "1.5", b"")),
+    Call("put", "ttl_ms -1", body=(b"new", b"payload", -1, b"")),
+    Call("put", "ttl_ms abc", body=(b"new", b"payload", "abc", b"")),
+    Call("put", "ttl_ms empty", body=(b"new", b"payload", b"", b"")),
+    Call("put", "bad second group", body=(b"new", b"payload", 0, b"", b"n2", b"", 0, b"")),
+    Call("delete", "no pairs", body=()),
+    Call("delete", "odd arguments", body=(b"e",)),
+    Call("delete", "three arguments", body=(b"e", b"", b"a")),
+    Call("delete", "empty id", body=(b"", b"")),
+    Call("delete", "expected_version 0", body=(b"e", 0)),
+    Call("delete", "expected_version -1", body=(b"e", -1)),
+    Call("delete", "expected_version 1.5", body=(b"e", "1.5")),
+    Call("delete", "expected_version abc", body=(b"e", "abc")),
+    Call("delete", "bad second pair", body=(b"e", b"", b"a", 0)),
+    Call("flush", "batch 0", body=(0,)),
+    Call("flush", "batch -1", body=(-1,)),
+    Call("flush", "batch 1.5", body=("1.5",)),
+    Call("flush", "batch abc", body=("abc",)),
+    Call("flush", "batch empty", body=(b"",)),
+    Call("flush", "no batch", body=()),
+]
+
+
+def _call_id(call: Call) -> str:
+    return f"{call.script}:{call.label}"
+
+
+def assert_refused_without_writes(call: Call, make_cache: Make, raw: redis.Redis, namespace: str,
+                                  clock: FakeClock) -> None:
+    due = build_due_state(make_cache, raw, namespace, clock)
+    before = snapshot(raw, namespace)
+    with pytest.raises(ResponseError) as refused:
+        run_script(raw, script_named(call.script), due.keys, call.argv(due.now_ms))
+    assert str(refused.value).startswith("VRC_BADARG"), f"not a validation error: {refused.value}"
+    assert snapshot(raw, namespace) == before, f"{call.script}.lua wrote before refusing its input"
+
+
+@pytest.mark.parametrize("call", BAD_CALLS, ids=_call_id)
+def test_bad_argv_is_refused_before_the_first_write(call: Call, make_cache: Make, raw: redis.Redis,
+                                                    namespace: str, clock: FakeClock) -> None:
+    assert_refused_without_writes(call, make_cache, raw, namespace, clock)
+
+
+@pytest.mark.parametrize("script_name", SCRIPT_NAMES)
+def test_the_same_call_with_good_argv_does_write(script_name: str, make_cache: Make, raw: redis.Redis,
+                                                 namespace: str, clock: FakeClock) -> None:
+    """The control for the test above: the state is such that a valid call visibly changes Redis."""
+    due = build_due_state(make_cache, raw, namespace, clock)
+    before = snapshot(raw, namespace)
+    run_script(raw, script_named(script_name), due.keys, Call(script_name, "good").argv(due.now_ms))
+    assert snapshot(raw, namespace) != before
+
+
+LUA_ONLY_NUMBERS = "Lua's tonumber accepts inf and 1e20, which the checks pass but Redis later rejects or misuses"
+
+GAPS: list[Call] = [
+    Call("get", "now=inf", head={"now": "inf"}),
+    Call("get", "cap2=inf", head={"cap2": "inf"}),
+    Call("get", "promote_after=inf", head={"promote_after": "inf"}),
+    Call("get", "l1_hits=inf", head={"l1_hits": "inf"}),
+    Call("get", "l1_evictions=1e20", head={"l1_evictions": "1e20"}),
+    Call("put", "ttl_ms inf", body=(b"new", b"payload", "inf", b"")),
+    Call("put", "ttl_ms 1e20", body=(b"new", b"payload", "1e20", b"")),
+    Call("delete", "l1_hits=inf", head={"l1_hits": "inf"}),
+]
+
+
+@pytest.mark.parametrize("call", GAPS, ids=_call_id)
+def test_numbers_only_lua_accepts_are_refused_before_the_first_write(call: Call, make_cache: Make,
+                                                                     raw: redis.Redis, namespace: str,
+                                                                     clock: FakeClock) -> None:
+    assert_refused_without_writes(call, make_cache, raw, namespace, clock)
+
+
+def test_byte_totals_stay_exact_when_entries_expire(make_cache: Make, raw: redis.Redis, namespace: str,
+                                                   clock: FakeClock) -> None:
+    cache = make_cache(shards=1, clock=clock)
+    cache.put("gone", "x" * 100, ttl=1)
+    cache.put("kept", "y" * 50)
+    clock.advance(2)
+    assert make_cache(shards=1, clock=clock).get("gone") is None
+    state = check_invariants(raw, namespace, 1, 10_000, 100_000, now_ms=clock.ms)
+    assert state.l2_ids == {b"kept"}
+
+
+def test_data_removed_behind_the_scripts_back_is_never_served_and_totals_heal_on_invalidate(
+        make_cache: Make, raw: redis.Redis, namespace: str, clock: FakeClock) -> None:
+    """Documented limitation: when Redis itself drops an entry's data (maxmemory allkeys-* eviction, a
+    manual DEL), its accounted size is lost with it; the entry is a miss and invalidate() heals the totals."""
+    cache = make_cache(shards=1, clock=clock)
+    cache.put("gone", "x" * 100)
+    raw.delete(KeySpace(namespace, 1).shard_keys[0].entry(b"gone"))
+    assert make_cache(shards=1, clock=clock).get("gone") is None
+    assert read_namespace(raw, namespace, 1).tier_of(b"gone") == 0
+    cache.invalidate()
+    check_invariants(raw, namespace, 1, 10_000, 100_000)
+
+
+# ---------------------------------------------------- invariant 6: one hash slot per script call
+
+ID_POSITIONS = {"get": slice(8, None), "put": slice(8, None, 4), "delete": slice(8, None, 2), "flush": slice(0, 0)}
+
+
+def as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+@dataclass
+class SlotGuard:
+    """Checks every EVALSHA/EVAL of a batch: KEYS share one slot, and so do the entry data keys the
+    script derives (``<base>e:<id>``, base = KEYS[1] without its trailing ``l2``)."""
+
+    scripts: Scripts
+    calls: Counter[str] = field(default_factory=Counter)  # script name -> calls seen
+    commands: Counter[str] = field(default_factory=Counter)  # EVALSHA / EVAL -> calls seen
+    violations: list[str] = field(default_factory=list)
+    keys_seen: set[bytes] = field(default_factory=set)
+
+    def check(self, batch: Iterable[Sequence[Any]]) -> None:
+        for command in batch:
+            verb = as_bytes(command[0]).upper().decode()
+            if verb in ("EVALSHA", "EVAL"):
+                self._check_script_call(verb, command)
+
+    def _check_script_call(self, verb: str, command: Sequence[Any]) -> None:
+        self.commands[verb] += 1
+        by_ref = {s.sha if verb == "EVALSHA" else s.source: s.name for s in self.scripts.all()}
+        name = by_ref.get(command[1])
+        numkeys = int(command[2])
+        keys = [as_bytes(k) for k in command[3:3 + numkeys]]
+        argv = command[3 + numkeys:]
+        where = f"{verb} {name or '<unknown script>'} KEYS={keys!r}"
+        if name is None:
+            self.violations.append(f"{where}: not one of the library's scripts")
+            return
+        self.calls[name] += 1
+        if not keys or not keys[0].endswith(b":l2"):
+            self.violations.append(f"{where}: KEYS[1] is not a shard's l2 index, entry keys derive from it")
+            return
+        base = keys[0][:-2]
+        ids = [as_bytes(i) for i in argv[ID_POSITIONS[name]]] or [b"any id"]  # flush: ids come from the index
+        derived = [base + b"e:" + i for i in ids]
+        self.keys_seen.update(keys + derived)
+        slot = key_slot(keys[0])
+        for key in keys[1:] + derived:
+            if key_slot(key) != slot:
+                self.violations.append(f"{where}: {key!r} is in slot {key_slot(key)}, KEYS[1] in {slot}")
+
+    def wrap(self, cache: MultiLevelCache) -> MultiLevelCache:
+        """Make ``cache`` run every batch it sends past this guard first."""
+        send = cache._send
+
+        def guarded(batch: list[Any]) -> list[Any]:
+            self.check(batch)
+            return send(batch)
+
+        cache._send = guarded  # type: ignore[method-assign]
+        return cache
+
+
+@pytest.fixture
+def slot_guard() -> SlotGuard:
+    return SlotGuard(default_scripts())
+
+
+def test_the_slot_guard_flags_cross_slot_script_calls(slot_guard: SlotGuard) -> None:
+    space = KeySpace("guard", 16)
+    s0, s1 = space.shard_keys[0], space.shard_keys[1]
+    get, put = default_scripts().get, default_scripts().put
+    head = (0, 1, 1, 0, 0, 1, 0, 0)
+    good = ScriptCall(get, tuple(s0.keys), (*head, b"{other}", b"a}{b"))
+    slot_guard.check([good.evalsha(), good.eval(), ("HGETALL", s1.stats)])
+    assert slot_guard.violations == []
+    assert slot_guard.commands == Counter({"EVALSHA": 1, "EVAL": 1})
+
+    mixed = ScriptCall(get, (s0.l2, s0.l3, s0.exp, s1.stats), (*head, b"x"))
+    not_l2_first = ScriptCall(put, (s0.l3, s0.l2, s0.exp, s0.stats), (*head, b"x", b"v", 0, b""))
+    foreign = ("EVALSHA", "0" * 40, 1, s0.l2)
+    for command in (mixed.evalsha(), not_l2_first.evalsha(), foreign):
+        slot_guard.violations.clear()
+        slot_guard.check([command])
+        assert len(slot_guard.violations) == 1, command
+
+
+BRACE_KEYS: list[str | bytes] = [
+    "{tag}", "{}", "}{", "a{b}c", "{{nested}}", "ends{", "}starts", "{s0.10}", "vrc:{s1.2}:l2",
+    "ключ {юникод}", b"\x00\xff{bin}\xfe", b"{\x80}", "#leading hash {x}", "long {" + "y" * 2000 + "}",
+]
+
+
+def test_every_script_call_of_a_varied_workload_stays_in_one_slot(make_cache: Make, slot_guard: SlotGuard,
+                                                                   raw: redis.Redis, clock: FakeClock) -> None:
+    settings = {"l2_size": 16, "l3_size": 32, "l2_ttl": 60, "l3_ttl": 600, "promote_after": 2, "clock": clock}
+    writer = slot_guard.wrap(make_cache(**settings))
+    reader = slot_guard.wrap(make_cache(**settings))
+    plain = [f"tool query {i}" for i in range(40)]
+    keys: list[str | bytes] = [*BRACE_KEYS, "x" * 3000, "plain"]
+    for key in keys:
+        writer.put(key, {"key": key})
+    for key in keys:
+        assert reader.get(key) in ({"key": key}, None)  # tiny tiers: it may already be gone
+    writer.put_many({k: i for i, k in enumerate(plain)}, ttl=30)
+    assert reader.get_many([*plain, *keys, "absent {key}"])
+    clock.advance(61)  # everything idle in L2: sweeps move it to L3
+    reader.get_many(plain)
+    reader.get_many(plain)  # L3 hits, promotions
+    clock.advance(1)
+    assert writer.delete("a{b}c") in (True, False)
+    writer.invalidate("}{")
+    writer.put("after", "v", ttl=5)
+    raw.script_flush()  # every call now goes EVALSHA -> NOSCRIPT -> EVAL
+    reader.get_many([*keys, "after"])
+    writer.put_many({b"\x00{bin2}": 1, "{tag}": 2})
+    writer.delete(b"\x00{bin2}")
+    writer.get_metrics()
+    reader.get_metrics("fleet")
+    writer.invalidate()
+    assert make_cache(**settings).get("{tag}") is None
+
+    assert slot_guard.violations == []
+    assert set(slot_guard.calls) == set(SCRIPT_NAMES), slot_guard.calls
+    assert slot_guard.commands["EVALSHA"] > 0
+    assert slot_guard.commands["EVAL"] > 0
+
+
+# ------------------------------------------------------------------------------------- shard tags
+
+
+@pytest.mark.parametrize("namespace_", ["vrc", "tools", "agents-prod"])
+def test_default_shard_tags_each_hash_into_their_own_sixteenth_of_the_slots(namespace_: str) -> None:
+    space = KeySpace(namespace_, 16)
+    width = REDIS_CLUSTER_HASH_SLOTS // 16
+    slots = []
+    for i, sk in enumerate(space.shard_keys):
+        shard_slots = {key_slot(k) for k in sk.keys}
+        assert len(shard_slots) == 1, f"shard {i}'s keys span slots {shard_slots}"
+        (slot,) = shard_slots
+        assert i * width <= slot < (i + 1) * width, f"shard {i} is in slot {slot}"
+        slots.append(slot)
+    # A cluster of m masters with equal contiguous slot ranges (m dividing 16) gets 16/m shards each.
+    for masters in (1, 2, 4, 8, 16):
+        per_master = Counter(slot * masters // REDIS_CLUSTER_HASH_SLOTS for slot in slots)
+        assert sorted(per_master.values()) == [16 // masters] * masters
+
+
+def test_keys_with_braces_land_in_their_shards_slot(make_cache: Make, raw: redis.Redis, namespace: str) -> None:
+    writer, reader = make_cache(), make_cache()
+    writer.put_many({key: i for i, key in enumerate(BRACE_KEYS)})
+    space = KeySpace(namespace, 16)
+    shard_slot = [key_slot(sk.l2) for sk in space.shard_keys]
+    for key in BRACE_KEYS:
+        ref = space.ref(key)
+        entry = space.entry_key(ref)
+        assert raw.exists(entry), f"no data hash at {entry!r}"
+        assert key_slot(entry) == shard_slot[ref.shard], f"{key!r} left its shard's slot"
+    tag_of = {sk.l2[: -len(b"l2")]: i for i, sk in enumerate(space.shard_keys)}
+    stored = [k for k in raw.scan_iter(match=namespace.encode() + b":*", count=1000) if k != space.config]
+    assert len(stored) > len(BRACE_KEYS)
+    for name in stored:
+        shards = [i for base, i in tag_of.items() if name.startswith(base)]
+        assert len(shards) == 1, f"{name!r} is not under exactly one shard"
+        assert key_slot(name) == shard_slot[shards[0]], f"{name!r} is outside its shard's slot"
+    assert reader.get_many(BRACE_KEYS) == {key: i for i, key in enumerate(BRACE_KEYS)}
+
+
+@pytest.fixture(scope="module")
+def cluster_node() -> Iterator[redis.Redis]:
+    """A private cluster-enabled redis-server (no slots assigned): CLUSTER KEYSLOT is Redis's own answer."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs a redis-server binary to start a cluster-enabled node")
+    extra = ("--cluster-enabled", "yes", "--cluster-port", str(free_port()))
+    with LocalRedisServer(extra_args=extra) as server:
+        client = redis.Redis.from_url(server.url)
+        yield client
+        client.close()
+
+
+def test_slot_arithmetic_agrees_with_a_real_cluster_node(cluster_node: redis.Redis, namespace: str) -> None:
+    """The guard and the tag choice rely on redis.crc.key_slot; Redis Cluster itself must agree."""
+    space = KeySpace(namespace, 16)
+    names = [k for sk in space.shard_keys for k in sk.keys]
+    names += [space.entry_key(space.ref(key)) for key in BRACE_KEYS]
+    for name in names:
+        assert cluster_node.execute_command("CLUSTER", "KEYSLOT", name) == key_slot(name), name
+
+
+# ------------------------------------------------------------------------------ NOSCRIPT reload
+
+
+def test_calls_succeed_after_script_flush_and_cache_the_scripts_again(make_cache: Make, raw: redis.Redis) -> None:
+    writer = make_cache()
+    writer.put("before", 1)
+    shas = [s.sha for s in default_scripts().all()]
+    raw.script_flush()
+    assert raw.script_exists(*shas) == [False] * 4
+
+    reader = make_cache()
+    assert reader.get("before") == 1  # get.lua: NOSCRIPT, then EVAL
+    writer.put("after", 2)  # put.lua
+    assert writer.delete("before") is True  # delete.lua
+    writer.invalidate()  # flush.lua
+    assert reader.get("after") is None
+    assert raw.script_exists(*shas) == [True] * 4
+    assert reader.get_metrics()["health"]["script_reloads"] >= 1
+    assert writer.get_metrics()["health"]["script_reloads"] >= 3
+
+    # Cached again: the next call is a single EVALSHA that Redis runs without a fallback.
+    writer.put("again", 3)
+    raw.config_resetstat()
+    assert make_cache().get("again") == 3
+    stats = raw.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert stats["cmdstat_evalsha"]["failed_calls"] == stats["cmdstat_evalsha"]["rejected_calls"] == 0
+    assert "cmdstat_eval" not in stats

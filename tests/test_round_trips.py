@@ -1,0 +1,250 @@
+"""Cost acceptance against a real Redis: what one cache call sends, counted three independent ways.
+
+* round trips: the cache's redis-py client counts ``send_packed_command`` calls on its connections
+  (a pipeline is one call, i.e. one round trip);
+* commands the cache sent: MONITOR on a separate connection, keeping lines not issued by a script
+  (Redis shows the commands a script runs as client ``lua``), up to a sentinel ECHO;
+* ``INFO commandstats`` after ``CONFIG RESETSTAT``. Redis counts the commands a script runs there
+  too, so it shows ``evalsha`` = the script calls, no ``eval`` (no reload), and otherwise only
+  commands the called scripts contain.
+
+``CONFIG RESETSTAT`` is global to the server; the suite runs sequentially in one process, and each
+measurement only looks at what happened between its RESETSTAT and its INFO.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from redis.connection import Connection
+from redis.crc import key_slot
+
+from victor_rcache import MultiLevelCache
+from victor_rcache.keys import KeySpace
+from victor_rcache.scripts import Script
+from victor_rcache.tiers import default_scripts
+
+from .helpers import FakeClock, read_namespace
+
+Make = Callable[..., MultiLevelCache]
+
+HARNESS_COMMANDS = {"CONFIG", "INFO"}  # what the measurement itself sends inside the window
+
+
+@dataclass
+class RoundTrips:
+    sends: int = 0
+
+
+@pytest.fixture
+def counting_client(redis_url: str) -> Iterator[tuple[redis.Redis, RoundTrips]]:
+    """A redis-py client whose connections count every ``send_packed_command`` (one per round trip)."""
+    trips = RoundTrips()
+
+    class CountingConnection(Connection):
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            trips.sends += 1
+            super().send_packed_command(command, check_health)
+
+    client = redis.Redis.from_url(redis_url, connection_class=CountingConnection)
+    yield client, trips
+    client.close()
+
+
+@dataclass
+class Measurement:
+    round_trips: int = 0
+    sent: list[str] = field(default_factory=list)  # command names the cache sent, per MONITOR
+    calls: dict[str, int] = field(default_factory=dict)  # commandstats: command -> calls
+
+    @property
+    def evalsha_calls(self) -> int:
+        return self.calls.get("evalsha", 0)
+
+
+@contextmanager
+def measure(raw: redis.Redis, redis_url: str, trips: RoundTrips) -> Iterator[Measurement]:
+    """Measure what the body makes the cache send; the result is filled in when the block exits."""
+    result = Measurement()
+    sentinel = f"vrc-sentinel-{uuid.uuid4().hex}"
+    watcher = redis.Redis.from_url(redis_url, socket_timeout=30)  # a guard against a hang, not a timing
+    for script in default_scripts().all():  # steady state: the reload after NOSCRIPT is test_lua_scripts'
+        raw.script_load(script.source)  # type: ignore[arg-type]
+    try:
+        with watcher.monitor() as monitor:
+            raw.config_resetstat()
+            start = trips.sends
+            yield result
+            result.round_trips = trips.sends - start
+            stats = raw.info("commandstats")
+            raw.echo(sentinel)
+            while True:
+                line = monitor.next_command()
+                if sentinel in line["command"]:
+                    break
+                name = line["command"].split(" ", 1)[0].upper()
+                if line["client_type"] != "lua" and name not in HARNESS_COMMANDS:
+                    result.sent.append(name)
+    finally:
+        watcher.close()
+    for key, value in stats.items():
+        name = key.removeprefix("cmdstat_")
+        if name.split("|")[0].upper() not in HARNESS_COMMANDS:
+            result.calls[name] = value["calls"]
+
+
+def commands_in(*scripts: Script) -> set[str]:
+    """The Redis commands a script's source can run (redis.call('NAME', ...))."""
+    return {name.decode().lower() for s in scripts for name in re.findall(rb"redis\.call\('(\w+)'", s.source)}
+
+
+def assert_only_script_calls(m: Measurement, script: Script, evalsha: int) -> None:
+    assert m.sent == ["EVALSHA"] * evalsha, f"the cache sent {m.sent}"
+    assert m.evalsha_calls == evalsha
+    assert "eval" not in m.calls
+    inner = set(m.calls) - {"evalsha"}
+    assert inner <= commands_in(script), f"commands no {script.name}.lua call explains: {inner - commands_in(script)}"
+
+
+# ------------------------------------------------------------------------------------ single keys
+
+TIERS = {"shards": 1, "l2_size": 1, "l3_size": 10, "promote_after": 3}
+
+
+@pytest.mark.parametrize("tier", [3, 2, 0], ids=["l3-hit", "l2-hit", "miss"])
+def test_a_get_that_reaches_redis_costs_one_evalsha(tier: int, make_cache: Make, raw: redis.Redis, redis_url: str,
+                                                    namespace: str, clock: FakeClock,
+                                                    counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+    client, trips = counting_client
+    writer = make_cache(clock=clock, **TIERS)
+    writer.put("cold", {"v": 1})
+    clock.advance(1)
+    writer.put("warm", {"v": 2})  # L2 holds one entry: "cold" moves down to L3
+    state = read_namespace(raw, namespace, 1)
+    assert (state.tier_of(b"cold"), state.tier_of(b"warm")) == (3, 2)
+    key, expected = {3: ("cold", {"v": 1}), 2: ("warm", {"v": 2}), 0: ("absent", None)}[tier]
+
+    reader = make_cache(clock=clock, client=client, **TIERS)
+    assert reader.get("warm-up") is None  # the one-time handshake on <ns>:config, and a first connection
+    clock.advance(1)
+    with measure(raw, redis_url, trips) as m:
+        assert reader.get(key) == expected
+
+    assert m.round_trips == 1
+    assert_only_script_calls(m, default_scripts().get, evalsha=1)
+    assert read_namespace(raw, namespace, 1).tier_of(key.encode()) == tier  # one hit: no promotion yet
+    metrics = reader.get_metrics()
+    assert (metrics["l2"]["hits"], metrics["l3"]["hits"]) == {3: (0, 1), 2: (1, 0), 0: (0, 0)}[tier]
+
+
+def test_a_put_costs_one_evalsha(make_cache: Make, raw: redis.Redis, redis_url: str, namespace: str,
+                                 clock: FakeClock, counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+    client, trips = counting_client
+    writer = make_cache(clock=clock, client=client, **TIERS)
+    writer.put("warm-up", 0)
+    clock.advance(1)
+    with measure(raw, redis_url, trips) as m:
+        writer.put("k", {"tools": ["search"]}, ttl=60)
+
+    assert m.round_trips == 1
+    assert_only_script_calls(m, default_scripts().put, evalsha=1)
+    assert read_namespace(raw, namespace, 1).tier_of(b"k") == 2
+
+
+def test_a_delete_costs_one_evalsha(make_cache: Make, raw: redis.Redis, redis_url: str,
+                                    counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+    client, trips = counting_client
+    cache = make_cache(client=client)
+    cache.put("k", 1)
+    with measure(raw, redis_url, trips) as m:
+        assert cache.delete("k") is True
+
+    assert m.round_trips == 1
+    assert_only_script_calls(m, default_scripts().delete, evalsha=1)
+
+
+def test_an_l1_hit_costs_no_command(make_cache: Make, raw: redis.Redis, redis_url: str,
+                                    counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+    client, trips = counting_client
+    cache = make_cache(client=client)
+    cache.put("local", [1, 2])
+    with measure(raw, redis_url, trips) as m:
+        assert cache.get("local") == [1, 2]
+        assert cache.get_many(["local"]) == {"local": [1, 2]}
+
+    assert (m.round_trips, m.sent, m.calls) == (0, [], {})
+    assert cache.get_metrics()["l1"]["hits"] == 2
+
+
+# ------------------------------------------------------------------------------------ many keys
+
+
+def hundred_keys(space: KeySpace, shards: set[int] | None) -> list[str]:
+    """100 keys, spread over every shard or confined to ``shards``."""
+    out: list[str] = []
+    n = 0
+    while len(out) < 100:
+        key = f"tool query {n}"
+        n += 1
+        if shards is None or space.ref(key).shard in shards:
+            out.append(key)
+    return out
+
+
+SPREADS = [pytest.param(None, id="all-shards"), pytest.param({2, 9}, id="two-shards"),
+           pytest.param({5}, id="one-shard")]
+
+
+def slots_touched(space: KeySpace, keys: list[str]) -> tuple[int, int]:
+    shards = {space.ref(k).shard for k in keys}
+    return len(shards), len({key_slot(space.shard_keys[s].l2) for s in shards})
+
+
+@pytest.mark.parametrize("confine", SPREADS)
+def test_get_many_of_100_keys_is_one_round_trip_with_one_evalsha_per_shard(
+        confine: set[int] | None, make_cache: Make, raw: redis.Redis, redis_url: str, namespace: str,
+        counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+    client, trips = counting_client
+    space = KeySpace(namespace, 16)
+    keys = hundred_keys(space, confine)
+    shards, slots = slots_touched(space, keys)
+    assert shards == slots <= 16
+    assert shards == (16 if confine is None else len(confine))
+    make_cache().put_many({k: i for i, k in enumerate(keys)})
+
+    reader = make_cache(client=client)
+    assert reader.get("warm-up") is None
+    with measure(raw, redis_url, trips) as m:
+        found = reader.get_many([*keys, *keys[:10]])  # repeats are asked for once
+
+    assert found == {k: i for i, k in enumerate(keys)}
+    assert m.round_trips <= slots  # at most one round trip per hash slot touched...
+    assert m.round_trips == 1  # ...and in standalone Redis one pipeline carries every shard's call
+    assert_only_script_calls(m, default_scripts().get, evalsha=shards)
+    assert reader.get_metrics()["l2"]["hits"] == 100
+
+
+@pytest.mark.parametrize("confine", SPREADS)
+def test_put_many_of_100_keys_is_one_round_trip_with_one_evalsha_per_shard(
+        confine: set[int] | None, make_cache: Make, raw: redis.Redis, redis_url: str, namespace: str,
+        counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+    client, trips = counting_client
+    space = KeySpace(namespace, 16)
+    keys = hundred_keys(space, confine)
+    shards, slots = slots_touched(space, keys)
+    writer = make_cache(client=client)
+    writer.put("warm-up", 0)
+    with measure(raw, redis_url, trips) as m:
+        writer.put_many({k: {"n": i} for i, k in enumerate(keys)})
+
+    assert m.round_trips <= slots
+    assert m.round_trips == 1
+    assert_only_script_calls(m, default_scripts().put, evalsha=shards)
+    assert make_cache().get_many(keys) == {k: {"n": i} for i, k in enumerate(keys)}
