@@ -8,9 +8,9 @@
   For each id, in order:
     * absent, data gone, past its absolute expiry, or idle past its tier's ttl -> a miss
       (the last two also remove or demote it, as the sweep would have);
-    * in L2 -> an L2 hit; its score becomes now;
+    * in L2 -> an L2 hit; its score becomes now (a new stamp);
     * in L3 -> an L3 hit; when its hit count reaches promote_after it moves to L2 (promotion),
-      otherwise its L3 score becomes now.
+      otherwise its L3 score becomes now (a new stamp).
   Every hit increments the entry's fleet-wide hit count `n`.
 
   Reply: { {promotions, demotions, evictions, expirations},  -- caused by this call
@@ -60,7 +60,7 @@ for i = HEAD + 1, #ARGV do
         local n = redis.call('HINCRBY', ek, 'n', 1)
         local tier, in_l2 = 2, true
         if s2 then
-          redis.call('ZADD', l2_key, now, id)
+          redis.call('ZADD', l2_key, stamp(), id)
           l2_hits = l2_hits + 1
         else
           tier = 3
@@ -68,11 +68,11 @@ for i = HEAD + 1, #ARGV do
           if n >= promote_after then
             local size = tonumber(f[4]) or 0
             redis.call('ZREM', l3_key, id)
-            redis.call('ZADD', l2_key, now, id)
+            redis.call('ZADD', l2_key, stamp(), id)
             bytes3, bytes2 = bytes3 - size, bytes2 + size
             ev.promotions = ev.promotions + 1
           else
-            redis.call('ZADD', l3_key, now, id)
+            redis.call('ZADD', l3_key, stamp(), id)
             in_l2 = false
           end
         end

@@ -47,7 +47,7 @@ for i = HEAD + 1, #ARGV, 4 do
     redis.call('HSET', ek, 'x', now + ttl)
     redis.call('ZADD', exp_key, now + ttl, id)
   end
-  redis.call('ZADD', l2_key, now, id)
+  redis.call('ZADD', l2_key, stamp(), id)
   bytes2 = bytes2 + string.len(payload)
   versions[#versions + 1] = version
 end

@@ -368,3 +368,16 @@ def test_only_entries_still_in_l2_after_the_call_are_copied_into_l1(make_cache: 
     assert reader._core.l1.get(b"a") is None
     assert reader._core.l1.get(b"b") is not None
     assert reader.get_metrics()["l1"]["promotions"] == 1
+
+
+def test_lru_order_is_exact_within_a_millisecond(make_cache: Make, raw: redis.Redis, namespace: str,
+                                                 clock: FakeClock) -> None:
+    cache = make_cache(shards=1, l2_size=1, l3_size=3, clock=clock)  # the clock never moves
+    cache.put("z-old", 1)
+    cache.put("a-new", 2)
+    assert read_namespace(raw, namespace, 1).l2_ids == {b"a-new"}  # not decided by the ids' order
+    cache.put_many({"m": 3, "c": 4, "x": 5, "b": 6})  # more than both tiers hold: the last written stay
+    state = check_invariants(raw, namespace, 1, 1, 3)
+    assert (state.l2_ids, state.l3_ids) == ({b"b"}, {b"c", b"x", b"m"})
+    scores = sorted(state.shards[0].l3.values())
+    assert len(set(scores)) == 3

@@ -420,6 +420,6 @@ def _raise_first_error(replies: list[Any]) -> None:
 
 
 def _int_hash(reply: Any) -> dict[str, int]:
-    """A Redis hash reply of integer fields as {str: int}."""
+    """The integer fields of a Redis hash reply as {str: int} (others, like `tick`, are left out)."""
     items = reply.items() if isinstance(reply, dict) else zip(reply[0::2], reply[1::2], strict=True)
-    return {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in items}
+    return {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in items if v.lstrip(b"-").isdigit()}

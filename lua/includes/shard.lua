@@ -4,8 +4,8 @@
   A namespace is split into shards; every key of one shard shares the shard's hash tag, so each
   script call touches exactly one hash slot (Redis Cluster rule). The shard's keys:
 
-    KEYS[1]  <ns>:{<tag>}:l2      ZSET  member = entry id, score = last touch in L2 (ms)
-    KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms)
+    KEYS[1]  <ns>:{<tag>}:l2      ZSET  member = entry id, score = last touch in L2 (ms, see stamp())
+    KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms, see stamp())
     KEYS[3]  <ns>:{<tag>}:exp     ZSET  member = entry id, score = absolute expiry (ms); entries with a ttl only
     KEYS[4]  <ns>:{<tag>}:stats   HASH  fleet counters and byte totals of this shard
 
@@ -72,6 +72,19 @@ local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
 
 local function entry_key(id) return base .. 'e:' .. id end
 
+-- Touch scores: the current time in ms, made strictly increasing within the shard (touches in the
+-- same millisecond are 0.001 ms apart, in the order they happen), so LRU order is exact within a
+-- shard: ties would otherwise be broken by entry id. The last stamp is kept in stats field `tick`.
+local tick, tick_read = nil, nil
+local function stamp()
+  if tick == nil then
+    tick_read = tonumber(redis.call('HGET', stats_key, 'tick')) or 0
+    tick = tick_read
+  end
+  tick = math.max(now, tick + 0.001)
+  return tick
+end
+
 -- The accounted size of an entry (0 when its data is gone). Byte totals use this recorded size,
 -- not HSTRLEN, so a payload edited by hand cannot make them drift.
 local function size_of(ek) return tonumber(redis.call('HGET', ek, 's')) or 0 end
@@ -86,7 +99,8 @@ local function drop(id, tier)
   redis.call('DEL', ek)
 end
 
--- Puts an entry (already removed from L2's index) into L3 with the given score; count restarts.
+-- Puts an entry (already removed from L2's index) into L3 with the given score (nil = a new stamp);
+-- its hit count restarts.
 local function into_l3(id, score)
   local ek = entry_key(id)
   local size = size_of(ek)
@@ -94,7 +108,7 @@ local function into_l3(id, score)
     redis.call('ZREM', exp_key, id)
     return
   end
-  redis.call('ZADD', l3_key, score, id)
+  redis.call('ZADD', l3_key, score or stamp(), id)
   redis.call('HSET', ek, 'n', 0)
   bytes2, bytes3 = bytes2 - size, bytes3 + size
   ev.demotions = ev.demotions + 1
@@ -130,7 +144,7 @@ local function enforce_bounds()
   local over = redis.call('ZCARD', l2_key) - cap2
   if over > 0 then
     local popped = redis.call('ZPOPMIN', l2_key, over)
-    for i = 1, #popped, 2 do into_l3(popped[i], now) end
+    for i = 1, #popped, 2 do into_l3(popped[i], nil) end
   end
   over = redis.call('ZCARD', l3_key) - cap3
   if over > 0 then
@@ -154,5 +168,6 @@ local function flush_stats(extra)
   for field, d in pairs(deltas) do
     if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
   end
+  if tick ~= tick_read then redis.call('HSET', stats_key, 'tick', tick) end
   return {ev.promotions, ev.demotions, ev.evictions, ev.expirations}
 end
