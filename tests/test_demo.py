@@ -1,0 +1,62 @@
+"""`make demo` end to end: the demo runs as a program, against the session's Redis and on its fallback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+RATES = re.compile(r"combined hit rate: baseline (\d+\.\d)% -> fleet (\d+\.\d)%")
+
+
+def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # --cost-ms 0: the demo's stand-in for a model call is a sleep; the test does not need it.
+    return subprocess.run([sys.executable, "-m", "victor_rcache.demo", "--cost-ms", "0", *args],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT, env=env, check=False)
+
+
+def test_demo_shows_tiers_and_the_fleet_beating_the_baseline(redis_url: str, namespace: str) -> None:
+    done = run_demo("--url", redis_url, "--workers", "2", "--requests", "100", "--namespace", namespace)
+
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for column in ("L1 hit", "L2 hit", "L3 hit", "combined", "computed"):
+        assert column in out
+    assert re.search(r"^\s+worker 0\s+\d+\s+100\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d%\s+\d+$", out, re.MULTILINE)
+    assert 'get_metrics(scope="fleet"): gets 200' in out
+    assert "(equal to the sum of the workers' own counters)" in out
+    found = RATES.search(out)
+    assert found is not None, out
+    baseline, fleet = (float(x) for x in found.groups())
+    assert fleet > baseline
+    assert "The fleet computed" in out
+    assert "ERROR" not in out
+    assert f"redis-cli -u {redis_url} --scan --pattern '{namespace}:*'" in out
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{namespace}-solo-*")) == []  # the baseline cleans up after itself
+        assert any(client.scan_iter(match=f"{namespace}:*"))  # the shared namespace stays, for redis-cli
+    finally:
+        client.close()
+
+
+def test_demo_falls_back_to_fakeredis_without_redis_server() -> None:
+    pytest.importorskip("fakeredis")
+    pytest.importorskip("lupa")
+    env = {k: v for k, v in os.environ.items() if k not in ("VICTOR_RCACHE_URL", "REDIS_URL")}
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep)
+                                  if d and not (Path(d) / "redis-server").exists())
+
+    done = run_demo("--workers", "2", "--requests", "50", env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert "no redis-server found: running on an embedded fakeredis server; results are illustrative" in done.stdout
+    assert RATES.search(done.stdout) is not None, done.stdout
+    assert "The fleet computed" in done.stdout
