@@ -381,3 +381,16 @@ def test_lru_order_is_exact_within_a_millisecond(make_cache: Make, raw: redis.Re
     assert (state.l2_ids, state.l3_ids) == ({b"b"}, {b"c", b"x", b"m"})
     scores = sorted(state.shards[0].l3.values())
     assert len(set(scores)) == 3
+
+
+@pytest.mark.parametrize("start", [1_000_000.0, 1_000_000.0004, 1_000_000.0009999])
+def test_no_copy_outlives_the_ttl_at_sub_millisecond_clock_readings(make_cache: Make, start: float) -> None:
+    clock = FakeClock(start)
+    settings = {"shards": 1, "promote_after": 1, "clock": clock}
+    writer, reader = make_cache(**settings), make_cache(**settings)
+    writer.put("k", "v", ttl=0.0105)  # the ttl Redis and every L1 use is 10 ms
+    clock.advance(0.003)
+    assert reader.get("k") == "v"  # fills reader's L1 with the 7-8 ms left
+    assert reader._core.l1.get(b"k") is not None
+    clock.now = start + 0.010  # the value's ttl (counted from the put) is over
+    assert (writer.get("k"), reader.get("k"), make_cache(**settings).get("k")) == (None, None, None)

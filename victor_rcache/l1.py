@@ -46,18 +46,22 @@ class LocalCache:
             self._data.move_to_end(key)
             return entry
 
-    def set(self, key: bytes, payload: bytes, version: int, ttl_left: float | None = None) -> bool:
+    def set(self, key: bytes, payload: bytes, version: int, ttl_left: float | None = None,
+            since: float | None = None) -> bool:
         """Store a copy that lives ``l1_ttl`` seconds, or less if the value's own ttl ends sooner.
 
-        A copy never replaces one with a higher Redis version (a slow reader must not overwrite
-        a newer local write); version 0 means "written here while Redis was unreachable" and
-        always replaces. Returns whether the copy was stored.
+        Lifetimes count from ``since`` (default: now); callers pass the clock reading taken before
+        they asked Redis, so a copy never outlives the value's expiry in Redis. A copy never
+        replaces one with a higher Redis version (a slow reader must not overwrite a newer local
+        write); version 0 means "written here while Redis was unreachable" and always replaces.
+        Returns whether the copy was stored.
         """
+        start = self.clock() if since is None else since
         lives = min(t for t in (self.ttl, ttl_left, float("inf")) if t is not None)
-        if lives <= 0:
+        if lives <= 0 or start + lives <= self.clock():
             self.pop(key)
             return False
-        entry = L1Entry(payload, version, self.clock() + lives)
+        entry = L1Entry(payload, version, start + lives)
         with self._lock:
             current = self._data.get(key)
             if version and current is not None and current.version > version:

@@ -24,6 +24,7 @@ send batches. A batch is one pipeline, i.e. one network round trip.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -159,6 +160,7 @@ class TierCore:
         deltas = (0, 0)
         try:
             yield from self._ready()
+            sent_at = self._since()
             deltas = self._take_l1_deltas()
             calls = [self._shard_call(self.scripts.get, shard, [r.id for r in rs], deltas if n == 0 else (0, 0))
                      for n, (shard, rs) in enumerate(groups.items())]
@@ -186,7 +188,8 @@ class TierCore:
                     corrupt.append((ref, version))
                     continue
                 self.counters.add(**{f"l{tier}_hits": 1})
-                if fill and self.l1.set(ref.key, payload, version, None if ttl_left_ms < 0 else ttl_left_ms / 1000):
+                ttl_left = None if ttl_left_ms < 0 else ttl_left_ms / 1000
+                if fill and self.l1.set(ref.key, payload, version, ttl_left, since=sent_at):
                     self.counters.add(l1_fills=1)
                 out[ref.key] = value
         if corrupt:
@@ -209,8 +212,8 @@ class TierCore:
 
     def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> Step[None]:
         """Write several values; everything is validated and encoded before anything is written."""
-        ttl_s = None if ttl is None else check_ttl(ttl)
-        ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
+        ttl_ms = 0 if ttl is None else max(1, math.floor(check_ttl(ttl) * 1000))
+        ttl_s = None if ttl is None else ttl_ms / 1000  # L1 uses exactly the ttl Redis gets
         prepared: dict[bytes, tuple[EntryRef, bytes]] = {}
         for key, value in mapping.items():
             ref = self.space.ref(key)
@@ -224,19 +227,20 @@ class TierCore:
             for ref in rs:
                 items += [ref.id, prepared[ref.key][1], ttl_ms, ref.key if ref.hashed else b""]
             calls.append(self._shard_call(self.scripts.put, shard, items))
+        sent_at = self._since()
         try:
             yield from self._ready()
             replies = yield from self._run(calls)
         except RedisError as exc:
             self._redis_failed("put", exc)
             for ref, payload in prepared.values():  # this process still sees its own write
-                self.l1.set(ref.key, payload, 0, ttl_s)
+                self.l1.set(ref.key, payload, 0, ttl_s, since=sent_at)
             return
         self.counters.add(puts=len(prepared))
         for rs, reply in zip(groups.values(), replies, strict=True):
             self._count_events(reply[0])
             for ref, version in zip(rs, reply[1:], strict=True):
-                self.l1.set(ref.key, prepared[ref.key][1], version, ttl_s)
+                self.l1.set(ref.key, prepared[ref.key][1], version, ttl_s, since=sent_at)
 
     def _encode(self, ref: EntryRef, value: Any) -> bytes:
         payload = self.envelope.wrap(value)
@@ -327,9 +331,21 @@ class TierCore:
     def _shard_call(self, script: Any, shard: int, items: list[Any],
                     deltas: tuple[int, int] = (0, 0)) -> ScriptCall:
         clock = self.config.clock
-        now_ms = 0 if clock is None else max(1, int(clock() * 1000))  # 0 = the server's TIME
+        now_ms = 0 if clock is None else max(1, math.floor(clock() * 1000))  # 0 = the server's TIME
         head = (now_ms, self._caps2[shard], self._caps3[shard], *self._idle_ms, self.config.promote_after, *deltas)
         return ScriptCall(script, tuple(self.space.shard_keys[shard].keys), head + tuple(items))
+
+    def _since(self) -> float:
+        """The L1 clock reading that copies made from the next request count their lifetime from.
+
+        Taken before the request is built, so a copy never outlives the value in Redis: with the
+        server's TIME the request runs later than this reading; with an injected clock it is the
+        very millisecond the scripts are given.
+        """
+        clock = self.config.clock
+        if clock is None:
+            return self.l1.clock()
+        return max(1, math.floor(clock() * 1000)) / 1000
 
     def _run(self, calls: list[ScriptCall]) -> Step[list[Any]]:
         """Run script calls in one round trip: EVALSHA, then EVAL for any the server forgot."""
