@@ -1,11 +1,16 @@
 --[[
-  delete.lua: remove entries of one shard from every tier, optionally only at an expected version.
+  delete.lua: remove entries of one shard from every tier, optionally only at an expected version,
+  and tell every process to drop its L1 copy.
 
-  KEYS[1..4]  the shard's l2, l3, exp and stats keys (see includes/shard.lua)
-  ARGV[1..8]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas)
-  ARGV[9..]   pairs, one per entry:
+  KEYS[1..5]  the shard's l2, l3, exp, stats and gone keys (see includes/shard.lua)
+  ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
+  ARGV[10..]  pairs, one per entry:
                 id                entry id
                 expected_version  delete only if the entry still has this version; empty = any
+
+  A deleted entry gets a `gone` record (so a fill that started before the delete is refused) and an
+  invalidation with a new version. Deleting an id that is absent but has a `gone` record (some L1
+  may still hold a copy of it) publishes an invalidation too.
 
   Reply: { {promotions, demotions, evictions, expirations}, deleted_1, deleted_2, ... }
     deleted_i = 1 when an entry was removed, 0 when there was none (or its version differed)
@@ -34,13 +39,16 @@ for i = HEAD + 1, #ARGV, 2 do
   local version = tonumber(redis.call('HGET', entry_key(id), 'ver'))
   local d = 0
   if (tier or version) and (expected == nil or expected == version) then
-    drop(id, tier)
+    drop(id, tier, 'deleted')
     d = 1
+  end
+  if d == 1 or (expected == nil and redis.call('ZSCORE', gone_key, id)) then
+    announce(id, redis.call('HINCRBY', stats_key, 'seq', 1))
   end
   deleted[#deleted + 1] = d
   count = count + d
 end
 
 enforce_bounds()
-deleted[1] = flush_stats({deletes = count})
+deleted[1] = finish({deletes = count})
 return deleted

@@ -1,22 +1,35 @@
 --[[
   flush.lua: remove up to `batch` entries of one shard; called repeatedly by invalidate() until the
-  shard is empty, so clearing a huge namespace never blocks Redis for long.
+  shard is empty, so clearing a huge namespace never blocks Redis for long. Every call publishes
+  "*" on <ns>:inval (every process clears its L1) and marks the shard flushed, so a fill that
+  started before the flush is refused.
 
   KEYS[1]  <ns>:{<tag>}:l2     ZSET  (see includes/shard.lua)
   KEYS[2]  <ns>:{<tag>}:l3     ZSET
   KEYS[3]  <ns>:{<tag>}:exp    ZSET
-  KEYS[4]  <ns>:{<tag>}:stats  HASH  byte totals are lowered; counters are kept
+  KEYS[4]  <ns>:{<tag>}:stats  HASH  byte totals are lowered and `flushed` set; counters are kept
+  KEYS[5]  <ns>:{<tag>}:gone   ZSET  removed once the shard is empty (`flushed` covers it)
   ARGV[1]  batch, entries to remove in this call (>= 1)
+  ARGV[2]  now, ms since the epoch (0 = the server's TIME)
 
   Reply: entries left in the shard's indexes after this call (0 = the shard is empty)
 ]]
-local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local l2_key, l3_key, exp_key, stats_key, gone_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local base = string.sub(l2_key, 1, -3)
-local batch = tonumber(ARGV[1])
-if not string.match(ARGV[1] or '', '^%d+$') or string.len(ARGV[1]) > 9 or batch < 1 then
-  return redis.error_reply('VRC_BADARG flush: batch must be a positive integer')
+local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
+for i = 1, 2 do
+  if not string.match(ARGV[i] or '', '^%d+$') or string.len(ARGV[i]) > 16 then
+    return redis.error_reply('VRC_BADARG flush: batch and now must be non-negative integers')
+  end
+end
+local batch, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+if batch < 1 then return redis.error_reply('VRC_BADARG flush: batch must be >= 1') end
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+redis.call('HSET', stats_key, 'flushed', now)
 local budget = batch
 for _, tier in ipairs({{l2_key, 'l2_bytes'}, {l3_key, 'l3_bytes'}, {exp_key, nil}}) do
   if budget <= 0 then break end
@@ -34,7 +47,9 @@ for _, tier in ipairs({{l2_key, 'l2_bytes'}, {l3_key, 'l3_bytes'}, {exp_key, nil
 end
 
 local left = redis.call('ZCARD', l2_key) + redis.call('ZCARD', l3_key) + redis.call('ZCARD', exp_key)
-if left == 0 and redis.call('EXISTS', stats_key) == 1 then        -- heal any drift (see README)
+if left == 0 then                                    -- heal any byte-total drift (see README)
   redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0)
+  redis.call('DEL', gone_key)
 end
+redis.call('PUBLISH', channel, '*')
 return left

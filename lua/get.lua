@@ -1,9 +1,9 @@
 --[[
   get.lua: look up entries of one shard in L2 and L3 in one call, counting hits and moving tiers.
 
-  KEYS[1..4]  the shard's l2, l3, exp and stats keys (see includes/shard.lua)
-  ARGV[1..8]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas)
-  ARGV[9..]   entry ids to look up (one or more)
+  KEYS[1..5]  the shard's l2, l3, exp, stats and gone keys (see includes/shard.lua)
+  ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
+  ARGV[10..]  entry ids to look up (one or more)
 
   For each id, in order:
     * absent, data gone, past its absolute expiry, or idle past its tier's ttl -> a miss
@@ -13,11 +13,13 @@
       otherwise its L3 score becomes now (a new stamp).
   Every hit increments the entry's fleet-wide hit count `n`.
 
-  Reply: { {promotions, demotions, evictions, expirations},  -- caused by this call
-           {tier, payload, fill_l1, ttl_left_ms, version},   -- one per id; tier 0 = miss (only {0}),
-           ... }                                             -- 2 = L2 hit, 3 = L3 hit
-    fill_l1 = 1 when the entry is in L2 after this hit and its count >= promote_after
+  Reply: { {promotions, demotions, evictions, expirations},    -- caused by this call
+           {0, now_ms}                                         -- a miss, and when it was seen
+           {tier, payload, fill_l1, ttl_left_ms, version, cost_ms},   -- a hit: tier 2 = L2, 3 = L3
+           ... }                                               -- one reply per id, in order
+    fill_l1 = 1 when the entry is still in L2 after this call and its count >= promote_after
     ttl_left_ms = ms until its absolute expiry, -1 when it has none
+    cost_ms = how long the value took to compute (0 = unknown), for early refresh
 ]]
 -- @include "includes/shard.lua"
 
@@ -37,25 +39,22 @@ for i = HEAD + 1, #ARGV do
   local s2 = redis.call('ZSCORE', l2_key, id)
   local s3 = nil
   if s2 then s2 = tonumber(s2) else s3 = tonumber(redis.call('ZSCORE', l3_key, id)) end
-  local reply = {0}
+  local reply = {0, now}
   if s2 or s3 then
-    local f = redis.call('HMGET', ek, 'v', 'ver', 'x', 's')
+    local f = redis.call('HMGET', ek, 'v', 'ver', 'x', 's', 'd')
     local expiry = tonumber(f[3])
     if not f[1] then                                   -- data gone (evicted by Redis or by hand)
       redis.call('ZREM', s2 and l2_key or l3_key, id)
       redis.call('ZREM', exp_key, id)
     elseif expiry and now >= expiry then               -- absolute ttl passed
-      drop(id, s2 and 2 or 3)
-      ev.expirations = ev.expirations + 1
+      drop(id, s2 and 2 or 3, 'expired')
     else
       if s2 and idle2 > 0 and now - s2 >= idle2 then   -- idle in L2: it belongs to L3 by now
-        redis.call('ZREM', l2_key, id)
         s3, s2 = s2 + idle2, nil
         into_l3(id, s3)
       end
       if s3 and idle3 > 0 and now - s3 >= idle3 then   -- idle in L3: it is gone
-        drop(id, 3)
-        ev.expirations = ev.expirations + 1
+        drop(id, 3, 'idle')
       else
         local n = redis.call('HINCRBY', ek, 'n', 1)
         local tier, in_l2 = 2, true
@@ -78,7 +77,7 @@ for i = HEAD + 1, #ARGV do
         end
         local fill = 0
         if in_l2 and n >= promote_after then fill = 1 end
-        reply = {tier, f[1], fill, expiry and (expiry - now) or -1, tonumber(f[2])}
+        reply = {tier, f[1], fill, expiry and (expiry - now) or -1, tonumber(f[2]), tonumber(f[5]) or 0}
       end
     end
   else
@@ -89,12 +88,19 @@ for i = HEAD + 1, #ARGV do
 end
 
 enforce_bounds()
--- A later promotion in this call may have pushed an entry back down: only what is still in L2 fills L1.
+-- A later promotion in this call may have pushed an entry back down: only what is still in L2 fills
+-- L1, and an entry that may now live in some L1 is marked (f = 1) so that its removal is remembered.
 local fills = 0
 for i, r in ipairs(results) do
-  if r[3] == 1 then
-    if redis.call('ZSCORE', l2_key, ARGV[HEAD + i]) then fills = fills + 1 else r[3] = 0 end
+  if r[1] ~= 0 and r[3] == 1 then
+    local id = ARGV[HEAD + i]
+    if redis.call('ZSCORE', l2_key, id) then
+      redis.call('HSET', entry_key(id), 'f', 1)
+      fills = fills + 1
+    else
+      r[3] = 0
+    end
   end
 end
-table.insert(results, 1, flush_stats({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills}))
+table.insert(results, 1, finish({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills}))
 return results

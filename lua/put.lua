@@ -1,31 +1,43 @@
 --[[
   put.lua: write entries of one shard into L2 (new version, hit count 0), then enforce the bounds.
+  A plain put always writes; a fill (get_or_set after a miss) or a refresh writes only if nothing
+  changed the entry since the caller looked, so a slow loader never overwrites a newer value.
 
-  KEYS[1..4]  the shard's l2, l3, exp and stats keys (see includes/shard.lua)
-  ARGV[1..8]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas)
-  ARGV[9..]   groups of four, one group per entry:
+  KEYS[1..5]  the shard's l2, l3, exp, stats and gone keys (see includes/shard.lua)
+  ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
+  ARGV[10..]  groups of seven, one group per entry:
                 id           entry id
                 payload      encoded value, bytes (non-empty)
                 ttl_ms       absolute time to live, ms (0 = none)
                 key          the original key when id is its hash, else empty
+                since_ms     0 = a plain put; else a fill after a miss seen at this time (ms): refused
+                             if the entry exists, or was deleted or removed at or after since_ms,
+                             or the shard was flushed at or after since_ms
+                expect_ver   0 = any; else write only if the entry's current version is this one
+                cost_ms      how long the value took to compute, ms (0 = unknown; for early refresh)
 
   A previous entry under the same id, in L2 or L3, is replaced. Absolute expiry is enforced by the
   scripts (never served at or after it; swept away by later calls on the shard), not by a Redis
   PEXPIRE: Redis deleting the data behind the scripts' back would lose its accounted size.
+  Replacing an entry, or writing one that has a `gone` record, publishes an invalidation.
 
   Reply: { {promotions, demotions, evictions, expirations}, version_1, version_2, ... }
+    version_i = the new entry's version, or 0 when a conditional write was refused
 ]]
 -- @include "includes/shard.lua"
 
+local GROUP = 7
 local err = check_head()
 if err then return redis.error_reply(err) end
 local n_args = #ARGV - HEAD
-if n_args < 4 or n_args % 4 ~= 0 then
-  return redis.error_reply('VRC_BADARG put needs groups of (id, payload, ttl_ms, key)')
+if n_args < GROUP or n_args % GROUP ~= 0 then
+  return redis.error_reply('VRC_BADARG put needs groups of (id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms)')
 end
-for i = HEAD + 1, #ARGV, 4 do
-  if string.len(ARGV[i]) == 0 or string.len(ARGV[i + 1]) == 0 or not arg_int(i + 2, 0) then
-    return redis.error_reply('VRC_BADARG put: empty id or payload, or ttl_ms not a non-negative integer')
+for i = HEAD + 1, #ARGV, GROUP do
+  if string.len(ARGV[i]) == 0 or string.len(ARGV[i + 1]) == 0 or not arg_int(i + 2, 0)
+      or not arg_int(i + 4, 0) or not arg_int(i + 5, 0) or not arg_int(i + 6, 0) then
+    return redis.error_reply('VRC_BADARG put: empty id or payload, or ttl_ms, since_ms, expect_ver or cost_ms '
+        .. 'not a non-negative integer')
   end
 end
 
@@ -33,25 +45,50 @@ sweep()
 
 -- Versions grow across a flushed or restarted Redis: a new shard's counter starts at now (ms) * 1000.
 redis.call('HSETNX', stats_key, 'seq', now * 1000)
-local versions = {}
-for i = HEAD + 1, #ARGV, 4 do
+local flushed = tonumber(redis.call('HGET', stats_key, 'flushed')) or -1
+local versions, written = {}, 0
+for i = HEAD + 1, #ARGV, GROUP do
   local id, payload, ttl, key = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local since, expect, cost = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
   local ek = entry_key(id)
-  if redis.call('ZSCORE', l2_key, id) then drop(id, 2)
-  elseif redis.call('ZSCORE', l3_key, id) then drop(id, 3)
-  else drop(id, nil) end
-  local version = redis.call('HINCRBY', stats_key, 'seq', 1)
-  redis.call('HSET', ek, 'v', payload, 's', string.len(payload), 'n', 0, 'ver', version)
-  if key ~= '' then redis.call('HSET', ek, 'k', key) end
-  if ttl > 0 then
-    redis.call('HSET', ek, 'x', now + ttl)
-    redis.call('ZADD', exp_key, now + ttl, id)
+  local tier = nil
+  if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
+  local gone = tonumber(redis.call('ZSCORE', gone_key, id))
+  local refused = false
+  if since > 0 then
+    refused = tier ~= nil or (gone ~= nil and gone >= since) or flushed >= since
   end
-  redis.call('ZADD', l2_key, stamp(), id)
-  bytes2 = bytes2 + string.len(payload)
-  versions[#versions + 1] = version
+  if expect > 0 then
+    refused = refused or tonumber(redis.call('HGET', ek, 'ver')) ~= expect
+  end
+  if refused then
+    versions[#versions + 1] = 0
+  else
+    if tier then                                       -- replaced: not a deletion, no `gone` record
+      local size = tonumber(redis.call('HGET', ek, 's')) or 0
+      redis.call('ZREM', tier == 2 and l2_key or l3_key, id)
+      if tier == 2 then bytes2 = bytes2 - size else bytes3 = bytes3 - size end
+    end
+    redis.call('ZREM', exp_key, id)
+    redis.call('DEL', ek)
+    local version = redis.call('HINCRBY', stats_key, 'seq', 1)
+    redis.call('HSET', ek, 'v', payload, 's', string.len(payload), 'n', 0, 'ver', version, 'f', 1)
+    if key ~= '' then redis.call('HSET', ek, 'k', key) end
+    if cost > 0 then redis.call('HSET', ek, 'd', cost) end
+    if ttl > 0 then
+      redis.call('HSET', ek, 'x', now + ttl)
+      redis.call('ZADD', exp_key, now + ttl, id)
+    end
+    redis.call('ZADD', l2_key, stamp(), id)
+    bytes2 = bytes2 + string.len(payload)
+    if tier or gone then                               -- some process may hold an older copy
+      announce(id, version)
+    end
+    versions[#versions + 1] = version
+    written = written + 1
+  end
 end
 
 enforce_bounds()
-table.insert(versions, 1, flush_stats({puts = #versions}))
+table.insert(versions, 1, finish({puts = written}))
 return versions

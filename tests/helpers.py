@@ -33,6 +33,7 @@ class ShardState:
     l3: dict[bytes, float]
     exp: dict[bytes, float]
     stats: dict[bytes, bytes]
+    gone: dict[bytes, float]
     entries: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
 
 
@@ -62,6 +63,7 @@ def read_namespace(raw: redis.Redis, namespace: str, shards: int) -> NamespaceSt
             l3=dict(raw.zrange(sk.l3, 0, -1, withscores=True)),
             exp=dict(raw.zrange(sk.exp, 0, -1, withscores=True)),
             stats=raw.hgetall(sk.stats),
+            gone=dict(raw.zrange(sk.gone, 0, -1, withscores=True)),
         )
         entry_prefix = sk.entry(b"")
         for name in raw.scan_iter(match=entry_prefix + b"*", count=1000):
@@ -85,6 +87,7 @@ def check_invariants(raw: redis.Redis, namespace: str, shards: int, l2_size: int
         where = f"{namespace} shard {i}"
         assert len(s.l2) <= caps2[i], f"{where}: L2 holds {len(s.l2)} > {caps2[i]}"
         assert len(s.l3) <= caps3[i], f"{where}: L3 holds {len(s.l3)} > {caps3[i]}"
+        assert len(s.gone) <= caps2[i] + caps3[i], f"{where}: {len(s.gone)} gone records"
         both = set(s.l2) & set(s.l3)
         assert not both, f"{where}: in L2 and L3 at once: {both}"
 
@@ -96,7 +99,8 @@ def check_invariants(raw: redis.Redis, namespace: str, shards: int, l2_size: int
             assert (data and b"v" in data) or expired(entry_id), f"{where}: index entry {entry_id!r} has no data"
         for entry_id, data in s.entries.items():
             assert entry_id in s.l2 or entry_id in s.l3, f"{where}: data {entry_id!r} has no index entry"
-            assert set(data) <= {b"v", b"s", b"n", b"ver", b"x", b"k"}, f"{where}: unexpected fields {set(data)}"
+            fields = {b"v", b"s", b"n", b"ver", b"x", b"k", b"f", b"d"}
+            assert set(data) <= fields, f"{where}: unexpected fields {set(data)}"
             assert int(data[b"s"]) == len(data[b"v"]), f"{where}: size field of {entry_id!r} is off"
             if b"x" in data:
                 assert s.exp.get(entry_id) == float(data[b"x"]), f"{where}: exp index disagrees for {entry_id!r}"

@@ -34,7 +34,8 @@ from .helpers import FakeClock, check_invariants, read_namespace
 Make = Callable[..., MultiLevelCache]
 Arg = bytes | int | str
 
-SCRIPT_NAMES = ("get", "put", "delete", "flush")
+SCRIPT_NAMES = ("get", "put", "delete", "flush", "release")
+SHARD_SCRIPTS = ("get", "put", "delete", "flush")
 
 
 def script_named(name: str) -> Script:
@@ -91,19 +92,19 @@ def test_scripts_registry_loads_every_script_with_includes_expanded(raw: redis.R
 
 DUE_SETTINGS: dict[str, Any] = {"shards": 1, "l2_size": 3, "l3_size": 4, "l2_ttl": 60, "l3_ttl": 600,
                                 "promote_after": 3}
-HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "l1_hits", "l1_evictions")
-GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 0, 0)  # matches DUE_SETTINGS
+HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "l1_hits", "l1_evictions", "memory")
+GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 0, 0, 300_000)  # matches DUE_SETTINGS
 GOOD_BODY: dict[str, tuple[Arg, ...]] = {
     "get": (b"e", b"a"),
-    "put": (b"new", b"payload", 0, b""),
+    "put": (b"new", b"payload", 0, b"", 0, 0, 0),
     "delete": (b"e", b""),
-    "flush": (1,),
+    "flush": (1, 0),
 }
 
 
 @dataclass(frozen=True)
 class DueState:
-    keys: list[bytes]  # the shard's KEYS[1..4]
+    keys: list[bytes]  # the shard's KEYS[1..5]
     now_ms: int  # a clock value at which every kind of sweep work is due
 
 
@@ -153,26 +154,29 @@ BAD_HEADS: list[tuple[str, Arg]] = [
     ("cap2", 0), ("cap3", 0), ("cap2", -3), ("cap3", "2.5"),
     ("idle2", -1), ("idle3", -60_000), ("idle2", "soon"),
     ("promote_after", 0), ("promote_after", -1),
-    ("l1_hits", -1), ("l1_evictions", "x"),
+    ("l1_hits", -1), ("l1_evictions", "x"), ("memory", 0), ("memory", "1e3"),
 ]
 
 BAD_CALLS: list[Call] = [
     *(Call(s, f"{f}={v!r}", head={f: v}) for s in ("get", "put", "delete") for f, v in BAD_HEADS),
-    *(Call(s, "header cut short", head_fields=7, body=()) for s in ("get", "put", "delete")),
+    *(Call(s, "header cut short", head_fields=8, body=()) for s in ("get", "put", "delete")),
     Call("get", "no ids", body=()),
     Call("get", "empty id", body=(b"",)),
     Call("get", "empty id after a good one", body=(b"e", b"")),
     Call("put", "no groups", body=()),
-    Call("put", "3 items", body=(b"new", b"payload", 0)),
-    Call("put", "5 items", body=(b"new", b"payload", 0, b"", b"more")),
-    Call("put", "7 items", body=(b"new", b"payload", 0, b"", b"n2", b"p2", 0)),
-    Call("put", "empty id", body=(b"", b"payload", 0, b"")),
-    Call("put", "empty payload", body=(b"new", b"", 0, b"")),
-    Call("put", "ttl_ms 1.5", body=(b"new", b"payload", "1.5", b"")),
-    Call("put", "ttl_ms -1", body=(b"new", b"payload", -1, b"")),
-    Call("put", "ttl_ms abc", body=(b"new", b"payload", "abc", b"")),
-    Call("put", "ttl_ms empty", body=(b"new", b"payload", b"", b"")),
-    Call("put", "bad second group", body=(b"new", b"payload", 0, b"", b"n2", b"", 0, b"")),
+    Call("put", "4 items (the old group)", body=(b"new", b"payload", 0, b"")),
+    Call("put", "6 items", body=(b"new", b"payload", 0, b"", 0, 0)),
+    Call("put", "8 items", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"more")),
+    Call("put", "empty id", body=(b"", b"payload", 0, b"", 0, 0, 0)),
+    Call("put", "empty payload", body=(b"new", b"", 0, b"", 0, 0, 0)),
+    Call("put", "ttl_ms 1.5", body=(b"new", b"payload", "1.5", b"", 0, 0, 0)),
+    Call("put", "ttl_ms -1", body=(b"new", b"payload", -1, b"", 0, 0, 0)),
+    Call("put", "ttl_ms abc", body=(b"new", b"payload", "abc", b"", 0, 0, 0)),
+    Call("put", "ttl_ms empty", body=(b"new", b"payload", b"", b"", 0, 0, 0)),
+    Call("put", "since_ms -5", body=(b"new", b"payload", 0, b"", -5, 0, 0)),
+    Call("put", "expect_ver x", body=(b"new", b"payload", 0, b"", 0, "x", 0)),
+    Call("put", "cost_ms 2.5", body=(b"new", b"payload", 0, b"", 0, 0, "2.5")),
+    Call("put", "bad second group", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"n2", b"", 0, b"", 0, 0, 0)),
     Call("delete", "no pairs", body=()),
     Call("delete", "odd arguments", body=(b"e",)),
     Call("delete", "three arguments", body=(b"e", b"", b"a")),
@@ -182,12 +186,14 @@ BAD_CALLS: list[Call] = [
     Call("delete", "expected_version 1.5", body=(b"e", "1.5")),
     Call("delete", "expected_version abc", body=(b"e", "abc")),
     Call("delete", "bad second pair", body=(b"e", b"", b"a", 0)),
-    Call("flush", "batch 0", body=(0,)),
-    Call("flush", "batch -1", body=(-1,)),
-    Call("flush", "batch 1.5", body=("1.5",)),
-    Call("flush", "batch abc", body=("abc",)),
-    Call("flush", "batch empty", body=(b"",)),
+    Call("flush", "batch 0", body=(0, 0)),
+    Call("flush", "batch -1", body=(-1, 0)),
+    Call("flush", "batch 1.5", body=("1.5", 0)),
+    Call("flush", "batch abc", body=("abc", 0)),
+    Call("flush", "batch empty", body=(b"", 0)),
     Call("flush", "no batch", body=()),
+    Call("flush", "no now", body=(1,)),
+    Call("flush", "now -1", body=(1, -1)),
 ]
 
 
@@ -211,7 +217,7 @@ def test_bad_argv_is_refused_before_the_first_write(call: Call, make_cache: Make
     assert_refused_without_writes(call, make_cache, raw, namespace, clock)
 
 
-@pytest.mark.parametrize("script_name", SCRIPT_NAMES)
+@pytest.mark.parametrize("script_name", SHARD_SCRIPTS)
 def test_the_same_call_with_good_argv_does_write(script_name: str, make_cache: Make, raw: redis.Redis,
                                                  namespace: str, clock: FakeClock) -> None:
     """The control for the test above: the state is such that a valid call visibly changes Redis."""
@@ -268,7 +274,7 @@ def test_data_removed_behind_the_scripts_back_is_never_served_and_totals_heal_on
 
 # ---------------------------------------------------- invariant 6: one hash slot per script call
 
-ID_POSITIONS = {"get": slice(8, None), "put": slice(8, None, 4), "delete": slice(8, None, 2), "flush": slice(0, 0)}
+ID_POSITIONS = {"get": slice(9, None), "put": slice(9, None, 7), "delete": slice(9, None, 2), "flush": slice(0, 0)}
 
 
 def as_bytes(value: Any) -> bytes:
@@ -306,6 +312,10 @@ class SlotGuard:
             self.violations.append(f"{where}: not one of the library's scripts")
             return
         self.calls[name] += 1
+        if name == "release":  # one key: the lease, which lives in its entry's shard slot
+            if len(keys) != 1 or b":lease:" not in keys[0]:
+                self.violations.append(f"{where}: release.lua takes exactly one lease key")
+            return
         if not keys or not keys[0].endswith(b":l2"):
             self.violations.append(f"{where}: KEYS[1] is not a shard's l2 index, entry keys derive from it")
             return
@@ -339,14 +349,14 @@ def test_the_slot_guard_flags_cross_slot_script_calls(slot_guard: SlotGuard) -> 
     space = KeySpace("guard", 16)
     s0, s1 = space.shard_keys[0], space.shard_keys[1]
     get, put = default_scripts().get, default_scripts().put
-    head = (0, 1, 1, 0, 0, 1, 0, 0)
+    head = (0, 1, 1, 0, 0, 1, 0, 0, 1)
     good = ScriptCall(get, tuple(s0.keys), (*head, b"{other}", b"a}{b"))
     slot_guard.check([good.evalsha(), good.eval(), ("HGETALL", s1.stats)])
     assert slot_guard.violations == []
     assert slot_guard.commands == Counter({"EVALSHA": 1, "EVAL": 1})
 
-    mixed = ScriptCall(get, (s0.l2, s0.l3, s0.exp, s1.stats), (*head, b"x"))
-    not_l2_first = ScriptCall(put, (s0.l3, s0.l2, s0.exp, s0.stats), (*head, b"x", b"v", 0, b""))
+    mixed = ScriptCall(get, (s0.l2, s0.l3, s0.exp, s1.stats, s0.gone), (*head, b"x"))
+    not_l2_first = ScriptCall(put, (s0.l3, s0.l2, s0.exp, s0.stats, s0.gone), (*head, b"x", b"v", 0, b"", 0, 0, 0))
     foreign = ("EVALSHA", "0" * 40, 1, s0.l2)
     for command in (mixed.evalsha(), not_l2_first.evalsha(), foreign):
         slot_guard.violations.clear()
@@ -390,7 +400,7 @@ def test_every_script_call_of_a_varied_workload_stays_in_one_slot(make_cache: Ma
     assert make_cache(**settings).get("{tag}") is None
 
     assert slot_guard.violations == []
-    assert set(slot_guard.calls) == set(SCRIPT_NAMES), slot_guard.calls
+    assert set(slot_guard.calls) == set(SHARD_SCRIPTS), slot_guard.calls
     assert slot_guard.commands["EVALSHA"] > 0
     assert slot_guard.commands["EVAL"] > 0
 
@@ -462,7 +472,7 @@ def test_slot_arithmetic_agrees_with_a_real_cluster_node(cluster_node: redis.Red
 def test_calls_succeed_after_script_flush_and_cache_the_scripts_again(make_cache: Make, raw: redis.Redis) -> None:
     writer = make_cache()
     writer.put("before", 1)
-    shas = [s.sha for s in default_scripts().all()]
+    shas = [s.sha for s in default_scripts().all() if s.name in SHARD_SCRIPTS]
     raw.script_flush()
     assert raw.script_exists(*shas) == [False] * 4
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -12,25 +16,49 @@ from redis.exceptions import RedisError
 from .cache import CacheBase
 from .config import CacheConfig
 from .connection import async_client
-from .tiers import Batch, Scope, Step, feed, queue
+from .stampede import Flights
+from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
 
 T = TypeVar("T")
+log = logging.getLogger("victor_rcache")
 
 
 class AsyncMultiLevelCache(CacheBase):
-    """The coroutine version of :class:`~victor_rcache.MultiLevelCache`; every method is awaited."""
+    """The coroutine version of :class:`~victor_rcache.MultiLevelCache`; every method is awaited.
+
+    ``get_or_set`` accepts a coroutine function or a plain function as the loader.
+    """
 
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
                  client: redis.asyncio.Redis | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
         self._owns_client = client is None
         self.client = client if client is not None else async_client(self.config)
+        self._flights: Flights[asyncio.Future[bytes]] = Flights(lambda: asyncio.get_running_loop().create_future())
+        self._refreshing: set[asyncio.Task[Any]] = set()
+        self._start_coherence()
 
-    async def _drive(self, step: Step[T]) -> T:
-        batch, result = feed(step, None)
-        while batch is not None:
-            batch, result = feed(step, await self._send(batch))
+    async def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
+        instruction, result = feed(step, None)
+        while instruction is not None:
+            instruction, result = feed(step, await self._do(instruction, loader))
         return cast(T, result)
+
+    async def _do(self, instruction: Instruction, loader: Callable[[], Any] | None) -> Any:
+        if isinstance(instruction, Pause):
+            await asyncio.sleep(instruction.seconds)
+            return []
+        if isinstance(instruction, list):
+            return await self._send(instruction)
+        assert loader is not None, "only get_or_set asks for the loader"
+        started = time.perf_counter()
+        try:
+            value = loader()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:  # handed to the core, which releases the lease and re-raises it
+            return exc
+        return Loaded(value, time.perf_counter() - started)
 
     async def _send(self, batch: Batch) -> list[Any] | RedisError:
         try:
@@ -45,6 +73,35 @@ class AsyncMultiLevelCache(CacheBase):
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
         return await self._drive(self._core.get_many(keys))
+
+    async def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None) -> Any:
+        flight = self._core.space.ref(key).id
+        future, leader = self._flights.join(flight)
+        if not leader:
+            return self._core.envelope.unwrap(await asyncio.shield(future))
+        try:
+            got: Got = await self._drive(self._core.get_or_set(key, ttl), loader)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so a flight nobody joined does not warn
+            raise
+        finally:
+            self._flights.land(flight)
+        future.set_result(got.payload)
+        if got.refresh is not None:
+            self._refresh_in_background(got.refresh, loader)
+        return got.value
+
+    def _refresh_in_background(self, job: Refresh, loader: Callable[[], Any]) -> None:
+        async def run() -> None:
+            try:
+                await self._drive(self._core.refresh(job), loader)
+            except Exception:  # a background refresh must never take the worker down
+                log.exception("early refresh of %r failed", job.key)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     async def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> None:
         await self._drive(self._core.put(key, value, ttl))
@@ -62,7 +119,10 @@ class AsyncMultiLevelCache(CacheBase):
         return await self._drive(self._core.metrics(scope))
 
     async def close(self) -> None:
+        for task in list(self._refreshing):
+            task.cancel()
         await self._drive(self._core.report_counters())
+        self._core.coherence.close()
         if self._owns_client:
             await self.client.aclose()
 

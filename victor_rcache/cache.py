@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import redis
 from redis.exceptions import RedisError
 
+from .coherence import InvalidationListener
 from .config import CacheConfig
-from .connection import sync_client
-from .errors import ConfigurationError
-from .tiers import Batch, Scope, Step, TierCore, feed, queue
+from .connection import subscriber_connections, sync_client
+from .errors import ConfigurationError, InvalidArgumentError
+from .stampede import Flights
+from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
 
 T = TypeVar("T")
+log = logging.getLogger("victor_rcache")
 
 
 def _make_config(redis_url: str | None, config: CacheConfig | None, settings: dict[str, Any]) -> CacheConfig:
@@ -29,12 +38,19 @@ def _make_config(redis_url: str | None, config: CacheConfig | None, settings: di
 
 
 class CacheBase:
-    """What both front ends share: settings, the tier core, and construction from the environment."""
+    """What both front ends share: settings, the tier core, coherence, construction from the environment."""
 
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
                  **settings: Any) -> None:
         self.config = _make_config(redis_url, config, settings)
         self._core = TierCore(self.config)
+
+    def _start_coherence(self) -> None:
+        """Subscribe to the namespace's invalidations (waits up to connect_timeout for the first try)."""
+        if self.config.coherence:
+            listener = InvalidationListener(subscriber_connections(self.config), self._core.space.channel,
+                                            self._core.l1)
+            self._core.coherence = listener.start(wait=self.config.connect_timeout)
 
     @classmethod
     def from_env(cls: type[T], **overrides: Any) -> T:
@@ -44,6 +60,28 @@ class CacheBase:
     @property
     def namespace(self) -> str:
         return self.config.namespace
+
+
+def _call_loader(loader: Callable[[], Any]) -> Loaded | Exception:
+    """Run a sync loader (or an async one, when no event loop runs in this thread); time it."""
+    started = time.perf_counter()
+    try:
+        value = loader()
+        if inspect.isawaitable(value):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                value = asyncio.run(_await(value))
+            else:
+                raise InvalidArgumentError("an async loader cannot run inside a running event loop from the sync "
+                                           "cache; use AsyncMultiLevelCache.get_or_set")
+    except Exception as exc:  # handed to the core, which releases the lease and re-raises it
+        return exc
+    return Loaded(value, time.perf_counter() - started)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
 
 
 class MultiLevelCache(CacheBase):
@@ -59,13 +97,24 @@ class MultiLevelCache(CacheBase):
         super().__init__(redis_url, config=config, **settings)
         self._owns_client = client is None
         self.client = client if client is not None else sync_client(self.config)
+        self._flights: Flights[Future[bytes]] = Flights(Future)
+        self._start_coherence()
 
-    def _drive(self, step: Step[T]) -> T:
-        """Run a core operation: send each batch it yields as one pipeline, feed back the replies."""
-        batch, result = feed(step, None)
-        while batch is not None:
-            batch, result = feed(step, self._send(batch))
+    def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
+        """Run a core operation: do each instruction it yields, feed back the outcome."""
+        instruction, result = feed(step, None)
+        while instruction is not None:
+            instruction, result = feed(step, self._do(instruction, loader))
         return cast(T, result)
+
+    def _do(self, instruction: Instruction, loader: Callable[[], Any] | None) -> Any:
+        if isinstance(instruction, Pause):
+            time.sleep(instruction.seconds)
+            return []
+        if isinstance(instruction, list):
+            return self._send(instruction)
+        assert loader is not None, "only get_or_set asks for the loader"
+        return _call_loader(loader)
 
     def _send(self, batch: Batch) -> list[Any] | RedisError:
         try:
@@ -82,6 +131,38 @@ class MultiLevelCache(CacheBase):
         """A dict of the hits among ``keys`` (one round trip for all keys that miss L1)."""
         return self._drive(self._core.get_many(keys))
 
+    def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None) -> Any:
+        """The value under ``key``; on a miss ``loader()`` computes it once per process and once per fleet.
+
+        Concurrent callers in this process wait for the first one; other processes wait for the
+        worker holding the fill lease. A loader exception reaches every waiting caller and nothing
+        is cached. ``loader`` may be a plain function or return an awaitable (run with asyncio.run).
+        """
+        flight = self._core.space.ref(key).id
+        future, leader = self._flights.join(flight)
+        if not leader:
+            return self._core.envelope.unwrap(future.result())
+        try:
+            got: Got = self._drive(self._core.get_or_set(key, ttl), loader)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            self._flights.land(flight)
+        future.set_result(got.payload)
+        if got.refresh is not None:
+            self._refresh_in_background(got.refresh, loader)
+        return got.value
+
+    def _refresh_in_background(self, job: Refresh, loader: Callable[[], Any]) -> None:
+        def run() -> None:
+            try:
+                self._drive(self._core.refresh(job), loader)
+            except Exception:  # a background refresh must never take the worker down
+                log.exception("early refresh of %r failed", job.key)
+
+        threading.Thread(target=run, name="victor-rcache-refresh", daemon=True).start()
+
     def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` in L2 and this process's L1; ``ttl`` (seconds) bounds its life in every tier."""
         self._drive(self._core.put(key, value, ttl))
@@ -91,7 +172,7 @@ class MultiLevelCache(CacheBase):
         self._drive(self._core.put_many(mapping, ttl))
 
     def delete(self, key: str | bytes) -> bool:
-        """Remove ``key`` from every tier; True if some tier held it."""
+        """Remove ``key`` from every tier and every process's L1; True if some tier held it."""
         return self._drive(self._core.delete(key))
 
     def invalidate(self, key: str | bytes | None = None) -> None:
@@ -103,8 +184,9 @@ class MultiLevelCache(CacheBase):
         return self._drive(self._core.metrics(scope))
 
     def close(self) -> None:
-        """Report this process's last counters and close the connection pool (if the cache made it)."""
+        """Report this process's last counters, stop listening and close the connections the cache made."""
         self._drive(self._core.report_counters())
+        self._core.coherence.close()
         if self._owns_client:
             self.client.close()
 

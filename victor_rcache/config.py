@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -21,6 +22,11 @@ DEFAULT_URL = "redis://localhost:6379/0"
 ENV_PREFIX = "VICTOR_RCACHE_"
 MAX_TTL_SECONDS = 10 * 365 * 86400.0  # ten years: anything longer is almost surely a unit mistake
 MAX_VALUE_BYTES_LIMIT = 512 * 1024 * 1024  # Redis's own limit for one string
+
+
+def redact(url: str) -> str:
+    """A Redis URL with its password replaced, for messages and logs."""
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def check_ttl(value: object, what: str = "ttl", error: type[Exception] = InvalidTTLError) -> float:
@@ -59,6 +65,10 @@ class CacheConfig:
     fail_open: bool = True
     socket_timeout: float = 0.5
     connect_timeout: float = 0.5
+    coherence: bool = True
+    lease_ttl: float = 30.0
+    early_refresh: bool = False
+    early_refresh_beta: float = 1.0
     codec: Codec = field(default_factory=MsgpackCodec)
     clock: Callable[[], float] | None = None
 
@@ -79,7 +89,7 @@ class CacheConfig:
         for name in ("l1_ttl", "l2_ttl", "l3_ttl"):
             if getattr(self, name) is not None:
                 check_ttl(getattr(self, name), name, ConfigurationError)
-        for name in ("socket_timeout", "connect_timeout"):
+        for name in ("socket_timeout", "connect_timeout", "lease_ttl", "early_refresh_beta"):
             check_ttl(getattr(self, name), name, ConfigurationError)
         if not isinstance(self.codec, Codec):
             raise ConfigurationError("codec must have a name and encode()/decode() methods (see victor_rcache.Codec)")

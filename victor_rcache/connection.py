@@ -6,6 +6,7 @@ retrying is the resilience layer's decision, not the driver's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -14,9 +15,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .config import CacheConfig
+from .config import CacheConfig, redact
 from .errors import ConfigurationError
-from .tiers import redact
 
 
 def _options(config: CacheConfig) -> dict[str, Any]:
@@ -42,6 +42,12 @@ def sync_client(config: CacheConfig) -> redis.Redis:
     """A redis-py client for ``config.url`` (raises ConfigurationError on a malformed URL)."""
     client: redis.Redis = _checked(redis.Redis.from_url, config, Retry(NoBackoff(), 0))
     return client
+
+
+def subscriber_connections(config: CacheConfig) -> Callable[[], Any]:
+    """A factory of fresh, unpooled connections for the invalidation subscriber."""
+    pool: redis.ConnectionPool = _checked(redis.ConnectionPool.from_url, config, Retry(NoBackoff(), 0))
+    return pool.make_connection
 
 
 def async_client(config: CacheConfig) -> redis.asyncio.Redis:

@@ -42,11 +42,11 @@ from urllib.parse import urlsplit
 import redis
 
 from . import MultiLevelCache
-from .config import CacheConfig
+from .config import CacheConfig, redact
 from .errors import CacheError
 from .keys import KeySpace
 from .local_redis import LocalRedisServer
-from .tiers import default_scripts, redact
+from .tiers import default_scripts
 
 SHARDS = 16  # the library's default; the printed redis-cli key names depend on it
 START_TIMEOUT = 120.0  # seconds for every worker to start (spawn + imports + connect)

@@ -6,11 +6,14 @@ shards' tags are chosen to fall in evenly spaced slot ranges, so Redis Cluster s
 over all its masters::
 
     <ns>:config                  HASH  fleet-wide settings every worker checks (shards, format)
+    <ns>:inval                   pub/sub channel of invalidations (not a key)
     <ns>:{s<i>.<salt>}:l2        ZSET  L2 index: entry id -> last touch (ms)
     <ns>:{s<i>.<salt>}:l3        ZSET  L3 index: entry id -> last touch (ms)
     <ns>:{s<i>.<salt>}:exp       ZSET  entry id -> absolute expiry (ms), entries with a ttl only
     <ns>:{s<i>.<salt>}:stats     HASH  the shard's fleet counters and byte totals
-    <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, s size, n hits, ver, x expiry, k key
+    <ns>:{s<i>.<salt>}:gone      ZSET  entry id -> when it was deleted, or left while cached in an L1 (ms)
+    <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, s size, n hits, ver, x expiry, k key, f, d
+    <ns>:{s<i>.<salt>}:lease:<id>  STRING  the token of the process computing a missing value
 
 An entry id is the key itself (UTF-8 for ``str``), readable in ``redis-cli``; keys over 1 KiB, or
 starting with ``#``, are stored as ``#`` + SHA-256 hex, with the original key kept in field ``k``.
@@ -63,20 +66,24 @@ class EntryRef:
 
 @dataclass(frozen=True)
 class ShardKeys:
-    """The four index/counter keys of one shard, in the order the scripts take them."""
+    """The five index/counter keys of one shard, in the order the scripts take them."""
 
     index: int
     l2: bytes
     l3: bytes
     exp: bytes
     stats: bytes
+    gone: bytes
 
     @property
     def keys(self) -> list[bytes]:
-        return [self.l2, self.l3, self.exp, self.stats]
+        return [self.l2, self.l3, self.exp, self.stats, self.gone]
 
     def entry(self, entry_id: bytes) -> bytes:
         return self.l2[:-2] + b"e:" + entry_id
+
+    def lease(self, entry_id: bytes) -> bytes:
+        return self.l2[:-2] + b"lease:" + entry_id
 
 
 def _shard_tag(index: int, shards: int) -> str:
@@ -104,13 +111,14 @@ class KeySpace:
         self.shards = shards
         self.prefix = namespace.encode() + b":"
         self.config = self.prefix + b"config"
+        self.channel = self.prefix + b"inval"
 
     @cached_property
     def shard_keys(self) -> tuple[ShardKeys, ...]:
         out = []
         for i in range(self.shards):
             base = self.prefix + b"{" + _shard_tag(i, self.shards).encode() + b"}:"
-            out.append(ShardKeys(i, base + b"l2", base + b"l3", base + b"exp", base + b"stats"))
+            out.append(ShardKeys(i, base + b"l2", base + b"l3", base + b"exp", base + b"stats", base + b"gone"))
         return tuple(out)
 
     def ref(self, key: str | bytes) -> EntryRef:
@@ -124,3 +132,7 @@ class KeySpace:
     def entry_key(self, ref: EntryRef) -> bytes:
         """The Redis key of an entry's data hash."""
         return self.shard_keys[ref.shard].entry(ref.id)
+
+    def lease_key(self, ref: EntryRef) -> bytes:
+        """The Redis key of the fill lease for an entry."""
+        return self.shard_keys[ref.shard].lease(ref.id)

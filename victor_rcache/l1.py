@@ -4,6 +4,10 @@ L1 keeps the *encoded* payload and decodes on every hit, so a caller mutating wh
 never changes what anyone else gets, and ``total_size`` is the real number of payload bytes held.
 Time comes from an injected clock (seconds, monotonic), so TTL tests tick a fake clock instead of
 sleeping.
+
+Coherence hooks: :meth:`invalidate` drops a copy older than a version another process wrote, and
+remembers that version for a while, so a slow fill that read the old value from Redis before the
+message arrived cannot put it back; :meth:`clear` also refuses copies requested before it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+FLOORS = 4096  # invalidated versions remembered; a racing fill arrives within one round trip
+
 
 @dataclass(frozen=True)
 class L1Entry:
     payload: bytes
     version: int
     deadline: float  # clock time after which the copy is dropped
+    expires_at: float | None = None  # clock time the value's own ttl ends (None: no ttl)
+    cost: float = 0.0  # seconds the value took to compute (0: unknown); for early refresh
 
 
 class LocalCache:
@@ -32,6 +40,8 @@ class LocalCache:
         self.evictions = 0
         self.total_size = 0
         self._data: OrderedDict[bytes, L1Entry] = OrderedDict()
+        self._floors: OrderedDict[bytes, int] = OrderedDict()
+        self._cleared_at = float("-inf")
         self._lock = threading.Lock()
 
     def get(self, key: bytes) -> L1Entry | None:
@@ -46,25 +56,35 @@ class LocalCache:
             self._data.move_to_end(key)
             return entry
 
+    def peek(self, key: bytes) -> L1Entry | None:
+        """The entry for ``key`` even if untrusted, without touching LRU order (fail-open fallback)."""
+        with self._lock:
+            entry = self._data.get(key)
+        return entry if entry is not None and self.clock() < entry.deadline else None
+
     def set(self, key: bytes, payload: bytes, version: int, ttl_left: float | None = None,
-            since: float | None = None) -> bool:
+            since: float | None = None, cost: float = 0.0) -> bool:
         """Store a copy that lives ``l1_ttl`` seconds, or less if the value's own ttl ends sooner.
 
         Lifetimes count from ``since`` (default: now); callers pass the clock reading taken before
-        they asked Redis, so a copy never outlives the value's expiry in Redis. A copy never
-        replaces one with a higher Redis version (a slow reader must not overwrite a newer local
-        write); version 0 means "written here while Redis was unreachable" and always replaces.
-        Returns whether the copy was stored.
+        they asked Redis, so a copy never outlives the value's expiry in Redis. A copy is refused
+        when a newer version of the key is already held or was announced by another process, or
+        when L1 was cleared after the copy was requested. Version 0 means "written here while
+        Redis was unreachable" and always replaces. Returns whether the copy was stored.
         """
         start = self.clock() if since is None else since
         lives = min(t for t in (self.ttl, ttl_left, float("inf")) if t is not None)
         if lives <= 0 or start + lives <= self.clock():
             self.pop(key)
             return False
-        entry = L1Entry(payload, version, start + lives)
+        expires_at = None if ttl_left is None else start + ttl_left
+        entry = L1Entry(payload, version, start + lives, expires_at, cost)
         with self._lock:
+            if start < self._cleared_at:
+                return False
             current = self._data.get(key)
-            if version and current is not None and current.version > version:
+            newer = max(current.version if current else 0, self._floors.get(key, 0))
+            if version and version < newer:
                 return False
             self._remove(key)
             self._data[key] = entry
@@ -75,15 +95,30 @@ class LocalCache:
                 self.evictions += 1
         return True
 
+    def invalidate(self, key: bytes, version: int) -> bool:
+        """Another process wrote ``version`` of ``key``: drop an older copy; True if one was dropped."""
+        with self._lock:
+            if version > self._floors.get(key, 0):
+                self._floors[key] = version
+                self._floors.move_to_end(key)
+                if len(self._floors) > FLOORS:
+                    self._floors.popitem(last=False)
+            current = self._data.get(key)
+            if current is not None and current.version < version:
+                return self._remove(key)
+            return False
+
     def pop(self, key: bytes) -> bool:
         """Drop ``key``'s copy; True if there was one."""
         with self._lock:
             return self._remove(key)
 
-    def clear(self) -> None:
+    def clear(self, at: float | None = None) -> None:
+        """Drop every copy, and refuse copies requested before ``at`` (default: now)."""
         with self._lock:
             self._data.clear()
             self.total_size = 0
+            self._cleared_at = self.clock() if at is None else at
 
     def __len__(self) -> int:
         return len(self._data)

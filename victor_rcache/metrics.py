@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from typing import Any
 
 COUNTERS = ("gets", "l1_hits", "l2_hits", "l3_hits", "misses", "l1_fills", "promotions", "demotions",
-            "evictions", "expirations", "puts", "redis_errors", "decode_errors", "script_reloads")
+            "evictions", "expirations", "puts", "redis_errors", "decode_errors", "script_reloads",
+            "loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors")
+STAMPEDE = ("loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors")
 
 
 class Counters:
@@ -55,8 +57,9 @@ def _tier(hits: int, gets: int, promotions: int, demotions: int, evictions: int,
 
 def build_metrics(tally: dict[str, int] | None, l1_size: tuple[int, int] | None,
                   redis_sizes: dict[str, tuple[int, int]] | None, local: dict[str, int],
-                  available: bool) -> dict[str, Any]:
-    """The metrics dict: l1/l2/l3/combined from ``tally``, plus this process's health counters.
+                  available: bool, coherence: dict[str, Any]) -> dict[str, Any]:
+    """The metrics dict: l1/l2/l3/combined from ``tally``, plus this process's health, coherence
+    and stampede counters.
 
     ``tally`` is None when fleet counters could not be read; sizes are None when unknown
     (Redis unreachable, or the fleet's L1 sizes, which live in each process).
@@ -78,4 +81,6 @@ def build_metrics(tally: dict[str, int] | None, l1_size: tuple[int, int] | None,
         "health": {"redis_available": available, "redis_errors": local["redis_errors"],
                    "decode_errors": local["decode_errors"], "script_reloads": local["script_reloads"],
                    "fleet_counters": tally is not None},
+        "coherence": coherence,
+        "stampede": {name: local[name] for name in STAMPEDE},
     }

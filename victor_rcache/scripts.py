@@ -65,9 +65,10 @@ class Scripts:
         self.put = Script.load("put", folder)
         self.delete = Script.load("delete", folder)
         self.flush = Script.load("flush", folder)
+        self.release = Script.load("release", folder)
 
     def all(self) -> tuple[Script, ...]:
-        return (self.get, self.put, self.delete, self.flush)
+        return (self.get, self.put, self.delete, self.flush, self.release)
 
 
 def needs_reload(reply: object) -> bool:

@@ -13,57 +13,64 @@
       │     promotion, demotion, expiry inside
       │ miss
       ▼
-    loader (the caller computes) ──▶ put ─ put.lua: L2 + this L1 ─▶ other processes
-                                           new version               drop their L1 copy
+    loader ─ get_or_set: once per process ─▶ put.lua: L2 + this L1 ─▶ <ns>:inval: other
+             (single-flight), once per fleet   (refused if the key      processes drop their
+             (a lease in Redis)                 changed since the miss)  older L1 copies
 
-Operations are generators ("sans-I/O"): they yield batches of Redis commands and receive the
-replies (errors in place), so the sync and async front ends share all of this logic and only
-send batches. A batch is one pipeline, i.e. one network round trip.
+Operations are generators ("sans-I/O"): they yield instructions — a batch of Redis commands
+(one pipeline, one network round trip), a pause, or "run the loader" — and receive the outcome
+(replies with errors in place, or the loaded value), so the sync and async front ends share all
+of this logic and only do the I/O.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
+import uuid
 from collections.abc import Generator, Iterable, Mapping
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union
 
 from redis.exceptions import RedisError
 
 from .codec import FORMAT_VERSION, Envelope
-from .config import CacheConfig, check_ttl
+from .coherence import Coherence, NoCoherence
+from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
 from .errors import CacheUnavailableError, ConfigurationError, InvalidArgumentError, ValueTooLargeError
 from .keys import EntryRef, KeySpace
-from .l1 import LocalCache
+from .l1 import L1Entry, LocalCache
 from .metrics import Counters, build_metrics, fleet_tally
 from .scripts import Command, ScriptCall, Scripts, needs_reload
+from .stampede import refresh_early
 
 T = TypeVar("T")
 Batch = list[Command]
-Step = Generator[Batch, list[Any], T]
+Instruction = Union[Batch, "Pause", "Load"]
+Step = Generator[Instruction, Any, T]
 Scope = Literal["process", "fleet"]
 
 log = logging.getLogger("victor_rcache")
 
-MISSING: Any = object()
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
+LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 
 _scripts: Scripts | None = None
 
 
-def feed(step: Step[T], outcome: list[Any] | RedisError | None) -> tuple[Batch | None, T | None]:
-    """Advance an operation with the outcome of its last batch (None to start it).
+def feed(step: Step[T], outcome: Any) -> tuple[Instruction | None, T | None]:
+    """Advance an operation with the outcome of its last instruction (None to start it).
 
-    Returns ``(next batch, None)`` while it needs I/O, ``(None, result)`` once it is done. A front
-    end's whole job is: send the batch as one pipeline, feed back the replies or the Redis error.
+    Returns ``(next instruction, None)`` while it needs the front end, ``(None, result)`` once it is
+    done. Outcomes: the replies of a batch, the Redis error that stopped it, :class:`Loaded`, or
+    the loader's exception; exceptions are thrown into the operation, which decides.
     """
     try:
         if outcome is None:
             return next(step), None
-        if isinstance(outcome, RedisError):
+        if isinstance(outcome, BaseException):
             return step.throw(outcome), None
         return step.send(outcome), None
     except StopIteration as done:
@@ -90,24 +97,76 @@ def split_capacity(total: int, shards: int) -> list[int]:
     return [total // shards + (1 if i < total % shards else 0) for i in range(shards)]
 
 
-def redact(url: str) -> str:
-    """A Redis URL with its password replaced, for messages and logs."""
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+def _seconds(ms: int) -> float | None:
+    return None if ms == 0 else ms / 1000
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Instruction to a front end: wait this long (seconds), then resume the operation."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Load:
+    """Instruction to a front end: run the caller's loader now and send back :class:`Loaded`."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    value: Any
+    seconds: float  # how long the loader took
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """A value worth recomputing early (XFetch): what the background refresh needs."""
+
+    key: str | bytes
+    version: int
+    ttl: float | None
+
+
+@dataclass(frozen=True)
+class Got:
+    """What get_or_set found or computed: the value, its payload (followers decode their own copy)
+    and, when early refresh picked this hit, the refresh to run in the background."""
+
+    value: Any
+    payload: bytes
+    refresh: Refresh | None = None
+
+
+@dataclass
+class Fetched:
+    """What one round of get.lua calls found, by entry id."""
+
+    values: dict[bytes, Any] = field(default_factory=dict)
+    payloads: dict[bytes, bytes] = field(default_factory=dict)
+    hits: dict[bytes, tuple[int, float | None, float]] = field(default_factory=dict)  # version, ttl_left, cost
+    missed_at: dict[bytes, int] = field(default_factory=dict)  # id -> the scripts' "now" of the miss (ms)
+    failed: bool = False
 
 
 class TierCore:
     """L1 + the Redis tiers of one namespace, as I/O-free generator operations."""
 
-    def __init__(self, config: CacheConfig, scripts: Scripts | None = None) -> None:
+    def __init__(self, config: CacheConfig, scripts: Scripts | None = None,
+                 coherence: Coherence | None = None) -> None:
         self.config = config
         self.space = KeySpace(config.namespace, config.shards)
         self.envelope = Envelope(config.codec)
         self.scripts = scripts or default_scripts()
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic)
+        self.coherence: Coherence = coherence or NoCoherence()
         self.counters = Counters()
         self._caps2 = split_capacity(config.l2_size, config.shards)
         self._caps3 = split_capacity(config.l3_size, config.shards)
         self._idle_ms = tuple(0 if t is None else max(1, round(t * 1000)) for t in (config.l2_ttl, config.l3_ttl))
+        # `gone` records must outlive every L1 copy they guard and every fill they may refuse.
+        self._memory_ms = max(1, round(1000 * max(config.l1_ttl or MAX_TTL_SECONDS, config.lease_ttl)))
+        self._lease_ms = max(1, round(config.lease_ttl * 1000))
         self._config_checked = False
         self._failing = False
         self._lock = threading.Lock()
@@ -119,45 +178,47 @@ class TierCore:
     def get(self, key: str | bytes, default: Any = None) -> Step[Any]:
         """The value under ``key``, or ``default`` on a miss (a cached None is a hit)."""
         ref = self.space.ref(key)
-        value = self._from_l1(ref)
-        if value is MISSING:
-            found = yield from self._fetch([ref])
-            value = found.get(ref.key, MISSING)
-        return default if value is MISSING else value
+        entry = self._from_l1(ref)
+        if entry is not None:
+            return self.envelope.unwrap(entry.payload)
+        found = yield from self._fetch([ref])
+        return found.values.get(ref.id, default)
 
     def get_many(self, keys: Iterable[str | bytes]) -> Step[dict[Any, Any]]:
         """The hits among ``keys``, keyed as given; one script call per shard, one round trip."""
         wanted: dict[bytes, tuple[Any, EntryRef]] = {}
         for key in keys:
             ref = self.space.ref(key)
-            wanted.setdefault(ref.key, (key, ref))
+            wanted.setdefault(ref.id, (key, ref))
         out: dict[Any, Any] = {}
         remote: list[EntryRef] = []
         for key, ref in wanted.values():
-            value = self._from_l1(ref)
-            if value is MISSING:
+            entry = self._from_l1(ref)
+            if entry is None:
                 remote.append(ref)
             else:
-                out[key] = value
+                out[key] = self.envelope.unwrap(entry.payload)
         if remote:
             found = yield from self._fetch(remote)
-            for raw, value in found.items():
-                out[wanted[raw][0]] = value
+            for entry_id, value in found.values.items():
+                out[wanted[entry_id][0]] = value
         return out
 
-    def _from_l1(self, ref: EntryRef) -> Any:
-        entry = self.l1.get(ref.key)
+    def _from_l1(self, ref: EntryRef) -> L1Entry | None:
+        """This process's copy, if L1 may be trusted (counts the request and the L1 hit)."""
+        entry = self.l1.get(ref.id) if self.coherence.trusted() else None
         if entry is None:
             self.counters.add(gets=1)
-            return MISSING
+            return None
         with self._lock:
             self._unreported_l1_hits += 1
         self.counters.add(gets=1, l1_hits=1)
-        return self.envelope.unwrap(entry.payload)
+        return entry
 
-    def _fetch(self, refs: list[EntryRef]) -> Step[dict[bytes, Any]]:
+    def _fetch(self, refs: list[EntryRef]) -> Step[Fetched]:
         groups = _by_shard(refs)
         deltas = (0, 0)
+        out = Fetched()
         try:
             yield from self._ready()
             sent_at = self._since()
@@ -168,17 +229,16 @@ class TierCore:
         except RedisError as exc:
             self._give_back_l1_deltas(deltas)
             self._redis_failed("get", exc)
-            self.counters.add(misses=len(refs))
-            return {}
-        out: dict[bytes, Any] = {}
+            return self._fall_back_to_l1(refs)
         corrupt: list[tuple[EntryRef, int]] = []
         for rs, reply in zip(groups.values(), replies, strict=True):
             self._count_events(reply[0])
             for ref, (tier, *hit) in zip(rs, reply[1:], strict=True):
                 if tier == 0:
                     self.counters.add(misses=1)
+                    out.missed_at[ref.id] = hit[0]
                     continue
-                payload, fill, ttl_left_ms, version = hit
+                payload, fill, ttl_left_ms, version, cost_ms = hit
                 try:
                     value = self.envelope.unwrap(payload)
                 except Exception as exc:  # whatever the codec raises, a bad payload is a miss
@@ -189,11 +249,24 @@ class TierCore:
                     continue
                 self.counters.add(**{f"l{tier}_hits": 1})
                 ttl_left = None if ttl_left_ms < 0 else ttl_left_ms / 1000
-                if fill and self.l1.set(ref.key, payload, version, ttl_left, since=sent_at):
+                if fill and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost_ms / 1000):
                     self.counters.add(l1_fills=1)
-                out[ref.key] = value
+                out.values[ref.id], out.payloads[ref.id] = value, payload
+                out.hits[ref.id] = (version, ttl_left, cost_ms / 1000)
         if corrupt:
             yield from self._remove_corrupt(corrupt)
+        return out
+
+    def _fall_back_to_l1(self, refs: list[EntryRef]) -> Fetched:
+        """Redis failed (fail-open): serve copies L1 holds but could not vouch for, the rest miss."""
+        out = Fetched(failed=True)
+        for ref in refs:
+            entry = self.l1.peek(ref.id)
+            if entry is None:
+                self.counters.add(misses=1)
+                continue
+            self.counters.add(l1_hits=1)
+            out.values[ref.id], out.payloads[ref.id] = self.envelope.unwrap(entry.payload), entry.payload
         return out
 
     def _remove_corrupt(self, corrupt: list[tuple[EntryRef, int]]) -> Step[None]:
@@ -212,35 +285,41 @@ class TierCore:
 
     def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> Step[None]:
         """Write several values; everything is validated and encoded before anything is written."""
-        ttl_ms = 0 if ttl is None else max(1, math.floor(check_ttl(ttl) * 1000))
-        ttl_s = None if ttl is None else ttl_ms / 1000  # L1 uses exactly the ttl Redis gets
+        ttl_ms = self._ttl_ms(ttl)
         prepared: dict[bytes, tuple[EntryRef, bytes]] = {}
         for key, value in mapping.items():
             ref = self.space.ref(key)
-            prepared[ref.key] = (ref, self._encode(ref, value))
+            prepared[ref.id] = (ref, self._encode(ref, value))
         if not prepared:
             return
         groups = _by_shard([ref for ref, _ in prepared.values()])
-        calls = []
-        for shard, rs in groups.items():
-            items: list[bytes | int] = []
-            for ref in rs:
-                items += [ref.id, prepared[ref.key][1], ttl_ms, ref.key if ref.hashed else b""]
-            calls.append(self._shard_call(self.scripts.put, shard, items))
+        calls = [self._shard_call(self.scripts.put, shard,
+                                  [x for ref in rs for x in self._put_items(ref, prepared[ref.id][1], ttl_ms)])
+                 for shard, rs in groups.items()]
         sent_at = self._since()
+        ttl_s = _seconds(ttl_ms)
         try:
             yield from self._ready()
             replies = yield from self._run(calls)
         except RedisError as exc:
             self._redis_failed("put", exc)
             for ref, payload in prepared.values():  # this process still sees its own write
-                self.l1.set(ref.key, payload, 0, ttl_s, since=sent_at)
+                self.l1.set(ref.id, payload, 0, ttl_s, since=sent_at)
             return
         self.counters.add(puts=len(prepared))
         for rs, reply in zip(groups.values(), replies, strict=True):
             self._count_events(reply[0])
             for ref, version in zip(rs, reply[1:], strict=True):
-                self.l1.set(ref.key, prepared[ref.key][1], version, ttl_s, since=sent_at)
+                self.l1.set(ref.id, prepared[ref.id][1], version, ttl_s, since=sent_at)
+
+    def _put_items(self, ref: EntryRef, payload: bytes, ttl_ms: int, since_ms: int = 0, expect: int = 0,
+                   cost: float = 0.0) -> list[bytes | int]:
+        """One put.lua group: id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms."""
+        return [ref.id, payload, ttl_ms, ref.key if ref.hashed else b"", since_ms, expect, round(cost * 1000)]
+
+    def _ttl_ms(self, ttl: float | None) -> int:
+        """A validated ttl in whole ms (0 = none); L1 uses exactly what Redis gets."""
+        return 0 if ttl is None else max(1, math.floor(check_ttl(ttl) * 1000))
 
     def _encode(self, ref: EntryRef, value: Any) -> bytes:
         payload = self.envelope.wrap(value)
@@ -252,9 +331,9 @@ class TierCore:
         return payload
 
     def delete(self, key: str | bytes) -> Step[bool]:
-        """Remove ``key`` from every tier; True if any tier held it."""
+        """Remove ``key`` from every tier and every process's L1; True if some tier held it."""
         ref = self.space.ref(key)
-        had_local = self.l1.pop(ref.key)
+        had_local = self.l1.pop(ref.id)
         try:
             yield from self._ready()
             replies = yield from self._run([self._shard_call(self.scripts.delete, ref.shard, [ref.id, b""])])
@@ -265,21 +344,182 @@ class TierCore:
         return bool(replies[0][1]) or had_local
 
     def invalidate(self, key: str | bytes | None = None) -> Step[None]:
-        """Remove one key, or with no key every entry of the namespace, in bounded batches."""
+        """Remove one key, or with no key every entry of the namespace (all tiers, all L1s)."""
         if key is not None:
             yield from self.delete(key)
             return
-        self.l1.clear()
+        self.l1.clear(at=self._since())
         shards = self.space.shard_keys
         try:
             yield from self._ready()
             pending = list(range(len(shards)))
             while pending:
-                calls = [ScriptCall(self.scripts.flush, tuple(shards[s].keys), (FLUSH_BATCH,)) for s in pending]
+                now_ms = self._now_ms()
+                calls = [ScriptCall(self.scripts.flush, tuple(shards[s].keys), (FLUSH_BATCH, now_ms))
+                         for s in pending]
                 left = yield from self._run(calls)
                 pending = [s for s, n in zip(pending, left, strict=True) if n > 0]
         except RedisError as exc:
             self._redis_failed("invalidate", exc)
+
+    # ------------------------------------------------- compute once per fleet
+
+    def get_or_set(self, key: str | bytes, ttl: float | None = None) -> Step[Got]:
+        """The value under ``key``; on a miss, the caller's loader computes it once for the fleet.
+
+        Yields :class:`Load` when this process must compute. Another process's fill lease makes
+        this one wait (``Pause``) until the value appears or the lease ends, then read or take over.
+        A fill is refused inside the script if the key changed after the miss this call saw.
+        """
+        ttl_ms = self._ttl_ms(ttl)
+        ref = self.space.ref(key)
+        entry = self._from_l1(ref)
+        if entry is not None:
+            ttl_left = None if entry.expires_at is None else entry.expires_at - self.l1.clock()
+            return Got(self.envelope.unwrap(entry.payload), entry.payload,
+                       self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl))
+        found = yield from self._fetch([ref])
+        got = self._got(key, ref, found, ttl)
+        if got is not None:
+            return got
+        if found.failed:  # Redis is down: compute here, keep a local copy (as a failed put would)
+            loaded = yield from self._load()
+            payload = self._encode(ref, loaded.value)
+            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms))
+            return Got(loaded.value, payload)
+        since = found.missed_at.get(ref.id, 0)  # 0: an undecodable entry is simply replaced
+        token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
+        held = False
+        try:
+            for _ in range(LEASE_ATTEMPTS):
+                taken = yield [("SET", lease, token, "NX", "PX", self._lease_ms)]
+                _raise_first_error(taken)
+                if taken[0]:
+                    held = True
+                    break
+                self.counters.add(lease_waits=1)
+                if (yield from self._wait_for_fill(ref, lease)):
+                    found = yield from self._fetch([ref])
+                    got = self._got(key, ref, found, ttl)
+                    if got is not None:
+                        return got
+                    since = found.missed_at.get(ref.id, since)
+        except RedisError as exc:
+            self._redis_failed("get_or_set", exc)
+        return (yield from self._compute_and_fill(ref, ttl_ms, since, lease if held else None, token))
+
+    def _got(self, key: str | bytes, ref: EntryRef, found: Fetched, ttl: float | None) -> Got | None:
+        if ref.id not in found.values:
+            return None
+        refresh = None
+        if ref.id in found.hits:
+            version, ttl_left, cost = found.hits[ref.id]
+            refresh = self._refresh_if_due(key, version, ttl_left, cost, ttl)
+        return Got(found.values[ref.id], found.payloads[ref.id], refresh)
+
+    def _wait_for_fill(self, ref: EntryRef, lease: bytes) -> Step[bool]:
+        """Poll until the value appears (True) or the lease is gone (False: take over)."""
+        delay, waited = 0.005, 0.0
+        entry_key = self.space.entry_key(ref)
+        while waited < self.config.lease_ttl + 1.0:
+            yield Pause(delay)
+            waited += delay
+            delay = min(delay * 1.5, 0.1)
+            exists, pttl = yield [("EXISTS", entry_key), ("PTTL", lease)]
+            _raise_first_error([exists, pttl])
+            if exists:
+                return True
+            if pttl == -2:
+                return False
+        return False
+
+    def _load(self) -> Step[Loaded]:
+        loaded = yield Load()
+        if not isinstance(loaded, Loaded):
+            raise TypeError(f"a front end sent {type(loaded).__name__} for Load")
+        self.counters.add(loads=1)
+        return loaded
+
+    def _compute_and_fill(self, ref: EntryRef, ttl_ms: int, since_ms: int, lease: bytes | None,
+                          token: str) -> Step[Got]:
+        """Run the loader, then fill (refused if the key changed since the miss) and release the lease."""
+        try:
+            loaded = yield from self._load()
+            payload = self._encode(ref, loaded.value)
+        except Exception:
+            if lease is not None:
+                yield from self._release(lease, token)
+            raise
+        calls = [self._shard_call(self.scripts.put, ref.shard,
+                                  self._put_items(ref, payload, ttl_ms, since_ms=since_ms, cost=loaded.seconds))]
+        if lease is not None:
+            calls.append(ScriptCall(self.scripts.release, (lease,), (token,)))
+        sent_at = self._since()
+        try:
+            replies = yield from self._run(calls)
+        except RedisError as exc:
+            self._redis_failed("get_or_set", exc)
+            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), since=sent_at)
+            return Got(loaded.value, payload)
+        self._count_events(replies[0][0])
+        version = replies[0][1]
+        if version:
+            self.counters.add(puts=1)
+            self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds)
+        else:
+            self.counters.add(fills_refused=1)
+        return Got(loaded.value, payload)
+
+    def _release(self, lease: bytes, token: str) -> Step[None]:
+        try:
+            yield from self._run([ScriptCall(self.scripts.release, (lease,), (token,))])
+        except RedisError as exc:
+            log.debug("could not release the fill lease %r (it expires by itself): %s", lease, exc)
+
+    def _refresh_if_due(self, key: str | bytes, version: int, ttl_left: float | None, cost: float,
+                        ttl: float | None) -> Refresh | None:
+        if not self.config.early_refresh or not version:
+            return None
+        if refresh_early(ttl_left, cost, self.config.early_refresh_beta):
+            return Refresh(key, version, ttl)
+        return None
+
+    def refresh(self, job: Refresh) -> Step[bool]:
+        """Recompute a value before it expires, if no other worker is doing it (run in the background).
+
+        The new value replaces the entry only if it still has the version the hit saw. Failures are
+        logged and counted, never raised: nobody is waiting for a background refresh.
+        """
+        ref = self.space.ref(job.key)
+        token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
+        try:
+            taken = yield [("SET", lease, token, "NX", "PX", self._lease_ms)]
+            _raise_first_error(taken)
+            if not taken[0]:
+                return False
+            try:
+                loaded = yield from self._load()
+                payload = self._encode(ref, loaded.value)
+            except Exception as exc:  # a refresh's loader failure reaches nobody: count it
+                log.warning("early refresh of %r failed: %s", ref.key[:100], exc)
+                self.counters.add(refresh_errors=1)
+                yield from self._release(lease, token)
+                return False
+            ttl_ms = self._ttl_ms(job.ttl)
+            sent_at = self._since()
+            replies = yield from self._run([
+                self._shard_call(self.scripts.put, ref.shard,
+                                 self._put_items(ref, payload, ttl_ms, expect=job.version, cost=loaded.seconds)),
+                ScriptCall(self.scripts.release, (lease,), (token,))])
+        except RedisError as exc:
+            log.warning("early refresh of %r could not reach Redis: %s", ref.key[:100], exc)
+            return False
+        self._count_events(replies[0][0])
+        version = replies[0][1]
+        if version:
+            self.counters.add(refreshes=1, puts=1)
+            self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds)
+        return bool(version)
 
     # ---------------------------------------------------------------- metrics
 
@@ -314,7 +554,16 @@ class TierCore:
             sizes = {"l2": (sum(replies[0::3]), sum(s.get("l2_bytes", 0) for s in stats)),
                      "l3": (sum(replies[1::3]), sum(s.get("l3_bytes", 0) for s in stats))}
         l1_size = (len(self.l1), self.l1.total_size) if scope == "process" else None
-        return build_metrics(tally, l1_size, sizes, local, available=replies is not None)
+        return build_metrics(tally, l1_size, sizes, local, available=replies is not None,
+                             coherence=self.coherence_state())
+
+    def coherence_state(self) -> dict[str, Any]:
+        """Whether L1 is kept coherent right now, and what the invalidation channel delivered."""
+        listener = self.coherence
+        if isinstance(listener, NoCoherence):
+            return {"channel": "off", "invalidations": 0, "l1_flushes": 0}
+        return {"channel": "up" if listener.trusted() else "down",
+                "invalidations": getattr(listener, "messages", 0), "l1_flushes": getattr(listener, "flushes", 0)}
 
     def report_counters(self) -> Step[None]:
         """Send this process's unreported L1 counters to the fleet totals (done on close)."""
@@ -330,10 +579,14 @@ class TierCore:
 
     def _shard_call(self, script: Any, shard: int, items: list[Any],
                     deltas: tuple[int, int] = (0, 0)) -> ScriptCall:
-        clock = self.config.clock
-        now_ms = 0 if clock is None else max(1, math.floor(clock() * 1000))  # 0 = the server's TIME
-        head = (now_ms, self._caps2[shard], self._caps3[shard], *self._idle_ms, self.config.promote_after, *deltas)
+        head = (self._now_ms(), self._caps2[shard], self._caps3[shard], *self._idle_ms, self.config.promote_after,
+                *deltas, self._memory_ms)
         return ScriptCall(script, tuple(self.space.shard_keys[shard].keys), head + tuple(items))
+
+    def _now_ms(self) -> int:
+        """The "now" the scripts get: 0 = the server's TIME, else the injected clock in whole ms."""
+        clock = self.config.clock
+        return 0 if clock is None else max(1, math.floor(clock() * 1000))
 
     def _since(self) -> float:
         """The L1 clock reading that copies made from the next request count their lifetime from.
@@ -349,7 +602,7 @@ class TierCore:
 
     def _run(self, calls: list[ScriptCall]) -> Step[list[Any]]:
         """Run script calls in one round trip: EVALSHA, then EVAL for any the server forgot."""
-        replies = yield [c.evalsha() for c in calls]
+        replies: list[Any] = yield [c.evalsha() for c in calls]
         missing = [i for i, r in enumerate(replies) if needs_reload(r)]
         if missing:
             log.info("reloading %d script(s) after NOSCRIPT", len(missing))

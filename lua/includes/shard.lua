@@ -8,13 +8,22 @@
     KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms, see stamp())
     KEYS[3]  <ns>:{<tag>}:exp     ZSET  member = entry id, score = absolute expiry (ms); entries with a ttl only
     KEYS[4]  <ns>:{<tag>}:stats   HASH  fleet counters and byte totals of this shard
+    KEYS[5]  <ns>:{<tag>}:gone    ZSET  member = entry id, score = when it was deleted, or left Redis
+                                        while a process may still hold an L1 copy (ms)
 
   Entry data lives at <ns>:{<tag>}:e:<id>, a HASH:
     v = payload (bytes), s = payload size accounted in the byte totals (bytes),
     n = Redis hits since it last entered L2/L3 by put or demotion,
     ver = version (from the shard's `seq` counter), x = absolute expiry (ms, absent = none),
-    k = the original key when <id> is a hash of it.
+    k = the original key when <id> is a hash of it, f = 1 once some process may hold an L1 copy,
+    d = how long the value took to compute (ms, from get_or_set; for early refresh).
   Entry key names are derived from KEYS[1] here, so they always share its hash tag and slot.
+
+  Invalidation: a script that really changes a value (replaces or deletes an entry, or writes one
+  that some L1 may still hold from before it left Redis) publishes on channel <ns>:inval one line
+  per changed entry, "<length of id>:<id> <version>\n" (readable with redis-cli SUBSCRIBE, safe for
+  binary ids); every process drops L1 copies of those ids older than the version. First writes, promotion, demotion and LRU movement publish nothing. Absolute
+  expiry needs no message: every L1 copy carries the value's deadline.
 
   Common ARGV (every script using this prelude):
     ARGV[1]  now, ms since the epoch; 0 = use the server's TIME (tests pass a fake clock)
@@ -25,20 +34,22 @@
     ARGV[6]  promote_after, Redis hits (>= 1)
     ARGV[7]  L1 hits the calling process had since its last report (>= 0; fleet counter piggyback)
     ARGV[8]  L1 evictions since its last report (>= 0)
-  Script-specific ARGV start at ARGV[9] (HEAD + 1).
+    ARGV[9]  how long `gone` records are kept, ms (>= 1; the longest L1 life or fill that they guard)
+  Script-specific ARGV start at ARGV[10] (HEAD + 1).
 
   Tier semantics kept here:
     * an entry is in exactly one of L2 / L3; data and index entries come and go together;
-    * L2 over capacity -> its least recently touched entries move to L3 (score = now, count reset);
+    * L2 over capacity -> its least recently touched entries move to L3 (count reset);
       L3 over capacity -> its least recently touched entries are removed (evictions);
     * idle movement and absolute expiry are applied to the key being read, and swept for up to
       SWEEP other due entries per call, so Redis never does unbounded work in one call.
 ]]
-local HEAD = 8
+local HEAD = 9
 local SWEEP = 16
 
-local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local l2_key, l3_key, exp_key, stats_key, gone_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local base = string.sub(l2_key, 1, -3)
+local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
 
 -- ARGV[i] as an integer >= min, or nil. Only plain decimal digits are accepted (no sign, exponent,
 -- hex, spaces, inf or nan, all of which tonumber takes), and at most 2^53, so the number is exact
@@ -52,13 +63,15 @@ local function arg_int(i, min)
 end
 
 -- Validates the common ARGV; returns an error message or nil. Called before the first write.
-local now, cap2, cap3, idle2, idle3, promote_after, l1_hits, l1_evictions
+local now, cap2, cap3, idle2, idle3, promote_after, l1_hits, l1_evictions, memory
 local function check_head()
   now, cap2, cap3 = arg_int(1, 0), arg_int(2, 1), arg_int(3, 1)
   idle2, idle3, promote_after = arg_int(4, 0), arg_int(5, 0), arg_int(6, 1)
-  l1_hits, l1_evictions = arg_int(7, 0), arg_int(8, 0)
-  if not (now and cap2 and cap3 and idle2 and idle3 and promote_after and l1_hits and l1_evictions) then
-    return 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, deltas)'
+  l1_hits, l1_evictions, memory = arg_int(7, 0), arg_int(8, 0), arg_int(9, 1)
+  if not (now and cap2 and cap3 and idle2 and idle3 and promote_after and l1_hits and l1_evictions
+          and memory) then
+    return 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, '
+        .. 'deltas, memory >= 1)'
   end
   if now == 0 then
     local t = redis.call('TIME')
@@ -69,8 +82,15 @@ end
 
 local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
 local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
+local changed = {}                   -- invalidation lines to publish at the end
+local noted = false                  -- a `gone` record was added in this call
 
 local function entry_key(id) return base .. 'e:' .. id end
+
+-- Queues "<length of id>:<id> <version>\n" for the invalidation published by finish().
+local function announce(id, version)
+  changed[#changed + 1] = string.len(id) .. ':' .. id .. ' ' .. string.format('%d', version) .. '\n'
+end
 
 -- Touch scores: the current time in ms, made strictly increasing within the shard (touches in the
 -- same millisecond are 0.001 ms apart, in the order they happen), so LRU order is exact within a
@@ -85,26 +105,31 @@ local function stamp()
   return tick
 end
 
--- The accounted size of an entry (0 when its data is gone). Byte totals use this recorded size,
--- not HSTRLEN, so a payload edited by hand cannot make them drift.
-local function size_of(ek) return tonumber(redis.call('HGET', ek, 's')) or 0 end
-
--- Removes an entry from every index and deletes its data; `tier` is 2, 3 or nil (not indexed).
-local function drop(id, tier)
+-- Removes an entry from every index and deletes its data. `tier` is 2, 3 or nil (not indexed);
+-- `why` is 'deleted', 'evicted', 'idle' or 'expired'. A deleted entry, or one leaving while some
+-- L1 may hold a copy (f = 1), gets a `gone` record (expired copies end by themselves in every L1).
+local function drop(id, tier, why)
   local ek = entry_key(id)
-  local size = size_of(ek)
+  local f = redis.call('HMGET', ek, 's', 'f')
+  local size = tonumber(f[1]) or 0
   if tier == 2 then redis.call('ZREM', l2_key, id); bytes2 = bytes2 - size
   elseif tier == 3 then redis.call('ZREM', l3_key, id); bytes3 = bytes3 - size end
   redis.call('ZREM', exp_key, id)
   redis.call('DEL', ek)
+  if why == 'deleted' or (why ~= 'expired' and f[2]) then
+    redis.call('ZADD', gone_key, now, id)
+    noted = true
+  end
+  if why == 'evicted' then ev.evictions = ev.evictions + 1
+  elseif why ~= 'deleted' then ev.expirations = ev.expirations + 1 end
 end
 
--- Puts an entry (already removed from L2's index) into L3 with the given score (nil = a new stamp);
--- its hit count restarts.
+-- Moves an entry out of L2's index into L3 with the given score (nil = a new stamp); count restarts.
 local function into_l3(id, score)
   local ek = entry_key(id)
-  local size = size_of(ek)
-  if size == 0 then                  -- leftover index entry whose data is gone: finish removing it
+  redis.call('ZREM', l2_key, id)
+  local size = tonumber(redis.call('HGET', ek, 's'))
+  if size == nil then                -- leftover index entry whose data is gone: finish removing it
     redis.call('ZREM', exp_key, id)
     return
   end
@@ -114,53 +139,40 @@ local function into_l3(id, score)
   ev.demotions = ev.demotions + 1
 end
 
--- Bounded sweep of due work: absolute expiry, L2 idle -> L3, L3 idle -> gone.
+-- Bounded sweep of due work: absolute expiry, L2 idle -> L3, L3 idle -> gone, old `gone` records.
 local function sweep()
   local due = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, SWEEP)
   for _, id in ipairs(due) do
     local tier = nil
     if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
-    drop(id, tier)
-    ev.expirations = ev.expirations + 1
+    drop(id, tier, 'expired')
   end
   if idle2 > 0 then
     due = redis.call('ZRANGEBYSCORE', l2_key, '-inf', now - idle2, 'WITHSCORES', 'LIMIT', 0, SWEEP)
-    for i = 1, #due, 2 do
-      redis.call('ZREM', l2_key, due[i])
-      into_l3(due[i], tonumber(due[i + 1]) + idle2)   -- it became idle at last touch + idle2
-    end
+    for i = 1, #due, 2 do into_l3(due[i], tonumber(due[i + 1]) + idle2) end  -- idle since last touch + idle2
   end
   if idle3 > 0 then
     due = redis.call('ZRANGEBYSCORE', l3_key, '-inf', now - idle3, 'LIMIT', 0, SWEEP)
-    for _, id in ipairs(due) do
-      drop(id, 3)
-      ev.expirations = ev.expirations + 1
-    end
+    for _, id in ipairs(due) do drop(id, 3, 'idle') end
   end
+  redis.call('ZREMRANGEBYSCORE', gone_key, '-inf', now - memory)
 end
 
 -- LRU bounds: L2 overflow demotes to L3, L3 overflow evicts.
 local function enforce_bounds()
   local over = redis.call('ZCARD', l2_key) - cap2
   if over > 0 then
-    local popped = redis.call('ZPOPMIN', l2_key, over)
-    for i = 1, #popped, 2 do into_l3(popped[i], nil) end
+    for _, id in ipairs(redis.call('ZRANGE', l2_key, 0, over - 1)) do into_l3(id, nil) end
   end
   over = redis.call('ZCARD', l3_key) - cap3
   if over > 0 then
-    local popped = redis.call('ZPOPMIN', l3_key, over)
-    for i = 1, #popped, 2 do
-      local ek = entry_key(popped[i])
-      bytes3 = bytes3 - size_of(ek)
-      redis.call('ZREM', exp_key, popped[i])
-      redis.call('DEL', ek)
-      ev.evictions = ev.evictions + 1
-    end
+    for _, id in ipairs(redis.call('ZRANGE', l3_key, 0, over - 1)) do drop(id, 3, 'evicted') end
   end
 end
 
--- Writes this call's counters and byte deltas into the shard's stats hash (one place, at the end).
-local function flush_stats(extra)
+-- Writes this call's counters, byte deltas and tick into the shard's stats hash, bounds the `gone`
+-- records and publishes the invalidations (one place, at the end). Returns the events reply.
+local function finish(extra)
   local deltas = {l1_hits = l1_hits, l1_evictions = l1_evictions, l2_bytes = bytes2, l3_bytes = bytes3,
                   promotions = ev.promotions, demotions = ev.demotions, evictions = ev.evictions,
                   expirations = ev.expirations}
@@ -169,5 +181,7 @@ local function flush_stats(extra)
     if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
   end
   if tick ~= tick_read then redis.call('HSET', stats_key, 'tick', tick) end
+  if noted then redis.call('ZREMRANGEBYRANK', gone_key, 0, -(cap2 + cap3) - 1) end
+  if #changed > 0 then redis.call('PUBLISH', channel, table.concat(changed)) end
   return {ev.promotions, ev.demotions, ev.evictions, ev.expirations}
 end

@@ -1,0 +1,256 @@
+"""Fleet coherence: every process drops its L1 copy of a value another process changed.
+
+The scripts publish on ``<ns>:inval`` whenever they really change a value (see
+``lua/includes/shard.lua``): one line ``<length of id>:<id> <version>`` per changed entry, or ``*``
+when the namespace is flushed. :class:`InvalidationListener` holds one subscribed connection per cache and
+applies those messages to L1:
+
+* before every L1 read, the reader drains whatever has already arrived on the socket (a
+  non-blocking poll), so a message that reached this host is applied before the next read;
+* a background thread drains in between, pings the server every second, and reconnects;
+* pub/sub drops messages across a disconnect, so when the connection breaks (or goes silent for
+  ``SILENCE`` seconds) L1 is flushed at once and not trusted again until a new subscription is
+  confirmed, and it is flushed again then. While untrusted, reads go to Redis.
+
+It uses a plain redis-py connection and a thread for both front ends: the work is a few
+microseconds per read, and an asyncio process keeps no task of its own for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .l1 import LocalCache
+
+log = logging.getLogger("victor_rcache")
+
+PING_INTERVAL = 1.0  # seconds between health pings on the subscriber connection
+SILENCE = 3.0  # seconds without any reply after which the connection is considered lost
+RECONNECT_MAX = 2.0  # cap of the reconnect backoff, seconds
+
+
+def parse_invalidation(data: bytes) -> list[tuple[bytes, int]]:
+    """``b"13:read the file 42\\n..."`` -> ``[(b"read the file", 42), ...]`` (ids may hold any byte)."""
+    out, pos = [], 0
+    while pos < len(data):
+        colon = data.index(b":", pos)
+        start = colon + 1
+        end = start + int(data[pos:colon])
+        if data[end:end + 1] != b" ":
+            raise ValueError(f"malformed invalidation at byte {pos}")
+        newline = data.index(b"\n", end)
+        out.append((data[start:end], int(data[end + 1:newline])))
+        pos = newline + 1
+    return out
+
+
+class Coherence(Protocol):
+    """What the tier core asks before it serves from L1."""
+
+    def trusted(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class NoCoherence:
+    """L1 is always trusted (``coherence=False``: copies can be stale until ``l1_ttl``)."""
+
+    def trusted(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
+
+
+class InvalidationListener:
+    """Subscribes to the namespace's channel and keeps ``l1`` coherent with the fleet."""
+
+    def __init__(self, connect: Callable[[], Any], channel: bytes, l1: LocalCache) -> None:
+        self._connect = connect
+        self.channel = channel
+        self.l1 = l1
+        self.messages = 0
+        self.flushes = 0
+        self.subscriptions = 0
+        self._started = False
+        self._init_state()
+
+    def _init_state(self) -> None:
+        _LISTENERS.add(self)
+        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the thread's select()
+        self._lock = threading.Lock()
+        self._conn: Any = None  # a redis-py Connection (its API is untyped)
+        self._healthy = False
+        self._stop = threading.Event()
+        self._first_try = threading.Event()
+        self._last_seen = self._last_ping = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="victor-rcache-invalidation", daemon=True)
+
+    def start(self, wait: float) -> InvalidationListener:
+        """Start listening; wait up to ``wait`` seconds for the first subscription attempt."""
+        self._started = True
+        self._thread.start()
+        self._first_try.wait(wait)
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def trusted(self) -> bool:
+        """Apply what has arrived; True if L1 may be served (the channel is up and nothing was lost)."""
+        if not self._healthy:
+            return False
+        with self._lock:
+            self._drain()
+        return self._healthy
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake_w.send(b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        with self._lock:
+            self._drop_connection()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # ------------------------------------------------------------------ internals (lock held)
+
+    def _drain(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while conn.can_read(timeout=0):
+                self._handle(conn.read_response(push_request=True))
+        except Exception as exc:  # any failure of the socket or the reply means messages may be lost
+            self._lost(f"subscriber connection failed: {exc}")
+
+    def _handle(self, reply: Any) -> None:
+        self._last_seen = time.monotonic()
+        if not isinstance(reply, list) or not reply:
+            return
+        kind = reply[0]
+        if kind == b"message" and len(reply) == 3:
+            self.messages += 1
+            self._apply(reply[2])
+
+    def _apply(self, data: bytes) -> None:
+        if data == b"*":
+            self.l1.clear()
+            return
+        try:
+            for entry_id, version in parse_invalidation(data):
+                self.l1.invalidate(entry_id, version)
+        except ValueError as exc:  # a message we cannot read: be safe
+            log.warning("unreadable invalidation on %r (%s); clearing L1", self.channel, exc)
+            self.l1.clear()
+
+    def _lost(self, why: str) -> None:
+        if self._healthy:
+            log.warning("invalidation channel %r lost (%s); L1 flushed and bypassed until it is back",
+                        self.channel, why)
+        self._healthy = False
+        self.l1.clear()
+        self.flushes += 1
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.disconnect()
+            except Exception as exc:  # closing a broken socket may fail too; it is gone either way
+                log.debug("closing the subscriber connection: %s", exc)
+            self._conn = None
+
+    def _subscribe(self) -> None:
+        conn = self._connect()
+        conn.connect()
+        conn.send_command("SUBSCRIBE", self.channel)
+        reply = conn.read_response(push_request=True)  # redis-py would hand pub/sub replies to a push hook
+        if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+            conn.disconnect()
+            raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+        self._conn = conn
+        self.l1.clear()  # whatever happened before this subscription was not heard
+        self.flushes += 1
+        self.subscriptions += 1
+        self._healthy = True
+        self._last_seen = self._last_ping = time.monotonic()
+        if self.subscriptions > 1:
+            log.warning("invalidation channel %r is back; L1 trusted again", self.channel)
+
+    # ------------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            if self._conn is None:
+                try:
+                    with self._lock:
+                        self._subscribe()
+                    backoff = 0.05
+                except Exception as exc:  # Redis down or refusing: try again later, L1 stays bypassed
+                    log.debug("cannot subscribe to %r yet: %s", self.channel, exc)
+                    self._first_try.set()
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, RECONNECT_MAX)
+                    continue
+                self._first_try.set()
+            self._wait_for_data()
+            with self._lock:
+                self._drain()
+                self._keep_alive()
+
+    def _wait_for_data(self) -> None:
+        conn = self._conn
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            self._stop.wait(0.05)
+            return
+        try:
+            select.select([sock, self._wake_r], [], [], PING_INTERVAL / 4)
+        except (OSError, ValueError):  # the socket was closed under us; the next drain notices
+            self._stop.wait(0.01)
+
+    def _keep_alive(self) -> None:
+        if self._conn is None:
+            return
+        now = time.monotonic()
+        if now - self._last_seen > SILENCE:
+            self._lost(f"no reply for {SILENCE:.0f} s")
+            return
+        if now - self._last_ping >= PING_INTERVAL:
+            self._last_ping = now
+            try:
+                self._conn.send_command("PING")
+            except Exception as exc:  # a failed write is a lost connection
+                self._lost(f"ping failed: {exc}")
+
+    def _after_fork(self) -> None:
+        # The child shares the parent's socket: never read or close it here; start afresh.
+        was_running = self._started and not self._stop.is_set()
+        self.l1.clear()
+        self._init_state()
+        if was_running:
+            self._thread.start()
+
+
+_LISTENERS: weakref.WeakSet[InvalidationListener] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for listener in list(_LISTENERS):
+        listener._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

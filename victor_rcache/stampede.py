@@ -1,0 +1,52 @@
+"""Stampede protection: an expensive miss is computed once per process and once per fleet.
+
+* :class:`Flights` (single-flight): concurrent ``get_or_set`` calls for one key in one process share
+  the first caller's computation; the others wait for its result (or its exception).
+* Fleet lease: the core takes ``SET <ns>:{tag}:lease:<id> <token> NX PX <lease_ttl>`` before it
+  asks for the loader; other processes poll, with growing pauses, until the value appears or the
+  lease ends (holder done, failed or dead) and then read it or take the lease themselves.
+* Early refresh (XFetch, Vattani et al., VLDB 2015): a hit on a value with a ttl is recomputed in
+  the background, by whichever worker gets the lease, with a probability that grows as expiry
+  nears, scaled by how long the value took to compute, so a hot key never expires everywhere at
+  once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+F = TypeVar("F")
+
+
+def refresh_early(ttl_left: float | None, cost: float, beta: float,
+                  draw: Callable[[], float] = random.random) -> bool:
+    """XFetch's test: recompute now if ``cost * beta * -ln(U) >= ttl_left`` (U uniform in (0, 1])."""
+    if ttl_left is None or cost <= 0 or beta <= 0:
+        return False
+    return -cost * beta * math.log(1.0 - draw()) >= ttl_left
+
+
+class Flights(Generic[F]):
+    """The computations under way in this process, one future per key."""
+
+    def __init__(self, new_future: Callable[[], F]) -> None:
+        self._new_future = new_future
+        self._flights: dict[Hashable, F] = {}
+        self._lock = threading.Lock()
+
+    def join(self, key: Hashable) -> tuple[F, bool]:
+        """The key's future, and whether the caller leads (must compute and then call :meth:`land`)."""
+        with self._lock:
+            future = self._flights.get(key)
+            if future is not None:
+                return future, False
+            future = self._flights[key] = self._new_future()
+            return future, True
+
+    def land(self, key: Hashable) -> None:
+        with self._lock:
+            self._flights.pop(key, None)
