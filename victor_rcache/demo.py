@@ -142,13 +142,16 @@ def run_requests(job: WorkerJob, cache: MultiLevelCache) -> WorkerResult:
     computed = wrong = 0
     started = time.perf_counter()
     for query in request_stream(job):
-        selection = cache.get(query, MISSING)
-        if selection is MISSING:
+
+        def select(query: str = query) -> dict[str, Any]:
+            nonlocal computed
             computed += 1
             time.sleep(job.cost_ms / 1000)  # stands for the model call
-            selection = select_tools(query)
-            cache.put(query, selection)
-        elif selection != select_tools(query):  # a cache must never answer for another query
+            return select_tools(query)
+
+        # Computed once per fleet: a worker missing a query another one is computing waits for it.
+        selection = cache.get_or_set(query, select)
+        if selection != select_tools(query):  # a cache must never answer for another query
             wrong += 1
     seconds = time.perf_counter() - started
     return WorkerResult(job.index, os.getpid(), job.namespace, job.requests, computed, wrong, seconds,
@@ -347,7 +350,7 @@ def tier_rates(c: dict[str, int]) -> list[str]:
     return rates
 
 
-HEADER = f"  {'':<8}{'pid':>8}{'requests':>10}{'L1 hit':>9}{'L2 hit':>9}{'L3 hit':>9}{'combined':>10}{'computed':>10}"
+HEADER = f"  {'':<8}{'pid':>8}{'lookups':>10}{'L1 hit':>9}{'L2 hit':>9}{'L3 hit':>9}{'combined':>10}{'computed':>10}"
 
 
 def row(name: str, pid: str, c: dict[str, int], computed: int) -> str:
@@ -459,7 +462,8 @@ def run_demo(args: argparse.Namespace, server: Server) -> int:
     print(f"Redis: {server.description} ({version})")
     print(f"Tiers: L1 {args.l1_size} entries per process; L2 {args.l2_size} and L3 {args.l3_size} entries per "
           f"namespace; a miss costs {args.cost_ms:g} ms of 'model time'")
-    print("Hit rates: L1 over all requests, L2 over L1's misses, L3 over L2's misses; combined over all.\n", flush=True)
+    print("Hit rates: L1 over all lookups, L2 over L1's misses, L3 over L2's misses; combined over all. A worker "
+          "that waited for another's fill looks the value up twice.\n", flush=True)
 
     ctx = multiprocessing.get_context("spawn")
     base = run_phase(ctx, "baseline", jobs_for(args, server.url, shared=False))
@@ -493,10 +497,12 @@ def run_demo(args: argparse.Namespace, server: Server) -> int:
     print(f"The fleet computed {fleet_computed} selections instead of {base_computed} "
           f"({pct(saved, base_computed).strip()} saved, about {saved * args.cost_ms / 1000:.1f} s of model time).")
     dropped = fleet_raw["l3"]["evictions"] + fleet_raw["combined"]["total_expirations"]
-    why = "workers missing the same query at the same moment"
-    if dropped:
-        why += f", and recomputing some of the {dropped} entries Redis evicted or expired"
-    print(f"(The least possible is {distinct}, one per distinct query asked; the excess is {why}.)")
+    if fleet_computed <= distinct:
+        print(f"(The least possible is {distinct}, one per distinct query asked: get_or_set computes each once "
+              "per fleet, the others wait for it.)")
+    else:
+        print(f"(The least possible is {distinct}, one per distinct query asked; the excess recomputes some of "
+              f"the {dropped} entries Redis evicted or expired.)")
     if wrong:
         print(f"ERROR: {wrong} cached answers did not match a fresh computation.")
 

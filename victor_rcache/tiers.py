@@ -391,14 +391,19 @@ class TierCore:
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         held = False
         try:
+            entry_key = self.space.entry_key(ref)
             for _ in range(LEASE_ATTEMPTS):
-                taken = yield [("SET", lease, token, "NX", "PX", self._lease_ms)]
-                _raise_first_error(taken)
-                if taken[0]:
+                taken, exists = yield [("SET", lease, token, "NX", "PX", self._lease_ms), ("EXISTS", entry_key)]
+                _raise_first_error([taken, exists])
+                if taken and not exists:
                     held = True
                     break
-                self.counters.add(lease_waits=1)
-                if (yield from self._wait_for_fill(ref, lease)):
+                if taken:  # another worker filled it between our miss and our lease: read that
+                    yield from self._release(lease, token)
+                else:
+                    self.counters.add(lease_waits=1)
+                if exists or (yield from self._wait_for_fill(ref, lease)):
+                    self.counters.add(gets=1)  # a second lookup, counted as such here and in Redis
                     found = yield from self._fetch([ref])
                     got = self._got(key, ref, found, ttl)
                     if got is not None:
