@@ -389,6 +389,7 @@ def test_no_copy_outlives_the_ttl_at_sub_millisecond_clock_readings(make_cache: 
     settings = {"shards": 1, "promote_after": 1, "clock": clock}
     writer, reader = make_cache(**settings), make_cache(**settings)
     writer.put("k", "v", ttl=0.0105)  # the ttl Redis and every L1 use is 10 ms
+    assert writer._core.l1.get(b"k") is not None
     clock.advance(0.003)
     assert reader.get("k") == "v"  # fills reader's L1 with the 7-8 ms left
     assert reader._core.l1.get(b"k") is not None

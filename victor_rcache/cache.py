@@ -49,7 +49,7 @@ class CacheBase:
         """Subscribe to the namespace's invalidations (waits up to connect_timeout for the first try)."""
         if self.config.coherence:
             listener = InvalidationListener(subscriber_connections(self.config), self._core.space.channel,
-                                            self._core.l1)
+                                            self._core.l1, clock=self._core.since)
             self._core.coherence = listener.start(wait=self.config.connect_timeout)
 
     @classmethod

@@ -73,10 +73,12 @@ class NoCoherence:
 class InvalidationListener:
     """Subscribes to the namespace's channel and keeps ``l1`` coherent with the fleet."""
 
-    def __init__(self, connect: Callable[[], Any], channel: bytes, l1: LocalCache) -> None:
+    def __init__(self, connect: Callable[[], Any], channel: bytes, l1: LocalCache,
+                 clock: Callable[[], float] | None = None) -> None:
         self._connect = connect
         self.channel = channel
         self.l1 = l1
+        self._clock = clock or l1.clock  # the reading L1 compares its copies' request times with
         self.messages = 0
         self.flushes = 0
         self.subscriptions = 0
@@ -146,21 +148,24 @@ class InvalidationListener:
 
     def _apply(self, data: bytes) -> None:
         if data == b"*":
-            self.l1.clear()
+            self._clear_l1()
             return
         try:
             for entry_id, version in parse_invalidation(data):
                 self.l1.invalidate(entry_id, version)
         except ValueError as exc:  # a message we cannot read: be safe
             log.warning("unreadable invalidation on %r (%s); clearing L1", self.channel, exc)
-            self.l1.clear()
+            self._clear_l1()
+
+    def _clear_l1(self) -> None:
+        self.l1.clear(at=self._clock())
 
     def _lost(self, why: str) -> None:
         if self._healthy:
             log.warning("invalidation channel %r lost (%s); L1 flushed and bypassed until it is back",
                         self.channel, why)
         self._healthy = False
-        self.l1.clear()
+        self._clear_l1()
         self.flushes += 1
         self._drop_connection()
 
@@ -181,7 +186,7 @@ class InvalidationListener:
             conn.disconnect()
             raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
         self._conn = conn
-        self.l1.clear()  # whatever happened before this subscription was not heard
+        self._clear_l1()  # whatever happened before this subscription was not heard
         self.flushes += 1
         self.subscriptions += 1
         self._healthy = True
@@ -239,7 +244,7 @@ class InvalidationListener:
     def _after_fork(self) -> None:
         # The child shares the parent's socket: never read or close it here; start afresh.
         was_running = self._started and not self._stop.is_set()
-        self.l1.clear()
+        self._clear_l1()
         self._init_state()
         if was_running:
             self._thread.start()

@@ -221,7 +221,7 @@ class TierCore:
         out = Fetched()
         try:
             yield from self._ready()
-            sent_at = self._since()
+            sent_at = self.since()
             deltas = self._take_l1_deltas()
             calls = [self._shard_call(self.scripts.get, shard, [r.id for r in rs], deltas if n == 0 else (0, 0))
                      for n, (shard, rs) in enumerate(groups.items())]
@@ -296,7 +296,7 @@ class TierCore:
         calls = [self._shard_call(self.scripts.put, shard,
                                   [x for ref in rs for x in self._put_items(ref, prepared[ref.id][1], ttl_ms)])
                  for shard, rs in groups.items()]
-        sent_at = self._since()
+        sent_at = self.since()
         ttl_s = _seconds(ttl_ms)
         try:
             yield from self._ready()
@@ -348,7 +348,7 @@ class TierCore:
         if key is not None:
             yield from self.delete(key)
             return
-        self.l1.clear(at=self._since())
+        self.l1.clear(at=self.since())
         shards = self.space.shard_keys
         try:
             yield from self._ready()
@@ -459,7 +459,7 @@ class TierCore:
                                   self._put_items(ref, payload, ttl_ms, since_ms=since_ms, cost=loaded.seconds))]
         if lease is not None:
             calls.append(ScriptCall(self.scripts.release, (lease,), (token,)))
-        sent_at = self._since()
+        sent_at = self.since()
         try:
             replies = yield from self._run(calls)
         except RedisError as exc:
@@ -511,7 +511,7 @@ class TierCore:
                 yield from self._release(lease, token)
                 return False
             ttl_ms = self._ttl_ms(job.ttl)
-            sent_at = self._since()
+            sent_at = self.since()
             replies = yield from self._run([
                 self._shard_call(self.scripts.put, ref.shard,
                                  self._put_items(ref, payload, ttl_ms, expect=job.version, cost=loaded.seconds)),
@@ -593,7 +593,7 @@ class TierCore:
         clock = self.config.clock
         return 0 if clock is None else max(1, math.floor(clock() * 1000))
 
-    def _since(self) -> float:
+    def since(self) -> float:
         """The L1 clock reading that copies made from the next request count their lifetime from.
 
         Taken before the request is built, so a copy never outlives the value in Redis: with the
