@@ -52,7 +52,8 @@ def test_long_keys_and_hash_prefixed_keys_get_a_digest_id() -> None:
 
 
 @pytest.mark.parametrize(("key", "message"), [
-    ("", "empty"), (b"", "empty"), (None, "str or bytes"), (42, "str or bytes"), ("\ud800", "Unicode"),
+    ("", "empty"), (b"", "empty"), (None, "str or bytes"), (42, "str or bytes"), (["a"], "str or bytes"),
+    ("\ud800", "Unicode"),
 ])
 def test_bad_keys_are_refused_with_a_clear_error(key: object, message: str) -> None:
     with pytest.raises(InvalidKeyError, match=message):

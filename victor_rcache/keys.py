@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
@@ -123,6 +123,12 @@ class KeySpace:
 
     def ref(self, key: str | bytes) -> EntryRef:
         """Locate a user key (raises InvalidKeyError for empty or non-encodable keys)."""
+        if not isinstance(key, (str, bytes)):
+            key_bytes(key)  # raises the InvalidKeyError naming the type
+        return self._ref(key)
+
+    @lru_cache(maxsize=4096)  # noqa: B019  (one KeySpace per cache; hot keys are looked up again and again)
+    def _ref(self, key: str | bytes) -> EntryRef:
         raw = key_bytes(key)
         shard = zlib.crc32(raw) % self.shards
         if len(raw) > MAX_RAW_KEY_BYTES or raw.startswith(_HASHED):
