@@ -8,9 +8,10 @@
                 id                entry id
                 expected_version  delete only if the entry still has this version; empty = any
 
-  A deleted entry gets a `gone` record (so a fill that started before the delete is refused) and an
-  invalidation with a new version. Deleting an id that is absent but has a `gone` record (some L1
-  may still hold a copy of it) publishes an invalidation too.
+  A deleted id gets a `gone` record, even when nothing was stored under it, so a fill that started
+  before the delete is refused (cache-aside: update the source of truth, then delete the key).
+  Deleting an entry publishes an invalidation with a new version; so does deleting an absent id
+  that already had a `gone` record (some L1 may still hold a copy of it).
 
   Reply: { {promotions, demotions, evictions, expirations}, deleted_1, deleted_2, ... }
     deleted_i = 1 when an entry was removed, 0 when there was none (or its version differed)
@@ -44,6 +45,10 @@ for i = HEAD + 1, #ARGV, 2 do
   end
   if d == 1 or (expected == nil and redis.call('ZSCORE', gone_key, id)) then
     announce(id, redis.call('HINCRBY', stats_key, 'seq', 1))
+  end
+  if d == 0 and expected == nil then   -- nothing to remove: still, a fill that started before this
+    redis.call('ZADD', gone_key, now, id)  -- delete must be refused (cache-aside: write, then delete)
+    noted = true
   end
   deleted[#deleted + 1] = d
   count = count + d

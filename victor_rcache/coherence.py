@@ -116,6 +116,9 @@ class InvalidationListener:
         return self._healthy
 
     def close(self) -> None:
+        """Stop listening (idempotent)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake_w.send(b"x")
         if self._thread.is_alive():

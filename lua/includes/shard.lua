@@ -9,7 +9,8 @@
     KEYS[3]  <ns>:{<tag>}:exp     ZSET  member = entry id, score = absolute expiry (ms); entries with a ttl only
     KEYS[4]  <ns>:{<tag>}:stats   HASH  fleet counters and byte totals of this shard
     KEYS[5]  <ns>:{<tag>}:gone    ZSET  member = entry id, score = when it was deleted, or left Redis
-                                        while a process may still hold an L1 copy (ms)
+                                        while a process may still hold an L1 copy (ms); at most
+                                        max(l2 + l3 capacity, GONE_MAX) records
 
   Entry data lives at <ns>:{<tag>}:e:<id>, a HASH:
     v = payload (bytes), s = payload size accounted in the byte totals (bytes),
@@ -34,7 +35,9 @@
     ARGV[6]  promote_after, Redis hits (>= 1)
     ARGV[7]  L1 hits the calling process had since its last report (>= 0; fleet counter piggyback)
     ARGV[8]  L1 evictions since its last report (>= 0)
-    ARGV[9]  how long `gone` records are kept, ms (>= 1; the longest L1 life or fill that they guard)
+    ARGV[9]  how long `gone` records are kept, ms (>= 1; the longest L1 life or fill that they guard);
+             the shard keeps the largest value any worker sent (stats field `memory`), so a worker
+             with a short l1_ttl cannot drop records that protect one with a long l1_ttl
   Script-specific ARGV start at ARGV[10] (HEAD + 1).
 
   Tier semantics kept here:
@@ -46,6 +49,7 @@
 ]]
 local HEAD = 9
 local SWEEP = 16
+local GONE_MAX = 1024  -- `gone` records kept per shard at least (more if the shard holds more entries)
 
 local l2_key, l3_key, exp_key, stats_key, gone_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local base = string.sub(l2_key, 1, -3)
@@ -155,6 +159,8 @@ local function sweep()
     due = redis.call('ZRANGEBYSCORE', l3_key, '-inf', now - idle3, 'LIMIT', 0, SWEEP)
     for _, id in ipairs(due) do drop(id, 3, 'idle') end
   end
+  local longest = tonumber(redis.call('HGET', stats_key, 'memory')) or 0
+  if memory > longest then redis.call('HSET', stats_key, 'memory', memory) else memory = longest end
   redis.call('ZREMRANGEBYSCORE', gone_key, '-inf', now - memory)
 end
 
@@ -181,7 +187,14 @@ local function finish(extra)
     if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
   end
   if tick ~= tick_read then redis.call('HSET', stats_key, 'tick', tick) end
-  if noted then redis.call('ZREMRANGEBYRANK', gone_key, 0, -(cap2 + cap3) - 1) end
+  -- Past GONE_MAX records the oldest are dropped, but not forgotten silently: they are announced
+  -- now, so no process keeps a copy that a later write could no longer reach.
+  local over = noted and redis.call('ZCARD', gone_key) - math.max(cap2 + cap3, GONE_MAX) or 0
+  if over > 0 then
+    local version = redis.call('HINCRBY', stats_key, 'seq', 1)
+    for _, id in ipairs(redis.call('ZRANGE', gone_key, 0, over - 1)) do announce(id, version) end
+    redis.call('ZREMRANGEBYRANK', gone_key, 0, over - 1)
+  end
   if #changed > 0 then redis.call('PUBLISH', channel, table.concat(changed)) end
   return {ev.promotions, ev.demotions, ev.evictions, ev.expirations}
 end

@@ -1,0 +1,749 @@
+"""Fleet coherence against a real Redis (issue 3; DESIGN.md §5 invariant 3, §6).
+
+* Two spawned OS processes, A and B: B holds a value in its L1, A replaces it, deletes it or
+  invalidates the namespace; B stops serving the old value within 100 ms, measured by B polling
+  ``get`` against a deadline. Each B also holds a cache with ``coherence=False`` as a control: it
+  still serves the old copy, so the coherent cache's fresh answer is the invalidation's doing.
+* ``CLIENT KILL`` of B's subscriber connection flushes B's L1 before its next read (a value changed
+  in Redis without any publish proves it), and B resubscribes and serves from L1 again. With an ACL
+  user that may not SUBSCRIBE, the channel stays down as long as the test wants: L1 is bypassed
+  meanwhile, and copies filled while down are flushed when the subscription is back.
+* A read-heavy workload with promotions, demotions, evictions, idle moves and expiries publishes
+  nothing; one put over an existing key publishes exactly one parseable message.
+* Which script calls publish (and which do not), ``gone`` records for entries that left Redis while
+  an L1 may hold them, version floors against a fill racing an invalidation, and ids of any bytes.
+* Closing twice is harmless; eviction churn past the ``gone`` bound announces what it forgets.
+
+Messages are observed with a raw redis-py subscriber on ``<ns>:inval`` that also listens on a private
+fence channel: Redis delivers one connection's messages in publish order, so publishing a fence and
+reading until it arrives yields exactly what was published before, with no timing involved. The only
+timing assertion is the acceptance's 100 ms bound; every other wait polls a condition against a
+generous deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import random
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from victor_rcache import MultiLevelCache
+from victor_rcache.codec import Envelope, MsgpackCodec
+from victor_rcache.coherence import parse_invalidation
+from victor_rcache.config import CacheConfig
+from victor_rcache.keys import KeySpace
+from victor_rcache.l1 import LocalCache
+from victor_rcache.tiers import feed
+
+from .helpers import FakeClock, check_invariants
+
+Make = Callable[..., MultiLevelCache]
+
+BOUND = 0.1  # seconds: another process stops serving an old value within this (DESIGN.md §5.3)
+LIVENESS = 5.0  # seconds any other awaited condition may take; only a hang ever reaches it
+MISS = "<miss>"  # the default a worker passes to get(), so a miss is visible across processes
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = LIVENESS) -> None:
+    """Poll ``predicate`` until it holds; fail (never hang) if it does not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+
+
+def entry_id(cache: MultiLevelCache, key: str | bytes) -> bytes:
+    return cache._core.space.ref(key).id
+
+
+def held(cache: MultiLevelCache, key: str | bytes) -> bool:
+    """Whether the cache's L1 holds a live copy of ``key`` (not counted as a request)."""
+    return cache._core.l1.get(entry_id(cache, key)) is not None
+
+
+def entry_key(cache: MultiLevelCache, key: str | bytes) -> bytes:
+    return cache._core.space.entry_key(cache._core.space.ref(key))
+
+
+def redis_version_of(raw: redis.Redis, cache: MultiLevelCache, key: str | bytes) -> int:
+    ver = raw.hget(entry_key(cache, key), "ver")
+    assert ver is not None, f"{key!r} has no entry in Redis"
+    return int(ver)
+
+
+class ChannelTap:
+    """A raw subscriber on ``<ns>:inval`` and a private fence channel, on one connection."""
+
+    def __init__(self, raw: redis.Redis, namespace: str) -> None:
+        self.raw = raw
+        self.channel = f"{namespace}:inval".encode()
+        self.fence = f"{namespace}:test-fence-{uuid.uuid4().hex}".encode()
+        self.pubsub = raw.pubsub()
+        self.pubsub.subscribe(self.channel, self.fence)
+        confirmed: set[bytes] = set()
+        deadline = time.monotonic() + LIVENESS
+        while confirmed != {self.channel, self.fence}:  # subscribed before anything under test runs
+            assert time.monotonic() < deadline, "the tap's SUBSCRIBE was not confirmed"
+            msg = self.pubsub.get_message(timeout=0.5)
+            if msg is not None and msg["type"] == "subscribe":
+                confirmed.add(msg["channel"])
+
+    def collect(self) -> list[bytes]:
+        """Every message published on ``<ns>:inval`` since the last collect, in order."""
+        token = uuid.uuid4().hex.encode()
+        assert self.raw.publish(self.fence, token) == 1
+        out: list[bytes] = []
+        deadline = time.monotonic() + LIVENESS
+        while True:
+            assert time.monotonic() < deadline, f"the fence never arrived; got {out!r} so far"
+            msg = self.pubsub.get_message(timeout=0.5)
+            if msg is None or msg["type"] != "message":
+                continue
+            if msg["channel"] == self.fence:
+                if msg["data"] == token:
+                    return out
+                continue
+            assert msg["channel"] == self.channel
+            out.append(msg["data"])
+
+    def close(self) -> None:
+        self.pubsub.close()
+
+
+@pytest.fixture
+def tap(raw: redis.Redis, namespace: str) -> Iterator[ChannelTap]:
+    t = ChannelTap(raw, namespace)
+    yield t
+    t.close()
+
+
+def single_invalidation(messages: list[bytes]) -> list[tuple[bytes, int]]:
+    assert len(messages) == 1, f"expected exactly one invalidation, got {messages!r}"
+    return parse_invalidation(messages[0])
+
+
+# ---------------------------------------------------------------- 1. two OS processes, within 100 ms
+
+
+def _run_command(caches: dict[str, MultiLevelCache], command: tuple[Any, ...]) -> dict[str, Any]:
+    cache, blind = caches["coherent"], caches["blind"]
+    op, *args = command
+    if op == "put":
+        key, value = args
+        cache.put(key, value)
+        return {"done_at": time.monotonic()}
+    if op == "delete":
+        (key,) = args
+        deleted = cache.delete(key)
+        return {"done_at": time.monotonic(), "deleted": deleted}
+    if op == "invalidate":
+        cache.invalidate()
+        return {"done_at": time.monotonic()}
+    if op == "hold":  # read the keys into both caches' L1s, then read them again from L1
+        (keys,) = args
+        out: dict[str, Any] = {}
+        for name, c in caches.items():
+            first = [c.get(k, MISS) for k in keys]
+            in_l1 = [held(c, k) for k in keys]
+            hits = c.get_metrics()["l1"]["hits"]
+            again = [c.get(k, MISS) for k in keys]
+            out[name] = {"first": first, "held": in_l1, "again": again,
+                         "l1_hits": c.get_metrics()["l1"]["hits"] - hits}
+        return out
+    if op == "await":  # poll get() until it returns `expected` or the 100 ms deadline passes
+        keys, expected, written_at = args
+        start = time.monotonic()
+        deadline = start + BOUND
+        seen: list[dict[str, Any]] = []
+        polls = 0
+        while True:
+            got = {k: cache.get(k, MISS) for k in keys}
+            now = time.monotonic()
+            polls += 1
+            if not seen or seen[-1] != got:
+                seen.append(got)
+            if got == expected or now >= deadline:
+                break
+        return {"got": got, "elapsed": now - start, "since_write": now - written_at, "polls": polls,
+                "seen": seen, "blind": {k: blind.get(k, MISS) for k in keys},
+                "coherence": cache.get_metrics()["coherence"]}
+    raise ValueError(f"unknown command {command!r}")
+
+
+def fleet_worker(redis_url: str, namespace: str, commands: Any, replies: Any) -> None:
+    """One worker process: a coherent cache and a blind one (coherence=False), run commands in order."""
+    caches: dict[str, MultiLevelCache] = {}
+    try:
+        settings: dict[str, Any] = {"namespace": namespace, "fail_open": False, "promote_after": 1}
+        caches["coherent"] = MultiLevelCache(redis_url, **settings)
+        caches["blind"] = MultiLevelCache(redis_url, coherence=False, **settings)
+        wait_until(lambda: caches["coherent"].get_metrics()["coherence"]["channel"] == "up",
+                   "the worker's subscription")
+        replies.put({"pid": os.getpid()})
+        while True:
+            command = commands.get()
+            if command[0] == "stop":
+                break
+            try:
+                replies.put(_run_command(caches, command))
+            except BaseException:  # the parent shows the traceback
+                replies.put({"error": traceback.format_exc()})
+    except BaseException:
+        replies.put({"error": traceback.format_exc()})
+    finally:
+        for c in caches.values():
+            c.close()
+
+
+class Worker:
+    """The parent's handle on one spawned worker: send a command, wait for its reply."""
+
+    def __init__(self, ctx: Any, redis_url: str, namespace: str) -> None:
+        self.commands = ctx.Queue()
+        self.replies = ctx.Queue()
+        self.process = ctx.Process(target=fleet_worker, args=(redis_url, namespace, self.commands, self.replies))
+        self.process.start()
+
+    def reply(self, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"worker {self.process.pid} did not reply within {timeout} s"
+            try:
+                out: dict[str, Any] = self.replies.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                assert self.process.is_alive(), f"worker died with exit code {self.process.exitcode}"
+                continue
+            assert "error" not in out, f"worker {self.process.pid} raised:\n{out['error']}"
+            return out
+
+    def ask(self, *command: Any) -> dict[str, Any]:
+        self.commands.put(command)
+        return self.reply(timeout=LIVENESS)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.commands.put(("stop",))
+            self.process.join(timeout=LIVENESS)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(LIVENESS)
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_url: str) -> Iterator[tuple[Worker, Worker, str]]:
+    """Processes A and B on one fresh namespace (shared by this module's three acceptance tests)."""
+    namespace = "t" + uuid.uuid4().hex[:12]
+    ctx = mp.get_context("spawn")
+    workers = [Worker(ctx, redis_url, namespace) for _ in range(2)]
+    try:
+        pids = {w.reply()["pid"] for w in workers}
+        assert len(pids) == 2
+        assert os.getpid() not in pids
+        yield workers[0], workers[1], namespace
+    finally:
+        for w in workers:
+            w.stop()
+    assert all(w.process.exitcode == 0 for w in workers), [w.process.exitcode for w in workers]
+
+
+def hold_in_b(b: Worker, keys: list[str], expected: list[Any]) -> None:
+    """B reads ``keys``: both its caches now hold them in L1 and serve them from there."""
+    held_by = b.ask("hold", keys)
+    for name in ("coherent", "blind"):
+        got = held_by[name]
+        assert (got["first"], got["again"]) == (expected, expected), f"B's {name} cache read {got}"
+        assert got["held"] == [True] * len(keys), f"B's {name} cache did not copy {keys} into L1: {got}"
+        assert got["l1_hits"] == len(keys), f"B's {name} cache did not serve {keys} from L1: {got}"
+
+
+def assert_b_caught_up(seen: dict[str, Any], expected: dict[str, Any], old: dict[str, Any], what: str) -> None:
+    report = (f"{what}: B saw {seen['seen']} in {seen['polls']} polls; {seen['elapsed'] * 1000:.2f} ms after B "
+              f"started polling, {seen['since_write'] * 1000:.2f} ms after A's call returned; "
+              f"coherence {seen['coherence']}")
+    print(report)  # shown with -s: the measured latencies
+    assert seen["got"] == expected, f"B still served an old value within {BOUND * 1000:.0f} ms. {report}"
+    assert seen["elapsed"] <= BOUND, f"B took longer than {BOUND * 1000:.0f} ms. {report}"
+    # Control: B's cache without coherence still serves its old L1 copy, so the copy was really
+    # there and only the invalidation removed it from the coherent cache.
+    assert seen["blind"] == old, f"the blind control cache returned {seen['blind']}, not the old {old}"
+    assert seen["coherence"]["channel"] == "up"
+    assert seen["coherence"]["invalidations"] >= 1
+
+
+def test_a_put_in_process_a_reaches_process_bs_l1_within_100_ms(fleet: tuple[Worker, Worker, str]) -> None:
+    a, b, _ = fleet
+    a.ask("put", "replaced", "v1")
+    hold_in_b(b, ["replaced"], ["v1"])
+    written = a.ask("put", "replaced", "v2")
+    seen = b.ask("await", ["replaced"], {"replaced": "v2"}, written["done_at"])
+    assert_b_caught_up(seen, {"replaced": "v2"}, {"replaced": "v1"}, "put v2")
+
+
+def test_a_delete_in_process_a_reaches_process_bs_l1_within_100_ms(fleet: tuple[Worker, Worker, str]) -> None:
+    a, b, _ = fleet
+    a.ask("put", "deleted", "v1")
+    hold_in_b(b, ["deleted"], ["v1"])
+    done = a.ask("delete", "deleted")
+    assert done["deleted"] is True
+    seen = b.ask("await", ["deleted"], {"deleted": MISS}, done["done_at"])
+    assert_b_caught_up(seen, {"deleted": MISS}, {"deleted": "v1"}, "delete")
+
+
+def test_invalidate_in_process_a_reaches_process_bs_l1_within_100_ms(fleet: tuple[Worker, Worker, str]) -> None:
+    a, b, namespace = fleet
+    keys = [f"flushed-{i}" for i in range(4)]
+    space = KeySpace(namespace, CacheConfig().shards)  # the workers use the default shard count
+    assert len({space.ref(k).shard for k in keys}) > 1, "the keys should span several shards"
+    for k in keys:
+        a.ask("put", k, f"v1-{k}")
+    hold_in_b(b, keys, [f"v1-{k}" for k in keys])
+    done = a.ask("invalidate")
+    seen = b.ask("await", keys, dict.fromkeys(keys, MISS), done["done_at"])
+    assert_b_caught_up(seen, dict.fromkeys(keys, MISS), {k: f"v1-{k}" for k in keys}, "invalidate()")
+
+
+# ------------------------------------------------------------------------ 2. a killed subscriber
+
+
+def subscriber_client(raw: redis.Redis, cache: MultiLevelCache) -> dict[str, str]:
+    """The CLIENT LIST entry of ``cache``'s subscriber connection, found by its local address."""
+    conn = cache._core.coherence._conn  # type: ignore[attr-defined]
+    assert conn is not None, "the cache has no subscriber connection"
+    host, port = conn._sock.getsockname()[:2]
+    mine = [c for c in raw.client_list() if c["addr"] == f"{host}:{port}"]
+    assert len(mine) == 1, f"no single client at {host}:{port}: {mine}"
+    client: dict[str, str] = mine[0]
+    assert (client["sub"], "P" in client["flags"]) == ("1", True), f"not a subscriber: {client}"
+    return client
+
+
+def test_killing_the_subscriber_connection_flushes_l1_before_the_next_read(make_cache: Make, raw: redis.Redis,
+                                                                           namespace: str) -> None:
+    a, b = make_cache(), make_cache(promote_after=1)
+    old, new = "stale-copy", "fresh-data"
+    envelope = Envelope(MsgpackCodec())
+    assert len(envelope.wrap(old)) == len(envelope.wrap(new))  # so `s` and the byte totals stay exact
+    keys = ["killed-1", "killed-2"]
+    for k in keys:
+        a.put(k, old)
+        assert b.get(k) == old
+        assert held(b, k)
+    channel = f"{namespace}:inval".encode()
+    assert raw.pubsub_numsub(channel) == [(channel, 2)]
+
+    # Change the values in Redis behind every cache's back: no script runs, nothing is published.
+    for k in keys:
+        raw.hset(entry_key(b, k), "v", envelope.wrap(new))
+    assert [b.get(k) for k in keys] == [old, old], "B should still serve its L1 copies (nothing told it)"
+    before = b.get_metrics()
+
+    victim = subscriber_client(raw, b)
+    assert raw.client_kill_filter(_id=victim["id"]) == 1
+
+    # The very next read: L1 was flushed (the loss was noticed before serving), the value comes from Redis.
+    assert b.get(keys[0]) == new
+    assert b.get(keys[1]) == new
+    after = b.get_metrics()
+    assert after["coherence"]["l1_flushes"] > before["coherence"]["l1_flushes"], after["coherence"]
+    assert after["l1"]["hits"] == before["l1"]["hits"], "a read after the kill was served from L1"
+    assert after["l2"]["hits"] == before["l2"]["hits"] + 2
+
+    # B resubscribes by itself, then trusts and serves its L1 again, and hears invalidations again.
+    wait_until(lambda: b.get_metrics()["coherence"]["channel"] == "up", "B's resubscription")
+    assert subscriber_client(raw, b)["id"] != victim["id"]
+    assert raw.pubsub_numsub(channel) == [(channel, 2)]
+    assert b.get(keys[0]) == new  # L1 was flushed again on resubscribing: this read fills it
+    hits = b.get_metrics()["l1"]["hits"]
+    assert b.get(keys[0]) == new
+    assert b.get_metrics()["l1"]["hits"] == hits + 1, "B does not serve from L1 after resubscribing"
+    a.put(keys[0], "after")
+    wait_until(lambda: b.get(keys[0]) == "after", "B hearing an invalidation on its new subscription")
+    check_invariants(raw, namespace, b.config.shards, b.config.l2_size, b.config.l3_size)
+
+
+@pytest.fixture
+def acl_user(raw: redis.Redis, redis_url: str, namespace: str) -> Iterator[tuple[str, str]]:
+    """A Redis ACL user of this test's own (name, URL), so its permissions can change mid-test."""
+    name, password = f"coherence-{namespace}", uuid.uuid4().hex
+    raw.acl_setuser(name, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"], commands=["+@all"])
+    scheme, rest = redis_url.split("://", 1)
+    yield name, f"{scheme}://{name}:{password}@{rest}"
+    raw.acl_deluser(name)
+
+
+def test_l1_is_bypassed_while_the_subscription_is_down_and_flushed_when_it_is_back(
+        make_cache: Make, raw: redis.Redis, namespace: str, acl_user: tuple[str, str]) -> None:
+    """B's user may no longer SUBSCRIBE, so after CLIENT KILL its channel stays down until the test
+    allows it again: a deterministic window in which L1 must not be served, and after which the
+    copies B filled while down (one is made stale behind its back) must be gone."""
+    user, url = acl_user
+    a = make_cache()
+    b = MultiLevelCache(url, namespace=namespace, fail_open=False, promote_after=1)
+    try:
+        envelope = Envelope(MsgpackCodec())
+        one, two, three = "value-one", "value-two", "value-3rd"
+        assert len({len(envelope.wrap(v)) for v in (one, two, three)}) == 1  # `s` and byte totals stay exact
+        a.put("k", one)
+        assert b.get("k") == one
+        assert held(b, "k")
+        victim = subscriber_client(raw, b)
+        assert victim["user"] == user
+        raw.execute_command("ACL", "SETUSER", user, "-subscribe")  # the live subscription is not affected
+        assert b.get_metrics()["coherence"]["channel"] == "up"
+
+        raw.hset(entry_key(b, "k"), "v", envelope.wrap(two))  # no publish
+        assert b.get("k") == one, "B should still serve its L1 copy (nothing told it)"
+        flushes = b.get_metrics()["coherence"]["l1_flushes"]
+        assert raw.client_kill_filter(_id=victim["id"]) == 1
+        assert b.get("k") == two, "B served its L1 copy after its subscriber connection was killed"
+        m = b.get_metrics()
+        assert m["coherence"]["channel"] == "down"  # SUBSCRIBE is refused now
+        assert m["coherence"]["l1_flushes"] > flushes
+        l1_hits = m["l1"]["hits"]
+        for _ in range(3):  # down: every read goes to Redis, though each one copies the value into L1
+            assert b.get("k") == two
+        assert held(b, "k")
+        assert b.get_metrics()["l1"]["hits"] == l1_hits, "L1 was served while the channel was down"
+
+        raw.hset(entry_key(b, "k"), "v", envelope.wrap(three))  # B's copy made while down is stale now
+        raw.execute_command("ACL", "SETUSER", user, "+subscribe")
+        wait_until(lambda: b.get_metrics()["coherence"]["channel"] == "up", "B's resubscription")
+        assert b.get("k") == three, "a copy filled while the channel was down survived the resubscription"
+        l1_hits = b.get_metrics()["l1"]["hits"]
+        assert b.get("k") == three
+        assert b.get_metrics()["l1"]["hits"] == l1_hits + 1, "B does not serve from L1 after resubscribing"
+    finally:
+        b.close()
+
+
+def test_close_ends_the_subscription(redis_url: str, raw: redis.Redis, namespace: str) -> None:
+    cache = MultiLevelCache(redis_url, namespace=namespace, fail_open=False)
+    channel = f"{namespace}:inval".encode()
+    assert raw.pubsub_numsub(channel) == [(channel, 1)]
+    cache.close()
+    wait_until(lambda: raw.pubsub_numsub(channel) == [(channel, 0)], "the subscriber connection closing")
+
+
+def test_closing_a_cache_twice_is_harmless(redis_url: str, namespace: str) -> None:
+    cache = MultiLevelCache(redis_url, namespace=namespace, fail_open=False)
+    cache.close()
+    cache.close()
+
+
+# ------------------------------------------------------------- 3. no messages for a read-only workload
+
+
+def test_a_read_heavy_workload_publishes_no_invalidation(make_cache: Make, raw: redis.Redis, namespace: str,
+                                                         clock: FakeClock) -> None:
+    common: dict[str, Any] = {"shards": 2, "l1_size": 2, "l2_ttl": 5.0, "l3_ttl": 20.0, "promote_after": 2,
+                              "clock": clock}
+    writer = make_cache(l2_size=8, l3_size=16, **common)
+    keys = [f"q{i}" for i in range(30)]
+    writer.put_many({k: {"k": k} for k in keys[:24]})
+    writer.put_many({k: {"k": k} for k in keys[24:]}, ttl=3.0)  # these expire during the reads
+    tap = ChannelTap(raw, namespace)  # subscribed after every write
+    # Readers with smaller tiers: their first calls evict (LRU) from Redis what the writer left.
+    caches = [writer, make_cache(l2_size=4, l3_size=8, **common), make_cache(l2_size=4, l3_size=8, **common)]
+    try:
+        rng = random.Random(7)
+        for n in range(900):
+            cache = rng.choice(caches)
+            if n % 3:
+                cache.get(rng.choice(keys[:12]) if rng.random() < 0.8 else rng.choice(keys))
+            else:
+                cache.get_many(rng.sample(keys, rng.randint(2, 6)))
+            if n % 40 == 39:
+                clock.advance(rng.choice((0.5, 1.0, 2.0, 3.0)))  # idle moves, idle drops, expiry
+        messages = tap.collect()
+        metrics = [c.get_metrics() for c in caches]
+        total = {name: sum(m[tier][field] for m in metrics) for name, (tier, field) in {
+            "l1 fills": ("l1", "promotions"), "l1 evictions": ("l1", "evictions"), "l1 hits": ("l1", "hits"),
+            "promotions": ("l2", "promotions"), "demotions": ("l2", "demotions"), "evictions": ("l3", "evictions"),
+            "l3 hits": ("l3", "hits")}.items()}
+        total["expirations"] = sum(m["combined"]["total_expirations"] for m in metrics)
+        print("read-only workload:", total)
+        assert messages == [], f"a read-only workload published {len(messages)} invalidations: {messages[:5]!r}"
+        assert [m["coherence"]["invalidations"] for m in metrics] == [0, 0, 0]
+        assert all(m["coherence"]["channel"] == "up" for m in metrics)
+        assert all(n > 0 for n in total.values()), f"the workload did not exercise every movement: {total}"
+        state = check_invariants(raw, namespace, 2, 8, 16, now_ms=clock.ms)
+        assert any(s.gone for s in state.shards), "entries that left Redis while cached in an L1 are remembered"
+
+        # Control: one put over an existing key publishes exactly one message, with the new version.
+        key = next(k for k in keys if state.tier_of(k.encode()))
+        writer.put(key, "changed")
+        [(changed, version)] = single_invalidation(tap.collect())
+        assert changed == key.encode()
+        assert version == redis_version_of(raw, writer, key)
+    finally:
+        tap.close()
+
+
+# ------------------------------------------------------------------------------- 4. publish rules
+
+
+def test_which_writes_publish_an_invalidation(make_cache: Make, raw: redis.Redis, tap: ChannelTap) -> None:
+    cache, reader = make_cache(shards=2), make_cache(shards=2)
+    space = cache._core.space
+
+    cache.put("k", 1)
+    cache.put_many({"n1": 1, "n2": 2})
+    assert tap.collect() == [], "a first write of a key publishes nothing"
+    for _ in range(4):
+        assert reader.get("k") == 1
+        assert reader.get_many(["n1", "n2", "absent"]) == {"n1": 1, "n2": 2}
+    assert tap.collect() == [], "reads (and L1 fills) publish nothing"
+
+    first = redis_version_of(raw, cache, "k")
+    cache.put("k", 2)
+    second = redis_version_of(raw, cache, "k")
+    assert second > first
+    assert single_invalidation(tap.collect()) == [(b"k", second)]
+
+    assert cache.delete("k") is True
+    [(deleted, version)] = single_invalidation(tap.collect())
+    assert deleted == b"k"
+    assert version > second
+    stats = space.shard_keys[space.ref("k").shard].stats
+    assert int(raw.hget(stats, "seq") or 0) == version, "a delete announces the shard's next version"
+    assert raw.zscore(space.shard_keys[space.ref("k").shard].gone, b"k") is not None
+
+    assert cache.delete("never-there") is False
+    assert tap.collect() == [], "deleting a key nobody ever wrote publishes nothing"
+
+    # Absent, but a process may still hold a copy from before the delete: delete and put announce.
+    assert cache.delete("k") is False
+    [(again, version_again)] = single_invalidation(tap.collect())
+    assert again == b"k"
+    assert version_again > version
+    cache.put("k", 3)
+    assert single_invalidation(tap.collect()) == [(b"k", redis_version_of(raw, cache, "k"))]
+
+
+def test_put_many_over_existing_keys_publishes_one_message_per_shard(make_cache: Make, raw: redis.Redis,
+                                                                     tap: ChannelTap) -> None:
+    cache = make_cache(shards=2)
+    space = cache._core.space
+    keys = [f"m{i}" for i in range(8)]
+    by_shard = {s: [k for k in keys if space.ref(k).shard == s] for s in (0, 1)}
+    assert all(by_shard.values()), by_shard
+    cache.put_many(dict.fromkeys(keys, "old"))
+    assert tap.collect() == []
+    cache.put_many({**dict.fromkeys(keys, "new"), "fresh": "new"})  # "fresh" is a first write: not announced
+    messages = tap.collect()
+    assert len(messages) == 2, messages
+    announced = sorted(parse_invalidation(m) for m in messages)
+    expected = sorted([(k.encode(), redis_version_of(raw, cache, k)) for k in ks] for ks in by_shard.values())
+    assert announced == expected
+
+
+def test_invalidate_publishes_a_star_per_shard_and_every_l1_is_cleared(make_cache: Make, tap: ChannelTap) -> None:
+    cache, holder = make_cache(shards=3), make_cache(shards=3, promote_after=1)
+    cache.put_many({f"i{i}": i for i in range(6)})
+    for i in range(6):
+        assert holder.get(f"i{i}") == i
+    assert len(holder._core.l1) == 6
+    assert tap.collect() == []
+    cache.invalidate()
+    assert tap.collect() == [b"*"] * 3
+    wait_until(lambda: holder.get_metrics()["coherence"]["invalidations"] == 3, "the holder hearing the flush")
+    assert len(holder._core.l1) == 0
+    assert holder.get_many([f"i{i}" for i in range(6)]) == {}
+
+
+def test_an_unreadable_message_clears_l1(make_cache: Make, raw: redis.Redis, namespace: str) -> None:
+    holder = make_cache(promote_after=1)
+    holder.put("u", 1)
+    assert held(holder, "u")
+    raw.publish(f"{namespace}:inval", b"garbage without a length")
+    wait_until(lambda: holder.get_metrics()["coherence"]["invalidations"] == 1, "the holder reading the message")
+    assert len(holder._core.l1) == 0
+    assert holder.get_metrics()["coherence"]["channel"] == "up"
+
+
+@pytest.mark.parametrize("write", ["put", "delete"])
+def test_an_entry_evicted_while_cached_in_an_l1_is_remembered_and_its_next_write_announced(
+        make_cache: Make, raw: redis.Redis, tap: ChannelTap, write: str) -> None:
+    tiny: dict[str, Any] = {"shards": 1, "l2_size": 1, "l3_size": 1}
+    writer, holder = make_cache(**tiny), make_cache(promote_after=1, **tiny)
+    gone = writer._core.space.shard_keys[0].gone
+    writer.put("x", "old")
+    assert holder.get("x") == "old"
+    assert held(holder, "x")
+    writer.put("y", 1)  # x -> L3
+    writer.put("z", 1)  # y -> L3, which is over capacity: x, its least recently used entry, is evicted
+    assert not raw.exists(entry_key(writer, "x"))
+    assert raw.zrange(gone, 0, -1) == [b"x"], "an evicted entry some L1 may hold gets a gone record"
+    assert tap.collect() == [], "LRU eviction publishes nothing"
+    assert holder.get("x") == "old"  # still the current value: nobody changed it
+
+    if write == "put":  # absent from Redis, but remembered: announced with the new version
+        writer.put("x", "new")
+        assert single_invalidation(tap.collect()) == [(b"x", redis_version_of(raw, writer, "x"))]
+        wait_until(lambda: holder.get("x") == "new", "the holder dropping its copy of the evicted entry")
+    else:
+        writer.delete("x")  # nothing to remove in Redis, but some L1 may hold it: announced
+        [(deleted, _)] = single_invalidation(tap.collect())
+        assert deleted == b"x"
+        wait_until(lambda: holder.get("x", MISS) == MISS, "the holder dropping its copy of the evicted entry")
+
+
+def test_an_entry_no_l1_may_hold_leaves_no_gone_record(make_cache: Make, raw: redis.Redis,
+                                                       tap: ChannelTap) -> None:
+    """Through the API every written entry is flagged ``f = 1`` (the writer's own L1 holds it), so
+    every eviction of one leaves a gone record; an entry without the flag (here cleared by hand, as
+    an entry no process ever copied) is evicted without one and its next write announces nothing."""
+    writer = make_cache(shards=1, l2_size=1, l3_size=1)
+    gone = writer._core.space.shard_keys[0].gone
+    writer.put("plain", 1)
+    assert raw.hget(entry_key(writer, "plain"), "f") == b"1", "a put marks its entry as held in an L1"
+    raw.hdel(entry_key(writer, "plain"), "f")
+    writer.put("p2", 1)
+    writer.put("p3", 1)  # "plain" evicted
+    assert not raw.exists(entry_key(writer, "plain"))
+    assert raw.zscore(gone, b"plain") is None
+    assert raw.zscore(gone, b"p2") is None  # p2 is still in L3; it has not left
+    writer.put("plain", 2)  # "p2" is evicted now, flagged by its put: remembered
+    assert raw.zscore(gone, b"p2") is not None
+    assert tap.collect() == [], "neither the unflagged entry's rewrite nor an eviction publishes"
+
+
+def test_a_holder_drops_its_copy_even_after_many_other_evictions(make_cache: Make, raw: redis.Redis,
+                                                                 tap: ChannelTap, clock: FakeClock) -> None:
+    tiny: dict[str, Any] = {"shards": 1, "l2_size": 1, "l3_size": 1, "clock": clock}
+    writer, holder = make_cache(**tiny), make_cache(promote_after=1, **tiny)
+    writer.put("x", "old")
+    assert holder.get("x") == "old"
+    assert held(holder, "x")
+    for i in range(2):  # x leaves Redis
+        clock.advance(1.0)
+        writer.put(f"other{i}", i)
+    clock.advance(1.0)
+    # churn: more entries leave after it than the shard keeps `gone` records for (1024 at least)
+    writer.put_many({f"churn{i}": i for i in range(1100)})
+    clock.advance(1.0)
+    gone = raw.zrange(writer._core.space.shard_keys[0].gone, 0, -1)
+    writer.put("x", "new")
+    messages = tap.collect()
+    wait_until(lambda: holder.get("x") == "new",
+               f"the holder dropping its copy (gone records before the put: {gone}, published: {messages})",
+               timeout=1.0)
+
+
+# --------------------------------------------------------------------------------- 5. version floors
+
+
+def test_l1_refuses_a_copy_older_than_an_announced_version() -> None:
+    clock = FakeClock()
+    l1 = LocalCache(10, 60.0, clock)
+    assert l1.set(b"k", b"v5", 5)
+    assert l1.invalidate(b"k", 7) is True
+    assert l1.get(b"k") is None
+    assert l1.set(b"k", b"v5 again", 5) is False, "a fill that read v5 before the message must not land"
+    assert l1.set(b"k", b"v6", 6) is False
+    assert l1.set(b"k", b"v7", 7) is True  # the announced version itself may be cached
+    assert l1.invalidate(b"k", 7) is False  # not older: kept
+    assert l1.get(b"k") is not None
+    # A floor is remembered even when no copy was held.
+    assert l1.invalidate(b"other", 10) is False
+    assert l1.set(b"other", b"v9", 9) is False
+    assert l1.set(b"other", b"v11", 11) is True
+    assert l1.set(b"other", b"offline", 0) is True  # version 0: written while Redis was down, always wins
+    # A clear refuses copies requested before it, whatever their version.
+    requested = clock()
+    clock.advance(0.001)
+    l1.clear()
+    assert l1.set(b"k", b"v8", 8, since=requested) is False
+    assert l1.set(b"k", b"v8", 8, since=clock()) is True
+
+
+@pytest.mark.parametrize("write", ["put", "delete", "invalidate"])
+def test_a_fill_racing_an_invalidation_never_leaves_the_older_value_in_l1(make_cache: Make, write: str) -> None:
+    """The reader's get.lua reply (old value, fill = 1) is held back until the writer's change has
+    been applied to the reader's L1; then the core gets the reply and tries to copy the old value."""
+    writer, reader = make_cache(), make_cache(promote_after=1)
+    writer.put("race", "old")
+    assert reader.get("warm-up") is None  # config checked and get.lua loaded: the next get is one batch
+    listener = reader._core.coherence
+    step = reader._core.get("race")
+    batch, _ = feed(step, None)
+    assert isinstance(batch, list)
+    assert [c[0] for c in batch] == ["EVALSHA"]
+    replies = reader._send(batch)
+    assert isinstance(replies, list)
+    assert replies[0][1][:2] == [2, Envelope(MsgpackCodec()).wrap("old")]
+    assert replies[0][1][2] == 1, "the reply asks the reader to copy the value into L1"
+
+    heard = listener.messages  # type: ignore[attr-defined]
+    if write == "put":
+        writer.put("race", "new")
+    elif write == "delete":
+        assert writer.delete("race") is True
+    else:
+        writer.invalidate()
+    wait_until(lambda: listener.trusted() and listener.messages > heard,  # type: ignore[attr-defined]
+               "the reader applying the invalidation")
+    instruction, value = feed(step, replies)
+    assert instruction is None
+    assert value == "old"  # the read began before the write: returning the old value once is fine
+    assert not held(reader, "race"), "the stale fill landed in L1 after the invalidation"
+    assert reader.get_metrics()["l1"]["promotions"] == 0
+    assert reader.get("race", MISS) == ("new" if write == "put" else MISS)
+
+
+WEIRD_KEYS: list[str | bytes] = ["read the file", "a:b:c", "10:x 5\n", "line\nbreak", "naïve café ✓",
+                                 b"\x00\xff\n: \r\x01", "#starts with a hash", "k" * 2000]
+
+
+def test_ids_of_any_bytes_round_trip_through_a_real_publish(make_cache: Make, raw: redis.Redis,
+                                                            tap: ChannelTap) -> None:
+    writer, holder = make_cache(shards=1), make_cache(shards=1, promote_after=1)
+    ids = [entry_id(writer, k) for k in WEIRD_KEYS]
+    assert [i[:1] for i in ids[-2:]] == [b"#", b"#"]  # long or '#' keys are stored hashed
+    writer.put_many({k: "old" for k in WEIRD_KEYS})
+    for k in WEIRD_KEYS:
+        assert holder.get(k) == "old"
+        assert held(holder, k)
+
+    for k, i in zip(WEIRD_KEYS, ids, strict=True):  # one message per put
+        writer.put(k, "new")
+        assert single_invalidation(tap.collect()) == [(i, redis_version_of(raw, writer, k))]
+    writer.put_many({k: "newer" for k in WEIRD_KEYS})  # one message, one line per entry
+    assert single_invalidation(tap.collect()) == [(i, redis_version_of(raw, writer, k))
+                                                  for k, i in zip(WEIRD_KEYS, ids, strict=True)]
+    wait_until(lambda: all(holder.get(k) == "newer" for k in WEIRD_KEYS), "the holder dropping every copy")
+
+
+def test_parse_invalidation_reads_lengths_not_separators() -> None:
+    assert parse_invalidation(b"") == []
+    assert parse_invalidation(b"7:a b\n1 2 3\n3:x:y 9\n") == [(b"a b\n1 2", 3), (b"x:y", 9)]
+    for bad in (b"5:abc 1\n", b"3:abc1\n", b"x:abc 1\n", b"3:abc 1"):
+        with pytest.raises(ValueError):  # noqa: PT011 - the parser raises plain ValueError
+            parse_invalidation(bad)
+
+
+def test_a_worker_with_a_short_l1_ttl_cannot_drop_records_a_longer_one_needs(make_cache: Make,
+                                                                              clock: FakeClock) -> None:
+    tiny: dict[str, Any] = {"shards": 1, "l2_size": 1, "l3_size": 1, "clock": clock}
+    holder = make_cache(promote_after=1, **tiny)  # l1_ttl 300 s: its copies live long
+    hasty = make_cache(l1_ttl=1, lease_ttl=1, **tiny)  # would keep `gone` records for 1 s only
+    holder.put("x", "old")
+    hasty.get("y")  # hasty's first call on the shard: it sends its shorter memory
+    assert holder.get("x") == "old"
+    assert held(holder, "x")
+    for i in range(2):  # x leaves Redis
+        clock.advance(1.0)
+        hasty.put(f"other{i}", i)
+    clock.advance(5.0)  # past hasty's 1 s, far within holder's 300 s
+    hasty.put("other2", 2)  # sweeps the shard with hasty's settings
+    hasty.put("x", "new")  # x has left Redis: only a kept `gone` record makes this publish
+    wait_until(lambda: holder.get("x") == "new", "the holder dropping its copy", timeout=1.0)
