@@ -2,19 +2,20 @@
   delete.lua: remove entries of one shard from every tier, optionally only at an expected version,
   and tell every process to drop its L1 copy.
 
-  KEYS[1..5]  the shard's l2, l3, exp, stats and gone keys (see includes/shard.lua)
+  KEYS[1..6]  the shard's l2, l3, exp, stats, gone and fence keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
   ARGV[10..]  pairs, one per entry:
                 id                entry id
                 expected_version  delete only if the entry still has this version; empty = any
 
-  A deleted id gets a `gone` record, even when nothing was stored under it, so a fill that started
+  A deleted id gets a `fence` record, even when nothing was stored under it, so a fill that started
   before the delete is refused (cache-aside: update the source of truth, then delete the key).
   Deleting an entry publishes an invalidation with a new version; so does deleting an absent id
-  that already had a `gone` record (some L1 may still hold a copy of it).
+  that has a `gone` record (some L1 may still hold a copy of it), which clears that record.
 
-  Reply: { {promotions, demotions, evictions, expirations}, deleted_1, deleted_2, ... }
+  Reply: { {promotions, demotions, evictions, expirations, now}, {deleted_1, version_1}, ... }
     deleted_i = 1 when an entry was removed, 0 when there was none (or its version differed)
+    version_i = the version announced to every L1 (0 = nothing announced)
 ]]
 -- @include "includes/shard.lua"
 
@@ -38,19 +39,18 @@ for i = HEAD + 1, #ARGV, 2 do
   local tier = nil
   if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
   local version = tonumber(redis.call('HGET', entry_key(id), 'ver'))
-  local d = 0
+  local d, announced = 0, 0
   if (tier or version) and (expected == nil or expected == version) then
     drop(id, tier, 'deleted')
     d = 1
+  elseif expected == nil then
+    note_removal(id, false)
   end
-  if d == 1 or (expected == nil and redis.call('ZSCORE', gone_key, id)) then
-    announce(id, redis.call('HINCRBY', stats_key, 'seq', 1))
+  if d == 1 or (expected == nil and redis.call('ZREM', gone_key, id) == 1) then
+    announced = next_version()
+    announce(id, announced)
   end
-  if d == 0 and expected == nil then   -- nothing to remove: still, a fill that started before this
-    redis.call('ZADD', gone_key, now, id)  -- delete must be refused (cache-aside: write, then delete)
-    noted = true
-  end
-  deleted[#deleted + 1] = d
+  deleted[#deleted + 1] = {d, announced}
   count = count + d
 end
 

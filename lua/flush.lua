@@ -8,13 +8,15 @@
   KEYS[2]  <ns>:{<tag>}:l3     ZSET
   KEYS[3]  <ns>:{<tag>}:exp    ZSET
   KEYS[4]  <ns>:{<tag>}:stats  HASH  byte totals are lowered and `flushed` set; counters are kept
-  KEYS[5]  <ns>:{<tag>}:gone   ZSET  removed once the shard is empty (`flushed` covers it)
+  KEYS[5]  <ns>:{<tag>}:gone   ZSET  removed once the shard is empty (every L1 was cleared)
+  KEYS[6]  <ns>:{<tag>}:fence  ZSET  removed once the shard is empty (`flushed` refuses older fills)
   ARGV[1]  batch, entries to remove in this call (>= 1)
   ARGV[2]  now, ms since the epoch (0 = the server's TIME)
 
   Reply: entries left in the shard's indexes after this call (0 = the shard is empty)
 ]]
-local l2_key, l3_key, exp_key, stats_key, gone_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local l2_key, l3_key, exp_key, stats_key, gone_key, fence_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+    KEYS[6]
 local base = string.sub(l2_key, 1, -3)
 local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
 for i = 1, 2 do
@@ -49,7 +51,7 @@ end
 local left = redis.call('ZCARD', l2_key) + redis.call('ZCARD', l3_key) + redis.call('ZCARD', exp_key)
 if left == 0 then                                    -- heal any byte-total drift (see README)
   redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0)
-  redis.call('DEL', gone_key)
+  redis.call('DEL', gone_key, fence_key)
 end
 redis.call('PUBLISH', channel, '*')
 return left

@@ -1,7 +1,7 @@
 --[[
   get.lua: look up entries of one shard in L2 and L3 in one call, counting hits and moving tiers.
 
-  KEYS[1..5]  the shard's l2, l3, exp, stats and gone keys (see includes/shard.lua)
+  KEYS[1..6]  the shard's l2, l3, exp, stats, gone and fence keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
   ARGV[10..]  entry ids to look up (one or more)
 
@@ -13,7 +13,7 @@
       otherwise its L3 score becomes now (a new stamp).
   Every hit increments the entry's fleet-wide hit count `n`.
 
-  Reply: { {promotions, demotions, evictions, expirations},    -- caused by this call
+  Reply: { {promotions, demotions, evictions, expirations, now_ms},  -- caused by this call; its time
            {0, now_ms}                                         -- a miss, and when it was seen
            {tier, payload, fill_l1, ttl_left_ms, version, cost_ms},   -- a hit: tier 2 = L2, 3 = L3
            ... }                                               -- one reply per id, in order

@@ -3,7 +3,7 @@
   A plain put always writes; a fill (get_or_set after a miss) or a refresh writes only if nothing
   changed the entry since the caller looked, so a slow loader never overwrites a newer value.
 
-  KEYS[1..5]  the shard's l2, l3, exp, stats and gone keys (see includes/shard.lua)
+  KEYS[1..6]  the shard's l2, l3, exp, stats, gone and fence keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
   ARGV[10..]  groups of seven, one group per entry:
                 id           entry id
@@ -11,17 +11,19 @@
                 ttl_ms       absolute time to live, ms (0 = none)
                 key          the original key when id is its hash, else empty
                 since_ms     0 = a plain put; else a fill after a miss seen at this time (ms): refused
-                             if the entry exists, or was deleted or removed at or after since_ms,
-                             or the shard was flushed at or after since_ms
+                             if the entry exists, or its `fence` record (delete, expiry, removal) is
+                             at or after since_ms, or the shard was flushed at or after since_ms,
+                             or since_ms is at or below `fence_floor`, or older than `memory`
                 expect_ver   0 = any; else write only if the entry's current version is this one
                 cost_ms      how long the value took to compute, ms (0 = unknown; for early refresh)
 
   A previous entry under the same id, in L2 or L3, is replaced. Absolute expiry is enforced by the
   scripts (never served at or after it; swept away by later calls on the shard), not by a Redis
   PEXPIRE: Redis deleting the data behind the scripts' back would lose its accounted size.
-  Replacing an entry, or writing one that has a `gone` record, publishes an invalidation.
+  Replacing an entry, or writing one that has a `gone` record, publishes an invalidation (and
+  clears the record: those copies are being dropped).
 
-  Reply: { {promotions, demotions, evictions, expirations}, version_1, version_2, ... }
+  Reply: { {promotions, demotions, evictions, expirations, now_ms}, version_1, version_2, ... }
     version_i = the new entry's version, or 0 when a conditional write was refused
 ]]
 -- @include "includes/shard.lua"
@@ -43,9 +45,8 @@ end
 
 sweep()
 
--- Versions grow across a flushed or restarted Redis: a new shard's counter starts at now (ms) * 1000.
-redis.call('HSETNX', stats_key, 'seq', now * 1000)
-local flushed = tonumber(redis.call('HGET', stats_key, 'flushed')) or -1
+local marks = redis.call('HMGET', stats_key, 'flushed', 'fence_floor')
+local flushed, floor = tonumber(marks[1]) or -1, tonumber(marks[2]) or -1
 local versions, written = {}, 0
 for i = HEAD + 1, #ARGV, GROUP do
   local id, payload, ttl, key = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
@@ -53,10 +54,11 @@ for i = HEAD + 1, #ARGV, GROUP do
   local ek = entry_key(id)
   local tier = nil
   if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
-  local gone = tonumber(redis.call('ZSCORE', gone_key, id))
+  local gone = redis.call('ZSCORE', gone_key, id)
   local refused = false
   if since > 0 then
-    refused = tier ~= nil or (gone ~= nil and gone >= since) or flushed >= since
+    local fenced = tonumber(redis.call('ZSCORE', fence_key, id)) or -1
+    refused = tier ~= nil or fenced >= since or flushed >= since or floor >= since or since < now - memory
   end
   if expect > 0 then
     refused = refused or tonumber(redis.call('HGET', ek, 'ver')) ~= expect
@@ -71,7 +73,7 @@ for i = HEAD + 1, #ARGV, GROUP do
     end
     redis.call('ZREM', exp_key, id)
     redis.call('DEL', ek)
-    local version = redis.call('HINCRBY', stats_key, 'seq', 1)
+    local version = next_version()
     redis.call('HSET', ek, 'v', payload, 's', string.len(payload), 'n', 0, 'ver', version, 'f', 1)
     if key ~= '' then redis.call('HSET', ek, 'k', key) end
     if cost > 0 then redis.call('HSET', ek, 'd', cost) end
@@ -83,6 +85,7 @@ for i = HEAD + 1, #ARGV, GROUP do
     bytes2 = bytes2 + string.len(payload)
     if tier or gone then                               -- some process may hold an older copy
       announce(id, version)
+      if gone then redis.call('ZREM', gone_key, id) end
     end
     versions[#versions + 1] = version
     written = written + 1

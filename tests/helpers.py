@@ -34,6 +34,7 @@ class ShardState:
     exp: dict[bytes, float]
     stats: dict[bytes, bytes]
     gone: dict[bytes, float]
+    fence: dict[bytes, float]
     entries: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
 
 
@@ -64,6 +65,7 @@ def read_namespace(raw: redis.Redis, namespace: str, shards: int) -> NamespaceSt
             exp=dict(raw.zrange(sk.exp, 0, -1, withscores=True)),
             stats=raw.hgetall(sk.stats),
             gone=dict(raw.zrange(sk.gone, 0, -1, withscores=True)),
+            fence=dict(raw.zrange(sk.fence, 0, -1, withscores=True)),
         )
         entry_prefix = sk.entry(b"")
         for name in raw.scan_iter(match=entry_prefix + b"*", count=1000):
@@ -87,7 +89,8 @@ def check_invariants(raw: redis.Redis, namespace: str, shards: int, l2_size: int
         where = f"{namespace} shard {i}"
         assert len(s.l2) <= caps2[i], f"{where}: L2 holds {len(s.l2)} > {caps2[i]}"
         assert len(s.l3) <= caps3[i], f"{where}: L3 holds {len(s.l3)} > {caps3[i]}"
-        assert len(s.gone) <= max(caps2[i] + caps3[i], 1024), f"{where}: {len(s.gone)} gone records"
+        for records in (s.gone, s.fence):
+            assert len(records) <= max(caps2[i] + caps3[i], 1024), f"{where}: {len(records)} gone/fence records"
         both = set(s.l2) & set(s.l3)
         assert not both, f"{where}: in L2 and L3 at once: {both}"
 

@@ -104,7 +104,7 @@ GOOD_BODY: dict[str, tuple[Arg, ...]] = {
 
 @dataclass(frozen=True)
 class DueState:
-    keys: list[bytes]  # the shard's KEYS[1..5]
+    keys: list[bytes]  # the shard's KEYS[1..6]
     now_ms: int  # a clock value at which every kind of sweep work is due
 
 
@@ -355,8 +355,9 @@ def test_the_slot_guard_flags_cross_slot_script_calls(slot_guard: SlotGuard) -> 
     assert slot_guard.violations == []
     assert slot_guard.commands == Counter({"EVALSHA": 1, "EVAL": 1})
 
-    mixed = ScriptCall(get, (s0.l2, s0.l3, s0.exp, s1.stats, s0.gone), (*head, b"x"))
-    not_l2_first = ScriptCall(put, (s0.l3, s0.l2, s0.exp, s0.stats, s0.gone), (*head, b"x", b"v", 0, b"", 0, 0, 0))
+    mixed = ScriptCall(get, (s0.l2, s0.l3, s0.exp, s1.stats, s0.gone, s0.fence), (*head, b"x"))
+    not_l2_first = ScriptCall(put, (s0.l3, s0.l2, s0.exp, s0.stats, s0.gone, s0.fence),
+                              (*head, b"x", b"v", 0, b"", 0, 0, 0))
     foreign = ("EVALSHA", "0" * 40, 1, s0.l2)
     for command in (mixed.evalsha(), not_l2_first.evalsha(), foreign):
         slot_guard.violations.clear()

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from .cache import CacheBase
 from .config import CacheConfig
 from .connection import async_client
-from .stampede import Flights
+from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
 
 T = TypeVar("T")
@@ -41,7 +41,11 @@ class AsyncMultiLevelCache(CacheBase):
     async def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
         instruction, result = feed(step, None)
         while instruction is not None:
-            instruction, result = feed(step, await self._do(instruction, loader))
+            try:
+                outcome = await self._do(instruction, loader)
+            except BaseException as exc:  # cancellation included: the operation gives back its lease
+                outcome = exc
+            instruction, result = feed(step, outcome)
         return cast(T, result)
 
     async def _do(self, instruction: Instruction, loader: Callable[[], Any] | None) -> Any:
@@ -52,12 +56,9 @@ class AsyncMultiLevelCache(CacheBase):
             return await self._send(instruction)
         assert loader is not None, "only get_or_set asks for the loader"
         started = time.perf_counter()
-        try:
-            value = loader()
-            if inspect.isawaitable(value):
-                value = await value
-        except Exception as exc:  # handed to the core, which releases the lease and re-raises it
-            return exc
+        value = loader()
+        if inspect.isawaitable(value):
+            value = await value
         return Loaded(value, time.perf_counter() - started)
 
     async def _send(self, batch: Batch) -> list[Any] | RedisError:
@@ -76,18 +77,17 @@ class AsyncMultiLevelCache(CacheBase):
 
     async def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         flight = self._core.space.ref(key).id
-        future, leader = self._flights.join(flight)
-        if not leader:
-            return self._core.envelope.unwrap(await asyncio.shield(future))
-        try:
+        while True:
+            future, leader = self._flights.join(flight)
+            if leader:
+                break
+            try:
+                return self._core.envelope.unwrap(await asyncio.shield(future))
+            except LeaderGone:
+                continue  # the leader was cancelled: try again, perhaps as the leader
+        with self._flights.lead(flight, future) as done:
             got: Got = await self._drive(self._core.get_or_set(key, ttl), loader)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so a flight nobody joined does not warn
-            raise
-        finally:
-            self._flights.land(flight)
-        future.set_result(got.payload)
+            done(got.payload)
         if got.refresh is not None:
             self._refresh_in_background(got.refresh, loader)
         return got.value

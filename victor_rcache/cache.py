@@ -19,7 +19,7 @@ from .coherence import InvalidationListener
 from .config import CacheConfig
 from .connection import subscriber_connections, sync_client
 from .errors import ConfigurationError, InvalidArgumentError
-from .stampede import Flights
+from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ class CacheBase:
         return self.config.namespace
 
 
-def _call_loader(loader: Callable[[], Any]) -> Loaded | Exception:
+def _call_loader(loader: Callable[[], Any]) -> Loaded | BaseException:
     """Run a sync loader (or an async one, when no event loop runs in this thread); time it."""
     started = time.perf_counter()
     try:
@@ -75,7 +75,7 @@ def _call_loader(loader: Callable[[], Any]) -> Loaded | Exception:
             else:
                 raise InvalidArgumentError("an async loader cannot run inside a running event loop from the sync "
                                            "cache; use AsyncMultiLevelCache.get_or_set")
-    except Exception as exc:  # handed to the core, which releases the lease and re-raises it
+    except BaseException as exc:  # handed to the core, which releases the lease and re-raises it
         return exc
     return Loaded(value, time.perf_counter() - started)
 
@@ -101,10 +101,18 @@ class MultiLevelCache(CacheBase):
         self._start_coherence()
 
     def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
-        """Run a core operation: do each instruction it yields, feed back the outcome."""
+        """Run a core operation: do each instruction it yields, feed back the outcome.
+
+        Whatever interrupts an instruction goes back into the operation too, so it can give back
+        what it holds (a fill lease) before the exception reaches the caller.
+        """
         instruction, result = feed(step, None)
         while instruction is not None:
-            instruction, result = feed(step, self._do(instruction, loader))
+            try:
+                outcome = self._do(instruction, loader)
+            except BaseException as exc:
+                outcome = exc
+            instruction, result = feed(step, outcome)
         return cast(T, result)
 
     def _do(self, instruction: Instruction, loader: Callable[[], Any] | None) -> Any:
@@ -139,17 +147,17 @@ class MultiLevelCache(CacheBase):
         is cached. ``loader`` may be a plain function or return an awaitable (run with asyncio.run).
         """
         flight = self._core.space.ref(key).id
-        future, leader = self._flights.join(flight)
-        if not leader:
-            return self._core.envelope.unwrap(future.result())
-        try:
+        while True:
+            future, leader = self._flights.join(flight)
+            if leader:
+                break
+            try:
+                return self._core.envelope.unwrap(future.result())
+            except LeaderGone:
+                continue  # the leader was interrupted: try again, perhaps as the leader
+        with self._flights.lead(flight, future) as done:
             got: Got = self._drive(self._core.get_or_set(key, ttl), loader)
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
-            self._flights.land(flight)
-        future.set_result(got.payload)
+            done(got.payload)
         if got.refresh is not None:
             self._refresh_in_background(got.refresh, loader)
         return got.value

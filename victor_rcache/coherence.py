@@ -19,15 +19,14 @@ microseconds per read, and an asyncio process keeps no task of its own for it.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from . import forksafe
 from .l1 import LocalCache
 
 log = logging.getLogger("victor_rcache")
@@ -73,6 +72,8 @@ class NoCoherence:
 class InvalidationListener:
     """Subscribes to the namespace's channel and keeps ``l1`` coherent with the fleet."""
 
+    FORK_ORDER = 1  # after L1 and the other locks are fresh (see forksafe)
+
     def __init__(self, connect: Callable[[], Any], channel: bytes, l1: LocalCache,
                  clock: Callable[[], float] | None = None) -> None:
         self._connect = connect
@@ -84,9 +85,9 @@ class InvalidationListener:
         self.subscriptions = 0
         self._started = False
         self._init_state()
+        forksafe.register(self)
 
     def _init_state(self) -> None:
-        _LISTENERS.add(self)
         self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the thread's select()
         self._lock = threading.Lock()
         self._conn: Any = None  # a redis-py Connection (its API is untyped)
@@ -119,6 +120,7 @@ class InvalidationListener:
         """Stop listening (idempotent)."""
         if self._stop.is_set():
             return
+        self._healthy = False  # nobody applies invalidations any more: L1 must not be served
         self._stop.set()
         self._wake_w.send(b"x")
         if self._thread.is_alive():
@@ -251,14 +253,3 @@ class InvalidationListener:
         self._init_state()
         if was_running:
             self._thread.start()
-
-
-_LISTENERS: weakref.WeakSet[InvalidationListener] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for listener in list(_LISTENERS):
-        listener._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)

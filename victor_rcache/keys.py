@@ -11,7 +11,8 @@ over all its masters::
     <ns>:{s<i>.<salt>}:l3        ZSET  L3 index: entry id -> last touch (ms)
     <ns>:{s<i>.<salt>}:exp       ZSET  entry id -> absolute expiry (ms), entries with a ttl only
     <ns>:{s<i>.<salt>}:stats     HASH  the shard's fleet counters and byte totals
-    <ns>:{s<i>.<salt>}:gone      ZSET  entry id -> when it was deleted, or left while cached in an L1 (ms)
+    <ns>:{s<i>.<salt>}:gone      ZSET  entry id -> when it left Redis while cached in some L1 (ms)
+    <ns>:{s<i>.<salt>}:fence     ZSET  entry id -> when it was deleted, expired or removed (ms)
     <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, s size, n hits, ver, x expiry, k key, f, d
     <ns>:{s<i>.<salt>}:lease:<id>  STRING  the token of the process computing a missing value
 
@@ -66,7 +67,7 @@ class EntryRef:
 
 @dataclass(frozen=True)
 class ShardKeys:
-    """The five index/counter keys of one shard, in the order the scripts take them."""
+    """The six index/counter keys of one shard, in the order the scripts take them."""
 
     index: int
     l2: bytes
@@ -74,10 +75,11 @@ class ShardKeys:
     exp: bytes
     stats: bytes
     gone: bytes
+    fence: bytes
 
     @property
     def keys(self) -> list[bytes]:
-        return [self.l2, self.l3, self.exp, self.stats, self.gone]
+        return [self.l2, self.l3, self.exp, self.stats, self.gone, self.fence]
 
     def entry(self, entry_id: bytes) -> bytes:
         return self.l2[:-2] + b"e:" + entry_id
@@ -118,7 +120,7 @@ class KeySpace:
         out = []
         for i in range(self.shards):
             base = self.prefix + b"{" + _shard_tag(i, self.shards).encode() + b"}:"
-            out.append(ShardKeys(i, base + b"l2", base + b"l3", base + b"exp", base + b"stats", base + b"gone"))
+            out.append(ShardKeys(i, *(base + name for name in (b"l2", b"l3", b"exp", b"stats", b"gone", b"fence"))))
         return tuple(out)
 
     def ref(self, key: str | bytes) -> EntryRef:

@@ -18,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import forksafe
+
 FLOORS = 4096  # invalidated versions remembered; a racing fill arrives within one round trip
 
 
@@ -43,6 +45,14 @@ class LocalCache:
         self._floors: OrderedDict[bytes, int] = OrderedDict()
         self._cleared_at = float("-inf")
         self._lock = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
+        # The parent's copies may be stale by the time the child serves: start empty, with a new lock.
+        self._lock = threading.Lock()
+        self._data.clear()
+        self._floors.clear()
+        self.total_size = 0
 
     def get(self, key: bytes) -> L1Entry | None:
         """The live entry for ``key`` (now most recently used), or None."""

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from . import forksafe
+
 COUNTERS = ("gets", "l1_hits", "l2_hits", "l3_hits", "misses", "l1_fills", "promotions", "demotions",
             "evictions", "expirations", "puts", "redis_errors", "decode_errors", "script_reloads",
             "loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors")
@@ -24,6 +26,10 @@ class Counters:
 
     def __init__(self) -> None:
         self._values = dict.fromkeys(COUNTERS, 0)
+        self._lock = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
         self._lock = threading.Lock()
 
     def add(self, **deltas: int) -> None:

@@ -16,10 +16,28 @@ from __future__ import annotations
 import math
 import random
 import threading
-from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, Protocol, TypeVar
 
-F = TypeVar("F")
+from . import forksafe
+
+
+class Settable(Protocol):
+    """What a flight's future must offer (``concurrent.futures.Future`` and ``asyncio.Future`` do)."""
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+    def exception(self) -> BaseException | None: ...
+
+
+F = TypeVar("F", bound=Settable)
+
+
+class LeaderGone(Exception):
+    """The caller computing a key was cancelled or interrupted; a waiting caller should try itself."""
 
 
 def refresh_early(ttl_left: float | None, cost: float, beta: float,
@@ -37,6 +55,12 @@ class Flights(Generic[F]):
         self._new_future = new_future
         self._flights: dict[Hashable, F] = {}
         self._lock = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
+        # Leaders of the parent's flights do not exist in the child: nobody would ever finish them.
+        self._lock = threading.Lock()
+        self._flights = {}
 
     def join(self, key: Hashable) -> tuple[F, bool]:
         """The key's future, and whether the caller leads (must compute and then call :meth:`land`)."""
@@ -47,6 +71,19 @@ class Flights(Generic[F]):
             future = self._flights[key] = self._new_future()
             return future, True
 
-    def land(self, key: Hashable) -> None:
-        with self._lock:
-            self._flights.pop(key, None)
+    @contextmanager
+    def lead(self, key: Hashable, future: F) -> Iterator[Callable[[Any], None]]:
+        """The leader's side: ``with flights.lead(key, future) as done: ... done(result)``.
+
+        On an exception the waiting callers get it too, unless the leader was cancelled or
+        interrupted (not an ``Exception``): then they get :class:`LeaderGone` and try themselves.
+        """
+        try:
+            yield future.set_result
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else LeaderGone())
+            future.exception()  # marks it retrieved: a flight nobody joined must not warn
+            raise
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)

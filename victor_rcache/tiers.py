@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar, Union
 
 from redis.exceptions import RedisError
 
+from . import forksafe
 from .codec import FORMAT_VERSION, Envelope
 from .coherence import Coherence, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
@@ -172,6 +173,12 @@ class TierCore:
         self._lock = threading.Lock()
         self._unreported_l1_hits = 0
         self._reported_l1_evictions = 0
+        self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._refreshing = set()
 
     # ------------------------------------------------------------------ reads
 
@@ -238,6 +245,7 @@ class TierCore:
                     self.counters.add(misses=1)
                     out.missed_at[ref.id] = hit[0]
                     continue
+                out.missed_at[ref.id] = reply[0][4]  # if it turns out undecodable: a miss seen now
                 payload, fill, ttl_left_ms, version, cost_ms = hit
                 try:
                     value = self.envelope.unwrap(payload)
@@ -251,6 +259,7 @@ class TierCore:
                 ttl_left = None if ttl_left_ms < 0 else ttl_left_ms / 1000
                 if fill and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost_ms / 1000):
                     self.counters.add(l1_fills=1)
+                del out.missed_at[ref.id]
                 out.values[ref.id], out.payloads[ref.id] = value, payload
                 out.hits[ref.id] = (version, ttl_left, cost_ms / 1000)
         if corrupt:
@@ -341,7 +350,10 @@ class TierCore:
             self._redis_failed("delete", exc)
             return had_local
         self._count_events(replies[0][0])
-        return bool(replies[0][1]) or had_local
+        deleted, announced = replies[0][1]
+        if announced:  # a read of the old value that raced with this delete must not be stored
+            self.l1.invalidate(ref.id, announced)
+        return bool(deleted) or had_local
 
     def invalidate(self, key: str | bytes | None = None) -> Step[None]:
         """Remove one key, or with no key every entry of the namespace (all tiers, all L1s)."""
@@ -361,6 +373,7 @@ class TierCore:
                 pending = [s for s, n in zip(pending, left, strict=True) if n > 0]
         except RedisError as exc:
             self._redis_failed("invalidate", exc)
+        self.l1.clear(at=self.since())  # reads that raced with the flush must not store old values
 
     # ------------------------------------------------- compute once per fleet
 
@@ -387,7 +400,7 @@ class TierCore:
             payload = self._encode(ref, loaded.value)
             self.l1.set(ref.id, payload, 0, _seconds(ttl_ms))
             return Got(loaded.value, payload)
-        since = found.missed_at.get(ref.id, 0)  # 0: an undecodable entry is simply replaced
+        since = found.missed_at[ref.id]
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         held = False
         try:
@@ -451,7 +464,9 @@ class TierCore:
         try:
             loaded = yield from self._load()
             payload = self._encode(ref, loaded.value)
-        except Exception:
+        except GeneratorExit:
+            raise
+        except BaseException:  # a failed, cancelled or interrupted loader gives the lease back at once
             if lease is not None:
                 yield from self._release(lease, token)
             raise
@@ -485,30 +500,51 @@ class TierCore:
                         ttl: float | None) -> Refresh | None:
         if not self.config.early_refresh or not version:
             return None
-        if refresh_early(ttl_left, cost, self.config.early_refresh_beta):
-            return Refresh(key, version, ttl)
-        return None
+        if not refresh_early(ttl_left, cost, self.config.early_refresh_beta):
+            return None
+        entry_id = self.space.ref(key).id
+        with self._lock:  # one refresh per key per process; the lease makes it one per fleet
+            if entry_id in self._refreshing:
+                return None
+            self._refreshing.add(entry_id)
+        return Refresh(key, version, ttl)
 
     def refresh(self, job: Refresh) -> Step[bool]:
         """Recompute a value before it expires, if no other worker is doing it (run in the background).
 
-        The new value replaces the entry only if it still has the version the hit saw. Failures are
-        logged and counted, never raised: nobody is waiting for a background refresh.
+        The new value replaces the entry only if it still has the version the hit saw; if it has
+        already changed, the loader does not even run. Failures are logged and counted, never
+        raised: nobody is waiting for a background refresh.
         """
         ref = self.space.ref(job.key)
+        try:
+            return (yield from self._refresh(ref, job))
+        finally:
+            with self._lock:
+                self._refreshing.discard(ref.id)
+
+    def _refresh(self, ref: EntryRef, job: Refresh) -> Step[bool]:
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         try:
-            taken = yield [("SET", lease, token, "NX", "PX", self._lease_ms)]
-            _raise_first_error(taken)
-            if not taken[0]:
+            taken, version = yield [("SET", lease, token, "NX", "PX", self._lease_ms),
+                                    ("HGET", self.space.entry_key(ref), "ver")]
+            _raise_first_error([taken, version])
+            if not taken:
+                return False
+            if version is None or int(version) != job.version:  # refreshed or rewritten already
+                yield from self._release(lease, token)
                 return False
             try:
                 loaded = yield from self._load()
                 payload = self._encode(ref, loaded.value)
-            except Exception as exc:  # a refresh's loader failure reaches nobody: count it
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # a refresh's loader failure reaches nobody: count it
+                yield from self._release(lease, token)
+                if not isinstance(exc, Exception):
+                    raise
                 log.warning("early refresh of %r failed: %s", ref.key[:100], exc)
                 self.counters.add(refresh_errors=1)
-                yield from self._release(lease, token)
                 return False
             ttl_ms = self._ttl_ms(job.ttl)
             sent_at = self.since()
@@ -659,7 +695,7 @@ class TierCore:
             self._reported_l1_evictions -= deltas[1]
 
     def _count_events(self, events: list[int]) -> None:
-        promotions, demotions, evictions, expirations = events
+        promotions, demotions, evictions, expirations = events[:4]
         self.counters.add(promotions=promotions, demotions=demotions, evictions=evictions, expirations=expirations)
 
     def _redis_failed(self, op: str, exc: Exception) -> None:

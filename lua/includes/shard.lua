@@ -8,9 +8,13 @@
     KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms, see stamp())
     KEYS[3]  <ns>:{<tag>}:exp     ZSET  member = entry id, score = absolute expiry (ms); entries with a ttl only
     KEYS[4]  <ns>:{<tag>}:stats   HASH  fleet counters and byte totals of this shard
-    KEYS[5]  <ns>:{<tag>}:gone    ZSET  member = entry id, score = when it was deleted, or left Redis
-                                        while a process may still hold an L1 copy (ms); at most
-                                        max(l2 + l3 capacity, GONE_MAX) records
+    KEYS[5]  <ns>:{<tag>}:gone    ZSET  member = entry id, score = when it left Redis while some
+                                        process may still hold an L1 copy (ms): rewriting it publishes
+    KEYS[6]  <ns>:{<tag>}:fence   ZSET  member = entry id, score = when it was deleted, expired or
+                                        removed (ms): a fill that started before that is refused
+  Both are kept for `memory` ms and at most max(l2 + l3 capacity, RECORDS_MAX) records each; the
+  oldest `gone` records dropped past that are announced, and a dropped `fence` record raises the
+  stats field `fence_floor`, below which every fill is refused.
 
   Entry data lives at <ns>:{<tag>}:e:<id>, a HASH:
     v = payload (bytes), s = payload size accounted in the byte totals (bytes),
@@ -35,9 +39,9 @@
     ARGV[6]  promote_after, Redis hits (>= 1)
     ARGV[7]  L1 hits the calling process had since its last report (>= 0; fleet counter piggyback)
     ARGV[8]  L1 evictions since its last report (>= 0)
-    ARGV[9]  how long `gone` records are kept, ms (>= 1; the longest L1 life or fill that they guard);
-             the shard keeps the largest value any worker sent (stats field `memory`), so a worker
-             with a short l1_ttl cannot drop records that protect one with a long l1_ttl
+    ARGV[9]  memory: how long `gone` and `fence` records are kept, ms (>= 1; the longest L1 life or
+             fill they guard); the shard keeps the largest value any worker sent (stats field
+             `memory`), so a worker with a short l1_ttl cannot drop records a longer one needs
   Script-specific ARGV start at ARGV[10] (HEAD + 1).
 
   Tier semantics kept here:
@@ -49,9 +53,10 @@
 ]]
 local HEAD = 9
 local SWEEP = 16
-local GONE_MAX = 1024  -- `gone` records kept per shard at least (more if the shard holds more entries)
+local RECORDS_MAX = 1024  -- `gone`/`fence` records kept per shard at least (more for bigger shards)
 
-local l2_key, l3_key, exp_key, stats_key, gone_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local gone_key, fence_key = KEYS[5], KEYS[6]
 local base = string.sub(l2_key, 1, -3)
 local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
 
@@ -87,9 +92,24 @@ end
 local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
 local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
 local changed = {}                   -- invalidation lines to publish at the end
-local noted = false                  -- a `gone` record was added in this call
+local noted = false                  -- a `gone` or `fence` record was added in this call
 
 local function entry_key(id) return base .. 'e:' .. id end
+
+-- The next version of this shard. A new shard's counter starts at now (ms) * 1000, so versions keep
+-- growing across a flushed or restarted Redis (L1 refuses a copy older than one it has seen).
+local function next_version()
+  redis.call('HSETNX', stats_key, 'seq', string.format('%d', now * 1000))
+  return redis.call('HINCRBY', stats_key, 'seq', 1)
+end
+
+-- Records that `id` was removed now: fills that started earlier are refused (`fence`), and if a
+-- process may hold an L1 copy (`cached`), rewriting it will publish (`gone`).
+local function note_removal(id, cached)
+  redis.call('ZADD', fence_key, now, id)
+  if cached then redis.call('ZADD', gone_key, now, id) end
+  noted = true
+end
 
 -- Queues "<length of id>:<id> <version>\n" for the invalidation published by finish().
 local function announce(id, version)
@@ -110,8 +130,9 @@ local function stamp()
 end
 
 -- Removes an entry from every index and deletes its data. `tier` is 2, 3 or nil (not indexed);
--- `why` is 'deleted', 'evicted', 'idle' or 'expired'. A deleted entry, or one leaving while some
--- L1 may hold a copy (f = 1), gets a `gone` record (expired copies end by themselves in every L1).
+-- `why` is 'deleted', 'evicted', 'idle' or 'expired'. Every removal gets a `fence` record; one
+-- leaving while some L1 may hold a copy (f = 1) a `gone` record too, unless it expired (expired
+-- copies end by themselves in every L1) or was deleted (the delete itself publishes).
 local function drop(id, tier, why)
   local ek = entry_key(id)
   local f = redis.call('HMGET', ek, 's', 'f')
@@ -120,10 +141,7 @@ local function drop(id, tier, why)
   elseif tier == 3 then redis.call('ZREM', l3_key, id); bytes3 = bytes3 - size end
   redis.call('ZREM', exp_key, id)
   redis.call('DEL', ek)
-  if why == 'deleted' or (why ~= 'expired' and f[2]) then
-    redis.call('ZADD', gone_key, now, id)
-    noted = true
-  end
+  note_removal(id, f[2] and why ~= 'expired' and why ~= 'deleted')
   if why == 'evicted' then ev.evictions = ev.evictions + 1
   elseif why ~= 'deleted' then ev.expirations = ev.expirations + 1 end
 end
@@ -143,7 +161,7 @@ local function into_l3(id, score)
   ev.demotions = ev.demotions + 1
 end
 
--- Bounded sweep of due work: absolute expiry, L2 idle -> L3, L3 idle -> gone, old `gone` records.
+-- Bounded sweep of due work: absolute expiry, L2 idle -> L3, L3 idle -> gone, old records.
 local function sweep()
   local due = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, SWEEP)
   for _, id in ipairs(due) do
@@ -162,6 +180,7 @@ local function sweep()
   local longest = tonumber(redis.call('HGET', stats_key, 'memory')) or 0
   if memory > longest then redis.call('HSET', stats_key, 'memory', memory) else memory = longest end
   redis.call('ZREMRANGEBYSCORE', gone_key, '-inf', now - memory)
+  redis.call('ZREMRANGEBYSCORE', fence_key, '-inf', now - memory)
 end
 
 -- LRU bounds: L2 overflow demotes to L3, L3 overflow evicts.
@@ -176,8 +195,8 @@ local function enforce_bounds()
   end
 end
 
--- Writes this call's counters, byte deltas and tick into the shard's stats hash, bounds the `gone`
--- records and publishes the invalidations (one place, at the end). Returns the events reply.
+-- Writes this call's counters, byte deltas and tick into the shard's stats hash, bounds the records
+-- and publishes the invalidations (one place, at the end). Returns the events reply, with `now`.
 local function finish(extra)
   local deltas = {l1_hits = l1_hits, l1_evictions = l1_evictions, l2_bytes = bytes2, l3_bytes = bytes3,
                   promotions = ev.promotions, demotions = ev.demotions, evictions = ev.evictions,
@@ -187,14 +206,24 @@ local function finish(extra)
     if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
   end
   if tick ~= tick_read then redis.call('HSET', stats_key, 'tick', tick) end
-  -- Past GONE_MAX records the oldest are dropped, but not forgotten silently: they are announced
-  -- now, so no process keeps a copy that a later write could no longer reach.
-  local over = noted and redis.call('ZCARD', gone_key) - math.max(cap2 + cap3, GONE_MAX) or 0
-  if over > 0 then
-    local version = redis.call('HINCRBY', stats_key, 'seq', 1)
-    for _, id in ipairs(redis.call('ZRANGE', gone_key, 0, over - 1)) do announce(id, version) end
-    redis.call('ZREMRANGEBYRANK', gone_key, 0, over - 1)
+  if noted then
+    -- Past the bound the oldest records are dropped, but not forgotten: dropped `gone` ids are
+    -- announced now (no process keeps a copy a later write could not reach), and the newest
+    -- dropped `fence` time becomes a floor below which fills are refused.
+    local bound = math.max(cap2 + cap3, RECORDS_MAX)
+    local over = redis.call('ZCARD', gone_key) - bound
+    if over > 0 then
+      local version = next_version()
+      for _, id in ipairs(redis.call('ZRANGE', gone_key, 0, over - 1)) do announce(id, version) end
+      redis.call('ZREMRANGEBYRANK', gone_key, 0, over - 1)
+    end
+    over = redis.call('ZCARD', fence_key) - bound
+    if over > 0 then
+      local last = redis.call('ZRANGE', fence_key, over - 1, over - 1, 'WITHSCORES')
+      redis.call('HSET', stats_key, 'fence_floor', last[2])
+      redis.call('ZREMRANGEBYRANK', fence_key, 0, over - 1)
+    end
   end
   if #changed > 0 then redis.call('PUBLISH', channel, table.concat(changed)) end
-  return {ev.promotions, ev.demotions, ev.evictions, ev.expirations}
+  return {ev.promotions, ev.demotions, ev.evictions, ev.expirations, now}
 end
