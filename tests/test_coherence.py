@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import threading
 import time
 import traceback
 import uuid
@@ -747,3 +748,52 @@ def test_a_worker_with_a_short_l1_ttl_cannot_drop_records_a_longer_one_needs(mak
     hasty.put("other2", 2)  # sweeps the shard with hasty's settings
     hasty.put("x", "new")  # x has left Redis: only a kept `gone` record makes this publish
     wait_until(lambda: holder.get("x") == "new", "the holder dropping its copy", timeout=1.0)
+
+
+def test_a_closed_cache_no_longer_trusts_its_l1(redis_url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(redis_url)  # the application's own client outlives the cache
+    writer = MultiLevelCache(redis_url, namespace=namespace, fail_open=False)
+    reader = MultiLevelCache(redis_url, namespace=namespace, fail_open=False, client=client, promote_after=1)
+    writer.put("k", "v1")
+    assert reader.get("k") == "v1"
+    assert held(reader, "k")
+    reader.close()  # nobody applies invalidations for it any more
+    writer.put("k", "v2")
+    assert reader.get("k") == "v2"
+    assert reader.get_metrics()["coherence"]["channel"] == "down"
+    writer.close()
+    client.close()
+
+
+def _forked_child_reads(cache: MultiLevelCache, key: str, out: Any) -> None:
+    out.put(cache.get(key))
+
+
+def test_a_forked_child_starts_with_a_working_cache_even_mid_traffic(make_cache: Make) -> None:
+    """Threads hammer L1 while the process forks: the child must not inherit a held lock."""
+    cache = make_cache(promote_after=1)
+    cache.put("k", "v")
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            cache.get("k")
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    ctx = mp.get_context("fork")
+    try:
+        for _ in range(10):
+            out = ctx.Queue()
+            child = ctx.Process(target=_forked_child_reads, args=(cache, "k", out))
+            child.start()
+            child.join(timeout=20)
+            if child.is_alive():
+                child.kill()
+            assert child.exitcode == 0, "the forked child hung or failed"
+            assert out.get(timeout=5) == "v"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
