@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from victor_rcache import MultiLevelCache
-from victor_rcache.local_redis import LocalRedisServer
+from victor_rcache.local_redis import LocalRedisCluster, LocalRedisServer
 
 from .helpers import FakeClock
 
@@ -78,3 +78,13 @@ def make_cache(redis_url: str, namespace: str) -> Iterator[Callable[..., MultiLe
     yield make
     for cache in made:
         cache.close()
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """URL of one node of a throwaway Redis Cluster (3 masters, 1 replica each) for this test session."""
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.exit("The cluster tests need redis-server and redis-cli on PATH (they come together). " + NO_REDIS,
+                    returncode=3)
+    with LocalRedisCluster(masters=3, replicas=1) as cluster:
+        yield cluster.url

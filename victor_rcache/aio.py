@@ -10,12 +10,11 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-import redis.asyncio
 from redis.exceptions import RedisError
 
 from .cache import CacheBase
 from .config import CacheConfig
-from .connection import async_client
+from .connection import AsyncClient, async_client
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
 
@@ -30,13 +29,13 @@ class AsyncMultiLevelCache(CacheBase):
     """
 
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
-                 client: redis.asyncio.Redis | None = None, **settings: Any) -> None:
+                 client: AsyncClient | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
         self._owns_client = client is None
-        self.client = client if client is not None else async_client(self.config)
+        self.client: AsyncClient = client if client is not None else async_client(self.config)
         self._flights: Flights[asyncio.Future[bytes]] = Flights(lambda: asyncio.get_running_loop().create_future())
         self._refreshing: set[asyncio.Task[Any]] = set()
-        self._start_coherence()
+        self._start_coherence(self.client)
 
     async def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
         instruction, result = feed(step, None)

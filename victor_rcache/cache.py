@@ -12,12 +12,11 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-import redis
 from redis.exceptions import RedisError
 
 from .coherence import InvalidationListener
 from .config import CacheConfig
-from .connection import subscriber_connections, sync_client
+from .connection import SyncClient, cluster_nodes, subscriber_connections, sync_client
 from .errors import ConfigurationError, InvalidArgumentError
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
@@ -45,11 +44,11 @@ class CacheBase:
         self.config = _make_config(redis_url, config, settings)
         self._core = TierCore(self.config)
 
-    def _start_coherence(self) -> None:
+    def _start_coherence(self, client: Any) -> None:
         """Subscribe to the namespace's invalidations (waits up to connect_timeout for the first try)."""
         if self.config.coherence:
-            listener = InvalidationListener(subscriber_connections(self.config), self._core.space.channel,
-                                            self._core.l1, clock=self._core.since)
+            connect = subscriber_connections(self.config, cluster_nodes(client))
+            listener = InvalidationListener(connect, self._core.space.channel, self._core.l1, clock=self._core.since)
             self._core.coherence = listener.start(wait=self.config.connect_timeout)
 
     @classmethod
@@ -89,16 +88,17 @@ class MultiLevelCache(CacheBase):
 
     ``MultiLevelCache(redis_url, namespace=..., l1_size=..., l2_size=..., l3_size=..., l1_ttl=...,
     l2_ttl=..., l3_ttl=..., promote_after=...)``; every setting is described in :class:`CacheConfig`.
-    Pass ``client=`` to reuse a redis-py client you already have.
+    Pass ``cluster=True`` for a Redis Cluster, or ``client=`` to reuse a redis-py client (``Redis`` or
+    ``RedisCluster``) you already have.
     """
 
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
-                 client: redis.Redis | None = None, **settings: Any) -> None:
+                 client: SyncClient | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
         self._owns_client = client is None
-        self.client = client if client is not None else sync_client(self.config)
+        self.client: SyncClient = client if client is not None else sync_client(self.config)
         self._flights: Flights[Future[bytes]] = Flights(Future)
-        self._start_coherence()
+        self._start_coherence(self.client)
 
     def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
         """Run a core operation: do each instruction it yields, feed back the outcome.

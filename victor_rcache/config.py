@@ -65,6 +65,7 @@ class CacheConfig:
     fail_open: bool = True
     socket_timeout: float = 0.5
     connect_timeout: float = 0.5
+    cluster: bool = False
     coherence: bool = True
     lease_ttl: float = 30.0
     early_refresh: bool = False

@@ -18,12 +18,21 @@ import redis
 from .errors import CacheError
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(cluster_bus: bool = False) -> int:
+    """A TCP port nobody listens on right now (and, for a cluster node, its bus port +10000 too)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if not cluster_bus:
+            return port
+        if port + 10000 <= 65535:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
 
 
 class LocalRedisServer:
@@ -84,6 +93,86 @@ class LocalRedisServer:
             self._dir = None
 
     def __enter__(self) -> LocalRedisServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class LocalRedisCluster:
+    """A private Redis Cluster: ``masters`` masters with ``replicas`` replicas each, on free ports.
+
+    Started with ``redis-cli --cluster create``; :meth:`start` returns once every node reports
+    ``cluster_state:ok`` and agrees on the slot map. Nothing is kept on disk.
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.masters = masters
+        self.replicas = replicas
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms))
+        self.nodes = [LocalRedisServer(port=free_port(cluster_bus=True), extra_args=args)
+                      for _ in range(masters * (1 + replicas))]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 60.0) -> LocalRedisCluster:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise CacheError("redis-cli is not on PATH; it comes with redis-server (apt-get install redis-tools)")
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas),
+                            "--cluster-yes"], check=True, capture_output=True, timeout=timeout)
+            self.wait_until_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_ok(self, timeout: float = 60.0, nodes: list[LocalRedisServer] | None = None) -> None:
+        """Return once every running node says cluster_state:ok and they agree on who serves what."""
+        deadline = time.monotonic() + timeout
+        running = [n for n in (nodes or self.nodes) if n.process is not None]
+        while True:
+            views = []
+            for node in running:
+                client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
+                try:
+                    if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):  # type: ignore[no-untyped-call]
+                        break
+                    slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                    views.append(sorted((s[0], s[1], s[2][1]) for s in slots))
+                except redis.RedisError:
+                    break
+                finally:
+                    client.close()
+            else:
+                if views and all(view == views[0] for view in views):
+                    return
+            if time.monotonic() > deadline:
+                raise CacheError(f"the local cluster did not reach cluster_state:ok within {timeout}s")
+            time.sleep(0.05)
+
+    def master_ports(self) -> list[int]:
+        """Ports of the nodes serving slots right now."""
+        client = redis.Redis(port=next(n.port for n in self.nodes if n.process is not None))
+        try:
+            slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            return sorted({int(s[2][1]) for s in slots})
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> LocalRedisCluster:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
