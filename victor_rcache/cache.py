@@ -72,6 +72,8 @@ def _call_loader(loader: Callable[[], Any]) -> Loaded | BaseException:
             except RuntimeError:
                 value = asyncio.run(_await(value))
             else:
+                if inspect.iscoroutine(value):
+                    value.close()  # never awaited, on purpose: say so without a RuntimeWarning
                 raise InvalidArgumentError("an async loader cannot run inside a running event loop from the sync "
                                            "cache; use AsyncMultiLevelCache.get_or_set")
     except BaseException as exc:  # handed to the core, which releases the lease and re-raises it

@@ -452,10 +452,10 @@ class TierCore:
         return False
 
     def _load(self) -> Step[Loaded]:
+        self.counters.add(loads=1)  # every run of a loader, whether it succeeds or not
         loaded = yield Load()
         if not isinstance(loaded, Loaded):
             raise TypeError(f"a front end sent {type(loaded).__name__} for Load")
-        self.counters.add(loads=1)
         return loaded
 
     def _compute_and_fill(self, ref: EntryRef, ttl_ms: int, since_ms: int, lease: bytes | None,
@@ -498,8 +498,8 @@ class TierCore:
 
     def _refresh_if_due(self, key: str | bytes, version: int, ttl_left: float | None, cost: float,
                         ttl: float | None) -> Refresh | None:
-        if not self.config.early_refresh or not version:
-            return None
+        if not self.config.early_refresh or not version or ttl is None:
+            return None  # without a ttl in this call there is nothing to refresh ahead of
         if not refresh_early(ttl_left, cost, self.config.early_refresh_beta):
             return None
         entry_id = self.space.ref(key).id
