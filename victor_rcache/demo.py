@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.cluster import RedisCluster
 
 from . import MultiLevelCache
 from .config import CacheConfig, redact
@@ -110,6 +111,7 @@ class WorkerJob:
     l1_size: int
     l2_size: int
     l3_size: int
+    cluster: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,14 @@ class WorkerResult:
 def make_cache(job: WorkerJob) -> MultiLevelCache:
     # fail_open=False: a demo should stop with Redis's error, not quietly count misses.
     return MultiLevelCache(job.url, namespace=job.namespace, l1_size=job.l1_size, l2_size=job.l2_size,
-                           l3_size=job.l3_size, shards=SHARDS, fail_open=False)
+                           l3_size=job.l3_size, shards=SHARDS, fail_open=False, cluster=job.cluster)
+
+
+def plain_client(url: str, cluster: bool) -> Any:
+    """A plain redis-py client (cluster-aware) for the demo's own housekeeping."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
 
 def request_stream(job: WorkerJob) -> list[str]:
@@ -287,23 +296,24 @@ def preload_scripts(url: str) -> None:
                 raise DemoError(f"fakeredis loaded {script.name}.lua under SHA1 {sha}, expected {script.sha}")
 
 
-def server_version(server: Server) -> str:
+def server_version(server: Server, cluster: bool) -> str:
     if server.kind == "fakeredis":  # fakeredis has no INFO
         from fakeredis import __version__  # noqa: PLC0415
 
         return f"fakeredis {__version__}"
-    with redis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=5) as client:
-        info: dict[str, Any] = client.info("server")
-    return f"redis_version {info.get('redis_version', '?')}"
+    with plain_client(server.url, cluster) as client:
+        node = client.get_primaries()[0].redis_connection if cluster else client
+        info: dict[str, Any] = node.info("server")
+    return f"redis_version {info.get('redis_version', '?')}" + (" (cluster)" if cluster else "")
 
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def clear_namespaces(url: str, namespaces: Sequence[str]) -> None:
+def clear_namespaces(url: str, namespaces: Sequence[str], cluster: bool = False) -> None:
     """Remove every key of these namespaces (data, indexes, counters), so each run starts cold."""
-    with redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5) as client:
+    with plain_client(url, cluster) as client:
         for namespace in namespaces:
             batch: list[bytes] = []
             for key in client.scan_iter(match=_glob_escape(namespace) + ":*", count=1000):
@@ -369,9 +379,11 @@ def phase_table(results: list[WorkerResult], total_name: str) -> tuple[list[str]
     return lines, total, computed
 
 
-def inspect_commands(server: Server, namespace: str, top_query: str) -> list[str]:
+def inspect_commands(server: Server, namespace: str, top_query: str, cluster: bool = False) -> list[str]:
     port = str(urlsplit(server.url).port)
     cli = ["redis-cli", "-u", redact(server.url)] if server.kind == "given" else ["redis-cli", "-p", port]
+    if cluster:
+        cli.insert(1, "-c")  # follow MOVED to the node that holds each key
     space = KeySpace(namespace, SHARDS)
     shard = space.shard_keys[0]
     entry = space.entry_key(space.ref(top_query)).decode()
@@ -405,6 +417,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Several worker processes select tools for agent queries through one shared cache; "
                     "the demo compares per-worker caching with the shared fleet cache.",
     )
+    parser.add_argument("--cluster", action="store_true",
+                        default=os.environ.get("VICTOR_RCACHE_CLUSTER", "").lower() in ("1", "true", "yes", "on"),
+                        help="--url points at a Redis Cluster node (default: VICTOR_RCACHE_CLUSTER)")
     parser.add_argument("--url", default=os.environ.get("VICTOR_RCACHE_URL") or os.environ.get("REDIS_URL"),
                         help="Redis URL (default: VICTOR_RCACHE_URL, then REDIS_URL; without any, a private "
                              "redis-server is started, or an embedded fakeredis server if none is installed)")
@@ -439,7 +454,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def jobs_for(args: argparse.Namespace, url: str, shared: bool) -> list[WorkerJob]:
     return [WorkerJob(i, url, args.namespace if shared else f"{args.namespace}-solo-{i}", args.requests,
-                      args.seed, args.zipf, args.cost_ms, args.l1_size, args.l2_size, args.l3_size)
+                      args.seed, args.zipf, args.cost_ms, args.l1_size, args.l2_size, args.l3_size, args.cluster)
             for i in range(args.workers)]
 
 
@@ -454,8 +469,8 @@ def run_demo(args: argparse.Namespace, server: Server) -> int:
     if server.kind == "fakeredis":
         print("NOTE: no redis-server found: running on an embedded fakeredis server; results are illustrative.")
         print("      Install redis-server or pass --url for real numbers.\n")
-    version = server_version(server)
-    clear_namespaces(server.url, [ns, *solo])
+    version = server_version(server, args.cluster)
+    clear_namespaces(server.url, [ns, *solo], args.cluster)
     started = time.perf_counter()
     print(f"victor_rcache demo: {args.workers} worker processes x {args.requests} requests; "
           f"150 distinct queries, Zipf s={args.zipf:g}, seed {args.seed}")
@@ -506,9 +521,9 @@ def run_demo(args: argparse.Namespace, server: Server) -> int:
     if wrong:
         print(f"ERROR: {wrong} cached answers did not match a fresh computation.")
 
-    clear_namespaces(server.url, solo)
+    clear_namespaces(server.url, solo, args.cluster)
     print(f"\nLook inside namespace '{ns}' with redis-cli:")
-    print("\n".join(inspect_commands(server, ns, vocabulary(args.seed)[0])))
+    print("\n".join(inspect_commands(server, ns, vocabulary(args.seed)[0], args.cluster)))
     if server.kind == "given":
         print(f"(the data stays in Redis; the next run with --namespace {ns} clears it)")
     elif server.keep:

@@ -46,8 +46,10 @@ class LocalRedisServer:
                 "redis-server is not on PATH; install it (Debian/Ubuntu: apt-get install redis-server, "
                 "macOS: brew install redis) or point the cache at a running Redis with redis_url="
             )
-        self.port = port or free_port()
         self.extra_args = extra_args
+        self._cluster_node = "--cluster-enabled" in extra_args
+        self._auto_port = port is None  # a port picked here may be taken meanwhile: pick another then
+        self.port = port or free_port(self._cluster_node)
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -56,29 +58,55 @@ class LocalRedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> LocalRedisServer:
-        """Launch the server and wait until it answers PING."""
-        self._dir = tempfile.TemporaryDirectory(prefix="vrc-redis-")
+        """Launch the server (again, after :meth:`kill`) and wait until it answers PING."""
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="vrc-redis-")
+        for _ in range(5):
+            if self._launch(timeout):
+                return self
+            self.port = free_port(self._cluster_node)  # someone took the port first: try another
+        raise CacheError("could not find a free port for redis-server after 5 tries")
+
+    def _launch(self, timeout: float) -> bool:
+        """Start on ``self.port``; False if that port was taken (only when the port was picked here)."""
+        assert self._dir is not None
         args = [self.binary or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self._dir.name,
                 "--logfile", str(Path(self._dir.name) / "redis.log"), *self.extra_args]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         try:
             while True:
-                if self.process.poll() is not None:
-                    err = self.process.stderr.read().decode() if self.process.stderr else ""
+                if process.poll() is not None:
+                    err = process.stderr.read().decode() if process.stderr else ""
+                    self.process = None
+                    log = Path(self._dir.name) / "redis.log"
+                    taken = "Address already in use" in err + (log.read_text() if log.exists() else "")
+                    if taken and self._auto_port:
+                        return False
                     raise CacheError(f"redis-server exited at start (port {self.port}): {err.strip()}")
                 try:
-                    if client.ping():
-                        return self
+                    # It must be *our* server answering, not another one that got the port first.
+                    if int(client.info("server")["process_id"]) == process.pid:
+                        return True
                 except redis.RedisError:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise CacheError(f"redis-server on port {self.port} did not answer within {timeout}s") from None
-                    time.sleep(0.02)
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise CacheError(f"redis-server on port {self.port} did not answer within {timeout}s")
+                time.sleep(0.02)
         finally:
             client.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (its folder stays, so it can be started again)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            if self.process.stderr:
+                self.process.stderr.close()
+            self.process = None
 
     def stop(self) -> None:
         """Kill the server and remove its scratch folder."""
@@ -110,10 +138,12 @@ class LocalRedisCluster:
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
         self.masters = masters
         self.replicas = replicas
+        # No diskless-sync delay, and replicas may always take over: a test cluster is ready to fail
+        # over as soon as start() returns.
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms))
-        self.nodes = [LocalRedisServer(port=free_port(cluster_bus=True), extra_args=args)
-                      for _ in range(masters * (1 + replicas))]
+                "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0",
+                "--cluster-replica-validity-factor", "0")
+        self.nodes = [LocalRedisServer(extra_args=args) for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -153,11 +183,25 @@ class LocalRedisCluster:
                 finally:
                     client.close()
             else:
-                if views and all(view == views[0] for view in views):
+                if views and all(view == views[0] for view in views) and self._replicas_in_sync(running):
                     return
             if time.monotonic() > deadline:
                 raise CacheError(f"the local cluster did not reach cluster_state:ok within {timeout}s")
             time.sleep(0.05)
+
+    @staticmethod
+    def _replicas_in_sync(nodes: list[LocalRedisServer]) -> bool:
+        for node in nodes:
+            client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                info = client.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        return True
 
     def master_ports(self) -> list[int]:
         """Ports of the nodes serving slots right now."""
