@@ -1,8 +1,8 @@
 --[[
   flush.lua: remove up to `batch` entries of one shard; called repeatedly by invalidate() until the
   shard is empty, so clearing a huge namespace never blocks Redis for long. Every call publishes
-  "*" on <ns>:inval (every process clears its L1) and marks the shard flushed, so a fill that
-  started before the flush is refused.
+  "*<shard> <version>" on <ns>:inval (every process drops its L1 copies of this shard older than
+  that version) and marks the shard flushed, so a fill that started before the flush is refused.
 
   KEYS[1]  <ns>:{<tag>}:l2     ZSET  (see includes/shard.lua)
   KEYS[2]  <ns>:{<tag>}:l3     ZSET
@@ -12,6 +12,7 @@
   KEYS[6]  <ns>:{<tag>}:fence  ZSET  removed once the shard is empty (`flushed` refuses older fills)
   ARGV[1]  batch, entries to remove in this call (>= 1)
   ARGV[2]  now, ms since the epoch (0 = the server's TIME)
+  ARGV[3]  the shard's index (for the invalidation message)
 
   Reply: entries left in the shard's indexes after this call (0 = the shard is empty)
 ]]
@@ -19,9 +20,9 @@ local l2_key, l3_key, exp_key, stats_key, gone_key, fence_key = KEYS[1], KEYS[2]
     KEYS[6]
 local base = string.sub(l2_key, 1, -3)
 local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
-for i = 1, 2 do
+for i = 1, 3 do
   if not string.match(ARGV[i] or '', '^%d+$') or string.len(ARGV[i]) > 16 then
-    return redis.error_reply('VRC_BADARG flush: batch and now must be non-negative integers')
+    return redis.error_reply('VRC_BADARG flush: batch, now and shard must be non-negative integers')
   end
 end
 local batch, now = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -53,5 +54,8 @@ if left == 0 then                                    -- heal any byte-total drif
   redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0)
   redis.call('DEL', gone_key, fence_key)
 end
-redis.call('PUBLISH', channel, '*')
+-- Versions grow across a flushed or restarted Redis (see next_version in includes/shard.lua).
+redis.call('HSETNX', stats_key, 'seq', string.format('%d', now * 1000))
+local version = redis.call('HINCRBY', stats_key, 'seq', 1)
+redis.call('PUBLISH', channel, '*' .. ARGV[3] .. ' ' .. string.format('%d', version))
 return left

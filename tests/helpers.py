@@ -1,13 +1,39 @@
-"""Test helpers: a fake clock and a checker of DESIGN.md §5 invariants against what Redis holds."""
+"""Test helpers: a fake clock, a checker of DESIGN.md §5 invariants against what Redis holds, the slot
+guard, and per-server access that works the same on a standalone Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import MovedError
 
-from victor_rcache.keys import KeySpace
+from victor_rcache.keys import KeySpace, ShardKeys
 from victor_rcache.tiers import split_capacity
+
+Client: TypeAlias = redis.Redis | RedisCluster
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The Redis a test runs against: a standalone server or a cluster (see conftest.py)."""
+
+    kind: str  # "standalone" or "cluster"
+    url: str
+
+    @property
+    def cluster(self) -> bool:
+        return self.kind == "cluster"
+
+    def client(self) -> Client:
+        """A plain redis-py client of the right kind, to look at what Redis actually holds."""
+        if self.cluster:
+            return RedisCluster.from_url(self.url)
+        return redis.Redis.from_url(self.url)
 
 
 class FakeClock:
@@ -54,27 +80,46 @@ class NamespaceState:
         return 2 if entry_id in self.l2_ids else 3 if entry_id in self.l3_ids else 0
 
 
-def read_namespace(raw: redis.Redis, namespace: str, shards: int) -> NamespaceState:
-    """Everything the namespace holds in Redis, shard by shard."""
+def read_namespace(raw: Client, namespace: str, shards: int) -> NamespaceState:
+    """Everything the namespace holds in Redis, shard by shard.
+
+    Every key of a shard starts with ``<ns>:{<tag>}:``, so all of them (entry hashes included) hash to
+    the tag's slot: the shard is read from the one server holding that slot (on a cluster, its master).
+    """
     space = KeySpace(namespace, shards)
     out = []
     for sk in space.shard_keys:
-        state = ShardState(
-            l2=dict(raw.zrange(sk.l2, 0, -1, withscores=True)),
-            l3=dict(raw.zrange(sk.l3, 0, -1, withscores=True)),
-            exp=dict(raw.zrange(sk.exp, 0, -1, withscores=True)),
-            stats=raw.hgetall(sk.stats),
-            gone=dict(raw.zrange(sk.gone, 0, -1, withscores=True)),
-            fence=dict(raw.zrange(sk.fence, 0, -1, withscores=True)),
-        )
-        entry_prefix = sk.entry(b"")
-        for name in raw.scan_iter(match=entry_prefix + b"*", count=1000):
-            state.entries[name[len(entry_prefix):]] = raw.hgetall(name)
-        out.append(state)
+        try:
+            out.append(_read_shard(server_of(raw, sk.l2), sk))
+        except (redis.ConnectionError, redis.TimeoutError, MovedError):
+            if not isinstance(raw, RedisCluster):
+                raise
+            # The client's slot map is out of date (a failover or a resharding happened): refresh it.
+            raw.nodes_manager.initialize()
+            out.append(_read_shard(server_of(raw, sk.l2), sk))
     return NamespaceState(out)
 
 
-def check_invariants(raw: redis.Redis, namespace: str, shards: int, l2_size: int, l3_size: int,
+def _read_shard(server: redis.Redis, sk: ShardKeys) -> ShardState:
+    pipe = server.pipeline(transaction=False)
+    for index in (sk.l2, sk.l3, sk.exp):
+        pipe.zrange(index, 0, -1, withscores=True)
+    pipe.hgetall(sk.stats)
+    for index in (sk.gone, sk.fence):
+        pipe.zrange(index, 0, -1, withscores=True)
+    l2, l3, exp, stats, gone, fence = pipe.execute()  # MOVED here if the slot has moved: nothing is missed
+    state = ShardState(l2=dict(l2), l3=dict(l3), exp=dict(exp), stats=stats, gone=dict(gone), fence=dict(fence))
+    entry_prefix = sk.entry(b"")
+    names = list(server.scan_iter(match=entry_prefix + b"*", count=1000))
+    pipe = server.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(name)
+    for name, data in zip(names, pipe.execute(), strict=True):
+        state.entries[name[len(entry_prefix):]] = data
+    return state
+
+
+def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_size: int,
                      now_ms: int | None = None) -> NamespaceState:
     """Assert DESIGN.md §5 invariants 1 and 2 (and byte accounting) on Redis's actual contents.
 
@@ -113,3 +158,85 @@ def check_invariants(raw: redis.Redis, namespace: str, shards: int, l2_size: int
             held = sum(len(s.entries[i][b"v"]) for i in ids if i in s.entries)
             assert int(s.stats.get(tier, 0)) == held, f"{where}: {tier.decode()} says {s.stats.get(tier)}, holds {held}"
     return state
+
+
+# ------------------------------------------------------------------ one server or every cluster node
+#
+# On a cluster, redis-py sends server commands (INFO, CONFIG RESETSTAT, CLIENT LIST/KILL, PUBSUB
+# NUMSUB, TIME, ACL ...) to one default node, and SCRIPT FLUSH/EXISTS to the masters only. These
+# helpers name the server(s) a test means. The clients they return belong to ``raw`` (closed with it).
+
+
+def servers(raw: Client, replicas: bool = True) -> list[redis.Redis]:
+    """The standalone server, or every node of the cluster (only the masters with ``replicas=False``)."""
+    if isinstance(raw, RedisCluster):
+        nodes = raw.get_nodes() if replicas else raw.get_primaries()
+        return [raw.get_redis_connection(node) for node in sorted(nodes, key=lambda n: n.name)]
+    return [raw]
+
+
+def server_of(raw: Client, key: bytes | str) -> redis.Redis:
+    """The server that holds ``key``: the standalone one, or the master serving its slot."""
+    if isinstance(raw, RedisCluster):
+        return raw.get_redis_connection(raw.get_node_from_key(key))
+    return raw
+
+
+def server_at(raw: Client, host: str, port: int) -> redis.Redis:
+    """The server at ``host:port`` (a cluster node, or the standalone server itself)."""
+    if isinstance(raw, RedisCluster):
+        node = raw.get_node(host=host, port=port)
+        assert node is not None, f"{host}:{port} is not a node of the cluster"
+        return raw.get_redis_connection(node)
+    return raw
+
+
+def flush_scripts(raw: Client) -> None:
+    """SCRIPT FLUSH on every server (replicas too: one may become a master)."""
+    for server in servers(raw):
+        server.script_flush()
+
+
+def server_ms(raw: Client) -> int:
+    """Redis's clock (TIME) in ms; on a cluster the earliest reading of the masters, so that a time
+    this has passed has passed on whichever master runs a shard's scripts."""
+    readings = []
+    for server in servers(raw, replicas=False):
+        seconds, micros = server.time()
+        readings.append(int(seconds) * 1000 + int(micros) // 1000)
+    return min(readings)
+
+
+def subscribers(raw: Client, channel: bytes) -> int:
+    """PUBSUB NUMSUB of ``channel`` over every server (a subscriber may sit on any cluster node)."""
+    total = 0
+    for server in servers(raw):
+        [(name, count)] = server.pubsub_numsub(channel)
+        assert name == channel
+        total += int(count)
+    return total
+
+
+# ------------------------------------------------------------------------------------ slot guard
+
+
+class SlotViolation(AssertionError):
+    """A script call whose keys span more than one hash slot (Redis Cluster would refuse it)."""
+
+
+def guard_slots(cache: C) -> C:
+    """Check every EVALSHA/EVAL a cache (sync or async) sends: its KEYS must share one hash slot (the
+    entry keys its scripts derive from KEYS[1] are in that slot by construction: test_lua_scripts).
+    A script call that broke the rule fails here, in any test, on either backend."""
+    send = cache._send  # type: ignore[attr-defined]
+
+    def guarded(batch: list[Any]) -> Any:
+        for command in batch:
+            if str(command[0]).upper() in ("EVALSHA", "EVAL"):
+                keys = [k if isinstance(k, bytes) else str(k).encode() for k in command[3:3 + int(command[2])]]
+                if len({key_slot(k) for k in keys}) > 1:
+                    raise SlotViolation(f"script call spans slots: {keys!r}")
+        return send(batch)  # for the async front end, the coroutine its caller awaits
+
+    cache._send = guarded  # type: ignore[attr-defined]
+    return cache

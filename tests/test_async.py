@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable
 from typing import Any
-
-import redis
 
 from victor_rcache import AsyncMultiLevelCache, MultiLevelCache
 from victor_rcache.tiers import TierCore
 
-from .helpers import FakeClock, check_invariants
+from .helpers import Client, FakeClock, check_invariants
+
+Make = Callable[..., MultiLevelCache]
+MakeAsync = Callable[..., AsyncMultiLevelCache]
 
 
 def test_both_front_ends_expose_the_same_api_over_one_core() -> None:
@@ -24,13 +26,12 @@ def test_both_front_ends_expose_the_same_api_over_one_core() -> None:
     assert isinstance(AsyncMultiLevelCache("redis://127.0.0.1:1/0")._core, TierCore)
 
 
-def test_async_cache_behaves_like_the_sync_one(redis_url: str, namespace: str, raw: redis.Redis) -> None:
+def test_async_cache_behaves_like_the_sync_one(make_async_cache: MakeAsync, namespace: str, raw: Client) -> None:
     clock = FakeClock()
-    settings: dict[str, Any] = {"namespace": namespace, "shards": 1, "l2_size": 2, "l3_size": 4,
-                                "promote_after": 2, "clock": clock, "fail_open": False}
+    settings: dict[str, Any] = {"shards": 1, "l2_size": 2, "l3_size": 4, "promote_after": 2, "clock": clock}
 
     async def scenario() -> dict[str, Any]:
-        async with AsyncMultiLevelCache(redis_url, **settings) as a, AsyncMultiLevelCache(redis_url, **settings) as b:
+        async with make_async_cache(**settings) as a, make_async_cache(**settings) as b:
             await a.put("x", {"v": (1, 2)})
             clock.advance(1)
             await a.put_many({"y": None, "z": [3]}, ttl=60)  # pushes "x" down to L3
@@ -57,16 +58,15 @@ def test_async_cache_behaves_like_the_sync_one(redis_url: str, namespace: str, r
     check_invariants(raw, namespace, 1, 2, 4)
 
 
-def test_async_and_sync_caches_share_one_namespace(redis_url: str, namespace: str) -> None:
-    sync = MultiLevelCache(redis_url, namespace=namespace, fail_open=False)
+def test_async_and_sync_caches_share_one_namespace(make_cache: Make, make_async_cache: MakeAsync) -> None:
+    sync = make_cache()
     sync.put("shared", "from sync")
 
     async def scenario() -> Any:
-        async with AsyncMultiLevelCache(redis_url, namespace=namespace, fail_open=False) as cache:
+        async with make_async_cache() as cache:
             value = await cache.get("shared")
             await cache.put("back", "from async")
             return value
 
     assert asyncio.run(scenario()) == "from sync"
     assert sync.get("back") == "from async"
-    sync.close()

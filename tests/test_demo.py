@@ -1,4 +1,5 @@
-"""`make demo` end to end: the demo runs as a program, against the session's Redis and on its fallback."""
+"""`make demo` end to end: the demo runs as a program, against the session's Redis (standalone, and a
+cluster with ``--cluster``) and on its fallback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis
+
+from .helpers import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = re.compile(r"combined hit rate: baseline (\d+\.\d)% -> fleet (\d+\.\d)%")
@@ -21,8 +23,9 @@ def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                           capture_output=True, text=True, timeout=240, cwd=ROOT, env=env, check=False)
 
 
-def test_demo_shows_tiers_and_the_fleet_beating_the_baseline(redis_url: str, namespace: str) -> None:
-    done = run_demo("--url", redis_url, "--workers", "2", "--requests", "100", "--namespace", namespace)
+def test_demo_shows_tiers_and_the_fleet_beating_the_baseline(backend: Backend, namespace: str) -> None:
+    cluster = ["--cluster"] if backend.cluster else []
+    done = run_demo("--url", backend.url, *cluster, "--workers", "2", "--requests", "100", "--namespace", namespace)
 
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -42,9 +45,10 @@ def test_demo_shows_tiers_and_the_fleet_beating_the_baseline(redis_url: str, nam
     assert fleet > baseline
     assert "The fleet computed" in out
     assert "ERROR" not in out
-    assert f"redis-cli -u {redis_url} --scan --pattern '{namespace}:*'" in out
+    follow = "-c " if backend.cluster else ""  # redis-cli follows MOVED to the node holding each key
+    assert f"redis-cli {follow}-u {backend.url} --scan --pattern '{namespace}:*'" in out
 
-    client = redis.Redis.from_url(redis_url)
+    client = backend.client()  # on a cluster, scan_iter visits every master
     try:
         assert list(client.scan_iter(match=f"{namespace}-solo-*")) == []  # the baseline cleans up after itself
         assert any(client.scan_iter(match=f"{namespace}:*"))  # the shared namespace stays, for redis-cli

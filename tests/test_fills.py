@@ -9,25 +9,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from victor_rcache import MultiLevelCache
 from victor_rcache.codec import Envelope, MsgpackCodec
 from victor_rcache.keys import KeySpace
 from victor_rcache.tiers import feed
 
-from .helpers import FakeClock, check_invariants, read_namespace
+from .helpers import Client, FakeClock, check_invariants, read_namespace
 
 Make = Callable[..., MultiLevelCache]
 
 
-def stored(raw: redis.Redis, namespace: str, key: str, shards: int = 1) -> Any:
+def stored(raw: Client, namespace: str, key: str, shards: int = 1) -> Any:
     space = KeySpace(namespace, shards)
     payload = raw.hget(space.entry_key(space.ref(key)), "v")
     return None if payload is None else Envelope(MsgpackCodec()).unwrap(payload)
 
 
-def test_a_value_that_expired_while_the_loader_ran_still_refuses_the_fill(make_cache: Make, raw: redis.Redis,
+def test_a_value_that_expired_while_the_loader_ran_still_refuses_the_fill(make_cache: Make, raw: Client,
                                                                           namespace: str, clock: FakeClock) -> None:
     settings = {"shards": 1, "clock": clock}
     reader, writer = make_cache(**settings), make_cache(**settings)
@@ -43,7 +41,7 @@ def test_a_value_that_expired_while_the_loader_ran_still_refuses_the_fill(make_c
     assert reader.get_metrics()["stampede"]["fills_refused"] == 1
 
 
-def test_a_loader_slower_than_the_record_horizon_does_not_fill(make_cache: Make, raw: redis.Redis, namespace: str,
+def test_a_loader_slower_than_the_record_horizon_does_not_fill(make_cache: Make, raw: Client, namespace: str,
                                                                clock: FakeClock) -> None:
     settings = {"shards": 1, "clock": clock, "l1_ttl": 1, "lease_ttl": 1}  # records kept 1 s
 
@@ -59,7 +57,7 @@ def test_a_loader_slower_than_the_record_horizon_does_not_fill(make_cache: Make,
     assert stored(raw, namespace, "k") == "prompt"
 
 
-def test_fence_records_dropped_past_the_bound_still_refuse_older_fills(make_cache: Make, raw: redis.Redis,
+def test_fence_records_dropped_past_the_bound_still_refuse_older_fills(make_cache: Make, raw: Client,
                                                                        namespace: str, clock: FakeClock) -> None:
     settings = {"shards": 1, "clock": clock, "l2_size": 2, "l3_size": 2}
     reader, writer = make_cache(**settings), make_cache(**settings)
@@ -82,7 +80,7 @@ def test_fence_records_dropped_past_the_bound_still_refuse_older_fills(make_cach
     check_invariants(raw, namespace, 1, 2, 2)
 
 
-def test_an_undecodable_entry_is_replaced_only_if_nothing_newer_came(make_cache: Make, raw: redis.Redis,
+def test_an_undecodable_entry_is_replaced_only_if_nothing_newer_came(make_cache: Make, raw: Client,
                                                                      namespace: str, clock: FakeClock) -> None:
     settings = {"shards": 1, "clock": clock}
     reader, writer = make_cache(**settings), make_cache(**settings)
@@ -99,7 +97,7 @@ def test_an_undecodable_entry_is_replaced_only_if_nothing_newer_came(make_cache:
     assert stored(raw, namespace, "k") == "newer"
 
 
-def test_versions_keep_growing_after_redis_lost_its_data(make_cache: Make, raw: redis.Redis, namespace: str) -> None:
+def test_versions_keep_growing_after_redis_lost_its_data(make_cache: Make, raw: Client, namespace: str) -> None:
     cache = make_cache(shards=1, coherence=False)
     cache.put("k", "v1")
     space = KeySpace(namespace, 1)

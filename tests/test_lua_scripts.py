@@ -29,7 +29,7 @@ from victor_rcache.local_redis import LocalRedisServer, free_port
 from victor_rcache.scripts import Script, ScriptCall, Scripts, lua_dir
 from victor_rcache.tiers import default_scripts
 
-from .helpers import FakeClock, check_invariants, read_namespace
+from .helpers import Client, FakeClock, check_invariants, flush_scripts, read_namespace, server_of, servers
 
 Make = Callable[..., MultiLevelCache]
 Arg = bytes | int | str
@@ -43,7 +43,7 @@ def script_named(name: str) -> Script:
     return script
 
 
-def run_script(raw: redis.Redis, script: Script, keys: Sequence[bytes], argv: Sequence[Arg]) -> Any:
+def run_script(raw: Client, script: Script, keys: Sequence[bytes], argv: Sequence[Arg]) -> Any:
     """Call a script directly, as the library does: EVALSHA, then EVAL when Redis forgot it."""
     try:
         return raw.evalsha(script.sha, len(keys), *keys, *argv)
@@ -51,7 +51,7 @@ def run_script(raw: redis.Redis, script: Script, keys: Sequence[bytes], argv: Se
         return raw.eval(script.source, len(keys), *keys, *argv)  # type: ignore[arg-type]
 
 
-def snapshot(raw: redis.Redis, namespace: str) -> dict[bytes, tuple[bytes | None, int]]:
+def snapshot(raw: Client, namespace: str) -> dict[bytes, tuple[bytes | None, int]]:
     """Every key of the namespace: its DUMP (type, value, encoding) and absolute expiry (PEXPIRETIME)."""
     out: dict[bytes, tuple[bytes | None, int]] = {}
     for key in raw.scan_iter(match=namespace.encode() + b":*", count=1000):
@@ -73,7 +73,7 @@ def test_every_script_opens_with_a_header_documenting_keys_argv_and_reply() -> N
             assert needle in header, f"{path.name}'s header does not mention {needle!r}"
 
 
-def test_scripts_registry_loads_every_script_with_includes_expanded(raw: redis.Redis) -> None:
+def test_scripts_registry_loads_every_script_with_includes_expanded(raw: Client) -> None:
     scripts = Scripts()
     assert tuple(s.name for s in scripts.all()) == SCRIPT_NAMES
     prelude = (lua_dir() / "includes" / "shard.lua").read_bytes()
@@ -98,7 +98,7 @@ GOOD_BODY: dict[str, tuple[Arg, ...]] = {
     "get": (b"e", b"a"),
     "put": (b"new", b"payload", 0, b"", 0, 0, 0),
     "delete": (b"e", b""),
-    "flush": (1, 0),
+    "flush": (1, 0, 0),
 }
 
 
@@ -108,7 +108,7 @@ class DueState:
     now_ms: int  # a clock value at which every kind of sweep work is due
 
 
-def build_due_state(make_cache: Make, raw: redis.Redis, namespace: str, clock: FakeClock) -> DueState:
+def build_due_state(make_cache: Make, raw: Client, namespace: str, clock: FakeClock) -> DueState:
     """One shard holding L2 and L3 entries, one with an absolute ttl, then a clock jump making all of it
     due: absolute expiry passed, L2 idle past l2_ttl, L3 idle past l3_ttl. A script that wrote anything
     (even just its sweep) before validating would change what Redis holds."""
@@ -186,14 +186,16 @@ BAD_CALLS: list[Call] = [
     Call("delete", "expected_version 1.5", body=(b"e", "1.5")),
     Call("delete", "expected_version abc", body=(b"e", "abc")),
     Call("delete", "bad second pair", body=(b"e", b"", b"a", 0)),
-    Call("flush", "batch 0", body=(0, 0)),
-    Call("flush", "batch -1", body=(-1, 0)),
-    Call("flush", "batch 1.5", body=("1.5", 0)),
-    Call("flush", "batch abc", body=("abc", 0)),
-    Call("flush", "batch empty", body=(b"", 0)),
+    Call("flush", "batch 0", body=(0, 0, 0)),
+    Call("flush", "batch -1", body=(-1, 0, 0)),
+    Call("flush", "batch 1.5", body=("1.5", 0, 0)),
+    Call("flush", "batch abc", body=("abc", 0, 0)),
+    Call("flush", "batch empty", body=(b"", 0, 0)),
     Call("flush", "no batch", body=()),
     Call("flush", "no now", body=(1,)),
-    Call("flush", "now -1", body=(1, -1)),
+    Call("flush", "now -1", body=(1, -1, 0)),
+    Call("flush", "no shard", body=(1, 0)),
+    Call("flush", "shard x", body=(1, 0, "x")),
 ]
 
 
@@ -201,7 +203,7 @@ def _call_id(call: Call) -> str:
     return f"{call.script}:{call.label}"
 
 
-def assert_refused_without_writes(call: Call, make_cache: Make, raw: redis.Redis, namespace: str,
+def assert_refused_without_writes(call: Call, make_cache: Make, raw: Client, namespace: str,
                                   clock: FakeClock) -> None:
     due = build_due_state(make_cache, raw, namespace, clock)
     before = snapshot(raw, namespace)
@@ -212,13 +214,13 @@ def assert_refused_without_writes(call: Call, make_cache: Make, raw: redis.Redis
 
 
 @pytest.mark.parametrize("call", BAD_CALLS, ids=_call_id)
-def test_bad_argv_is_refused_before_the_first_write(call: Call, make_cache: Make, raw: redis.Redis,
+def test_bad_argv_is_refused_before_the_first_write(call: Call, make_cache: Make, raw: Client,
                                                     namespace: str, clock: FakeClock) -> None:
     assert_refused_without_writes(call, make_cache, raw, namespace, clock)
 
 
 @pytest.mark.parametrize("script_name", SHARD_SCRIPTS)
-def test_the_same_call_with_good_argv_does_write(script_name: str, make_cache: Make, raw: redis.Redis,
+def test_the_same_call_with_good_argv_does_write(script_name: str, make_cache: Make, raw: Client,
                                                  namespace: str, clock: FakeClock) -> None:
     """The control for the test above: the state is such that a valid call visibly changes Redis."""
     due = build_due_state(make_cache, raw, namespace, clock)
@@ -243,12 +245,12 @@ GAPS: list[Call] = [
 
 @pytest.mark.parametrize("call", GAPS, ids=_call_id)
 def test_numbers_only_lua_accepts_are_refused_before_the_first_write(call: Call, make_cache: Make,
-                                                                     raw: redis.Redis, namespace: str,
+                                                                     raw: Client, namespace: str,
                                                                      clock: FakeClock) -> None:
     assert_refused_without_writes(call, make_cache, raw, namespace, clock)
 
 
-def test_byte_totals_stay_exact_when_entries_expire(make_cache: Make, raw: redis.Redis, namespace: str,
+def test_byte_totals_stay_exact_when_entries_expire(make_cache: Make, raw: Client, namespace: str,
                                                    clock: FakeClock) -> None:
     cache = make_cache(shards=1, clock=clock)
     cache.put("gone", "x" * 100, ttl=1)
@@ -260,7 +262,7 @@ def test_byte_totals_stay_exact_when_entries_expire(make_cache: Make, raw: redis
 
 
 def test_data_removed_behind_the_scripts_back_is_never_served_and_totals_heal_on_invalidate(
-        make_cache: Make, raw: redis.Redis, namespace: str, clock: FakeClock) -> None:
+        make_cache: Make, raw: Client, namespace: str, clock: FakeClock) -> None:
     """Documented limitation: when Redis itself drops an entry's data (maxmemory allkeys-* eviction, a
     manual DEL), its accounted size is lost with it; the entry is a miss and invalidate() heals the totals."""
     cache = make_cache(shards=1, clock=clock)
@@ -372,7 +374,7 @@ BRACE_KEYS: list[str | bytes] = [
 
 
 def test_every_script_call_of_a_varied_workload_stays_in_one_slot(make_cache: Make, slot_guard: SlotGuard,
-                                                                   raw: redis.Redis, clock: FakeClock) -> None:
+                                                                   raw: Client, clock: FakeClock) -> None:
     settings = {"l2_size": 16, "l3_size": 32, "l2_ttl": 60, "l3_ttl": 600, "promote_after": 2, "clock": clock}
     writer = slot_guard.wrap(make_cache(**settings))
     reader = slot_guard.wrap(make_cache(**settings))
@@ -391,7 +393,7 @@ def test_every_script_call_of_a_varied_workload_stays_in_one_slot(make_cache: Ma
     assert writer.delete("a{b}c") in (True, False)
     writer.invalidate("}{")
     writer.put("after", "v", ttl=5)
-    raw.script_flush()  # every call now goes EVALSHA -> NOSCRIPT -> EVAL
+    flush_scripts(raw)  # every call now goes EVALSHA -> NOSCRIPT -> EVAL
     reader.get_many([*keys, "after"])
     writer.put_many({b"\x00{bin2}": 1, "{tag}": 2})
     writer.delete(b"\x00{bin2}")
@@ -426,7 +428,7 @@ def test_default_shard_tags_each_hash_into_their_own_sixteenth_of_the_slots(name
         assert sorted(per_master.values()) == [16 // masters] * masters
 
 
-def test_keys_with_braces_land_in_their_shards_slot(make_cache: Make, raw: redis.Redis, namespace: str) -> None:
+def test_keys_with_braces_land_in_their_shards_slot(make_cache: Make, raw: Client, namespace: str) -> None:
     writer, reader = make_cache(), make_cache()
     writer.put_many({key: i for i, key in enumerate(BRACE_KEYS)})
     space = KeySpace(namespace, 16)
@@ -470,28 +472,40 @@ def test_slot_arithmetic_agrees_with_a_real_cluster_node(cluster_node: redis.Red
 # ------------------------------------------------------------------------------ NOSCRIPT reload
 
 
-def test_calls_succeed_after_script_flush_and_cache_the_scripts_again(make_cache: Make, raw: redis.Redis) -> None:
+def test_calls_succeed_after_script_flush_and_cache_the_scripts_again(make_cache: Make, raw: Client) -> None:
+    """On a cluster each master caches scripts of its own: a script is cached again on the master
+    that ran it (flush.lua, run for every shard by invalidate(), on every master)."""
     writer = make_cache()
     writer.put("before", 1)
-    shas = [s.sha for s in default_scripts().all() if s.name in SHARD_SCRIPTS]
-    raw.script_flush()
-    assert raw.script_exists(*shas) == [False] * 4
+    scripts = default_scripts()
+    shas = [s.sha for s in scripts.all() if s.name in SHARD_SCRIPTS]
+    flush_scripts(raw)
+    for server in servers(raw):
+        assert server.script_exists(*shas) == [False] * 4
 
     reader = make_cache()
     assert reader.get("before") == 1  # get.lua: NOSCRIPT, then EVAL
     writer.put("after", 2)  # put.lua
     assert writer.delete("before") is True  # delete.lua
     writer.invalidate()  # flush.lua
-    assert reader.get("after") is None
-    assert raw.script_exists(*shas) == [True] * 4
+    assert reader.get("after") is None  # get.lua
+    space = writer._core.space
+    before, after = (server_of(raw, space.entry_key(space.ref(k))) for k in ("before", "after"))
+    assert before.script_exists(scripts.get.sha, scripts.delete.sha) == [True, True]
+    assert after.script_exists(scripts.get.sha, scripts.put.sha) == [True, True]
+    for master in servers(raw, replicas=False):
+        assert master.script_exists(scripts.flush.sha) == [True]
     assert reader.get_metrics()["health"]["script_reloads"] >= 1
     assert writer.get_metrics()["health"]["script_reloads"] >= 3
 
     # Cached again: the next call is a single EVALSHA that Redis runs without a fallback.
     writer.put("again", 3)
-    raw.config_resetstat()
+    masters = servers(raw, replicas=False)
+    for master in masters:
+        master.config_resetstat()
     assert make_cache().get("again") == 3
-    stats = raw.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 1
-    assert stats["cmdstat_evalsha"]["failed_calls"] == stats["cmdstat_evalsha"]["rejected_calls"] == 0
-    assert "cmdstat_eval" not in stats
+    stats = [master.info("commandstats") for master in masters]
+    evalsha = [s.get("cmdstat_evalsha", {}) for s in stats]
+    assert sum(e.get("calls", 0) for e in evalsha) == 1
+    assert sum(e.get("failed_calls", 0) + e.get("rejected_calls", 0) for e in evalsha) == 0
+    assert not any("cmdstat_eval" in s for s in stats)

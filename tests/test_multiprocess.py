@@ -13,7 +13,8 @@ never sleeps, it waits on the queue and on ``Process.join`` with deadlines.
 * A process started after another one exited reads everything it wrote as L2 hits.
 * Once the server's clock passes a value's ttl, a new process gets nothing and no bytes remain.
 
-These tests use the server's TIME (no fake clock), so nothing here asserts on timing.
+These tests use the server's TIME (no fake clock), so nothing here asserts on timing. They run on
+both backends: each worker builds its cache from the backend (URL, ``cluster`` flag) it is given.
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from victor_rcache import MultiLevelCache
 from victor_rcache.keys import KeySpace
 
-from .helpers import check_invariants
+from .helpers import Backend, Client, check_invariants, guard_slots, server_ms
 
 # Small tiers, many more keys than L2 + L3 hold: promotion, demotion and eviction all happen.
 TIERS: dict[str, Any] = {"shards": 2, "l1_size": 4, "l2_size": 8, "l3_size": 16, "promote_after": 2}
@@ -44,11 +43,6 @@ TTLS = (0.002, 0.05, 30.0)  # seconds: some values expire mid-run, some outlive 
 DEADLINE = 60.0  # seconds the parent waits for all workers; a hung worker fails the test, never hangs it
 
 Result = dict[str, Any]
-
-
-def _server_ms(raw: redis.Redis) -> int:
-    seconds, micros = raw.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 # ------------------------------------------------------------------ workers (run in child processes)
@@ -64,7 +58,7 @@ def _report(results: Any, body: Callable[[], Result]) -> None:
     results.put(out)
 
 
-def hammer(redis_url: str, namespace: str, worker: int, seed: int, start: Any, results: Any) -> None:
+def hammer(backend: Backend, namespace: str, worker: int, seed: int, start: Any, results: Any) -> None:
     """Run OPS random operations on the shared keys; return what was written, read and counted."""
 
     def body() -> Result:
@@ -78,7 +72,8 @@ def hammer(redis_url: str, namespace: str, worker: int, seed: int, start: Any, r
             return {"key": key, "by": worker, "n": n}
 
         try:
-            cache = MultiLevelCache(redis_url, namespace=namespace, fail_open=False, **TIERS)
+            cache = guard_slots(MultiLevelCache(backend.url, namespace=namespace, fail_open=False,
+                                                cluster=backend.cluster, **TIERS))
         except BaseException:
             start.abort()  # the other workers must not wait for this one
             raise
@@ -113,18 +108,20 @@ def hammer(redis_url: str, namespace: str, worker: int, seed: int, start: Any, r
     _report(results, body)
 
 
-def put_keys(redis_url: str, namespace: str, count: int, ttl: float | None, results: Any) -> None:
+def put_keys(backend: Backend, namespace: str, count: int, ttl: float | None, results: Any) -> None:
     def body() -> Result:
-        with MultiLevelCache(redis_url, namespace=namespace, fail_open=False, **BIG_TIERS) as cache:
+        with guard_slots(MultiLevelCache(backend.url, namespace=namespace, fail_open=False,
+                                         cluster=backend.cluster, **BIG_TIERS)) as cache:
             cache.put_many({f"key{i}": {"key": f"key{i}", "n": i} for i in range(count)}, ttl=ttl)
             return {"metrics": cache.get_metrics()}
 
     _report(results, body)
 
 
-def read_keys(redis_url: str, namespace: str, count: int, results: Any) -> None:
+def read_keys(backend: Backend, namespace: str, count: int, results: Any) -> None:
     def body() -> Result:
-        with MultiLevelCache(redis_url, namespace=namespace, fail_open=False, **BIG_TIERS) as cache:
+        with guard_slots(MultiLevelCache(backend.url, namespace=namespace, fail_open=False,
+                                         cluster=backend.cluster, **BIG_TIERS)) as cache:
             values = [cache.get(f"key{i}") for i in range(count)]
             return {"values": values, "metrics": cache.get_metrics()}
 
@@ -165,10 +162,10 @@ def run_processes(jobs: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> li
     return out
 
 
-def test_processes_hammering_one_namespace_keep_every_invariant(redis_url: str, raw: redis.Redis,
+def test_processes_hammering_one_namespace_keep_every_invariant(backend: Backend, raw: Client,
                                                                 namespace: str) -> None:
     start = mp.get_context("spawn").Barrier(WORKERS)
-    jobs = [(hammer, (redis_url, namespace, w, 1000 + w, start)) for w in range(WORKERS)]
+    jobs = [(hammer, (backend, namespace, w, 1000 + w, start)) for w in range(WORKERS)]
     results = sorted(run_processes(jobs), key=lambda r: r["worker"])
 
     # Every value read is one some worker wrote, for that very key.
@@ -182,7 +179,7 @@ def test_processes_hammering_one_namespace_keep_every_invariant(redis_url: str, 
     assert len({got["by"] for _, got in reads}) == WORKERS, "every worker's writes should be read somewhere"
 
     # Invariants 1 and 2 on what Redis holds; leftovers past their absolute ttl would be allowed.
-    check_invariants(raw, namespace, TIERS["shards"], TIERS["l2_size"], TIERS["l3_size"], now_ms=_server_ms(raw))
+    check_invariants(raw, namespace, TIERS["shards"], TIERS["l2_size"], TIERS["l3_size"], now_ms=server_ms(raw))
 
     # Invariant 5: each process's counters add up, and the fleet's are the sum of the processes'.
     procs = [r["metrics"] for r in results]
@@ -192,7 +189,8 @@ def test_processes_hammering_one_namespace_keep_every_invariant(redis_url: str, 
         assert m["l2"]["hits"] + m["l2"]["misses"] == m["l1"]["misses"]
         assert m["l3"]["hits"] + m["l3"]["misses"] == m["l2"]["misses"]
         assert m["combined"]["total_hits"] + m["combined"]["total_misses"] == r["gets"]
-    with MultiLevelCache(redis_url, namespace=namespace, fail_open=False, **TIERS) as observer:
+    with MultiLevelCache(backend.url, namespace=namespace, fail_open=False, cluster=backend.cluster,
+                         **TIERS) as observer:
         fleet = observer.get_metrics("fleet")
     f, c = fleet, fleet["combined"]
     assert c["gets"] == sum(r["gets"] for r in results)
@@ -212,12 +210,12 @@ def test_processes_hammering_one_namespace_keep_every_invariant(redis_url: str, 
         assert f[tier][field] > 0, f"the workload never produced any {tier} {field}"
 
 
-def test_a_later_process_reads_another_process_writes_as_l2_hits(redis_url: str, namespace: str) -> None:
+def test_a_later_process_reads_another_process_writes_as_l2_hits(backend: Backend, namespace: str) -> None:
     count = 20
-    [writer] = run_processes([(put_keys, (redis_url, namespace, count, None))])
+    [writer] = run_processes([(put_keys, (backend, namespace, count, None))])
     assert writer["metrics"]["combined"]["puts"] == count
     # A separate OS process, started after the writer exited: nothing but Redis connects them.
-    [reader] = run_processes([(read_keys, (redis_url, namespace, count))])
+    [reader] = run_processes([(read_keys, (backend, namespace, count))])
     assert reader["pid"] != writer["pid"]
     assert reader["values"] == [{"key": f"key{i}", "n": i} for i in range(count)]
     m = reader["metrics"]
@@ -225,27 +223,28 @@ def test_a_later_process_reads_another_process_writes_as_l2_hits(redis_url: str,
     assert m["combined"]["total_misses"] == 0
 
 
-def test_a_value_expires_on_the_servers_clock_for_every_process(redis_url: str, raw: redis.Redis,
+def test_a_value_expires_on_the_servers_clock_for_every_process(backend: Backend, raw: Client,
                                                                  namespace: str) -> None:
     """Invariant 4 with the server's TIME: once it passes a value's ttl no process gets it, no bytes remain."""
     count = 5
-    before = _server_ms(raw)
-    [writer] = run_processes([(put_keys, (redis_url, namespace, count, 0.002))])
+    before = server_ms(raw)
+    [writer] = run_processes([(put_keys, (backend, namespace, count, 0.002))])
     assert writer["metrics"]["combined"]["puts"] == count
     space = KeySpace(namespace, BIG_TIERS["shards"])
     expiries = [int(raw.hget(space.entry_key(space.ref(f"key{i}")), "x") or 0) for i in range(count)]
-    assert all(before < x <= _server_ms(raw) + 2 for x in expiries), expiries
+    assert all(before < x <= server_ms(raw) + 2 for x in expiries), expiries
     deadline = time.monotonic() + 10
-    while _server_ms(raw) < max(expiries):  # a deadline poll on Redis's clock, not a sleep
+    while server_ms(raw) < max(expiries):  # a deadline poll on Redis's clock, not a sleep
         assert time.monotonic() < deadline, "the server's clock did not reach the ttl"
-    [reader] = run_processes([(read_keys, (redis_url, namespace, count))])
+    [reader] = run_processes([(read_keys, (backend, namespace, count))])
     assert reader["values"] == [None] * count
     assert reader["metrics"]["combined"]["total_misses"] == count
     state = check_invariants(raw, namespace, BIG_TIERS["shards"], BIG_TIERS["l2_size"], BIG_TIERS["l3_size"])
     assert not state.l2_ids
     assert not state.l3_ids
     assert not any(s.entries or s.exp for s in state.shards)
-    with MultiLevelCache(redis_url, namespace=namespace, fail_open=False, **BIG_TIERS) as observer:
+    with MultiLevelCache(backend.url, namespace=namespace, fail_open=False, cluster=backend.cluster,
+                         **BIG_TIERS) as observer:
         fleet = observer.get_metrics("fleet")
     assert (fleet["l2"]["total_size"], fleet["l3"]["total_size"]) == (0, 0)
     assert fleet["combined"]["total_expirations"] == count

@@ -1,15 +1,24 @@
 """Cost acceptance against a real Redis: what one cache call sends, counted three independent ways.
 
 * round trips: the cache's redis-py client counts ``send_packed_command`` calls on its connections
-  (a pipeline is one call, i.e. one round trip);
-* commands the cache sent: MONITOR on a separate connection, keeping lines not issued by a script
-  (Redis shows the commands a script runs as client ``lua``), up to a sentinel ECHO;
-* ``INFO commandstats`` after ``CONFIG RESETSTAT``. Redis counts the commands a script runs there
-  too, so it shows ``evalsha`` = the script calls, no ``eval`` (no reload), and otherwise only
-  commands the called scripts contain.
+  (a pipeline is one call per server it goes to, i.e. one round trip per server);
+* commands the cache sent: MONITOR on a separate connection to each server, keeping lines not issued
+  by a script (Redis shows the commands a script runs as client ``lua``), up to a sentinel ECHO;
+* ``INFO commandstats`` after ``CONFIG RESETSTAT``, summed over the servers. Redis counts the
+  commands a script runs there too, so it shows ``evalsha`` = the script calls, no ``eval`` (no
+  reload), and otherwise only commands the called scripts contain.
 
-``CONFIG RESETSTAT`` is global to the server; the suite runs sequentially in one process, and each
+On a cluster "the servers" are the masters (the cache reads and writes there only): a batch costs
+one round trip per master whose slots it touches, and the counting client is a ``RedisCluster``
+with the same counting connection class. Its connection to a master opens (with a handshake of its
+own) on first use, so before measuring, each test opens them all with a call touching every shard.
+
+``CONFIG RESETSTAT`` is global to a server; the suite runs sequentially in one process, and each
 measurement only looks at what happened between its RESETSTAT and its INFO.
+
+On a cluster the cache's pipelines route script calls by their KEYS: redis-py 8.1's sync
+``ClusterPipeline`` would otherwise ask a node ``COMMAND GETKEYS`` for each script call first (one
+extra round trip each); these tests are what shows it does not.
 """
 
 from __future__ import annotations
@@ -17,12 +26,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 from redis.connection import Connection
 from redis.crc import key_slot
 
@@ -31,7 +41,7 @@ from victor_rcache.keys import KeySpace
 from victor_rcache.scripts import Script
 from victor_rcache.tiers import default_scripts
 
-from .helpers import FakeClock, read_namespace
+from .helpers import Backend, Client, FakeClock, read_namespace, server_of, servers
 
 Make = Callable[..., MultiLevelCache]
 
@@ -44,8 +54,13 @@ class RoundTrips:
 
 
 @pytest.fixture
-def counting_client(redis_url: str) -> Iterator[tuple[redis.Redis, RoundTrips]]:
-    """A redis-py client whose connections count every ``send_packed_command`` (one per round trip)."""
+def counting_client(backend: Backend) -> Iterator[tuple[Client, RoundTrips]]:
+    """A redis-py client (a ``RedisCluster`` on a cluster) whose connections count every
+    ``send_packed_command`` (one per round trip).
+
+    Tests request it before ``make_cache``, so it is set up first and closed last: the caches built
+    on it report their counters through it when ``make_cache`` closes them (a closed ``RedisCluster``,
+    unlike a closed ``Redis``, cannot be used again)."""
     trips = RoundTrips()
 
     class CountingConnection(Connection):
@@ -53,7 +68,8 @@ def counting_client(redis_url: str) -> Iterator[tuple[redis.Redis, RoundTrips]]:
             trips.sends += 1
             super().send_packed_command(command, check_health)
 
-    client = redis.Redis.from_url(redis_url, connection_class=CountingConnection)
+    build = RedisCluster.from_url if backend.cluster else redis.Redis.from_url
+    client: Client = build(backend.url, connection_class=CountingConnection)
     yield client, trips
     client.close()
 
@@ -70,21 +86,28 @@ class Measurement:
 
 
 @contextmanager
-def measure(raw: redis.Redis, redis_url: str, trips: RoundTrips) -> Iterator[Measurement]:
+def measure(raw: Client, trips: RoundTrips) -> Iterator[Measurement]:
     """Measure what the body makes the cache send; the result is filled in when the block exits."""
     result = Measurement()
     sentinel = f"vrc-sentinel-{uuid.uuid4().hex}"
-    watcher = redis.Redis.from_url(redis_url, socket_timeout=30)  # a guard against a hang, not a timing
+    masters = servers(raw, replicas=False)
     for script in default_scripts().all():  # steady state: the reload after NOSCRIPT is test_lua_scripts'
         raw.script_load(script.source)  # type: ignore[arg-type]
-    try:
-        with watcher.monitor() as monitor:
-            raw.config_resetstat()
-            start = trips.sends
-            yield result
-            result.round_trips = trips.sends - start
-            stats = raw.info("commandstats")
-            raw.echo(sentinel)
+    with ExitStack() as stack:
+        monitors = []
+        for master in masters:
+            address = master.connection_pool.connection_kwargs
+            # socket_timeout: a guard against a hang, not a timing
+            watcher = stack.enter_context(redis.Redis(host=address["host"], port=address["port"], socket_timeout=30))
+            monitors.append(stack.enter_context(watcher.monitor()))
+        for master in masters:
+            master.config_resetstat()
+        start = trips.sends
+        yield result
+        result.round_trips = trips.sends - start
+        stats = [master.info("commandstats") for master in masters]
+        for master, monitor in zip(masters, monitors, strict=True):
+            master.echo(sentinel)
             while True:
                 line = monitor.next_command()
                 if sentinel in line["command"]:
@@ -92,12 +115,11 @@ def measure(raw: redis.Redis, redis_url: str, trips: RoundTrips) -> Iterator[Mea
                 name = line["command"].split(" ", 1)[0].upper()
                 if line["client_type"] != "lua" and name not in HARNESS_COMMANDS:
                     result.sent.append(name)
-    finally:
-        watcher.close()
-    for key, value in stats.items():
-        name = key.removeprefix("cmdstat_")
-        if name.split("|")[0].upper() not in HARNESS_COMMANDS:
-            result.calls[name] = value["calls"]
+    for server_stats in stats:
+        for key, value in server_stats.items():
+            name = key.removeprefix("cmdstat_")
+            if name.split("|")[0].upper() not in HARNESS_COMMANDS:
+                result.calls[name] = result.calls.get(name, 0) + value["calls"]
 
 
 def commands_in(*scripts: Script) -> set[str]:
@@ -119,9 +141,9 @@ TIERS = {"shards": 1, "l2_size": 1, "l3_size": 10, "promote_after": 3}
 
 
 @pytest.mark.parametrize("tier", [3, 2, 0], ids=["l3-hit", "l2-hit", "miss"])
-def test_a_get_that_reaches_redis_costs_one_evalsha(tier: int, make_cache: Make, raw: redis.Redis, redis_url: str,
-                                                    namespace: str, clock: FakeClock,
-                                                    counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+def test_a_get_that_reaches_redis_costs_one_evalsha(tier: int, counting_client: tuple[Client, RoundTrips],
+                                                    make_cache: Make, raw: Client, namespace: str,
+                                                    clock: FakeClock) -> None:
     client, trips = counting_client
     writer = make_cache(clock=clock, **TIERS)
     writer.put("cold", {"v": 1})
@@ -134,7 +156,7 @@ def test_a_get_that_reaches_redis_costs_one_evalsha(tier: int, make_cache: Make,
     reader = make_cache(clock=clock, client=client, **TIERS)
     assert reader.get("warm-up") is None  # the one-time handshake on <ns>:config, and a first connection
     clock.advance(1)
-    with measure(raw, redis_url, trips) as m:
+    with measure(raw, trips) as m:
         assert reader.get(key) == expected
 
     assert m.round_trips == 1
@@ -144,13 +166,13 @@ def test_a_get_that_reaches_redis_costs_one_evalsha(tier: int, make_cache: Make,
     assert (metrics["l2"]["hits"], metrics["l3"]["hits"]) == {3: (0, 1), 2: (1, 0), 0: (0, 0)}[tier]
 
 
-def test_a_put_costs_one_evalsha(make_cache: Make, raw: redis.Redis, redis_url: str, namespace: str,
-                                 clock: FakeClock, counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+def test_a_put_costs_one_evalsha(counting_client: tuple[Client, RoundTrips], make_cache: Make, raw: Client,
+                                 namespace: str, clock: FakeClock) -> None:
     client, trips = counting_client
     writer = make_cache(clock=clock, client=client, **TIERS)
     writer.put("warm-up", 0)
     clock.advance(1)
-    with measure(raw, redis_url, trips) as m:
+    with measure(raw, trips) as m:
         writer.put("k", {"tools": ["search"]}, ttl=60)
 
     assert m.round_trips == 1
@@ -158,24 +180,24 @@ def test_a_put_costs_one_evalsha(make_cache: Make, raw: redis.Redis, redis_url: 
     assert read_namespace(raw, namespace, 1).tier_of(b"k") == 2
 
 
-def test_a_delete_costs_one_evalsha(make_cache: Make, raw: redis.Redis, redis_url: str,
-                                    counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+def test_a_delete_costs_one_evalsha(counting_client: tuple[Client, RoundTrips], make_cache: Make,
+                                    raw: Client) -> None:
     client, trips = counting_client
     cache = make_cache(client=client)
     cache.put("k", 1)
-    with measure(raw, redis_url, trips) as m:
+    with measure(raw, trips) as m:
         assert cache.delete("k") is True
 
     assert m.round_trips == 1
     assert_only_script_calls(m, default_scripts().delete, evalsha=1)
 
 
-def test_an_l1_hit_costs_no_command(make_cache: Make, raw: redis.Redis, redis_url: str,
-                                    counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+def test_an_l1_hit_costs_no_command(counting_client: tuple[Client, RoundTrips], make_cache: Make,
+                                    raw: Client) -> None:
     client, trips = counting_client
     cache = make_cache(client=client)
     cache.put("local", [1, 2])
-    with measure(raw, redis_url, trips) as m:
+    with measure(raw, trips) as m:
         assert cache.get("local") == [1, 2]
         assert cache.get_many(["local"]) == {"local": [1, 2]}
 
@@ -207,10 +229,15 @@ def slots_touched(space: KeySpace, keys: list[str]) -> tuple[int, int]:
     return len(shards), len({key_slot(space.shard_keys[s].l2) for s in shards})
 
 
+def servers_touched(raw: Client, space: KeySpace, keys: list[str]) -> int:
+    """How many servers hold the shards of ``keys``: 1 standalone, the masters involved on a cluster."""
+    return len({id(server_of(raw, space.shard_keys[space.ref(k).shard].l2)) for k in keys})
+
+
 @pytest.mark.parametrize("confine", SPREADS)
 def test_get_many_of_100_keys_is_one_round_trip_with_one_evalsha_per_shard(
-        confine: set[int] | None, make_cache: Make, raw: redis.Redis, redis_url: str, namespace: str,
-        counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+        confine: set[int] | None, counting_client: tuple[Client, RoundTrips], make_cache: Make, raw: Client,
+        namespace: str) -> None:
     client, trips = counting_client
     space = KeySpace(namespace, 16)
     keys = hundred_keys(space, confine)
@@ -221,30 +248,33 @@ def test_get_many_of_100_keys_is_one_round_trip_with_one_evalsha_per_shard(
 
     reader = make_cache(client=client)
     assert reader.get("warm-up") is None
-    with measure(raw, redis_url, trips) as m:
+    reader.get_metrics()  # touches every shard: the client's connection to every server is open
+    with measure(raw, trips) as m:
         found = reader.get_many([*keys, *keys[:10]])  # repeats are asked for once
 
     assert found == {k: i for i, k in enumerate(keys)}
     assert m.round_trips <= slots  # at most one round trip per hash slot touched...
-    assert m.round_trips == 1  # ...and in standalone Redis one pipeline carries every shard's call
+    # ...and one pipeline per server carries all its shards' calls (standalone: one for every shard)
+    assert m.round_trips == servers_touched(raw, space, keys)
     assert_only_script_calls(m, default_scripts().get, evalsha=shards)
     assert reader.get_metrics()["l2"]["hits"] == 100
 
 
 @pytest.mark.parametrize("confine", SPREADS)
 def test_put_many_of_100_keys_is_one_round_trip_with_one_evalsha_per_shard(
-        confine: set[int] | None, make_cache: Make, raw: redis.Redis, redis_url: str, namespace: str,
-        counting_client: tuple[redis.Redis, RoundTrips]) -> None:
+        confine: set[int] | None, counting_client: tuple[Client, RoundTrips], make_cache: Make, raw: Client,
+        namespace: str) -> None:
     client, trips = counting_client
     space = KeySpace(namespace, 16)
     keys = hundred_keys(space, confine)
     shards, slots = slots_touched(space, keys)
     writer = make_cache(client=client)
     writer.put("warm-up", 0)
-    with measure(raw, redis_url, trips) as m:
+    writer.get_metrics()  # touches every shard: the client's connection to every server is open
+    with measure(raw, trips) as m:
         writer.put_many({k: {"n": i} for i, k in enumerate(keys)})
 
     assert m.round_trips <= slots
-    assert m.round_trips == 1
+    assert m.round_trips == servers_touched(raw, space, keys)
     assert_only_script_calls(m, default_scripts().put, evalsha=shards)
     assert make_cache().get_many(keys) == {k: {"n": i} for i, k in enumerate(keys)}

@@ -22,6 +22,8 @@
 
 The test code never sleeps a fixed time: it waits on events, barriers, joins and queues with
 deadlines, or polls a condition against a deadline. Loaders may sleep: they stand for expensive work.
+
+Every Redis test runs on both backends; spawned workers get the backend (URL, ``cluster`` flag).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import pytest
-import redis
 
 from victor_rcache import AsyncMultiLevelCache, CacheUnavailableError, MsgpackCodec, MultiLevelCache
 from victor_rcache.codec import Envelope
@@ -51,9 +52,10 @@ from victor_rcache.local_redis import free_port
 from victor_rcache.stampede import refresh_early
 from victor_rcache.tiers import feed
 
-from .helpers import FakeClock
+from .helpers import Backend, Client, FakeClock, guard_slots
 
 Make = Callable[..., MultiLevelCache]
+MakeAsync = Callable[..., AsyncMultiLevelCache]
 Result = dict[str, Any]
 
 DEADLINE = 30.0  # seconds any wait in this file may take before the test fails (never hangs)
@@ -81,12 +83,12 @@ def entry_key(namespace: str, key: str) -> bytes:
     return space.entry_key(space.ref(key))
 
 
-def entry_hash(raw: redis.Redis, namespace: str, key: str) -> dict[bytes, bytes]:
+def entry_hash(raw: Client, namespace: str, key: str) -> dict[bytes, bytes]:
     """The entry's data hash as Redis holds it ({} when there is none)."""
     return cast(dict[bytes, bytes], raw.hgetall(entry_key(namespace, key)))
 
 
-def stored(raw: redis.Redis, namespace: str, key: str) -> Any:
+def stored(raw: Client, namespace: str, key: str) -> Any:
     """The value Redis holds for ``key`` (read from the entry hash), or MISSING."""
     payload = entry_hash(raw, namespace, key).get(b"v")
     return MISSING if payload is None else ENVELOPE.unwrap(payload)
@@ -162,7 +164,7 @@ def _report(results: Any, body: Callable[[], Result]) -> None:
     results.put(out)
 
 
-def stampede_worker(redis_url: str, namespace: str, key: str, start: Any, waiting: Any, results: Any) -> None:
+def stampede_worker(backend: Backend, namespace: str, key: str, start: Any, waiting: Any, results: Any) -> None:
     """50 threads released together call get_or_set on ``key``; report what each got.
 
     ``waiting`` counts the processes seen waiting for another one's fill lease; the loader (in
@@ -171,7 +173,7 @@ def stampede_worker(redis_url: str, namespace: str, key: str, start: Any, waitin
     """
 
     def body() -> Result:
-        raw = redis.Redis.from_url(redis_url)
+        raw = backend.client()
 
         def loader() -> dict[str, Any]:
             raw.incr(f"{namespace}-loads")
@@ -201,7 +203,8 @@ def stampede_worker(redis_url: str, namespace: str, key: str, start: Any, waitin
                 done.wait(0.002)  # polling interval
 
         try:
-            cache = MultiLevelCache(redis_url, namespace=namespace, fail_open=False)
+            cache = guard_slots(MultiLevelCache(backend.url, namespace=namespace, fail_open=False,
+                                                cluster=backend.cluster))
         except BaseException:
             start.abort()  # the other processes must not wait for this one
             raise
@@ -229,9 +232,10 @@ def stampede_worker(redis_url: str, namespace: str, key: str, start: Any, waitin
     _report(results, body)
 
 
-def lease_holder(redis_url: str, namespace: str, key: str, lease_ttl: float, holding: Any) -> None:
+def lease_holder(backend: Backend, namespace: str, key: str, lease_ttl: float, holding: Any) -> None:
     """Take the fill lease for ``key`` and never finish: the parent SIGKILLs this process."""
-    cache = MultiLevelCache(redis_url, namespace=namespace, fail_open=False, lease_ttl=lease_ttl)
+    cache = guard_slots(MultiLevelCache(backend.url, namespace=namespace, fail_open=False, lease_ttl=lease_ttl,
+                                        cluster=backend.cluster))
 
     def loader() -> str:
         holding.set()  # the lease is held (it is taken before the loader runs)
@@ -241,12 +245,13 @@ def lease_holder(redis_url: str, namespace: str, key: str, lease_ttl: float, hol
     cache.get_or_set(key, loader)
 
 
-def lease_taker(redis_url: str, namespace: str, key: str, lease_ttl: float, ready: Any, go: Any,
+def lease_taker(backend: Backend, namespace: str, key: str, lease_ttl: float, ready: Any, go: Any,
                 results: Any) -> None:
     """Once told, call get_or_set on ``key``; report the value and the stampede counters."""
 
     def body() -> Result:
-        with MultiLevelCache(redis_url, namespace=namespace, fail_open=False, lease_ttl=lease_ttl) as cache:
+        with guard_slots(MultiLevelCache(backend.url, namespace=namespace, fail_open=False, lease_ttl=lease_ttl,
+                                         cluster=backend.cluster)) as cache:
             cache.get("warm-up")
             ready.set()
             if not go.wait(DEADLINE):
@@ -289,11 +294,11 @@ def stop(procs: list[Any], timeout: float = DEADLINE) -> None:
 
 
 @pytest.mark.slow
-def test_200_callers_in_4_processes_run_the_loader_exactly_once(redis_url: str, raw: redis.Redis,
+def test_200_callers_in_4_processes_run_the_loader_exactly_once(backend: Backend, raw: Client,
                                                                namespace: str) -> None:
     ctx = mp.get_context("spawn")
     start, waiting, results = ctx.Barrier(PROCESSES), ctx.Value("i", 0), ctx.Queue()
-    procs = [ctx.Process(target=stampede_worker, args=(redis_url, namespace, "expensive", start, waiting, results),
+    procs = [ctx.Process(target=stampede_worker, args=(backend, namespace, "expensive", start, waiting, results),
                          daemon=True) for _ in range(PROCESSES)]
     for p in procs:
         p.start()
@@ -325,12 +330,12 @@ def test_200_callers_in_4_processes_run_the_loader_exactly_once(redis_url: str, 
 
 @pytest.mark.slow
 def test_a_lease_holder_killed_with_sigkill_is_taken_over_after_the_lease_expires(
-        redis_url: str, raw: redis.Redis, namespace: str) -> None:
+        backend: Backend, make_cache: Make, raw: Client, namespace: str) -> None:
     ctx = mp.get_context("spawn")
     lease_ttl, key = 1.0, "orphaned"
     holding, ready, go, results = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
-    holder = ctx.Process(target=lease_holder, args=(redis_url, namespace, key, lease_ttl, holding), daemon=True)
-    taker = ctx.Process(target=lease_taker, args=(redis_url, namespace, key, lease_ttl, ready, go, results),
+    holder = ctx.Process(target=lease_holder, args=(backend, namespace, key, lease_ttl, holding), daemon=True)
+    taker = ctx.Process(target=lease_taker, args=(backend, namespace, key, lease_ttl, ready, go, results),
                         daemon=True)
     taker.start()
     try:
@@ -357,8 +362,7 @@ def test_a_lease_holder_killed_with_sigkill_is_taken_over_after_the_lease_expire
     assert report["stampede"]["fills_refused"] == 0
     assert stored(raw, namespace, key) == expected
     assert raw.exists(lease_key(namespace, key)) == 0  # the taker released its own lease
-    with MultiLevelCache(redis_url, namespace=namespace, fail_open=False) as fresh:
-        assert fresh.get(key, MISSING) == expected
+    assert make_cache().get(key, MISSING) == expected
 
 
 # ---------------------------------------------------------------------------- stale-fill race
@@ -388,7 +392,7 @@ def _delete_absent(writer: MultiLevelCache, key: str) -> None:
     pytest.param(_delete_absent, MISSING, id="delete-of-absent-key"),  # refused: the delete's tombstone
 ])
 def test_a_fill_started_before_a_write_is_refused_and_the_newer_state_stays(
-        make_cache: Make, raw: redis.Redis, namespace: str, write: Callable[[MultiLevelCache, str], None],
+        make_cache: Make, raw: Client, namespace: str, write: Callable[[MultiLevelCache, str], None],
         newest: Any) -> None:
     reader, writer = make_cache(), make_cache()
     loading, written = threading.Event(), threading.Event()
@@ -452,7 +456,7 @@ def test_a_fill_landing_between_a_miss_and_the_lease_is_read_not_recomputed(make
 # --------------------------------------------------------------------------- loader exceptions
 
 
-def test_a_loader_exception_reaches_every_waiting_thread_and_caches_nothing(make_cache: Make, raw: redis.Redis,
+def test_a_loader_exception_reaches_every_waiting_thread_and_caches_nothing(make_cache: Make, raw: Client,
                                                                            namespace: str) -> None:
     cache = make_cache()
     callers, calls = 8, []
@@ -490,7 +494,7 @@ def test_a_loader_exception_reaches_every_waiting_thread_and_caches_nothing(make
     assert raw.exists(lease_key(namespace, "k")) == 0
 
 
-def test_a_loader_exception_reaches_every_waiting_coroutine(redis_url: str, raw: redis.Redis,
+def test_a_loader_exception_reaches_every_waiting_coroutine(make_async_cache: MakeAsync, raw: Client,
                                                             namespace: str) -> None:
     calls: list[int] = []
 
@@ -500,7 +504,7 @@ def test_a_loader_exception_reaches_every_waiting_coroutine(redis_url: str, raw:
         raise LoaderFailed("the model call failed")
 
     async def main() -> list[Any]:
-        async with AsyncMultiLevelCache(redis_url, namespace=namespace, fail_open=False) as cache:
+        async with make_async_cache() as cache:
             out = await asyncio.gather(*(cache.get_or_set("k", failing_loader) for _ in range(10)),
                                        return_exceptions=True)
             assert raw.exists(lease_key(namespace, "k")) == 0  # released at once (lease_ttl is 30 s)
@@ -516,9 +520,10 @@ def test_a_loader_exception_reaches_every_waiting_coroutine(redis_url: str, raw:
     assert raw.exists(lease_key(namespace, "k")) == 0
 
 
-def test_a_cancelled_async_leader_releases_its_fill_lease(redis_url: str, raw: redis.Redis, namespace: str) -> None:
+def test_a_cancelled_async_leader_releases_its_fill_lease(make_async_cache: MakeAsync, raw: Client,
+                                                          namespace: str) -> None:
     async def main() -> None:
-        async with AsyncMultiLevelCache(redis_url, namespace=namespace, fail_open=False) as cache:
+        async with make_async_cache() as cache:
             started = asyncio.Event()
 
             async def endless_loader() -> str:
@@ -538,10 +543,10 @@ def test_a_cancelled_async_leader_releases_its_fill_lease(redis_url: str, raw: r
     assert stored(raw, namespace, "k") is MISSING
 
 
-def test_a_cancelled_async_leaders_followers_compute_themselves(redis_url: str, raw: redis.Redis,
+def test_a_cancelled_async_leaders_followers_compute_themselves(make_async_cache: MakeAsync, raw: Client,
                                                                  namespace: str) -> None:
     async def main() -> tuple[Any, dict[str, int]]:
-        async with AsyncMultiLevelCache(redis_url, namespace=namespace, fail_open=False) as cache:
+        async with make_async_cache() as cache:
             started = asyncio.Event()
 
             async def endless_loader() -> str:
@@ -572,7 +577,7 @@ class Interrupted(BaseException):
 
 
 def test_an_interrupted_leader_releases_its_lease_and_its_followers_compute_themselves(
-        make_cache: Make, raw: redis.Redis, namespace: str) -> None:
+        make_cache: Make, raw: Client, namespace: str) -> None:
     cache = make_cache()
     callers, calls = 6, []
     outcomes: dict[int, Any] = {}
@@ -610,7 +615,7 @@ def test_an_interrupted_leader_releases_its_lease_and_its_followers_compute_them
 # -------------------------------------------------------------------------------- loader kinds
 
 
-def test_sync_cache_runs_plain_and_coroutine_loaders(make_cache: Make, raw: redis.Redis, namespace: str) -> None:
+def test_sync_cache_runs_plain_and_coroutine_loaders(make_cache: Make, raw: Client, namespace: str) -> None:
     cache = make_cache()
 
     async def coroutine_loader() -> dict[str, Any]:
@@ -629,7 +634,8 @@ def test_sync_cache_runs_plain_and_coroutine_loaders(make_cache: Make, raw: redi
     assert cache.get_metrics()["stampede"]["loads"] == 2
 
 
-def test_async_cache_runs_coroutine_and_plain_loaders(redis_url: str, raw: redis.Redis, namespace: str) -> None:
+def test_async_cache_runs_coroutine_and_plain_loaders(make_async_cache: MakeAsync, raw: Client,
+                                                      namespace: str) -> None:
     async def coroutine_loader() -> list[int]:
         await asyncio.sleep(0)
         return [1, 2, 3]
@@ -638,7 +644,7 @@ def test_async_cache_runs_coroutine_and_plain_loaders(redis_url: str, raw: redis
         raise AssertionError("a hit ran the loader")
 
     async def main() -> tuple[Any, ...]:
-        async with AsyncMultiLevelCache(redis_url, namespace=namespace, fail_open=False) as cache:
+        async with make_async_cache() as cache:
             a = await cache.get_or_set("coro", coroutine_loader)
             b = await cache.get_or_set("plain", lambda: {"kind": "plain"})
             c = await cache.get_or_set("coro", must_not_run)
@@ -649,7 +655,7 @@ def test_async_cache_runs_coroutine_and_plain_loaders(redis_url: str, raw: redis
     assert stored(raw, namespace, "plain") == {"kind": "plain"}
 
 
-def test_concurrent_coroutines_share_one_load_and_get_independent_copies(redis_url: str, raw: redis.Redis,
+def test_concurrent_coroutines_share_one_load_and_get_independent_copies(make_async_cache: MakeAsync, raw: Client,
                                                                          namespace: str) -> None:
     calls: list[int] = []
 
@@ -659,7 +665,7 @@ def test_concurrent_coroutines_share_one_load_and_get_independent_copies(redis_u
         return {"tools": ["read"], "n": len(calls)}
 
     async def main() -> tuple[list[Any], dict[str, int]]:
-        async with AsyncMultiLevelCache(redis_url, namespace=namespace, fail_open=False) as cache:
+        async with make_async_cache() as cache:
             values = await asyncio.gather(*(cache.get_or_set("k", loader) for _ in range(20)))
             return list(values), (await cache.get_metrics())["stampede"]
 
@@ -729,14 +735,14 @@ class GatedLoader:
         return {"n": n}
 
 
-def _fill(cache: MultiLevelCache, raw: redis.Redis, namespace: str, loader: GatedLoader) -> dict[bytes, bytes]:
+def _fill(cache: MultiLevelCache, raw: Client, namespace: str, loader: GatedLoader) -> dict[bytes, bytes]:
     assert cache.get_or_set("hot", loader, ttl=TTL) == {"n": 1}
     entry = entry_hash(raw, namespace, "hot")
     assert int(entry[b"d"]) >= 20  # the loader's measured cost, in ms
     return entry
 
 
-def test_early_refresh_recomputes_a_hot_value_once_before_it_expires(make_cache: Make, raw: redis.Redis,
+def test_early_refresh_recomputes_a_hot_value_once_before_it_expires(make_cache: Make, raw: Client,
                                                                     namespace: str, clock: FakeClock) -> None:
     a, b = make_cache(clock=clock, **EARLY), make_cache(clock=clock, **EARLY)
     loader = GatedLoader()
@@ -778,7 +784,7 @@ def test_early_refresh_recomputes_a_hot_value_once_before_it_expires(make_cache:
     assert make_cache(clock=clock).get("hot") == {"n": 2}  # before the old value's expiry
 
 
-def test_an_early_refresh_does_not_overwrite_a_value_written_meanwhile(make_cache: Make, raw: redis.Redis,
+def test_an_early_refresh_does_not_overwrite_a_value_written_meanwhile(make_cache: Make, raw: Client,
                                                                        namespace: str, clock: FakeClock) -> None:
     a, writer = make_cache(clock=clock, **EARLY), make_cache(clock=clock)
     loader = GatedLoader()
@@ -802,7 +808,7 @@ def test_an_early_refresh_does_not_overwrite_a_value_written_meanwhile(make_cach
     assert make_cache(clock=clock).get("hot") == {"written": "meanwhile"}
 
 
-def test_without_early_refresh_a_hit_close_to_expiry_recomputes_nothing(make_cache: Make, raw: redis.Redis,
+def test_without_early_refresh_a_hit_close_to_expiry_recomputes_nothing(make_cache: Make, raw: Client,
                                                                         namespace: str, clock: FakeClock) -> None:
     settings = {**EARLY, "early_refresh": False}
     a, b = make_cache(clock=clock, **settings), make_cache(clock=clock, **settings)
@@ -817,7 +823,7 @@ def test_without_early_refresh_a_hit_close_to_expiry_recomputes_nothing(make_cac
     assert entry_hash(raw, namespace, "hot")[b"ver"] == before[b"ver"]
 
 
-def test_a_hit_from_a_call_without_a_ttl_never_refreshes_nor_drops_the_ttl(make_cache: Make, raw: redis.Redis,
+def test_a_hit_from_a_call_without_a_ttl_never_refreshes_nor_drops_the_ttl(make_cache: Make, raw: Client,
                                                                            namespace: str, clock: FakeClock) -> None:
     a = make_cache(clock=clock, **EARLY)
     loader = GatedLoader()
@@ -830,7 +836,7 @@ def test_a_hit_from_a_call_without_a_ttl_never_refreshes_nor_drops_the_ttl(make_
     assert entry_hash(raw, namespace, "hot")[b"x"] == before[b"x"]
 
 
-def test_async_early_refresh_recomputes_in_a_background_task(redis_url: str, raw: redis.Redis,
+def test_async_early_refresh_recomputes_in_a_background_task(make_async_cache: MakeAsync, raw: Client,
                                                              namespace: str) -> None:
     clock = FakeClock()
     calls: list[int] = []
@@ -841,8 +847,7 @@ def test_async_early_refresh_recomputes_in_a_background_task(redis_url: str, raw
         return {"n": len(calls)}
 
     async def main() -> tuple[Any, Any, int]:
-        async with AsyncMultiLevelCache(redis_url, namespace=namespace, fail_open=False, clock=clock,
-                                        **EARLY) as cache:
+        async with make_async_cache(clock=clock, **EARLY) as cache:
             first = await cache.get_or_set("hot", loader, ttl=TTL)
             clock.advance(NEAR)
             hit = await cache.get_or_set("hot", loader, ttl=TTL)

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from .cache import CacheBase
 from .config import CacheConfig
-from .connection import AsyncClient, async_client
+from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
 
@@ -64,8 +64,8 @@ class AsyncMultiLevelCache(CacheBase):
         try:
             replies: list[Any] = await queue(self.client.pipeline(transaction=False), batch).execute(
                 raise_on_error=False)
-        except RedisError as exc:
-            return exc
+        except IO_ERRORS as exc:
+            return as_redis_error(exc)
         return replies
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:

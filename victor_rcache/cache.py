@@ -16,7 +16,15 @@ from redis.exceptions import RedisError
 
 from .coherence import InvalidationListener
 from .config import CacheConfig
-from .connection import SyncClient, cluster_nodes, subscriber_connections, sync_client
+from .connection import (
+    IO_ERRORS,
+    SyncClient,
+    as_redis_error,
+    cluster_nodes,
+    pipeline,
+    subscriber_connections,
+    sync_client,
+)
 from .errors import ConfigurationError, InvalidArgumentError
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
@@ -128,9 +136,9 @@ class MultiLevelCache(CacheBase):
 
     def _send(self, batch: Batch) -> list[Any] | RedisError:
         try:
-            replies: list[Any] = queue(self.client.pipeline(transaction=False), batch).execute(raise_on_error=False)
-        except RedisError as exc:
-            return exc
+            replies: list[Any] = queue(pipeline(self.client), batch).execute(raise_on_error=False)
+        except IO_ERRORS as exc:
+            return as_redis_error(exc)
         return replies
 
     def get(self, key: str | bytes, default: Any = None) -> Any:

@@ -1,9 +1,9 @@
 """Fleet coherence: every process drops its L1 copy of a value another process changed.
 
 The scripts publish on ``<ns>:inval`` whenever they really change a value (see
-``lua/includes/shard.lua``): one line ``<length of id>:<id> <version>`` per changed entry, or ``*``
-when the namespace is flushed. :class:`InvalidationListener` holds one subscribed connection per cache and
-applies those messages to L1:
+``lua/includes/shard.lua``): one line ``<length of id>:<id> <version>`` per changed entry, or
+``*<shard> <version>`` when a shard is flushed. :class:`InvalidationListener` holds one subscribed
+connection per cache and applies those messages to L1:
 
 * before every L1 read, the reader drains whatever has already arrived on the socket (a
   non-blocking poll), so a message that reached this host is applied before the next read;
@@ -152,10 +152,11 @@ class InvalidationListener:
             self._apply(reply[2])
 
     def _apply(self, data: bytes) -> None:
-        if data == b"*":
-            self._clear_l1()
-            return
         try:
+            if data.startswith(b"*"):
+                shard, _, flushed_at = data[1:].partition(b" ")
+                self.l1.invalidate_shard(int(shard), int(flushed_at))
+                return
             for entry_id, version in parse_invalidation(data):
                 self.l1.invalidate(entry_id, version)
         except ValueError as exc:  # a message we cannot read: be safe

@@ -16,6 +16,8 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from .config import CacheConfig, redact
@@ -33,9 +35,9 @@ def _options(config: CacheConfig) -> dict[str, Any]:
             "decode_responses": False}
 
 
-def _checked(build: Any, config: CacheConfig, retry: Any) -> Any:
+def _checked(build: Any, config: CacheConfig, retry: Any, **extra: Any) -> Any:
     try:
-        return build(config.url, retry=retry, **_options(config))
+        return build(config.url, retry=retry, **_options(config), **extra)
     except ValueError as exc:
         raise ConfigurationError(f"Redis URL {redact(config.url)!r} is malformed ({exc}); "
                                  "use redis://[user:password@]host:port/db") from exc
@@ -45,11 +47,72 @@ SyncClient: TypeAlias = redis.Redis | RedisCluster
 AsyncClient: TypeAlias = redis.asyncio.Redis | AsyncRedisCluster
 
 
+def _script_routing(fallback: Any = None) -> dict[str, Any]:
+    """Cluster options that route EVALSHA/EVAL by their KEYS inside a pipeline.
+
+    redis-py 8's sync cluster pipeline otherwise asks a node (``COMMAND GETKEYS``, one extra round
+    trip per script call) where each script call goes. Older redis-py routes them by KEYS already.
+    """
+    try:
+        from redis.commands.policies import (  # type: ignore[attr-defined]  # noqa: PLC0415 (redis-py >= 8)
+            BasePolicyResolver,
+            CommandPolicies,
+            PolicyResolver,
+            RequestPolicy,
+            ResponsePolicy,
+            StaticPolicyResolver,
+        )
+    except ImportError:
+        return {}
+    keyed = CommandPolicies(request_policy=RequestPolicy.DEFAULT_KEYED, response_policy=ResponsePolicy.DEFAULT_KEYED)
+
+    class ScriptsByKeys(BasePolicyResolver):
+        def __init__(self, fallback: PolicyResolver | None = None) -> None:
+            super().__init__({"core": {"evalsha": keyed, "eval": keyed}}, fallback or StaticPolicyResolver())
+
+        def with_fallback(self, fallback: PolicyResolver) -> PolicyResolver:
+            return ScriptsByKeys(fallback)
+
+    return {"policy_resolver": ScriptsByKeys(fallback)}
+
+
 def sync_client(config: CacheConfig) -> SyncClient:
     """A redis-py client for ``config.url`` (raises ConfigurationError on a malformed URL)."""
-    build = RedisCluster.from_url if config.cluster else redis.Redis.from_url
-    client: SyncClient = _checked(build, config, Retry(NoBackoff(), 0))
+    if config.cluster:
+        cluster: RedisCluster = _checked(RedisCluster.from_url, config, Retry(NoBackoff(), 0), **_script_routing())
+        return cluster
+    client: redis.Redis = _checked(redis.Redis.from_url, config, Retry(NoBackoff(), 0))
     return client
+
+
+# What the Redis I/O itself can raise. redis-py's cluster errors (no slot covered, topology being
+# rebuilt) are not RedisError subclasses; to the cache they are Redis failures like the others.
+IO_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
+
+
+def as_redis_error(exc: Exception) -> RedisError:
+    """The failure as a RedisError, which is what the tier core handles (fail-open or typed error)."""
+    if isinstance(exc, RedisError):
+        return exc
+    wrapped = RedisConnectionError(f"{type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
+
+
+def pipeline(client: SyncClient) -> Any:
+    """A non-transactional pipeline that routes script calls by their KEYS on a cluster too.
+
+    redis-py 8.1's ``RedisCluster.pipeline()`` does not hand the client's ``policy_resolver`` to the
+    pipeline it makes, so it is passed on here, with script routing added for a client the
+    application built itself (see :func:`_script_routing`).
+    """
+    pipe = client.pipeline(transaction=False)
+    resolver = getattr(client, "_policy_resolver", None)
+    if isinstance(client, RedisCluster) and resolver is not None and hasattr(pipe, "_policy_resolver"):
+        if resolver.resolve("evalsha") is None:  # a client of the application's: add script routing
+            resolver = _script_routing(resolver).get("policy_resolver", resolver)
+        pipe._policy_resolver = resolver
+    return pipe
 
 
 def async_client(config: CacheConfig) -> AsyncClient:

@@ -30,6 +30,7 @@ class L1Entry:
     deadline: float  # clock time after which the copy is dropped
     expires_at: float | None = None  # clock time the value's own ttl ends (None: no ttl)
     cost: float = 0.0  # seconds the value took to compute (0: unknown); for early refresh
+    shard: int = -1  # the Redis shard it came from (-1: unknown), for shard-wide invalidations
 
 
 class LocalCache:
@@ -43,6 +44,7 @@ class LocalCache:
         self.total_size = 0
         self._data: OrderedDict[bytes, L1Entry] = OrderedDict()
         self._floors: OrderedDict[bytes, int] = OrderedDict()
+        self._shard_floors: dict[int, int] = {}
         self._cleared_at = float("-inf")
         self._lock = threading.Lock()
         forksafe.register(self)
@@ -52,6 +54,7 @@ class LocalCache:
         self._lock = threading.Lock()
         self._data.clear()
         self._floors.clear()
+        self._shard_floors.clear()
         self.total_size = 0
 
     def get(self, key: bytes) -> L1Entry | None:
@@ -73,7 +76,7 @@ class LocalCache:
         return entry if entry is not None and self.clock() < entry.deadline else None
 
     def set(self, key: bytes, payload: bytes, version: int, ttl_left: float | None = None,
-            since: float | None = None, cost: float = 0.0) -> bool:
+            since: float | None = None, cost: float = 0.0, shard: int = -1) -> bool:
         """Store a copy that lives ``l1_ttl`` seconds, or less if the value's own ttl ends sooner.
 
         Lifetimes count from ``since`` (default: now); callers pass the clock reading taken before
@@ -88,12 +91,13 @@ class LocalCache:
             self.pop(key)
             return False
         expires_at = None if ttl_left is None else start + ttl_left
-        entry = L1Entry(payload, version, start + lives, expires_at, cost)
+        entry = L1Entry(payload, version, start + lives, expires_at, cost, shard)
         with self._lock:
             if start < self._cleared_at:
                 return False
             current = self._data.get(key)
-            newer = max(current.version if current else 0, self._floors.get(key, 0))
+            newer = max(current.version if current else 0, self._floors.get(key, 0),
+                        self._shard_floors.get(shard, 0))
             if version and version < newer:
                 return False
             self._remove(key)
@@ -117,6 +121,15 @@ class LocalCache:
             if current is not None and current.version < version:
                 return self._remove(key)
             return False
+
+    def invalidate_shard(self, shard: int, version: int) -> int:
+        """Shard ``shard`` was flushed at ``version``: drop its older copies; returns how many."""
+        with self._lock:
+            self._shard_floors[shard] = max(version, self._shard_floors.get(shard, 0))
+            stale = [k for k, e in self._data.items() if e.shard in (shard, -1) and e.version < version]
+            for key in stale:
+                self._remove(key)
+            return len(stale)
 
     def pop(self, key: bytes) -> bool:
         """Drop ``key``'s copy; True if there was one."""

@@ -257,7 +257,8 @@ class TierCore:
                     continue
                 self.counters.add(**{f"l{tier}_hits": 1})
                 ttl_left = None if ttl_left_ms < 0 else ttl_left_ms / 1000
-                if fill and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost_ms / 1000):
+                if fill and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost_ms / 1000,
+                                        shard=ref.shard):
                     self.counters.add(l1_fills=1)
                 del out.missed_at[ref.id]
                 out.values[ref.id], out.payloads[ref.id] = value, payload
@@ -313,13 +314,13 @@ class TierCore:
         except RedisError as exc:
             self._redis_failed("put", exc)
             for ref, payload in prepared.values():  # this process still sees its own write
-                self.l1.set(ref.id, payload, 0, ttl_s, since=sent_at)
+                self.l1.set(ref.id, payload, 0, ttl_s, since=sent_at, shard=ref.shard)
             return
         self.counters.add(puts=len(prepared))
         for rs, reply in zip(groups.values(), replies, strict=True):
             self._count_events(reply[0])
             for ref, version in zip(rs, reply[1:], strict=True):
-                self.l1.set(ref.id, prepared[ref.id][1], version, ttl_s, since=sent_at)
+                self.l1.set(ref.id, prepared[ref.id][1], version, ttl_s, since=sent_at, shard=ref.shard)
 
     def _put_items(self, ref: EntryRef, payload: bytes, ttl_ms: int, since_ms: int = 0, expect: int = 0,
                    cost: float = 0.0) -> list[bytes | int]:
@@ -367,7 +368,7 @@ class TierCore:
             pending = list(range(len(shards)))
             while pending:
                 now_ms = self._now_ms()
-                calls = [ScriptCall(self.scripts.flush, tuple(shards[s].keys), (FLUSH_BATCH, now_ms))
+                calls = [ScriptCall(self.scripts.flush, tuple(shards[s].keys), (FLUSH_BATCH, now_ms, s))
                          for s in pending]
                 left = yield from self._run(calls)
                 pending = [s for s, n in zip(pending, left, strict=True) if n > 0]
@@ -398,7 +399,7 @@ class TierCore:
         if found.failed:  # Redis is down: compute here, keep a local copy (as a failed put would)
             loaded = yield from self._load()
             payload = self._encode(ref, loaded.value)
-            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms))
+            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), shard=ref.shard)
             return Got(loaded.value, payload)
         since = found.missed_at[ref.id]
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
@@ -479,13 +480,14 @@ class TierCore:
             replies = yield from self._run(calls)
         except RedisError as exc:
             self._redis_failed("get_or_set", exc)
-            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), since=sent_at)
+            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), since=sent_at, shard=ref.shard)
             return Got(loaded.value, payload)
         self._count_events(replies[0][0])
         version = replies[0][1]
         if version:
             self.counters.add(puts=1)
-            self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds)
+            self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds,
+                        shard=ref.shard)
         else:
             self.counters.add(fills_refused=1)
         return Got(loaded.value, payload)
@@ -559,7 +561,8 @@ class TierCore:
         version = replies[0][1]
         if version:
             self.counters.add(refreshes=1, puts=1)
-            self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds)
+            self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds,
+                        shard=ref.shard)
         return bool(version)
 
     # ---------------------------------------------------------------- metrics
