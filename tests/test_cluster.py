@@ -170,15 +170,3 @@ def test_the_async_front_end_runs_on_a_cluster(cluster_url: str, ns: str) -> Non
     assert got == {f"k{i}": i for i in range(30)}
     assert (computed, seen) == ("loaded", "loaded")
 
-
-def test_the_demo_runs_on_a_cluster(cluster_url: str, ns: str) -> None:
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "victor_rcache.demo", "--url", cluster_url, "--cluster",
-                           "--workers", "2", "--requests", "80", "--cost-ms", "0", "--namespace", ns],
-                          capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "(equal to the sum of the workers' own counters)" in done.stdout
-    assert "redis-cli -c -u" in done.stdout
-    assert "ERROR" not in done.stdout
