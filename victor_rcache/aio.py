@@ -11,10 +11,12 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from redis.exceptions import RedisError
+from tenacity import AsyncRetrying
 
 from .cache import CacheBase
 from .config import CacheConfig
 from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client
+from .resilience import raise_transient
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
 
@@ -61,12 +63,17 @@ class AsyncMultiLevelCache(CacheBase):
         return Loaded(value, time.perf_counter() - started)
 
     async def _send(self, batch: Batch) -> list[Any] | RedisError:
+        refused = self._resilience.refused()  # the circuit is open: no I/O, no timeout to pay
+        if refused is not None:
+            return refused
         try:
-            replies: list[Any] = await queue(self.client.pipeline(transaction=False), batch).execute(
-                raise_on_error=False)
+            async for attempt in AsyncRetrying(**self._resilience.retrying()):
+                with attempt:
+                    pipe = queue(self.client.pipeline(transaction=False), batch)
+                    replies = raise_transient(await pipe.execute(raise_on_error=False))
         except IO_ERRORS as exc:
-            return as_redis_error(exc)
-        return replies
+            return self._resilience.settle(as_redis_error(exc))
+        return self._resilience.settle(replies)
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         return await self._drive(self._core.get(key, default))

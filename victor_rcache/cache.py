@@ -13,9 +13,10 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from redis.exceptions import RedisError
+from tenacity import Retrying
 
 from .coherence import InvalidationListener
-from .config import CacheConfig
+from .config import CacheConfig, redact
 from .connection import (
     IO_ERRORS,
     SyncClient,
@@ -26,6 +27,7 @@ from .connection import (
     sync_client,
 )
 from .errors import ConfigurationError, InvalidArgumentError
+from .resilience import Resilience, raise_transient
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
 
@@ -51,6 +53,7 @@ class CacheBase:
                  **settings: Any) -> None:
         self.config = _make_config(redis_url, config, settings)
         self._core = TierCore(self.config)
+        self._resilience = self._core.resilience = Resilience(self.config, name=redact(self.config.url))
 
     def _start_coherence(self, client: Any) -> None:
         """Subscribe to the namespace's invalidations (waits up to connect_timeout for the first try)."""
@@ -135,11 +138,16 @@ class MultiLevelCache(CacheBase):
         return _call_loader(loader)
 
     def _send(self, batch: Batch) -> list[Any] | RedisError:
+        refused = self._resilience.refused()  # the circuit is open: no I/O, no timeout to pay
+        if refused is not None:
+            return refused
         try:
-            replies: list[Any] = queue(pipeline(self.client), batch).execute(raise_on_error=False)
+            for attempt in Retrying(**self._resilience.retrying()):
+                with attempt:
+                    replies = raise_transient(queue(pipeline(self.client), batch).execute(raise_on_error=False))
         except IO_ERRORS as exc:
-            return as_redis_error(exc)
-        return replies
+            return self._resilience.settle(as_redis_error(exc))
+        return self._resilience.settle(replies)
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` on a miss. A cached ``None`` is a hit."""

@@ -65,6 +65,8 @@ class CacheConfig:
     fail_open: bool = True
     socket_timeout: float = 0.5
     connect_timeout: float = 0.5
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 1.0
     cluster: bool = False
     coherence: bool = True
     lease_ttl: float = 30.0
@@ -84,13 +86,14 @@ class CacheConfig:
                     f"raise {name} or lower shards"
                 )
         _check_size(self.promote_after, "promote_after")
+        _check_size(self.breaker_threshold, "breaker_threshold")
         _check_size(self.max_value_bytes, "max_value_bytes")
         if self.max_value_bytes > MAX_VALUE_BYTES_LIMIT:
             raise ConfigurationError(f"max_value_bytes={self.max_value_bytes} exceeds Redis's 512 MiB string limit")
         for name in ("l1_ttl", "l2_ttl", "l3_ttl"):
             if getattr(self, name) is not None:
                 check_ttl(getattr(self, name), name, ConfigurationError)
-        for name in ("socket_timeout", "connect_timeout", "lease_ttl", "early_refresh_beta"):
+        for name in ("socket_timeout", "connect_timeout", "lease_ttl", "early_refresh_beta", "breaker_cooldown"):
             check_ttl(getattr(self, name), name, ConfigurationError)
         if not isinstance(self.codec, Codec):
             raise ConfigurationError("codec must have a name and encode()/decode() methods (see victor_rcache.Codec)")

@@ -161,6 +161,7 @@ class TierCore:
         self.scripts = scripts or default_scripts()
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic)
         self.coherence: Coherence = coherence or NoCoherence()
+        self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
         self.counters = Counters()
         self._caps2 = split_capacity(config.l2_size, config.shards)
         self._caps3 = split_capacity(config.l3_size, config.shards)
@@ -598,8 +599,11 @@ class TierCore:
             sizes = {"l2": (sum(replies[0::3]), sum(s.get("l2_bytes", 0) for s in stats)),
                      "l3": (sum(replies[1::3]), sum(s.get("l3_bytes", 0) for s in stats))}
         l1_size = (len(self.l1), self.l1.total_size) if scope == "process" else None
-        return build_metrics(tally, l1_size, sizes, local, available=replies is not None,
-                             coherence=self.coherence_state())
+        metrics = build_metrics(tally, l1_size, sizes, local, available=replies is not None,
+                                coherence=self.coherence_state())
+        if self.resilience is not None:
+            metrics["health"]["breaker"] = self.resilience.snapshot()
+        return metrics
 
     def coherence_state(self) -> dict[str, Any]:
         """Whether L1 is kept coherent right now, and what the invalidation channel delivered."""
