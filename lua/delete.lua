@@ -1,3 +1,4 @@
+#!lua
 --[[
   delete.lua: remove entries of one shard from every tier, optionally only at an expected version,
   and tell every process to drop its L1 copy.

@@ -1,3 +1,4 @@
+#!lua
 --[[
   flush.lua: remove up to `batch` entries of one shard; called repeatedly by invalidate() until the
   shard is empty, so clearing a huge namespace never blocks Redis for long. Every call publishes

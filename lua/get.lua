@@ -1,3 +1,4 @@
+#!lua
 --[[
   get.lua: look up entries of one shard in L2 and L3 in one call, counting hits and moving tiers.
 

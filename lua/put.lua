@@ -1,3 +1,4 @@
+#!lua
 --[[
   put.lua: write entries of one shard into L2 (new version, hit count 0), then enforce the bounds.
   A plain put always writes; a fill (get_or_set after a miss) or a refresh writes only if nothing

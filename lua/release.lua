@@ -1,3 +1,4 @@
+#!lua
 --[[
   release.lua: give back a fill lease, only if the caller still holds it (compare and delete).
 

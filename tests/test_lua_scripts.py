@@ -67,7 +67,7 @@ def test_every_script_opens_with_a_header_documenting_keys_argv_and_reply() -> N
     assert {p.stem for p in paths} == set(SCRIPT_NAMES)
     for path in paths:
         text = path.read_text("utf-8")
-        assert text.startswith("--[["), f"{path.name} does not open with a --[[ ... ]] header block"
+        assert text.startswith("#!lua\n--[["), f"{path.name} does not open with #!lua and a --[[ ... ]] header"
         header = text[: text.index("]]")]
         for needle in ("KEYS[", "ARGV[", "Reply"):
             assert needle in header, f"{path.name}'s header does not mention {needle!r}"

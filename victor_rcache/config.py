@@ -72,6 +72,7 @@ class CacheConfig:
     lease_ttl: float = 30.0
     early_refresh: bool = False
     early_refresh_beta: float = 1.0
+    lua_shebang: bool = True
     codec: Codec = field(default_factory=MsgpackCodec)
     clock: Callable[[], float] | None = None
 

@@ -112,6 +112,7 @@ class WorkerJob:
     l2_size: int
     l3_size: int
     cluster: bool = False
+    shebang: bool = True  # fakeredis does not understand the scripts' Redis 7 shebang line
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class WorkerResult:
 def make_cache(job: WorkerJob) -> MultiLevelCache:
     # fail_open=False: a demo should stop with Redis's error, not quietly count misses.
     return MultiLevelCache(job.url, namespace=job.namespace, l1_size=job.l1_size, l2_size=job.l2_size,
-                           l3_size=job.l3_size, shards=SHARDS, fail_open=False, cluster=job.cluster)
+                           l3_size=job.l3_size, shards=SHARDS, fail_open=False, cluster=job.cluster,
+                           lua_shebang=job.shebang)
 
 
 def plain_client(url: str, cluster: bool) -> Any:
@@ -290,7 +292,7 @@ def preload_scripts(url: str) -> None:
     a first EVALSHA gets would cut off the rest of the worker's pipeline.
     """
     with redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5) as client:
-        for script in default_scripts().all():
+        for script in default_scripts(shebang=False).all():
             sha = client.script_load(script.source)
             if sha != script.sha:
                 raise DemoError(f"fakeredis loaded {script.name}.lua under SHA1 {sha}, expected {script.sha}")
@@ -452,9 +454,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def jobs_for(args: argparse.Namespace, url: str, shared: bool) -> list[WorkerJob]:
-    return [WorkerJob(i, url, args.namespace if shared else f"{args.namespace}-solo-{i}", args.requests,
-                      args.seed, args.zipf, args.cost_ms, args.l1_size, args.l2_size, args.l3_size, args.cluster)
+def jobs_for(args: argparse.Namespace, server: Server, shared: bool) -> list[WorkerJob]:
+    return [WorkerJob(i, server.url, args.namespace if shared else f"{args.namespace}-solo-{i}", args.requests,
+                      args.seed, args.zipf, args.cost_ms, args.l1_size, args.l2_size, args.l3_size, args.cluster,
+                      shebang=server.kind != "fakeredis")
             for i in range(args.workers)]
 
 
@@ -481,8 +484,8 @@ def run_demo(args: argparse.Namespace, server: Server) -> int:
           "that waited for another's fill looks the value up twice.\n", flush=True)
 
     ctx = multiprocessing.get_context("spawn")
-    base = run_phase(ctx, "baseline", jobs_for(args, server.url, shared=False))
-    fleet_jobs = jobs_for(args, server.url, shared=True)
+    base = run_phase(ctx, "baseline", jobs_for(args, server, shared=False))
+    fleet_jobs = jobs_for(args, server, shared=True)
     shared = run_phase(ctx, "fleet", fleet_jobs)
 
     print(f"1. Baseline: each worker caches alone (namespaces {ns}-solo-0..{args.workers - 1})")

@@ -1,6 +1,11 @@
 """The Lua script registry: each script is read once from ``lua/``, its includes expanded, its
 SHA1 computed; calls go out as EVALSHA and fall back to EVAL (which also reloads the script into
 Redis's cache) on NOSCRIPT, e.g. after ``SCRIPT FLUSH``, a restart or a failover.
+
+Every script starts with the Redis 7 shebang ``#!lua`` (no flags): Redis then refuses a script
+that may write when it is out of memory *before* it runs, instead of failing midway with earlier
+writes kept, and refuses any access to keys of another slot. ``shebang=False`` strips that line
+for servers and emulators without it (fakeredis); scripts then run under Redis's legacy rules.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ class Script:
     sha: str
 
     @classmethod
-    def load(cls, name: str, folder: Path | None = None) -> Script:
+    def load(cls, name: str, folder: Path | None = None, shebang: bool = True) -> Script:
         folder = folder or lua_dir()
         text = (folder / f"{name}.lua").read_text("utf-8")
         text = _INCLUDE.sub(lambda m: (folder / m.group(1)).read_text("utf-8"), text)
+        if not shebang and text.startswith("#!"):
+            text = text.split("\n", 1)[1]
         source = text.encode()
         return cls(name, source, hashlib.sha1(source).hexdigest())
 
@@ -60,12 +67,12 @@ class ScriptCall:
 class Scripts:
     """The scripts the tiers use, loaded once per process."""
 
-    def __init__(self, folder: Path | None = None) -> None:
-        self.get = Script.load("get", folder)
-        self.put = Script.load("put", folder)
-        self.delete = Script.load("delete", folder)
-        self.flush = Script.load("flush", folder)
-        self.release = Script.load("release", folder)
+    def __init__(self, folder: Path | None = None, shebang: bool = True) -> None:
+        self.get = Script.load("get", folder, shebang)
+        self.put = Script.load("put", folder, shebang)
+        self.delete = Script.load("delete", folder, shebang)
+        self.flush = Script.load("flush", folder, shebang)
+        self.release = Script.load("release", folder, shebang)
 
     def all(self) -> tuple[Script, ...]:
         return (self.get, self.put, self.delete, self.flush, self.release)

@@ -58,7 +58,7 @@ log = logging.getLogger("victor_rcache")
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 
-_scripts: Scripts | None = None
+_scripts: dict[bool, Scripts] = {}
 
 
 def feed(step: Step[T], outcome: Any) -> tuple[Instruction | None, T | None]:
@@ -85,12 +85,11 @@ def queue(pipe: Any, batch: Batch) -> Any:
     return pipe
 
 
-def default_scripts() -> Scripts:
+def default_scripts(shebang: bool = True) -> Scripts:
     """The process-wide script registry (read from disk once)."""
-    global _scripts
-    if _scripts is None:
-        _scripts = Scripts()
-    return _scripts
+    if shebang not in _scripts:
+        _scripts[shebang] = Scripts(shebang=shebang)
+    return _scripts[shebang]
 
 
 def split_capacity(total: int, shards: int) -> list[int]:
@@ -158,7 +157,7 @@ class TierCore:
         self.config = config
         self.space = KeySpace(config.namespace, config.shards)
         self.envelope = Envelope(config.codec)
-        self.scripts = scripts or default_scripts()
+        self.scripts = scripts or default_scripts(config.lua_shebang)
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic)
         self.coherence: Coherence = coherence or NoCoherence()
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
