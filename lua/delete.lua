@@ -39,7 +39,7 @@ for i = HEAD + 1, #ARGV, 2 do
   local id, expected = ARGV[i], tonumber(ARGV[i + 1])
   local tier = nil
   if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
-  local version = tonumber(redis.call('HGET', entry_key(id), 'ver'))
+  local version = tonumber((entry_fields(entry_key(id), 'ver') or {})[1])
   local d, announced = 0, 0
   if (tier or version) and (expected == nil or expected == version) then
     drop(id, tier, 'deleted')

@@ -41,7 +41,8 @@ for _, tier in ipairs({{l2_key, 'l2_bytes'}, {l3_key, 'l3_bytes'}, {exp_key, nil
   local freed = 0
   for _, id in ipairs(ids) do
     local ek = base .. 'e:' .. id
-    freed = freed + (tonumber(redis.call('HGET', ek, 's')) or 0)
+    local size = redis.pcall('HGET', ek, 's')            -- a key of another type frees nothing
+    freed = freed + (type(size) == 'string' and tonumber(size) or 0)
     redis.call('DEL', ek)
     redis.call('ZREM', tier[1], id)
     redis.call('ZREM', exp_key, id)

@@ -42,9 +42,9 @@ for i = HEAD + 1, #ARGV do
   if s2 then s2 = tonumber(s2) else s3 = tonumber(redis.call('ZSCORE', l3_key, id)) end
   local reply = {0, now}
   if s2 or s3 then
-    local f = redis.call('HMGET', ek, 'v', 'ver', 'x', 's', 'd')
+    local f = entry_fields(ek, 'v', 'ver', 'x', 's', 'd') or {}
     local expiry = tonumber(f[3])
-    if not f[1] then                                   -- data gone (evicted by Redis or by hand)
+    if not f[1] then                                   -- data gone (evicted by Redis, or by hand)
       redis.call('ZREM', s2 and l2_key or l3_key, id)
       redis.call('ZREM', exp_key, id)
     elseif expiry and now >= expiry then               -- absolute ttl passed

@@ -62,13 +62,13 @@ for i = HEAD + 1, #ARGV, GROUP do
     refused = tier ~= nil or fenced >= since or flushed >= since or floor >= since or since < now - memory
   end
   if expect > 0 then
-    refused = refused or tonumber(redis.call('HGET', ek, 'ver')) ~= expect
+    refused = refused or tonumber((entry_fields(ek, 'ver') or {})[1]) ~= expect
   end
   if refused then
     versions[#versions + 1] = 0
   else
     if tier then                                       -- replaced: not a deletion, no `gone` record
-      local size = tonumber(redis.call('HGET', ek, 's')) or 0
+      local size = tonumber((entry_fields(ek, 's') or {})[1]) or 0
       redis.call('ZREM', tier == 2 and l2_key or l3_key, id)
       if tier == 2 then bytes2 = bytes2 - size else bytes3 = bytes3 - size end
     end

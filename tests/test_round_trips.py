@@ -123,8 +123,8 @@ def measure(raw: Client, trips: RoundTrips) -> Iterator[Measurement]:
 
 
 def commands_in(*scripts: Script) -> set[str]:
-    """The Redis commands a script's source can run (redis.call('NAME', ...))."""
-    return {name.decode().lower() for s in scripts for name in re.findall(rb"redis\.call\('(\w+)'", s.source)}
+    """The Redis commands a script's source can run (redis.call('NAME', ...) or redis.pcall)."""
+    return {name.decode().lower() for s in scripts for name in re.findall(rb"redis\.p?call\('(\w+)'", s.source)}
 
 
 def assert_only_script_calls(m: Measurement, script: Script, evalsha: int) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from . import forksafe
 from .codec import FORMAT_VERSION, Envelope
@@ -57,6 +57,7 @@ log = logging.getLogger("victor_rcache")
 
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
+FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
 
 _scripts: dict[bool, Scripts] = {}
 
@@ -170,6 +171,7 @@ class TierCore:
         self._lease_ms = max(1, round(config.lease_ttl * 1000))
         self._config_checked = False
         self._failing = False
+        self._failure_logged_at = -FAILURE_LOG_INTERVAL
         self._lock = threading.Lock()
         self._unreported_l1_hits = 0
         self._reported_l1_evictions = 0
@@ -706,20 +708,35 @@ class TierCore:
 
     def _redis_failed(self, op: str, exc: Exception) -> None:
         self.counters.add(redis_errors=1)
+        problem = f"Redis at {redact(self.config.url)} could not serve {op}: {exc}. {_fix_for(exc)}"
         if not self.config.fail_open:
-            raise CacheUnavailableError(
-                f"Redis at {redact(self.config.url)} could not serve {op}: {exc}. Check that it is reachable "
-                "and healthy, or construct the cache with fail_open=True to fall back to L1"
-            ) from exc
-        if not self._failing:
+            raise CacheUnavailableError(problem + "; or construct the cache with fail_open=True to fall back "
+                                                  "to L1") from exc
+        now = time.monotonic()
+        if now - self._failure_logged_at >= FAILURE_LOG_INTERVAL:  # a broken shard must not flood the log
+            self._failure_logged_at = now
             self._failing = True
-            log.warning("Redis at %s failed during %s (%s); serving from L1 until it recovers",
-                        redact(self.config.url), op, exc)
+            log.warning("%s Serving from L1 (or missing) until it recovers", problem)
 
     def _recovered(self) -> None:
         if self._failing:
             self._failing = False
             log.warning("Redis at %s is serving again", redact(self.config.url))
+
+
+def _fix_for(exc: Exception) -> str:
+    """What to do about a Redis failure, in words."""
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
+        return "Check the user name and password in the URL (redis://user:password@host:port/db)"
+    if "NOPERM" in text:
+        return ("The Redis ACL user lacks a command, key or channel the cache needs; grant the rule set in the "
+                "README section 'Running as an ACL user'")
+    if "VRC_WRONGTYPE" in text:
+        return "Delete the key named above"
+    if "OOM" in text:
+        return "Redis is out of memory (maxmemory reached with a no-eviction policy): raise maxmemory or free memory"
+    return "Check that it is reachable and healthy"
 
 
 def _by_shard(refs: Iterable[EntryRef]) -> dict[int, list[EntryRef]]:

@@ -82,6 +82,15 @@ local function check_head()
     return 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, '
         .. 'deltas, memory >= 1)'
   end
+  -- The shard's own keys must have their types: a key overwritten by hand with another type would
+  -- make the script fail midway, after some of its writes. (Entry keys are checked as they are read.)
+  for i, expected in ipairs({'zset', 'zset', 'zset', 'hash', 'zset', 'zset'}) do
+    local actual = redis.call('TYPE', KEYS[i]).ok
+    if actual ~= expected and actual ~= 'none' then
+      return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. actual .. ', not a ' .. expected
+          .. ': it was written outside the cache; delete that key (its shard loses only its index)'
+    end
+  end
   if now == 0 then
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -95,6 +104,17 @@ local changed = {}                   -- invalidation lines to publish at the end
 local noted = false                  -- a `gone` or `fence` record was added in this call
 
 local function entry_key(id) return base .. 'e:' .. id end
+
+-- Fields of an entry's data hash (HMGET), or nil when the key holds another type (written by hand):
+-- such a key is deleted, and the entry is then simply gone.
+local function entry_fields(ek, ...)
+  local fields = redis.pcall('HMGET', ek, ...)
+  if type(fields) == 'table' and fields.err then
+    redis.call('DEL', ek)
+    return nil
+  end
+  return fields
+end
 
 -- The next version of this shard. A new shard's counter starts at now (ms) * 1000, so versions keep
 -- growing across a flushed or restarted Redis (L1 refuses a copy older than one it has seen).
@@ -135,7 +155,7 @@ end
 -- copies end by themselves in every L1) or was deleted (the delete itself publishes).
 local function drop(id, tier, why)
   local ek = entry_key(id)
-  local f = redis.call('HMGET', ek, 's', 'f')
+  local f = entry_fields(ek, 's', 'f') or {}
   local size = tonumber(f[1]) or 0
   if tier == 2 then redis.call('ZREM', l2_key, id); bytes2 = bytes2 - size
   elseif tier == 3 then redis.call('ZREM', l3_key, id); bytes3 = bytes3 - size end
@@ -150,7 +170,7 @@ end
 local function into_l3(id, score)
   local ek = entry_key(id)
   redis.call('ZREM', l2_key, id)
-  local size = tonumber(redis.call('HGET', ek, 's'))
+  local size = tonumber((entry_fields(ek, 's') or {})[1])
   if size == nil then                -- leftover index entry whose data is gone: finish removing it
     redis.call('ZREM', exp_key, id)
     return
