@@ -58,6 +58,8 @@ log = logging.getLogger("victor_rcache")
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
+RELOAD_ROUNDS = 5  # NOSCRIPT rounds before every call still missing its script reloads it itself
+RELOAD_PAUSE = 0.002  # seconds a call waits (growing) while another call reloads its script
 
 _scripts: dict[bool, Scripts] = {}
 
@@ -176,11 +178,14 @@ class TierCore:
         self._unreported_l1_hits = 0
         self._reported_l1_evictions = 0
         self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
+        self._script_gen: dict[str, int] = {}  # script name -> reloads claimed (see _run)
+        self._reloading: set[str] = set()  # scripts whose reload is on its way to Redis
         forksafe.register(self)
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._refreshing = set()
+        self._reloading = set()
 
     # ------------------------------------------------------------------ reads
 
@@ -650,18 +655,56 @@ class TierCore:
         return max(1, math.floor(clock() * 1000)) / 1000
 
     def _run(self, calls: list[ScriptCall]) -> Step[list[Any]]:
-        """Run script calls in one round trip: EVALSHA, then EVAL for any the server forgot."""
+        """Run script calls in one round trip (EVALSHA); reload what the server forgot, once.
+
+        After ``SCRIPT FLUSH``, a restart or a failover, every concurrent call gets NOSCRIPT. Only one
+        of them per script reloads it (EVAL, which caches it on the server it runs on); calls that
+        lost the race pause a moment and send EVALSHA again, so a busy process reloads each script
+        once per server, not once per call. The last round reloads whatever is still missing.
+        """
+        sent = self._script_generations(calls)
         replies: list[Any] = yield [c.evalsha() for c in calls]
-        missing = [i for i, r in enumerate(replies) if needs_reload(r)]
-        if missing:
-            log.info("reloading %d script(s) after NOSCRIPT", len(missing))
-            self.counters.add(script_reloads=len(missing))
-            again = yield [calls[i].eval() for i in missing]
-            for i, reply in zip(missing, again, strict=True):
+        for attempt in range(RELOAD_ROUNDS):
+            missing = [i for i, r in enumerate(replies) if needs_reload(r)]
+            if not missing:
+                break
+            reload = missing if attempt == RELOAD_ROUNDS - 1 else self._claim_reloads(calls, missing, sent)
+            if reload:
+                log.info("reloading %d script(s) after NOSCRIPT", len(reload))
+                self.counters.add(script_reloads=len(reload))
+            else:
+                yield Pause(RELOAD_PAUSE * (attempt + 1))  # another call is reloading them right now
+            waiting = [i for i in missing if i not in reload]
+            sent.update(self._script_generations([calls[i] for i in waiting], waiting))
+            order = reload + waiting  # reloads first: waiters on the same server then find the script
+            try:
+                again = yield [calls[i].eval() if i in reload else calls[i].evalsha() for i in order]
+            finally:
+                with self._lock:
+                    self._reloading.difference_update(calls[i].script.name for i in reload)
+            for i, reply in zip(order, again, strict=True):
                 replies[i] = reply
         _raise_first_error(replies)
         self._recovered()
         return replies
+
+    def _script_generations(self, calls: list[ScriptCall], indexes: list[int] | None = None) -> dict[int, int]:
+        with self._lock:
+            return {i: self._script_gen.get(c.script.name, 0)
+                    for i, c in zip(indexes or range(len(calls)), calls, strict=True)}
+
+    def _claim_reloads(self, calls: list[ScriptCall], missing: list[int], sent: dict[int, int]) -> list[int]:
+        """The calls that reload their script: one per script that nobody reloaded since they were sent
+        and nobody is reloading right now."""
+        claimed: list[int] = []
+        with self._lock:
+            for i in missing:
+                name = calls[i].script.name
+                if name not in self._reloading and self._script_gen.get(name, 0) == sent[i]:
+                    self._script_gen[name] = sent[i] + 1
+                    self._reloading.add(name)
+                    claimed.append(i)
+        return claimed
 
     def _ready(self) -> Step[None]:
         """Once per process: agree with the fleet on the shard count and data format."""
