@@ -83,3 +83,40 @@ def test_codec_names_must_be_short_ascii(name: str) -> None:
     Named.name = name
     with pytest.raises(ConfigurationError):
         Envelope(Named())
+
+
+KEY = b"k" * 32
+
+
+def test_signed_payloads_round_trip_and_reject_tampering_or_another_key() -> None:
+    signer = Envelope(MsgpackCodec(), KEY)
+    payload = signer.wrap({"tools": ["read"]})
+    assert payload[0] == 2
+    assert signer.unwrap(payload) == {"tools": ["read"]}
+    forged = payload[:-1] + bytes([payload[-1] ^ 1])
+    with pytest.raises(ValueError, match="signature"):
+        signer.unwrap(forged)
+    with pytest.raises(ValueError, match="signature"):
+        Envelope(MsgpackCodec(), b"x" * 32).unwrap(payload)
+    with pytest.raises(ValueError, match="signed"):
+        signer.unwrap(Envelope(MsgpackCodec()).wrap({"tools": ["read"]}))  # an unsigned payload
+    with pytest.raises(ValueError, match="format version"):
+        Envelope(MsgpackCodec()).unwrap(payload)  # and an unsigned reader refuses a signed one
+
+
+def test_pickle_is_only_there_when_chosen() -> None:
+    from victor_rcache import CacheConfig, PickleCodec
+
+    assert CacheConfig().codec.name == "msgpack"
+    env = Envelope(PickleCodec(), KEY)
+    assert env.unwrap(env.wrap({1, 2})) == {1, 2}  # what msgpack cannot carry
+    with pytest.raises(SerializationError):
+        env.wrap(lambda: 1)
+
+
+@pytest.mark.parametrize("key", [b"short", "a str key of enough length", 12345])
+def test_a_signing_key_must_be_long_enough_bytes(key: object) -> None:
+    from victor_rcache import CacheConfig
+
+    with pytest.raises(ConfigurationError, match="signing_key"):
+        CacheConfig(signing_key=key)  # type: ignore[arg-type]

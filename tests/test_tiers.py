@@ -393,3 +393,20 @@ def test_no_copy_outlives_the_ttl_at_sub_millisecond_clock_readings(make_cache: 
     assert reader._core.l1.get(b"k") is not None
     clock.now = start + 0.010  # the value's ttl (counted from the put) is over
     assert (writer.get("k"), reader.get("k"), make_cache(**settings).get("k")) == (None, None, None)
+
+
+def test_signed_caches_share_values_and_refuse_payloads_they_did_not_sign(make_cache: Make, raw: redis.Redis,
+                                                                          namespace: str) -> None:
+    from victor_rcache import ConfigurationError
+    from victor_rcache.codec import Envelope, MsgpackCodec
+
+    key = b"s" * 32
+    writer, reader = make_cache(signing_key=key), make_cache(signing_key=key)
+    writer.put("k", {"v": 1})
+    assert reader.get("k") == {"v": 1}
+    space = KeySpace(namespace, 16)
+    forged = Envelope(MsgpackCodec(), b"x" * 32).wrap({"v": "forged"})  # well-formed, wrong key
+    raw.hset(space.entry_key(space.ref("k")), mapping={"v": forged, "s": len(forged)})
+    assert make_cache(signing_key=key).get("k", "refused") == "refused"
+    with pytest.raises(ConfigurationError, match="signing_key"):
+        make_cache().get("k")  # an unsigned worker in a signed namespace is refused at once

@@ -5,7 +5,7 @@ L1 lives in each process; L2 and L3 live in Redis, moved between by Lua scripts 
 
 from .aio import AsyncMultiLevelCache
 from .cache import MultiLevelCache
-from .codec import Codec, MsgpackCodec
+from .codec import Codec, MsgpackCodec, PickleCodec
 from .config import CacheConfig
 from .errors import (
     CacheError,
@@ -32,6 +32,7 @@ __all__ = [
     "InvalidTTLError",
     "MsgpackCodec",
     "MultiLevelCache",
+    "PickleCodec",
     "SerializationError",
     "ValueTooLargeError",
     "__version__",

@@ -2,19 +2,23 @@
 
 Envelope layout (what Redis stores in an entry's ``v`` field)::
 
-    byte 0        format version (currently 1)
+    byte 0        format version: 1, or 2 when payloads are signed
     byte 1        length n of the codec name
     bytes 2..n+1  codec name, ASCII ("msgpack")
+    16 bytes      (format 2 only) HMAC-SHA256 of everything else, truncated to 128 bits
     rest          the codec's encoding of the value
 
-A worker reading an envelope of another format version or codec treats it as undecodable (a
-counted miss), never as a value. msgpack is the default; pickle is never used unless the caller
-passes a pickle codec explicitly, because anyone able to write to Redis could then run code in
-every worker.
+A worker reading an envelope of another format version or codec, or one whose signature does not
+match its ``signing_key``, treats it as undecodable (a counted miss), never as a value. msgpack is
+the default. Pickle is never used unless the caller passes :class:`PickleCodec` explicitly: anyone
+able to write to Redis could then run code in every worker; if you must, sign the payloads too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import pickle  # only for PickleCodec, which a caller must choose explicitly
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
@@ -22,6 +26,8 @@ import msgpack
 from .errors import ConfigurationError, SerializationError
 
 FORMAT_VERSION = 1
+SIGNED_FORMAT_VERSION = 2
+TAG_BYTES = 16
 _TUPLE_EXT = 1
 
 
@@ -77,17 +83,40 @@ class MsgpackCodec:
         return _unpacker(data)
 
 
-class Envelope:
-    """Wraps and unwraps a codec's bytes with the format header."""
+class PickleCodec:
+    """Any picklable value. Only for caches whose Redis nobody else can write to: unpickling runs
+    code that a writer chose. Prefer msgpack or a codec of your own; if you use this, also pass
+    ``signing_key`` so a worker refuses payloads it did not sign."""
 
-    def __init__(self, codec: Codec) -> None:
+    name = "pickle"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise SerializationError(f"cannot pickle a value of type {type(value).__name__} ({exc})") from exc
+
+    def decode(self, data: bytes) -> Any:
+        return pickle.loads(data)  # the caller chose pickle: see the class docstring
+
+
+class Envelope:
+    """Wraps and unwraps a codec's bytes with the format header (and a signature, given a key)."""
+
+    def __init__(self, codec: Codec, signing_key: bytes | None = None) -> None:
         name = codec.name.encode("ascii", "strict") if codec.name.isascii() else b""
         if not 0 < len(name) < 256:
             raise ConfigurationError(
                 f"codec name {codec.name!r} must be 1-255 ASCII characters; give the codec a short name"
             )
         self.codec = codec
-        self._header = bytes([FORMAT_VERSION, len(name)]) + name
+        self._key = signing_key
+        version = FORMAT_VERSION if signing_key is None else SIGNED_FORMAT_VERSION
+        self._header = bytes([version, len(name)]) + name
+
+    def _tag(self, body: bytes) -> bytes:
+        assert self._key is not None
+        return hmac.new(self._key, self._header + body, hashlib.sha256).digest()[:TAG_BYTES]
 
     def wrap(self, value: Any) -> bytes:
         """Encode ``value`` into a payload (raises SerializationError)."""
@@ -96,10 +125,17 @@ class Envelope:
             raise SerializationError(
                 f"codec {self.codec.name!r} returned {type(body).__name__}, not bytes; fix its encode()"
             )
-        return self._header + body
+        if self._key is None:
+            return self._header + body
+        return self._header + self._tag(body) + body
 
     def unwrap(self, payload: bytes) -> Any:
-        """Decode a payload; raises ValueError for a foreign or corrupt one."""
+        """Decode a payload; raises ValueError for a foreign, unsigned, forged or corrupt one."""
         if not payload.startswith(self._header):
-            raise ValueError("payload has another format version or codec")
-        return self.codec.decode(payload[len(self._header):])
+            raise ValueError("payload has another format version or codec (or is not signed as expected)")
+        body = payload[len(self._header):]
+        if self._key is not None:
+            tag, body = body[:TAG_BYTES], body[TAG_BYTES:]
+            if not hmac.compare_digest(tag, self._tag(body)):
+                raise ValueError("payload signature does not match this worker's signing_key")
+        return self.codec.decode(body)

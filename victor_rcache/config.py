@@ -73,6 +73,7 @@ class CacheConfig:
     early_refresh: bool = False
     early_refresh_beta: float = 1.0
     lua_shebang: bool = True
+    signing_key: bytes | None = field(default=None, repr=False)
     codec: Codec = field(default_factory=MsgpackCodec)
     clock: Callable[[], float] | None = None
 
@@ -98,6 +99,9 @@ class CacheConfig:
             check_ttl(getattr(self, name), name, ConfigurationError)
         if not isinstance(self.codec, Codec):
             raise ConfigurationError("codec must have a name and encode()/decode() methods (see victor_rcache.Codec)")
+        if self.signing_key is not None and (not isinstance(self.signing_key, bytes) or len(self.signing_key) < 16):
+            raise ConfigurationError("signing_key must be at least 16 random bytes, e.g. secrets.token_bytes(32); "
+                                     "every worker of the namespace needs the same key")
         if self.clock is not None and not callable(self.clock):
             raise ConfigurationError("clock must be a callable returning seconds, like time.monotonic")
 
@@ -113,10 +117,16 @@ class CacheConfig:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
-            if f.name in ("codec", "clock", "redis_url") or raw is None:
+            if f.name in ("codec", "clock", "redis_url", "signing_key") or raw is None:
                 continue
             values[f.name] = _parse_env(f.name, str(f.type), raw)
         values.setdefault("redis_url", env.get(ENV_PREFIX + "URL") or env.get("REDIS_URL"))
+        if env.get(ENV_PREFIX + "SIGNING_KEY"):  # hex, so that any bytes fit in an environment variable
+            try:
+                values["signing_key"] = bytes.fromhex(env[ENV_PREFIX + "SIGNING_KEY"])
+            except ValueError:
+                raise ConfigurationError(f"{ENV_PREFIX}SIGNING_KEY must be hex (e.g. python -c "
+                                         "'import secrets; print(secrets.token_hex(32))')") from None
         values.update(overrides)
         return cls(**values)
 

@@ -159,7 +159,7 @@ class TierCore:
                  coherence: Coherence | None = None) -> None:
         self.config = config
         self.space = KeySpace(config.namespace, config.shards)
-        self.envelope = Envelope(config.codec)
+        self.envelope = Envelope(config.codec, config.signing_key)
         self.scripts = scripts or default_scripts(config.lua_shebang)
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic)
         self.coherence: Coherence = coherence or NoCoherence()
@@ -711,10 +711,11 @@ class TierCore:
         if self._config_checked:
             return
         cfg = self.space.config
-        replies = yield [("HSETNX", cfg, "shards", self.config.shards),
-                         ("HSETNX", cfg, "format", FORMAT_VERSION), ("HGETALL", cfg)]
+        signed = int(self.config.signing_key is not None)
+        replies = yield [("HSETNX", cfg, "shards", self.config.shards), ("HSETNX", cfg, "format", FORMAT_VERSION),
+                         ("HSETNX", cfg, "signed", signed), ("HGETALL", cfg)]
         _raise_first_error(replies)
-        stored = _int_hash(replies[2])
+        stored = _int_hash(replies[3])
         if stored.get("shards") != self.config.shards:
             raise ConfigurationError(
                 f"namespace {self.config.namespace!r} in Redis uses shards={stored.get('shards')}, "
@@ -725,6 +726,12 @@ class TierCore:
             raise ConfigurationError(
                 f"namespace {self.config.namespace!r} holds data format {stored.get('format')}, this release "
                 f"reads format {FORMAT_VERSION}; use a new namespace or upgrade every worker"
+            )
+        if stored.get("signed", 0) != signed:
+            raise ConfigurationError(
+                f"namespace {self.config.namespace!r} holds {'signed' if stored.get('signed') else 'unsigned'} "
+                f"payloads and this worker {'signs' if signed else 'does not sign'} them; give every worker of "
+                "the namespace the same signing_key (or none), or use a new namespace"
             )
         self._config_checked = True
 
