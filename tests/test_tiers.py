@@ -395,7 +395,7 @@ def test_no_copy_outlives_the_ttl_at_sub_millisecond_clock_readings(make_cache: 
     assert (writer.get("k"), reader.get("k"), make_cache(**settings).get("k")) == (None, None, None)
 
 
-def test_signed_caches_share_values_and_refuse_payloads_they_did_not_sign(make_cache: Make, raw: redis.Redis,
+def test_signed_caches_share_values_and_refuse_payloads_they_did_not_sign(make_cache: Make, raw: Client,
                                                                           namespace: str) -> None:
     from victor_rcache import ConfigurationError
     from victor_rcache.codec import Envelope, MsgpackCodec
