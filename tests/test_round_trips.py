@@ -45,7 +45,9 @@ from .helpers import Backend, Client, FakeClock, read_namespace, server_of, serv
 
 Make = Callable[..., MultiLevelCache]
 
-HARNESS_COMMANDS = {"CONFIG", "INFO"}  # what the measurement itself sends inside the window
+# What the measurement itself sends inside the window, and what a cluster replica sends its master
+# (REPLCONF ACK, every second): neither is the cache's.
+HARNESS_COMMANDS = {"CONFIG", "INFO", "REPLCONF"}
 
 
 @dataclass

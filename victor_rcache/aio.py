@@ -73,6 +73,9 @@ class AsyncMultiLevelCache(CacheBase):
                     replies = raise_transient(await pipe.execute(raise_on_error=False))
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
+        except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
+            self._resilience.abandon()
+            raise
         return self._resilience.settle(replies)
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:

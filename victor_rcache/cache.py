@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 from redis.exceptions import RedisError
 from tenacity import Retrying
 
+from . import forksafe
 from .coherence import InvalidationListener
 from .config import CacheConfig, redact
 from .connection import (
@@ -111,7 +112,15 @@ class MultiLevelCache(CacheBase):
         self._owns_client = client is None
         self.client: SyncClient = client if client is not None else sync_client(self.config)
         self._flights: Flights[Future[bytes]] = Flights(Future)
+        self._forked = False
         self._start_coherence(self.client)
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
+        # redis-py 8.1 resets a connection pool in a forked child under the pool's lock, which another
+        # parent thread may have held at fork(): the child would hang. A client we made is replaced
+        # (lazily: a cluster client's constructor does I/O) instead.
+        self._forked = self._owns_client
 
     def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
         """Run a core operation: do each instruction it yields, feed back the outcome.
@@ -142,11 +151,16 @@ class MultiLevelCache(CacheBase):
         if refused is not None:
             return refused
         try:
+            if self._forked:
+                self.client, self._forked = sync_client(self.config), False
             for attempt in Retrying(**self._resilience.retrying()):
                 with attempt:
                     replies = raise_transient(queue(pipeline(self.client), batch).execute(raise_on_error=False))
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
+        except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
+            self._resilience.abandon()
+            raise
         return self._resilience.settle(replies)
 
     def get(self, key: str | bytes, default: Any = None) -> Any:

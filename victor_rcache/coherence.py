@@ -112,8 +112,14 @@ class InvalidationListener:
         """Apply what has arrived; True if L1 may be served (the channel is up and nothing was lost)."""
         if not self._healthy:
             return False
-        with self._lock:
+        # The thread holds the lock only for non-blocking work; if it is busy anyway, a reader goes
+        # to Redis this once rather than wait for it.
+        if not self._lock.acquire(timeout=0.005):
+            return False
+        try:
             self._drain()
+        finally:
+            self._lock.release()
         return self._healthy
 
     def close(self) -> None:
@@ -167,10 +173,10 @@ class InvalidationListener:
         self.l1.clear(at=self._clock())
 
     def _lost(self, why: str) -> None:
-        if self._healthy:
+        was_healthy, self._healthy = self._healthy, False  # first: readers stop trusting L1 at once
+        if was_healthy:
             log.warning("invalidation channel %r lost (%s); L1 flushed and bypassed until it is back",
                         self.channel, why)
-        self._healthy = False
         self._clear_l1()
         self.flushes += 1
         self._drop_connection()
@@ -183,7 +189,8 @@ class InvalidationListener:
                 log.debug("closing the subscriber connection: %s", exc)
             self._conn = None
 
-    def _subscribe(self) -> None:
+    def _subscribe(self) -> Any:
+        """Open a subscribed connection (network I/O: called without the lock)."""
         conn = self._connect()
         conn.connect()
         conn.send_command("SUBSCRIBE", self.channel)
@@ -191,6 +198,12 @@ class InvalidationListener:
         if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
             conn.disconnect()
             raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+        return conn
+
+    def _install(self, conn: Any) -> None:
+        if self._stop.is_set():  # closed while we were connecting
+            conn.disconnect()
+            return
         self._conn = conn
         self._clear_l1()  # whatever happened before this subscription was not heard
         self.flushes += 1
@@ -207,8 +220,9 @@ class InvalidationListener:
         while not self._stop.is_set():
             if self._conn is None:
                 try:
+                    conn = self._subscribe()  # outside the lock: readers never wait for the network
                     with self._lock:
-                        self._subscribe()
+                        self._install(conn)
                     backoff = 0.05
                 except Exception as exc:  # Redis down or refusing: try again later, L1 stays bypassed
                     log.debug("cannot subscribe to %r yet: %s", self.channel, exc)

@@ -99,6 +99,11 @@ class CircuitBreaker:
                 log.warning("circuit to %s closed: Redis answered again", self.name)
             self.state, self.failures, self._probing = "closed", 0, False
 
+    def abandon(self) -> None:
+        """A call let in was interrupted before Redis answered: if it was the probe, let another probe."""
+        with self._lock:
+            self._probing = False
+
     def failure(self) -> None:
         with self._lock:
             self.failures += 1
@@ -152,6 +157,10 @@ class Resilience:
         else:
             self.breaker.success()
         return outcome
+
+    def abandon(self) -> None:
+        """Record a batch that was interrupted (no verdict on Redis's health)."""
+        self.breaker.abandon()
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.breaker.snapshot(), "retries": self.retries}

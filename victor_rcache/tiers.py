@@ -403,11 +403,8 @@ class TierCore:
         got = self._got(key, ref, found, ttl)
         if got is not None:
             return got
-        if found.failed:  # Redis is down: compute here, keep a local copy (as a failed put would)
-            loaded = yield from self._load()
-            payload = self._encode(ref, loaded.value)
-            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), shard=ref.shard)
-            return Got(loaded.value, payload)
+        if found.failed:
+            return (yield from self._compute_locally(ref, ttl_ms))
         since = found.missed_at[ref.id]
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         held = False
@@ -430,9 +427,17 @@ class TierCore:
                     if got is not None:
                         return got
                     since = found.missed_at.get(ref.id, since)
-        except RedisError as exc:
+        except RedisError as exc:  # Redis failed while we waited: one timeout paid is enough
             self._redis_failed("get_or_set", exc)
+            return (yield from self._compute_locally(ref, ttl_ms))  # a lease we hold expires by itself
         return (yield from self._compute_and_fill(ref, ttl_ms, since, lease if held else None, token))
+
+    def _compute_locally(self, ref: EntryRef, ttl_ms: int) -> Step[Got]:
+        """Redis is failing: compute here and keep a local copy (as a failed put would), no Redis call."""
+        loaded = yield from self._load()
+        payload = self._encode(ref, loaded.value)
+        self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), shard=ref.shard)
+        return Got(loaded.value, payload)
 
     def _got(self, key: str | bytes, ref: EntryRef, found: Fetched, ttl: float | None) -> Got | None:
         if ref.id not in found.values:
@@ -758,6 +763,7 @@ class TierCore:
 
     def _redis_failed(self, op: str, exc: Exception) -> None:
         self.counters.add(redis_errors=1)
+        self._config_checked = False  # Redis may come back empty: agree on the namespace's settings again
         problem = f"Redis at {redact(self.config.url)} could not serve {op}: {exc}. {_fix_for(exc)}"
         if not self.config.fail_open:
             raise CacheUnavailableError(problem + "; or construct the cache with fail_open=True to fall back "
