@@ -12,7 +12,8 @@
     * in L2 -> an L2 hit; its score becomes now (a new stamp);
     * in L3 -> an L3 hit; when its hit count reaches promote_after it moves to L2 (promotion),
       otherwise its L3 score becomes now (a new stamp).
-  Every hit increments the entry's fleet-wide hit count `n`.
+  Every hit increments the entry's fleet-wide hit count `n`. The first hit of a prewarmed entry
+  (field w) counts `prewarm_useful` in the shard's stats and clears the mark.
 
   Reply: { {promotions, demotions, evictions, expirations, now_ms},  -- caused by this call; its time
            {0, now_ms}                                         -- a miss, and when it was seen
@@ -33,7 +34,7 @@ end
 
 sweep()
 
-local results, l2_hits, l3_hits, misses = {}, 0, 0, 0
+local results, l2_hits, l3_hits, misses, useful = {}, 0, 0, 0, 0
 for i = HEAD + 1, #ARGV do
   local id = ARGV[i]
   local ek = entry_key(id)
@@ -42,7 +43,7 @@ for i = HEAD + 1, #ARGV do
   if s2 then s2 = tonumber(s2) else s3 = tonumber(redis.call('ZSCORE', l3_key, id)) end
   local reply = {0, now}
   if s2 or s3 then
-    local f = entry_fields(ek, 'v', 'ver', 'x', 's', 'd') or {}
+    local f = entry_fields(ek, 'v', 'ver', 'x', 's', 'd', 'w') or {}
     local expiry = tonumber(f[3])
     if not f[1] then                                   -- data gone (evicted by Redis, or by hand)
       redis.call('ZREM', s2 and l2_key or l3_key, id)
@@ -58,6 +59,10 @@ for i = HEAD + 1, #ARGV do
         drop(id, 3, 'idle')
       else
         local n = redis.call('HINCRBY', ek, 'n', 1)
+        if f[6] then
+          redis.call('HDEL', ek, 'w')
+          useful = useful + 1
+        end
         local tier, in_l2 = 2, true
         if s2 then
           redis.call('ZADD', l2_key, stamp(), id)
@@ -103,5 +108,6 @@ for i, r in ipairs(results) do
     end
   end
 end
-table.insert(results, 1, finish({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills}))
+table.insert(results, 1, finish({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills,
+                                 prewarm_useful = useful}))
 return results

@@ -6,7 +6,7 @@
 
   KEYS[1..6]  the shard's l2, l3, exp, stats, gone and fence keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
-  ARGV[10..]  groups of seven, one group per entry:
+  ARGV[10..]  groups of eight, one group per entry:
                 id           entry id
                 payload      encoded value, bytes (non-empty)
                 ttl_ms       absolute time to live, ms (0 = none)
@@ -17,6 +17,8 @@
                              or since_ms is at or below `fence_floor`, or older than `memory`
                 expect_ver   0 = any; else write only if the entry's current version is this one
                 cost_ms      how long the value took to compute, ms (0 = unknown; for early refresh)
+                prewarm      1 = written by prewarming before anyone asked (field w = 1 until the
+                             first Redis hit, which counts it `prewarm_useful`), else 0
 
   A previous entry under the same id, in L2 or L3, is replaced. Absolute expiry is enforced by the
   scripts (never served at or after it; swept away by later calls on the shard), not by a Redis
@@ -29,18 +31,20 @@
 ]]
 -- @include "includes/shard.lua"
 
-local GROUP = 7
+local GROUP = 8
 local err = check_head()
 if err then return redis.error_reply(err) end
 local n_args = #ARGV - HEAD
 if n_args < GROUP or n_args % GROUP ~= 0 then
-  return redis.error_reply('VRC_BADARG put needs groups of (id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms)')
+  return redis.error_reply('VRC_BADARG put needs groups of (id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms, '
+      .. 'prewarm)')
 end
 for i = HEAD + 1, #ARGV, GROUP do
   if string.len(ARGV[i]) == 0 or string.len(ARGV[i + 1]) == 0 or not arg_int(i + 2, 0)
-      or not arg_int(i + 4, 0) or not arg_int(i + 5, 0) or not arg_int(i + 6, 0) then
+      or not arg_int(i + 4, 0) or not arg_int(i + 5, 0) or not arg_int(i + 6, 0)
+      or (ARGV[i + 7] ~= '0' and ARGV[i + 7] ~= '1') then
     return redis.error_reply('VRC_BADARG put: empty id or payload, or ttl_ms, since_ms, expect_ver or cost_ms '
-        .. 'not a non-negative integer')
+        .. 'not a non-negative integer, or prewarm not 0 or 1')
   end
 end
 
@@ -48,7 +52,7 @@ sweep()
 
 local marks = redis.call('HMGET', stats_key, 'flushed', 'fence_floor')
 local flushed, floor = tonumber(marks[1]) or -1, tonumber(marks[2]) or -1
-local versions, written = {}, 0
+local versions, written, prewarmed = {}, 0, 0
 for i = HEAD + 1, #ARGV, GROUP do
   local id, payload, ttl, key = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   local since, expect, cost = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
@@ -78,6 +82,10 @@ for i = HEAD + 1, #ARGV, GROUP do
     redis.call('HSET', ek, 'v', payload, 's', string.len(payload), 'n', 0, 'ver', version, 'f', 1)
     if key ~= '' then redis.call('HSET', ek, 'k', key) end
     if cost > 0 then redis.call('HSET', ek, 'd', cost) end
+    if ARGV[i + 7] == '1' then
+      redis.call('HSET', ek, 'w', 1)
+      prewarmed = prewarmed + 1
+    end
     if ttl > 0 then
       redis.call('HSET', ek, 'x', now + ttl)
       redis.call('ZADD', exp_key, now + ttl, id)
@@ -94,5 +102,5 @@ for i = HEAD + 1, #ARGV, GROUP do
 end
 
 enforce_bounds()
-table.insert(versions, 1, finish({puts = written}))
+table.insert(versions, 1, finish({puts = written, prewarmed = prewarmed}))
 return versions

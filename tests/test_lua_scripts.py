@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,7 +35,7 @@ from .helpers import Client, FakeClock, check_invariants, flush_scripts, read_na
 Make = Callable[..., MultiLevelCache]
 Arg = bytes | int | str
 
-SCRIPT_NAMES = ("get", "put", "delete", "flush", "release")
+SCRIPT_NAMES = ("get", "put", "delete", "flush", "release", "record", "predict")
 SHARD_SCRIPTS = ("get", "put", "delete", "flush")
 
 
@@ -77,15 +78,18 @@ def test_scripts_registry_loads_every_script_with_includes_expanded(raw: Client)
     scripts = Scripts()
     assert tuple(s.name for s in scripts.all()) == SCRIPT_NAMES
     prelude = (lua_dir() / "includes" / "shard.lua").read_bytes()
+    model = (lua_dir() / "includes" / "model.lua").read_bytes()
     for script in scripts.all():
         on_disk = (lua_dir() / f"{script.name}.lua").read_bytes()
         assert b"@include" not in script.source, f"{script.name}: an @include was left unexpanded"
         assert script.sha == hashlib.sha1(script.source).hexdigest()
-        if b"@include" in on_disk:
-            assert prelude in script.source, f"{script.name}: the shard prelude was not pasted in"
+        for include in re.findall(rb'@include "(includes/[\w.]+)"', on_disk):
+            pasted = (lua_dir() / include.decode()).read_bytes()
+            assert pasted in script.source, f"{script.name}: {include.decode()} was not pasted in"
         # Redis compiles the expanded source and agrees on its SHA1 (what EVALSHA is sent with).
         assert raw.script_load(script.source) == script.sha  # type: ignore[arg-type]
     assert {s.name for s in scripts.all() if prelude in s.source} == {"get", "put", "delete"}
+    assert {s.name for s in scripts.all() if model in s.source} == {"record", "predict"}
 
 
 # --------------------------------------------------- invariant 7: validate before the first write
@@ -96,7 +100,7 @@ HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "l1_hit
 GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 0, 0, 300_000)  # matches DUE_SETTINGS
 GOOD_BODY: dict[str, tuple[Arg, ...]] = {
     "get": (b"e", b"a"),
-    "put": (b"new", b"payload", 0, b"", 0, 0, 0),
+    "put": (b"new", b"payload", 0, b"", 0, 0, 0, 0),
     "delete": (b"e", b""),
     "flush": (1, 0, 0),
 }
@@ -165,18 +169,20 @@ BAD_CALLS: list[Call] = [
     Call("get", "empty id after a good one", body=(b"e", b"")),
     Call("put", "no groups", body=()),
     Call("put", "4 items (the old group)", body=(b"new", b"payload", 0, b"")),
-    Call("put", "6 items", body=(b"new", b"payload", 0, b"", 0, 0)),
-    Call("put", "8 items", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"more")),
-    Call("put", "empty id", body=(b"", b"payload", 0, b"", 0, 0, 0)),
-    Call("put", "empty payload", body=(b"new", b"", 0, b"", 0, 0, 0)),
-    Call("put", "ttl_ms 1.5", body=(b"new", b"payload", "1.5", b"", 0, 0, 0)),
-    Call("put", "ttl_ms -1", body=(b"new", b"payload", -1, b"", 0, 0, 0)),
-    Call("put", "ttl_ms abc", body=(b"new", b"payload", "abc", b"", 0, 0, 0)),
-    Call("put", "ttl_ms empty", body=(b"new", b"payload", b"", b"", 0, 0, 0)),
-    Call("put", "since_ms -5", body=(b"new", b"payload", 0, b"", -5, 0, 0)),
-    Call("put", "expect_ver x", body=(b"new", b"payload", 0, b"", 0, "x", 0)),
-    Call("put", "cost_ms 2.5", body=(b"new", b"payload", 0, b"", 0, 0, "2.5")),
-    Call("put", "bad second group", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"n2", b"", 0, b"", 0, 0, 0)),
+    Call("put", "7 items (the group before prewarm)", body=(b"new", b"payload", 0, b"", 0, 0, 0)),
+    Call("put", "9 items", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, b"more")),
+    Call("put", "empty id", body=(b"", b"payload", 0, b"", 0, 0, 0, 0)),
+    Call("put", "empty payload", body=(b"new", b"", 0, b"", 0, 0, 0, 0)),
+    Call("put", "ttl_ms 1.5", body=(b"new", b"payload", "1.5", b"", 0, 0, 0, 0)),
+    Call("put", "ttl_ms -1", body=(b"new", b"payload", -1, b"", 0, 0, 0, 0)),
+    Call("put", "ttl_ms abc", body=(b"new", b"payload", "abc", b"", 0, 0, 0, 0)),
+    Call("put", "ttl_ms empty", body=(b"new", b"payload", b"", b"", 0, 0, 0, 0)),
+    Call("put", "since_ms -5", body=(b"new", b"payload", 0, b"", -5, 0, 0, 0)),
+    Call("put", "expect_ver x", body=(b"new", b"payload", 0, b"", 0, "x", 0, 0)),
+    Call("put", "cost_ms 2.5", body=(b"new", b"payload", 0, b"", 0, 0, "2.5", 0)),
+    Call("put", "prewarm 2", body=(b"new", b"payload", 0, b"", 0, 0, 0, 2)),
+    Call("put", "prewarm empty", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"")),
+    Call("put", "bad second group", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, b"n2", b"", 0, b"", 0, 0, 0, 0)),
     Call("delete", "no pairs", body=()),
     Call("delete", "odd arguments", body=(b"e",)),
     Call("delete", "three arguments", body=(b"e", b"", b"a")),
@@ -237,8 +243,8 @@ GAPS: list[Call] = [
     Call("get", "promote_after=inf", head={"promote_after": "inf"}),
     Call("get", "l1_hits=inf", head={"l1_hits": "inf"}),
     Call("get", "l1_evictions=1e20", head={"l1_evictions": "1e20"}),
-    Call("put", "ttl_ms inf", body=(b"new", b"payload", "inf", b"")),
-    Call("put", "ttl_ms 1e20", body=(b"new", b"payload", "1e20", b"")),
+    Call("put", "ttl_ms inf", body=(b"new", b"payload", "inf", b"", 0, 0, 0, 0)),
+    Call("put", "ttl_ms 1e20", body=(b"new", b"payload", "1e20", b"", 0, 0, 0, 0)),
     Call("delete", "l1_hits=inf", head={"l1_hits": "inf"}),
 ]
 

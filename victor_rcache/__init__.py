@@ -17,11 +17,14 @@ from .errors import (
     SerializationError,
     ValueTooLargeError,
 )
+from .prediction import Prediction, WarmerConfig
+from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer, PrewarmReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncMultiLevelCache",
+    "AsyncPredictiveCacheWarmer",
     "CacheConfig",
     "CacheError",
     "CacheUnavailableError",
@@ -33,7 +36,11 @@ __all__ = [
     "MsgpackCodec",
     "MultiLevelCache",
     "PickleCodec",
+    "Prediction",
+    "PredictiveCacheWarmer",
+    "PrewarmReport",
     "SerializationError",
     "ValueTooLargeError",
+    "WarmerConfig",
     "__version__",
 ]

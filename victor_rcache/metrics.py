@@ -35,7 +35,7 @@ class Counters:
     def add(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
-                self._values[name] += delta
+                self._values[name] = self._values.get(name, 0) + delta
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

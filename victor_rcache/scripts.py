@@ -73,9 +73,11 @@ class Scripts:
         self.delete = Script.load("delete", folder, shebang)
         self.flush = Script.load("flush", folder, shebang)
         self.release = Script.load("release", folder, shebang)
+        self.record = Script.load("record", folder, shebang)
+        self.predict = Script.load("predict", folder, shebang)
 
     def all(self) -> tuple[Script, ...]:
-        return (self.get, self.put, self.delete, self.flush, self.release)
+        return (self.get, self.put, self.delete, self.flush, self.release, self.record, self.predict)
 
 
 def needs_reload(reply: object) -> bool:

@@ -52,6 +52,7 @@ Batch = list[Command]
 Instruction = Union[Batch, "Pause", "Load"]
 Step = Generator[Instruction, Any, T]
 Scope = Literal["process", "fleet"]
+Prewarmed = Literal["completed", "cached", "busy", "refused", "failed"]
 
 log = logging.getLogger("victor_rcache")
 
@@ -59,6 +60,7 @@ FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
 RELOAD_ROUNDS = 5  # NOSCRIPT rounds before every call still missing its script reloads it itself
+TIME_SKEW_MS = 1000  # how far clocks of a cluster's nodes may disagree, ms (prewarm fills err early)
 RELOAD_PAUSE = 0.002  # seconds a call waits (growing) while another call reloads its script
 
 _scripts: dict[bool, Scripts] = {}
@@ -178,7 +180,7 @@ class TierCore:
         self._unreported_l1_hits = 0
         self._reported_l1_evictions = 0
         self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
-        self._script_gen: dict[str, int] = {}  # script name -> reloads claimed (see _run)
+        self._script_gen: dict[str, int] = {}  # script name -> reloads claimed (see run_scripts)
         self._reloading: set[str] = set()  # scripts whose reload is on its way to Redis
         forksafe.register(self)
 
@@ -234,15 +236,15 @@ class TierCore:
         deltas = (0, 0)
         out = Fetched()
         try:
-            yield from self._ready()
+            yield from self.ready()
             sent_at = self.since()
             deltas = self._take_l1_deltas()
             calls = [self._shard_call(self.scripts.get, shard, [r.id for r in rs], deltas if n == 0 else (0, 0))
                      for n, (shard, rs) in enumerate(groups.items())]
-            replies = yield from self._run(calls)
+            replies = yield from self.run_scripts(calls)
         except RedisError as exc:
             self._give_back_l1_deltas(deltas)
-            self._redis_failed("get", exc)
+            self.redis_failed("get", exc)
             return self._fall_back_to_l1(refs)
         corrupt: list[tuple[EntryRef, int]] = []
         for rs, reply in zip(groups.values(), replies, strict=True):
@@ -290,7 +292,7 @@ class TierCore:
         # Only that very version is removed: a good value written meanwhile survives.
         calls = [self._shard_call(self.scripts.delete, ref.shard, [ref.id, version]) for ref, version in corrupt]
         try:
-            yield from self._run(calls)
+            yield from self.run_scripts(calls)
         except RedisError as exc:
             log.debug("could not remove undecodable entries: %s", exc)
 
@@ -316,10 +318,10 @@ class TierCore:
         sent_at = self.since()
         ttl_s = _seconds(ttl_ms)
         try:
-            yield from self._ready()
-            replies = yield from self._run(calls)
+            yield from self.ready()
+            replies = yield from self.run_scripts(calls)
         except RedisError as exc:
-            self._redis_failed("put", exc)
+            self.redis_failed("put", exc)
             for ref, payload in prepared.values():  # this process still sees its own write
                 self.l1.set(ref.id, payload, 0, ttl_s, since=sent_at, shard=ref.shard)
             return
@@ -330,9 +332,10 @@ class TierCore:
                 self.l1.set(ref.id, prepared[ref.id][1], version, ttl_s, since=sent_at, shard=ref.shard)
 
     def _put_items(self, ref: EntryRef, payload: bytes, ttl_ms: int, since_ms: int = 0, expect: int = 0,
-                   cost: float = 0.0) -> list[bytes | int]:
-        """One put.lua group: id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms."""
-        return [ref.id, payload, ttl_ms, ref.key if ref.hashed else b"", since_ms, expect, round(cost * 1000)]
+                   cost: float = 0.0, prewarm: bool = False) -> list[bytes | int]:
+        """One put.lua group: id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms, prewarm."""
+        return [ref.id, payload, ttl_ms, ref.key if ref.hashed else b"", since_ms, expect, round(cost * 1000),
+                int(prewarm)]
 
     def _ttl_ms(self, ttl: float | None) -> int:
         """A validated ttl in whole ms (0 = none); L1 uses exactly what Redis gets."""
@@ -352,10 +355,10 @@ class TierCore:
         ref = self.space.ref(key)
         had_local = self.l1.pop(ref.id)
         try:
-            yield from self._ready()
-            replies = yield from self._run([self._shard_call(self.scripts.delete, ref.shard, [ref.id, b""])])
+            yield from self.ready()
+            replies = yield from self.run_scripts([self._shard_call(self.scripts.delete, ref.shard, [ref.id, b""])])
         except RedisError as exc:
-            self._redis_failed("delete", exc)
+            self.redis_failed("delete", exc)
             return had_local
         self._count_events(replies[0][0])
         deleted, announced = replies[0][1]
@@ -371,16 +374,16 @@ class TierCore:
         self.l1.clear(at=self.since())
         shards = self.space.shard_keys
         try:
-            yield from self._ready()
+            yield from self.ready()
             pending = list(range(len(shards)))
             while pending:
                 now_ms = self._now_ms()
                 calls = [ScriptCall(self.scripts.flush, tuple(shards[s].keys), (FLUSH_BATCH, now_ms, s))
                          for s in pending]
-                left = yield from self._run(calls)
+                left = yield from self.run_scripts(calls)
                 pending = [s for s, n in zip(pending, left, strict=True) if n > 0]
         except RedisError as exc:
-            self._redis_failed("invalidate", exc)
+            self.redis_failed("invalidate", exc)
         self.l1.clear(at=self.since())  # reads that raced with the flush must not store old values
 
     # ------------------------------------------------- compute once per fleet
@@ -428,7 +431,7 @@ class TierCore:
                         return got
                     since = found.missed_at.get(ref.id, since)
         except RedisError as exc:  # Redis failed while we waited: one timeout paid is enough
-            self._redis_failed("get_or_set", exc)
+            self.redis_failed("get_or_set", exc)
             return (yield from self._compute_locally(ref, ttl_ms))  # a lease we hold expires by itself
         return (yield from self._compute_and_fill(ref, ttl_ms, since, lease if held else None, token))
 
@@ -489,9 +492,9 @@ class TierCore:
             calls.append(ScriptCall(self.scripts.release, (lease,), (token,)))
         sent_at = self.since()
         try:
-            replies = yield from self._run(calls)
+            replies = yield from self.run_scripts(calls)
         except RedisError as exc:
-            self._redis_failed("get_or_set", exc)
+            self.redis_failed("get_or_set", exc)
             self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), since=sent_at, shard=ref.shard)
             return Got(loaded.value, payload)
         self._count_events(replies[0][0])
@@ -506,7 +509,7 @@ class TierCore:
 
     def _release(self, lease: bytes, token: str) -> Step[None]:
         try:
-            yield from self._run([ScriptCall(self.scripts.release, (lease,), (token,))])
+            yield from self.run_scripts([ScriptCall(self.scripts.release, (lease,), (token,))])
         except RedisError as exc:
             log.debug("could not release the fill lease %r (it expires by itself): %s", lease, exc)
 
@@ -562,7 +565,7 @@ class TierCore:
                 return False
             ttl_ms = self._ttl_ms(job.ttl)
             sent_at = self.since()
-            replies = yield from self._run([
+            replies = yield from self.run_scripts([
                 self._shard_call(self.scripts.put, ref.shard,
                                  self._put_items(ref, payload, ttl_ms, expect=job.version, cost=loaded.seconds)),
                 ScriptCall(self.scripts.release, (lease,), (token,))])
@@ -576,6 +579,65 @@ class TierCore:
             self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds,
                         shard=ref.shard)
         return bool(version)
+
+    # ------------------------------------------------------------- prewarming
+
+    def prewarm(self, key: str | bytes, ttl: float | None = None) -> Step[Prewarmed]:
+        """Compute a value nobody has asked for yet, once per fleet (the caller's loader computes it).
+
+        Skipped when the entry exists or another worker holds its fill lease (prewarming, or a
+        get_or_set computing it: that one's waiters then get this value). The fill is refused if the
+        key is written or deleted meanwhile, and it does not go into this process's L1: the first
+        Redis hit of a prewarmed entry counts it ``prewarm_useful``, fleet-wide.
+        """
+        ttl_ms = self._ttl_ms(ttl)
+        ref = self.space.ref(key)
+        if self.l1.peek(ref.id) is not None:
+            return "cached"
+        token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
+        try:
+            yield from self.ready()
+            taken, exists, now = yield [("SET", lease, token, "NX", "PX", self._lease_ms),
+                                        ("EXISTS", self.space.entry_key(ref)), ("TIME",)]
+            _raise_first_error([taken, exists, now])
+        except RedisError as exc:
+            self.redis_failed("prewarm", exc)
+            return "failed"
+        if not taken:
+            return "busy"
+        if exists:
+            yield from self._release(lease, token)
+            return "cached"
+        # The fill is refused if the key changes after this moment. On a cluster TIME may come from
+        # another node than the shard's: a second earlier covers clock skew (erring on refusing).
+        clock = self.config.clock
+        since_ms = (max(1, math.floor(clock() * 1000)) if clock
+                    else int(now[0]) * 1000 + int(now[1]) // 1000 - TIME_SKEW_MS)
+        return (yield from self._prewarm_fill(ref, ttl_ms, since_ms, lease, token))
+
+    def _prewarm_fill(self, ref: EntryRef, ttl_ms: int, since_ms: int, lease: bytes, token: str) -> Step[Prewarmed]:
+        try:
+            loaded = yield from self._load()
+            payload = self._encode(ref, loaded.value)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:  # nobody waits for a prewarm: its loader's failure is counted, not raised
+            yield from self._release(lease, token)
+            if not isinstance(exc, Exception):
+                raise
+            log.info("prewarming %r failed: %s", ref.key[:100], exc)
+            return "failed"
+        calls = [self._shard_call(self.scripts.put, ref.shard,
+                                  self._put_items(ref, payload, ttl_ms, since_ms=since_ms, cost=loaded.seconds,
+                                                  prewarm=True)),
+                 ScriptCall(self.scripts.release, (lease,), (token,))]
+        try:
+            replies = yield from self.run_scripts(calls)
+        except RedisError as exc:
+            self.redis_failed("prewarm", exc)
+            return "failed"
+        self._count_events(replies[0][0])
+        return "completed" if replies[0][1] else "refused"
 
     # ---------------------------------------------------------------- metrics
 
@@ -597,7 +659,7 @@ class TierCore:
             replies = replies[reports:]
         except RedisError as exc:
             self._give_back_l1_deltas(deltas)
-            self._redis_failed("metrics", exc)
+            self.redis_failed("metrics", exc)
             replies = None
         local = self.counters.snapshot()
         stats = None if replies is None else [_int_hash(h) for h in replies[2::3]]
@@ -659,7 +721,7 @@ class TierCore:
             return self.l1.clock()
         return max(1, math.floor(clock() * 1000)) / 1000
 
-    def _run(self, calls: list[ScriptCall]) -> Step[list[Any]]:
+    def run_scripts(self, calls: list[ScriptCall]) -> Step[list[Any]]:
         """Run script calls in one round trip (EVALSHA); reload what the server forgot, once.
 
         After ``SCRIPT FLUSH``, a restart or a failover, every concurrent call gets NOSCRIPT. Only one
@@ -711,7 +773,7 @@ class TierCore:
                     claimed.append(i)
         return claimed
 
-    def _ready(self) -> Step[None]:
+    def ready(self) -> Step[None]:
         """Once per process: agree with the fleet on the shard count and data format."""
         if self._config_checked:
             return
@@ -761,7 +823,7 @@ class TierCore:
         promotions, demotions, evictions, expirations = events[:4]
         self.counters.add(promotions=promotions, demotions=demotions, evictions=evictions, expirations=expirations)
 
-    def _redis_failed(self, op: str, exc: Exception) -> None:
+    def redis_failed(self, op: str, exc: Exception) -> None:
         self.counters.add(redis_errors=1)
         self._config_checked = False  # Redis may come back empty: agree on the namespace's settings again
         problem = f"Redis at {redact(self.config.url)} could not serve {op}: {exc}. {_fix_for(exc)}"

@@ -21,7 +21,8 @@
     n = Redis hits since it last entered L2/L3 by put or demotion,
     ver = version (from the shard's `seq` counter), x = absolute expiry (ms, absent = none),
     k = the original key when <id> is a hash of it, f = 1 once some process may hold an L1 copy,
-    d = how long the value took to compute (ms, from get_or_set; for early refresh).
+    d = how long the value took to compute (ms, from get_or_set; for early refresh),
+    w = 1 while a prewarmed entry has not been hit yet.
   Entry key names are derived from KEYS[1] here, so they always share its hash tag and slot.
 
   Invalidation: a script that really changes a value (replaces or deletes an entry, or writes one

@@ -1,0 +1,70 @@
+--[[
+  includes/model.lua: the prediction model prelude, pasted at the top of record.lua and predict.lua.
+
+  Every key of a namespace's model shares the hash tag {<ns>.model}, so each script call touches one
+  hash slot. With P = <ns>:{<ns>.model}: the keys are
+
+    P stats            HASH  fleet counters: records, predictions_total, predictions_correct, tick
+    P patterns         ZSET  member = pattern name (a key name without P), score = tick of its last update
+    P queries          ZSET  member = query, score = tick it was last recorded (bounds `tools`)
+    P tools            HASH  query -> JSON list of the tools its latest selection used
+    P next:<q>         ZSET  member = a query that followed q, score = decayed count  (transition, 2-gram)
+    P ngram:<ctx>      ZSET  the same after a session's last n-1 queries (n >= 3); <ctx> is each query
+                             as <byte length>:<query>, joined by '|' (oldest first)
+    P hour:<HH>        ZSET  member = query, score = decayed count of queries recorded in that UTC hour
+    P hist:<session>   LIST  the session's last ngram_size-1 queries, newest first (expires)
+    P pred:<session>   SET   the queries last predicted for the session's next query (expires)
+
+  Queries over 1 KiB (or starting with '#') appear in key names as '#' + SHA-256 hex of the query;
+  members always hold the query itself.
+
+  Counts decay: each observation of a pattern first multiplies all its counts by `decay`, then adds 1,
+  so a count is an exponentially weighted number of recent observations and a changed workload
+  overtakes the old one within a bounded number of observations of that pattern.
+]]
+
+local P = string.sub(KEYS[1], 1, -6)   -- KEYS[1] is always P .. 'stats'
+local MIN_COUNT = 0.001                -- decayed counts below this are dropped
+
+local function arg_number(i, lo, hi)
+  local v = tonumber(ARGV[i])
+  if v == nil or v ~= v or v < lo or v > hi then return nil end
+  return v
+end
+
+local function arg_int(i, lo, hi)
+  local v = arg_number(i, lo, hi)
+  if v == nil or math.floor(v) ~= v then return nil end
+  return v
+end
+
+-- Does KEYS[i] have a type other than `want` (absent is fine)? Checked before the first write.
+local function wrong_type(i, want)
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'none' and t ~= want then
+    return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' is a ' .. t .. ', the prediction model needs a ' .. want
+  end
+  return nil
+end
+
+-- The session's history as stored (newest first) equals the one the caller built its keys from?
+local function history_matches(hist_key, first, count)
+  local stored = redis.call('LRANGE', hist_key, 0, -1)
+  if #stored ~= count then return false, stored end
+  for i = 1, count do
+    if stored[i] ~= ARGV[first + i - 1] then return false, stored end
+  end
+  return true, stored
+end
+
+-- All of a pattern set as {member, count} pairs and the sum of the counts.
+local function distribution(key)
+  local flat = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local out, total = {}, 0
+  for i = 1, #flat, 2 do
+    local c = tonumber(flat[i + 1])
+    out[flat[i]] = c
+    total = total + c
+  end
+  return out, total
+end

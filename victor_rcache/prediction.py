@@ -1,0 +1,431 @@
+"""The shared prediction model: which query a session asks next, learned from the whole fleet.
+
+::
+
+    record_query(q, tools, session) ──▶ record.lua  next:<previous> += q, ngram:<last n-1> += q,
+                                                    hour:<HH> += q, tools[q], the session's history,
+                                                    the verdict on what was predicted for it
+    predict_next_queries(cur, session) ▶ predict.lua w_t·P(·|cur) + w_n·P(·|last n-1) + w_h·P(·|hour),
+                                                    best top_k, remembered for the verdict
+    prewarm_predictions(p, select) ───▶ TierCore.prewarm per predicted query: lease, select(q), fill
+                                        (once per fleet; see warmer.py)
+
+The model lives in Redis sorted sets under ``<ns>:{<ns>.model}:`` (one hash slot: every script call
+is cluster-safe), counts decay per observation, and every set is bounded (``lua/includes/model.lua``
+lists the keys). Like the tiers, this module does no I/O: its operations are generator steps the
+cache's front end runs (one round trip each; a second when another process advanced the session
+since this one last saw it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from . import forksafe
+from .errors import ConfigurationError, InvalidArgumentError, InvalidKeyError
+from .keys import MAX_RAW_KEY_BYTES, key_bytes
+from .metrics import Counters
+from .scripts import ScriptCall
+from .tiers import Step, TierCore
+
+MAX_NGRAM = 8  # longest n-gram (the scripts accept histories up to 64)
+MAX_TOP_K = 1000
+SESSIONS_REMEMBERED = 10_000  # session histories this process keeps locally (LRU): saves a round trip
+HISTORY_RETRIES = 3  # a session advanced by another process meanwhile: derive the keys again, resend
+
+
+@dataclass(frozen=True)
+class WarmerConfig:
+    """Settings of the prediction model and prewarming (every worker of a namespace should agree)."""
+
+    max_patterns: int = 500  # pattern sets (transitions and n-gram contexts) kept, least recently updated dropped
+    ngram_size: int = 3  # longest n-gram: contexts of the last 1 .. ngram_size-1 queries
+    max_successors: int = 20  # queries kept per pattern set
+    weights: tuple[float, float, float] = (0.6, 0.3, 0.1)  # transition, n-gram, hour of day
+    half_life: float = 32.0  # observations of a pattern after which an old count weighs half
+    hour_half_life: float = 1000.0  # the same for an hour's counts
+    hour_size: int = 64  # queries kept per hour set
+    max_queries: int = 0  # queries whose tools are kept (0 = max_patterns)
+    session_ttl: float = 1800.0  # seconds a session's history and pending prediction are kept after use
+    pattern_ttl: float = 30 * 86400.0  # seconds a pattern set not updated at all survives (a safety net)
+    prewarm_min_confidence: float = 0.2  # predictions below this are not prewarmed
+    prewarm_concurrency: int = 4  # selection calls running at once per prewarm_predictions call
+    prewarm_timeout: float = 10.0  # seconds one selection call may take; later it counts as failed
+    prewarm_ttl: float | None = None  # ttl of prewarmed entries (None = the tiers' idle ttls only)
+    key_fn: Callable[[str | bytes], str | bytes] | None = None  # query -> cache key (None = the query)
+    clock: Callable[[], float] = time.time  # wall clock, for the hour of day (UTC)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, problem: str) -> None:
+            if not ok:
+                raise ConfigurationError(problem)
+
+        def whole(name: str, lo: int, hi: int) -> None:
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+                 f"{name}={v!r} must be a whole number from {lo} to {hi}")
+
+        whole("max_patterns", 1, 10_000_000)
+        whole("ngram_size", 2, MAX_NGRAM)
+        whole("max_successors", 1, 100_000)
+        whole("hour_size", 1, 100_000)
+        whole("max_queries", 0, 10_000_000)
+        whole("prewarm_concurrency", 1, 1000)
+        need(len(self.weights) == 3 and all(_finite(w) and w >= 0 for w in self.weights) and sum(self.weights) > 0,
+             f"weights={self.weights!r} must be three non-negative numbers (transition, n-gram, hour), not all 0")
+        for name in ("half_life", "hour_half_life", "session_ttl", "pattern_ttl", "prewarm_timeout"):
+            v = getattr(self, name)
+            need(_finite(v) and v > 0, f"{name}={v!r} must be a positive number")
+        need(_finite(self.prewarm_min_confidence) and 0 <= self.prewarm_min_confidence <= 1,
+             f"prewarm_min_confidence={self.prewarm_min_confidence!r} must be between 0 and 1")
+        need(self.prewarm_ttl is None or (_finite(self.prewarm_ttl) and self.prewarm_ttl > 0),
+             f"prewarm_ttl={self.prewarm_ttl!r} must be None or a positive number of seconds")
+
+    @property
+    def normalized_weights(self) -> tuple[float, float, float]:
+        total = sum(self.weights)
+        return (self.weights[0] / total, self.weights[1] / total, self.weights[2] / total)
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def decay_for(half_life: float) -> float:
+    """The per-observation factor under which a count halves after ``half_life`` observations."""
+    return float(0.5 ** (1.0 / half_life))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model expects after ``current_query``, best first.
+
+    ``confidences[i]`` is the model's estimate of the probability that ``queries[i]`` comes next
+    (weighted transition, n-gram and hour-of-day probabilities); ``parts[i]`` holds those three
+    probabilities; ``tools[i]`` the tools the query's latest selection used.
+    """
+
+    current_query: str | bytes
+    queries: list[str | bytes] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    tools: list[list[Any]] = field(default_factory=list)
+    parts: list[tuple[float, float, float]] = field(default_factory=list)
+    session: str | bytes | None = None
+
+    @property
+    def total_confidence(self) -> float:
+        """The probability that the next query is one of ``queries``, by the model."""
+        return sum(self.confidences)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def _name(query: bytes) -> bytes:
+    """A query as it appears in key names: itself, or '#' + SHA-256 hex when long or '#'-prefixed."""
+    if len(query) > MAX_RAW_KEY_BYTES or query.startswith(b"#"):
+        return b"#" + hashlib.sha256(query).hexdigest().encode()
+    return query
+
+
+class ModelKeys:
+    """Names every Redis key of one namespace's prediction model (see lua/includes/model.lua)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.prefix = f"{namespace}:{{{namespace}.model}}:".encode()
+        self.stats = self.prefix + b"stats"
+        self.patterns = self.prefix + b"patterns"
+        self.queries = self.prefix + b"queries"
+        self.tools = self.prefix + b"tools"
+
+    def next(self, query: bytes) -> bytes:
+        return self.prefix + b"next:" + _name(query)
+
+    def ngram(self, oldest_first: Sequence[bytes]) -> bytes:
+        return self.prefix + b"ngram:" + b"|".join(b"%d:%s" % (len(n), n) for n in map(_name, oldest_first))
+
+    def hour(self, hour: int) -> bytes:
+        return self.prefix + b"hour:%02d" % hour
+
+    def hist(self, session: bytes) -> bytes:
+        return self.prefix + b"hist:" + _name(session)
+
+    def pred(self, session: bytes) -> bytes:
+        return self.prefix + b"pred:" + _name(session)
+
+    def contexts(self, newest_first: Sequence[bytes], ngram_size: int) -> list[bytes]:
+        """The pattern keys a sequence of queries is the context of: the transition from the newest,
+        then the n-grams of the last 2, 3, ... up to ngram_size-1 queries."""
+        if not newest_first:
+            return []
+        out = [self.next(newest_first[0])]
+        for k in range(2, ngram_size):
+            if len(newest_first) >= k:
+                out.append(self.ngram(list(reversed(newest_first[:k]))))
+        return out
+
+
+def _query_bytes(query: str | bytes, what: str = "query") -> bytes:
+    try:
+        return key_bytes(query)
+    except InvalidKeyError as exc:
+        raise InvalidArgumentError(str(exc).replace("key", what, 1)) from None
+
+
+def _text(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+def _tools_json(tools: Iterable[Any] | None) -> str:
+    if tools is None:
+        return ""
+    if isinstance(tools, (str, bytes)):
+        raise InvalidArgumentError(f"tools must be a list of tool names, not a single {type(tools).__name__}: "
+                                   "pass [name]")
+    try:
+        return json.dumps(list(tools), separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"tools must be JSON-serializable (names or small dicts): {exc}") from None
+
+
+class PredictionCore:
+    """The model's operations as I/O-free steps, on the tiers' script runner and failure policy."""
+
+    def __init__(self, tiers: TierCore, config: WarmerConfig) -> None:
+        self.tiers = tiers
+        self.config = config
+        self.keys = ModelKeys(tiers.config.namespace)
+        self.counters = Counters()
+        self._decay = repr(decay_for(config.half_life))
+        self._hour_decay = repr(decay_for(config.hour_half_life))
+        self._max_queries = config.max_queries or config.max_patterns
+        self._init_state()
+        forksafe.register(self)
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._histories: OrderedDict[bytes, list[bytes]] = OrderedDict()
+        self._doomed: list[bytes] = []  # evicted pattern keys still to delete
+        self._pid = os.getpid()
+        self._own_session = f"process:{os.getpid()}:{uuid.uuid4().hex[:12]}".encode()
+
+    def _after_fork(self) -> None:
+        self._init_state()  # a child is a new process: its own default session, nothing pending
+
+    # ------------------------------------------------------------------ record
+
+    def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None) -> Step[int]:
+        """Learn that ``query`` came next in ``session``. Returns the verdict on the prediction made
+        for it: 1 predicted, 0 not, -1 none was pending (or Redis failed)."""
+        q = _query_bytes(query)
+        s = self._session(session)
+        tools_json = _tools_json(tools)
+        hour = self.keys.hour(time.gmtime(self.config.clock()).tm_hour)
+        c = self.config
+        for _ in range(HISTORY_RETRIES):
+            hist = self._history(s)
+            contexts = self.keys.contexts(hist, c.ngram_size)
+            doomed = self._take_doomed()
+            keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.hist(s),
+                    self.keys.pred(s), hour, *contexts, *doomed)
+            args: tuple[bytes | int | str, ...] = (
+                q, tools_json, _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors,
+                self._decay, self._hour_decay, c.hour_size, self._max_queries, _ms(c.pattern_ttl),
+                len(contexts), len(hist), *hist)
+            try:
+                reply = (yield from self.tiers.run_scripts([ScriptCall(self.tiers.scripts.record, keys, args)]))[0]
+            except RedisError as exc:
+                self._give_back_doomed(doomed)
+                self.tiers.redis_failed("record_query", exc)
+                return -1
+            if reply[0] == 0:
+                self._remember(s, list(reply[1]))
+                self._give_back_doomed(doomed)
+                self.counters.add(history_resyncs=1)
+                continue
+            verdict, evicted = int(reply[1]), reply[2]
+            self._remember(s, ([q, *hist])[: c.ngram_size - 1])
+            with self._lock:
+                self._doomed.extend(self.keys.prefix + name for name in evicted)
+            self.counters.add(records=1, **({"verdicts": 1, "correct": int(verdict == 1)} if verdict >= 0 else {}))
+            return verdict
+        self.counters.add(record_conflicts=1)  # the session is being advanced elsewhere right now
+        return -1
+
+    # ----------------------------------------------------------------- predict
+
+    def predict(self, current_query: str | bytes, top_k: int, min_confidence: float,
+                session: str | bytes | None) -> Step[Prediction]:
+        """The ``top_k`` likeliest next queries with confidence >= ``min_confidence``, best first."""
+        cur = _query_bytes(current_query, "current_query")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidArgumentError(f"top_k={top_k!r} must be a whole number from 1 to {MAX_TOP_K}")
+        if not _finite(min_confidence) or not 0 <= min_confidence <= 1:
+            raise InvalidArgumentError(f"min_confidence={min_confidence!r} must be a number from 0 to 1")
+        s = self._session(session)
+        c = self.config
+        hour = self.keys.hour(time.gmtime(c.clock()).tm_hour)
+        empty = Prediction(current_query, session=session)
+        for _ in range(HISTORY_RETRIES):
+            hist = self._history(s)
+            seq = hist if hist and hist[0] == cur else [cur, *hist][: c.ngram_size - 1]
+            keys = (self.keys.stats, self.keys.tools, self.keys.hist(s), self.keys.pred(s), hour,
+                    *self.keys.contexts(seq, c.ngram_size))
+            args: tuple[bytes | int | str, ...] = (
+                top_k, 1, _ms(c.session_ttl), repr(float(min_confidence)), *map(repr, c.normalized_weights),
+                len(hist), *hist)
+            try:
+                reply = (yield from self.tiers.run_scripts([ScriptCall(self.tiers.scripts.predict, keys, args)]))[0]
+            except RedisError as exc:
+                self.tiers.redis_failed("predict_next_queries", exc)
+                return empty
+            if reply[0] == 0:
+                self._remember(s, list(reply[1]))
+                self.counters.add(history_resyncs=1)
+                continue
+            rows = reply[1:]
+            self.counters.add(predictions=1)
+            return Prediction(
+                current_query,
+                queries=[_text(r[0]) for r in rows],
+                confidences=[float(r[1]) for r in rows],
+                tools=[json.loads(r[5]) if r[5] else [] for r in rows],
+                parts=[(float(r[2]), float(r[3]), float(r[4])) for r in rows],
+                session=session,
+            )
+        return empty
+
+    # -------------------------------------------------------- statistics, clear
+
+    def statistics(self) -> Step[dict[str, Any]]:
+        """Model size, fleet-wide and per-process prediction accuracy, and prewarming counts."""
+        shard_stats = [sk.stats for sk in self.tiers.space.shard_keys]
+        batch: list[tuple[Any, ...]] = [("ZCARD", self.keys.patterns), ("ZCARD", self.keys.queries),
+                                        ("HGETALL", self.keys.stats)]
+        batch += [("HMGET", key, "prewarmed", "prewarm_useful") for key in shard_stats]
+        fleet: dict[str, int] | None = None
+        patterns = queries = None
+        try:
+            replies = yield batch
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            patterns, queries = int(replies[0]), int(replies[1])
+            fleet = {(k.decode() if isinstance(k, bytes) else str(k)): int(float(v))
+                     for k, v in _pairs(replies[2])}
+            fleet["prewarm_completed"] = sum(int(r[0] or 0) for r in replies[3:])
+            fleet["prewarm_useful"] = sum(int(r[1] or 0) for r in replies[3:])
+        except RedisError as exc:
+            self.tiers.redis_failed("get_statistics", exc)
+        local = self.counters.snapshot()
+        f = fleet or {}
+        total, correct = f.get("predictions_total", 0), f.get("predictions_correct", 0)
+        return {
+            "patterns": {"total": patterns, "max_patterns": self.config.max_patterns, "queries": queries,
+                         "max_queries": self._max_queries, "max_successors": self.config.max_successors,
+                         "ngram_size": self.config.ngram_size},
+            "records": {"total": f.get("records", 0), "process": local.get("records", 0)},
+            "predictions": {
+                "total": total, "correct": correct, "accuracy": correct / total if total else 0.0,
+                "process": {"made": local.get("predictions", 0), "checked": local.get("verdicts", 0),
+                            "correct": local.get("correct", 0),
+                            "accuracy": local.get("correct", 0) / local["verdicts"] if local.get("verdicts") else 0.0},
+            },
+            "prewarming": {
+                "completed": f.get("prewarm_completed", 0), "useful": f.get("prewarm_useful", 0),
+                "skipped": f.get("prewarm_skipped", 0), "failed": f.get("prewarm_failed", 0),
+                "process": {k: local.get(f"prewarm_{k}", 0) for k in ("completed", "cached", "busy", "refused",
+                                                                      "failed")},
+            },
+            "available": fleet is not None,
+        }
+
+    def report_prewarm(self, outcomes: dict[str, int]) -> Step[None]:
+        """Count a prewarm round's outcomes in this process and fleet-wide (skipped = cached, busy or refused)."""
+        self.counters.add(**{f"prewarm_{k}": n for k, n in outcomes.items() if n})
+        skipped = outcomes.get("cached", 0) + outcomes.get("busy", 0) + outcomes.get("refused", 0)
+        batch = [("HINCRBY", self.keys.stats, name, n)
+                 for name, n in (("prewarm_skipped", skipped), ("prewarm_failed", outcomes.get("failed", 0))) if n]
+        if not batch:
+            return
+        try:
+            for reply in (yield batch):
+                if isinstance(reply, Exception):
+                    raise reply
+        except RedisError as exc:
+            self.tiers.redis_failed("prewarm_predictions", exc)
+
+    def clear(self) -> Step[None]:
+        """Forget the fleet's model: every pattern set, hour set, tools and counters (sessions expire)."""
+        with self._lock:
+            self._histories.clear()
+            self._doomed.clear()
+        try:
+            names = yield [("ZRANGE", self.keys.patterns, 0, -1)]
+            if isinstance(names[0], Exception):
+                raise names[0]
+            keys = [self.keys.prefix + n for n in names[0]]
+            keys += [self.keys.hour(h) for h in range(24)]
+            keys += [self.keys.tools, self.keys.queries, self.keys.stats, self.keys.patterns]
+            for i in range(0, len(keys), 500):  # one hash slot: multi-key DEL is cluster-safe
+                for reply in (yield [("DEL", *keys[i:i + 500])]):
+                    if isinstance(reply, Exception):
+                        raise reply
+        except RedisError as exc:
+            self.tiers.redis_failed("clear_patterns", exc)
+
+    # ----------------------------------------------------------- local state
+
+    def _session(self, session: str | bytes | None) -> bytes:
+        if session is None:
+            return self._own_session  # a process without sessions: its own sequence is one session
+        return _query_bytes(session, "session")
+
+    def _history(self, session: bytes) -> list[bytes]:
+        with self._lock:
+            hist = self._histories.get(session)
+            if hist is None:
+                return []
+            self._histories.move_to_end(session)
+            return list(hist)
+
+    def _remember(self, session: bytes, hist: list[bytes]) -> None:
+        with self._lock:
+            self._histories[session] = hist
+            self._histories.move_to_end(session)
+            while len(self._histories) > SESSIONS_REMEMBERED:
+                self._histories.popitem(last=False)
+
+    def _take_doomed(self) -> list[bytes]:
+        with self._lock:
+            doomed, self._doomed = self._doomed[:64], self._doomed[64:]
+            return doomed
+
+    def _give_back_doomed(self, doomed: list[bytes]) -> None:
+        with self._lock:
+            self._doomed[:0] = doomed
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _pairs(reply: Any) -> Iterable[tuple[Any, Any]]:
+    if isinstance(reply, dict):
+        return reply.items()
+    return zip(reply[0::2], reply[1::2], strict=True)
