@@ -44,14 +44,8 @@ if not (top_k and remember and session_ttl and min_confidence and w_t and w_n an
   return redis.error_reply('VRC_BADARG predict: a count, ttl, weight or confidence out of range, or an '
       .. 'ARGV length that does not match h')
 end
-for i, want in ipairs({'hash', 'hash', 'list', 'set'}) do
-  local err = wrong_type(i, want)
-  if err then return redis.error_reply(err) end
-end
-for i = 5, #KEYS do
-  local err = wrong_type(i, 'zset')
-  if err then return redis.error_reply(err) end
-end
+local wrong = wrong_types({'hash', 'hash', 'list', 'set'})
+if wrong then return redis.error_reply(wrong) end
 
 local same, stored = history_matches(hist_key, 9, h)
 if not same then return {0, stored} end

@@ -55,14 +55,8 @@ if string.len(query) == 0 or not (session_ttl and keep and max_patterns and max_
   return redis.error_reply('VRC_BADARG record: empty query, or a count, ttl or decay out of range, or '
       .. 'KEYS/ARGV lengths that do not match c and h')
 end
-for i, want in ipairs({'hash', 'zset', 'zset', 'hash', 'list', 'set', 'zset'}) do
-  local err = wrong_type(i, want)
-  if err then return redis.error_reply(err) end
-end
-for i = 8, #KEYS do
-  local err = wrong_type(i, 'zset')
-  if err then return redis.error_reply(err) end
-end
+local wrong = wrong_types({'hash', 'zset', 'zset', 'hash', 'list', 'set', 'zset'})
+if wrong then return redis.error_reply(wrong) end
 
 local same, stored = history_matches(hist_key, 14, h)
 if not same then return {0, stored} end

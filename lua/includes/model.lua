@@ -38,11 +38,15 @@ local function arg_int(i, lo, hi)
   return v
 end
 
--- Does KEYS[i] have a type other than `want` (absent is fine)? Checked before the first write.
-local function wrong_type(i, want)
-  local t = redis.call('TYPE', KEYS[i])['ok']
-  if t ~= 'none' and t ~= want then
-    return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' is a ' .. t .. ', the prediction model needs a ' .. want
+-- The first error among the KEYS of the wrong type (absent keys are fine): KEYS[i] must be a
+-- types[i], every key after those a zset. Checked before the first write.
+local function wrong_types(types)
+  for i = 1, #KEYS do
+    local want = types[i] or 'zset'
+    local t = redis.call('TYPE', KEYS[i])['ok']
+    if t ~= 'none' and t ~= want then
+      return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' is a ' .. t .. ', the prediction model needs a ' .. want
+    end
   end
   return nil
 end
