@@ -5,7 +5,7 @@
   "*<shard> <version>" on <ns>:inval (every process drops its L1 copies of this shard older than
   that version) and marks the shard flushed, so a fill that started before the flush is refused.
 
-  KEYS[1]  <ns>:{<tag>}:l2     ZSET  (see includes/shard.lua)
+  KEYS[1]  <ns>:{<tag>}:l2     ZSET  (see includes/shard.lua; a key of another type is refused, VRC_WRONGTYPE)
   KEYS[2]  <ns>:{<tag>}:l3     ZSET
   KEYS[3]  <ns>:{<tag>}:exp    ZSET
   KEYS[4]  <ns>:{<tag>}:stats  HASH  byte totals are lowered and `flushed` set; counters are kept
@@ -17,17 +17,18 @@
 
   Reply: entries left in the shard's indexes after this call (0 = the shard is empty)
 ]]
-local l2_key, l3_key, exp_key, stats_key, gone_key, fence_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-    KEYS[6]
-local base = string.sub(l2_key, 1, -3)
-local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
+-- @include "includes/shard.lua"
+
 for i = 1, 3 do
   if not string.match(ARGV[i] or '', '^%d+$') or string.len(ARGV[i]) > 16 then
     return redis.error_reply('VRC_BADARG flush: batch, now and shard must be non-negative integers')
   end
 end
-local batch, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local batch = tonumber(ARGV[1])
+now = tonumber(ARGV[2])
 if batch < 1 then return redis.error_reply('VRC_BADARG flush: batch must be >= 1') end
+local wrong = check_shard_types() or check_commands(SHARD_COMMANDS, channel)
+if wrong then return redis.error_reply(wrong) end
 if now == 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

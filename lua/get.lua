@@ -9,6 +9,8 @@
   For each id, in order:
     * absent, data gone, past its absolute expiry, or idle past its tier's ttl -> a miss
       (the last two also remove or demote it, as the sweep would have);
+    * a version, size, expiry, hit count or cost that is not an integer (written by hand) -> a
+      miss, and the entry is removed;
     * in L2 -> an L2 hit; its score becomes now (a new stamp);
     * in L3 -> an L3 hit; when its hit count reaches promote_after it moves to L2 (promotion),
       otherwise its L3 score becomes now (a new stamp).
@@ -17,6 +19,7 @@
 
   Reply: { {promotions, demotions, evictions, expirations, now_ms},  -- caused by this call; its time
            {0, now_ms}                                         -- a miss, and when it was seen
+           {0, now_ms, 1}                                      -- a miss: a corrupt entry was removed
            {tier, payload, fill_l1, ttl_left_ms, version, cost_ms},   -- a hit: tier 2 = L2, 3 = L3
            ... }                                               -- one reply per id, in order
     fill_l1 = 1 when the entry is still in L2 after this call and its count >= promote_after
@@ -43,20 +46,24 @@ for i = HEAD + 1, #ARGV do
   if s2 then s2 = tonumber(s2) else s3 = tonumber(redis.call('ZSCORE', l3_key, id)) end
   local reply = {0, now}
   if s2 or s3 then
-    local f = entry_fields(ek, 'v', 'ver', 'x', 's', 'd', 'w') or {}
+    local f = entry_fields(ek, 'v', 'ver', 'x', 's', 'd', 'w', 'n') or {}
     local expiry = tonumber(f[3])
     if not f[1] then                                   -- data gone (evicted by Redis, or by hand)
       redis.call('ZREM', s2 and l2_key or l3_key, id)
       redis.call('ZREM', exp_key, id)
+    elseif not (f[2] and int_or_absent(f[2]) and int_or_absent(f[3]) and int_or_absent(f[4])
+                and int_or_absent(f[5]) and int_or_absent(f[7])) then
+      drop(id, s2 and 2 or 3, 'corrupt')               -- fields written by hand: not an entry any more
+      reply = {0, now, 1}
     elseif expiry and now >= expiry then               -- absolute ttl passed
-      drop(id, s2 and 2 or 3, 'expired')
+      drop(id, s2 and 2 or 3, 'expired', expiry)
     else
       if s2 and idle2 > 0 and now - s2 >= idle2 then   -- idle in L2: it belongs to L3 by now
         s3, s2 = s2 + idle2, nil
         into_l3(id, s3)
       end
       if s3 and idle3 > 0 and now - s3 >= idle3 then   -- idle in L3: it is gone
-        drop(id, 3, 'idle')
+        drop(id, 3, 'idle', s3 + idle3)
       else
         local n = redis.call('HINCRBY', ek, 'n', 1)
         if f[6] then

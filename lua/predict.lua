@@ -14,7 +14,7 @@
   KEYS[1]  P stats            HASH  (see includes/model.lua for every key)
   KEYS[2]  P tools            HASH
   KEYS[3]  P hist:<session>   LIST
-  KEYS[4]  P pred:<session>   SET   written only when ARGV[2] = 1 and something is predicted
+  KEYS[4]  P pred:<session>   HASH  replaced when ARGV[2] = 1 (deleted when nothing is predicted)
   KEYS[5]  P hour:<HH>        ZSET
   KEYS[6]  P next:<current query>
   KEYS[7..]                   P ngram:<...> for n = 3, 4, ... (longest last), from the expected history
@@ -24,8 +24,10 @@
   ARGV[3]   session ttl, ms (>= 1)
   ARGV[4]   min_confidence (0 .. 1)
   ARGV[5..7]  the weights w_t, w_n, w_h (>= 0, summing to 1)
-  ARGV[8]   h, the number of history entries the caller expects (0 .. 64)
-  ARGV[9 .. 8+h]  that history, newest first
+  ARGV[8]   the current query (non-empty)
+  ARGV[9]   history kept, queries (= ngram_size - 1, 1 .. 64)
+  ARGV[10]  h, the number of history entries the caller expects (0 .. ARGV[9])
+  ARGV[11 .. 10+h]  that history, newest first
 
   Reply: {0, {stored history}}  the history differs from the expected one: nothing written, retry
          {1, {query, confidence, p_transition, p_ngram, p_hour, tools JSON or false}, ...}
@@ -37,17 +39,17 @@ local tools_key, hist_key, pred_key, hour_key = KEYS[2], KEYS[3], KEYS[4], KEYS[
 local top_k, remember, session_ttl = arg_int(1, 1, 1000), arg_int(2, 0, 1), arg_int(3, 1, 1e15)
 local min_confidence = arg_number(4, 0, 1)
 local w_t, w_n, w_h = arg_number(5, 0, 1), arg_number(6, 0, 1), arg_number(7, 0, 1)
-local h = arg_int(8, 0, 64)
+local current, keep, h = ARGV[8], arg_int(9, 1, 64), arg_int(10, 0, 64)
 
-if not (top_k and remember and session_ttl and min_confidence and w_t and w_n and w_h and h)
-    or #KEYS < 6 or #ARGV ~= 8 + h then
+if not (top_k and remember and session_ttl and min_confidence and w_t and w_n and w_h and keep and h)
+    or string.len(current or '') == 0 or h > keep or #KEYS < 6 or #ARGV ~= 10 + h then
   return redis.error_reply('VRC_BADARG predict: a count, ttl, weight or confidence out of range, or an '
       .. 'ARGV length that does not match h')
 end
-local wrong = wrong_types({'hash', 'hash', 'list', 'set'})
+local wrong = preflight({'hash', 'hash', 'list', 'hash'})
 if wrong then return redis.error_reply(wrong) end
 
-local same, stored = history_matches(hist_key, 9, h)
+local same, stored = history_matches(hist_key, keep, 11, h)
 if not same then return {0, stored} end
 
 local transition, t_total = distribution(KEYS[6])
@@ -89,9 +91,12 @@ for i = 1, math.min(top_k, #scored) do
                    string.format('%.17g', s[4]), string.format('%.17g', s[5]), tools}
 end
 
-if remember == 1 and #chosen > 0 then
+if remember == 1 then                    -- this prediction replaces any older one, even when empty
   redis.call('DEL', pred_key)
-  redis.call('SADD', pred_key, unpack(chosen))
-  redis.call('PEXPIRE', pred_key, session_ttl)
+  if #chosen > 0 then
+    redis.call('HSET', pred_key, 'for', current)
+    for _, q in ipairs(chosen) do redis.call('HSET', pred_key, 'q:' .. q, 1) end
+    redis.call('PEXPIRE', pred_key, session_ttl)
+  end
 end
 return out

@@ -59,6 +59,19 @@ for i = HEAD + 1, #ARGV, GROUP do
   local ek = entry_key(id)
   local tier = nil
   if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
+  if tier and since > 0 then             -- past its expiry, or idle past its tiers' ttls, not swept yet:
+    local expiry = tonumber((entry_fields(ek, 'x') or {})[1])   -- gone for a fill
+    local touched = tonumber(redis.call('ZSCORE', tier == 2 and l2_key or l3_key, id))
+    local ends = nil                                  -- when idleness removes it (ms), if it does
+    if idle3 > 0 and (tier == 3 or idle2 > 0) then ends = touched + idle3 + (tier == 2 and idle2 or 0) end
+    if expiry and now >= expiry then
+      drop(id, tier, 'expired', expiry)
+      tier = nil
+    elseif ends and now >= ends then
+      drop(id, tier, 'idle', ends)
+      tier = nil
+    end
+  end
   local gone = redis.call('ZSCORE', gone_key, id)
   local refused = false
   if since > 0 then

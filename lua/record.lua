@@ -8,13 +8,14 @@
   KEYS[2]  P patterns         ZSET
   KEYS[3]  P queries          ZSET
   KEYS[4]  P tools            HASH
-  KEYS[5]  P hist:<session>   LIST
-  KEYS[6]  P pred:<session>   SET
-  KEYS[7]  P hour:<HH>        ZSET  the current UTC hour's counts
-  KEYS[8 .. 7+c]              the context patterns the caller derived from the history it expects:
+  KEYS[5]  P evicted          ZSET
+  KEYS[6]  P hist:<session>   LIST
+  KEYS[7]  P pred:<session>   HASH
+  KEYS[8]  P hour:<HH>        ZSET  the current UTC hour's counts
+  KEYS[9 .. 8+c]              the context patterns the caller derived from the history it expects:
                               P next:<previous query>, then P ngram:<...> for n = 3, 4, ... (c of them)
-  KEYS[8+c ..]                evicted patterns to delete now (returned by an earlier call): each is
-                              deleted only if it has not been registered again since
+  KEYS[9+c ..]                evicted patterns to delete now (names an earlier call returned, at most
+                              64): each is deleted only if it has not been registered again since
 
   ARGV[1]   query (non-empty bytes)
   ARGV[2]   tools, a JSON list ('' = keep what is stored)
@@ -31,17 +32,21 @@
   ARGV[13]  h, the number of history entries the caller expects (0 .. ARGV[4])
   ARGV[14 .. 13+h]  that history, newest first
 
+  The pending prediction of the session is judged by this query, unless it was made after this very
+  query before it was recorded (predict, then record the current query): then it waits for the next.
+
   Reply: {0, {stored history}}          the history differs from the expected one: nothing written;
                                         the caller derives the context keys again and retries
-         {1, verdict, {evicted names}}  recorded. verdict: -1 = no pending prediction, 0 = the query
-                                        was not predicted, 1 = it was. Evicted pattern names (key
-                                        names without P) are for the caller to pass as KEYS[8+c..]
-                                        next time (their keys also expire after the pattern ttl).
+         {1, verdict, {pending names}}  recorded. verdict: -1 = nothing judged, 0 = the query was not
+                                        predicted, 1 = it was. Pending names (at most 64, key names
+                                        without P) are evicted patterns whose keys the caller deletes
+                                        with its next call (as KEYS[9+c..]); they also expire after
+                                        the pattern ttl.
 ]]
 -- @include "includes/model.lua"
 
 local stats_key, patterns_key, queries_key, tools_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local hist_key, pred_key, hour_key = KEYS[5], KEYS[6], KEYS[7]
+local evicted_key, hist_key, pred_key, hour_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local query, tools = ARGV[1], ARGV[2]
 local session_ttl, keep = arg_int(3, 1, 1e15), arg_int(4, 1, 64)
 local max_patterns, max_successors = arg_int(5, 1, 1e9), arg_int(6, 1, 1e6)
@@ -50,23 +55,25 @@ local hour_size, max_queries, pattern_ttl = arg_int(9, 1, 1e9), arg_int(10, 1, 1
 local c, h = arg_int(12, 0, 64), arg_int(13, 0, 64)
 
 if string.len(query) == 0 or not (session_ttl and keep and max_patterns and max_successors and decay
-    and hour_decay and hour_size and max_queries and pattern_ttl and c and h) or h > keep or #KEYS < 7 + c
+    and hour_decay and hour_size and max_queries and pattern_ttl and c and h) or h > keep or #KEYS < 8 + c or #KEYS > 8 + c + 64
     or #ARGV ~= 13 + h then
   return redis.error_reply('VRC_BADARG record: empty query, or a count, ttl or decay out of range, or '
       .. 'KEYS/ARGV lengths that do not match c and h')
 end
-local wrong = wrong_types({'hash', 'zset', 'zset', 'hash', 'list', 'set', 'zset'})
+local wrong = preflight({'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'hash', 'zset'})
 if wrong then return redis.error_reply(wrong) end
 
-local same, stored = history_matches(hist_key, 14, h)
+local same, stored = history_matches(hist_key, keep, 14, h)
 if not same then return {0, stored} end
 
 local tick = redis.call('HINCRBY', stats_key, 'tick', 1)
+local NGRAM_RANK = 1e15               -- subtracted from an n-gram set's tick in `patterns` (see below)
 
--- The verdict on what was predicted for this session's next query: this query.
+-- The verdict on the prediction pending for this session (see the header).
 local verdict = -1
-if redis.call('EXISTS', pred_key) == 1 then
-  verdict = redis.call('SISMEMBER', pred_key, query)
+local made_after = redis.call('HGET', pred_key, 'for')
+if made_after and (made_after ~= query or made_after == stored[1]) then
+  verdict = redis.call('HEXISTS', pred_key, 'q:' .. query)
   redis.call('DEL', pred_key)
   redis.call('HINCRBY', stats_key, 'predictions_total', 1)
   if verdict == 1 then redis.call('HINCRBY', stats_key, 'predictions_correct', 1) end
@@ -85,10 +92,14 @@ local function observe(key, d, size)
   end
 end
 
-for i = 8, 7 + c do
+for i = 9, 8 + c do
+  local name = string.sub(KEYS[i], #P + 1)
   observe(KEYS[i], decay, max_successors)
   redis.call('PEXPIRE', KEYS[i], pattern_ttl)
-  redis.call('ZADD', patterns_key, tick, string.sub(KEYS[i], #P + 1))
+  -- n-gram sets rank below every transition set, so eviction takes them first: a transition is
+  -- what every prediction starts from, an n-gram only sharpens it.
+  redis.call('ZADD', patterns_key, i == 9 and tick or tick - NGRAM_RANK, name)
+  redis.call('ZREM', evicted_key, name)              -- evicted earlier, in use again: keep its key
 end
 observe(hour_key, hour_decay, hour_size)
 redis.call('PEXPIRE', hour_key, pattern_ttl)
@@ -108,17 +119,20 @@ redis.call('LTRIM', hist_key, 0, keep - 1)
 redis.call('PEXPIRE', hist_key, session_ttl)
 
 -- At most max_patterns pattern sets: the least recently updated are dropped from the registry now
--- (so they no longer count) and their keys deleted now if this call declared them, else by the
--- caller's next call (their names are returned), else by their ttl.
-local evicted = {}
+-- (so they no longer count) and noted in `evicted`; their keys are deleted by the next call of any
+-- worker (a script may only touch keys its caller declares), else expire after the pattern ttl.
 over = redis.call('ZCARD', patterns_key) - max_patterns
 if over > 0 then
-  evicted = redis.call('ZRANGE', patterns_key, 0, over - 1)
+  for _, name in ipairs(redis.call('ZRANGE', patterns_key, 0, over - 1)) do
+    redis.call('ZADD', evicted_key, tick, name)
+  end
   redis.call('ZREMRANGEBYRANK', patterns_key, 0, over - 1)
 end
-for i = 8 + c, #KEYS do
-  if not redis.call('ZSCORE', patterns_key, string.sub(KEYS[i], #P + 1)) then redis.call('DEL', KEYS[i]) end
+for i = 9 + c, #KEYS do
+  local name = string.sub(KEYS[i], #P + 1)
+  if not redis.call('ZSCORE', patterns_key, name) then redis.call('DEL', KEYS[i]) end
+  redis.call('ZREM', evicted_key, name)
 end
 
 redis.call('HINCRBY', stats_key, 'records', 1)
-return {1, verdict, evicted}
+return {1, verdict, redis.call('ZRANGE', evicted_key, 0, 63)}

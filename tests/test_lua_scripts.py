@@ -17,6 +17,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,7 +36,7 @@ from .helpers import Client, FakeClock, check_invariants, flush_scripts, read_na
 Make = Callable[..., MultiLevelCache]
 Arg = bytes | int | str
 
-SCRIPT_NAMES = ("get", "put", "delete", "flush", "release", "record", "predict")
+SCRIPT_NAMES = ("get", "put", "delete", "flush", "release", "lease", "record", "predict")
 SHARD_SCRIPTS = ("get", "put", "delete", "flush")
 
 
@@ -77,18 +78,24 @@ def test_every_script_opens_with_a_header_documenting_keys_argv_and_reply() -> N
 def test_scripts_registry_loads_every_script_with_includes_expanded(raw: Client) -> None:
     scripts = Scripts()
     assert tuple(s.name for s in scripts.all()) == SCRIPT_NAMES
-    prelude = (lua_dir() / "includes" / "shard.lua").read_bytes()
-    model = (lua_dir() / "includes" / "model.lua").read_bytes()
+    def expanded(path: Path) -> bytes:  # a file with its includes (and theirs) pasted in
+        return re.sub(rb'-- @include "(includes/[\w.]+)"\n', lambda m: expanded(lua_dir() / m.group(1).decode()),
+                      path.read_bytes())
+
+    prelude = expanded(lua_dir() / "includes" / "shard.lua")
+    model = expanded(lua_dir() / "includes" / "model.lua")
+    acl = (lua_dir() / "includes" / "acl.lua").read_bytes()
     for script in scripts.all():
         on_disk = (lua_dir() / f"{script.name}.lua").read_bytes()
         assert b"@include" not in script.source, f"{script.name}: an @include was left unexpanded"
         assert script.sha == hashlib.sha1(script.source).hexdigest()
         for include in re.findall(rb'@include "(includes/[\w.]+)"', on_disk):
-            pasted = (lua_dir() / include.decode()).read_bytes()
+            pasted = expanded(lua_dir() / include.decode())
             assert pasted in script.source, f"{script.name}: {include.decode()} was not pasted in"
+        assert acl in script.source or script.name == "release", f"{script.name} does not check ACL permissions"
         # Redis compiles the expanded source and agrees on its SHA1 (what EVALSHA is sent with).
         assert raw.script_load(script.source) == script.sha  # type: ignore[arg-type]
-    assert {s.name for s in scripts.all() if prelude in s.source} == {"get", "put", "delete"}
+    assert {s.name for s in scripts.all() if prelude in s.source} == {"get", "put", "delete", "flush"}
     assert {s.name for s in scripts.all() if model in s.source} == {"record", "predict"}
 
 
@@ -515,3 +522,23 @@ def test_calls_succeed_after_script_flush_and_cache_the_scripts_again(make_cache
     assert sum(e.get("calls", 0) for e in evalsha) == 1
     assert sum(e.get("failed_calls", 0) + e.get("rejected_calls", 0) for e in evalsha) == 0
     assert not any("cmdstat_eval" in s for s in stats)
+
+
+# ------------------------------------------------------------------------------ ACL permissions
+
+
+def _declared(script: Script, table: str) -> set[str]:
+    """The commands a script checks up front (includes/acl.lua), from its `local <table> = {...}`."""
+    block = re.search(rb"local " + table.encode() + rb" = \{([^}]*)\}", script.source)
+    assert block is not None, f"{script.name} declares no {table}"
+    return {name.decode() for name in re.findall(rb"'(\w+)'", block[1])}
+
+
+@pytest.mark.parametrize("script_name", [name for name in SCRIPT_NAMES if name not in ("release", "lease")])
+def test_every_command_a_script_runs_is_checked_before_its_first_write(script_name: str) -> None:
+    """A command denied midway would fail the call after some writes: each is checked up front."""
+    script = getattr(Scripts(), script_name)
+    table = "MODEL_COMMANDS" if script_name in ("record", "predict") else "SHARD_COMMANDS"
+    used = {name.decode().lower() for name in re.findall(rb"redis\.p?call\('(\w+)'", script.source)}
+    checked = _declared(script, table) | {"publish"}  # PUBLISH is checked with its channel
+    assert used <= checked, f"{script_name}.lua runs {used - checked} without checking them first"

@@ -94,6 +94,7 @@ class InvalidationListener:
         self._healthy = False
         self._stop = threading.Event()
         self._first_try = threading.Event()
+        self._warned = False
         self._last_seen = self._last_ping = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="victor-rcache-invalidation", daemon=True)
 
@@ -225,6 +226,11 @@ class InvalidationListener:
                         self._install(conn)
                     backoff = 0.05
                 except Exception as exc:  # Redis down or refusing: try again later, L1 stays bypassed
+                    refused = "NOPERM" in str(exc) or "permission" in str(exc) or "no permissions" in str(exc)
+                    if refused and not self._warned:  # would stay so: say how to fix it, once
+                        self._warned = True
+                        log.warning("cannot subscribe to %r: %s. L1 is bypassed until it can; grant the channel "
+                                    "and SUBSCRIBE (README section 'Security')", self.channel, exc)
                     log.debug("cannot subscribe to %r yet: %s", self.channel, exc)
                     self._first_try.set()
                     self._stop.wait(backoff)

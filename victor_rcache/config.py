@@ -26,7 +26,8 @@ MAX_VALUE_BYTES_LIMIT = 512 * 1024 * 1024  # Redis's own limit for one string
 
 def redact(url: str) -> str:
     """A Redis URL with its password replaced, for messages and logs."""
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+    # Up to the authority's last '@', as redis-py (urllib) splits it: a password may contain '@'.
+    return re.sub(r"(//[^:/@?#]*:)[^/?#]*@", r"\1***@", url)
 
 
 def check_ttl(value: object, what: str = "ttl", error: type[Exception] = InvalidTTLError) -> float:

@@ -37,10 +37,19 @@ def _options(config: CacheConfig) -> dict[str, Any]:
 
 def _checked(build: Any, config: CacheConfig, retry: Any, **extra: Any) -> Any:
     try:
-        return build(config.url, retry=retry, **_options(config), **extra)
+        built = build(config.url, retry=retry, **_options(config), **extra)
+        # redis-py takes unknown URL query options at construction and fails on every connection
+        # later: make one connection object now (it does not connect) so a bad option fails here.
+        pool = getattr(built, "connection_pool", built)
+        if hasattr(pool, "connection_class") and hasattr(pool, "connection_kwargs"):
+            pool.connection_class(**pool.connection_kwargs)
     except ValueError as exc:
         raise ConfigurationError(f"Redis URL {redact(config.url)!r} is malformed ({exc}); "
                                  "use redis://[user:password@]host:port/db") from exc
+    except TypeError as exc:
+        raise ConfigurationError(f"Redis URL {redact(config.url)!r} has an option redis-py does not take ({exc}); "
+                                 "check its spelling, and use rediss:// for TLS options such as ssl_ca_certs") from exc
+    return built
 
 
 SyncClient: TypeAlias = redis.Redis | RedisCluster

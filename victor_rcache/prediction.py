@@ -34,6 +34,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from . import forksafe
+from .config import MAX_TTL_SECONDS
 from .errors import ConfigurationError, InvalidArgumentError, InvalidKeyError
 from .keys import MAX_RAW_KEY_BYTES, key_bytes
 from .metrics import Counters
@@ -85,9 +86,13 @@ class WarmerConfig:
         whole("prewarm_concurrency", 1, 1000)
         need(len(self.weights) == 3 and all(_finite(w) and w >= 0 for w in self.weights) and sum(self.weights) > 0,
              f"weights={self.weights!r} must be three non-negative numbers (transition, n-gram, hour), not all 0")
-        for name in ("half_life", "hour_half_life", "session_ttl", "pattern_ttl", "prewarm_timeout"):
+        for name in ("half_life", "hour_half_life"):
             v = getattr(self, name)
-            need(_finite(v) and v > 0, f"{name}={v!r} must be a positive number")
+            need(_finite(v) and 1 <= v <= 1e9, f"{name}={v!r} must be a number of observations from 1 to 1e9")
+        for name in ("session_ttl", "pattern_ttl", "prewarm_timeout"):
+            v = getattr(self, name)
+            need(_finite(v) and 0.001 <= v <= MAX_TTL_SECONDS,
+                 f"{name}={v!r} must be a number of seconds from 0.001 to {MAX_TTL_SECONDS:.0f} (ten years)")
         need(_finite(self.prewarm_min_confidence) and 0 <= self.prewarm_min_confidence <= 1,
              f"prewarm_min_confidence={self.prewarm_min_confidence!r} must be between 0 and 1")
         need(self.prewarm_ttl is None or (_finite(self.prewarm_ttl) and self.prewarm_ttl > 0),
@@ -147,6 +152,7 @@ class ModelKeys:
         self.prefix = f"{namespace}:{{{namespace}.model}}:".encode()
         self.stats = self.prefix + b"stats"
         self.patterns = self.prefix + b"patterns"
+        self.evicted = self.prefix + b"evicted"
         self.queries = self.prefix + b"queries"
         self.tools = self.prefix + b"tools"
 
@@ -241,8 +247,8 @@ class PredictionCore:
             hist = self._history(s)
             contexts = self.keys.contexts(hist, c.ngram_size)
             doomed = self._take_doomed()
-            keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.hist(s),
-                    self.keys.pred(s), hour, *contexts, *doomed)
+            keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.evicted,
+                    self.keys.hist(s), self.keys.pred(s), hour, *contexts, *doomed)
             args: tuple[bytes | int | str, ...] = (
                 q, tools_json, _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors,
                 self._decay, self._hour_decay, c.hour_size, self._max_queries, _ms(c.pattern_ttl),
@@ -258,10 +264,10 @@ class PredictionCore:
                 self._give_back_doomed(doomed)
                 self.counters.add(history_resyncs=1)
                 continue
-            verdict, evicted = int(reply[1]), reply[2]
+            verdict, pending = int(reply[1]), reply[2]
             self._remember(s, ([q, *hist])[: c.ngram_size - 1])
-            with self._lock:
-                self._doomed.extend(self.keys.prefix + name for name in evicted)
+            with self._lock:  # the fleet's evicted patterns: this process deletes them with its next call
+                self._doomed = [self.keys.prefix + name for name in pending]
             self.counters.add(records=1, **({"verdicts": 1, "correct": int(verdict == 1)} if verdict >= 0 else {}))
             return verdict
         self.counters.add(record_conflicts=1)  # the session is being advanced elsewhere right now
@@ -288,7 +294,7 @@ class PredictionCore:
                     *self.keys.contexts(seq, c.ngram_size))
             args: tuple[bytes | int | str, ...] = (
                 top_k, 1, _ms(c.session_ttl), repr(float(min_confidence)), *map(repr, c.normalized_weights),
-                len(hist), *hist)
+                cur, c.ngram_size - 1, len(hist), *hist)
             try:
                 reply = (yield from self.tiers.run_scripts([ScriptCall(self.tiers.scripts.predict, keys, args)]))[0]
             except RedisError as exc:
@@ -371,17 +377,19 @@ class PredictionCore:
             self.tiers.redis_failed("prewarm_predictions", exc)
 
     def clear(self) -> Step[None]:
-        """Forget the fleet's model: every pattern set, hour set, tools and counters (sessions expire)."""
+        """Forget what the fleet learned: pattern sets, hour sets, tools. Counters are kept (like the cache's
+        metrics, they are the fleet's history); session histories expire by themselves."""
         with self._lock:
             self._histories.clear()
             self._doomed.clear()
         try:
-            names = yield [("ZRANGE", self.keys.patterns, 0, -1)]
-            if isinstance(names[0], Exception):
-                raise names[0]
-            keys = [self.keys.prefix + n for n in names[0]]
+            names = yield [("ZRANGE", self.keys.patterns, 0, -1), ("ZRANGE", self.keys.evicted, 0, -1)]
+            for reply in names:
+                if isinstance(reply, Exception):
+                    raise reply
+            keys = [self.keys.prefix + n for n in names[0] + names[1]]
             keys += [self.keys.hour(h) for h in range(24)]
-            keys += [self.keys.tools, self.keys.queries, self.keys.stats, self.keys.patterns]
+            keys += [self.keys.tools, self.keys.queries, self.keys.patterns, self.keys.evicted]
             for i in range(0, len(keys), 500):  # one hash slot: multi-key DEL is cluster-safe
                 for reply in (yield [("DEL", *keys[i:i + 500])]):
                     if isinstance(reply, Exception):
@@ -413,12 +421,13 @@ class PredictionCore:
 
     def _take_doomed(self) -> list[bytes]:
         with self._lock:
-            doomed, self._doomed = self._doomed[:64], self._doomed[64:]
+            doomed, self._doomed = self._doomed, []
             return doomed
 
     def _give_back_doomed(self, doomed: list[bytes]) -> None:
         with self._lock:
-            self._doomed[:0] = doomed
+            if not self._doomed:
+                self._doomed = doomed
 
 
 def _ms(seconds: float) -> int:

@@ -8,9 +8,11 @@ Every batch a front end sends goes through :class:`Resilience`:
   closes the circuit, failure opens it again. Transitions are logged and counted in metrics.
 * **Retries.** Errors that can succeed a moment later and fail fast (connection refused or reset,
   LOADING, READONLY during a failover, TRYAGAIN, CLUSTERDOWN) are retried with jittered
-  exponential backoff, at most ``RETRY_ATTEMPTS`` times and never past the call's deadline
-  (``socket_timeout``). A timeout is not retried: it has used the deadline up. Errors that cannot
-  succeed (WRONGTYPE, script errors, authentication, missing ACL permissions) are never retried.
+  exponential backoff, at most ``RETRY_ATTEMPTS`` times, and only within the first
+  ``RETRY_WINDOW`` of the call: an attempt may take up to ``socket_timeout``, so a call that
+  retries still returns within ``socket_timeout + RETRY_WINDOW``. A timeout is not retried: it
+  has used the deadline up. Errors that cannot succeed (WRONGTYPE, script errors, authentication,
+  missing ACL permissions) are never retried.
 
 The policy is shared; the front ends run it with tenacity's ``Retrying`` or ``AsyncRetrying``.
 """
@@ -41,6 +43,7 @@ from .config import CacheConfig
 log = logging.getLogger("victor_rcache")
 
 RETRY_ATTEMPTS = 3
+RETRY_WINDOW = 0.04  # seconds from a call's start in which a retry may begin
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
 
@@ -135,7 +138,7 @@ class Resilience:
         return {
             "retry": retry_if_exception(is_transient),
             "wait": wait_random_exponential(multiplier=0.005, max=0.1),
-            "stop": stop_after_attempt(RETRY_ATTEMPTS) | stop_before_delay(self.deadline),
+            "stop": stop_after_attempt(RETRY_ATTEMPTS) | stop_before_delay(min(self.deadline, RETRY_WINDOW)),
             "before_sleep": self._count_retry,
             "reraise": True,
         }

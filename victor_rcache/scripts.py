@@ -42,7 +42,8 @@ class Script:
     def load(cls, name: str, folder: Path | None = None, shebang: bool = True) -> Script:
         folder = folder or lua_dir()
         text = (folder / f"{name}.lua").read_text("utf-8")
-        text = _INCLUDE.sub(lambda m: (folder / m.group(1)).read_text("utf-8"), text)
+        while _INCLUDE.search(text):  # includes may include others
+            text = _INCLUDE.sub(lambda m: (folder / m.group(1)).read_text("utf-8"), text)
         if not shebang and text.startswith("#!"):
             text = text.split("\n", 1)[1]
         source = text.encode()
@@ -73,11 +74,12 @@ class Scripts:
         self.delete = Script.load("delete", folder, shebang)
         self.flush = Script.load("flush", folder, shebang)
         self.release = Script.load("release", folder, shebang)
+        self.lease = Script.load("lease", folder, shebang)
         self.record = Script.load("record", folder, shebang)
         self.predict = Script.load("predict", folder, shebang)
 
     def all(self) -> tuple[Script, ...]:
-        return (self.get, self.put, self.delete, self.flush, self.release, self.record, self.predict)
+        return (self.get, self.put, self.delete, self.flush, self.release, self.lease, self.record, self.predict)
 
 
 def needs_reload(reply: object) -> bool:

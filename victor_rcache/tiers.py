@@ -34,7 +34,7 @@ from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
 from . import forksafe
 from .codec import FORMAT_VERSION, Envelope
@@ -60,7 +60,6 @@ FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
 RELOAD_ROUNDS = 5  # NOSCRIPT rounds before every call still missing its script reloads it itself
-TIME_SKEW_MS = 1000  # how far clocks of a cluster's nodes may disagree, ms (prewarm fills err early)
 RELOAD_PAUSE = 0.002  # seconds a call waits (growing) while another call reloads its script
 
 _scripts: dict[bool, Scripts] = {}
@@ -253,6 +252,10 @@ class TierCore:
                 if tier == 0:
                     self.counters.add(misses=1)
                     out.missed_at[ref.id] = hit[0]
+                    if len(hit) > 1:  # get.lua removed an entry whose fields were not the cache's
+                        log.warning("entry %r in namespace %s had fields written outside the cache; counted as "
+                                    "a miss and removed", ref.key[:100], self.config.namespace)
+                        self.counters.add(decode_errors=1)
                     continue
                 out.missed_at[ref.id] = reply[0][4]  # if it turns out undecodable: a miss seen now
                 payload, fill, ttl_left_ms, version, cost_ms = hit
@@ -413,9 +416,17 @@ class TierCore:
         held = False
         try:
             entry_key = self.space.entry_key(ref)
+            foreign = False
             for _ in range(LEASE_ATTEMPTS):
-                taken, exists = yield [("SET", lease, token, "NX", "PX", self._lease_ms), ("EXISTS", entry_key)]
-                _raise_first_error([taken, exists])
+                batch: Batch = [("DEL", lease)] if foreign else []
+                batch += [("SET", lease, token, "NX", "PX", self._lease_ms), ("EXISTS", entry_key), ("PTTL", lease)]
+                replies = yield batch
+                _raise_first_error(replies, batch)
+                taken, exists, pttl = replies[-3:]
+                if not taken and pttl == -1 and not foreign:
+                    foreign = True  # no expiry: no worker took it (it was written by hand); remove it, retry
+                    continue
+                foreign = False
                 if taken and not exists:
                     held = True
                     break
@@ -543,9 +554,10 @@ class TierCore:
     def _refresh(self, ref: EntryRef, job: Refresh) -> Step[bool]:
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         try:
-            taken, version = yield [("SET", lease, token, "NX", "PX", self._lease_ms),
-                                    ("HGET", self.space.entry_key(ref), "ver")]
-            _raise_first_error([taken, version])
+            batch: Batch = [("SET", lease, token, "NX", "PX", self._lease_ms),
+                            ("HGET", self.space.entry_key(ref), "ver")]
+            taken, version = replies = yield batch
+            _raise_first_error(replies, batch)
             if not taken:
                 return False
             if version is None or int(version) != job.version:  # refreshed or rewritten already
@@ -597,22 +609,18 @@ class TierCore:
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         try:
             yield from self.ready()
-            taken, exists, now = yield [("SET", lease, token, "NX", "PX", self._lease_ms),
-                                        ("EXISTS", self.space.entry_key(ref)), ("TIME",)]
-            _raise_first_error([taken, exists, now])
+            sk = self.space.shard_keys[ref.shard]
+            call = ScriptCall(self.scripts.lease, (lease, self.space.entry_key(ref), sk.l2, sk.l3),
+                              (token, self._lease_ms, self._now_ms(), *self._idle_ms))
+            taken, live, since_ms = (yield from self.run_scripts([call]))[0]
         except RedisError as exc:
             self.redis_failed("prewarm", exc)
             return "failed"
         if not taken:
             return "busy"
-        if exists:
+        if live:
             yield from self._release(lease, token)
             return "cached"
-        # The fill is refused if the key changes after this moment. On a cluster TIME may come from
-        # another node than the shard's: a second earlier covers clock skew (erring on refusing).
-        clock = self.config.clock
-        since_ms = (max(1, math.floor(clock() * 1000)) if clock
-                    else int(now[0]) * 1000 + int(now[1]) // 1000 - TIME_SKEW_MS)
         return (yield from self._prewarm_fill(ref, ttl_ms, since_ms, lease, token))
 
     def _prewarm_fill(self, ref: EntryRef, ttl_ms: int, since_ms: int, lease: bytes, token: str) -> Step[Prewarmed]:
@@ -655,7 +663,7 @@ class TierCore:
             batch += [("ZCARD", sk.l2), ("ZCARD", sk.l3), ("HGETALL", sk.stats)]
         try:
             replies = yield batch
-            _raise_first_error(replies)
+            _raise_first_error(replies, batch)
             replies = replies[reports:]
         except RedisError as exc:
             self._give_back_l1_deltas(deltas)
@@ -779,9 +787,10 @@ class TierCore:
             return
         cfg = self.space.config
         signed = int(self.config.signing_key is not None)
-        replies = yield [("HSETNX", cfg, "shards", self.config.shards), ("HSETNX", cfg, "format", FORMAT_VERSION),
-                         ("HSETNX", cfg, "signed", signed), ("HGETALL", cfg)]
-        _raise_first_error(replies)
+        batch: Batch = [("HSETNX", cfg, "shards", self.config.shards), ("HSETNX", cfg, "format", FORMAT_VERSION),
+                        ("HSETNX", cfg, "signed", signed), ("HGETALL", cfg)]
+        replies = yield batch
+        _raise_first_error(replies, batch)
         stored = _int_hash(replies[3])
         if stored.get("shards") != self.config.shards:
             raise ConfigurationError(
@@ -826,7 +835,7 @@ class TierCore:
     def redis_failed(self, op: str, exc: Exception) -> None:
         self.counters.add(redis_errors=1)
         self._config_checked = False  # Redis may come back empty: agree on the namespace's settings again
-        problem = f"Redis at {redact(self.config.url)} could not serve {op}: {exc}. {_fix_for(exc)}"
+        problem = f"Redis at {redact(self.config.url)} could not serve {op}: {str(exc).rstrip('. ')}. {_fix_for(exc)}"
         if not self.config.fail_open:
             raise CacheUnavailableError(problem + "; or construct the cache with fail_open=True to fall back "
                                                   "to L1") from exc
@@ -847,12 +856,15 @@ def _fix_for(exc: Exception) -> str:
     text = str(exc)
     if isinstance(exc, AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
         return "Check the user name and password in the URL (redis://user:password@host:port/db)"
-    if "NOPERM" in text:
+    # redis-py strips the NOPERM/OOM prefixes into the exception type; inside a script Redis 7.0 says
+    # "...has no permissions to run the '<command>' command".
+    if (isinstance(exc, NoPermissionError) or "NOPERM" in text or "no permissions" in text
+            or "can't run this command" in text):
         return ("The Redis ACL user lacks a command, key or channel the cache needs; grant the rule set in the "
-                "README section 'Running as an ACL user'")
+                "README section 'Security'")
     if "VRC_WRONGTYPE" in text:
         return "Delete the key named above"
-    if "OOM" in text:
+    if isinstance(exc, OutOfMemoryError) or "OOM" in text or "maxmemory" in text:
         return "Redis is out of memory (maxmemory reached with a no-eviction policy): raise maxmemory or free memory"
     return "Check that it is reachable and healthy"
 
@@ -864,9 +876,15 @@ def _by_shard(refs: Iterable[EntryRef]) -> dict[int, list[EntryRef]]:
     return groups
 
 
-def _raise_first_error(replies: list[Any]) -> None:
-    for reply in replies:
+def _raise_first_error(replies: list[Any], batch: Batch | None = None) -> None:
+    """Raise the first error among a batch's replies; a WRONGTYPE names the key (``batch`` given)."""
+    for i, reply in enumerate(replies):
         if isinstance(reply, Exception):
+            if batch is not None and str(reply).startswith("WRONGTYPE") and len(batch[i]) > 1:
+                key = batch[i][1]
+                shown = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key)
+                raise ResponseError(f"VRC_WRONGTYPE {shown} is not of the type {batch[i][0]} needs: it was "
+                                    "written outside the cache; delete that key") from reply
             raise reply
 
 

@@ -6,6 +6,9 @@
 
     P stats            HASH  fleet counters: records, predictions_total, predictions_correct, tick
     P patterns         ZSET  member = pattern name (a key name without P), score = tick of its last update
+                             (minus 1e15 for n-gram sets: evicted before any transition set)
+    P evicted          ZSET  pattern names dropped from `patterns` whose keys are still to be deleted
+                             (by the next record call of any worker; score = tick of the eviction)
     P queries          ZSET  member = query, score = tick it was last recorded (bounds `tools`)
     P tools            HASH  query -> JSON list of the tools its latest selection used
     P next:<q>         ZSET  member = a query that followed q, score = decayed count  (transition, 2-gram)
@@ -13,7 +16,8 @@
                              as <byte length>:<query>, joined by '|' (oldest first)
     P hour:<HH>        ZSET  member = query, score = decayed count of queries recorded in that UTC hour
     P hist:<session>   LIST  the session's last ngram_size-1 queries, newest first (expires)
-    P pred:<session>   SET   the queries last predicted for the session's next query (expires)
+    P pred:<session>   HASH  the prediction pending for the session (expires): `for` = the query it was
+                             made after, `q:<query>` = 1 for each predicted query
 
   Queries over 1 KiB (or starting with '#') appear in key names as '#' + SHA-256 hex of the query;
   members always hold the query itself.
@@ -23,7 +27,13 @@
   overtakes the old one within a bounded number of observations of that pattern.
 ]]
 
+-- @include "includes/acl.lua"
+
 local P = string.sub(KEYS[1], 1, -6)   -- KEYS[1] is always P .. 'stats'
+-- Every command the model scripts run (see includes/acl.lua).
+local MODEL_COMMANDS = {'type', 'del', 'hget', 'hset', 'hdel', 'hincrby', 'lrange', 'lpush', 'ltrim',
+                        'pexpire', 'hexists', 'zadd', 'zrem', 'zincrby', 'zunionstore', 'zrange', 'zcard',
+                        'zscore', 'zremrangebyscore', 'zremrangebyrank'}
 local MIN_COUNT = 0.001                -- decayed counts below this are dropped
 
 local function arg_number(i, lo, hi)
@@ -38,9 +48,11 @@ local function arg_int(i, lo, hi)
   return v
 end
 
--- The first error among the KEYS of the wrong type (absent keys are fine): KEYS[i] must be a
--- types[i], every key after those a zset. Checked before the first write.
-local function wrong_types(types)
+-- The first error among the commands the user may not run and the KEYS of the wrong type (absent
+-- keys are fine): KEYS[i] must be a types[i], every key after those a zset. Before the first write.
+local function preflight(types)
+  local denied = check_commands(MODEL_COMMANDS, nil)
+  if denied then return denied end
   for i = 1, #KEYS do
     local want = types[i] or 'zset'
     local t = redis.call('TYPE', KEYS[i])['ok']
@@ -51,9 +63,10 @@ local function wrong_types(types)
   return nil
 end
 
--- The session's history as stored (newest first) equals the one the caller built its keys from?
-local function history_matches(hist_key, first, count)
-  local stored = redis.call('LRANGE', hist_key, 0, -1)
+-- The session's history as stored (newest first, its first `keep` entries) equals the one the
+-- caller built its keys from? Also returns the stored history.
+local function history_matches(hist_key, keep, first, count)
+  local stored = redis.call('LRANGE', hist_key, 0, keep - 1)
   if #stored ~= count then return false, stored end
   for i = 1, count do
     if stored[i] ~= ARGV[first + i - 1] then return false, stored end

@@ -1,5 +1,6 @@
 --[[
-  includes/shard.lua: the shard prelude, pasted at the top of get.lua, put.lua and delete.lua.
+  includes/shard.lua: the shard prelude, pasted at the top of get.lua, put.lua, delete.lua and flush.lua
+  (flush.lua takes its own ARGV, not the common header; it uses the key names and type check).
 
   A namespace is split into shards; every key of one shard shares the shard's hash tag, so each
   script call touches exactly one hash slot (Redis Cluster rule). The shard's keys:
@@ -52,6 +53,8 @@
     * idle movement and absolute expiry are applied to the key being read, and swept for up to
       SWEEP other due entries per call, so Redis never does unbounded work in one call.
 ]]
+-- @include "includes/acl.lua"
+
 local HEAD = 9
 local SWEEP = 16
 local RECORDS_MAX = 1024  -- `gone`/`fence` records kept per shard at least (more for bigger shards)
@@ -72,6 +75,25 @@ local function arg_int(i, min)
   return v
 end
 
+-- The shard's own keys must have their types: a key overwritten by hand with another type would
+-- make the script fail midway, after some of its writes. (Entry keys are checked as they are read.)
+-- Returns an error message or nil. Called before the first write.
+-- Every command the shard scripts run (see includes/acl.lua); PUBLISH is checked with the channel.
+local SHARD_COMMANDS = {'type', 'time', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del', 'zadd',
+                        'zrem', 'zscore', 'zcard', 'zrange', 'zrangebyscore', 'zremrangebyscore',
+                        'zremrangebyrank'}
+
+local function check_shard_types()
+  for i, expected in ipairs({'zset', 'zset', 'zset', 'hash', 'zset', 'zset'}) do
+    local actual = redis.call('TYPE', KEYS[i]).ok
+    if actual ~= expected and actual ~= 'none' then
+      return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. actual .. ', not a ' .. expected
+          .. ': it was written outside the cache; delete that key (its shard loses only its index)'
+    end
+  end
+  return nil
+end
+
 -- Validates the common ARGV; returns an error message or nil. Called before the first write.
 local now, cap2, cap3, idle2, idle3, promote_after, l1_hits, l1_evictions, memory
 local function check_head()
@@ -83,15 +105,8 @@ local function check_head()
     return 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, '
         .. 'deltas, memory >= 1)'
   end
-  -- The shard's own keys must have their types: a key overwritten by hand with another type would
-  -- make the script fail midway, after some of its writes. (Entry keys are checked as they are read.)
-  for i, expected in ipairs({'zset', 'zset', 'zset', 'hash', 'zset', 'zset'}) do
-    local actual = redis.call('TYPE', KEYS[i]).ok
-    if actual ~= expected and actual ~= 'none' then
-      return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. actual .. ', not a ' .. expected
-          .. ': it was written outside the cache; delete that key (its shard loses only its index)'
-    end
-  end
+  local err = check_shard_types() or check_commands(SHARD_COMMANDS, channel)
+  if err then return err end
   if now == 0 then
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -105,6 +120,12 @@ local changed = {}                   -- invalidation lines to publish at the end
 local noted = false                  -- a `gone` or `fence` record was added in this call
 
 local function entry_key(id) return base .. 'e:' .. id end
+
+-- Is a field an integer (or absent)? Fields written by hand may hold anything; HINCRBY and the
+-- replies need integers.
+local function int_or_absent(v)
+  return not v or string.match(v, '^%-?%d+$') ~= nil
+end
 
 -- Fields of an entry's data hash (HMGET), or nil when the key holds another type (written by hand):
 -- such a key is deleted, and the entry is then simply gone.
@@ -124,10 +145,10 @@ local function next_version()
   return redis.call('HINCRBY', stats_key, 'seq', 1)
 end
 
--- Records that `id` was removed now: fills that started earlier are refused (`fence`), and if a
--- process may hold an L1 copy (`cached`), rewriting it will publish (`gone`).
-local function note_removal(id, cached)
-  redis.call('ZADD', fence_key, now, id)
+-- Records that `id` was removed now: fills that started at or before `fence_at` (default now) are
+-- refused (`fence`), and if a process may hold an L1 copy (`cached`), rewriting it will publish (`gone`).
+local function note_removal(id, cached, fence_at)
+  redis.call('ZADD', fence_key, fence_at or now, id)
   if cached then redis.call('ZADD', gone_key, now, id) end
   noted = true
 end
@@ -151,10 +172,13 @@ local function stamp()
 end
 
 -- Removes an entry from every index and deletes its data. `tier` is 2, 3 or nil (not indexed);
--- `why` is 'deleted', 'evicted', 'idle' or 'expired'. Every removal gets a `fence` record; one
+-- `why` is 'deleted', 'evicted', 'idle', 'expired' or 'corrupt'. Every removal gets a `fence` record; one
 -- leaving while some L1 may hold a copy (f = 1) a `gone` record too, unless it expired (expired
 -- copies end by themselves in every L1) or was deleted (the delete itself publishes).
-local function drop(id, tier, why)
+-- A delete fences fills that started up to now. Any other removal is not a write: it fences those
+-- that started before the value stopped being served (`ended`, ms: its expiry or idle deadline;
+-- default now), so a fill whose miss saw the value gone is accepted, even in the same millisecond.
+local function drop(id, tier, why, ended)
   local ek = entry_key(id)
   local f = entry_fields(ek, 's', 'f') or {}
   local size = tonumber(f[1]) or 0
@@ -162,9 +186,11 @@ local function drop(id, tier, why)
   elseif tier == 3 then redis.call('ZREM', l3_key, id); bytes3 = bytes3 - size end
   redis.call('ZREM', exp_key, id)
   redis.call('DEL', ek)
-  note_removal(id, f[2] and why ~= 'expired' and why ~= 'deleted')
+  local fence_at = now
+  if why ~= 'deleted' then fence_at = math.min(ended or now, now) - 1 end
+  note_removal(id, f[2] and why ~= 'expired' and why ~= 'deleted', fence_at)
   if why == 'evicted' then ev.evictions = ev.evictions + 1
-  elseif why ~= 'deleted' then ev.expirations = ev.expirations + 1 end
+  elseif why == 'idle' or why == 'expired' then ev.expirations = ev.expirations + 1 end
 end
 
 -- Moves an entry out of L2's index into L3 with the given score (nil = a new stamp); count restarts.
@@ -184,19 +210,19 @@ end
 
 -- Bounded sweep of due work: absolute expiry, L2 idle -> L3, L3 idle -> gone, old records.
 local function sweep()
-  local due = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, SWEEP)
-  for _, id in ipairs(due) do
-    local tier = nil
+  local due = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, SWEEP)
+  for i = 1, #due, 2 do
+    local id, tier = due[i], nil
     if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
-    drop(id, tier, 'expired')
+    drop(id, tier, 'expired', tonumber(due[i + 1]))
   end
   if idle2 > 0 then
     due = redis.call('ZRANGEBYSCORE', l2_key, '-inf', now - idle2, 'WITHSCORES', 'LIMIT', 0, SWEEP)
     for i = 1, #due, 2 do into_l3(due[i], tonumber(due[i + 1]) + idle2) end  -- idle since last touch + idle2
   end
   if idle3 > 0 then
-    due = redis.call('ZRANGEBYSCORE', l3_key, '-inf', now - idle3, 'LIMIT', 0, SWEEP)
-    for _, id in ipairs(due) do drop(id, 3, 'idle') end
+    due = redis.call('ZRANGEBYSCORE', l3_key, '-inf', now - idle3, 'WITHSCORES', 'LIMIT', 0, SWEEP)
+    for i = 1, #due, 2 do drop(due[i], 3, 'idle', tonumber(due[i + 1]) + idle3) end
   end
   local longest = tonumber(redis.call('HGET', stats_key, 'memory')) or 0
   if memory > longest then redis.call('HSET', stats_key, 'memory', memory) else memory = longest end
