@@ -147,7 +147,7 @@ def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_
             assert (data and b"v" in data) or expired(entry_id), f"{where}: index entry {entry_id!r} has no data"
         for entry_id, data in s.entries.items():
             assert entry_id in s.l2 or entry_id in s.l3, f"{where}: data {entry_id!r} has no index entry"
-            fields = {b"v", b"s", b"n", b"ver", b"x", b"k", b"f", b"d"}
+            fields = {b"v", b"s", b"n", b"ver", b"x", b"k", b"f", b"d", b"w"}
             assert set(data) <= fields, f"{where}: unexpected fields {set(data)}"
             assert int(data[b"s"]) == len(data[b"v"]), f"{where}: size field of {entry_id!r} is off"
             if b"x" in data:

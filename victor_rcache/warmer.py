@@ -85,6 +85,10 @@ class _WarmerBase:
                                   ngram_size=ngram_size if config is None else base.ngram_size, **settings)
         except TypeError as exc:
             raise ConfigurationError(f"{exc}; see WarmerConfig for the settings a warmer takes") from None
+        lease_ttl = cache.config.lease_ttl
+        if self.config.prewarm_timeout > lease_ttl:  # else a worker could take the lease and compute it again
+            raise ConfigurationError(f"prewarm_timeout={self.config.prewarm_timeout:g} s is longer than the cache's "
+                                     f"lease_ttl={lease_ttl:g} s; lower prewarm_timeout or raise lease_ttl")
         self.cache = cache
         self._core = PredictionCore(cache._core, self.config)
 

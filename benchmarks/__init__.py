@@ -1,0 +1,1 @@
+"""Benchmarks (not part of the installed package); a package so tests can import the shared workloads."""
