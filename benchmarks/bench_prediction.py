@@ -28,12 +28,10 @@ benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import sys
 import time
@@ -49,6 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import redis
 
+from benchmarks.facts import machine_facts
 from benchmarks.workloads import (
     FANOUT,
     FIXED_TIME,
@@ -63,7 +62,7 @@ from benchmarks.workloads import (
     pooled_windows,
     replay,
 )
-from victor_rcache import MultiLevelCache, PredictiveCacheWarmer, WarmerConfig, __version__
+from victor_rcache import MultiLevelCache, PredictiveCacheWarmer, WarmerConfig
 from victor_rcache.local_redis import LocalRedisServer
 from victor_rcache.prediction import ModelKeys
 
@@ -309,21 +308,6 @@ def _sums(traces: Sequence[Trace], start: int) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------ report
-
-
-def machine_facts(url: str) -> dict[str, Any]:
-    with redis.Redis.from_url(url) as client:
-        info: dict[str, Any] = client.info("server")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "victor_rcache": __version__,
-        "python": platform.python_version(),
-        "redis_py": redis.__version__,
-        "redis_server": info.get("redis_version", "?"),
-        "nproc": os.cpu_count(),
-        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-    }
 
 
 def _pct(x: float | None) -> str:

@@ -11,14 +11,18 @@ burst of load on the machine hits floors and cache paths alike. See benchmarks/R
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable (benchmarks.facts)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
-import datetime
 import gc
 import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +35,8 @@ from typing import Any
 import msgpack
 import redis
 
-from victor_rcache import MultiLevelCache, __version__
+from benchmarks import facts
+from victor_rcache import MultiLevelCache
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer
 
@@ -224,17 +229,8 @@ def run(url: str, samples: int, warmup: int, rounds: int, prefix: str) -> list[R
 
 
 def machine_facts(url: str) -> dict[str, Any]:
-    with redis.Redis.from_url(url) as client:
-        info: dict[str, Any] = client.info("server")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "victor_rcache": __version__,
-        "python": platform.python_version(),
-        "redis_py": redis.__version__,
-        "redis_server": info.get("redis_version", "?"),
-        "nproc": os.cpu_count(),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
+        **facts.machine_facts(url),
         "value_bytes": len(msgpack.packb(VALUE, use_bin_type=True)),
     }
 
