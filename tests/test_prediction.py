@@ -947,3 +947,18 @@ def test_every_setting_warmer_config_accepts_is_one_the_scripts_accept(
         return  # refused up front: fine
     recorded(warmer, "s", "A", "B")
     assert Model(raw, namespace).zset(next_name("A")) == {b"B": 1.0}
+
+
+def test_a_prediction_that_only_looks_writes_nothing_and_is_never_judged(make_cache: Make, raw: Client,
+                                                                       namespace: str) -> None:
+    warmer = PredictiveCacheWarmer(make_cache(), clock=at_hour(6))
+    for i in range(3):
+        recorded(warmer, f"t{i}", "A", "B")
+    warmer.record_query("A", session="u")
+    model = Model(raw, namespace)
+    before = model.snapshot()
+    assert warmer.predict_next_queries("A", session="u", remember=False).queries == ["B"]
+    assert model.snapshot() == before  # no pred:<session>, nothing else
+    warmer.record_query("B", session="u")
+    assert model.stats().get("predictions_total", 0) == 0
+    assert warmer.get_statistics()["predictions"]["process"]["made"] == 0

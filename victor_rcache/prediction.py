@@ -276,8 +276,10 @@ class PredictionCore:
     # ----------------------------------------------------------------- predict
 
     def predict(self, current_query: str | bytes, top_k: int, min_confidence: float,
-                session: str | bytes | None) -> Step[Prediction]:
-        """The ``top_k`` likeliest next queries with confidence >= ``min_confidence``, best first."""
+                session: str | bytes | None, remember: bool = True) -> Step[Prediction]:
+        """The ``top_k`` likeliest next queries with confidence >= ``min_confidence``, best first.
+
+        ``remember=False`` only looks (an operator's question): nothing is written, nothing judged."""
         cur = _query_bytes(current_query, "current_query")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgumentError(f"top_k={top_k!r} must be a whole number from 1 to {MAX_TOP_K}")
@@ -293,7 +295,7 @@ class PredictionCore:
             keys = (self.keys.stats, self.keys.tools, self.keys.hist(s), self.keys.pred(s), hour,
                     *self.keys.contexts(seq, c.ngram_size))
             args: tuple[bytes | int | str, ...] = (
-                top_k, 1, _ms(c.session_ttl), repr(float(min_confidence)), *map(repr, c.normalized_weights),
+                top_k, int(remember), _ms(c.session_ttl), repr(float(min_confidence)), *map(repr, c.normalized_weights),
                 cur, c.ngram_size - 1, len(hist), *hist)
             try:
                 reply = (yield from self.tiers.run_scripts([ScriptCall(self.tiers.scripts.predict, keys, args)]))[0]
@@ -305,7 +307,8 @@ class PredictionCore:
                 self.counters.add(history_resyncs=1)
                 continue
             rows = reply[1:]
-            self.counters.add(predictions=1)
+            if remember:
+                self.counters.add(predictions=1)
             return Prediction(
                 current_query,
                 queries=[_text(r[0]) for r in rows],

@@ -156,9 +156,12 @@ class PredictiveCacheWarmer(_WarmerBase):
         self.cache._drive(self._core.record(query, tools, session))
 
     def predict_next_queries(self, current_query: str | bytes, top_k: int = 5, min_confidence: float = 0.2,
-                             session: str | bytes | None = None) -> Prediction:
-        """The likeliest next queries after ``current_query`` in ``session`` (one round trip)."""
-        return self.cache._drive(self._core.predict(current_query, top_k, min_confidence, session))
+                             session: str | bytes | None = None, remember: bool = True) -> Prediction:
+        """The likeliest next queries after ``current_query`` in ``session`` (one round trip).
+
+        The prediction is remembered for the session, so its next query counts for the accuracy;
+        ``remember=False`` only looks (for tools like the CLI's ``predict``)."""
+        return self.cache._drive(self._core.predict(current_query, top_k, min_confidence, session, remember))
 
     def get_statistics(self) -> dict[str, Any]:
         """Model size, prediction accuracy (fleet and process) and prewarming counts."""
@@ -193,9 +196,9 @@ class AsyncPredictiveCacheWarmer(_WarmerBase):
         await self.cache._drive(self._core.record(query, tools, session))
 
     async def predict_next_queries(self, current_query: str | bytes, top_k: int = 5, min_confidence: float = 0.2,
-                                   session: str | bytes | None = None) -> Prediction:
+                                   session: str | bytes | None = None, remember: bool = True) -> Prediction:
         result: Prediction = await self.cache._drive(self._core.predict(current_query, top_k, min_confidence,
-                                                                        session))
+                                                                        session, remember))
         return result
 
     async def get_statistics(self) -> dict[str, Any]:
