@@ -3,6 +3,7 @@
 L1 lives in each process; L2 and L3 live in Redis, moved between by Lua scripts in one round trip.
 """
 
+from .adaptive import AdaptiveLRUCache
 from .aio import AsyncMultiLevelCache
 from .cache import MultiLevelCache
 from .codec import Codec, MsgpackCodec, PickleCodec
@@ -23,6 +24,7 @@ from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer, PrewarmRe
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLRUCache",
     "AsyncMultiLevelCache",
     "AsyncPredictiveCacheWarmer",
     "CacheConfig",
