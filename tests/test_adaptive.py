@@ -202,3 +202,20 @@ def test_auto_adjust_decides_at_the_interval_without_anyone_calling_adjust_size(
 def test_bad_settings_are_configuration_errors(settings: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         AdaptiveLRUCache(**settings)
+
+
+def test_multilevel_cache_with_adaptive_l1_resizes_its_l1_on_its_own(make_cache: Callable[..., Any]) -> None:
+    """adaptive_l1=True: the L1 decides at its interval (the cache's clock), with no caller involved."""
+    clock = FakeClock()
+    cache = make_cache(adaptive_l1=True, l1_size=100, l1_min_size=50, l1_max_size=400, l1_adjustment_interval=10,
+                       promote_after=1, clock=clock, coherence=False)
+    keys = [f"k{i}" for i in range(105)]
+    cache.put_many({k: k for k in keys})
+    for i in range(3000):  # 105 keys cycling through a 100-entry L1: each L1 miss is on a key just evicted
+        assert cache.get(keys[i % 105]) == keys[i % 105]
+        clock.advance(0.01)
+    l1 = cache.get_metrics()["l1"]
+    assert cache._core.l1.max_entries == 110
+    assert l1["adaptive"]["adjustments"] == 1
+    assert l1["adaptive"]["last_adjustment"]["adjustment"] in ("expand", "none")
+    assert l1["hits"] > 2000  # once it fits, every read is an L1 hit

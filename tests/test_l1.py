@@ -88,4 +88,24 @@ def test_concurrent_writers_keep_the_bound_and_the_byte_count() -> None:
     for th in threads:
         th.join()
     assert len(l1) <= 50
-    assert l1.total_size == sum(len(e.payload) for e in l1._data.values())
+    assert l1.total_size == sum(len(e.payload) for _, e in l1._data.items())
+
+
+def test_an_adaptive_l1_grows_from_evidence_and_keeps_its_byte_count() -> None:
+    """adaptive_l1: the same rule as AdaptiveLRUCache (tests/test_adaptive.py), on L1's own entries."""
+    from victor_rcache.adaptive import SizingRule
+
+    clock = FakeClock()
+    l1 = LocalCache(100, None, clock, sizing=SizingRule(min_size=100, max_size=400, min_accesses=50,
+                                                         adjustment_interval=10))
+    for i in range(3000):  # 105 keys cycling through 100 entries: every miss is on a key just evicted
+        key = f"k{i % 105}".encode()
+        if l1.get(key) is None:
+            l1.set(key, b"x" * 7, 1)
+        clock.advance(0.01)
+    adaptive = l1.adaptive_metrics()
+    assert adaptive is not None
+    assert l1.max_entries == 110 == adaptive["current_size"]
+    assert adaptive["adjustments"] == 1
+    assert l1.total_size == 7 * len(l1) == 7 * 105
+    assert LocalCache(100, None, clock).adaptive_metrics() is None

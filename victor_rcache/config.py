@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .adaptive import SizingRule
 from .codec import Codec, MsgpackCodec
 from .errors import ConfigurationError, InvalidTTLError
 
@@ -55,6 +56,11 @@ class CacheConfig:
     redis_url: str | None = None
     namespace: str = "vrc"
     l1_size: int = 1000
+    adaptive_l1: bool = False  # L1 resizes itself from evidence (see adaptive.py), from l1_size
+    l1_min_size: int | None = None  # adaptive bounds (None: l1_size // 4, and l1_size * 4)
+    l1_max_size: int | None = None
+    l1_target_hit_rate: float = 0.6
+    l1_adjustment_interval: float = 300.0  # seconds between two sizing decisions
     l2_size: int = 10_000
     l3_size: int = 100_000
     l1_ttl: float | None = 300.0
@@ -80,6 +86,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check_size(self.l1_size, "l1_size")
+        if self.adaptive_l1:
+            self.l1_sizing  # noqa: B018  (validates the adaptive settings now, with their names)
         _check_size(self.shards, "shards")
         for name in ("l2_size", "l3_size"):
             size = _check_size(getattr(self, name), name)
@@ -105,6 +113,19 @@ class CacheConfig:
                                      "every worker of the namespace needs the same key")
         if self.clock is not None and not callable(self.clock):
             raise ConfigurationError("clock must be a callable returning seconds, like time.monotonic")
+
+    @property
+    def l1_sizing(self) -> SizingRule | None:
+        """The adaptive L1's rule, or None when ``adaptive_l1`` is off."""
+        if not self.adaptive_l1:
+            return None
+        low = self.l1_min_size if self.l1_min_size is not None else max(1, self.l1_size // 4)
+        high = self.l1_max_size if self.l1_max_size is not None else self.l1_size * 4
+        if not low <= self.l1_size <= high:
+            raise ConfigurationError(f"l1_size={self.l1_size} must lie between l1_min_size={low} and "
+                                     f"l1_max_size={high} (it is where the adaptive L1 starts)")
+        return SizingRule(min_size=low, max_size=high, target_hit_rate=self.l1_target_hit_rate,
+                          adjustment_interval=self.l1_adjustment_interval)
 
     @property
     def url(self) -> str:
@@ -142,8 +163,8 @@ def _parse_env(name: str, type_name: str, raw: str) -> Any:
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
-        if type_name == "int":
-            return int(text)
+        if type_name.startswith("int"):
+            return None if text.lower() in ("", "none") and "None" in type_name else int(text)
         if type_name.startswith("float"):
             return None if text.lower() in ("", "none") and "None" in type_name else float(text)
         return text

@@ -8,17 +8,25 @@ sleeping.
 Coherence hooks: :meth:`invalidate` drops a copy older than a version another process wrote, and
 remembers that version for a while, so a slow fill that read the old value from Redis before the
 message arrived cannot put it back; :meth:`clear` also refuses copies requested before it.
+
+With a :class:`~victor_rcache.adaptive.SizingRule` (``adaptive_l1=True``) the LRU measures what a
+bigger or smaller L1 would have done and resizes itself at the rule's interval (adaptive.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import forksafe
+from .adaptive import SegmentedLRU, Sizer, SizingRule
+
+log = logging.getLogger("victor_rcache")
 
 FLOORS = 4096  # invalidated versions remembered; a racing fill arrives within one round trip
 
@@ -36,13 +44,15 @@ class L1Entry:
 class LocalCache:
     """LRU + TTL map from entry id to payload, bounded by ``max_entries``."""
 
-    def __init__(self, max_entries: int, ttl: float | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int, ttl: float | None, clock: Callable[[], float] = time.monotonic,
+                 sizing: SizingRule | None = None) -> None:
         self.ttl = ttl
         self.clock = clock
         self.evictions = 0
         self.total_size = 0
-        self._data: OrderedDict[bytes, L1Entry] = OrderedDict()
+        self._sizer = None if sizing is None else Sizer(sizing, clock)
+        tail = 0 if self._sizer is None else self._sizer.tail_for(max_entries)
+        self._data: SegmentedLRU[bytes, L1Entry] = SegmentedLRU(max_entries, tail)
         self._floors: OrderedDict[bytes, int] = OrderedDict()
         self._shard_floors: dict[int, int] = {}
         self._cleared_at = float("-inf")
@@ -57,22 +67,32 @@ class LocalCache:
         self._shard_floors.clear()
         self.total_size = 0
 
+    @property
+    def max_entries(self) -> int:
+        """The current bound (it moves with ``adaptive_l1``)."""
+        return self._data.capacity
+
     def get(self, key: bytes) -> L1Entry | None:
         """The live entry for ``key`` (now most recently used), or None."""
         with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            if self.clock() >= entry.deadline:
+            found = self._data.touch(key)
+            entry = None if found is None else found[0]
+            if entry is not None and self.clock() >= entry.deadline:
                 self._remove(key)
-                return None
-            self._data.move_to_end(key)
+                entry = None
+            if self._sizer is not None:
+                if entry is None:
+                    self._sizer.miss(key)
+                else:
+                    self._sizer.hit(found is not None and found[1])
+                if self._sizer.due():
+                    self._adjust()
             return entry
 
     def peek(self, key: bytes) -> L1Entry | None:
         """The entry for ``key`` even if untrusted, without touching LRU order (fail-open fallback)."""
         with self._lock:
-            entry = self._data.get(key)
+            entry = self._data.peek(key)
         return entry if entry is not None and self.clock() < entry.deadline else None
 
     def set(self, key: bytes, payload: bytes, version: int, ttl_left: float | None = None,
@@ -95,18 +115,16 @@ class LocalCache:
         with self._lock:
             if start < self._cleared_at:
                 return False
-            current = self._data.get(key)
+            current = self._data.peek(key)
             newer = max(current.version if current else 0, self._floors.get(key, 0),
                         self._shard_floors.get(shard, 0))
             if version and version < newer:
                 return False
             self._remove(key)
-            self._data[key] = entry
             self.total_size += len(payload)
-            while len(self._data) > self.max_entries:
-                oldest = next(iter(self._data))
-                self._remove(oldest)
-                self.evictions += 1
+            self._evicted(self._data.put(key, entry))
+            if self._sizer is not None:
+                self._sizer.forget(key)
         return True
 
     def invalidate(self, key: bytes, version: int) -> bool:
@@ -117,7 +135,7 @@ class LocalCache:
                 self._floors.move_to_end(key)
                 if len(self._floors) > FLOORS:
                     self._floors.popitem(last=False)
-            current = self._data.get(key)
+            current = self._data.peek(key)
             if current is not None and current.version < version:
                 return self._remove(key)
             return False
@@ -146,9 +164,34 @@ class LocalCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def adaptive_metrics(self) -> dict[str, Any] | None:
+        """The adaptive sizing's state (None unless ``adaptive_l1``)."""
+        with self._lock:
+            if self._sizer is None:
+                return None
+            return {**self._sizer.metrics(), "current_size": self._data.capacity}
+
     def _remove(self, key: bytes) -> bool:
-        entry = self._data.pop(key, None)
+        entry = self._data.pop(key)
         if entry is None:
             return False
         self.total_size -= len(entry.payload)
         return True
+
+    def _evicted(self, entries: list[tuple[bytes, L1Entry]]) -> None:
+        for _, entry in entries:
+            self.total_size -= len(entry.payload)
+        self.evictions += len(entries)
+        if self._sizer is not None:
+            self._sizer.evicted([key for key, _ in entries])
+
+    def _adjust(self) -> None:
+        assert self._sizer is not None
+        result, evicted = self._sizer.adjust(self._data, self.total_size)
+        for _, entry in evicted:  # the sizer has counted them (and remembers them as ghosts)
+            self.total_size -= len(entry.payload)
+        self.evictions += len(evicted)
+        if result["delta"]:
+            sizes = {k: result[k] for k in ("old_size", "new_size")}
+            log.info("L1 %s from %d to %d entries: %s", result["adjustment"], result["old_size"], result["new_size"],
+                     result["reason"], extra={"event": "l1_resized", **sizes})
