@@ -27,7 +27,7 @@ end
 local batch = tonumber(ARGV[1])
 now = tonumber(ARGV[2])
 if batch < 1 then return redis.error_reply('VRC_BADARG flush: batch must be >= 1') end
-local wrong = check_shard_types() or check_commands(SHARD_COMMANDS, channel)
+local wrong = check_shard_types() or check_commands(SHARD_COMMANDS, KEYS[1], channel)
 if wrong then return redis.error_reply(wrong) end
 if now == 0 then
   local t = redis.call('TIME')

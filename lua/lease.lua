@@ -34,7 +34,7 @@ if #KEYS ~= 4 or string.sub(entry_key, 1, #l2_key) ~= string.sub(l2_key, 1, -3) 
   return redis.error_reply('VRC_BADARG lease: a non-empty token, a lease ttl >= 1 ms, now and idle ttls >= 0, '
       .. 'all whole numbers')
 end
-local denied = check_commands({'set', 'type', 'hmget', 'zscore', 'time'}, nil)
+local denied = check_commands({'set', 'type', 'hmget', 'zscore', 'time'}, KEYS[1], nil)
 if denied then return redis.error_reply(denied) end
 
 if now == 0 then

@@ -781,3 +781,22 @@ def test_an_out_of_memory_error_names_the_fix(full_server: tuple[LocalRedisServe
             pytest.raises(CacheUnavailableError) as err:
         cache.put("new", "value")
     assert "raise maxmemory or free memory" in str(err.value), str(err.value)
+
+
+def test_the_scripts_permission_check_does_not_depend_on_what_ran_before(
+        acl_server: tuple[LocalRedisServer, redis.Redis]) -> None:
+    """redis.acl_check_cmd with a command's arguments missing reads stale ones on Redis 7.0: a script
+    that touched a key outside the namespace just before made the permission check refuse SET."""
+    server, admin = acl_server
+    url = f"redis://{set_documented_user(admin)}127.0.0.1:{server.port}/0"
+    with MultiLevelCache(url, namespace=ACL_NAMESPACE, fail_open=False) as cache:
+        warmer = PredictiveCacheWarmer(cache)
+        for query in ("q1", "q2", "q1", "q2", "q1"):
+            warmer.record_query(query, session="s")
+        prediction = warmer.predict_next_queries("q1", session="s")
+        for _ in range(3):
+            admin.eval("return redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000)", 1, "elsewhere:key", "x")
+            admin.eval("return redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1])", 1, "elsewhere:zset")
+            cache.put("k", 1)
+            assert asyncio.run(warmer.prewarm_predictions(prediction, str.upper)).failed == 0
+            cache.delete("q2")

@@ -51,7 +51,7 @@ end
 -- The first error among the commands the user may not run and the KEYS of the wrong type (absent
 -- keys are fine): KEYS[i] must be a types[i], every key after those a zset. Before the first write.
 local function preflight(types)
-  local denied = check_commands(MODEL_COMMANDS, nil)
+  local denied = check_commands(MODEL_COMMANDS, KEYS[1], nil)
   if denied then return denied end
   for i = 1, #KEYS do
     local want = types[i] or 'zset'

@@ -105,7 +105,7 @@ local function check_head()
     return 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, '
         .. 'deltas, memory >= 1)'
   end
-  local err = check_shard_types() or check_commands(SHARD_COMMANDS, channel)
+  local err = check_shard_types() or check_commands(SHARD_COMMANDS, KEYS[1], channel)
   if err then return err end
   if now == 0 then
     local t = redis.call('TIME')
