@@ -3,7 +3,7 @@
   delete.lua: remove entries of one shard from every tier, optionally only at an expected version,
   and tell every process to drop its L1 copy.
 
-  KEYS[1..6]  the shard's l2, l3, exp, stats, gone and fence keys (see includes/shard.lua)
+  KEYS[1..7]  the shard's l2, l3, exp, stats, gone, fence and ghost keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
   ARGV[10..]  pairs, one per entry:
                 id                entry id

@@ -11,6 +11,7 @@
   KEYS[4]  <ns>:{<tag>}:stats  HASH  byte totals are lowered and `flushed` set; counters are kept
   KEYS[5]  <ns>:{<tag>}:gone   ZSET  removed once the shard is empty (every L1 was cleared)
   KEYS[6]  <ns>:{<tag>}:fence  ZSET  removed once the shard is empty (`flushed` refuses older fills)
+  KEYS[7]  <ns>:{<tag>}:ghost  ZSET  removed once the shard is empty
   ARGV[1]  batch, entries to remove in this call (>= 1)
   ARGV[2]  now, ms since the epoch (0 = the server's TIME)
   ARGV[3]  the shard's index (for the invalidation message)
@@ -55,7 +56,7 @@ end
 local left = redis.call('ZCARD', l2_key) + redis.call('ZCARD', l3_key) + redis.call('ZCARD', exp_key)
 if left == 0 then                                    -- heal any byte-total drift (see README)
   redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0)
-  redis.call('DEL', gone_key, fence_key)
+  redis.call('DEL', gone_key, fence_key, ghost_key)
 end
 -- Versions grow across a flushed or restarted Redis (see next_version in includes/shard.lua).
 redis.call('HSETNX', stats_key, 'seq', string.format('%d', now * 1000))

@@ -2,7 +2,7 @@
 --[[
   get.lua: look up entries of one shard in L2 and L3 in one call, counting hits and moving tiers.
 
-  KEYS[1..6]  the shard's l2, l3, exp, stats, gone and fence keys (see includes/shard.lua)
+  KEYS[1..7]  the shard's l2, l3, exp, stats, gone, fence and ghost keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
   ARGV[10..]  entry ids to look up (one or more)
 
@@ -37,7 +37,7 @@ end
 
 sweep()
 
-local results, l2_hits, l3_hits, misses, useful = {}, 0, 0, 0, 0
+local results, l2_hits, l3_hits, misses, useful, ghost_hits, tail_hits = {}, 0, 0, 0, 0, 0, 0
 for i = HEAD + 1, #ARGV do
   local id = ARGV[i]
   local ek = entry_key(id)
@@ -77,6 +77,7 @@ for i = HEAD + 1, #ARGV do
         else
           tier = 3
           l3_hits = l3_hits + 1
+          if redis.call('ZCOUNT', l3_key, '-inf', '(' .. s3) < sizing_step() then tail_hits = tail_hits + 1 end
           if n >= promote_after then
             local size = tonumber(f[4]) or 0
             redis.call('ZREM', l3_key, id)
@@ -96,7 +97,10 @@ for i = HEAD + 1, #ARGV do
   else
     redis.call('DEL', ek)                              -- data without an index entry is never valid
   end
-  if reply[1] == 0 then misses = misses + 1 end
+  if reply[1] == 0 then
+    misses = misses + 1
+    if redis.call('ZREM', ghost_key, id) == 1 then ghost_hits = ghost_hits + 1 end
+  end
   results[#results + 1] = reply
 end
 
@@ -116,5 +120,6 @@ for i, r in ipairs(results) do
   end
 end
 table.insert(results, 1, finish({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills,
+                                 ghost_hits = ghost_hits, tail_hits = tail_hits,
                                  prewarm_useful = useful}))
 return results

@@ -4,7 +4,7 @@
   A plain put always writes; a fill (get_or_set after a miss) or a refresh writes only if nothing
   changed the entry since the caller looked, so a slow loader never overwrites a newer value.
 
-  KEYS[1..6]  the shard's l2, l3, exp, stats, gone and fence keys (see includes/shard.lua)
+  KEYS[1..7]  the shard's l2, l3, exp, stats, gone, fence and ghost keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
   ARGV[10..]  groups of eight, one group per entry:
                 id           entry id
@@ -104,6 +104,7 @@ for i = HEAD + 1, #ARGV, GROUP do
       redis.call('ZADD', exp_key, now + ttl, id)
     end
     redis.call('ZADD', l2_key, stamp(), id)
+    redis.call('ZREM', ghost_key, id)                  -- back in Redis: no longer sizing evidence
     bytes2 = bytes2 + string.len(payload)
     if tier or gone then                               -- some process may hold an older copy
       announce(id, version)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from victor_rcache import AsyncMultiLevelCache, CacheUnavailableError, MultiLevelCache
-from victor_rcache.local_redis import LocalRedisServer, free_port
+from victor_rcache.local_redis import LocalRedisCluster, LocalRedisServer, free_port
 
 DEAD = f"redis://127.0.0.1:{free_port()}/0"
 
@@ -69,3 +70,31 @@ def test_cache_resumes_when_redis_comes_back_on_the_same_port(namespace: str) ->
         assert other.get_metrics()["health"]["redis_available"] is True
     cache.close()
     other.close()
+
+
+def test_a_cluster_cache_built_while_redis_is_down_fails_open_and_resumes_when_a_node_answers() -> None:
+    """A cluster client reads the topology when it is made: with no node up, the cache still starts
+    (fail-open) and makes its client on a later call, once a node answers."""
+    with LocalRedisCluster(masters=3, replicas=0) as cluster:
+        url = cluster.url
+        nodes = list(cluster.nodes)
+        for node in nodes:
+            node.kill()
+        cache = MultiLevelCache(url, namespace="late", cluster=True, socket_timeout=0.2, connect_timeout=0.2,
+                                breaker_cooldown=0.05)
+        assert cache.get("k", "miss") == "miss"
+        cache.put("k", "mine")
+        assert cache.get("k") == "mine"  # its own write, from L1
+        with pytest.raises(CacheUnavailableError, match="connect"):
+            MultiLevelCache(url, namespace="late", cluster=True, fail_open=False, socket_timeout=0.2)
+        for node in nodes:
+            node.start()
+        cluster.wait_until_ok(timeout=30)
+        deadline = time.monotonic() + 10
+        while cache.get_metrics()["health"]["redis_available"] is not True:
+            assert time.monotonic() < deadline, "the cache never made its cluster client"
+        cache.put("k", "shared")
+        other = MultiLevelCache(url, namespace="late", cluster=True)
+        assert other.get("k") == "shared"
+        other.close()
+        cache.close()

@@ -8,16 +8,20 @@ non-empty output) with what its comment promises.
 from __future__ import annotations
 
 import calendar
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
+from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -67,3 +71,112 @@ def test_the_model_recipes_answer_with_what_the_model_learned(server: LocalRedis
     assert answers[3].strip() == '["read","search"]'
     assert "records" in answers[4].split("\n")
     assert int(answers[5]) > 0
+
+
+# --------------------------------------------------------------------------- "Inspecting with redis-cli"
+
+def sh_lines(after: str) -> list[str]:
+    """The lines of the first ```sh block after the heading ``after``, verbatim: one shell command each."""
+    text = README.read_text("utf-8")
+    block = re.search(r"```sh\n(.*?)```", text[text.index(after):], re.DOTALL)
+    assert block is not None, f"no sh block after {after!r} in the README"
+    return [line for line in block[1].splitlines() if line.strip()]
+
+
+def pointed_at(server: LocalRedisServer, tmp_path: Path) -> dict[str, str]:
+    """An environment whose ``redis-cli`` (every one of a pipeline's) talks to ``server``."""
+    real = shutil.which("redis-cli")
+    assert real is not None
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    wrapper = folder / "redis-cli"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(real)} -p {server.port} "$@"\n')
+    wrapper.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_the_inspecting_recipes_answer_each_operator_question(tmp_path: Path) -> None:
+    """Each line of the section runs verbatim in ``sh`` (pipes, loops and all), every ``redis-cli`` in it
+    pointed at a private server where namespace ``tools`` has something to answer every question with:
+    entries in both tiers, a clear hottest entry, a learned transition, fleet counters and a selection
+    being computed (its fill lease pending) while the recipes run."""
+    commands = sh_lines("## Inspecting with redis-cli")
+    assert len(commands) == 13
+    space = KeySpace("tools", 16)
+    others = [f"query {i}" for i in range(60)]
+    # Shard 13 holds "read the file" and at least two others: with 2 L2 entries per shard, its L3 is not empty.
+    assert sum(space.ref(q).shard == 13 for q in others) >= 2
+    with LocalRedisServer() as server, \
+            MultiLevelCache(server.url, namespace="tools", l2_size=32, l3_size=1000, fail_open=False) as writer, \
+            MultiLevelCache(server.url, namespace="tools", l2_size=32, l3_size=1000, fail_open=False,
+                            promote_after=1000) as reader, \
+            MultiLevelCache(server.url, namespace="tools", l2_size=32, l3_size=1000, fail_open=False) as computer:
+        writer.put_many({q: {"tools": ["grep"], "n": i} for i, q in enumerate(others)})
+        writer.put("read the file", {"tools": ["read_file", "grep"]})
+        writer.put("analyze code", {"tools": ["read_file", "search"]})
+        for _ in range(5):  # promote_after=1000: hits are never copied into the reader's L1, each reaches Redis
+            assert reader.get("read the file") is not None
+        for _ in range(2):
+            assert reader.get("analyze code") is not None
+        warmer = PredictiveCacheWarmer(writer, clock=lambda: AT_14_UTC)
+        for session, second in (("a1", "analyze code"), ("a2", "analyze code"), ("a3", "write tests")):
+            warmer.record_query("read the file", ["read_file"], session=session)
+            warmer.record_query(second, ["search"], session=session)
+        metrics = writer.get_metrics()
+
+        started, release = threading.Event(), threading.Event()
+
+        def slow_selection() -> dict[str, list[str]]:
+            started.set()
+            release.wait(30)
+            return {"tools": ["deploy"]}
+
+        pending = threading.Thread(target=computer.get_or_set, args=("deploy the CLI", slow_selection))
+        pending.start()
+        try:
+            assert started.wait(10)  # its worker holds the fill lease while the selection runs
+            env = pointed_at(server, tmp_path)
+            answers = []
+            for line in commands:
+                done = subprocess.run(["sh", "-c", line], capture_output=True, text=True, env=env, check=False,
+                                      timeout=60)
+                assert done.returncode == 0, (line, done.stderr)
+                assert done.stderr == "", (line, done.stderr)
+                assert done.stdout.strip(), line
+                assert not re.search(r"^(ERR|WRONGTYPE|\(error\))", done.stdout, re.MULTILINE), (line, done.stdout)
+                answers.append(done.stdout.splitlines())
+            with redis.Redis.from_url(server.url) as raw:  # what the answers should say, read directly
+                l2_all = {m.decode() for sk in space.shard_keys for m in raw.zrange(sk.l2, 0, -1)}
+                entry_size = int(raw.hget(space.entry_key(space.ref("read the file")), "s") or 0)
+        finally:
+            release.set()
+            pending.join(10)
+
+    l2_13, l3_13, l2_ns, hot, n2, n3, value_bytes, memory, predicted, counters, where, fields, leases = answers
+    assert l2_13[0] == "read the file"
+    assert len(l2_13) == 4
+    assert len(l3_13) >= 2
+    assert all(space.ref(m).shard == 13 for m in l3_13[0::2])
+    assert set(l2_ns) == l2_all
+    assert {"read the file", "analyze code"} <= l2_all
+    assert hot[:2] == ["5 tools:{s13.1}:e:read the file", "2 tools:{s15.42}:e:analyze code"]
+    assert int(n2[0]) == metrics["l2"]["entry_count"] == 32
+    assert int(n3[0]) == metrics["l3"]["entry_count"] == 62 - 32
+    assert int(value_bytes[0]) == metrics["l2"]["total_size"] + metrics["l3"]["total_size"] > 0
+    assert int(memory[0]) > int(value_bytes[0])
+    probabilities = [line.split(" ", 1) for line in predicted]
+    assert [q for _, q in probabilities] == ["analyze code", "write tests"]
+    assert float(probabilities[0][0]) > float(probabilities[1][0]) > 0
+    assert abs(sum(float(p) for p, _ in probabilities) - 1) < 0.02
+    fleet = {name: int(value) for name, value in (line.split(" ") for line in counters)}
+    assert fleet["puts"] == 62
+    assert fleet["l2_hits"] == 7
+    assert fleet["misses"] == 1
+    assert re.fullmatch(r"l2 \d+(\.\d+)?", where[0])
+    assert where[1].strip() == "l3"
+    assert fields == ["5", fields[1], str(entry_size)]
+    assert int(fields[1]) > 0
+    assert len(leases) == 1
+    ms_left, lease = leases[0].split(" ", 1)
+    assert lease == "tools:{s14.41}:lease:deploy the CLI"
+    assert 0 < int(ms_left) <= 30_000

@@ -16,6 +16,7 @@ from tenacity import AsyncRetrying
 from .cache import CacheBase
 from .config import CacheConfig
 from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client
+from .metrics import Timing
 from .resilience import raise_transient
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
@@ -79,24 +80,40 @@ class AsyncMultiLevelCache(CacheBase):
         return self._resilience.settle(replies)
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:
-        return await self._drive(self._core.get(key, default))
+        if self._observer is None:  # the L1-hit path stays as short as it was
+            return await self._drive(self._core.get(key, default))
+        with self._timing("get") as timing:
+            return await self._drive(self._core.get(key, default, timing))
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
-        return await self._drive(self._core.get_many(keys))
+        with self._timing("get_many"):
+            return await self._drive(self._core.get_many(keys))
 
     async def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None) -> Any:
+        if self._observer is None:
+            return await self._get_or_set(key, loader, ttl, None)
+        with self._timing("get_or_set") as timing:
+            return await self._get_or_set(key, loader, ttl, timing)
+
+    async def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None,
+                          timing: Timing | None) -> Any:
         flight = self._core.space.ref(key).id
         while True:
             future, leader = self._flights.join(flight)
             if leader:
                 break
             try:
-                return self._core.envelope.unwrap(await asyncio.shield(future))
+                value = self._core.envelope.unwrap(await asyncio.shield(future))
             except LeaderGone:
                 continue  # the leader was cancelled: try again, perhaps as the leader
+            if timing is not None:
+                timing.outcome = "coalesced"
+            return value
         with self._flights.lead(flight, future) as done:
             got: Got = await self._drive(self._core.get_or_set(key, ttl), loader)
             done(got.payload)
+        if timing is not None:
+            timing.outcome = got.source
         if got.refresh is not None:
             self._refresh_in_background(got.refresh, loader)
         return got.value
@@ -106,23 +123,28 @@ class AsyncMultiLevelCache(CacheBase):
             try:
                 await self._drive(self._core.refresh(job), loader)
             except Exception:  # a background refresh must never take the worker down
-                log.exception("early refresh of %r failed", job.key)
+                log.exception("early refresh of %r failed", job.key,
+                              extra=self._core.log_fields("refresh_failed", "refresh"))
 
         task = asyncio.get_running_loop().create_task(run())
         self._refreshing.add(task)
         task.add_done_callback(self._refreshing.discard)
 
     async def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> None:
-        await self._drive(self._core.put(key, value, ttl))
+        with self._timing("put"):
+            await self._drive(self._core.put(key, value, ttl))
 
     async def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> None:
-        await self._drive(self._core.put_many(mapping, ttl))
+        with self._timing("put_many"):
+            await self._drive(self._core.put_many(mapping, ttl))
 
     async def delete(self, key: str | bytes) -> bool:
-        return await self._drive(self._core.delete(key))
+        with self._timing("delete"):
+            return await self._drive(self._core.delete(key))
 
     async def invalidate(self, key: str | bytes | None = None) -> None:
-        await self._drive(self._core.invalidate(key))
+        with self._timing("invalidate"):
+            await self._drive(self._core.invalidate(key))
 
     async def get_metrics(self, scope: Scope = "process") -> dict[str, Any]:
         return await self._drive(self._core.metrics(scope))

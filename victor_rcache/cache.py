@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -28,6 +29,7 @@ from .connection import (
     sync_client,
 )
 from .errors import ConfigurationError, InvalidArgumentError
+from .metrics import NO_TIMING, Observer, Timing
 from .resilience import Resilience, raise_transient
 from .stampede import Flights, LeaderGone
 from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
@@ -55,12 +57,37 @@ class CacheBase:
         self.config = _make_config(redis_url, config, settings)
         self._core = TierCore(self.config)
         self._resilience = self._core.resilience = Resilience(self.config, name=redact(self.config.url))
+        self._observer: Observer | None = None
+
+    @property
+    def observer(self) -> Observer | None:
+        """What receives the latency of every call (see :meth:`set_observer`), or None."""
+        return self._observer
+
+    def set_observer(self, observer: Observer | None) -> None:
+        """Report every public call's latency to ``observer.observe(operation, outcome, seconds)``.
+
+        ``outcome`` is the tier that served a get or get_or_set (``"l1"``, ``"l2"``, ``"l3"``),
+        ``"miss"``, ``"coalesced"`` (get_or_set waited for a concurrent call of this process), ``"ok"``
+        for the other operations, or ``"error"`` when the call raised. ``None`` stops the reports: an
+        unobserved cache times nothing. ``victor_rcache.prometheus.register`` sets one.
+        """
+        if observer is not None and not callable(getattr(observer, "observe", None)):
+            raise InvalidArgumentError(f"an observer needs an observe(operation, outcome, seconds) method; "
+                                       f"{type(observer).__name__} has none")
+        self._observer = observer
+
+    def _timing(self, operation: str) -> AbstractContextManager[Timing | None]:
+        """The context that times one call: a :class:`Timing` if observed, else one that does nothing."""
+        observer = self._observer
+        return NO_TIMING if observer is None else Timing(observer, operation)
 
     def _start_coherence(self, client: Any) -> None:
         """Subscribe to the namespace's invalidations (waits up to connect_timeout for the first try)."""
         if self.config.coherence:
             connect = subscriber_connections(self.config, cluster_nodes(client))
-            listener = InvalidationListener(connect, self._core.space.channel, self._core.l1, clock=self._core.since)
+            listener = InvalidationListener(connect, self._core.space.channel, self._core.l1, clock=self._core.since,
+                                            namespace=self.config.namespace)
             self._core.coherence = listener.start(wait=self.config.connect_timeout)
 
     @classmethod
@@ -110,17 +137,25 @@ class MultiLevelCache(CacheBase):
                  client: SyncClient | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
         self._owns_client = client is None
-        self.client: SyncClient = client if client is not None else sync_client(self.config)
+        self._stale_client = False  # make self.client (again) before the next round trip
+        self.client: SyncClient = client if client is not None else self._first_client()
         self._flights: Flights[Future[bytes]] = Flights(Future)
-        self._forked = False
         self._start_coherence(self.client)
         forksafe.register(self)
+
+    def _first_client(self) -> SyncClient:
+        try:
+            return sync_client(self.config)
+        except IO_ERRORS as exc:  # a cluster client reads the topology at once, and Redis is down
+            self._core.redis_failed("connect", as_redis_error(exc))  # raises when failing closed
+            self._stale_client = True  # fail open: made on a later call, once a node answers
+            return cast(SyncClient, None)
 
     def _after_fork(self) -> None:
         # redis-py 8.1 resets a connection pool in a forked child under the pool's lock, which another
         # parent thread may have held at fork(): the child would hang. A client we made is replaced
         # (lazily: a cluster client's constructor does I/O) instead.
-        self._forked = self._owns_client
+        self._stale_client = self._stale_client or self._owns_client
 
     def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
         """Run a core operation: do each instruction it yields, feed back the outcome.
@@ -151,8 +186,8 @@ class MultiLevelCache(CacheBase):
         if refused is not None:
             return refused
         try:
-            if self._forked:
-                self.client, self._forked = sync_client(self.config), False
+            if self._stale_client:
+                self.client, self._stale_client = sync_client(self.config), False
             for attempt in Retrying(**self._resilience.retrying()):
                 with attempt:
                     replies = raise_transient(queue(pipeline(self.client), batch).execute(raise_on_error=False))
@@ -165,11 +200,15 @@ class MultiLevelCache(CacheBase):
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` on a miss. A cached ``None`` is a hit."""
-        return self._drive(self._core.get(key, default))
+        if self._observer is None:  # the L1-hit path stays as short as it was
+            return self._drive(self._core.get(key, default))
+        with self._timing("get") as timing:
+            return self._drive(self._core.get(key, default, timing))
 
     def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
         """A dict of the hits among ``keys`` (one round trip for all keys that miss L1)."""
-        return self._drive(self._core.get_many(keys))
+        with self._timing("get_many"):
+            return self._drive(self._core.get_many(keys))
 
     def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         """The value under ``key``; on a miss ``loader()`` computes it once per process and once per fleet.
@@ -178,18 +217,30 @@ class MultiLevelCache(CacheBase):
         worker holding the fill lease. A loader exception reaches every waiting caller and nothing
         is cached. ``loader`` may be a plain function or return an awaitable (run with asyncio.run).
         """
+        if self._observer is None:
+            return self._get_or_set(key, loader, ttl, None)
+        with self._timing("get_or_set") as timing:
+            return self._get_or_set(key, loader, ttl, timing)
+
+    def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None,
+                    timing: Timing | None) -> Any:
         flight = self._core.space.ref(key).id
         while True:
             future, leader = self._flights.join(flight)
             if leader:
                 break
             try:
-                return self._core.envelope.unwrap(future.result())
+                value = self._core.envelope.unwrap(future.result())
             except LeaderGone:
                 continue  # the leader was interrupted: try again, perhaps as the leader
+            if timing is not None:
+                timing.outcome = "coalesced"
+            return value
         with self._flights.lead(flight, future) as done:
             got: Got = self._drive(self._core.get_or_set(key, ttl), loader)
             done(got.payload)
+        if timing is not None:
+            timing.outcome = got.source
         if got.refresh is not None:
             self._refresh_in_background(got.refresh, loader)
         return got.value
@@ -199,25 +250,30 @@ class MultiLevelCache(CacheBase):
             try:
                 self._drive(self._core.refresh(job), loader)
             except Exception:  # a background refresh must never take the worker down
-                log.exception("early refresh of %r failed", job.key)
+                log.exception("early refresh of %r failed", job.key,
+                              extra=self._core.log_fields("refresh_failed", "refresh"))
 
         threading.Thread(target=run, name="victor-rcache-refresh", daemon=True).start()
 
     def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` in L2 and this process's L1; ``ttl`` (seconds) bounds its life in every tier."""
-        self._drive(self._core.put(key, value, ttl))
+        with self._timing("put"):
+            self._drive(self._core.put(key, value, ttl))
 
     def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> None:
         """Store several values in one round trip; all are validated before any is written."""
-        self._drive(self._core.put_many(mapping, ttl))
+        with self._timing("put_many"):
+            self._drive(self._core.put_many(mapping, ttl))
 
     def delete(self, key: str | bytes) -> bool:
         """Remove ``key`` from every tier and every process's L1; True if some tier held it."""
-        return self._drive(self._core.delete(key))
+        with self._timing("delete"):
+            return self._drive(self._core.delete(key))
 
     def invalidate(self, key: str | bytes | None = None) -> None:
         """Remove ``key``, or with no argument every entry of the namespace (in bounded batches)."""
-        self._drive(self._core.invalidate(key))
+        with self._timing("invalidate"):
+            self._drive(self._core.invalidate(key))
 
     def get_metrics(self, scope: Scope = "process") -> dict[str, Any]:
         """Per-tier hits, misses, hit rates, movements and sizes, for this process or the whole fleet."""
@@ -227,7 +283,7 @@ class MultiLevelCache(CacheBase):
         """Report this process's last counters, stop listening and close the connections the cache made."""
         self._drive(self._core.report_counters())
         self._core.coherence.close()
-        if self._owns_client:
+        if self._owns_client and self.client is not None:
             self.client.close()
 
     def __enter__(self) -> MultiLevelCache:

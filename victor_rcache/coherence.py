@@ -75,9 +75,10 @@ class InvalidationListener:
     FORK_ORDER = 1  # after L1 and the other locks are fresh (see forksafe)
 
     def __init__(self, connect: Callable[[], Any], channel: bytes, l1: LocalCache,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, namespace: str | None = None) -> None:
         self._connect = connect
         self.channel = channel
+        self.namespace = namespace
         self.l1 = l1
         self._clock = clock or l1.clock  # the reading L1 compares its copies' request times with
         self.messages = 0
@@ -167,8 +168,14 @@ class InvalidationListener:
             for entry_id, version in parse_invalidation(data):
                 self.l1.invalidate(entry_id, version)
         except ValueError as exc:  # a message we cannot read: be safe
-            log.warning("unreadable invalidation on %r (%s); clearing L1", self.channel, exc)
+            log.warning("unreadable invalidation on %r (%s); clearing L1", self.channel, exc,
+                        extra=self._fields("invalidation_unreadable", error=str(exc)))
             self._clear_l1()
+
+    def _fields(self, event: str, **more: Any) -> dict[str, Any]:
+        """The structured fields of a log record (``extra=``)."""
+        channel = self.channel.decode("utf-8", "backslashreplace")
+        return {"event": event, "namespace": self.namespace, "channel": channel, **more}
 
     def _clear_l1(self) -> None:
         self.l1.clear(at=self._clock())
@@ -177,7 +184,7 @@ class InvalidationListener:
         was_healthy, self._healthy = self._healthy, False  # first: readers stop trusting L1 at once
         if was_healthy:
             log.warning("invalidation channel %r lost (%s); L1 flushed and bypassed until it is back",
-                        self.channel, why)
+                        self.channel, why, extra=self._fields("invalidation_channel_lost", error=why))
         self._clear_l1()
         self.flushes += 1
         self._drop_connection()
@@ -212,7 +219,8 @@ class InvalidationListener:
         self._healthy = True
         self._last_seen = self._last_ping = time.monotonic()
         if self.subscriptions > 1:
-            log.warning("invalidation channel %r is back; L1 trusted again", self.channel)
+            log.warning("invalidation channel %r is back; L1 trusted again", self.channel,
+                        extra=self._fields("invalidation_channel_back"))
 
     # ------------------------------------------------------------------------ the thread
 
@@ -230,7 +238,8 @@ class InvalidationListener:
                     if refused and not self._warned:  # would stay so: say how to fix it, once
                         self._warned = True
                         log.warning("cannot subscribe to %r: %s. L1 is bypassed until it can; grant the channel "
-                                    "and SUBSCRIBE (README section 'Security')", self.channel, exc)
+                                    "and SUBSCRIBE (README section 'Security')", self.channel, exc,
+                                    extra=self._fields("invalidation_subscribe_refused", error=str(exc)))
                     log.debug("cannot subscribe to %r yet: %s", self.channel, exc)
                     self._first_try.set()
                     self._stop.wait(backoff)

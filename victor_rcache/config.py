@@ -63,6 +63,12 @@ class CacheConfig:
     l1_adjustment_interval: float = 300.0  # seconds between two sizing decisions
     l2_size: int = 10_000
     l3_size: int = 100_000
+    adaptive_redis: bool = False  # one worker at a time sizes L2/L3 for the fleet (see fleet_sizing.py)
+    l3_min_size: int | None = None  # bounds of the fleet-sized L3 (None: l3_size // 4, and l3_size * 4)
+    l3_max_size: int | None = None
+    l2_max_size: int | None = None  # L2 keeps its share of Redis capacity, up to this (None: l2_size * 4)
+    redis_target_hit_rate: float = 0.6  # of the requests that reach Redis
+    redis_adjustment_interval: float = 300.0  # seconds between two fleet sizing decisions
     l1_ttl: float | None = 300.0
     l2_ttl: float | None = 3600.0
     l3_ttl: float | None = 86400.0
@@ -96,6 +102,8 @@ class CacheConfig:
                     f"{name}={size} is smaller than shards={self.shards}: every shard needs room for an entry; "
                     f"raise {name} or lower shards"
                 )
+        if self.adaptive_redis:
+            self.redis_sizing  # noqa: B018  (validates the fleet sizing settings now, with their names)
         _check_size(self.promote_after, "promote_after")
         _check_size(self.breaker_threshold, "breaker_threshold")
         _check_size(self.max_value_bytes, "max_value_bytes")
@@ -126,6 +134,23 @@ class CacheConfig:
                                      f"l1_max_size={high} (it is where the adaptive L1 starts)")
         return SizingRule(min_size=low, max_size=high, target_hit_rate=self.l1_target_hit_rate,
                           adjustment_interval=self.l1_adjustment_interval)
+
+    @property
+    def redis_sizing(self) -> SizingRule:
+        """The fleet L3 sizing rule (``adaptive_redis``)."""
+        low = self.l3_min_size if self.l3_min_size is not None else max(self.shards, self.l3_size // 4)
+        high = self.l3_max_size if self.l3_max_size is not None else self.l3_size * 4
+        if not self.shards <= low <= self.l3_size <= high:
+            raise ConfigurationError(f"l3_size={self.l3_size} must lie between l3_min_size={low} and "
+                                     f"l3_max_size={high}, and l3_min_size must be >= shards={self.shards}")
+        if self.redis_l2_max < self.l2_size:
+            raise ConfigurationError(f"l2_max_size={self.redis_l2_max} must be >= l2_size={self.l2_size}")
+        return SizingRule(min_size=low, max_size=high, target_hit_rate=self.redis_target_hit_rate,
+                          adjustment_interval=self.redis_adjustment_interval)
+
+    @property
+    def redis_l2_max(self) -> int:
+        return self.l2_max_size if self.l2_max_size is not None else self.l2_size * 4
 
     @property
     def url(self) -> str:

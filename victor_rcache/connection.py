@@ -36,8 +36,9 @@ def _options(config: CacheConfig) -> dict[str, Any]:
 
 
 def _checked(build: Any, config: CacheConfig, retry: Any, **extra: Any) -> Any:
+    options = _options(config)  # its own ConfigurationError is clear as it is
     try:
-        built = build(config.url, retry=retry, **_options(config), **extra)
+        built = build(config.url, retry=retry, **options, **extra)
         # redis-py takes unknown URL query options at construction and fails on every connection
         # later: make one connection object now (it does not connect) so a bad option fails here.
         pool = getattr(built, "connection_pool", built)

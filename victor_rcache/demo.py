@@ -1,27 +1,40 @@
-"""``make demo``: several worker processes share one warm cache.
+"""``make demo`` / ``victor-rcache demo``: a fleet of agent workers, four ways of caching, one table.
 
-Run ``python -m victor_rcache.demo [--url redis://...] [--workers 4] [--requests 400]``.
+Run ``python -m victor_rcache.demo [--url redis://...] [--workers 4] [--requests 300]`` (``--help``
+lists the rest: agents per worker, session length, selection cost, think time, tier sizes, seed).
 
-Each worker process stands for an AI agent that picks tools for incoming queries. Queries come
-from a vocabulary of 150 strings with a Zipf-like popularity; for each request a worker asks the
-cache, and on a miss it runs the "expensive selection" (a deterministic function of the query plus
-a short sleep standing for the model call) and puts the result. The demo runs twice over the same
-request streams:
+Each worker process stands for an agent server: it runs ``--agents`` agent sessions at a time
+(asyncio tasks), and each session asks for a tool selection per step. A session walks a Markov chain
+over 150 queries ("read the file of the CLI" is usually followed by "search the code of the CLI"),
+so the fleet's traffic has patterns the prediction model can learn. A selection calls a stand-in
+for a model: ``--cost-ms`` of sleep; between two requests an agent "runs the tool" for
+``--think-ms``. Every request stream is fixed by ``--seed``; the same streams run four times:
 
-1. baseline: every worker has a namespace of its own, so each one only reuses its own work;
-2. fleet: every worker uses one namespace, so one worker's work serves all the others.
+1. no cache: every request calls the selection;
+2. per-process cache: each worker caches alone, in an in-process LRU of ``--l1-size`` entries (what
+   L1 does without Redis; with single-flight among the worker's agents);
+3. fleet cache: every worker uses one ``AsyncMultiLevelCache`` namespace and ``get_or_set``, so a
+   selection computed by one worker serves all of them (L1 per process, L2/L3 in Redis);
+4. fleet cache with prewarming: as 3, and each worker records every query with its session in the
+   shared ``AsyncPredictiveCacheWarmer`` model, predicts the session's next query and prewarms it
+   in the background (an asyncio task) while the agent runs its tool.
 
-Without ``--url`` (or ``VICTOR_RCACHE_URL``/``REDIS_URL``) it starts a private ``redis-server``
-on a free port, or, when no ``redis-server`` is installed, an embedded fakeredis server (then the
-numbers are illustrative only). The namespaces the demo uses are emptied when it starts.
+The worker processes are started once and run the four configurations in turn. Without ``--url``
+(or ``VICTOR_RCACHE_URL``/``REDIS_URL``) the demo starts a private ``redis-server`` on a free port, or,
+when none is installed, an embedded fakeredis server (then the numbers are illustrative only). The
+namespace the demo uses is emptied before each fleet configuration; the last one's cache and model
+stay in Redis to be looked at with ``redis-cli`` or ``victor-rcache stats``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import gc
 import hashlib
 import importlib.util
+import math
 import multiprocessing
 import os
 import queue
@@ -29,28 +42,33 @@ import random
 import shlex
 import shutil
 import sys
+import textwrap
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from multiprocessing.context import SpawnContext
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import redis
 from redis.cluster import RedisCluster
 
-from . import MultiLevelCache
+from . import AsyncMultiLevelCache, MultiLevelCache
 from .config import CacheConfig, redact
 from .errors import CacheError
 from .keys import KeySpace
 from .local_redis import LocalRedisServer
+from .prediction import ModelKeys
 from .tiers import default_scripts
+from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
 
+WIDTH = 108  # of the text around the table
 SHARDS = 16  # the library's default; the printed redis-cli key names depend on it
-START_TIMEOUT = 120.0  # seconds for every worker to start (spawn + imports + connect)
+START_TIMEOUT = 120.0  # seconds for every worker to start a configuration (spawn + imports + connect)
 
 ACTIONS = (
     "read the file", "list the folder of", "search the code of", "run the tests of", "show the git diff of",
@@ -67,17 +85,15 @@ TOOLS = (
     "translate", "calendar", "send_email", "create_ticket", "deploy", "rollback", "metrics_query",
     "log_search",
 )
-MISSING: Any = object()
+NEXT_WEIGHTS = (0.6, 0.25, 0.1)  # an action's three usual next actions (same subject)
+JUMP = 0.05  # otherwise the agent jumps to another subject and a random action
+
+NONE, LOCAL, FLEET, PREWARM = "none", "local", "fleet", "prewarm"
+CONFIGS = (NONE, LOCAL, FLEET, PREWARM)
+LABELS = {NONE: "no cache", LOCAL: "per-process LRU", FLEET: "fleet cache", PREWARM: "fleet + prewarming"}
 
 
 # --------------------------------------------------------------------------- the workload
-
-def vocabulary(seed: int) -> list[str]:
-    """The 150 queries, most popular first (the order depends on ``seed``)."""
-    queries = [f"{action} {subject}" for action in ACTIONS for subject in SUBJECTS]
-    random.Random(f"vocabulary:{seed}").shuffle(queries)
-    return queries
-
 
 def zipf_cum_weights(n: int, s: float) -> list[float]:
     """Cumulative weights of ranks 1..n with popularity 1 / rank**s."""
@@ -88,8 +104,45 @@ def zipf_cum_weights(n: int, s: float) -> list[float]:
     return out
 
 
+class Workload:
+    """The Markov chain the agent sessions walk, fixed by ``seed``.
+
+    A query is "<action> <subject>". A session starts at a popular subject (Zipf ``s``) and a popular
+    action; each next query keeps the subject and moves to one of the action's three usual next
+    actions (probabilities 0.6, 0.25, 0.1), or, with probability 0.05, jumps to another subject.
+    """
+
+    def __init__(self, seed: int, zipf_s: float) -> None:
+        rng = random.Random(f"workload:{seed}")
+        self.subjects = list(SUBJECTS)
+        self.actions = list(ACTIONS)
+        rng.shuffle(self.subjects)  # most popular first
+        rng.shuffle(self.actions)
+        self.subject_cw = zipf_cum_weights(len(self.subjects), zipf_s)
+        self.action_cw = zipf_cum_weights(len(self.actions), zipf_s)
+        self.next_actions = {a: tuple(rng.sample([b for b in ACTIONS if b != a], len(NEXT_WEIGHTS)))
+                             for a in ACTIONS}
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return [f"{a} {s}" for a in ACTIONS for s in SUBJECTS]
+
+    def session(self, rng: random.Random, length: int) -> list[str]:
+        subject = rng.choices(self.subjects, cum_weights=self.subject_cw)[0]
+        action = rng.choices(self.actions, cum_weights=self.action_cw)[0]
+        out = [f"{action} {subject}"]
+        while len(out) < length:
+            if rng.random() < JUMP:
+                subject = rng.choices(self.subjects, cum_weights=self.subject_cw)[0]
+                action = rng.choice(ACTIONS)
+            else:
+                action = rng.choices(self.next_actions[action], weights=NEXT_WEIGHTS)[0]
+            out.append(f"{action} {subject}")
+        return out
+
+
 def select_tools(query: str) -> dict[str, Any]:
-    """The "expensive selection" without its cost: three tools and their scores, fixed by the query."""
+    """The selection without its cost: three tools and their scores, fixed by the query."""
     digest = hashlib.sha256(query.encode()).digest()
     ranked = sorted(range(len(TOOLS)), key=lambda i: digest[i])
     picks = ranked[:3]
@@ -97,139 +150,344 @@ def select_tools(query: str) -> dict[str, Any]:
             "scores": [round(1.0 - digest[i] / 512, 3) for i in picks]}
 
 
-# --------------------------------------------------------------------------- the workers
-
 @dataclass(frozen=True)
-class WorkerJob:
-    index: int
+class Settings:
+    """Everything a worker needs; the same for every configuration."""
+
     url: str
     namespace: str
-    requests: int
+    requests: int  # per worker
+    agents: int  # sessions a worker runs at a time
+    session_length: int
     seed: int
     zipf_s: float
     cost_ms: float
+    think_ms: float
     l1_size: int
     l2_size: int
     l3_size: int
+    top_k: int = 2
     cluster: bool = False
     shebang: bool = True  # fakeredis does not understand the scripts' Redis 7 shebang line
 
 
-@dataclass(frozen=True)
-class WorkerResult:
+def agent_streams(settings: Settings, worker: int) -> list[list[tuple[str, str]]]:
+    """Worker ``worker``'s requests as (session, query), one list per agent, in order.
+
+    The worker's sessions are numbered; agent ``a`` runs sessions a, a + agents, ... one after the
+    other. Each session's queries depend only on the seed, the worker and the session number."""
+    workload = Workload(settings.seed, settings.zipf_s)
+    streams: list[list[tuple[str, str]]] = [[] for _ in range(settings.agents)]
+    left, number = settings.requests, 0
+    while left > 0:
+        length = min(settings.session_length, left)
+        rng = random.Random(f"session:{settings.seed}:{worker}:{number}")
+        session = f"w{worker}-s{number}"
+        streams[number % settings.agents] += [(session, q) for q in workload.session(rng, length)]
+        left -= length
+        number += 1
+    return streams
+
+
+# --------------------------------------------------------------------------- the workers
+
+Computation = tuple[str, float, float]  # query, start, end (time.monotonic: one clock for the host)
+
+
+@dataclass
+class WorkerReport:
+    """What one worker saw in one configuration."""
+
+    config: str
     index: int
     pid: int
-    namespace: str
-    requests: int
-    computed: int
-    wrong: int
-    seconds: float
-    metrics: dict[str, Any]
+    latencies: list[float] = field(default_factory=list)  # seconds, per request
+    hits: int = 0  # requests answered without a selection call of their own
+    calls: int = 0  # selection calls on the request path
+    background_calls: int = 0  # selection calls made by prewarming
+    wrong: int = 0  # answers that differ from a fresh selection
+    computations: list[Computation] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # the cache's own process counters
+    fills_refused: int = 0  # get_or_set fills Redis refused (the key changed meanwhile)
+    prewarm: dict[str, int] = field(default_factory=dict)  # this worker's prewarm outcomes
+    seconds: float = 0.0
 
 
-def make_cache(job: WorkerJob) -> MultiLevelCache:
+Progress = tuple[str, int, int]  # ("progress", worker, requests done)
+Message = WorkerReport | Progress | str  # a str is an error
+
+
+class Agents:
+    """Runs one worker's agent sessions against one kind of cache and keeps the report."""
+
+    def __init__(self, settings: Settings, config: str, index: int, results: Queue[Message]) -> None:
+        self.settings = settings
+        self.report = WorkerReport(config, index, os.getpid())
+        self.results = results
+        self.done = 0
+        self.every = max(1, settings.requests // 50)
+
+    async def select(self, query: str, background: bool = False) -> dict[str, Any]:
+        """The selection: a model call's cost, then the answer."""
+        started = time.monotonic()
+        if background:
+            self.report.background_calls += 1
+        else:
+            self.report.calls += 1
+        await asyncio.sleep(self.settings.cost_ms / 1000)
+        self.report.computations.append((query, started, time.monotonic()))
+        return select_tools(query)
+
+    async def run(self, answer: Callable[[str, str], Awaitable[tuple[Any, bool]]],
+                  after: Callable[[str, str, Any], Awaitable[None]] | None = None) -> None:
+        """Every agent's stream; ``answer(session, query)`` returns (selection, computed here)."""
+        think = self.settings.think_ms / 1000
+
+        async def agent(number: int, stream: list[tuple[str, str]]) -> None:
+            # Agents start at seeded moments within one think time: a fleet's agents do not march in step.
+            offset = random.Random(f"start:{self.settings.seed}:{self.report.index}:{number}").random()
+            await asyncio.sleep(think * offset)
+            for i, (session, query) in enumerate(stream):
+                started = time.perf_counter()
+                value, computed = await answer(session, query)
+                self.report.latencies.append(time.perf_counter() - started)
+                self.report.hits += not computed
+                if value != select_tools(query):  # a cache must never answer for another query
+                    self.report.wrong += 1
+                self.done += 1
+                if self.done % self.every == 0 or self.done == self.settings.requests:
+                    self.results.put(("progress", self.report.index, self.done))
+                # The agent runs the tool it selected for ``think`` seconds; learning happens meanwhile.
+                resume = time.perf_counter() + think
+                if after is not None:
+                    await after(session, query, value)
+                if i + 1 < len(stream):
+                    await asyncio.sleep(max(0.0, resume - time.perf_counter()))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(agent(n, s) for n, s in enumerate(agent_streams(self.settings, self.report.index))))
+        self.report.seconds = time.perf_counter() - started
+
+
+def make_cache(settings: Settings) -> AsyncMultiLevelCache:
     # fail_open=False: a demo should stop with Redis's error, not quietly count misses.
-    return MultiLevelCache(job.url, namespace=job.namespace, l1_size=job.l1_size, l2_size=job.l2_size,
-                           l3_size=job.l3_size, shards=SHARDS, fail_open=False, cluster=job.cluster,
-                           lua_shebang=job.shebang)
+    return AsyncMultiLevelCache(settings.url, namespace=settings.namespace, l1_size=settings.l1_size,
+                                l2_size=settings.l2_size, l3_size=settings.l3_size, shards=SHARDS,
+                                fail_open=False, cluster=settings.cluster, lua_shebang=settings.shebang)
 
 
-def plain_client(url: str, cluster: bool) -> Any:
-    """A plain redis-py client (cluster-aware) for the demo's own housekeeping."""
-    if cluster:
-        return RedisCluster.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+async def run_config(config: str, settings: Settings, index: int, barrier: Barrier,
+                     results: Queue[Message]) -> WorkerReport:
+    """One configuration in one worker: get ready, wait for the others, serve every agent, report."""
+    agents = Agents(settings, config, index, results)
 
+    async def start_line() -> None:
+        # What exists now (modules, clients) lives until the end: keep it out of the collector's full
+        # passes, which would otherwise stall this worker's event loop for tens of ms mid-run.
+        gc.collect()
+        gc.freeze()
+        await asyncio.to_thread(barrier.wait, START_TIMEOUT)
 
-def request_stream(job: WorkerJob) -> list[str]:
-    """The queries worker ``job.index`` asks, in order (the same in both phases)."""
-    vocab = vocabulary(job.seed)
-    rng = random.Random(f"requests:{job.seed}:{job.index}")
-    return rng.choices(vocab, cum_weights=zipf_cum_weights(len(vocab), job.zipf_s), k=job.requests)
+    if config == NONE:
+        async def uncached(session: str, query: str) -> tuple[Any, bool]:
+            return await agents.select(query), True
 
+        await start_line()
+        await agents.run(uncached)
+        return agents.report
 
-def run_requests(job: WorkerJob, cache: MultiLevelCache) -> WorkerResult:
-    """One worker's request stream against ``cache`` (the same stream in both phases)."""
-    computed = wrong = 0
-    started = time.perf_counter()
-    for query in request_stream(job):
+    if config == LOCAL:
+        lru: OrderedDict[str, Any] = OrderedDict()  # L1 alone: an LRU of l1_size entries in this process
+        computing: dict[str, asyncio.Future[Any]] = {}
 
-        def select(query: str = query) -> dict[str, Any]:
-            nonlocal computed
-            computed += 1
-            time.sleep(job.cost_ms / 1000)  # stands for the model call
-            return select_tools(query)
+        async def local(session: str, query: str) -> tuple[Any, bool]:
+            if query in lru:
+                lru.move_to_end(query)
+                return lru[query], False
+            if query in computing:  # another agent of this worker is computing it: wait for it
+                return await asyncio.shield(computing[query]), False
+            computing[query] = future = asyncio.get_running_loop().create_future()
+            try:
+                lru[query] = value = await agents.select(query)
+                while len(lru) > settings.l1_size:
+                    lru.popitem(last=False)
+                future.set_result(value)
+            except Exception as exc:  # the waiting agents get it too
+                future.set_exception(exc)
+                raise
+            finally:
+                del computing[query]
+                if not future.done():  # cancelled: so are the waiting agents
+                    future.cancel()
+            return value, True
 
-        # Computed once per fleet: a worker missing a query another one is computing waits for it.
-        selection = cache.get_or_set(query, select)
-        if selection != select_tools(query):  # a cache must never answer for another query
-            wrong += 1
-    seconds = time.perf_counter() - started
-    return WorkerResult(job.index, os.getpid(), job.namespace, job.requests, computed, wrong, seconds,
-                        cache.get_metrics("process"))
+        await start_line()
+        await agents.run(local)
+        return agents.report
 
-
-def worker_main(job: WorkerJob, barrier: Barrier, results: Queue[WorkerResult | str]) -> None:
-    """A worker process: connect, wait until every worker is ready, serve its requests, report."""
+    cache = make_cache(settings)
     try:
-        with make_cache(job) as cache:
-            cache.client.ping()  # connect before the start line (a get would count as a request)
-            barrier.wait(START_TIMEOUT)
-            result = run_requests(job, cache)
-        results.put(result)
-    except threading.BrokenBarrierError:
-        results.put(f"worker {job.index}: another worker failed to start")
-    except Exception as exc:  # report any failure to the parent, which prints it
-        barrier.abort()
-        results.put(f"worker {job.index}: {type(exc).__name__}: {exc}")
+        # Connect before the start line, one connection per agent (a get would count as a request).
+        await asyncio.gather(*(cache.client.ping() for _ in range(settings.agents)))
+        warmer = AsyncPredictiveCacheWarmer(cache) if config == PREWARM else None
+        prewarms: set[asyncio.Task[Any]] = set()
+        outcomes: Counter[str] = Counter()
+
+        async def fleet(session: str, query: str) -> tuple[Any, bool]:
+            computed = False
+
+            async def loader() -> Any:
+                nonlocal computed
+                computed = True
+                return await agents.select(query)
+
+            # Computed once per fleet: a worker missing a query another one is computing waits for it.
+            return await cache.get_or_set(query, loader), computed
+
+        async def prewarm_select(query: str) -> dict[str, Any]:  # a coroutine function: runs on this loop
+            return await agents.select(query, background=True)
+
+        async def prewarm_background(prediction: Any) -> None:
+            assert warmer is not None
+            report = await warmer.prewarm_predictions(prediction, prewarm_select)
+            outcomes.update(completed=report.completed, cached=report.cached, busy=report.busy,
+                            refused=report.refused, failed=report.failed)
+
+        async def learn(session: str, query: str, value: Any) -> None:
+            assert warmer is not None
+            await warmer.record_query(query, value["tools"], session=session)
+            prediction = await warmer.predict_next_queries(query, top_k=settings.top_k, session=session)
+            if prediction.queries:
+                task = asyncio.get_running_loop().create_task(prewarm_background(prediction))
+                prewarms.add(task)
+                task.add_done_callback(prewarms.discard)
+
+        await start_line()
+        await agents.run(fleet, learn if warmer is not None else None)
+        await asyncio.gather(*prewarms)
+        agents.report.prewarm = dict(outcomes)
+        metrics = await cache.get_metrics()
+        agents.report.counts = counts(metrics)
+        agents.report.fills_refused = metrics["stampede"]["fills_refused"]
+    finally:
+        await cache.close()
+    return agents.report
+
+
+def worker_main(index: int, settings: Settings, commands: Queue[str | None], barrier: Barrier,
+                results: Queue[Message]) -> None:
+    """A worker process: run each configuration the parent sends, until it sends None."""
+    while True:
+        config = commands.get()
+        if config is None:
+            return
+        try:
+            results.put(asyncio.run(run_config(config, settings, index, barrier, results)))
+        except threading.BrokenBarrierError:
+            results.put(f"worker {index}: another worker failed to start")
+            return
+        except Exception as exc:  # report any failure to the parent, which prints it
+            barrier.abort()
+            results.put(f"worker {index}: {type(exc).__name__}: {exc}")
+            return
 
 
 class DemoError(Exception):
     """The demo cannot go on; the message says why."""
 
 
-def run_phase(ctx: SpawnContext, label: str, jobs: list[WorkerJob]) -> list[WorkerResult]:
-    """Start one process per job, release them together, collect their results."""
-    results: Queue[WorkerResult | str] = ctx.Queue()
-    barrier = ctx.Barrier(len(jobs) + 1)
-    procs = [ctx.Process(target=worker_main, args=(job, barrier, results), name=f"vrc-demo-w{job.index}")
-             for job in jobs]
-    for proc in procs:
-        proc.start()
-    out: list[WorkerResult] = []
-    errors: list[str] = []
-    try:
+class ProgressBar:
+    """A text bar on stderr: redrawn in place on a terminal, one line when a configuration ends otherwise."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, width: int = 30) -> None:
+        self.label, self.total, self.width = label, total, width
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.started = time.perf_counter()
+
+    def line(self, done: int) -> str:
+        filled = self.width * done // self.total
+        return (f"  {self.label:<20} [{'#' * filled}{'.' * (self.width - filled)}] {100 * done // self.total:3d}%"
+                f"  {done}/{self.total} requests")
+
+    def update(self, done: int) -> None:
+        if self.live:
+            self.stream.write("\r" + self.line(done))
+            self.stream.flush()
+
+    def finish(self) -> None:
+        seconds = time.perf_counter() - self.started
+        self.stream.write(("\r" if self.live else "") + self.line(self.total) + f" in {seconds:.1f} s\n")
+        self.stream.flush()
+
+
+class WorkerPool:
+    """The worker processes, started once; each configuration releases them together at a barrier."""
+
+    def __init__(self, ctx: SpawnContext, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.results: Queue[Message] = ctx.Queue()
+        self.barrier = ctx.Barrier(workers + 1)
+        self.commands: list[Queue[str | None]] = [ctx.Queue() for _ in range(workers)]
+        self.procs: list[SpawnProcess] = [
+            ctx.Process(target=worker_main, args=(i, settings, self.commands[i], self.barrier, self.results),
+                        name=f"vrc-demo-w{i}")
+            for i in range(workers)]
+        for proc in self.procs:
+            proc.start()
+
+    def _dead(self) -> SpawnProcess | None:
+        return next((p for p in self.procs if p.exitcode is not None), None)
+
+    def run(self, config: str) -> list[WorkerReport]:
+        for command in self.commands:
+            command.put(config)
+        workers = len(self.procs)
         deadline = time.monotonic() + START_TIMEOUT
-        while barrier.n_waiting < len(jobs) and not barrier.broken:  # all workers connected, or one failed
-            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                barrier.abort()
+        while self.barrier.n_waiting < workers and not self.barrier.broken:  # all ready, or one failed
+            if time.monotonic() > deadline or self._dead() is not None:
+                self.barrier.abort()
                 break
             time.sleep(0.01)
         with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: its message is queued
-            barrier.wait(START_TIMEOUT)
-        while len(out) + len(errors) < len(jobs):
+            self.barrier.wait(START_TIMEOUT)
+        bar = ProgressBar(LABELS[config], workers * self.settings.requests)
+        progress = [0] * workers
+        out: list[WorkerReport] = []
+        errors: list[str] = []
+        while len(out) + len(errors) < workers:
             try:
-                item = results.get(timeout=0.5)
+                item = self.results.get(timeout=0.5)
             except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise DemoError(f"worker process {dead[0].name} died (exit code {dead[0].exitcode})") from None
+                dead = self._dead()
+                if dead is not None and not errors:
+                    raise DemoError(f"worker process {dead.name} died (exit code {dead.exitcode})") from None
+                if dead is not None:
+                    break
                 continue
             if isinstance(item, str):
                 errors.append(item)
-                continue
-            out.append(item)
-            print(f"  {label}: worker {item.index} done ({item.requests} requests, {item.computed} computed, "
-                  f"{item.seconds:.1f} s)", file=sys.stderr, flush=True)
+            elif isinstance(item, tuple):
+                progress[item[1]] = item[2]
+                bar.update(sum(progress))
+            else:
+                out.append(item)
         if errors:
+            if bar.live:
+                bar.stream.write("\n")
             raise DemoError("; ".join(errors))
-    finally:
-        for proc in procs:
+        bar.finish()
+        return sorted(out, key=lambda r: r.index)
+
+    def stop(self) -> None:
+        for command in self.commands:
+            with contextlib.suppress(Exception):
+                command.put(None)
+        for proc in self.procs:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return sorted(out, key=lambda r: r.index)
 
 
 # --------------------------------------------------------------------------- the Redis server
@@ -298,6 +556,13 @@ def preload_scripts(url: str) -> None:
                 raise DemoError(f"fakeredis loaded {script.name}.lua under SHA1 {sha}, expected {script.sha}")
 
 
+def plain_client(url: str, cluster: bool) -> Any:
+    """A plain redis-py client (cluster-aware) for the demo's own housekeeping."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
 def server_version(server: Server, cluster: bool) -> str:
     if server.kind == "fakeredis":  # fakeredis has no INFO
         from fakeredis import __version__  # noqa: PLC0415
@@ -314,7 +579,7 @@ def _glob_escape(text: str) -> str:
 
 
 def clear_namespaces(url: str, namespaces: Sequence[str], cluster: bool = False) -> None:
-    """Remove every key of these namespaces (data, indexes, counters), so each run starts cold."""
+    """Remove every key of these namespaces (data, indexes, counters, model), so a run starts cold."""
     with plain_client(url, cluster) as client:
         for namespace in namespaces:
             batch: list[bytes] = []
@@ -327,81 +592,190 @@ def clear_namespaces(url: str, namespaces: Sequence[str], cluster: bool = False)
                 client.delete(*batch)
 
 
+def fleet_view(settings: Settings, prewarm: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The namespace's fleet-wide metrics and, after prewarming, the model's statistics."""
+    with MultiLevelCache(settings.url, namespace=settings.namespace, l1_size=settings.l1_size,
+                         l2_size=settings.l2_size, l3_size=settings.l3_size, shards=SHARDS, fail_open=False,
+                         cluster=settings.cluster, lua_shebang=settings.shebang, coherence=False) as cache:
+        metrics = cache.get_metrics(scope="fleet")
+        stats = PredictiveCacheWarmer(cache).get_statistics() if prewarm else None
+    return metrics, stats
+
+
 # --------------------------------------------------------------------------- reporting
-
-TIERS = ("l1", "l2", "l3")
-
 
 def counts(metrics: dict[str, Any]) -> dict[str, int]:
     """The raw counters behind a metrics dict."""
     return {"gets": metrics["combined"]["gets"], "l1": metrics["l1"]["hits"], "l2": metrics["l2"]["hits"],
-            "l3": metrics["l3"]["hits"], "misses": metrics["combined"]["total_misses"],
-            "puts": metrics["combined"]["puts"]}
+            "l3": metrics["l3"]["hits"], "misses": metrics["combined"]["total_misses"]}
 
 
-def add_counts(rows: Sequence[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for row in rows:
-        for name, value in row.items():
-            total[name] = total.get(name, 0) + value
-    return total
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p * len(ordered)) - 1)] if ordered else 0.0
 
 
-def pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:5.1f}%" if whole else "    - "
+@dataclass
+class Row:
+    """One configuration's line of the table, and what its checks need."""
+
+    config: str
+    requests: int
+    hits: int
+    mean_ms: float
+    p99_ms: float
+    calls: int
+    background_calls: int
+    wrong: int
+    seconds: float
+    computations: list[Computation]
+    counts: dict[str, int]
+    prewarm: dict[str, int]
+    fills_refused: int
+    fleet: dict[str, Any] | None = None  # get_metrics(scope="fleet")
+    model: dict[str, Any] | None = None  # the warmer's get_statistics()
+
+    @classmethod
+    def of(cls, config: str, reports: list[WorkerReport]) -> Row:
+        latencies = [x for r in reports for x in r.latencies]
+        total: Counter[str] = Counter()
+        prewarm: Counter[str] = Counter()
+        for r in reports:
+            total.update(r.counts)
+            prewarm.update(r.prewarm)
+        return cls(config, len(latencies), sum(r.hits for r in reports),
+                   1000 * sum(latencies) / max(1, len(latencies)), 1000 * percentile(latencies, 0.99),
+                   sum(r.calls for r in reports), sum(r.background_calls for r in reports),
+                   sum(r.wrong for r in reports), max(r.seconds for r in reports),
+                   [c for r in reports for c in r.computations], dict(total), dict(prewarm),
+                   sum(r.fills_refused for r in reports))
+
+    @property
+    def total_calls(self) -> int:
+        return self.calls + self.background_calls
+
+    @property
+    def fleet_counts(self) -> dict[str, int]:
+        assert self.fleet is not None
+        return counts(self.fleet)
 
 
-def tier_rates(c: dict[str, int]) -> list[str]:
-    """Each tier's hit rate over the requests that reached it, then the combined hit rate."""
-    reach = c["gets"]
-    rates = []
-    for tier in TIERS:
-        rates.append(pct(c[tier], reach))
-        reach -= c[tier]
-    rates.append(pct(c["l1"] + c["l2"] + c["l3"], c["gets"]))
-    return rates
+def table(rows: list[Row]) -> list[str]:
+    baseline = next(r.total_calls for r in rows if r.config == NONE)
+    head = (f"  {'':<20}{'hit rate':>9}{'mean':>10}{'p99':>10}{'selection calls':>17}{'saved':>8}"
+            f"{'prewarmed: completed / useful':>32}")
+    lines = [head]
+    for r in rows:
+        calls = f"{r.calls} + {r.background_calls}" if r.config == PREWARM else str(r.calls)
+        prewarmed = "-"
+        if r.model is not None:
+            p = r.model["prewarming"]
+            prewarmed = f"{p['completed']} / {p['useful']}"
+        saved = "-" if r.config == NONE else str(baseline - r.total_calls)
+        lines.append(f"  {LABELS[r.config]:<20}{100 * r.hits / max(1, r.requests):>8.1f}%{r.mean_ms:>7.2f} ms"
+                     f"{r.p99_ms:>7.2f} ms{calls:>17}{saved:>8}{prewarmed:>32}")
+    return lines
 
 
-HEADER = f"  {'':<8}{'pid':>8}{'lookups':>10}{'L1 hit':>9}{'L2 hit':>9}{'L3 hit':>9}{'combined':>10}{'computed':>10}"
+def overlaps(computations: list[Computation]) -> int:
+    """Selections computed while the same one was being computed elsewhere in the fleet."""
+    by_query: dict[str, list[tuple[float, float]]] = {}
+    for query, start, end in computations:
+        by_query.setdefault(query, []).append((start, end))
+    found = 0
+    for spans in by_query.values():
+        spans.sort()
+        busy_until = -math.inf
+        for start, end in spans:
+            if start < busy_until:
+                found += 1
+            busy_until = max(busy_until, end)
+    return found
 
 
-def row(name: str, pid: str, c: dict[str, int], computed: int) -> str:
-    l1, l2, l3, combined = tier_rates(c)
-    return f"  {name:<8}{pid:>8}{c['gets']:>10}{l1:>9}{l2:>9}{l3:>9}{combined:>10}{computed:>10}"
+def fleet_checks(row: Row) -> tuple[list[str], bool]:
+    """Once per fleet: never two computations of a selection at once, and a recomputation only for an
+    entry Redis removed (evicted or expired) or a fill that was refused."""
+    assert row.fleet is not None
+    ok = True
+    lines = []
+    twice = overlaps(row.computations)
+    if twice:
+        ok = False
+        lines.append(f"ERROR: {twice} selections were computed while another worker computed the same one.")
+    distinct = len({q for q, _, _ in row.computations})
+    again = row.total_calls - distinct
+    removed = row.fleet["l3"]["evictions"] + row.fleet["combined"]["total_expirations"]
+    refused = row.fills_refused + row.prewarm.get("refused", 0) + row.prewarm.get("failed", 0)
+    if again > removed + refused:
+        ok = False
+        lines.append(f"ERROR: {again} selections were computed again, but Redis removed only {removed} entries.")
+    if ok and again:
+        lines.append(f"Check passed: never two computations of one selection at once; {distinct} distinct "
+                     f"selections, and {again} recomputations of entries Redis had evicted ({removed} evictions).")
+    elif ok:
+        lines.append(f"Check passed: each of the {distinct} distinct selections was computed once for the whole "
+                     "fleet.")
+    mismatch = {k: (row.fleet_counts[k], row.counts.get(k)) for k in row.fleet_counts
+                if row.fleet_counts[k] != row.counts.get(k)}
+    if mismatch:
+        lines.append("WARNING: the fleet counters differ from the sum of the workers' own counters: "
+                     + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in sorted(mismatch.items())))
+    return lines, ok
 
 
-def phase_table(results: list[WorkerResult], total_name: str) -> tuple[list[str], dict[str, int], int]:
-    lines = [HEADER]
-    per_worker = [counts(r.metrics) for r in results]
-    for r, c in zip(results, per_worker, strict=True):
-        lines.append(row(f"worker {r.index}", str(r.pid), c, r.computed))
-    total = add_counts(per_worker)
-    computed = sum(r.computed for r in results)
-    lines.append(row(total_name, "", total, computed))
-    return lines, total, computed
-
-
-def inspect_commands(server: Server, namespace: str, top_query: str, cluster: bool = False) -> list[str]:
-    port = str(urlsplit(server.url).port)
-    cli = ["redis-cli", "-u", redact(server.url)] if server.kind == "given" else ["redis-cli", "-p", port]
+def cli_prefix(server: Server, cluster: bool) -> list[str]:
+    if server.kind == "given":
+        cli = ["redis-cli", "-u", redact(server.url)]
+    else:
+        cli = ["redis-cli", "-p", str(urlsplit(server.url).port)]
     if cluster:
         cli.insert(1, "-c")  # follow MOVED to the node that holds each key
-    space = KeySpace(namespace, SHARDS)
-    shard = space.shard_keys[0]
-    entry = space.entry_key(space.ref(top_query)).decode()
+    return cli
 
-    def cmd(comment: str, *args: str) -> str:
-        return f"  # {comment}\n  {shlex.join([*cli, *args])}"
+
+def inspect_commands(server: Server, namespace: str, query: str, cluster: bool = False) -> list[str]:
+    """The README's redis-cli recipes for this server and namespace (see "Inspecting with redis-cli")."""
+    cli = shlex.join(cli_prefix(server, cluster))
+    space = KeySpace(namespace, SHARDS)
+    ref = space.ref(query)
+    shard = space.shard_keys[ref.shard]
+    model = ModelKeys(namespace)
+    ns = _glob_escape(namespace)
+    q = shlex.quote
+
+    def line(comment: str, command: str) -> str:
+        return f"  # {comment}\n  {command}"
 
     return [
-        cmd("some keys of the namespace", "--scan", "--pattern", _glob_escape(namespace) + ":*") + " | head",
-        cmd("shard 0's L2 index: entry -> last touch (ms), most recent first",
-            "ZREVRANGE", shard.l2.decode(), "0", "9", "WITHSCORES"),
-        cmd("shard 0's L3 index", "ZREVRANGE", shard.l3.decode(), "0", "9", "WITHSCORES"),
-        cmd("shard 0's fleet counters", "HGETALL", shard.stats.decode()),
-        cmd("the most popular query's entry: Redis hits since it entered its tier, version, bytes",
-            "HMGET", entry, "n", "ver", "s"),
+        line("some keys of the namespace", f"{cli} --scan --pattern {q(ns + ':*')} | head"),
+        line("entries in L2 and L3 (the whole namespace)",
+             f"{cli} --scan --pattern {q(ns + ':{s[0-9]*}:l[23]')} | xargs -I {{}} {cli} ZCARD {{}}"
+             " | awk '{n += $1} END {print n}'"),
+        line(f"what is in L2 of shard {ref.shard}, most recently used first",
+             f"{cli} ZREVRANGE {q(shard.l2.decode())} 0 9 WITHSCORES"),
+        line(f"{query!r}: Redis hits since it was written or last demoted, version, bytes",
+             f"{cli} HMGET {q(space.entry_key(ref).decode())} n ver s"),
+        line(f"what the model saw follow {query!r}",
+             f"{cli} ZREVRANGE {q(model.next(query.encode()).decode())} 0 4 WITHSCORES"),
+        line("the model's counters (records, predictions_total, predictions_correct, ...)",
+             f"{cli} HGETALL {q(model.stats.decode())}"),
     ]
+
+
+def legend(args: argparse.Namespace) -> list[str]:
+    text = (
+        "hit rate: requests answered without a selection call of their own (waiting for another agent's or "
+        "worker's call counts as a hit). mean, p99: latency per request, as the agent saw it (the p99 is a "
+        "miss wherever more than 1% miss: with the fleet cache a miss also pays its Redis round trips, and "
+        "sometimes a wait for another worker computing the same selection). selection calls: "
+        "on the request path (+ in the background, for prewarming); saved: compared with no cache. "
+        f"per-process LRU: each worker caches alone, in an LRU of {args.l1_size} entries (L1 without Redis). "
+        "fleet cache: AsyncMultiLevelCache.get_or_set, one namespace for every worker. fleet + prewarming: the "
+        "same, and after each answer AsyncPredictiveCacheWarmer.record_query and predict_next_queries, then "
+        "prewarm_predictions in an asyncio task while the agent runs its tool."
+    )
+    return ["", *textwrap.wrap(text, WIDTH, initial_indent="  ", subsequent_indent="  ")]
 
 
 # --------------------------------------------------------------------------- main
@@ -413,11 +787,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m victor_rcache.demo",
-        description="Several worker processes select tools for agent queries through one shared cache; "
-                    "the demo compares per-worker caching with the shared fleet cache.",
+        description="Worker processes run agent sessions that select tools for their queries, four times over "
+                    "the same request streams: without a cache, with a cache per process, with the fleet cache, "
+                    "and with the fleet cache and prewarming; then a table compares them.",
     )
     parser.add_argument("--cluster", action="store_true",
                         default=os.environ.get("VICTOR_RCACHE_CLUSTER", "").lower() in ("1", "true", "yes", "on"),
@@ -426,123 +801,129 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Redis URL (default: VICTOR_RCACHE_URL, then REDIS_URL; without any, a private "
                              "redis-server is started, or an embedded fakeredis server if none is installed)")
     parser.add_argument("--workers", type=positive_int, default=4, help="worker processes (default 4)")
-    parser.add_argument("--requests", type=positive_int, default=400, help="requests per worker (default 400)")
+    parser.add_argument("--requests", type=positive_int, default=300, help="requests per worker (default 300)")
+    parser.add_argument("--agents", type=positive_int, default=4,
+                        help="agent sessions each worker runs at a time (default 4)")
+    parser.add_argument("--session-length", type=positive_int, default=8, help="queries per session (default 8)")
     parser.add_argument("--namespace", default="demo",
-                        help="namespace of the shared cache; the baseline uses NAMESPACE-solo-<i>. These "
-                             "namespaces are emptied at start (default 'demo')")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the query streams (default 1)")
-    parser.add_argument("--zipf", type=float, default=1.0, help="popularity skew s: rank r has weight 1/r**s")
-    parser.add_argument("--cost-ms", type=float, default=2.0,
-                        help="the model call's cost per computed selection, ms (default 2)")
+                        help="namespace of the fleet cache; emptied before each fleet configuration (default 'demo')")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the workload and request streams (default 1)")
+    parser.add_argument("--zipf", type=float, default=1.0,
+                        help="popularity skew s of subjects and first actions: rank r has weight 1/r**s (default 1)")
+    parser.add_argument("--cost-ms", type=float, default=20.0,
+                        help="the model call's cost per selection, ms (default 20)")
+    parser.add_argument("--think-ms", type=float, default=50.0,
+                        help="an agent's time between two requests (running the tool), ms (default 50)")
+    parser.add_argument("--top-k", type=positive_int, default=2,
+                        help="predicted next queries considered for prewarming per request (default 2)")
     parser.add_argument("--l1-size", type=positive_int, default=24,
-                        help="L1 entries per process (default 24, small on purpose so every tier is used)")
+                        help="L1 entries per process (default 24)")
     parser.add_argument("--l2-size", type=positive_int, default=32,
-                        help="L2 entries, whole namespace (default 32, small on purpose)")
-    parser.add_argument("--l3-size", type=positive_int, default=1000, help="L3 entries, whole namespace")
+                        help="L2 entries, whole namespace (default 32)")
+    parser.add_argument("--l3-size", type=positive_int, default=64,
+                        help="L3 entries, whole namespace (default 64: together with L2 less than the 150 "
+                             "queries, so the cache must choose what to keep, as a real one does)")
     parser.add_argument("--keep-server", action="store_true",
                         help="leave the private server running after the demo, to look inside with redis-cli")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(None if argv is None else list(argv))
     try:
-        for namespace in (args.namespace, f"{args.namespace}-solo-0"):
-            CacheConfig(namespace=namespace, l1_size=args.l1_size, l2_size=args.l2_size, l3_size=args.l3_size,
-                        shards=SHARDS)
-            KeySpace(namespace, SHARDS)
+        CacheConfig(namespace=args.namespace, l1_size=args.l1_size, l2_size=args.l2_size, l3_size=args.l3_size,
+                    shards=SHARDS)
+        KeySpace(args.namespace, SHARDS)
     except CacheError as exc:
         parser.error(str(exc))
-    if args.cost_ms < 0 or args.zipf < 0:
-        parser.error("--cost-ms and --zipf must be >= 0")
+    if args.cost_ms < 0 or args.think_ms < 0 or args.zipf < 0:
+        parser.error("--cost-ms, --think-ms and --zipf must be >= 0")
     return args
 
 
-def jobs_for(args: argparse.Namespace, server: Server, shared: bool) -> list[WorkerJob]:
-    return [WorkerJob(i, server.url, args.namespace if shared else f"{args.namespace}-solo-{i}", args.requests,
-                      args.seed, args.zipf, args.cost_ms, args.l1_size, args.l2_size, args.l3_size, args.cluster,
-                      shebang=server.kind != "fakeredis")
-            for i in range(args.workers)]
-
-
-def fleet_metrics(job: WorkerJob) -> dict[str, Any]:
-    with make_cache(job) as cache:
-        return cache.get_metrics(scope="fleet")
+def settings_for(args: argparse.Namespace, server: Server) -> Settings:
+    return Settings(server.url, args.namespace, args.requests, args.agents, args.session_length, args.seed, args.zipf,
+                    args.cost_ms, args.think_ms, args.l1_size, args.l2_size, args.l3_size, args.top_k, args.cluster,
+                    shebang=server.kind != "fakeredis")
 
 
 def run_demo(args: argparse.Namespace, server: Server) -> int:
     ns = args.namespace
-    solo = [f"{ns}-solo-{i}" for i in range(args.workers)]
+    settings = settings_for(args, server)
     if server.kind == "fakeredis":
         print("NOTE: no redis-server found: running on an embedded fakeredis server; results are illustrative.")
         print("      Install redis-server or pass --url for real numbers.\n")
     version = server_version(server, args.cluster)
-    clear_namespaces(server.url, [ns, *solo], args.cluster)
     started = time.perf_counter()
-    print(f"victor_rcache demo: {args.workers} worker processes x {args.requests} requests; "
-          f"150 distinct queries, Zipf s={args.zipf:g}, seed {args.seed}")
+    total = args.workers * args.requests
+    print(f"victor_rcache demo: {args.workers} worker processes x {args.agents} agent sessions at a time, "
+          f"{args.requests} requests per worker ({total} in all)")
+    print(f"Workload: sessions of {args.session_length} queries walking a Markov chain over 150 queries (seed "
+          f"{args.seed}); a selection costs {args.cost_ms:g} ms of 'model time', an agent runs its tool for "
+          f"{args.think_ms:g} ms between requests")
     print(f"Redis: {server.description} ({version})")
-    print(f"Tiers: L1 {args.l1_size} entries per process; L2 {args.l2_size} and L3 {args.l3_size} entries per "
-          f"namespace; a miss costs {args.cost_ms:g} ms of 'model time'")
-    print("Hit rates: L1 over all lookups, L2 over L1's misses, L3 over L2's misses; combined over all. A worker "
-          "that waited for another's fill looks the value up twice.\n", flush=True)
+    print(f"Fleet cache: namespace '{ns}', L1 {args.l1_size} entries per process, L2 {args.l2_size} and "
+          f"L3 {args.l3_size} entries for the whole fleet\n", flush=True)
 
-    ctx = multiprocessing.get_context("spawn")
-    base = run_phase(ctx, "baseline", jobs_for(args, server, shared=False))
-    fleet_jobs = jobs_for(args, server, shared=True)
-    shared = run_phase(ctx, "fleet", fleet_jobs)
+    rows: list[Row] = []
+    pool = WorkerPool(multiprocessing.get_context("spawn"), settings, args.workers)
+    try:
+        for config in CONFIGS:
+            if config in (FLEET, PREWARM):
+                clear_namespaces(server.url, [ns], args.cluster)  # each fleet configuration starts cold
+            row = Row.of(config, pool.run(config))
+            if config in (FLEET, PREWARM):
+                row.fleet, row.model = fleet_view(settings, prewarm=config == PREWARM)
+            rows.append(row)
+    finally:
+        pool.stop()
 
-    print(f"1. Baseline: each worker caches alone (namespaces {ns}-solo-0..{args.workers - 1})")
-    lines, base_total, base_computed = phase_table(base, "all")
-    print("\n".join(lines))
-    print(f"\n2. Fleet: every worker shares namespace '{ns}'")
-    lines, fleet_total, fleet_computed = phase_table(shared, "all")
-    print("\n".join(lines))
+    print("\n" + "\n".join(table(rows)))
+    print("\n".join(legend(args)))
 
-    fleet_raw = fleet_metrics(fleet_jobs[0])
-    fleet = counts(fleet_raw)
-    l1, l2, l3, combined = (s.strip() for s in tier_rates(fleet))
-    print(f'\n   get_metrics(scope="fleet"): gets {fleet["gets"]}, hit rates L1 {l1}, L2 {l2}, L3 {l3}, '
-          f"combined {combined}; misses {fleet['misses']}, puts {fleet['puts']}")
-    mismatch = {k: (fleet[k], fleet_total[k]) for k in fleet if fleet[k] != fleet_total.get(k)}
-    if mismatch:
-        print("   WARNING: fleet counters differ from the sum of the workers' own counters: "
-              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in sorted(mismatch.items())))
-    else:
-        print("   (equal to the sum of the workers' own counters)")
+    ok = True
+    for row in rows:
+        if row.wrong:
+            ok = False
+            print(f"ERROR: {LABELS[row.config]}: {row.wrong} answers did not match a fresh selection.")
+    for row in rows:
+        if row.fleet is None:
+            continue
+        c = row.fleet_counts
+        tiers = ", ".join(f"{t.upper()} {100 * c[t] / max(1, c['gets']):.1f}%" for t in ("l1", "l2", "l3"))
+        checks, passed = fleet_checks(row)
+        ok = ok and passed
+        notes = [f"{LABELS[row.config]}: of {c['gets']} lookups, {tiers} hits, {c['misses']} misses "
+                 f"(get_metrics(scope=\"fleet\"))."]
+        if row.model is not None:
+            p, m = row.model["prewarming"], row.model["predictions"]
+            notes.append(f"Prewarming: {p['completed']} selections prewarmed, {p['useful']} of them hit; "
+                         f"{p['skipped']} predictions were already cached or being computed. The model's top "
+                         f"{args.top_k} held the session's next query {m['correct']} times out of {m['total']} "
+                         f"({100 * m['accuracy']:.1f}%).")
+        print()
+        for i, note in enumerate(notes + checks):
+            print("\n".join(textwrap.wrap(note, WIDTH, initial_indent="" if i == 0 else "  ",
+                                           subsequent_indent="    ")))
 
-    wrong = sum(r.wrong for r in base + shared)
-    saved = base_computed - fleet_computed
-    print(f"\ncombined hit rate: baseline {pct(base_total['gets'] - base_total['misses'], base_total['gets']).strip()}"
-          f" -> fleet {pct(fleet_total['gets'] - fleet_total['misses'], fleet_total['gets']).strip()}")
-    distinct = len({q for job in fleet_jobs for q in request_stream(job)})
-    print(f"The fleet computed {fleet_computed} selections instead of {base_computed} "
-          f"({pct(saved, base_computed).strip()} saved, about {saved * args.cost_ms / 1000:.1f} s of model time).")
-    dropped = fleet_raw["l3"]["evictions"] + fleet_raw["combined"]["total_expirations"]
-    if fleet_computed <= distinct:
-        print(f"(The least possible is {distinct}, one per distinct query asked: get_or_set computes each once "
-              "per fleet, the others wait for it.)")
-    else:
-        print(f"(The least possible is {distinct}, one per distinct query asked; the excess recomputes some of "
-              f"the {dropped} entries Redis evicted or expired.)")
-    if wrong:
-        print(f"ERROR: {wrong} cached answers did not match a fresh computation.")
-
-    clear_namespaces(server.url, solo, args.cluster)
-    print(f"\nLook inside namespace '{ns}' with redis-cli:")
-    print("\n".join(inspect_commands(server, ns, vocabulary(args.seed)[0], args.cluster)))
+    url = redact(server.url) if server.kind == "given" else server.url
+    print(f"\nLook inside namespace '{ns}' (the last configuration's cache and model):")
+    print(f"  victor-rcache stats --url {shlex.quote(url)} --namespace {shlex.quote(ns)}"
+          + (" --cluster" if args.cluster else ""))
+    top = Workload(args.seed, args.zipf)
+    print("\n".join(inspect_commands(server, ns, f"{top.actions[0]} {top.subjects[0]}", args.cluster)))
+    print("  (more in the README, section \"Inspecting with redis-cli\")")
     if server.kind == "given":
         print(f"(the data stays in Redis; the next run with --namespace {ns} clears it)")
     elif server.keep:
         print(f"The server keeps running at {server.url}", end="")
         if server.kind == "redis-server":
-            port = urlsplit(server.url).port
-            print(f"; stop it with: redis-cli -p {port} shutdown nosave")
+            print(f"; stop it with: redis-cli -p {urlsplit(server.url).port} shutdown nosave")
         else:
             print(" inside this process; press Ctrl-C to stop it.")
     else:
         print("(the private server stops when the demo exits: run with --keep-server to keep it running)")
     print(f"\nDone in {time.perf_counter() - started:.1f} s.", flush=True)
-    return 1 if wrong else 0
+    return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with redis_server(args.url, args.keep_server) as server:

@@ -13,6 +13,7 @@ over all its masters::
     <ns>:{s<i>.<salt>}:stats     HASH  the shard's fleet counters and byte totals
     <ns>:{s<i>.<salt>}:gone      ZSET  entry id -> when it left Redis while cached in some L1 (ms)
     <ns>:{s<i>.<salt>}:fence     ZSET  entry id -> when it was deleted, expired or removed (ms)
+    <ns>:{s<i>.<salt>}:ghost     ZSET  entry id -> when L3 overflow evicted it (sizing evidence)
     <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, s size, n hits, ver, x expiry, k key, f, d
     <ns>:{s<i>.<salt>}:lease:<id>  STRING  the token of the process computing a missing value
 
@@ -67,7 +68,7 @@ class EntryRef:
 
 @dataclass(frozen=True)
 class ShardKeys:
-    """The six index/counter keys of one shard, in the order the scripts take them."""
+    """The seven index/counter keys of one shard, in the order the scripts take them."""
 
     index: int
     l2: bytes
@@ -76,10 +77,11 @@ class ShardKeys:
     stats: bytes
     gone: bytes
     fence: bytes
+    ghost: bytes
 
     @property
     def keys(self) -> list[bytes]:
-        return [self.l2, self.l3, self.exp, self.stats, self.gone, self.fence]
+        return [self.l2, self.l3, self.exp, self.stats, self.gone, self.fence, self.ghost]
 
     def entry(self, entry_id: bytes) -> bytes:
         return self.l2[:-2] + b"e:" + entry_id
@@ -120,7 +122,8 @@ class KeySpace:
         out = []
         for i in range(self.shards):
             base = self.prefix + b"{" + _shard_tag(i, self.shards).encode() + b"}:"
-            out.append(ShardKeys(i, *(base + name for name in (b"l2", b"l3", b"exp", b"stats", b"gone", b"fence"))))
+            names = (b"l2", b"l3", b"exp", b"stats", b"gone", b"fence", b"ghost")
+            out.append(ShardKeys(i, *(base + name for name in names)))
         return tuple(out)
 
     def ref(self, key: str | bytes) -> EntryRef:

@@ -5,20 +5,82 @@ L1's misses; L3: L2's misses), so each request is counted once in ``combined`` h
 went. Fleet numbers come from the shards' ``stats`` hashes that the scripts keep in Redis; a
 process reports its L1 hits there with its next script call (and on close), so fleet L1 numbers
 can lag by the calls a process has not yet made.
+
+Latency: a cache with an :class:`Observer` (``cache.set_observer(obs)``) times each public call
+and reports ``observe(operation, outcome, seconds)``; without one, nothing is timed.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterable
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 from . import forksafe
+
+log = logging.getLogger("victor_rcache")
 
 COUNTERS = ("gets", "l1_hits", "l2_hits", "l3_hits", "misses", "l1_fills", "promotions", "demotions",
             "evictions", "expirations", "puts", "redis_errors", "decode_errors", "script_reloads",
             "loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors")
 STAMPEDE = ("loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors")
+SOURCES = {1: "l1", 2: "l2", 3: "l3"}  # the outcome of a lookup a tier served (else "miss")
+
+
+class Observer(Protocol):
+    """Receives the latency of every public cache call (see :meth:`MultiLevelCache.set_observer`).
+
+    ``operation``: get, get_many, get_or_set, put, put_many, delete, invalidate. ``outcome``: for
+    get and get_or_set the tier that served the value (``"l1"``, ``"l2"``, ``"l3"``) or ``"miss"``
+    (for get_or_set: this call ran the loader; ``"coalesced"``: it waited for a concurrent call of
+    this process that did); ``"ok"`` for the other operations; ``"error"`` whenever the call raised.
+    Called in the caller's thread (or task) right after the call; it must be quick and thread-safe.
+    """
+
+    def observe(self, operation: str, outcome: str, seconds: float) -> None: ...
+
+
+class Timing:
+    """One observed call: started when made, its outcome set by the core (per call, never shared),
+    reported to the observer on exit."""
+
+    __slots__ = ("_started", "observer", "operation", "outcome")
+
+    def __init__(self, observer: Observer, operation: str) -> None:
+        self.observer = observer
+        self.operation = operation
+        self.outcome = "ok"
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> Timing:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        seconds = time.perf_counter() - self._started
+        try:
+            self.observer.observe(self.operation, "error" if exc_type is not None else self.outcome, seconds)
+        except Exception:  # a broken observer must not break the cache call it watches
+            log.exception("the cache's observer failed", extra={"event": "observer_failed", "op": self.operation})
+
+
+class NoTiming:
+    """The context of an unobserved call: nothing is timed or reported."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+
+NO_TIMING = NoTiming()
 
 
 class Counters:
@@ -63,12 +125,13 @@ def _tier(hits: int, gets: int, promotions: int, demotions: int, evictions: int,
 
 def build_metrics(tally: dict[str, int] | None, l1_size: tuple[int, int] | None,
                   redis_sizes: dict[str, tuple[int, int]] | None, local: dict[str, int],
-                  available: bool, coherence: dict[str, Any]) -> dict[str, Any]:
+                  available: bool | None, coherence: dict[str, Any]) -> dict[str, Any]:
     """The metrics dict: l1/l2/l3/combined from ``tally``, plus this process's health, coherence
     and stampede counters.
 
     ``tally`` is None when fleet counters could not be read; sizes are None when unknown
-    (Redis unreachable, or the fleet's L1 sizes, which live in each process).
+    (Redis unreachable or not asked, or the fleet's L1 sizes, which live in each process);
+    ``available`` is None when Redis was not asked.
     """
     t = tally or dict.fromkeys((*COUNTERS, "l1_evictions"), 0)
     sizes = redis_sizes or {}

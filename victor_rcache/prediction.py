@@ -341,6 +341,14 @@ class PredictionCore:
             fleet["prewarm_useful"] = sum(int(r[1] or 0) for r in replies[3:])
         except RedisError as exc:
             self.tiers.redis_failed("get_statistics", exc)
+        return self._statistics(fleet, patterns, queries)
+
+    def local_statistics(self) -> dict[str, Any]:
+        """:meth:`statistics` from this process's memory alone (no Redis round trip): the fleet's
+        numbers are zero, the model's size None, ``available`` False."""
+        return self._statistics(None, None, None)
+
+    def _statistics(self, fleet: dict[str, int] | None, patterns: int | None, queries: int | None) -> dict[str, Any]:
         local = self.counters.snapshot()
         f = fleet or {}
         total, correct = f.get("predictions_total", 0), f.get("predictions_correct", 0)

@@ -64,11 +64,12 @@ class CircuitBreaker:
     """Closed -> (threshold consecutive failures) -> open -> (cooldown) -> one half-open probe."""
 
     def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic,
-                 name: str = "redis") -> None:
+                 name: str = "redis", namespace: str | None = None) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self.clock = clock
         self.name = name
+        self.namespace = namespace
         self.state: State = "closed"
         self.failures = 0  # consecutive
         self.opens = 0
@@ -99,7 +100,8 @@ class CircuitBreaker:
     def success(self) -> None:
         with self._lock:
             if self.state != "closed":
-                log.warning("circuit to %s closed: Redis answered again", self.name)
+                log.warning("circuit to %s closed: Redis answered again", self.name,
+                            extra=self._fields("breaker_closed", state="closed"))
             self.state, self.failures, self._probing = "closed", 0, False
 
     def abandon(self) -> None:
@@ -114,10 +116,16 @@ class CircuitBreaker:
             if self.state == "half_open" or (self.state == "closed" and self.failures >= self.threshold):
                 if self.state == "closed":
                     log.warning("circuit to %s opened after %d consecutive failures; not contacting it for "
-                                "%.1f s", self.name, self.failures, self.cooldown)
+                                "%.1f s", self.name, self.failures, self.cooldown,
+                                extra=self._fields("breaker_opened", state="open", failures=self.failures,
+                                                   cooldown=self.cooldown))
                 self.state = "open"
                 self._opened_at = self.clock()
                 self.opens += 1
+
+    def _fields(self, event: str, **more: Any) -> dict[str, Any]:
+        """The structured fields of a transition's log record (``extra=``)."""
+        return {"event": event, "namespace": self.namespace, "redis_url": self.name, **more}
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -129,7 +137,8 @@ class Resilience:
     """The breaker and the retry policy for one cache's Redis calls."""
 
     def __init__(self, config: CacheConfig, name: str) -> None:
-        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown, name=name)
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown, name=name,
+                                      namespace=config.namespace)
         self.deadline = config.socket_timeout
         self.retries = 0
 

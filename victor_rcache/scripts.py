@@ -75,11 +75,13 @@ class Scripts:
         self.flush = Script.load("flush", folder, shebang)
         self.release = Script.load("release", folder, shebang)
         self.lease = Script.load("lease", folder, shebang)
+        self.sizing = Script.load("sizing", folder, shebang)
         self.record = Script.load("record", folder, shebang)
         self.predict = Script.load("predict", folder, shebang)
 
     def all(self) -> tuple[Script, ...]:
-        return (self.get, self.put, self.delete, self.flush, self.release, self.lease, self.record, self.predict)
+        return (self.get, self.put, self.delete, self.flush, self.release, self.lease, self.sizing, self.record,
+                self.predict)
 
 
 def needs_reload(reply: object) -> bool:

@@ -41,9 +41,10 @@ from .codec import FORMAT_VERSION, Envelope
 from .coherence import Coherence, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
 from .errors import CacheUnavailableError, ConfigurationError, InvalidArgumentError, ValueTooLargeError
+from .fleet_sizing import FleetSizing, run_safely
 from .keys import EntryRef, KeySpace
 from .l1 import L1Entry, LocalCache
-from .metrics import Counters, build_metrics, fleet_tally
+from .metrics import SOURCES, Counters, Timing, build_metrics, fleet_tally
 from .scripts import Command, ScriptCall, Scripts, needs_reload
 from .stampede import refresh_early
 
@@ -140,6 +141,7 @@ class Got:
     value: Any
     payload: bytes
     refresh: Refresh | None = None
+    source: str = "miss"  # the tier that served it ("l1", "l2", "l3"), or "miss": the loader computed it
 
 
 @dataclass
@@ -150,7 +152,13 @@ class Fetched:
     payloads: dict[bytes, bytes] = field(default_factory=dict)
     hits: dict[bytes, tuple[int, float | None, float]] = field(default_factory=dict)  # version, ttl_left, cost
     missed_at: dict[bytes, int] = field(default_factory=dict)  # id -> the scripts' "now" of the miss (ms)
+    tiers: dict[bytes, int] = field(default_factory=dict)  # id -> the tier that served it (1: L1 fallback)
     failed: bool = False
+
+    def source(self, entry_id: bytes) -> str:
+        """``"l1"``/``"l2"``/``"l3"``: the tier that served ``entry_id``; ``"miss"`` if none did."""
+        tier = self.tiers.get(entry_id)
+        return "miss" if tier is None else SOURCES[tier]
 
 
 class TierCore:
@@ -162,12 +170,13 @@ class TierCore:
         self.space = KeySpace(config.namespace, config.shards)
         self.envelope = Envelope(config.codec, config.signing_key)
         self.scripts = scripts or default_scripts(config.lua_shebang)
-        self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic)
+        self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic, config.l1_sizing)
         self.coherence: Coherence = coherence or NoCoherence()
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
         self.counters = Counters()
         self._caps2 = split_capacity(config.l2_size, config.shards)
         self._caps3 = split_capacity(config.l3_size, config.shards)
+        self.sizing = FleetSizing(config, self.space, self.scripts) if config.adaptive_redis else None
         self._idle_ms = tuple(0 if t is None else max(1, round(t * 1000)) for t in (config.l2_ttl, config.l3_ttl))
         # `gone` records must outlive every L1 copy they guard and every fill they may refuse.
         self._memory_ms = max(1, round(1000 * max(config.l1_ttl or MAX_TTL_SECONDS, config.lease_ttl)))
@@ -190,13 +199,20 @@ class TierCore:
 
     # ------------------------------------------------------------------ reads
 
-    def get(self, key: str | bytes, default: Any = None) -> Step[Any]:
-        """The value under ``key``, or ``default`` on a miss (a cached None is a hit)."""
+    def get(self, key: str | bytes, default: Any = None, trace: Timing | None = None) -> Step[Any]:
+        """The value under ``key``, or ``default`` on a miss (a cached None is a hit).
+
+        ``trace``, the call's own timing when the cache is observed, is told which tier served it.
+        """
         ref = self.space.ref(key)
         entry = self._from_l1(ref)
         if entry is not None:
+            if trace is not None:
+                trace.outcome = "l1"
             return self.envelope.unwrap(entry.payload)
         found = yield from self._fetch([ref])
+        if trace is not None:
+            trace.outcome = found.source(ref.id)
         return found.values.get(ref.id, default)
 
     def get_many(self, keys: Iterable[str | bytes]) -> Step[dict[Any, Any]]:
@@ -254,7 +270,8 @@ class TierCore:
                     out.missed_at[ref.id] = hit[0]
                     if len(hit) > 1:  # get.lua removed an entry whose fields were not the cache's
                         log.warning("entry %r in namespace %s had fields written outside the cache; counted as "
-                                    "a miss and removed", ref.key[:100], self.config.namespace)
+                                    "a miss and removed", ref.key[:100], self.config.namespace,
+                                    extra=self.log_fields("entry_foreign_fields", "get", key=_text(ref.key)))
                         self.counters.add(decode_errors=1)
                     continue
                 out.missed_at[ref.id] = reply[0][4]  # if it turns out undecodable: a miss seen now
@@ -263,11 +280,13 @@ class TierCore:
                     value = self.envelope.unwrap(payload)
                 except Exception as exc:  # whatever the codec raises, a bad payload is a miss
                     log.warning("entry %r in namespace %s does not decode (%s); counted as a miss and removed",
-                                ref.key[:100], self.config.namespace, exc)
+                                ref.key[:100], self.config.namespace, exc,
+                                extra=self.log_fields("entry_undecodable", "get", key=_text(ref.key), error=str(exc)))
                     self.counters.add(misses=1, decode_errors=1)
                     corrupt.append((ref, version))
                     continue
                 self.counters.add(**{f"l{tier}_hits": 1})
+                out.tiers[ref.id] = tier
                 ttl_left = None if ttl_left_ms < 0 else ttl_left_ms / 1000
                 if fill and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost_ms / 1000,
                                         shard=ref.shard):
@@ -289,6 +308,7 @@ class TierCore:
                 continue
             self.counters.add(l1_hits=1)
             out.values[ref.id], out.payloads[ref.id] = self.envelope.unwrap(entry.payload), entry.payload
+            out.tiers[ref.id] = 1
         return out
 
     def _remove_corrupt(self, corrupt: list[tuple[EntryRef, int]]) -> Step[None]:
@@ -404,7 +424,7 @@ class TierCore:
         if entry is not None:
             ttl_left = None if entry.expires_at is None else entry.expires_at - self.l1.clock()
             return Got(self.envelope.unwrap(entry.payload), entry.payload,
-                       self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl))
+                       self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl), "l1")
         found = yield from self._fetch([ref])
         got = self._got(key, ref, found, ttl)
         if got is not None:
@@ -460,7 +480,7 @@ class TierCore:
         if ref.id in found.hits:
             version, ttl_left, cost = found.hits[ref.id]
             refresh = self._refresh_if_due(key, version, ttl_left, cost, ttl)
-        return Got(found.values[ref.id], found.payloads[ref.id], refresh)
+        return Got(found.values[ref.id], found.payloads[ref.id], refresh, found.source(ref.id))
 
     def _wait_for_fill(self, ref: EntryRef, lease: bytes) -> Step[bool]:
         """Poll until the value appears (True) or the lease is gone (False: take over)."""
@@ -572,7 +592,8 @@ class TierCore:
                 yield from self._release(lease, token)
                 if not isinstance(exc, Exception):
                     raise
-                log.warning("early refresh of %r failed: %s", ref.key[:100], exc)
+                log.warning("early refresh of %r failed: %s", ref.key[:100], exc,
+                            extra=self.log_fields("refresh_failed", "refresh", key=_text(ref.key), error=str(exc)))
                 self.counters.add(refresh_errors=1)
                 return False
             ttl_ms = self._ttl_ms(job.ttl)
@@ -582,7 +603,8 @@ class TierCore:
                                  self._put_items(ref, payload, ttl_ms, expect=job.version, cost=loaded.seconds)),
                 ScriptCall(self.scripts.release, (lease,), (token,))])
         except RedisError as exc:
-            log.warning("early refresh of %r could not reach Redis: %s", ref.key[:100], exc)
+            log.warning("early refresh of %r could not reach Redis: %s", ref.key[:100], exc,
+                        extra=self.log_fields("refresh_failed", "refresh", key=_text(ref.key), error=str(exc)))
             return False
         self._count_events(replies[0][0])
         version = replies[0][1]
@@ -633,7 +655,8 @@ class TierCore:
             yield from self._release(lease, token)
             if not isinstance(exc, Exception):
                 raise
-            log.info("prewarming %r failed: %s", ref.key[:100], exc)
+            log.info("prewarming %r failed: %s", ref.key[:100], exc,
+                     extra=self.log_fields("prewarm_failed", "prewarm", key=_text(ref.key), error=str(exc)))
             return "failed"
         calls = [self._shard_call(self.scripts.put, ref.shard,
                                   self._put_items(ref, payload, ttl_ms, since_ms=since_ms, cost=loaded.seconds,
@@ -679,11 +702,23 @@ class TierCore:
         if replies is not None and stats is not None:
             sizes = {"l2": (sum(replies[0::3]), sum(s.get("l2_bytes", 0) for s in stats)),
                      "l3": (sum(replies[1::3]), sum(s.get("l3_bytes", 0) for s in stats))}
+        return self._metrics(tally, sizes, local, scope, available=replies is not None)
+
+    def local_metrics(self) -> dict[str, Any]:
+        """This process's metrics from memory alone, without a Redis round trip: L2/L3 sizes are None
+        and ``health.redis_available`` is None (not asked)."""
+        local = self.counters.snapshot()
+        return self._metrics(dict(local, l1_evictions=self.l1.evictions), None, local, "process", available=None)
+
+    def _metrics(self, tally: dict[str, int] | None, sizes: dict[str, tuple[int, int]] | None,
+                 local: dict[str, int], scope: Scope, available: bool | None) -> dict[str, Any]:
         l1_size = (len(self.l1), self.l1.total_size) if scope == "process" else None
-        metrics = build_metrics(tally, l1_size, sizes, local, available=replies is not None,
-                                coherence=self.coherence_state())
+        metrics = build_metrics(tally, l1_size, sizes, local, available=available, coherence=self.coherence_state())
         if self.resilience is not None:
             metrics["health"]["breaker"] = self.resilience.snapshot()
+        if scope == "process":
+            metrics["l1"]["adaptive"] = self.l1.adaptive_metrics() or {"enabled": False}
+        metrics["health"]["fleet_sizing"] = self.sizing.state() if self.sizing else {"enabled": False}
         return metrics
 
     def coherence_state(self) -> dict[str, Any]:
@@ -745,7 +780,9 @@ class TierCore:
                 break
             reload = missing if attempt == RELOAD_ROUNDS - 1 else self._claim_reloads(calls, missing, sent)
             if reload:
-                log.info("reloading %d script(s) after NOSCRIPT", len(reload))
+                log.info("reloading %d script(s) after NOSCRIPT", len(reload),
+                         extra=self.log_fields("scripts_reloaded", count=len(reload),
+                                               scripts=sorted({calls[i].script.name for i in reload})))
                 self.counters.add(script_reloads=len(reload))
             else:
                 yield Pause(RELOAD_PAUSE * (attempt + 1))  # another call is reloading them right now
@@ -782,7 +819,11 @@ class TierCore:
         return claimed
 
     def ready(self) -> Step[None]:
-        """Once per process: agree with the fleet on the shard count and data format."""
+        """Once per process: agree with the fleet on the shard count and data format. With
+        ``adaptive_redis``, now and then: take part in the fleet's sizing (fleet_sizing.py)."""
+        if self.sizing is not None and self.sizing.due() and (yield from run_safely(self.sizing, self.run_scripts)):
+            self._caps2 = split_capacity(self.sizing.l2_size, self.config.shards)
+            self._caps3 = split_capacity(self.sizing.l3_size, self.config.shards)
         if self._config_checked:
             return
         cfg = self.space.config
@@ -835,7 +876,7 @@ class TierCore:
     def redis_failed(self, op: str, exc: Exception) -> None:
         self.counters.add(redis_errors=1)
         self._config_checked = False  # Redis may come back empty: agree on the namespace's settings again
-        problem = f"Redis at {redact(self.config.url)} could not serve {op}: {str(exc).rstrip('. ')}. {_fix_for(exc)}"
+        problem = f"Redis at {redact(self.config.url)} could not serve {op}: {str(exc).rstrip('. ')}. {fix_for(exc)}"
         if not self.config.fail_open:
             raise CacheUnavailableError(problem + "; or construct the cache with fail_open=True to fall back "
                                                   "to L1") from exc
@@ -843,15 +884,25 @@ class TierCore:
         if now - self._failure_logged_at >= FAILURE_LOG_INTERVAL:  # a broken shard must not flood the log
             self._failure_logged_at = now
             self._failing = True
-            log.warning("%s Serving from L1 (or missing) until it recovers", problem)
+            log.warning("%s. Serving from L1 (or missing) until it recovers", problem,
+                        extra=self.log_fields("redis_failed", op, error=str(exc), error_type=type(exc).__name__))
 
     def _recovered(self) -> None:
         if self._failing:
             self._failing = False
-            log.warning("Redis at %s is serving again", redact(self.config.url))
+            log.warning("Redis at %s is serving again", redact(self.config.url),
+                        extra=self.log_fields("redis_recovered"))
+
+    def log_fields(self, event: str, op: str | None = None, **more: Any) -> dict[str, Any]:
+        """The structured fields of a log record (``extra=``): what happened, where, during which call."""
+        fields: dict[str, Any] = {"event": event, "namespace": self.config.namespace,
+                                  "redis_url": redact(self.config.url)}
+        if op is not None:
+            fields["op"] = op
+        return {**fields, **more}
 
 
-def _fix_for(exc: Exception) -> str:
+def fix_for(exc: Exception) -> str:
     """What to do about a Redis failure, in words."""
     text = str(exc)
     if isinstance(exc, AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
@@ -867,6 +918,11 @@ def _fix_for(exc: Exception) -> str:
     if isinstance(exc, OutOfMemoryError) or "OOM" in text or "maxmemory" in text:
         return "Redis is out of memory (maxmemory reached with a no-eviction policy): raise maxmemory or free memory"
     return "Check that it is reachable and healthy"
+
+
+def _text(key: str | bytes) -> str:
+    """A key as log text (the first 100 characters or bytes)."""
+    return key[:100].decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key[:100]
 
 
 def _by_shard(refs: Iterable[EntryRef]) -> dict[int, list[EntryRef]]:

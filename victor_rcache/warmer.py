@@ -85,10 +85,6 @@ class _WarmerBase:
                                   ngram_size=ngram_size if config is None else base.ngram_size, **settings)
         except TypeError as exc:
             raise ConfigurationError(f"{exc}; see WarmerConfig for the settings a warmer takes") from None
-        lease_ttl = cache.config.lease_ttl
-        if self.config.prewarm_timeout > lease_ttl:  # else a worker could take the lease and compute it again
-            raise ConfigurationError(f"prewarm_timeout={self.config.prewarm_timeout:g} s is longer than the cache's "
-                                     f"lease_ttl={lease_ttl:g} s; lower prewarm_timeout or raise lease_ttl")
         self.cache = cache
         self._core = PredictionCore(cache._core, self.config)
 
@@ -121,7 +117,8 @@ class _WarmerBase:
 
         async def one(query: Any) -> Prewarmed:
             async with gate:
-                loader = _selection_loader(selection_fn, query, c.prewarm_timeout)
+                # A selection may not outlive its fill lease, or another worker would compute it again.
+                loader = _selection_loader(selection_fn, query, min(c.prewarm_timeout, self.cache.config.lease_ttl))
                 try:
                     return await self._prewarm(self.cache._core.prewarm(key_fn(query), ttl or c.prewarm_ttl), loader)
                 except CacheError:  # a bad key from key_fn, or Redis failing a fail-closed cache

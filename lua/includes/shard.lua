@@ -16,6 +16,11 @@
   Both are kept for `memory` ms and at most max(l2 + l3 capacity, RECORDS_MAX) records each; the
   oldest `gone` records dropped past that are announced, and a dropped `fence` record raises the
   stats field `fence_floor`, below which every fill is refused.
+    KEYS[7]  <ns>:{<tag>}:ghost   ZSET  member = entry id, score = when L3 overflow evicted it (ms): the
+                                        last `step` (10% of the shard's L3) evictions. Sizing evidence
+                                        (adaptive.py): a miss on one is a hit a bigger L3 would have
+                                        had (`ghost_hits`); a hit on one of the `step` least recently
+                                        used L3 entries one a smaller L3 would have lost (`tail_hits`).
 
   Entry data lives at <ns>:{<tag>}:e:<id>, a HASH:
     v = payload (bytes), s = payload size accounted in the byte totals (bytes),
@@ -60,7 +65,7 @@ local SWEEP = 16
 local RECORDS_MAX = 1024  -- `gone`/`fence` records kept per shard at least (more for bigger shards)
 
 local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local gone_key, fence_key = KEYS[5], KEYS[6]
+local gone_key, fence_key, ghost_key = KEYS[5], KEYS[6], KEYS[7]
 local base = string.sub(l2_key, 1, -3)
 local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
 
@@ -79,12 +84,12 @@ end
 -- make the script fail midway, after some of its writes. (Entry keys are checked as they are read.)
 -- Returns an error message or nil. Called before the first write.
 -- Every command the shard scripts run (see includes/acl.lua); PUBLISH is checked with the channel.
-local SHARD_COMMANDS = {'type', 'time', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del', 'zadd',
+local SHARD_COMMANDS = {'type', 'time', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del', 'zadd', 'zcount',
                         'zrem', 'zscore', 'zcard', 'zrange', 'zrangebyscore', 'zremrangebyscore',
                         'zremrangebyrank'}
 
 local function check_shard_types()
-  for i, expected in ipairs({'zset', 'zset', 'zset', 'hash', 'zset', 'zset'}) do
+  for i, expected in ipairs({'zset', 'zset', 'zset', 'hash', 'zset', 'zset', 'zset'}) do
     local actual = redis.call('TYPE', KEYS[i]).ok
     if actual ~= expected and actual ~= 'none' then
       return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. actual .. ', not a ' .. expected
@@ -118,6 +123,11 @@ local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
 local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
 local changed = {}                   -- invalidation lines to publish at the end
 local noted = false                  -- a `gone` or `fence` record was added in this call
+local ghosted = false                -- an L3 eviction was remembered in `ghost` in this call
+
+-- Sizing evidence (adaptive.py): the number of L3 evictions remembered as ghosts, which is also
+-- the number of least recently used L3 entries whose hits count as tail hits.
+local function sizing_step() return math.max(1, math.floor(cap3 / 10 + 0.5)) end
 
 local function entry_key(id) return base .. 'e:' .. id end
 
@@ -189,6 +199,10 @@ local function drop(id, tier, why, ended)
   local fence_at = now
   if why ~= 'deleted' then fence_at = math.min(ended or now, now) - 1 end
   note_removal(id, f[2] and why ~= 'expired' and why ~= 'deleted', fence_at)
+  if why == 'evicted' then
+    redis.call('ZADD', ghost_key, now, id)
+    ghosted = true
+  end
   if why == 'evicted' then ev.evictions = ev.evictions + 1
   elseif why == 'idle' or why == 'expired' then ev.expirations = ev.expirations + 1 end
 end
@@ -253,6 +267,7 @@ local function finish(extra)
     if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
   end
   if tick ~= tick_read then redis.call('HSET', stats_key, 'tick', tick) end
+  if ghosted then redis.call('ZREMRANGEBYRANK', ghost_key, 0, -(sizing_step() + 1)) end
   if noted then
     -- Past the bound the oldest records are dropped, but not forgotten: dropped `gone` ids are
     -- announced now (no process keeps a copy a later write could not reach), and the newest
