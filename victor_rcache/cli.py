@@ -965,13 +965,15 @@ def doctor_report(args: argparse.Namespace, where: tuple[str, str], checks: list
 
 
 def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
-    """Run the fleet demo with the remaining arguments (and the global --url/--cluster, when given)."""
+    """Run the fleet demo with the remaining arguments (and the global --url/--namespace/--cluster)."""
     from . import demo  # noqa: PLC0415  (multiprocessing and friends: only for this command)
 
     given = [a.split("=", 1)[0] for a in rest]
     forwarded = []
-    if args.url and "--url" not in given:
-        forwarded += ["--url", args.url]
+    for option in ("url", "namespace"):
+        value = getattr(args, option, None)
+        if value and f"--{option}" not in given:
+            forwarded += [f"--{option}", value]
     if args.cluster and "--cluster" not in given:
         forwarded.append("--cluster")
     return demo.main([*forwarded, *rest])

@@ -169,6 +169,7 @@ class Settings:
     top_k: int = 2
     cluster: bool = False
     shebang: bool = True  # fakeredis does not understand the scripts' Redis 7 shebang line
+    timeout: float = 0.5  # seconds per Redis call; fakeredis (pure Python, one thread) needs far more
 
 
 def agent_streams(settings: Settings, worker: int) -> list[list[tuple[str, str]]]:
@@ -273,7 +274,8 @@ def make_cache(settings: Settings) -> AsyncMultiLevelCache:
     # fail_open=False: a demo should stop with Redis's error, not quietly count misses.
     return AsyncMultiLevelCache(settings.url, namespace=settings.namespace, l1_size=settings.l1_size,
                                 l2_size=settings.l2_size, l3_size=settings.l3_size, shards=SHARDS,
-                                fail_open=False, cluster=settings.cluster, lua_shebang=settings.shebang)
+                                fail_open=False, cluster=settings.cluster, lua_shebang=settings.shebang,
+                                socket_timeout=settings.timeout, connect_timeout=settings.timeout)
 
 
 async def run_config(config: str, settings: Settings, index: int, barrier: Barrier,
@@ -596,7 +598,8 @@ def fleet_view(settings: Settings, prewarm: bool) -> tuple[dict[str, Any], dict[
     """The namespace's fleet-wide metrics and, after prewarming, the model's statistics."""
     with MultiLevelCache(settings.url, namespace=settings.namespace, l1_size=settings.l1_size,
                          l2_size=settings.l2_size, l3_size=settings.l3_size, shards=SHARDS, fail_open=False,
-                         cluster=settings.cluster, lua_shebang=settings.shebang, coherence=False) as cache:
+                         cluster=settings.cluster, lua_shebang=settings.shebang, coherence=False,
+                         socket_timeout=settings.timeout, connect_timeout=settings.timeout) as cache:
         metrics = cache.get_metrics(scope="fleet")
         stats = PredictiveCacheWarmer(cache).get_statistics() if prewarm else None
     return metrics, stats
@@ -840,7 +843,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def settings_for(args: argparse.Namespace, server: Server) -> Settings:
     return Settings(server.url, args.namespace, args.requests, args.agents, args.session_length, args.seed, args.zipf,
                     args.cost_ms, args.think_ms, args.l1_size, args.l2_size, args.l3_size, args.top_k, args.cluster,
-                    shebang=server.kind != "fakeredis")
+                    shebang=server.kind != "fakeredis", timeout=10.0 if server.kind == "fakeredis" else 0.5)
 
 
 def run_demo(args: argparse.Namespace, server: Server) -> int:
