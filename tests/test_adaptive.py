@@ -219,3 +219,18 @@ def test_multilevel_cache_with_adaptive_l1_resizes_its_l1_on_its_own(make_cache:
     assert l1["adaptive"]["adjustments"] == 1
     assert l1["adaptive"]["last_adjustment"]["adjustment"] in ("expand", "none")
     assert l1["hits"] > 2000  # once it fits, every read is an L1 hit
+
+
+def test_a_sizeof_that_raises_changes_nothing() -> None:
+    def sizeof(value: Any) -> int:
+        if value == "bad":
+            raise ValueError("cannot size")
+        return 10
+
+    cache = AdaptiveLRUCache(initial_size=100, min_size=1, max_size=100, sizeof=sizeof)
+    cache.put("k", "good")
+    with pytest.raises(ValueError, match="cannot size"):
+        cache.put("k", "bad")
+    assert (cache.get("k"), cache.get_metrics()["memory_usage"]) == ("good", 10)
+    cache.delete("k")
+    assert cache.get_metrics()["memory_usage"] == 0

@@ -509,3 +509,52 @@ def test_the_example_answers_with_its_fallback_selector() -> None:
     assert "'read the file config.py'" in out
     assert "['read_file'" in out
     assert "query cache: 2 hits, 4 misses" in out
+
+
+def test_two_tool_sets_in_one_process_do_not_flush_each_other(make_tools: Callable[..., ToolSelectionCache]) -> None:
+    """Two agents of one process with different tool sets: each set is registered once, not on every
+    alternation (which flushed the fleet's query namespace each time: a cache that never hit)."""
+    cache = make_tools()
+    selector = Counting()
+    select = cached_selection(selector, cache=cache)
+    other_tools = [*TOOLS, {"name": "write", "description": "write a file", "parameters": {}}]
+    for _ in range(5):
+        select("read the file", TOOLS)
+        select("read the file", other_tools)
+    # T1; T2 (registering the second set flushes the fleet once); T1 again; from then on only hits.
+    assert len(selector.calls) == 3
+
+
+def test_a_schema_given_as_a_model_class_is_hashed_by_its_json_schema() -> None:
+    class ArgsModel:  # what LangChain tools carry as args_schema (a pydantic model class)
+        @classmethod
+        def model_json_schema(cls) -> dict[str, Any]:
+            return {"type": "object", "properties": {"path": {"type": "string"}}}
+
+        def model_dump(self) -> dict[str, Any]:
+            raise AssertionError("a class is never dumped as an instance")
+
+    class Tool:
+        name, description, args_schema = "read", "read a file", ArgsModel
+
+    assert tools_hash([Tool()]) == tools_hash([Tool()])
+
+    class Opaque:
+        pass
+
+    class Broken:
+        name, description, args_schema = "read", "read a file", Opaque
+
+    from victor_rcache.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="JSON schema"):
+        tools_hash([Broken()])
+
+
+def test_a_bad_size_in_any_namespace_is_refused_before_any_cache_is_built(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VICTOR_RCACHE_TOOLS_RL_L1_SIZE", "0")
+    before = threading.active_count()
+    with pytest.raises(ConfigurationError, match="l1_size"):
+        ToolSelectionCache(ToolSelectionConfig.from_env(redis_url="redis://127.0.0.1:1/0"))
+    assert threading.active_count() == before  # no invalidation listener was left running

@@ -338,11 +338,11 @@ class AdaptiveLRUCache:
             return value
 
     def put(self, key: Hashable, value: Any) -> None:
+        nbytes = self._sizeof(value)  # first: if it raises, nothing has changed
         with self._lock:
             old = self._lru.peek(key)
             if old is not None:
                 self._bytes -= old[1]
-            nbytes = self._sizeof(value)
             self._bytes += nbytes
             self._sizer.forget(key)
             self._evicted(self._lru.put(key, (value, nbytes)))

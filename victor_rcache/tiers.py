@@ -60,8 +60,9 @@ log = logging.getLogger("victor_rcache")
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
-RELOAD_ROUNDS = 5  # NOSCRIPT rounds before every call still missing its script reloads it itself
-RELOAD_PAUSE = 0.002  # seconds a call waits (growing) while another call reloads its script
+RELOAD_ROUNDS = 7  # NOSCRIPT rounds before every call still missing its script reloads it itself
+RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads its script; doubling, so
+# a waiting call gives a slow reload (a busy server) about 120 ms before reloading the script itself
 
 _scripts: dict[bool, Scripts] = {}
 
@@ -785,7 +786,7 @@ class TierCore:
                                                scripts=sorted({calls[i].script.name for i in reload})))
                 self.counters.add(script_reloads=len(reload))
             else:
-                yield Pause(RELOAD_PAUSE * (attempt + 1))  # another call is reloading them right now
+                yield Pause(RELOAD_PAUSE * 2 ** attempt)  # another call is reloading them right now
             waiting = [i for i in missing if i not in reload]
             sent.update(self._script_generations([calls[i] for i in waiting], waiting))
             order = reload + waiting  # reloads first: waiters on the same server then find the script

@@ -39,6 +39,7 @@ NAMESPACES = ("query", "context", "rl")
 TOOLS_ENV_PREFIX = ENV_PREFIX + "TOOLS_"
 CONTEXT_MESSAGES = 3  # a context key covers the last 3 messages
 PREWARM_SLOTS = 2  # background prewarms one process runs at once; more are skipped
+SYNCED_HASHES = 64  # tool sets one process remembers having registered in Redis
 _MISS = object()
 
 
@@ -77,7 +78,8 @@ class ToolSelectionConfig:
             raise ConfigurationError(f"namespaces must configure exactly {NAMESPACES}, not {sorted(self.namespaces)}")
         for name, s in self.namespaces.items():
             check_ttl(s.ttl, f"{name} ttl", ConfigurationError)
-        self.cache_config("query")  # validates the sizes now, with the core's messages
+        for namespace in NAMESPACES:
+            self.cache_config(namespace)  # validates every namespace's sizes now, with the core's messages
 
     def cache_config(self, namespace: str) -> CacheConfig:
         """The core settings of one namespace's cache: ``<base>-<namespace>`` with its sizes."""
@@ -128,11 +130,16 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
     if isinstance(value, (set, frozenset)):
-        return sorted(canonical(v) for v in value)
+        return {"$set": sorted(canonical(v) for v in value)}  # tagged: never equal to a list of strings
     if isinstance(value, bytes):
         return {"$bytes": value.hex()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
+    if isinstance(value, type):  # a model class as a schema (LangChain's args_schema): its JSON schema
+        schema = getattr(value, "model_json_schema", None) or getattr(value, "schema", None)
+        if callable(schema):
+            return schema()
+        raise InvalidArgumentError(f"class {value.__name__} cannot be part of a key: pass its JSON schema")
     dump = getattr(value, "model_dump", None)  # pydantic models (tool schemas often are)
     if callable(dump):
         return dump()
@@ -336,18 +343,34 @@ def _with_total(per_namespace: dict[str, dict[str, Any]]) -> dict[str, dict[str,
 # ---------------------------------------------------------------------------------------- the caches
 
 
+def _build_all(config: ToolSelectionConfig, build: Callable[[CacheConfig], Any]) -> dict[str, Any]:
+    """One cache per namespace; if one cannot be built, those already built are closed again."""
+    built: dict[str, Any] = {}
+    try:
+        for ns in NAMESPACES:
+            built[ns] = build(config.cache_config(ns))
+    except BaseException:
+        for cache in built.values():  # stop their invalidation listeners (threads), drop their clients
+            if isinstance(cache, MultiLevelCache):
+                cache.close()
+            else:  # an async cache: nothing has run on its loop yet; its listener is a thread
+                cache._core.coherence.close()
+        raise
+    return built
+
+
 class _ToolCacheBase:
     """What the sync and async tool caches share: settings, keys, counting, the tools-hash key."""
 
     def __init__(self, config: ToolSelectionConfig | None, caches: Mapping[str, Any] | None,
                  build: Callable[[CacheConfig], Any]) -> None:
         self.config = config or ToolSelectionConfig.from_env()
-        self.caches: dict[str, Any] = dict(caches) if caches is not None else {
-            ns: build(self.config.cache_config(ns)) for ns in NAMESPACES}
+        self.caches: dict[str, Any] = dict(caches) if caches is not None else _build_all(self.config, build)
         if set(self.caches) != set(NAMESPACES):
             raise ConfigurationError(f"caches must be given for exactly {NAMESPACES}")
         self._tracker = _Tracker(self.config.hit_tracking)
-        self._synced_hash: str | None = None  # the tools hash this process last checked against Redis
+        self._synced_hash: str | None = None  # the tools hash this process last registered in Redis
+        self._synced: OrderedDict[str, None] = OrderedDict()  # hashes registered (bounded): each once
         self.prewarm = {"scheduled": 0, "skipped": 0, "failed": 0, "completed": 0}
         self._prewarm_lock = threading.Lock()  # background threads count too
 
@@ -390,6 +413,20 @@ class _ToolCacheBase:
             log.warning("tools hash %s unavailable: %s", self.tools_key, reply)
             return None
         return reply.decode() if isinstance(reply, bytes) else reply
+
+    def _note_synced(self, new: str | None, replies: Any) -> None:
+        """Remember a tools hash as registered, once Redis really has it (not after a failed call).
+
+        A process may select with several tool sets (several agents): each is registered once,
+        so alternating between them does not flush the fleet on every call."""
+        if isinstance(replies, BaseException) or any(isinstance(r, BaseException) for r in replies):
+            return
+        self._synced_hash = new
+        if new is not None:
+            self._synced[new] = None
+            self._synced.move_to_end(new)
+            while len(self._synced) > SYNCED_HASHES:
+                self._synced.popitem(last=False)
 
     def _prewarm_done(self, report: Any) -> None:
         self._count_prewarm(completed=report.completed, failed=report.failed)
@@ -506,8 +543,9 @@ class ToolSelectionCache(_ToolCacheBase):
         new = None if tools is None else tools_hash(tools)
         batch = [("GET", self.tools_key), ("DEL", self.tools_key) if new is None else ("SET", self.tools_key, new)]
         query = self.caches["query"]
-        previous = self._tools_reply(query._send(batch), query.config.fail_open)
-        self._synced_hash = new
+        replies = query._send(batch)
+        previous = self._tools_reply(replies, query.config.fail_open)
+        self._note_synced(new, replies)
         if new is not None and previous in (None, new):
             return False
         self.invalidate(namespace="query")
@@ -525,7 +563,7 @@ class ToolSelectionCache(_ToolCacheBase):
         return stored is not None and stored != tools_hash(tools)
 
     def _sync_tools(self, tools: Any, current: str) -> None:
-        if current != self._synced_hash and tools is not None:
+        if current not in self._synced and tools is not None:
             self.invalidate_on_tools_change(tools)
 
     def get_metrics(self, namespace: str | None = None) -> dict[str, Any]:
@@ -631,8 +669,9 @@ class AsyncToolSelectionCache(_ToolCacheBase):
         new = None if tools is None else tools_hash(tools)
         batch = [("GET", self.tools_key), ("DEL", self.tools_key) if new is None else ("SET", self.tools_key, new)]
         query = self.caches["query"]
-        previous = self._tools_reply(await query._send(batch), query.config.fail_open)
-        self._synced_hash = new
+        replies = await query._send(batch)
+        previous = self._tools_reply(replies, query.config.fail_open)
+        self._note_synced(new, replies)
         if new is not None and previous in (None, new):
             return False
         await self.invalidate(namespace="query")
@@ -648,7 +687,7 @@ class AsyncToolSelectionCache(_ToolCacheBase):
         return stored is not None and stored != tools_hash(tools)
 
     async def _sync_tools(self, tools: Any, current: str) -> None:
-        if current != self._synced_hash and tools is not None:
+        if current not in self._synced and tools is not None:
             await self.invalidate_on_tools_change(tools)
 
     async def get_metrics(self, namespace: str | None = None) -> dict[str, Any]:
@@ -821,6 +860,7 @@ def _prewarm_sync(cache: ToolSelectionCache, warmer: PredictiveCacheWarmer, sele
     cache._count_prewarm(scheduled=1)
     helper = PredictiveCacheWarmer(cache.cache(namespace), config=replace(
         warmer.config, key_fn=lambda q: make_key(q, tools, **config)))
+    helper._core.counters = warmer._core.counters  # its prewarm outcomes count as the user's warmer's
 
     def select(q: Any) -> dict[str, Any]:
         started = time.perf_counter()
@@ -881,6 +921,7 @@ def _prewarm_async(cache: AsyncToolSelectionCache, warmer: AsyncPredictiveCacheW
     cache._count_prewarm(scheduled=1)
     helper = AsyncPredictiveCacheWarmer(cache.cache(namespace), config=replace(
         warmer.config, key_fn=lambda q: make_key(q, tools, **config)))
+    helper._core.counters = warmer._core.counters  # its prewarm outcomes count as the user's warmer's
 
     async def select(q: Any) -> dict[str, Any]:
         started = time.perf_counter()
