@@ -850,6 +850,14 @@ def _record_sync(warmer: PredictiveCacheWarmer, query: str, tools: list[str], se
         log.exception("recording %r into the prediction model failed", query)
 
 
+def _prewarm_helper(kind: Any, cache: Any, warmer: Any, make_key: KeyFn, tools: Any, config: dict[str, Any]) -> Any:
+    """A warmer like ``warmer`` that stores prewarmed results under the keys real requests use, and
+    counts its outcomes in ``warmer``'s counters."""
+    helper = kind(cache, config=replace(warmer.config, key_fn=lambda q: make_key(q, tools, **config)))
+    helper._core.counters = warmer._core.counters
+    return helper
+
+
 def _prewarm_sync(cache: ToolSelectionCache, warmer: PredictiveCacheWarmer, selector: Selector, query: str,
                   tools: Any, config: dict[str, Any], session: str | None, make_key: KeyFn, namespace: str,
                   ttl: float | None) -> None:
@@ -858,9 +866,7 @@ def _prewarm_sync(cache: ToolSelectionCache, warmer: PredictiveCacheWarmer, sele
         cache._count_prewarm(skipped=1)
         return
     cache._count_prewarm(scheduled=1)
-    helper = PredictiveCacheWarmer(cache.cache(namespace), config=replace(
-        warmer.config, key_fn=lambda q: make_key(q, tools, **config)))
-    helper._core.counters = warmer._core.counters  # its prewarm outcomes count as the user's warmer's
+    helper = _prewarm_helper(PredictiveCacheWarmer, cache.cache(namespace), warmer, make_key, tools, config)
 
     def select(q: Any) -> dict[str, Any]:
         started = time.perf_counter()
@@ -919,9 +925,7 @@ def _prewarm_async(cache: AsyncToolSelectionCache, warmer: AsyncPredictiveCacheW
         cache._count_prewarm(skipped=1)
         return
     cache._count_prewarm(scheduled=1)
-    helper = AsyncPredictiveCacheWarmer(cache.cache(namespace), config=replace(
-        warmer.config, key_fn=lambda q: make_key(q, tools, **config)))
-    helper._core.counters = warmer._core.counters  # its prewarm outcomes count as the user's warmer's
+    helper = _prewarm_helper(AsyncPredictiveCacheWarmer, cache.cache(namespace), warmer, make_key, tools, config)
 
     async def select(q: Any) -> dict[str, Any]:
         started = time.perf_counter()
