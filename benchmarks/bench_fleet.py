@@ -66,6 +66,8 @@ from victor_rcache.local_redis import LocalRedisServer
 from victor_rcache.warmer import AsyncPredictiveCacheWarmer
 
 CONFIGS = ("none", "cachetools", "fleet", "fleet+prewarm", "fleet+adaptive", "cashews", "aiocache")
+# The earlier design's names for the same configurations (``run --config baseline --config predictive``).
+ALIASES = {"baseline": "none", "per-process": "cachetools", "predictive": "fleet+prewarm", "adaptive": "fleet+adaptive"}
 PEERS = ("cashews", "aiocache")
 FLEET_CONFIGS = ("fleet", "fleet+prewarm", "fleet+adaptive")
 SHARDS = 16
@@ -515,14 +517,21 @@ def available(config: str) -> str | None:
     return None
 
 
+def resolve_configs(configs: Sequence[str] | None) -> list[str]:
+    """The configurations to run, in order, aliases resolved (None: all); ValueError for an unknown name."""
+    wanted = list(dict.fromkeys(ALIASES.get(c, c) for c in configs or CONFIGS))
+    unknown = [c for c in wanted if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown fleet configurations {unknown}; choose from {list(CONFIGS)} "
+                         f"(or the aliases {', '.join(ALIASES)})")
+    return wanted
+
+
 def run_fleet(url: str, quick: bool, configs: list[str] | None, progress: Callable[[str], None],
               processes: Sequence[int] | None = None, costs: Sequence[float] | None = None,
               requests: int | None = None) -> dict[str, Any]:
     """Run the fleet workload against ``url`` and return {"facts", "settings", "results", "targets", ...}."""
-    wanted = list(configs or CONFIGS)
-    unknown = [c for c in wanted if c not in CONFIGS]
-    if unknown:
-        raise ValueError(f"unknown fleet configurations {unknown}; choose from {list(CONFIGS)}")
+    wanted = resolve_configs(configs)
     skipped = {c: why for c in wanted if (why := available(c)) is not None}
     wanted = [c for c in wanted if c not in skipped]
     ns = f"vrcfleet{os.getpid()}"

@@ -181,7 +181,8 @@ def plot(result: dict[str, Any], path: str) -> str:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]' or pip install matplotlib)"
-    micro = [f for f in result.get("groups", {}).get("micro", {}).get("figures", []) if f["id"] in ("l1", "l2")]
+    micro = [f for f in result.get("groups", {}).get("micro", {}).get("figures", [])
+             if f["id"] in ("l1", "l1:shared", "l2")]
     rows = _fleet_rows(result.get("groups", {}).get("fleet", {}))
     keys = ("config", "processes", "cost_ms")
     names = [" ".join(str(r[k]) if k == "config" else f"{k}={r[k]}" for k in keys if k in r) or str(i)
@@ -228,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run benchmark groups and write the results file")
     r.add_argument("--group", choices=(*GROUPS, "all"), default="all")
     r.add_argument("--config", action="append", metavar="NAME",
-                   help=f"only these (repeatable): micro figures {', '.join(FIGURES)}, or fleet configurations")
+                   help=f"only these (repeatable): micro figures {', '.join(FIGURES)}, or fleet configurations "
+                        "none (alias baseline), cachetools (per-process), fleet, fleet+prewarm (predictive), "
+                        "fleet+adaptive (adaptive), cashews, aiocache")
     size = r.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller samples and namespaces (1k/10k/100k entries)")
     size.add_argument("--tiny", action="store_true", help="a smoke run: every figure, too small to mean anything")

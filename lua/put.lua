@@ -103,7 +103,7 @@ for i = HEAD + 1, #ARGV, GROUP do
       redis.call('HSET', ek, 'x', now + ttl)
       redis.call('ZADD', exp_key, now + ttl, id)
     end
-    redis.call('ZADD', l2_key, stamp(), id)
+    redis.call('ZADD', l2_key, stamp(l2_key), id)
     redis.call('ZREM', ghost_key, id)                  -- back in Redis: no longer sizing evidence
     bytes2 = bytes2 + string.len(payload)
     if tier or gone then                               -- some process may hold an older copy

@@ -4,8 +4,9 @@
   invalidates the namespace; B stops serving the old value within 100 ms, measured by B polling
   ``get`` against a deadline. Each B also holds a cache with ``coherence=False`` as a control: it
   still serves the old copy, so the coherent cache's fresh answer is the invalidation's doing.
-* ``CLIENT KILL`` of B's subscriber connection flushes B's L1 before its next read (a value changed
-  in Redis without any publish proves it), and B resubscribes and serves from L1 again. With an ACL
+* ``CLIENT KILL`` of B's subscriber connection makes B's listener flush B's L1 at once, by itself
+  (readers do no I/O; a value changed in Redis without any publish proves the flush), and B
+  resubscribes and serves from L1 again. With an ACL
   user that may not SUBSCRIBE, the channel stays down as long as the test wants: L1 is bypassed
   meanwhile, and copies filled while down are flushed when the subscription is back.
 * A read-heavy workload with promotions, demotions, evictions, idle moves and expiries publishes
@@ -68,6 +69,11 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = LIVENE
 
 def entry_id(cache: MultiLevelCache, key: str | bytes) -> bytes:
     return cache._core.space.ref(key).id
+
+
+def flushes(cache: MultiLevelCache) -> int:
+    """How many times the cache's listener has flushed L1 (no Redis call)."""
+    return int(cache._core.coherence_state()["l1_flushes"])
 
 
 def held(cache: MultiLevelCache, key: str | bytes) -> bool:
@@ -340,8 +346,8 @@ def subscriber_client(raw: Client, cache: MultiLevelCache) -> tuple[redis.Redis,
     return server, client
 
 
-def test_killing_the_subscriber_connection_flushes_l1_before_the_next_read(make_cache: Make, raw: Client,
-                                                                           namespace: str) -> None:
+def test_killing_the_subscriber_connection_flushes_l1_at_once(make_cache: Make, raw: Client,
+                                                              namespace: str) -> None:
     a, b = make_cache(), make_cache(promote_after=1)
     old, new = "stale-copy", "fresh-data"
     envelope = Envelope(MsgpackCodec())
@@ -363,7 +369,9 @@ def test_killing_the_subscriber_connection_flushes_l1_before_the_next_read(make_
     server, victim = subscriber_client(raw, b)
     assert server.client_kill_filter(_id=victim["id"]) == 1
 
-    # The very next read: L1 was flushed (the loss was noticed before serving), the value comes from Redis.
+    # B's listener notices the loss by itself and flushes L1 (no read is needed for that); then a
+    # read finds no copy and the value comes from Redis.
+    wait_until(lambda: flushes(b) > before["coherence"]["l1_flushes"], "B's listener noticing the kill")
     assert b.get(keys[0]) == new
     assert b.get(keys[1]) == new
     after = b.get_metrics()
@@ -423,12 +431,12 @@ def test_l1_is_bypassed_while_the_subscription_is_down_and_flushed_when_it_is_ba
 
         raw.hset(entry_key(b, "k"), "v", envelope.wrap(two))  # no publish
         assert b.get("k") == one, "B should still serve its L1 copy (nothing told it)"
-        flushes = b.get_metrics()["coherence"]["l1_flushes"]
+        flushed = flushes(b)
         assert server.client_kill_filter(_id=victim["id"]) == 1
+        wait_until(lambda: flushes(b) > flushed, "B's listener noticing the kill")
         assert b.get("k") == two, "B served its L1 copy after its subscriber connection was killed"
         m = b.get_metrics()
         assert m["coherence"]["channel"] == "down"  # SUBSCRIBE is refused now
-        assert m["coherence"]["l1_flushes"] > flushes
         l1_hits = m["l1"]["hits"]
         for _ in range(3):  # down: every read goes to Redis, though each one copies the value into L1
             assert b.get("k") == two

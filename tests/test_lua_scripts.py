@@ -79,8 +79,8 @@ def test_scripts_registry_loads_every_script_with_includes_expanded(raw: Client)
     scripts = Scripts()
     assert tuple(s.name for s in scripts.all()) == SCRIPT_NAMES
     def expanded(path: Path) -> bytes:  # a file with its includes (and theirs) pasted in
-        return re.sub(rb'-- @include "(includes/[\w.]+)"\n', lambda m: expanded(lua_dir() / m.group(1).decode()),
-                      path.read_bytes())
+        return re.sub(rb'(?m)^[ \t]*-- @include "(includes/[\w.]+)"[ \t]*$',
+                      lambda m: expanded(lua_dir() / m.group(1).decode()), path.read_bytes())
 
     prelude = expanded(lua_dir() / "includes" / "shard.lua")
     model = expanded(lua_dir() / "includes" / "model.lua")

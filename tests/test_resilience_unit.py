@@ -1,6 +1,8 @@
-"""The circuit breaker's state machine and the retry classification (pure logic, fake clock)."""
+"""The circuit breaker's state machine, the retry classification and the retry policy (pure logic)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from redis.exceptions import (
@@ -16,7 +18,17 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from victor_rcache.resilience import CircuitBreaker, CircuitOpenError, is_transient, raise_transient
+from victor_rcache.config import CacheConfig
+from victor_rcache.resilience import (
+    RETRY_ATTEMPTS,
+    RETRY_BACKOFF,
+    RETRY_WINDOW,
+    CircuitBreaker,
+    CircuitOpenError,
+    Resilience,
+    is_transient,
+    raise_transient,
+)
 
 from .helpers import FakeClock
 
@@ -77,3 +89,36 @@ def test_a_transient_reply_in_a_pipeline_makes_the_batch_retry() -> None:
     assert raise_transient(replies) is replies  # a permanent error stays in place for the core
     with pytest.raises(TryAgainError):
         raise_transient([1, TryAgainError("TRYAGAIN")])
+
+
+def _resilience(**settings: float) -> Resilience:
+    return Resilience(CacheConfig(redis_url="redis://127.0.0.1:1/0", **settings), name="test")
+
+
+def test_a_transient_error_is_retried_after_a_jittered_exponential_pause() -> None:
+    policy = _resilience()
+    for attempt in range(1, RETRY_ATTEMPTS):
+        pauses = [policy.retry_pause(RedisConnectionError("reset"), attempt, time.monotonic()) for _ in range(200)]
+        assert all(p is not None and 0 <= p <= RETRY_BACKOFF * 2 ** (attempt - 1) for p in pauses), pauses
+        assert len(set(pauses)) > 1, "the pause is drawn at random (full jitter)"
+    assert policy.retries == 200 * (RETRY_ATTEMPTS - 1), "every retry is counted"
+
+
+@pytest.mark.parametrize("error", [ResponseError("WRONGTYPE"), NoScriptError("NOSCRIPT"),
+                                   RedisTimeoutError("timed out"), KeyboardInterrupt()])
+def test_what_is_not_transient_is_never_retried(error: BaseException) -> None:
+    policy = _resilience()
+    assert policy.retry_pause(error, 1, time.monotonic()) is None
+    assert policy.retries == 0
+
+
+def test_no_attempt_after_the_last_one_nor_after_the_window() -> None:
+    policy = _resilience()
+    reset = RedisConnectionError("reset")
+    assert policy.retry_pause(reset, RETRY_ATTEMPTS, time.monotonic()) is None
+    # The next attempt would begin after RETRY_WINDOW from the call's start (whatever the pause).
+    assert policy.retry_pause(reset, 1, time.monotonic() - RETRY_WINDOW) is None
+    # A socket_timeout shorter than RETRY_WINDOW is the window then.
+    short = _resilience(socket_timeout=RETRY_WINDOW / 4)
+    assert short.retry_pause(reset, 1, time.monotonic() - RETRY_WINDOW / 4) is None
+    assert policy.retries == short.retries == 0

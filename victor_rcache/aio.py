@@ -11,15 +11,14 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying
 
 from .cache import CacheBase
 from .config import CacheConfig
-from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client
+from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client, goes_alone, send_alone_async
 from .metrics import Timing
 from .resilience import raise_transient
 from .stampede import Flights, LeaderGone
-from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
+from .tiers import MISS, Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
 
 T = TypeVar("T")
 log = logging.getLogger("victor_rcache")
@@ -68,10 +67,21 @@ class AsyncMultiLevelCache(CacheBase):
         if refused is not None:
             return refused
         try:
-            async for attempt in AsyncRetrying(**self._resilience.retrying()):
-                with attempt:
-                    pipe = queue(self.client.pipeline(transaction=False), batch)
-                    replies = raise_transient(await pipe.execute(raise_on_error=False))
+            client, started, attempt = self.client, time.monotonic(), 1
+            while True:
+                try:
+                    if goes_alone(client, batch):
+                        replies = await send_alone_async(client, batch[0])
+                    else:
+                        pipe = queue(client.pipeline(transaction=False), batch)
+                        replies = raise_transient(await pipe.execute(raise_on_error=False))
+                    break
+                except IO_ERRORS as exc:
+                    pause = self._resilience.retry_pause(exc, attempt, started)
+                    if pause is None:
+                        raise
+                await asyncio.sleep(pause)
+                attempt += 1
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
         except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
@@ -80,10 +90,13 @@ class AsyncMultiLevelCache(CacheBase):
         return self._resilience.settle(replies)
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:
-        if self._observer is None:  # the L1-hit path stays as short as it was
-            return await self._drive(self._core.get(key, default))
+        core = self._core
+        if self._observer is None:  # an L1 hit is plain code: no generator, no timing
+            value = core.get_from_l1(key)
+            return value if value is not MISS else await self._drive(core.get_from_redis(key, default))
         with self._timing("get") as timing:
-            return await self._drive(self._core.get(key, default, timing))
+            value = core.get_from_l1(key, timing)
+            return value if value is not MISS else await self._drive(core.get_from_redis(key, default, timing))
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
         with self._timing("get_many"):

@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from redis.exceptions import RedisError
-from tenacity import Retrying
 
 from . import forksafe
 from .coherence import InvalidationListener
@@ -24,7 +23,9 @@ from .connection import (
     SyncClient,
     as_redis_error,
     cluster_nodes,
+    goes_alone,
     pipeline,
+    send_alone,
     subscriber_connections,
     sync_client,
 )
@@ -32,7 +33,7 @@ from .errors import ConfigurationError, InvalidArgumentError
 from .metrics import NO_TIMING, Observer, Timing
 from .resilience import Resilience, raise_transient
 from .stampede import Flights, LeaderGone
-from .tiers import Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
+from .tiers import MISS, Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
 
 T = TypeVar("T")
 log = logging.getLogger("victor_rcache")
@@ -188,9 +189,20 @@ class MultiLevelCache(CacheBase):
         try:
             if self._stale_client:
                 self.client, self._stale_client = sync_client(self.config), False
-            for attempt in Retrying(**self._resilience.retrying()):
-                with attempt:
-                    replies = raise_transient(queue(pipeline(self.client), batch).execute(raise_on_error=False))
+            client, started, attempt = self.client, time.monotonic(), 1
+            while True:
+                try:
+                    if goes_alone(client, batch):
+                        replies = send_alone(client, batch[0])
+                    else:
+                        replies = raise_transient(queue(pipeline(client), batch).execute(raise_on_error=False))
+                    break
+                except IO_ERRORS as exc:
+                    pause = self._resilience.retry_pause(exc, attempt, started)
+                    if pause is None:
+                        raise
+                time.sleep(pause)
+                attempt += 1
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
         except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
@@ -200,10 +212,13 @@ class MultiLevelCache(CacheBase):
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` on a miss. A cached ``None`` is a hit."""
-        if self._observer is None:  # the L1-hit path stays as short as it was
-            return self._drive(self._core.get(key, default))
+        core = self._core
+        if self._observer is None:  # an L1 hit is plain code: no generator, no timing
+            value = core.get_from_l1(key)
+            return value if value is not MISS else self._drive(core.get_from_redis(key, default))
         with self._timing("get") as timing:
-            return self._drive(self._core.get(key, default, timing))
+            value = core.get_from_l1(key, timing)
+            return value if value is not MISS else self._drive(core.get_from_redis(key, default, timing))
 
     def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
         """A dict of the hits among ``keys`` (one round trip for all keys that miss L1)."""

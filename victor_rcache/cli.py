@@ -670,7 +670,8 @@ CLIENT_COMMANDS = ("evalsha", "eval", "set", "exists", "pttl", "hgetall", "hsetn
 PROBE_ARGS: dict[str, tuple[str, ...]] = {
     "hget": ("K", "f"), "hmget": ("K", "f"), "hset": ("K", "f", "v"), "hsetnx": ("K", "f", "v"),
     "hincrby": ("K", "f", "1"), "hdel": ("K", "f"), "hexists": ("K", "f"), "zadd": ("K", "1", "m"),
-    "zrem": ("K", "m"), "zscore": ("K", "m"), "zincrby": ("K", "1", "m"), "zrange": ("K", "0", "1"),
+    "zrem": ("K", "m"), "zscore": ("K", "m"), "zmscore": ("K", "m"),
+    "zincrby": ("K", "1", "m"), "zrange": ("K", "0", "1"),
     "zrangebyscore": ("K", "0", "1"), "zremrangebyscore": ("K", "0", "1"), "zremrangebyrank": ("K", "0", "1"),
     "lrange": ("K", "0", "1"), "ltrim": ("K", "0", "1"), "lpush": ("K", "v"), "pexpire": ("K", "1"),
     "set": ("K", "v"), "zunionstore": ("K", "1", "K"), "eval": ("return 1", "1", "K"),

@@ -29,6 +29,21 @@ FORMAT_VERSION = 1
 SIGNED_FORMAT_VERSION = 2
 TAG_BYTES = 16
 _TUPLE_EXT = 1
+_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def immutable(value: Any) -> bool:
+    """Whether nobody can change ``value``: None, bool, int, float, str, bytes, or a tuple of only
+    such values (nested tuples too). Exact types only: a subclass may carry mutable state."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is tuple:
+            pending.extend(item)
+        elif kind not in _IMMUTABLE:
+            return False
+    return True
 
 
 @runtime_checkable
@@ -113,6 +128,7 @@ class Envelope:
         self._key = signing_key
         version = FORMAT_VERSION if signing_key is None else SIGNED_FORMAT_VERSION
         self._header = bytes([version, len(name)]) + name
+        self._body_at = len(self._header) + (0 if signing_key is None else TAG_BYTES)
 
     def _tag(self, body: bytes) -> bytes:
         assert self._key is not None
@@ -128,6 +144,11 @@ class Envelope:
         if self._key is None:
             return self._header + body
         return self._header + self._tag(body) + body
+
+    def decode_checked(self, payload: bytes) -> Any:
+        """Decode a payload this envelope made or has already unwrapped (an L1 copy): the header and
+        signature were checked then, so only the codec runs."""
+        return self.codec.decode(payload[self._body_at:])
 
     def unwrap(self, payload: bytes) -> Any:
         """Decode a payload; raises ValueError for a foreign, unsigned, forged or corrupt one."""

@@ -5,15 +5,18 @@ The scripts publish on ``<ns>:inval`` whenever they really change a value (see
 ``*<shard> <version>`` when a shard is flushed. :class:`InvalidationListener` holds one subscribed
 connection per cache and applies those messages to L1:
 
-* before every L1 read, the reader drains whatever has already arrived on the socket (a
-  non-blocking poll), so a message that reached this host is applied before the next read;
-* a background thread drains in between, pings the server every second, and reconnects;
+* a background thread waits on the socket (``select``) and applies each message as soon as it
+  arrives (within a thread switch, well inside the fleet's 100 ms bound); it also pings the server
+  every second and reconnects;
+* readers do no I/O and take no lock of the listener's: :meth:`InvalidationListener.trusted` reads
+  one flag;
 * pub/sub drops messages across a disconnect, so when the connection breaks (or goes silent for
-  ``SILENCE`` seconds) L1 is flushed at once and not trusted again until a new subscription is
-  confirmed, and it is flushed again then. While untrusted, reads go to Redis.
+  ``SILENCE`` seconds) that flag goes down first, so readers stop trusting L1 at once, then L1 is
+  flushed, and it is not trusted again until a new subscription is confirmed, and flushed again
+  then. While untrusted, reads go to Redis. If the thread itself ever stopped, the flag goes down.
 
-It uses a plain redis-py connection and a thread for both front ends: the work is a few
-microseconds per read, and an asyncio process keeps no task of its own for it.
+It uses a plain redis-py connection and a thread for both front ends: an asyncio process keeps no
+task of its own for it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def parse_invalidation(data: bytes) -> list[tuple[bytes, int]]:
 
 
 class Coherence(Protocol):
-    """What the tier core asks before it serves from L1."""
+    """What the tier core asks before it serves from L1 (on every L1 read: it must be cheap)."""
 
     def trusted(self) -> bool: ...
 
@@ -111,17 +114,8 @@ class InvalidationListener:
         return self._healthy
 
     def trusted(self) -> bool:
-        """Apply what has arrived; True if L1 may be served (the channel is up and nothing was lost)."""
-        if not self._healthy:
-            return False
-        # The thread holds the lock only for non-blocking work; if it is busy anyway, a reader goes
-        # to Redis this once rather than wait for it.
-        if not self._lock.acquire(timeout=0.005):
-            return False
-        try:
-            self._drain()
-        finally:
-            self._lock.release()
+        """True if L1 may be served: the channel is up and nothing was lost (no I/O, no lock: the
+        thread applies messages as they arrive)."""
         return self._healthy
 
     def close(self) -> None:
@@ -225,11 +219,20 @@ class InvalidationListener:
     # ------------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        try:
+            self._listen()
+        except Exception:  # never expected; but with nobody applying invalidations L1 must not be trusted
+            log.exception("the invalidation listener on %r stopped; L1 is bypassed from now on", self.channel,
+                          extra=self._fields("invalidation_listener_failed"))
+        finally:
+            self._healthy = False
+
+    def _listen(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
             if self._conn is None:
                 try:
-                    conn = self._subscribe()  # outside the lock: readers never wait for the network
+                    conn = self._subscribe()  # outside the lock: close() never waits for the network
                     with self._lock:
                         self._install(conn)
                     backoff = 0.05
@@ -246,10 +249,12 @@ class InvalidationListener:
                     backoff = min(backoff * 2, RECONNECT_MAX)
                     continue
                 self._first_try.set()
-            self._wait_for_data()
+            # Drain before waiting: a reply read together with the last one (SUBSCRIBE's, say) may sit
+            # in redis-py's buffer, where select() cannot see it. After a drain nothing complete is left.
             with self._lock:
                 self._drain()
                 self._keep_alive()
+            self._wait_for_data()
 
     def _wait_for_data(self) -> None:
         conn = self._conn

@@ -82,6 +82,12 @@ class CacheConfig:
     breaker_cooldown: float = 1.0
     cluster: bool = False
     coherence: bool = True
+    copy_on_read: bool = True
+    """True: an L1 hit returns a freshly decoded copy of a mutable value (list, dict, a tuple holding
+    one), so a caller mutating it changes nothing for anyone else; values nobody can mutate (None,
+    bool, int, float, str, bytes, tuples of these) are decoded once and shared. False: every L1 value
+    is decoded once and shared by all later hits, which is faster; values from L1 are shared, do not
+    mutate them (as with cachetools or functools.lru_cache)."""
     lease_ttl: float = 30.0
     early_refresh: bool = False
     early_refresh_beta: float = 1.0
@@ -92,6 +98,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check_size(self.l1_size, "l1_size")
+        if not isinstance(self.copy_on_read, bool):
+            raise ConfigurationError(f"copy_on_read={self.copy_on_read!r} must be True or False")
         if self.adaptive_l1:
             self.l1_sizing  # noqa: B018  (validates the adaptive settings now, with their names)
         _check_size(self.shards, "shards")

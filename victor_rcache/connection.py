@@ -2,6 +2,10 @@
 
 redis-py's own retries are switched off: a cache call must return within its timeout, and
 retrying is the resilience layer's decision, not the driver's.
+
+A batch of one command (most often one script call on one shard) goes without a pipeline
+(:func:`send_alone`, :func:`send_alone_async`); its reply comes back as a pipeline's would, with an
+error Redis answered standing in place of the reply.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .config import CacheConfig, redact
 from .errors import ConfigurationError
+from .resilience import raise_transient
+from .scripts import Command
 
 
 def _options(config: CacheConfig) -> dict[str, Any]:
@@ -118,11 +125,75 @@ def pipeline(client: SyncClient) -> Any:
     """
     pipe = client.pipeline(transaction=False)
     resolver = getattr(client, "_policy_resolver", None)
-    if isinstance(client, RedisCluster) and resolver is not None and hasattr(pipe, "_policy_resolver"):
+    if is_cluster(client) and resolver is not None and hasattr(pipe, "_policy_resolver"):
         if resolver.resolve("evalsha") is None:  # a client of the application's: add script routing
             resolver = _script_routing(resolver).get("policy_resolver", resolver)
         pipe._policy_resolver = resolver
     return pipe
+
+
+SCRIPT_CALLS = frozenset({"EVALSHA", "EVAL"})
+# A lone script call on a cluster goes straight to the node serving its keys' slot. What a cluster
+# client's pipeline would hand back to the client itself (which follows MOVED and ASK, waits out
+# TRYAGAIN and, after a connection failure, reads the slot map again) goes back to it the same way:
+# redis-py's sync pipeline does so for all of these, its asyncio pipeline for the redirections only.
+RESENT_BY_CLUSTER: tuple[type[RedisError], ...] = (MovedError, AskError, TryAgainError, RedisConnectionError,
+                                                    RedisTimeoutError)
+RESENT_BY_ASYNC_CLUSTER: tuple[type[RedisError], ...] = (MovedError, AskError, TryAgainError)
+
+
+_cluster_types: dict[type, bool] = {}
+
+
+def is_cluster(client: SyncClient | AsyncClient) -> bool:
+    """Is ``client`` a (sync or asyncio) cluster client? Remembered per class: an ``isinstance`` check
+    against redis-py's client classes (typing Protocols) costs about half a microsecond."""
+    kind = type(client)
+    known = _cluster_types.get(kind)
+    if known is None:
+        known = _cluster_types[kind] = issubclass(kind, (RedisCluster, AsyncRedisCluster))
+    return known
+
+
+def goes_alone(client: SyncClient | AsyncClient, batch: list[Command]) -> bool:
+    """Is ``batch`` sent without a pipeline? A lone command is; on a cluster, only a script call with keys
+    (routed by its first key: every key of a call shares a slot), anything else keeps the pipeline's routing."""
+    if len(batch) != 1:
+        return False
+    command = batch[0]
+    return not is_cluster(client) or (command[0] in SCRIPT_CALLS and command[2] > 0)
+
+
+def send_alone(client: SyncClient, command: Command) -> list[Any]:
+    """Send one command (see :func:`goes_alone`): ``[reply]``, or ``[error]`` for an error Redis answered,
+    as a pipeline's ``execute(raise_on_error=False)`` puts it; a transient one is raised (the batch is
+    retried), like any failure to reach Redis."""
+    sender: Any = client  # (redis-py's cluster client is untyped)
+    try:
+        if is_cluster(client):
+            node = sender.get_redis_connection(sender.get_node_from_key(command[3]))
+            try:
+                return [node.execute_command(*command)]
+            except RESENT_BY_CLUSTER:
+                pass  # the cluster client sends it again, following the cluster
+        return [sender.execute_command(*command)]
+    except ResponseError as exc:
+        return raise_transient([exc])
+
+
+async def send_alone_async(client: AsyncClient, command: Command) -> list[Any]:
+    """:func:`send_alone` on an asyncio client."""
+    sender: Any = client
+    try:
+        if is_cluster(client):
+            await sender.initialize()  # nothing to do unless a failure asked for a fresh slot map
+            try:
+                return [await sender.get_node_from_key(command[3]).execute_command(*command)]
+            except RESENT_BY_ASYNC_CLUSTER:
+                pass
+        return [await sender.execute_command(*command)]
+    except ResponseError as exc:
+        return raise_transient([exc])
 
 
 def async_client(config: CacheConfig) -> AsyncClient:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -84,10 +84,16 @@ NO_TIMING = NoTiming()
 
 
 class Counters:
-    """Thread-safe process counters."""
+    """Thread-safe process counters.
 
-    def __init__(self) -> None:
+    ``served``, when given, reads a count of L1 hits kept elsewhere (by the L1 itself, under its
+    own lock, so that an L1 hit costs one lock): each of them is a get and an L1 hit too, added to
+    ``gets`` and ``l1_hits`` in every snapshot (from one reading, so hits + misses == gets holds).
+    """
+
+    def __init__(self, served: Callable[[], int] | None = None) -> None:
         self._values = dict.fromkeys(COUNTERS, 0)
+        self._served = served
         self._lock = threading.Lock()
         forksafe.register(self)
 
@@ -101,7 +107,12 @@ class Counters:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._values)
+            values = dict(self._values)
+        if self._served is not None:
+            served = self._served()
+            values["gets"] += served
+            values["l1_hits"] += served
+        return values
 
 
 def fleet_tally(stats: Iterable[dict[str, int]]) -> dict[str, int]:

@@ -14,12 +14,15 @@ Every batch a front end sends goes through :class:`Resilience`:
   has used the deadline up. Errors that cannot succeed (WRONGTYPE, script errors, authentication,
   missing ACL permissions) are never retried.
 
-The policy is shared; the front ends run it with tenacity's ``Retrying`` or ``AsyncRetrying``.
+The decisions are made here (:meth:`Resilience.retry_pause`, :meth:`Resilience.settle`); the sync and
+async front ends only do the I/O and the waiting, in a plain loop (a batch that succeeds at once costs
+one clock reading on top of its round trip).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +38,6 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import retry_if_exception, stop_after_attempt, stop_before_delay, wait_random_exponential
 
 from . import forksafe
 from .config import CacheConfig
@@ -44,6 +46,8 @@ log = logging.getLogger("victor_rcache")
 
 RETRY_ATTEMPTS = 3
 RETRY_WINDOW = 0.04  # seconds from a call's start in which a retry may begin
+RETRY_BACKOFF = 0.005  # seconds: retry n waits a random time up to RETRY_BACKOFF * 2 ** (n - 1) ("full jitter"),
+RETRY_BACKOFF_MAX = 0.1  # and never more than this
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
 
@@ -85,6 +89,9 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a call contact Redis now? (In half-open state, only the one probe may.)"""
+        state = self.state  # read without the lock: a transition racing this read could as well come after it
+        if state == "closed":  # the common case
+            return True
         with self._lock:
             if self.state == "closed":
                 return True
@@ -98,6 +105,8 @@ class CircuitBreaker:
             return False
 
     def success(self) -> None:
+        if self.state == "closed" and not self.failures:  # nothing to change (the common case): no lock
+            return
         with self._lock:
             if self.state != "closed":
                 log.warning("circuit to %s closed: Redis answered again", self.name,
@@ -142,18 +151,22 @@ class Resilience:
         self.deadline = config.socket_timeout
         self.retries = 0
 
-    def retrying(self) -> dict[str, Any]:
-        """Keyword arguments for tenacity's ``Retrying``/``AsyncRetrying``: one batch, bounded."""
-        return {
-            "retry": retry_if_exception(is_transient),
-            "wait": wait_random_exponential(multiplier=0.005, max=0.1),
-            "stop": stop_after_attempt(RETRY_ATTEMPTS) | stop_before_delay(min(self.deadline, RETRY_WINDOW)),
-            "before_sleep": self._count_retry,
-            "reraise": True,
-        }
+    def retry_pause(self, exc: BaseException, attempt: int, started: float) -> float | None:
+        """After attempt number ``attempt`` (from 1) of a batch raised ``exc``: the seconds to wait before
+        the next attempt, or None if there is none (the front end then raises ``exc`` again).
 
-    def _count_retry(self, _state: Any) -> None:
+        ``started`` is ``time.monotonic()`` when the batch's first attempt began. Only a transient error
+        is retried, at most ``RETRY_ATTEMPTS`` attempts in all, and only if the next attempt begins
+        within ``RETRY_WINDOW`` (or ``socket_timeout``, if shorter) of ``started``. The wait before
+        retry n is drawn uniformly from [0, min(RETRY_BACKOFF * 2 ** (n - 1), RETRY_BACKOFF_MAX)].
+        """
+        if attempt >= RETRY_ATTEMPTS or not is_transient(exc):
+            return None
+        pause = random.uniform(0, min(RETRY_BACKOFF * 2 ** (attempt - 1), RETRY_BACKOFF_MAX))
+        if time.monotonic() - started + pause >= min(self.deadline, RETRY_WINDOW):
+            return None
         self.retries += 1
+        return pause
 
     def refused(self) -> RedisError | None:
         """The error to answer with at once if the breaker keeps Redis off limits, else None."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-_INCLUDE = re.compile(r'^-- @include "([\w./-]+)"\s*$', re.MULTILINE)
+_INCLUDE = re.compile(r'^[ \t]*-- @include "([\w./-]+)"[ \t]*$', re.MULTILINE)
 
 Command = tuple[Any, ...]
 

@@ -5,7 +5,8 @@
     get(key)
       │
       ▼
-    L1 ─ this process, LRU + TTL ───────── hit ──▶ value (decoded fresh for each caller)
+    L1 ─ this process, LRU + TTL ───────── hit ──▶ value (a fresh copy for each caller, unless nobody
+      │                                              can mutate it, or copy_on_read=False)
       │ miss
       ▼
     Redis ─ get.lua on the key's shard ─── hit ──▶ value; L1 copy once the entry is hot
@@ -17,10 +18,11 @@
              (single-flight), once per fleet   (refused if the key      processes drop their
              (a lease in Redis)                 changed since the miss)  older L1 copies
 
-Operations are generators ("sans-I/O"): they yield instructions — a batch of Redis commands
-(one pipeline, one network round trip), a pause, or "run the loader" — and receive the outcome
-(replies with errors in place, or the loaded value), so the sync and async front ends share all
-of this logic and only do the I/O.
+Operations are generators ("sans-I/O"): they yield instructions — a batch of Redis commands (one
+network round trip: a lone command is sent as is, several as a pipeline), a pause, or "run the
+loader" — and receive the outcome (replies with errors in place, or the loaded value), so the sync
+and async front ends share all of this logic and only do the I/O. An L1 hit needs no I/O, so it
+skips the generator machinery: :meth:`TierCore.get_from_l1` is plain code both front ends call first.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ from typing import Any, Literal, TypeVar, Union
 from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
 from . import forksafe
-from .codec import FORMAT_VERSION, Envelope
+from .codec import FORMAT_VERSION, Envelope, immutable
 from .coherence import Coherence, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
 from .errors import CacheUnavailableError, ConfigurationError, InvalidArgumentError, ValueTooLargeError
 from .fleet_sizing import FleetSizing, run_safely
 from .keys import EntryRef, KeySpace
-from .l1 import L1Entry, LocalCache
+from .l1 import NOT_DECODED, NOT_SHARED, L1Entry, LocalCache
 from .metrics import SOURCES, Counters, Timing, build_metrics, fleet_tally
 from .scripts import Command, ScriptCall, Scripts, needs_reload
 from .stampede import refresh_early
@@ -65,6 +67,9 @@ RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads it
 # a waiting call gives a slow reload (a busy server) about 120 ms before reloading the script itself
 
 _scripts: dict[bool, Scripts] = {}
+MISS: Any = object()  # what TierCore.get_from_l1 returns when L1 cannot serve the key
+REFS_REMEMBERED = 4096  # user keys whose EntryRef get_from_l1 keeps at hand (all forgotten when full)
+REF_KEY_MAX = 1024  # ... if they are at most this long (characters or bytes)
 
 
 def feed(step: Step[T], outcome: Any) -> tuple[Instruction | None, T | None]:
@@ -174,7 +179,7 @@ class TierCore:
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic, config.l1_sizing)
         self.coherence: Coherence = coherence or NoCoherence()
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
-        self.counters = Counters()
+        self.counters = Counters(served=lambda: self.l1.hits)  # L1 hits are counted by L1 itself
         self._caps2 = split_capacity(config.l2_size, config.shards)
         self._caps3 = split_capacity(config.l3_size, config.shards)
         self.sizing = FleetSizing(config, self.space, self.scripts) if config.adaptive_redis else None
@@ -186,7 +191,9 @@ class TierCore:
         self._failing = False
         self._failure_logged_at = -FAILURE_LOG_INTERVAL
         self._lock = threading.Lock()
-        self._unreported_l1_hits = 0
+        self._share_all = not config.copy_on_read  # share every decoded L1 value, mutable ones too
+        self._refs: dict[Any, EntryRef] = {}  # user key -> its EntryRef, for get_from_l1 (see _ref)
+        self._reported_l1_hits = 0  # of self.l1.hits, those sent to the fleet totals
         self._reported_l1_evictions = 0
         self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
         self._script_gen: dict[str, int] = {}  # script name -> reloads claimed (see run_scripts)
@@ -204,13 +211,31 @@ class TierCore:
         """The value under ``key``, or ``default`` on a miss (a cached None is a hit).
 
         ``trace``, the call's own timing when the cache is observed, is told which tier served it.
+        The front ends run the same steps without a generator for an L1 hit: :meth:`get_from_l1`,
+        then only if it returns :data:`MISS`, :meth:`get_from_redis`.
         """
+        value = self.get_from_l1(key, trace)
+        if value is not MISS:
+            return value
+        return (yield from self.get_from_redis(key, default, trace))
+
+    def get_from_l1(self, key: str | bytes, trace: Timing | None = None) -> Any:
+        """The first step of :meth:`get`, plain code (no I/O): the value if this process's L1 may serve
+        ``key``, else :data:`MISS`, after which the caller must run :meth:`get_from_redis`. Counts the
+        request either way (an L1 hit costs one lock: L1's own, which counts it)."""
+        # Exact types only: a memoryview equal to a remembered bytes key is still not a key.
+        ref = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
+        entry = self._from_l1(ref or self._ref(key))
+        if entry is None:
+            return MISS
+        if trace is not None:
+            trace.outcome = "l1"
+        value = entry.decoded  # the shared value, checked here: the hottest path saves a call
+        return value if value is not NOT_DECODED and value is not NOT_SHARED else self._l1_value(entry)
+
+    def get_from_redis(self, key: str | bytes, default: Any = None, trace: Timing | None = None) -> Step[Any]:
+        """The rest of :meth:`get` after :meth:`get_from_l1` returned :data:`MISS` (the request is counted)."""
         ref = self.space.ref(key)
-        entry = self._from_l1(ref)
-        if entry is not None:
-            if trace is not None:
-                trace.outcome = "l1"
-            return self.envelope.unwrap(entry.payload)
         found = yield from self._fetch([ref])
         if trace is not None:
             trace.outcome = found.source(ref.id)
@@ -229,23 +254,42 @@ class TierCore:
             if entry is None:
                 remote.append(ref)
             else:
-                out[key] = self.envelope.unwrap(entry.payload)
+                out[key] = self._l1_value(entry)
         if remote:
             found = yield from self._fetch(remote)
             for entry_id, value in found.values.items():
                 out[wanted[entry_id][0]] = value
         return out
 
+    def _ref(self, key: str | bytes) -> EntryRef:
+        """``space.ref(key)`` (which validates the key), remembered for :meth:`get_from_l1`: a dict
+        lookup costs a fraction of a validated, lru_cached call."""
+        ref = self.space.ref(key)
+        if len(key) <= REF_KEY_MAX:  # long keys (prompts...) are not held twice: they take the slower path
+            if len(self._refs) >= REFS_REMEMBERED:
+                self._refs.clear()
+            self._refs[key] = ref
+        return ref
+
     def _from_l1(self, ref: EntryRef) -> L1Entry | None:
-        """This process's copy, if L1 may be trusted (counts the request and the L1 hit)."""
-        entry = self.l1.get(ref.id) if self.coherence.trusted() else None
+        """This process's copy, if L1 may be trusted. Counts the request: an L1 hit in L1 itself (under
+        the lock it takes anyway), anything else here."""
+        entry = self.l1.serve(ref.id) if self.coherence.trusted() else None
         if entry is None:
             self.counters.add(gets=1)
-            return None
-        with self._lock:
-            self._unreported_l1_hits += 1
-        self.counters.add(gets=1, l1_hits=1)
         return entry
+
+    def _l1_value(self, entry: L1Entry) -> Any:
+        """An L1 copy's value: the shared one, or decoded from the payload. The first hit decides whether
+        later hits share what it decoded: only if nobody can mutate it, or any value with
+        ``copy_on_read=False`` (two first hits racing both decode; either one's result is right). Every
+        L1 payload was made here or unwrapped (checked) when it came from Redis: only the codec runs."""
+        value = entry.decoded
+        if value is NOT_DECODED:
+            value = self.envelope.decode_checked(entry.payload)
+            entry.decoded = value if self._share_all or immutable(value) else NOT_SHARED
+            return value
+        return self.envelope.decode_checked(entry.payload) if value is NOT_SHARED else value
 
     def _fetch(self, refs: list[EntryRef]) -> Step[Fetched]:
         groups = _by_shard(refs)
@@ -860,14 +904,15 @@ class TierCore:
 
     def _take_l1_deltas(self) -> tuple[int, int]:
         with self._lock:
-            hits, self._unreported_l1_hits = self._unreported_l1_hits, 0
+            served = self.l1.hits
+            hits, self._reported_l1_hits = served - self._reported_l1_hits, served
             evictions = self.l1.evictions - self._reported_l1_evictions
             self._reported_l1_evictions = self.l1.evictions
         return hits, evictions
 
     def _give_back_l1_deltas(self, deltas: tuple[int, int]) -> None:
         with self._lock:
-            self._unreported_l1_hits += deltas[0]
+            self._reported_l1_hits -= deltas[0]
             self._reported_l1_evictions -= deltas[1]
 
     def _count_events(self, events: list[int]) -> None:

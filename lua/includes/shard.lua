@@ -1,12 +1,13 @@
 --[[
-  includes/shard.lua: the shard prelude, pasted at the top of get.lua, put.lua, delete.lua and flush.lua
-  (flush.lua takes its own ARGV, not the common header; it uses the key names and type check).
+  includes/shard.lua: the shard prelude, pasted at the top of put.lua, delete.lua and flush.lua, and
+  inside get.lua's full path (flush.lua takes its own ARGV, not the common header; it uses the key
+  names and type check). It pastes includes/head.lua (key names, header, stamps) and includes/acl.lua.
 
   A namespace is split into shards; every key of one shard shares the shard's hash tag, so each
   script call touches exactly one hash slot (Redis Cluster rule). The shard's keys:
 
-    KEYS[1]  <ns>:{<tag>}:l2      ZSET  member = entry id, score = last touch in L2 (ms, see stamp())
-    KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms, see stamp())
+    KEYS[1]  <ns>:{<tag>}:l2      ZSET  member = entry id, score = last touch in L2 (ms, see stamp() in includes/head.lua)
+    KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms, see stamp() in includes/head.lua)
     KEYS[3]  <ns>:{<tag>}:exp     ZSET  member = entry id, score = absolute expiry (ms); entries with a ttl only
     KEYS[4]  <ns>:{<tag>}:stats   HASH  fleet counters and byte totals of this shard
     KEYS[5]  <ns>:{<tag>}:gone    ZSET  member = entry id, score = when it left Redis while some
@@ -58,15 +59,12 @@
     * idle movement and absolute expiry are applied to the key being read, and swept for up to
       SWEEP other due entries per call, so Redis never does unbounded work in one call.
 ]]
+-- @include "includes/head.lua"
 -- @include "includes/acl.lua"
 
-local HEAD = 9
 local SWEEP = 16
 local RECORDS_MAX = 1024  -- `gone`/`fence` records kept per shard at least (more for bigger shards)
 
-local l2_key, l3_key, exp_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local gone_key, fence_key, ghost_key = KEYS[5], KEYS[6], KEYS[7]
-local base = string.sub(l2_key, 1, -3)
 local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
 
 -- ARGV[i] as an integer >= min, or nil. Only plain decimal digits are accepted (no sign, exponent,
@@ -85,6 +83,7 @@ end
 -- Returns an error message or nil. Called before the first write.
 -- Every command the shard scripts run (see includes/acl.lua); PUBLISH is checked with the channel.
 local SHARD_COMMANDS = {'type', 'time', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del', 'zadd', 'zcount',
+                        'zmscore',
                         'zrem', 'zscore', 'zcard', 'zrange', 'zrangebyscore', 'zremrangebyscore',
                         'zremrangebyrank'}
 
@@ -99,24 +98,16 @@ local function check_shard_types()
   return nil
 end
 
--- Validates the common ARGV; returns an error message or nil. Called before the first write.
-local now, cap2, cap3, idle2, idle3, promote_after, l1_hits, l1_evictions, memory
+-- Every check a call needs before its first write when it may run any command on any shard key:
+-- the types of the shard's keys and the ACL permissions. Returns an error message or nil.
+local function check_all()
+  return check_shard_types() or check_commands(SHARD_COMMANDS, KEYS[1], channel)
+end
+
+-- Validates the common ARGV and checks everything (parse_head, then check_all); returns an error
+-- message or nil. Called before the first write by the scripts without a read-only fast path.
 local function check_head()
-  now, cap2, cap3 = arg_int(1, 0), arg_int(2, 1), arg_int(3, 1)
-  idle2, idle3, promote_after = arg_int(4, 0), arg_int(5, 0), arg_int(6, 1)
-  l1_hits, l1_evictions, memory = arg_int(7, 0), arg_int(8, 0), arg_int(9, 1)
-  if not (now and cap2 and cap3 and idle2 and idle3 and promote_after and l1_hits and l1_evictions
-          and memory) then
-    return 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, '
-        .. 'deltas, memory >= 1)'
-  end
-  local err = check_shard_types() or check_commands(SHARD_COMMANDS, KEYS[1], channel)
-  if err then return err end
-  if now == 0 then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  return nil
+  return parse_head() or check_all()
 end
 
 local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
@@ -125,26 +116,11 @@ local changed = {}                   -- invalidation lines to publish at the end
 local noted = false                  -- a `gone` or `fence` record was added in this call
 local ghosted = false                -- an L3 eviction was remembered in `ghost` in this call
 
--- Sizing evidence (adaptive.py): the number of L3 evictions remembered as ghosts, which is also
--- the number of least recently used L3 entries whose hits count as tail hits.
-local function sizing_step() return math.max(1, math.floor(cap3 / 10 + 0.5)) end
-
-local function entry_key(id) return base .. 'e:' .. id end
-
--- Is a field an integer (or absent)? Fields written by hand may hold anything; HINCRBY and the
--- replies need integers.
-local function int_or_absent(v)
-  return not v or string.match(v, '^%-?%d+$') ~= nil
-end
-
--- Fields of an entry's data hash (HMGET), or nil when the key holds another type (written by hand):
--- such a key is deleted, and the entry is then simply gone.
+-- The same, but a key of another type is deleted: the entry is then simply gone. (A write: only
+-- after the call's checks.)
 local function entry_fields(ek, ...)
-  local fields = redis.pcall('HMGET', ek, ...)
-  if type(fields) == 'table' and fields.err then
-    redis.call('DEL', ek)
-    return nil
-  end
+  local fields = read_fields(ek, ...)
+  if fields == nil then redis.call('DEL', ek) end
   return fields
 end
 
@@ -166,19 +142,6 @@ end
 -- Queues "<length of id>:<id> <version>\n" for the invalidation published by finish().
 local function announce(id, version)
   changed[#changed + 1] = string.len(id) .. ':' .. id .. ' ' .. string.format('%d', version) .. '\n'
-end
-
--- Touch scores: the current time in ms, made strictly increasing within the shard (touches in the
--- same millisecond are 0.001 ms apart, in the order they happen), so LRU order is exact within a
--- shard: ties would otherwise be broken by entry id. The last stamp is kept in stats field `tick`.
-local tick, tick_read = nil, nil
-local function stamp()
-  if tick == nil then
-    tick_read = tonumber(redis.call('HGET', stats_key, 'tick')) or 0
-    tick = tick_read
-  end
-  tick = math.max(now, tick + 0.001)
-  return tick
 end
 
 -- Removes an entry from every index and deletes its data. `tier` is 2, 3 or nil (not indexed);
@@ -216,7 +179,7 @@ local function into_l3(id, score)
     redis.call('ZREM', exp_key, id)
     return
   end
-  redis.call('ZADD', l3_key, score or stamp(), id)
+  redis.call('ZADD', l3_key, score or stamp(l3_key), id)
   redis.call('HSET', ek, 'n', 0)
   bytes2, bytes3 = bytes2 - size, bytes3 + size
   ev.demotions = ev.demotions + 1
@@ -256,7 +219,7 @@ local function enforce_bounds()
   end
 end
 
--- Writes this call's counters, byte deltas and tick into the shard's stats hash, bounds the records
+-- Writes this call's counters and byte deltas into the shard's stats hash, bounds the records
 -- and publishes the invalidations (one place, at the end). Returns the events reply, with `now`.
 local function finish(extra)
   local deltas = {l1_hits = l1_hits, l1_evictions = l1_evictions, l2_bytes = bytes2, l3_bytes = bytes3,
@@ -266,7 +229,6 @@ local function finish(extra)
   for field, d in pairs(deltas) do
     if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
   end
-  if tick ~= tick_read then redis.call('HSET', stats_key, 'tick', tick) end
   if ghosted then redis.call('ZREMRANGEBYRANK', ghost_key, 0, -(sizing_step() + 1)) end
   if noted then
     -- Past the bound the oldest records are dropped, but not forgotten: dropped `gone` ids are
