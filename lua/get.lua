@@ -38,7 +38,7 @@
 ]]
 -- @include "includes/head.lua"
 
-local SWEEP_MS = 100  -- hits alone sweep the shard at most this often (ms of the shard's clock)
+local SWEEP_MS = 1000  -- hits alone sweep a tier at most once per window this long (ms of the shard's clock)
 
 -- ------------------------------------------------------------------ the full path
 local function full_path(ids)
@@ -177,12 +177,15 @@ end
 if fast then
   for i, id in ipairs(ids) do
     local p = plan[i]
-    local f = read_fields(entry_key(id), 'v', 'ver', 'x', 's', 'd', 'w', 'n', 'f')
-    local expiry = f and tonumber(f[3])
-    local n = f and tonumber(f[7] or 0)
+    local f = read_fields(entry_key(id), 'v', 'ver', 'x', 's', 'd', 'w', 'n', 'f') or {}
+    local ver, n, cost = tonumber(f[2]), tonumber(f[7] or 0), tonumber(f[5] or 0)
+    local expiry = f[3] and tonumber(f[3])
     local in_l2 = p[1] == l2_key
-    -- The first touch of a tier in a new SWEEP_MS window takes the full path, which sweeps.
-    if not (f and f[1] and f[2] and not f[6] and n and plain_ints(f[2], f[3], f[4], f[5], f[7])
+    -- Whole numbers where the scripts keep them (a field written by hand may hold anything: the full
+    -- path removes such an entry). The first touch of a tier in a new SWEEP_MS window takes the full
+    -- path too: it sweeps.
+    if not (f[1] and ver and n and cost and (expiry or not f[3]) and not f[6]
+            and ver % 1 == 0 and n % 1 == 0 and cost % 1 == 0 and (expiry or 0) % 1 == 0
             and not (expiry and now >= expiry)
             and not (in_l2 and idle2 > 0 and now - p[2] >= idle2)
             and not (not in_l2 and (idle3 > 0 and now - p[2] >= idle3 or n + 1 >= promote_after))

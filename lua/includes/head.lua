@@ -43,13 +43,6 @@ local function sizing_step() return math.max(1, math.floor(cap3 / 10 + 0.5)) end
 
 local function entry_key(id) return base .. 'e:' .. id end
 
--- Are these five fields integers (or absent)? Fields written by hand may hold anything; HINCRBY and
--- the replies need integers. (One pattern match for all five: this runs on every hit.)
-local function plain_ints(a, b, c, d, e)
-  return string.find((a or '0') .. ' ' .. (b or '0') .. ' ' .. (c or '0') .. ' ' .. (d or '0') .. ' ' .. (e or '0'),
-                     '^%-?%d+ %-?%d+ %-?%d+ %-?%d+ %-?%d+$') ~= nil
-end
-
 -- Fields of an entry's data hash (HMGET), or nil when the key holds another type (written by hand).
 local function read_fields(ek, ...)
   local fields = redis.pcall('HMGET', ek, ...)
