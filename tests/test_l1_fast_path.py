@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from victor_rcache import AsyncMultiLevelCache, CacheConfig, ConfigurationError, InvalidKeyError, MultiLevelCache
+from victor_rcache import (
+    AsyncMultiLevelCache,
+    CacheConfig,
+    ConfigurationError,
+    InvalidKeyError,
+    InvalidTTLError,
+    MultiLevelCache,
+)
 from victor_rcache.codec import Envelope, MsgpackCodec, immutable
 from victor_rcache.coherence import InvalidationListener
 from victor_rcache.l1 import LocalCache
@@ -264,6 +271,30 @@ def test_the_async_cache_takes_the_same_fast_path(make_async_cache: MakeAsync) -
     assert (got["shared"], got["isolated"], got["missed"]) == (True, True, MISS)
     assert got["seen"] == [("put_many", "ok")] + [("get", "l1")] * 4 + [("get", "miss")]
     assert (got["l1"]["hits"], got["l1"]["misses"], got["combined"]["gets"]) == (4, 1, 5)
+
+
+def test_get_or_set_served_from_l1_calls_no_loader_and_counts_one_request(make_cache: Make) -> None:
+    """get_or_set's L1 hit takes the same fast path (no flight, no generator): the loader is not called,
+    the request is counted once, as an L1 hit; a miss is still counted once (by the flight's leader)."""
+    cache = make_cache()
+    outcomes = Outcomes()
+    cache.set_observer(outcomes)
+    calls: list[str] = []
+
+    def loader() -> dict[str, list[int]]:
+        calls.append("k")
+        return {"v": [1]}
+
+    first = cache.get_or_set("k", loader)  # a miss: computed, and in this process's L1 (a local fill)
+    second, third = cache.get_or_set("k", loader), cache.get_or_set("k", loader)
+    assert first == second == third == {"v": [1]}
+    assert second is not third  # isolated copies by default
+    assert calls == ["k"]
+    with pytest.raises(InvalidTTLError):
+        cache.get_or_set("k", loader, ttl=-1)  # a bad ttl is refused even though L1 holds the key
+    m = cache.get_metrics()
+    assert (m["combined"]["gets"], m["l1"]["hits"], m["combined"]["total_misses"]) == (3, 2, 1)
+    assert [o for _, o in outcomes.seen if _ == "get_or_set"] == ["miss", "l1", "l1", "error"]
 
 
 def test_counts_stay_exact_when_threads_share_a_cache(make_cache: Make) -> None:

@@ -17,8 +17,8 @@ from .config import CacheConfig
 from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client, goes_alone, send_alone_async
 from .metrics import Timing
 from .resilience import raise_transient
-from .stampede import Flights, LeaderGone
-from .tiers import MISS, Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, feed, queue
+from .stampede import Flights
+from .tiers import MISS, Batch, Instruction, Loaded, Pause, Refresh, Scope, Step, Wait, feed, queue
 
 T = TypeVar("T")
 log = logging.getLogger("victor_rcache")
@@ -55,6 +55,8 @@ class AsyncMultiLevelCache(CacheBase):
             return []
         if isinstance(instruction, list):
             return await self._send(instruction)
+        if isinstance(instruction, Wait):
+            return await asyncio.shield(instruction.future)
         assert loader is not None, "only get_or_set asks for the loader"
         started = time.perf_counter()
         value = loader()
@@ -110,21 +112,9 @@ class AsyncMultiLevelCache(CacheBase):
 
     async def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None,
                           timing: Timing | None) -> Any:
-        flight = self._core.space.ref(key).id
-        while True:
-            future, leader = self._flights.join(flight)
-            if leader:
-                break
-            try:
-                value = self._core.envelope.unwrap(await asyncio.shield(future))
-            except LeaderGone:
-                continue  # the leader was cancelled: try again, perhaps as the leader
-            if timing is not None:
-                timing.outcome = "coalesced"
-            return value
-        with self._flights.lead(flight, future) as done:
-            got: Got = await self._drive(self._core.get_or_set(key, ttl), loader)
-            done(got.payload)
+        got = self._core.get_or_set_from_l1(key, ttl)  # an L1 hit needs no flight and no generator
+        if got is None:
+            got = await self._drive(self._flight(key, ttl), loader)
         if timing is not None:
             timing.outcome = got.source
         if got.refresh is not None:

@@ -33,7 +33,7 @@ from .errors import ConfigurationError, InvalidArgumentError
 from .metrics import NO_TIMING, Observer, Timing
 from .resilience import Resilience, raise_transient
 from .stampede import Flights, LeaderGone
-from .tiers import MISS, Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, feed, queue
+from .tiers import MISS, Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, Wait, feed, queue
 
 T = TypeVar("T")
 log = logging.getLogger("victor_rcache")
@@ -52,6 +52,8 @@ def _make_config(redis_url: str | None, config: CacheConfig | None, settings: di
 
 class CacheBase:
     """What both front ends share: settings, the tier core, coherence, construction from the environment."""
+
+    _flights: Flights[Any]  # this process's get_or_set computations; each front end makes its own futures
 
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
                  **settings: Any) -> None:
@@ -90,6 +92,26 @@ class CacheBase:
             listener = InvalidationListener(connect, self._core.space.channel, self._core.l1, clock=self._core.since,
                                             namespace=self.config.namespace)
             self._core.coherence = listener.start(wait=self.config.connect_timeout)
+
+    def _flight(self, key: str | bytes, ttl: float | None) -> Step[Got]:
+        """get_or_set after an L1 miss, once per process: the first concurrent caller for ``key`` leads
+        (runs the core's get_or_set); the others wait for its payload (:class:`Wait`) and decode their
+        own copy, or try again if the leader was interrupted."""
+        flights = self._flights
+        flight = self._core.space.ref(key).id
+        while True:
+            future, leader = flights.join(flight)
+            if leader:
+                break
+            try:
+                payload = yield Wait(future)
+            except LeaderGone:
+                continue  # the leader was interrupted: try again, perhaps as the leader
+            return Got(self._core.envelope.unwrap(payload), payload, source="coalesced")
+        with flights.lead(flight, future) as done:
+            got = yield from self._core.get_or_set(key, ttl, l1_checked=True)
+            done(got.payload)
+        return got
 
     @classmethod
     def from_env(cls: type[T], **overrides: Any) -> T:
@@ -179,6 +201,8 @@ class MultiLevelCache(CacheBase):
             return []
         if isinstance(instruction, list):
             return self._send(instruction)
+        if isinstance(instruction, Wait):
+            return instruction.future.result()
         assert loader is not None, "only get_or_set asks for the loader"
         return _call_loader(loader)
 
@@ -239,21 +263,9 @@ class MultiLevelCache(CacheBase):
 
     def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None,
                     timing: Timing | None) -> Any:
-        flight = self._core.space.ref(key).id
-        while True:
-            future, leader = self._flights.join(flight)
-            if leader:
-                break
-            try:
-                value = self._core.envelope.unwrap(future.result())
-            except LeaderGone:
-                continue  # the leader was interrupted: try again, perhaps as the leader
-            if timing is not None:
-                timing.outcome = "coalesced"
-            return value
-        with self._flights.lead(flight, future) as done:
-            got: Got = self._drive(self._core.get_or_set(key, ttl), loader)
-            done(got.payload)
+        got = self._core.get_or_set_from_l1(key, ttl)  # an L1 hit needs no flight and no generator
+        if got is None:
+            got = self._drive(self._flight(key, ttl), loader)
         if timing is not None:
             timing.outcome = got.source
         if got.refresh is not None:

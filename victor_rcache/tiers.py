@@ -52,7 +52,7 @@ from .stampede import refresh_early
 
 T = TypeVar("T")
 Batch = list[Command]
-Instruction = Union[Batch, "Pause", "Load"]
+Instruction = Union[Batch, "Pause", "Load", "Wait"]
 Step = Generator[Instruction, Any, T]
 Scope = Literal["process", "fleet"]
 Prewarmed = Literal["completed", "cached", "busy", "refused", "failed"]
@@ -125,6 +125,14 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Wait:
+    """Instruction to a front end: wait for this process's flight leader (``future``, sync or asyncio)
+    and send back its result, the payload (or its exception, thrown into the operation)."""
+
+    future: Any
+
+
+@dataclass(frozen=True)
 class Loaded:
     value: Any
     seconds: float  # how long the loader took
@@ -147,7 +155,8 @@ class Got:
     value: Any
     payload: bytes
     refresh: Refresh | None = None
-    source: str = "miss"  # the tier that served it ("l1", "l2", "l3"), or "miss": the loader computed it
+    source: str = "miss"  # the tier that served it ("l1", "l2", "l3"), "miss" (the loader computed it),
+    # or "coalesced" (another call of this process computed or found it)
 
 
 @dataclass
@@ -271,11 +280,11 @@ class TierCore:
             self._refs[key] = ref
         return ref
 
-    def _from_l1(self, ref: EntryRef) -> L1Entry | None:
+    def _from_l1(self, ref: EntryRef, count_miss: bool = True) -> L1Entry | None:
         """This process's copy, if L1 may be trusted. Counts the request: an L1 hit in L1 itself (under
-        the lock it takes anyway), anything else here."""
+        the lock it takes anyway), a miss here (unless ``count_miss`` is False: the caller counts it)."""
         entry = self.l1.serve(ref.id) if self.coherence.trusted() else None
-        if entry is None:
+        if entry is None and count_miss:
             self.counters.add(gets=1)
         return entry
 
@@ -456,20 +465,39 @@ class TierCore:
 
     # ------------------------------------------------- compute once per fleet
 
-    def get_or_set(self, key: str | bytes, ttl: float | None = None) -> Step[Got]:
+    def get_or_set_from_l1(self, key: str | bytes, ttl: float | None = None) -> Got | None:
+        """The first step of :meth:`get_or_set`, plain code (no I/O): an L1 hit (with the early refresh
+        it may ask for), or None. A miss is not counted here: the front end then runs
+        ``get_or_set(key, ttl, l1_checked=True)`` as the flight's leader (which counts the request), or
+        waits for the leader (a coalesced call, not a request of its own)."""
+        self._ttl_ms(ttl)  # a bad ttl is refused whatever L1 holds
+        ref = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
+        return self._got_from_l1(key, ref or self._ref(key), ttl, count_miss=False)
+
+    def _got_from_l1(self, key: str | bytes, ref: EntryRef, ttl: float | None, count_miss: bool) -> Got | None:
+        entry = self._from_l1(ref, count_miss)
+        if entry is None:
+            return None
+        ttl_left = None if entry.expires_at is None else entry.expires_at - self.l1.clock()
+        return Got(self._l1_value(entry), entry.payload,
+                   self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl), "l1")
+
+    def get_or_set(self, key: str | bytes, ttl: float | None = None, l1_checked: bool = False) -> Step[Got]:
         """The value under ``key``; on a miss, the caller's loader computes it once for the fleet.
 
         Yields :class:`Load` when this process must compute. Another process's fill lease makes
         this one wait (``Pause``) until the value appears or the lease ends, then read or take over.
         A fill is refused inside the script if the key changed after the miss this call saw.
+        ``l1_checked``: :meth:`get_or_set_from_l1` has just missed; go straight to Redis.
         """
         ttl_ms = self._ttl_ms(ttl)
         ref = self.space.ref(key)
-        entry = self._from_l1(ref)
-        if entry is not None:
-            ttl_left = None if entry.expires_at is None else entry.expires_at - self.l1.clock()
-            return Got(self.envelope.unwrap(entry.payload), entry.payload,
-                       self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl), "l1")
+        if l1_checked:
+            self.counters.add(gets=1)
+        else:
+            got = self._got_from_l1(key, ref, ttl, count_miss=True)
+            if got is not None:
+                return got
         found = yield from self._fetch([ref])
         got = self._got(key, ref, found, ttl)
         if got is not None:
