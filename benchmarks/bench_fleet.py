@@ -98,6 +98,9 @@ class FleetSettings:
     l1_size: int = 100
     l2_size: int = 300
     l3_size: int = 600
+    # An L1 copy at the first Redis hit (the library's default is 3 fleet-wide hits): what cashews'
+    # client-side cache does with every key it reads, so L1 is compared with it like for like.
+    promote_after: int = 1
     processes: int = 1
     seed: int = 10
     join_reads: int = 100
@@ -223,7 +226,8 @@ class Runner:
             if c == "fleet+adaptive":
                 extra = {"adaptive_l1": True, "l1_adjustment_interval": s.adaptive_interval}
             self.cache = AsyncMultiLevelCache(s.url, namespace=self.ns, l1_size=s.l1_size, l2_size=s.l2_size,
-                                              l3_size=s.l3_size, shards=SHARDS, fail_open=False, **extra)
+                                              l3_size=s.l3_size, shards=SHARDS, promote_after=s.promote_after,
+                                              fail_open=False, **extra)
             await self.cache.client.ping()
             if c == "fleet+prewarm":
                 self.warmer = AsyncPredictiveCacheWarmer(self.cache)
@@ -529,7 +533,8 @@ def resolve_configs(configs: Sequence[str] | None) -> list[str]:
 
 def run_fleet(url: str, quick: bool, configs: list[str] | None, progress: Callable[[str], None],
               processes: Sequence[int] | None = None, costs: Sequence[float] | None = None,
-              requests: int | None = None) -> dict[str, Any]:
+              requests: int | None = None, sizes: Sequence[int] | None = None,
+              promote_after: int | None = None) -> dict[str, Any]:
     """Run the fleet workload against ``url`` and return {"facts", "settings", "results", "targets", ...}."""
     wanted = resolve_configs(configs)
     skipped = {c: why for c in wanted if (why := available(c)) is not None}
@@ -538,6 +543,10 @@ def run_fleet(url: str, quick: bool, configs: list[str] | None, progress: Callab
     progress("calibrating the selection's CPU cost")
     base = FleetSettings(url=url, namespace=ns, requests=requests or (400 if quick else 1500),
                          rounds_per_ms=calibrate())
+    if sizes:
+        base = replace(base, l1_size=sizes[0], l2_size=sizes[1], l3_size=sizes[2])
+    if promote_after:
+        base = replace(base, promote_after=promote_after)
     ns_list = [f"{ns}-{c.replace('+', '-')}" for c in wanted]
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -578,6 +587,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, help="configurations (default: all)")
     p.add_argument("--costs", type=float, nargs="+", help="selection CPU cost in ms (default 5 0.17; quick: 5)")
     p.add_argument("--requests", type=int, help="requests per worker (default 1500; quick: 400)")
+    p.add_argument("--sizes", type=int, nargs=3, metavar=("L1", "L2", "L3"),
+                   help="tier sizes in entries (default: 100 300 600, smaller than the universe)")
+    p.add_argument("--promote-after", type=int, help="victor_rcache's promote_after (default 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     return p.parse_args(argv)
 
@@ -591,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = None if args.url else LocalRedisServer().start()
     try:
         url = args.url or server.url  # type: ignore[union-attr]
-        result = run_fleet(url, args.quick, args.configs, say, args.processes, args.costs, args.requests)
+        result = run_fleet(url, args.quick, args.configs, say, args.processes, args.costs, args.requests, args.sizes,
+                           args.promote_after)
     finally:
         if server is not None:
             server.stop()
