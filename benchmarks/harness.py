@@ -184,24 +184,30 @@ def plot(result: dict[str, Any], path: str) -> str:
     micro = [f for f in result.get("groups", {}).get("micro", {}).get("figures", [])
              if f["id"] in ("l1", "l1:shared", "l2")]
     rows = _fleet_rows(result.get("groups", {}).get("fleet", {}))
-    keys = ("config", "processes", "cost_ms")
-    names = [" ".join(str(r[k]) if k == "config" else f"{k}={r[k]}" for k in keys if k in r) or str(i)
-             for i, r in enumerate(rows)]
-    latency = [_pick(r, "mean") for r in rows]
-    hits = [_pick(r, "hit", "rate") for r in rows]
-    panels = 1 + (any(v is not None for v in latency)) + (any(v is not None for v in hits))
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    costs = sorted({r["cost_ms"] for r in rows if "cost_ms" in r}, reverse=True)
+    cost = 5.0 if 5.0 in costs else (costs[0] if costs else None)
+    shown = [r for r in rows if r.get("cost_ms") == cost and "config" in r and "processes" in r]
+    configs = list(dict.fromkeys(r["config"] for r in shown))
+    counts = sorted({r["processes"] for r in shown})
+    fleet_panels = (("mean", "mean latency (ms)"), ("hit_rate", "hit rate")) if shown else ()
+    fig, axes = plt.subplots(1, 1 + len(fleet_panels), figsize=(5 + 5 * len(fleet_panels), 4.5), squeeze=False)
     ax = axes[0][0]
     ax.bar([f["id"] for f in micro], [f["value"] for f in micro], color="tab:blue")
-    ax.set_title("micro: x floor (median)")
-    panel = 1
-    for values, title in ((latency, "fleet: mean request latency"), (hits, "fleet: combined hit rate")):
-        if any(v is not None for v in values):
-            axis = axes[0][panel]
-            axis.bar(names, [v or 0.0 for v in values], color="tab:orange")
-            axis.set_title(title)
-            axis.tick_params(axis="x", labelrotation=30)
-            panel += 1
+    for f in micro:  # the target for each ratio, as a short dash over its bar
+        target = {"l1": 4.0, "l1:shared": 4.0, "l2": 1.3}[f["id"]]
+        ax.plot([micro.index(f) - 0.4, micro.index(f) + 0.4], [target, target], color="black", linestyle="--")
+    ax.set_title("micro: x floor (median); dashes: targets")
+    height = 0.8 / max(1, len(counts))
+    for panel, (field, title) in enumerate(fleet_panels, start=1):
+        axis = axes[0][panel]
+        for i, n in enumerate(counts):
+            values = [next((_pick(r, *field.split("_")) or 0.0 for r in shown
+                            if r["config"] == c and r["processes"] == n), 0.0) for c in configs]
+            axis.barh([y + i * height for y in range(len(configs))], values, height=height, label=f"N={n}")
+        axis.set_yticks([y + height * (len(counts) - 1) / 2 for y in range(len(configs))], configs)
+        axis.invert_yaxis()
+        axis.set_title(f"fleet, {cost:g} ms selection: {title}")
+        axis.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
