@@ -18,14 +18,16 @@
   (field w) counts `prewarm_useful` in the shard's stats and clears the mark.
 
   Two paths, one outcome. The fast path serves a call whose ids are all plain hits (in L2, or in
-  L3 short of promotion; not expired, idle, corrupt or prewarmed) while its tier was touched in the
-  current SWEEP_MS window: it only reads first (the ids' scores, their fields, the tier's newest
-  touch), then makes three writes per call (HINCRBY of the stats' hit count, ZADD of a new stamp,
-  HSET of the entry's count) to keys it has read or type-checked by that first write. Anything else
-  takes the full path: it checks every shard key's type and every permission before its first
-  write, sweeps due work (so the first touch of a tier in each SWEEP_MS window sweeps), applies
-  expiry, idleness and promotion, and enforces the bounds. The full path is a function, so a pure
-  hit never builds its helpers (Redis runs the whole body of a script on every call).
+  L3 short of promotion; not expired, idle, corrupt or prewarmed) or plain misses (in no tier, no
+  data left behind), once the shard has swept in the current SWEEP_MS window (the tier's newest
+  touch is in it; L2's for a miss). It only reads first (the ids' scores, their fields, the tiers'
+  newest touch, the `ghost` record of a miss), then writes: HINCRBY of the stats' counts, and per
+  hit a ZADD of a new stamp and an HSET of the entry's count, per miss on a ghost a ZREM, all to
+  keys it has read (the stats by that first HINCRBY, before any other write). Anything else takes
+  the full path: it checks every shard key's type and every permission before its first write,
+  sweeps due work (so the first call of a window sweeps), applies expiry, idleness and promotion,
+  and enforces the bounds. The full path is a function, so the fast path never builds its helpers
+  (Redis runs the whole body of a script on every call).
 
   Reply: { {promotions, demotions, evictions, expirations, now_ms},  -- caused by this call; its time
            {0, now_ms}                                         -- a miss, and when it was seen
@@ -155,7 +157,7 @@ end
 -- Reads only, each of a key the writes below touch, so a key of the wrong type fails here, before
 -- any write (and leaves the fast path: the full path names the key). Keys this path does not touch
 -- are not checked: a hit is served even when, say, the shard's `ghost` set is broken.
-local plan = {}                                    -- per id: {tier key, score, fields, count after the hit, tail}
+local plan = {}       -- per id: a hit {tier key, score, fields, count after the hit, tail}, a miss {false, ghost}
 local s2 = redis.pcall('ZMSCORE', l2_key, unpack(ids))
 local fast = not s2.err
 if fast then
@@ -169,33 +171,45 @@ if fast then
     local s3 = redis.pcall('ZMSCORE', l3_key, unpack(wanted))
     fast = not s3.err
     for j, i in ipairs(in3) do
-      if not (fast and s3[j]) then fast = false; break end  -- a miss: the full path
-      plan[i] = {l3_key, tonumber(s3[j])}
+      plan[i] = fast and s3[j] and {l3_key, tonumber(s3[j])} or {false}
     end
   end
 end
+local window = math.floor(now / SWEEP_MS)
 if fast then
   for i, id in ipairs(ids) do
     local p = plan[i]
-    local f = read_fields(entry_key(id), 'v', 'ver', 'x', 's', 'd', 'w', 'n', 'f') or {}
-    local ver, n, cost = tonumber(f[2]), tonumber(f[7] or 0), tonumber(f[5] or 0)
-    local expiry = f[3] and tonumber(f[3])
-    local in_l2 = p[1] == l2_key
-    -- Whole numbers where the scripts keep them (a field written by hand may hold anything: the full
-    -- path removes such an entry). The first touch of a tier in a new SWEEP_MS window takes the full
-    -- path too: it sweeps.
-    if not (f[1] and ver and n and cost and (expiry or not f[3]) and not f[6]
-            and ver % 1 == 0 and n % 1 == 0 and cost % 1 == 0 and (expiry or 0) % 1 == 0
-            and not (expiry and now >= expiry)
-            and not (in_l2 and idle2 > 0 and now - p[2] >= idle2)
-            and not (not in_l2 and (idle3 > 0 and now - p[2] >= idle3 or n + 1 >= promote_after))
-            and math.floor(newest_touch(p[1]) / SWEEP_MS) == math.floor(now / SWEEP_MS)) then
-      fast = false                                 -- anything but a plain hit: the full path
-      break
-    end
-    p[3], p[4] = f, n + 1
-    if not in_l2 then                              -- one of the L3 entries a smaller L3 would have lost?
-      p[5] = redis.call('ZCOUNT', l3_key, '-inf', '(' .. p[2]) < sizing_step()
+    if not p[1] then
+      -- A miss: in no tier. Fast only if nothing is left to clean up (data without an index entry) and
+      -- the shard swept in this window (L2 touched in it: the first touch of a window sweeps).
+      local ghost = redis.pcall('ZSCORE', ghost_key, id)
+      if type(ghost) == 'table' or redis.call('EXISTS', entry_key(id)) == 1
+          or math.floor(newest_touch(l2_key) / SWEEP_MS) ~= window then
+        fast = false
+        break
+      end
+      p[2] = ghost ~= false                        -- a miss on an entry a bigger L3 would have kept
+    else
+      local f = read_fields(entry_key(id), 'v', 'ver', 'x', 's', 'd', 'w', 'n', 'f') or {}
+      local ver, n, cost = tonumber(f[2]), tonumber(f[7] or 0), tonumber(f[5] or 0)
+      local expiry = f[3] and tonumber(f[3])
+      local in_l2 = p[1] == l2_key
+      -- Whole numbers where the scripts keep them (a field written by hand may hold anything: the full
+      -- path removes such an entry). The first touch of a tier in a new SWEEP_MS window takes the full
+      -- path too: it sweeps.
+      if not (f[1] and ver and n and cost and (expiry or not f[3]) and not f[6]
+              and ver % 1 == 0 and n % 1 == 0 and cost % 1 == 0 and (expiry or 0) % 1 == 0
+              and not (expiry and now >= expiry)
+              and not (in_l2 and idle2 > 0 and now - p[2] >= idle2)
+              and not (not in_l2 and (idle3 > 0 and now - p[2] >= idle3 or n + 1 >= promote_after))
+              and math.floor(newest_touch(p[1]) / SWEEP_MS) == window) then
+        fast = false                               -- anything but a plain hit or miss: the full path
+        break
+      end
+      p[3], p[4] = f, n + 1
+      if not in_l2 then                            -- one of the L3 entries a smaller L3 would have lost?
+        p[5] = redis.call('ZCOUNT', l3_key, '-inf', '(' .. p[2]) < sizing_step()
+      end
     end
   end
 end
@@ -204,17 +218,26 @@ end
 if fast and redis.acl_check_cmd then
   fast = redis.acl_check_cmd('hincrby', stats_key, 'f', '1')
   for i, id in ipairs(ids) do
-    fast = fast and redis.acl_check_cmd('zadd', plan[i][1], '1', 'm') and redis.acl_check_cmd('hset', entry_key(id), 'f', 'v')
+    local key = plan[i][1]
+    if key then
+      fast = fast and redis.acl_check_cmd('zadd', key, '1', 'm') and redis.acl_check_cmd('hset', entry_key(id), 'f', 'v')
+    elseif plan[i][2] then
+      fast = fast and redis.acl_check_cmd('zrem', ghost_key, 'm')
+    end
   end
 end
 
 if fast then
   -- The counts first: the stats hash is the one key not read above, and an error here (not a hash)
   -- comes before any other write. The full path then names the key.
-  local counts = {l2_hits = 0, l3_hits = 0, tail_hits = 0, l1_fills = 0, l1_hits = l1_hits, l1_evictions = l1_evictions}
+  local counts = {l2_hits = 0, l3_hits = 0, tail_hits = 0, l1_fills = 0, misses = 0, ghost_hits = 0,
+                  l1_hits = l1_hits, l1_evictions = l1_evictions}
   for i = 1, #ids do
     local p = plan[i]
-    if p[1] == l2_key then
+    if not p[1] then
+      counts.misses = counts.misses + 1
+      if p[2] then counts.ghost_hits = counts.ghost_hits + 1 end
+    elseif p[1] == l2_key then
       counts.l2_hits = counts.l2_hits + 1
       if p[4] >= promote_after then counts.l1_fills = counts.l1_fills + 1 end
     else
@@ -236,17 +259,22 @@ if fast then
   end
   local results = {{0, 0, 0, 0, now}}
   for i, id in ipairs(ids) do
-    local key, _, f, n = unpack(plan[i])
-    local fill = (key == l2_key and n >= promote_after) and 1 or 0
-    redis.call('ZADD', key, stamp(key), id)
-    if fill == 1 and f[8] ~= '1' then              -- may now live in some L1: its removal is remembered
-      redis.call('HSET', entry_key(id), 'n', n, 'f', 1)
+    local key, ghost, f, n = unpack(plan[i])
+    if not key then
+      if ghost then redis.call('ZREM', ghost_key, id) end  -- asked for again: no longer sizing evidence
+      results[i + 1] = {0, now}
     else
-      redis.call('HSET', entry_key(id), 'n', n)
+      local fill = (key == l2_key and n >= promote_after) and 1 or 0
+      redis.call('ZADD', key, stamp(key), id)
+      if fill == 1 and f[8] ~= '1' then              -- may now live in some L1: its removal is remembered
+        redis.call('HSET', entry_key(id), 'n', n, 'f', 1)
+      else
+        redis.call('HSET', entry_key(id), 'n', n)
+      end
+      local expiry = tonumber(f[3])
+      results[i + 1] = {key == l2_key and 2 or 3, f[1], fill, expiry and (expiry - now) or -1, tonumber(f[2]),
+                        tonumber(f[5]) or 0}
     end
-    local expiry = tonumber(f[3])
-    results[i + 1] = {key == l2_key and 2 or 3, f[1], fill, expiry and (expiry - now) or -1, tonumber(f[2]),
-                      tonumber(f[5]) or 0}
   end
   return results
 end

@@ -250,13 +250,20 @@ def test_a_value_that_does_not_encode_or_is_too_big_is_refused_and_nothing_is_wr
 # ========================================================================= WRONGTYPE keys
 
 
+# What get.lua's fast path reads, and so needs of the right type, for a plain hit of an L2 entry and for
+# a get_many of that hit and a plain miss; any other broken shard key lets those calls be served.
+FAST_HIT_NEEDS = {"l2", "stats"}
+FAST_HIT_AND_MISS_NEEDS = {"l2", "l3", "stats", "ghost"}
+
+
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 @pytest.mark.parametrize("which", SHARD_KEYS)
 def test_a_shard_key_of_the_wrong_type_is_refused_before_any_write(make_cache: Make, raw: Client, namespace: str,
                                                                    which: str, fail_open: bool) -> None:
-    """README: a shard's own key of the wrong type makes every call that needs it refuse before any write
-    (VRC_WRONGTYPE naming the key to delete); other shards keep working. A pure hit (get.lua's fast
-    path) needs only l2, l3, stats and the entry: with another key broken it may still be served."""
+    """README: a shard's own key of the wrong type makes every script call that needs it refuse before
+    any write (VRC_WRONGTYPE naming the key to delete); other shards keep working. get.lua's fast path
+    (plain hits and misses) needs only l2, l3, stats, ghost and the entries, so with another key broken
+    it serves reads; every put and delete needs every shard key. The broken key is never written."""
     space = KeySpace(namespace, 16)
     shard = space.ref("k").shard
     new, fresh = key_in_shard(space, shard, "new"), key_in_shard(space, shard, "fresh")  # not stored yet
@@ -265,52 +272,71 @@ def test_a_shard_key_of_the_wrong_type_is_refused_before_any_write(make_cache: M
     broken = getattr(space.shard_keys[shard], which)
     raw.delete(broken)
     raw.set(broken, "written by hand")  # a string where the cache keeps a sorted set or a hash
-    before = snapshot(raw, namespace)
+    original = snapshot(raw, namespace)[broken]
 
     cache = make_cache(fail_open=fail_open)
-    hit_needs_it = which in ("l2", "stats")  # "k" is in L2: the hit reads no other shard key
-    try:
-        served = cache.get("k", MISS)
-    except CacheUnavailableError as exc:
-        served = exc
-    if served == "v":  # the fast path: it wrote the hit, and nothing to the broken key
-        assert not hit_needs_it, f"a hit was served although {which} is broken"
-        assert snapshot(raw, namespace)[broken] == before[broken]
-        cache._core.l1.pop(b"k")  # not for what follows: no L1 copy may answer a read there
+    refused = 0
+
+    def attempt(name: str, call: Callable[[], Any], served: Any, refused_value: Any, may_serve: bool) -> None:
+        """Run ``call``: served (``served``) only if ``may_serve``, else refused, with nothing written."""
+        nonlocal refused
         before = snapshot(raw, namespace)
-    else:
-        assert served == MISS if fail_open else isinstance(served, CacheUnavailableError), served
-        assert snapshot(raw, namespace) == before, "get wrote to Redis although the shard is broken"
-    calls: list[tuple[str, Callable[[], Any], Any]] = [  # in this order, so that no L1 copy answers a read
-        ("get_many", lambda: cache.get_many(["k", new]), {}),
-        ("get_or_set", lambda: cache.get_or_set(new, lambda: "loaded"), "loaded"),
-        ("put, replacing", lambda: cache.put("k", "new value"), None),
-        ("put, a new key", lambda: cache.put(fresh, 1), None),
-        ("delete", lambda: cache.delete("k"), True),  # fail-open: True, this process's L1 held its own write
-    ]
-    for name, call, fail_open_result in calls:
-        if fail_open:
-            assert call() == fail_open_result, name
-        else:
-            with pytest.raises(CacheUnavailableError) as err:
-                call()
-            text = str(err.value)
+        error: CacheUnavailableError | None = None
+        try:
+            got = call()
+        except CacheUnavailableError as err:
+            error, got = err, refused_value
+        if error is not None:
+            text = str(error)
+            assert not fail_open, f"{name}: a fail-open cache raised {text}"
             assert "VRC_WRONGTYPE" in text, f"{name}: {text}"
             assert broken.decode() in text, f"{name}: the error does not name the key: {text}"
             assert "delete that key" in text, f"{name}: the error does not name the fix: {text}"
-        assert snapshot(raw, namespace) == before, f"{name} wrote to Redis although the shard is broken"
+        cache._core.l1.clear()  # no L1 copy may answer a later read
+        if got == refused_value and got != served:
+            refused += 1
+            assert snapshot(raw, namespace) == before, f"{name} wrote to Redis although it was refused"
+        else:
+            assert may_serve, f"{name} was served although {which} is broken"
+            assert got == served, name
+        assert snapshot(raw, namespace)[broken] == original, f"{name} wrote to the broken key"
+
+    fast_hit, fast_both = which not in FAST_HIT_NEEDS, which not in FAST_HIT_AND_MISS_NEEDS
+    attempt("get", lambda: cache.get("k", MISS), "v", MISS, fast_hit)
+    attempt("get_many", lambda: cache.get_many(["k", new]), {"k": "v"}, {}, fast_both)
+    for name, call in [("put, replacing", lambda: cache.put("k", "new value")),
+                       ("put, a new key", lambda: cache.put(fresh, 1))]:
+        attempt(name, call, "written", None, False)  # fail-open: None, as if written (L1 keeps it)
+    attempt("delete", lambda: cache.delete("k"), "deleted", False, False)  # fail-open: False, L1 was cleared
 
     assert cache.get(elsewhere) == "fine", "another shard is still served from Redis"
     raw.delete(broken)  # get_metrics reads every shard's index and counters: give it readable ones
     m = cache.get_metrics()
-    refused = len(calls) + (served != "v")
-    assert m["health"]["redis_errors"] == refused  # one per call: each sent one script call, refused
+    assert m["health"]["redis_errors"] == refused  # one per refused call: each sent one script call
     assert m["health"]["breaker"]["retries"] == 0, "WRONGTYPE cannot succeed on a retry"
     assert m["health"]["breaker"]["state"] == "closed", "a broken key is not an outage"
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+@pytest.mark.parametrize("which", SHARD_KEYS)
+def test_get_or_set_with_a_broken_shard_key_computes_and_writes_nothing_it_should_not(
+        make_cache: Make, raw: Client, namespace: str, which: str, fail_open: bool) -> None:
+    """get_or_set's miss may succeed (a fast miss needs no broken key), but its fill (put.lua) needs
+    every shard key: refused, the value is computed by this worker, and the broken key is untouched."""
+    space = KeySpace(namespace, 16)
+    new = key_in_shard(space, space.ref("k").shard, "new")
+    make_cache().put("k", "v")
+    broken = getattr(space.shard_keys[space.ref("k").shard], which)
+    raw.delete(broken)
+    raw.set(broken, "written by hand")
+    cache = make_cache(fail_open=fail_open)
     if fail_open:
-        # get (unless served), get_many (2 keys), get_or_set: counted misses; and the other shard's hit
-        misses = 3 + (served != "v")
-        assert (m["combined"]["gets"], m["combined"]["total_misses"]) == (5, misses)
+        assert cache.get_or_set(new, lambda: "loaded") == "loaded"
+    else:
+        with pytest.raises(CacheUnavailableError, match="VRC_WRONGTYPE"):
+            cache.get_or_set(new, lambda: "loaded")
+    assert raw.get(broken) == b"written by hand"
+    assert raw.exists(space.entry_key(space.ref(new))) == 0, "the fill was written although put.lua refused"
 
 
 @pytest.mark.parametrize("op", ["get", "get_many", "get_or_set", "put", "delete"])
