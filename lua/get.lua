@@ -4,7 +4,10 @@
 
   KEYS[1..7]  the shard's l2, l3, exp, stats, gone, fence and ghost keys (see includes/shard.lua)
   ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
-  ARGV[10..]  entry ids to look up (one or more, all different)
+  ARGV[10]    a fill lease to take on a miss, "<ttl_ms>:<token>" (get_or_set), or empty for none; only
+              with a single id: the miss and the lease are one atomic step, so no fill can land
+              between them (the lease key is <ns>:{<tag>}:lease:<id>, see release.lua)
+  ARGV[11..]  entry ids to look up (one or more, all different)
 
   For each id, in order:
     * absent, data gone, past its absolute expiry, or idle past its tier's ttl -> a miss
@@ -32,6 +35,9 @@
   Reply: { {promotions, demotions, evictions, expirations, now_ms},  -- caused by this call; its time
            {0, now_ms}                                         -- a miss, and when it was seen
            {0, now_ms, 1}                                      -- a miss: a corrupt entry was removed
+           {0, now_ms, corrupt, taken, pttl_ms}                -- a miss, with a lease asked for: taken
+                                                               -- = 1 if this call now holds it, and
+                                                               -- the lease's PTTL (-1: no expiry)
            {tier, payload, fill_l1, ttl_left_ms, version, cost_ms},   -- a hit: tier 2 = L2, 3 = L3
            ... }                                               -- one reply per id, in order
     fill_l1 = 1 when the entry is still in L2 after this call and its count >= promote_after
@@ -42,8 +48,20 @@
 
 local SWEEP_MS = 1000  -- hits alone sweep a tier at most once per window this long (ms of the shard's clock)
 
+-- Takes the fill lease a get_or_set asked for, if the call's one id missed: SET NX PX, and the
+-- lease's PTTL, into the miss reply (see Reply). Its permissions are checked with the call's writes.
+local function take_lease(results, id, token, lease_ms)
+  local reply = results[2]
+  if token and reply[1] == 0 then
+    local key = base .. 'lease:' .. id
+    local taken = redis.call('SET', key, token, 'NX', 'PX', lease_ms) and 1 or 0
+    reply[3], reply[4], reply[5] = reply[3] or 0, taken, redis.call('PTTL', key)
+  end
+  return results
+end
+
 -- ------------------------------------------------------------------ the full path
-local function full_path(ids)
+local function full_path(ids, token, lease_ms)
   -- @include "includes/shard.lua"
 
   local err = parse_head() or check_all()
@@ -134,7 +152,7 @@ local function full_path(ids)
   table.insert(results, 1, finish({l2_hits = l2_hits, l3_hits = l3_hits, misses = misses, l1_fills = fills,
                                    ghost_hits = ghost_hits, tail_hits = tail_hits,
                                    prewarm_useful = useful}))
-  return results
+  return take_lease(results, ids[1], token, lease_ms)
 end
 
 -- ------------------------------------------------------------------ the fast path
@@ -143,8 +161,19 @@ end
 
 local err = parse_head()
 if err then return redis.error_reply(err) end
-if #ARGV <= HEAD then return redis.error_reply('VRC_BADARG get needs at least one entry id') end
-local ids = {unpack(ARGV, HEAD + 1)}
+if #ARGV <= HEAD + 1 then
+  return redis.error_reply('VRC_BADARG get needs a lease request (empty for none) and at least one entry id')
+end
+local lease_ms, token = nil, nil
+if ARGV[HEAD + 1] ~= '' then
+  local ms, tok = string.match(ARGV[HEAD + 1], '^(%d+):(.+)$')
+  lease_ms = tonumber(ms)
+  if not (lease_ms and lease_ms >= 1 and lease_ms <= 9007199254740992 and #ARGV == HEAD + 2) then
+    return redis.error_reply('VRC_BADARG get: a lease request is "<ttl_ms>:<token>" (ttl_ms >= 1), with one entry id')
+  end
+  token = tok
+end
+local ids = {unpack(ARGV, HEAD + 2)}
 local seen = #ids > 1 and {} or nil
 for _, id in ipairs(ids) do
   if string.len(id) == 0 then return redis.error_reply('VRC_BADARG get: empty entry id') end
@@ -221,8 +250,12 @@ if fast and redis.acl_check_cmd then
     local key = plan[i][1]
     if key then
       fast = fast and redis.acl_check_cmd('zadd', key, '1', 'm') and redis.acl_check_cmd('hset', entry_key(id), 'f', 'v')
-    elseif plan[i][2] then
-      fast = fast and redis.acl_check_cmd('zrem', ghost_key, 'm')
+    else
+      if plan[i][2] then fast = fast and redis.acl_check_cmd('zrem', ghost_key, 'm') end
+      if token then
+        local lease_key = base .. 'lease:' .. id
+        fast = fast and redis.acl_check_cmd('set', lease_key, 'v') and redis.acl_check_cmd('pttl', lease_key)
+      end
     end
   end
 end
@@ -250,7 +283,7 @@ if fast then
     if d > 0 then
       if first then
         local done = redis.pcall('HINCRBY', stats_key, field, d)
-        if type(done) == 'table' and done.err then return full_path(ids) end
+        if type(done) == 'table' and done.err then return full_path(ids, token, lease_ms) end
         first = false
       else
         redis.call('HINCRBY', stats_key, field, d)
@@ -276,7 +309,7 @@ if fast then
                         tonumber(f[5]) or 0}
     end
   end
-  return results
+  return take_lease(results, ids[1], token, lease_ms)
 end
 
-return full_path(ids)
+return full_path(ids, token, lease_ms)

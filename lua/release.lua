@@ -2,9 +2,9 @@
 --[[
   release.lua: give back a fill lease, only if the caller still holds it (compare and delete).
 
-  A lease is taken with plain `SET <ns>:{<tag>}:lease:<id> <token> NX PX <ms>` by the process that
-  will compute a missing value (get_or_set, prewarming); others wait for the value or for the lease
-  to end. If the holder dies, the lease simply expires.
+  A lease is `SET <ns>:{<tag>}:lease:<id> <token> NX PX <ms>`, taken by the process that will compute
+  a missing value: get.lua takes it with the miss (get_or_set), lease.lua for prewarming; others wait
+  for the value or for the lease to end. If the holder dies, the lease simply expires.
 
   KEYS[1]  <ns>:{<tag>}:lease:<id>   STRING  the holder's token
   ARGV[1]  token, the caller's random token (non-empty)

@@ -106,7 +106,7 @@ DUE_SETTINGS: dict[str, Any] = {"shards": 1, "l2_size": 3, "l3_size": 4, "l2_ttl
 HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "l1_hits", "l1_evictions", "memory")
 GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 0, 0, 300_000)  # matches DUE_SETTINGS
 GOOD_BODY: dict[str, tuple[Arg, ...]] = {
-    "get": (b"e", b"a"),
+    "get": (b"", b"e", b"a"),  # no lease asked for, two ids
     "put": (b"new", b"payload", 0, b"", 0, 0, 0, 0),
     "delete": (b"e", b""),
     "flush": (1, 0, 0),
@@ -171,9 +171,15 @@ BAD_HEADS: list[tuple[str, Arg]] = [
 BAD_CALLS: list[Call] = [
     *(Call(s, f"{f}={v!r}", head={f: v}) for s in ("get", "put", "delete") for f, v in BAD_HEADS),
     *(Call(s, "header cut short", head_fields=8, body=()) for s in ("get", "put", "delete")),
-    Call("get", "no ids", body=()),
-    Call("get", "empty id", body=(b"",)),
-    Call("get", "empty id after a good one", body=(b"e", b"")),
+    Call("get", "no ids", body=(b"",)),
+    Call("get", "no lease request", body=()),
+    Call("get", "empty id", body=(b"", b"")),
+    Call("get", "empty id after a good one", body=(b"", b"e", b"")),
+    Call("get", "id given twice", body=(b"", b"e", b"e")),
+    Call("get", "lease request with two ids", body=(b"1000:tok", b"e", b"a")),
+    Call("get", "lease ttl 0", body=(b"0:tok", b"e")),
+    Call("get", "lease without a token", body=(b"1000:", b"e")),
+    Call("get", "lease ttl not a number", body=(b"soon:tok", b"e")),
     Call("put", "no groups", body=()),
     Call("put", "4 items (the old group)", body=(b"new", b"payload", 0, b"")),
     Call("put", "7 items (the group before prewarm)", body=(b"new", b"payload", 0, b"", 0, 0, 0)),

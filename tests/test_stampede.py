@@ -50,7 +50,7 @@ from victor_rcache.codec import Envelope
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import free_port
 from victor_rcache.stampede import refresh_early
-from victor_rcache.tiers import feed
+from victor_rcache.tiers import Load, feed
 
 from .helpers import Backend, Client, FakeClock, guard_slots
 
@@ -425,32 +425,56 @@ def test_a_fill_started_before_a_write_is_refused_and_the_newer_state_stays(
     assert raw.exists(lease_key(namespace, "k")) == 0
 
 
-def test_a_fill_landing_between_a_miss_and_the_lease_is_read_not_recomputed(make_cache: Make) -> None:
-    late, early = make_cache(), make_cache()
-    step = late._core.get_or_set("k")
+def test_a_miss_takes_the_fill_lease_in_the_same_script_call(make_cache: Make, raw: Client, namespace: str) -> None:
+    """The miss and the fill lease are one atomic step (get.lua takes the lease when it misses): no other
+    worker's fill can land between them, and a miss costs no round trip of its own for the lease."""
+    cache = make_cache()
+    cache.get("warm-up", None)  # the once-per-process handshake is done: what follows is get_or_set alone
+    step = cache._core.get_or_set("k")
     instruction, _ = feed(step, None)
-    for _ in range(20):  # run the late caller up to its lease request: its miss is done
-        assert isinstance(instruction, list), f"expected a Redis batch, the core asked for {instruction!r}"
-        if any(command[0] == "SET" for command in instruction):
-            break
-        instruction, _ = feed(step, late._send(instruction))
-    else:
-        pytest.fail("the late caller never asked for the lease")
-    assert early.get_or_set("k", lambda: "early's") == "early's"  # computed, filled, lease released
-
-    late_loads: list[str] = []
-
-    def late_loader() -> str:
-        late_loads.append("late")
-        return "late's"
-
+    assert isinstance(instruction, list)
+    assert [c[0] for c in instruction] == ["EVALSHA"], instruction  # one script call, nothing else
+    instruction, _ = feed(step, cache._send(instruction))
+    assert raw.pttl(lease_key(namespace, "k")) > 0, "the miss did not take the fill lease"
+    assert isinstance(instruction, Load), f"the lease holder should compute next, not {instruction!r}"
     result = None
     while instruction is not None:
-        instruction, result = feed(step, late._do(instruction, late_loader))
-    assert late_loads == []
+        instruction, result = feed(step, cache._do(instruction, lambda: "computed"))
     assert result is not None
-    assert result.value == "early's"
-    assert late.get_metrics()["stampede"]["loads"] == 0
+    assert result.value == "computed"
+    assert raw.exists(lease_key(namespace, "k")) == 0, "the fill released the lease"
+    assert make_cache().get("k") == "computed"
+
+
+def test_a_miss_while_another_worker_holds_the_lease_waits_and_reads_its_value(make_cache: Make, raw: Client,
+                                                                              namespace: str) -> None:
+    """The other side of the same step: a miss that finds the lease held does not compute; once the holder
+    fills, one more lookup reads the value."""
+    holder, waiter = make_cache(), make_cache()
+    step = holder._core.get_or_set("k")
+    instruction, _ = feed(step, None)
+    while not isinstance(instruction, Load):  # the holder misses and takes the lease
+        assert isinstance(instruction, list)
+        instruction, _ = feed(step, holder._send(instruction))
+    loads: list[str] = []
+    done = threading.Event()
+
+    def wait() -> None:
+        loads.append(waiter.get_or_set("k", lambda: "waiter's"))
+        done.set()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while waiter.get_metrics()["stampede"]["lease_waits"] == 0:  # it found the lease held and waits
+        assert time.monotonic() < deadline, "the waiter never waited for the lease"
+    while instruction is not None:
+        instruction, _ = feed(step, holder._do(instruction, lambda: "holder's"))
+    assert done.wait(5), "the waiter did not read the holder's value"
+    thread.join()
+    assert loads == ["holder's"]
+    assert waiter.get_metrics()["stampede"]["loads"] == 0
+    assert raw.exists(lease_key(namespace, "k")) == 0
 
 
 # --------------------------------------------------------------------------- loader exceptions

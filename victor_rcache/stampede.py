@@ -2,9 +2,10 @@
 
 * :class:`Flights` (single-flight): concurrent ``get_or_set`` calls for one key in one process share
   the first caller's computation; the others wait for its result (or its exception).
-* Fleet lease: the core takes ``SET <ns>:{tag}:lease:<id> <token> NX PX <lease_ttl>`` before it
-  asks for the loader; other processes poll, with growing pauses, until the value appears or the
-  lease ends (holder done, failed or dead) and then read it or take the lease themselves.
+* Fleet lease: the lookup that misses takes ``SET <ns>:{tag}:lease:<id> <token> NX PX <lease_ttl>`` in
+  the same get.lua call (atomic with the miss) before the core asks for the loader; other processes
+  poll, with growing pauses, until the value appears or the lease ends and then look up again (reading
+  the value, or taking the lease themselves in that lookup).
 * Early refresh (XFetch, Vattani et al., VLDB 2015): a hit on a value with a ttl is recomputed in
   the background, by whichever worker gets the lease, with a probability that grows as expiry
   nears, scaled by how long the value took to compute, so a hot key never expires everywhere at

@@ -168,6 +168,7 @@ class Fetched:
     hits: dict[bytes, tuple[int, float | None, float]] = field(default_factory=dict)  # version, ttl_left, cost
     missed_at: dict[bytes, int] = field(default_factory=dict)  # id -> the scripts' "now" of the miss (ms)
     tiers: dict[bytes, int] = field(default_factory=dict)  # id -> the tier that served it (1: L1 fallback)
+    leases: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # id -> (lease taken, its PTTL ms) on a miss
     failed: bool = False
 
     def source(self, entry_id: bytes) -> str:
@@ -300,15 +301,19 @@ class TierCore:
             return value
         return self.envelope.decode_checked(entry.payload) if value is NOT_SHARED else value
 
-    def _fetch(self, refs: list[EntryRef]) -> Step[Fetched]:
+    def _fetch(self, refs: list[EntryRef], lease: tuple[str, int] | None = None) -> Step[Fetched]:
+        """Look ``refs`` up in Redis (one get.lua call per shard, one round trip). ``lease`` (token, ms),
+        for a single ref: on a miss get.lua also tries to take its fill lease, in the same atomic step."""
         groups = _by_shard(refs)
+        spec = "" if lease is None else f"{lease[1]}:{lease[0]}"
         deltas = (0, 0)
         out = Fetched()
         try:
             yield from self.ready()
             sent_at = self.since()
             deltas = self._take_l1_deltas()
-            calls = [self._shard_call(self.scripts.get, shard, [r.id for r in rs], deltas if n == 0 else (0, 0))
+            calls = [self._shard_call(self.scripts.get, shard, [spec, *(r.id for r in rs)],
+                                      deltas if n == 0 else (0, 0))
                      for n, (shard, rs) in enumerate(groups.items())]
             replies = yield from self.run_scripts(calls)
         except RedisError as exc:
@@ -322,7 +327,9 @@ class TierCore:
                 if tier == 0:
                     self.counters.add(misses=1)
                     out.missed_at[ref.id] = hit[0]
-                    if len(hit) > 1:  # get.lua removed an entry whose fields were not the cache's
+                    if len(hit) > 3:  # the lease asked for: (taken, PTTL)
+                        out.leases[ref.id] = (hit[2], hit[3])
+                    if len(hit) > 1 and hit[1]:  # get.lua removed an entry whose fields were not the cache's
                         log.warning("entry %r in namespace %s had fields written outside the cache; counted as "
                                     "a miss and removed", ref.key[:100], self.config.namespace,
                                     extra=self.log_fields("entry_foreign_fields", "get", key=_text(ref.key)))
@@ -498,45 +505,37 @@ class TierCore:
             got = self._got_from_l1(key, ref, ttl, count_miss=True)
             if got is not None:
                 return got
-        found = yield from self._fetch([ref])
-        got = self._got(key, ref, found, ttl)
-        if got is not None:
-            return got
-        if found.failed:
-            return (yield from self._compute_locally(ref, ttl_ms))
-        since = found.missed_at[ref.id]
+        # The miss and the fill lease are one atomic step (get.lua takes the lease when it misses): no
+        # other worker's fill can land between them, and a miss costs no round trip for the lease.
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
-        held = False
+        held, foreign, since, pttl = False, False, 0, -2
         try:
-            entry_key = self.space.entry_key(ref)
-            foreign = False
-            for _ in range(LEASE_ATTEMPTS):
-                batch: Batch = [("DEL", lease)] if foreign else []
-                batch += [("SET", lease, token, "NX", "PX", self._lease_ms), ("EXISTS", entry_key), ("PTTL", lease)]
-                replies = yield batch
-                _raise_first_error(replies, batch)
-                taken, exists, pttl = replies[-3:]
-                if not taken and pttl == -1 and not foreign:
+            for attempt in range(LEASE_ATTEMPTS + 1):  # a first lookup, then one after each wait
+                if attempt and pttl == -1 and not foreign:
                     foreign = True  # no expiry: no worker took it (it was written by hand); remove it, retry
-                    continue
-                foreign = False
-                if taken and not exists:
+                    batch: Batch = [("DEL", lease)]
+                    _raise_first_error((yield batch), batch)
+                elif attempt:
+                    self.counters.add(lease_waits=1)
+                    yield from self._wait_for_fill(ref, lease)  # the value appeared, or the lease ended
+                if attempt:
+                    self.counters.add(gets=1)  # a second lookup, counted as such here and in Redis
+                found = yield from self._fetch([ref], (token, self._lease_ms))
+                got = self._got(key, ref, found, ttl)
+                if got is not None:
+                    return got
+                if found.failed:
+                    break
+                since = found.missed_at.get(ref.id, since)
+                taken, pttl = found.leases.get(ref.id, (0, -2))
+                if taken:
                     held = True
                     break
-                if taken:  # another worker filled it between our miss and our lease: read that
-                    yield from self._release(lease, token)
-                else:
-                    self.counters.add(lease_waits=1)
-                if exists or (yield from self._wait_for_fill(ref, lease)):
-                    self.counters.add(gets=1)  # a second lookup, counted as such here and in Redis
-                    found = yield from self._fetch([ref])
-                    got = self._got(key, ref, found, ttl)
-                    if got is not None:
-                        return got
-                    since = found.missed_at.get(ref.id, since)
         except RedisError as exc:  # Redis failed while we waited: one timeout paid is enough
             self.redis_failed("get_or_set", exc)
             return (yield from self._compute_locally(ref, ttl_ms))  # a lease we hold expires by itself
+        if found.failed:
+            return (yield from self._compute_locally(ref, ttl_ms))
         return (yield from self._compute_and_fill(ref, ttl_ms, since, lease if held else None, token))
 
     def _compute_locally(self, ref: EntryRef, ttl_ms: int) -> Step[Got]:

@@ -83,7 +83,7 @@ end
 -- Returns an error message or nil. Called before the first write.
 -- Every command the shard scripts run (see includes/acl.lua); PUBLISH is checked with the channel.
 local SHARD_COMMANDS = {'type', 'time', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del', 'zadd', 'zcount',
-                        'zmscore', 'exists',
+                        'zmscore', 'exists', 'set', 'pttl',
                         'zrem', 'zscore', 'zcard', 'zrange', 'zrangebyscore', 'zremrangebyscore',
                         'zremrangebyrank'}
 
