@@ -47,6 +47,7 @@
 -- @include "includes/head.lua"
 
 local SWEEP_MS = 1000  -- hits alone sweep a tier at most once per window this long (ms of the shard's clock)
+local FAST_IDS = 1000  -- the most ids the fast path takes in one call (ZMSCORE gets them all at once)
 
 -- Takes the fill lease a get_or_set asked for, if the call's one id missed: SET NX PX, and the
 -- lease's PTTL, into the miss reply (see Reply). Its permissions are checked with the call's writes.
@@ -65,6 +66,7 @@ local function full_path(ids, token, lease_ms)
   -- @include "includes/shard.lua"
 
   local err = parse_head() or check_all()
+  if not err and token then err = check_commands({'set', 'pttl'}, base .. 'lease:' .. ids[1]) end  -- the lease key
   if err then return redis.error_reply(err) end
 
   sweep()
@@ -107,7 +109,9 @@ local function full_path(ids, token, lease_ms)
           else
             tier = 3
             l3_hits = l3_hits + 1
-            if redis.call('ZCOUNT', l3_key, '-inf', '(' .. s3) < sizing_step() then tail_hits = tail_hits + 1 end
+            if redis.call('ZCOUNT', l3_key, '-inf', string.format('(%.17g', s3)) < sizing_step() then
+              tail_hits = tail_hits + 1
+            end
             if n >= promote_after then
               local size = tonumber(f[4]) or 0
               redis.call('ZREM', l3_key, id)
@@ -173,7 +177,8 @@ if ARGV[HEAD + 1] ~= '' then
   end
   token = tok
 end
-local ids = {unpack(ARGV, HEAD + 2)}
+local ids = {}
+for i = HEAD + 2, #ARGV do ids[#ids + 1] = ARGV[i] end  -- a loop: unpack() has a stack limit (~8000)
 local seen = #ids > 1 and {} or nil
 for _, id in ipairs(ids) do
   if string.len(id) == 0 then return redis.error_reply('VRC_BADARG get: empty entry id') end
@@ -187,8 +192,9 @@ end
 -- any write (and leaves the fast path: the full path names the key). Keys this path does not touch
 -- are not checked: a hit is served even when, say, the shard's `ghost` set is broken.
 local plan = {}       -- per id: a hit {tier key, score, fields, count after the hit, tail}, a miss {false, ghost}
-local s2 = redis.pcall('ZMSCORE', l2_key, unpack(ids))
-local fast = not s2.err
+local fast = #ids <= FAST_IDS                     -- more ids take the full path (unpack's limit)
+local s2 = fast and redis.pcall('ZMSCORE', l2_key, unpack(ids)) or {err = 'too many ids'}
+fast = not s2.err
 if fast then
   local in3 = nil
   for i = 1, #ids do
@@ -205,6 +211,7 @@ if fast then
   end
 end
 local window = math.floor(now / SWEEP_MS)
+local l3_seen = 0
 if fast then
   for i, id in ipairs(ids) do
     local p = plan[i]
@@ -220,14 +227,13 @@ if fast then
       p[2] = ghost ~= false                        -- a miss on an entry a bigger L3 would have kept
     else
       local f = read_fields(entry_key(id), 'v', 'ver', 'x', 's', 'd', 'w', 'n', 'f') or {}
-      local ver, n, cost = tonumber(f[2]), tonumber(f[7] or 0), tonumber(f[5] or 0)
+      local ver, n = tonumber(f[2]), tonumber(f[7] or 0)
       local expiry = f[3] and tonumber(f[3])
       local in_l2 = p[1] == l2_key
-      -- Whole numbers where the scripts keep them (a field written by hand may hold anything: the full
-      -- path removes such an entry). The first touch of a tier in a new SWEEP_MS window takes the full
-      -- path too: it sweeps.
-      if not (f[1] and ver and n and cost and (expiry or not f[3]) and not f[6]
-              and ver % 1 == 0 and n % 1 == 0 and cost % 1 == 0 and (expiry or 0) % 1 == 0
+      -- Integers where the scripts keep them, exactly as the full path checks them (a field written
+      -- by hand may hold anything: the full path removes such an entry). The first touch of a tier in
+      -- a new SWEEP_MS window takes the full path too: it sweeps.
+      if not (f[1] and f[2] and not f[6] and plain_ints(f[2], f[3], f[4], f[5], f[7])
               and not (expiry and now >= expiry)
               and not (in_l2 and idle2 > 0 and now - p[2] >= idle2)
               and not (not in_l2 and (idle3 > 0 and now - p[2] >= idle3 or n + 1 >= promote_after))
@@ -237,7 +243,14 @@ if fast then
       end
       p[3], p[4] = f, n + 1
       if not in_l2 then                            -- one of the L3 entries a smaller L3 would have lost?
-        p[5] = redis.call('ZCOUNT', l3_key, '-inf', '(' .. p[2]) < sizing_step()
+        -- (Counted as the full path counts: after earlier ids of the call were restamped. With a
+        -- second L3 hit in the call that differs, so such a call takes the full path.)
+        l3_seen = l3_seen + 1
+        if l3_seen > 1 then
+          fast = false
+          break
+        end
+        p[5] = redis.call('ZCOUNT', l3_key, '-inf', string.format('(%.17g', p[2])) < sizing_step()
       end
     end
   end
@@ -281,13 +294,9 @@ if fast then
   local first = true
   for field, d in pairs(counts) do
     if d > 0 then
-      if first then
-        local done = redis.pcall('HINCRBY', stats_key, field, d)
-        if type(done) == 'table' and done.err then return full_path(ids, token, lease_ms) end
-        first = false
-      else
-        redis.call('HINCRBY', stats_key, field, d)
-      end
+      local err = count(field, d)
+      if err and first then return full_path(ids, token, lease_ms) end  -- not a hash: the full path names it
+      first = false
     end
   end
   local results = {{0, 0, 0, 0, now}}

@@ -43,6 +43,25 @@ local function sizing_step() return math.max(1, math.floor(cap3 / 10 + 0.5)) end
 
 local function entry_key(id) return base .. 'e:' .. id end
 
+-- Are these five fields integers (or absent)? Fields written by hand may hold anything; HINCRBY and
+-- the replies need integers. (One pattern match for all five.)
+local function plain_ints(a, b, c, d, e)
+  return string.find((a or '0') .. ' ' .. (b or '0') .. ' ' .. (c or '0') .. ' ' .. (d or '0') .. ' ' .. (e or '0'),
+                     '^%-?%d+ %-?%d+ %-?%d+ %-?%d+ %-?%d+$') ~= nil
+end
+
+-- Adds d to a counter of the stats hash. A counter written by hand that is no integer is reset to d
+-- (HINCRBY would fail the call midway, keeping its earlier writes). Returns an error only when the
+-- stats key is not a hash (the callers check its type before their first write, or take this as one).
+local function count(field, d)
+  local done = redis.pcall('HINCRBY', stats_key, field, d)
+  if type(done) == 'table' and done.err then
+    if string.find(done.err, 'WRONGTYPE', 1, true) then return done.err end
+    redis.call('HSET', stats_key, field, d)
+  end
+  return nil
+end
+
 -- Fields of an entry's data hash (HMGET), or nil when the key holds another type (written by hand).
 local function read_fields(ek, ...)
   local fields = redis.pcall('HMGET', ek, ...)

@@ -116,13 +116,6 @@ local changed = {}                   -- invalidation lines to publish at the end
 local noted = false                  -- a `gone` or `fence` record was added in this call
 local ghosted = false                -- an L3 eviction was remembered in `ghost` in this call
 
--- Are these five fields integers (or absent)? Fields written by hand may hold anything; HINCRBY and
--- the replies need integers. (One pattern match for all five.)
-local function plain_ints(a, b, c, d, e)
-  return string.find((a or '0') .. ' ' .. (b or '0') .. ' ' .. (c or '0') .. ' ' .. (d or '0') .. ' ' .. (e or '0'),
-                     '^%-?%d+ %-?%d+ %-?%d+ %-?%d+ %-?%d+$') ~= nil
-end
-
 -- The same, but a key of another type is deleted: the entry is then simply gone. (A write: only
 -- after the call's checks.)
 local function entry_fields(ek, ...)
@@ -234,7 +227,7 @@ local function finish(extra)
                   expirations = ev.expirations}
   for field, d in pairs(extra) do deltas[field] = d end
   for field, d in pairs(deltas) do
-    if d ~= 0 then redis.call('HINCRBY', stats_key, field, d) end
+    if d ~= 0 then count(field, d) end  -- the stats' type was checked before the first write
   end
   if ghosted then redis.call('ZREMRANGEBYRANK', ghost_key, 0, -(sizing_step() + 1)) end
   if noted then
