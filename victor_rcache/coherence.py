@@ -118,6 +118,14 @@ class InvalidationListener:
         thread applies messages as they arrive)."""
         return self._healthy
 
+    def catch_up(self) -> None:
+        """Apply, now, every message that has reached this process. Readers do not wait for the thread
+        (that would cost every L1 hit a lock and a poll), so a message may be applied a thread switch
+        after it arrived; a caller that needs "everything received is applied" (a deterministic test)
+        calls this."""
+        with self._lock:
+            self._drain()
+
     def close(self) -> None:
         """Stop listening (idempotent)."""
         if self._stop.is_set():

@@ -62,9 +62,10 @@ log = logging.getLogger("victor_rcache")
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
-RELOAD_ROUNDS = 7  # NOSCRIPT rounds before every call still missing its script reloads it itself
+RELOAD_ROUNDS = 8  # NOSCRIPT rounds before every call still missing its script reloads it itself
 RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads its script; doubling, so
-# a waiting call gives a slow reload (a busy server) about 120 ms before reloading the script itself
+# a waiting call gives a slow reload (a busy server) about 250 ms before reloading the script itself
+# (get.lua, with its fast and full paths, takes Redis longer to compile than a small script)
 
 _scripts: dict[bool, Scripts] = {}
 MISS: Any = object()  # what TierCore.get_from_l1 returns when L1 cannot serve the key
