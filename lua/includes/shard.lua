@@ -57,7 +57,8 @@
     * L2 over capacity -> its least recently touched entries move to L3 (count reset);
       L3 over capacity -> its least recently touched entries are removed (evictions);
     * idle movement and absolute expiry are applied to the key being read, and swept for up to
-      SWEEP other due entries per call, so Redis never does unbounded work in one call.
+      SWEEP other due entries per call (put and delete always; get on its full path: see get.lua),
+      so Redis never does unbounded work in one call.
 ]]
 -- @include "includes/head.lua"
 -- @include "includes/acl.lua"
