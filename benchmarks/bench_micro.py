@@ -35,6 +35,7 @@ from benchmarks.bench_tiers import BATCH, NEVER, VALUE, Case, check, measure, p9
 from benchmarks.workloads import query_name
 from victor_rcache import MultiLevelCache
 from victor_rcache.connection import sync_client
+from victor_rcache.demo import clear_namespaces
 from victor_rcache.keys import KeySpace
 
 Progress = Callable[[str], None]
@@ -224,23 +225,12 @@ def round_trips(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
                                   measured=f"{counted['script_calls']:g} script + {counted['plain_commands']:g} plain",
                                   floor="1 (one command, one round trip)", target=target, passed=passed, **detail))
         warmer.clear_patterns()
-    _delete(admin, ns)
+    clear_namespaces(url, [ns])
     admin.close()
     return out
 
 
 # ------------------------------------------------------------------ Redis CPU and memory vs namespace size
-
-
-def _delete(admin: redis.Redis, namespace: str) -> None:
-    batch: list[bytes] = []
-    for key in admin.scan_iter(match=f"{namespace}*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            admin.unlink(*batch)
-            batch.clear()
-    if batch:
-        admin.unlink(*batch)
 
 
 def _usec_per_call(admin: redis.Redis, fn: Callable[[int], object], keys: list[int]) -> float:
@@ -317,7 +307,7 @@ def scaling(url: str, sizes: Sizes, prefix: str, want: set[str], progress: Progr
         progress(f"micro: {n} entries: " + ", ".join(
             f"{k} {v:.1f}" for k, v in row.items() if k.endswith(("per_call", "bytes_per_entry")) or
             k.startswith("floor_")))
-        _delete(admin, ns)
+        clear_namespaces(url, [ns])
         rows.append(row)
     admin.close()
     out = []
