@@ -1,18 +1,22 @@
-#!lua
+#!lua flags=allow-oom
 --[[
   delete.lua: remove entries of one shard from every tier, optionally only at an expected version,
   and tell every process to drop its L1 copy.
 
-  KEYS[1..7]  the shard's l2, l3, exp, stats, gone, fence and ghost keys (see includes/shard.lua)
-  ARGV[1..9]  the common header (now ms, capacities, idle ttls ms, promote_after, L1 deltas, memory ms)
-  ARGV[10..]  pairs, one per entry:
+  Runs when Redis is out of memory (flag allow-oom): deleting frees memory, and a full Redis must still
+  let the cache remove what it holds. What it adds (a `fence` record per id, a few counters) is small.
+
+  KEYS[1]     the shard's l2 key; the shard's other keys derive from it (see includes/shard.lua)
+  ARGV[1..7]  the common header (now ms, capacities, idle ttls ms, promote_after, memory ms)
+  ARGV[8..]   pairs, one per entry:
                 id                entry id
                 expected_version  delete only if the entry still has this version; empty = any
 
   A deleted id gets a `fence` record, even when nothing was stored under it, so a fill that started
-  before the delete is refused (cache-aside: update the source of truth, then delete the key).
-  Deleting an entry publishes an invalidation with a new version; so does deleting an absent id
-  that has a `gone` record (some L1 may still hold a copy of it), which clears that record.
+  before the delete is refused (cache-aside: update the source of truth, then delete the key). Every
+  delete without an expected version is announced with a new version, whether or not Redis held the
+  entry: some process may hold a copy of a value Redis no longer has (evicted, or written while this
+  Redis was away). A conditional delete is announced when it removed the entry.
 
   Reply: { {promotions, demotions, evictions, expirations, now}, {deleted_1, version_1}, ... }
     deleted_i = 1 when an entry was removed, 0 when there was none (or its version differed)
@@ -32,29 +36,28 @@ for i = HEAD + 1, #ARGV, 2 do
   end
 end
 
-sweep()
-
-local deleted, count = {0}, 0
+local deleted, removed = {0}, 0
 for i = HEAD + 1, #ARGV, 2 do
   local id, expected = ARGV[i], tonumber(ARGV[i + 1])
-  local tier = nil
-  if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
+  local tier = tier_of(id)
   local version = tonumber((entry_fields(entry_key(id), 'ver') or {})[1])
   local d, announced = 0, 0
   if (tier or version) and (expected == nil or expected == version) then
     drop(id, tier, 'deleted')
     d = 1
   elseif expected == nil then
-    note_removal(id, false)
+    fence(id, now)
   end
-  if d == 1 or (expected == nil and redis.call('ZREM', gone_key, id) == 1) then
+  if d == 1 or expected == nil then
     announced = next_version()
     announce(id, announced)
   end
   deleted[#deleted + 1] = {d, announced}
-  count = count + d
+  removed = removed + d
 end
 
+-- Sweeping frees memory too; growing nothing, it is safe under allow-oom.
+sweep()
 enforce_bounds()
-deleted[1] = finish({deletes = count})
+deleted[1] = finish({deletes = removed})
 return deleted

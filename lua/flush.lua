@@ -1,34 +1,38 @@
-#!lua
+#!lua flags=allow-oom
 --[[
   flush.lua: remove up to `batch` entries of one shard; called repeatedly by invalidate() until the
   shard is empty, so clearing a huge namespace never blocks Redis for long. Every call publishes
   "*<shard> <version>" on <ns>:inval (every process drops its L1 copies of this shard older than
   that version) and marks the shard flushed, so a fill that started before the flush is refused.
 
-  KEYS[1]  <ns>:{<tag>}:l2     ZSET  (see includes/shard.lua; a key of another type is refused, VRC_WRONGTYPE)
-  KEYS[2]  <ns>:{<tag>}:l3     ZSET
-  KEYS[3]  <ns>:{<tag>}:exp    ZSET
-  KEYS[4]  <ns>:{<tag>}:stats  HASH  byte totals are lowered and `flushed` set; counters are kept
-  KEYS[5]  <ns>:{<tag>}:gone   ZSET  removed once the shard is empty (every L1 was cleared)
-  KEYS[6]  <ns>:{<tag>}:fence  ZSET  removed once the shard is empty (`flushed` refuses older fills)
-  KEYS[7]  <ns>:{<tag>}:ghost  ZSET  removed once the shard is empty
+  Runs when Redis is out of memory (flag allow-oom): it only removes, and clearing a namespace is how
+  an operator frees a full Redis.
+
+  KEYS[1]  the shard's l2 key; the shard's other keys derive from it (see includes/shard.lua)
   ARGV[1]  batch, entries to remove in this call (>= 1)
   ARGV[2]  now, ms since the epoch (0 = the server's TIME)
   ARGV[3]  the shard's index (for the invalidation message)
+
+  The byte totals are lowered and `flushed` set; the fleet counters are kept. Once the shard's
+  indexes are empty, its `size`, `fence` and `ghost` keys are removed and its byte totals reset
+  (which heals any drift).
 
   Reply: entries left in the shard's indexes after this call (0 = the shard is empty)
 ]]
 -- @include "includes/shard.lua"
 
+if #KEYS ~= 1 or string.sub(l2_key, -4) ~= '}:l2' then
+  return redis.error_reply('VRC_BADARG flush: KEYS[1] must be a shard\'s l2 key')
+end
 for i = 1, 3 do
-  if not string.match(ARGV[i] or '', '^%d+$') or string.len(ARGV[i]) > 16 then
+  if not arg_int(i, 0) then
     return redis.error_reply('VRC_BADARG flush: batch, now and shard must be non-negative integers')
   end
 end
 local batch = tonumber(ARGV[1])
 now = tonumber(ARGV[2])
 if batch < 1 then return redis.error_reply('VRC_BADARG flush: batch must be >= 1') end
-local wrong = check_shard_types() or check_commands(SHARD_COMMANDS, KEYS[1], channel)
+local wrong = check_shard_types() or check_commands(SHARD_COMMANDS, l2_key, channel)
 if wrong then return redis.error_reply(wrong) end
 if now == 0 then
   local t = redis.call('TIME')
@@ -42,24 +46,20 @@ for _, tier in ipairs({{l2_key, 'l2_bytes'}, {l3_key, 'l3_bytes'}, {exp_key, nil
   local ids = redis.call('ZRANGE', tier[1], 0, budget - 1)
   local freed = 0
   for _, id in ipairs(ids) do
-    local ek = base .. 'e:' .. id
-    local size = redis.pcall('HGET', ek, 's')            -- a key of another type frees nothing
-    freed = freed + (type(size) == 'string' and tonumber(size) or 0)
-    redis.call('DEL', ek)
+    freed = freed + take_size(id)
+    redis.call('DEL', entry_key(id))
     redis.call('ZREM', tier[1], id)
     redis.call('ZREM', exp_key, id)
   end
-  if tier[2] and freed > 0 then redis.call('HINCRBY', stats_key, tier[2], -freed) end
+  if tier[2] and freed > 0 then count(tier[2], -freed) end
   budget = budget - #ids
 end
 
 local left = redis.call('ZCARD', l2_key) + redis.call('ZCARD', l3_key) + redis.call('ZCARD', exp_key)
-if left == 0 then                                    -- heal any byte-total drift (see README)
+if left == 0 then
   redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0)
-  redis.call('DEL', gone_key, fence_key, ghost_key)
+  redis.call('DEL', size_key, fence_key, ghost_key)
 end
--- Versions grow across a flushed or restarted Redis (see next_version in includes/shard.lua).
-redis.call('HSETNX', stats_key, 'seq', string.format('%d', now * 1000))
-local version = redis.call('HINCRBY', stats_key, 'seq', 1)
+local version = next_version()
 redis.call('PUBLISH', channel, '*' .. ARGV[3] .. ' ' .. string.format('%d', version))
 return left

@@ -1,56 +1,48 @@
 #!lua
 --[[
-  lease.lua: before prewarming an entry, take its fill lease and look at the entry, on the entry's own
-  server: whether it is live (present and not past its absolute expiry) and that server's clock, which
-  the fill then uses as `since_ms` (a fill is refused if the entry changed at or after it).
+  lease.lua: the step after a miss that will compute the value (get_or_set, prewarming): look at the
+  entry once more, on its own server, and if it is still missing take its fill lease, atomically.
 
-  KEYS[1]  <ns>:{<tag>}:lease:<id>   STRING  the fill lease (see release.lua)
-  KEYS[2]  <ns>:{<tag>}:e:<id>       HASH    the entry (see includes/shard.lua)
-  KEYS[3]  <ns>:{<tag>}:l2           ZSET    the shard's L2 index (last touch, ms)
-  KEYS[4]  <ns>:{<tag>}:l3           ZSET    the shard's L3 index (last touch, ms)
-  ARGV[1]  token, the caller's random token (non-empty)
-  ARGV[2]  lease time to live, ms (>= 1)
-  ARGV[3]  now, ms since the epoch; 0 = the server's TIME (tests pass a fake clock)
-  ARGV[4]  L2 idle ttl, ms (0 = never)
-  ARGV[5]  L3 idle ttl, ms (0 = never)
+  The caller's plain read missed; another process may have filled the entry since. If the entry is
+  live now, its fields come back (a hit: nothing is written); otherwise an index member whose data is
+  gone is removed, and the caller tries to take the lease. The reply's `now` is the server's clock,
+  which the fill then passes as `since_ms`: put.lua refuses it if the entry changed at or after it.
 
-  Reply: {taken, live, now_ms}
-    taken = 1 if the caller now holds the lease, 0 if someone else does (nothing written)
-    live  = 1 if the entry would be served: indexed, holding a value, not past its absolute expiry
-            and not idle past its tiers' ttls; a caller that took the lease of a live entry gives it
-            back (release.lua)
+  KEYS[1]     the shard's l2 key; the shard's other keys derive from it (see includes/shard.lua)
+  ARGV[1..7]  the common header (now ms, capacities, idle ttls ms, promote_after, memory ms)
+  ARGV[8]     entry id
+  ARGV[9]     token, the caller's random token (non-empty); the lease is <ns>:{<tag>}:lease:<id>
+  ARGV[10]    lease time to live, ms (>= 1)
+
+  Reply: {live, taken, pttl_ms, now_ms, payload, ver, tier, n, expiry_ms, cost_ms, prewarmed}
+    live = 1: the entry is served now (the fields after now_ms are its own; nothing was written)
+    live = 0: taken = 1 if the caller now holds the lease, 0 if someone else does; pttl_ms = the
+              lease's time to live (-1: no expiry, a lease written by hand)
 ]]
--- @include "includes/acl.lua"
+-- @include "includes/shard.lua"
 
-local lease_key, entry_key, l2_key, l3_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local token = ARGV[1]
-local function whole(i, min)
-  local v = tonumber(ARGV[i])
-  if v == nil or v ~= math.floor(v) or v < min or v > 9007199254740992 then return nil end
-  return v
+local err = check_head()
+if err then return redis.error_reply(err) end
+local id, token, lease_ms = ARGV[HEAD + 1], ARGV[HEAD + 2], arg_int(HEAD + 3, 1)
+if #ARGV ~= HEAD + 3 or not id or string.len(id) == 0 or string.len(token or '') == 0 or not lease_ms then
+  return redis.error_reply('VRC_BADARG lease needs an entry id, a non-empty token and a lease ttl >= 1 ms')
 end
-local lease_ms, now, idle2, idle3 = whole(2, 1), whole(3, 0), whole(4, 0), whole(5, 0)
-if #KEYS ~= 4 or string.sub(entry_key, 1, #l2_key) ~= string.sub(l2_key, 1, -3) .. 'e:' or token == nil or string.len(token) == 0 or not (lease_ms and now and idle2 and idle3) then
-  return redis.error_reply('VRC_BADARG lease: a non-empty token, a lease ttl >= 1 ms, now and idle ttls >= 0, '
-      .. 'all whole numbers')
-end
-local denied = check_commands({'set', 'type', 'hmget', 'zscore', 'time'}, KEYS[1], nil)
-if denied then return redis.error_reply(denied) end
 
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ek = entry_key(id)
+local tier, touched = tier_of(id)
+local f = entry_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w')
+if tier and f and f[1] then
+  local expiry = tonumber(f[5])
+  local ends = deadline(tier, touched, expiry)
+  if not (ends and now >= ends) then
+    return {1, 0, 0, now, f[1], f[2], f[3], f[4], f[5], f[6], f[7]}
+  end
+  drop(id, tier, expiry and now >= expiry and 'expired' or 'idle', ends)
+elseif tier then
+  drop(id, tier, 'vanished', tonumber(redis.call('ZSCORE', exp_key, id)))
 end
+local lease_key = base .. 'lease:' .. id
 local taken = redis.call('SET', lease_key, token, 'NX', 'PX', lease_ms) and 1 or 0
-local live = 0
-local id = string.sub(entry_key, #l2_key + 1)   -- entry keys are <l2 key without 'l2'> .. 'e:' .. id
-local s2, s3 = tonumber(redis.call('ZSCORE', l2_key, id)), nil
-if not s2 then s3 = tonumber(redis.call('ZSCORE', l3_key, id)) end
-if s2 and idle2 > 0 then s3 = s2 + idle2; if now < s3 then s3 = nil end end   -- idle in L2: in L3 since s3
-if (s2 or s3) and redis.call('TYPE', entry_key).ok == 'hash' then
-  local f = redis.call('HMGET', entry_key, 'v', 'x')
-  local expiry = tonumber(f[2])
-  local dead = (expiry and now >= expiry) or (s3 and idle3 > 0 and now - s3 >= idle3)
-  if f[1] and not dead then live = 1 end
-end
-return {taken, live, now}
+local pttl = redis.call('PTTL', lease_key)
+finish({})
+return {0, taken, pttl, now}

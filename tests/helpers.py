@@ -1,4 +1,4 @@
-"""Test helpers: a fake clock, a checker of DESIGN.md §5 invariants against what Redis holds, the slot
+"""Test helpers: a fake clock, a checker of the tier invariants against what Redis holds, the slot
 guard, and per-server access that works the same on a standalone Redis and on a Redis Cluster."""
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class ShardState:
     l3: dict[bytes, float]
     exp: dict[bytes, float]
     stats: dict[bytes, bytes]
-    gone: dict[bytes, float]
     fence: dict[bytes, float]
+    size: dict[bytes, bytes] = field(default_factory=dict)
     entries: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
 
 
@@ -105,10 +105,10 @@ def _read_shard(server: redis.Redis, sk: ShardKeys) -> ShardState:
     for index in (sk.l2, sk.l3, sk.exp):
         pipe.zrange(index, 0, -1, withscores=True)
     pipe.hgetall(sk.stats)
-    for index in (sk.gone, sk.fence):
-        pipe.zrange(index, 0, -1, withscores=True)
-    l2, l3, exp, stats, gone, fence = pipe.execute()  # MOVED here if the slot has moved: nothing is missed
-    state = ShardState(l2=dict(l2), l3=dict(l3), exp=dict(exp), stats=stats, gone=dict(gone), fence=dict(fence))
+    pipe.zrange(sk.fence, 0, -1, withscores=True)
+    pipe.hgetall(sk.size)
+    l2, l3, exp, stats, fence, size = pipe.execute()  # MOVED here if the slot has moved: nothing is missed
+    state = ShardState(l2=dict(l2), l3=dict(l3), exp=dict(exp), stats=stats, fence=dict(fence), size=size)
     entry_prefix = sk.entry(b"")
     names = list(server.scan_iter(match=entry_prefix + b"*", count=1000))
     pipe = server.pipeline(transaction=False)
@@ -121,10 +121,13 @@ def _read_shard(server: redis.Redis, sk: ShardKeys) -> ShardState:
 
 def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_size: int,
                      now_ms: int | None = None) -> NamespaceState:
-    """Assert DESIGN.md §5 invariants 1 and 2 (and byte accounting) on Redis's actual contents.
+    """Assert the tier invariants (docs/design.md#invariants, 1 and 2) and the byte accounting on Redis's
+    actual contents. Call it after the caches' bookkeeping was sent (``flush_bookkeeping()``): hits
+    reach the indexes in batches.
 
-    ``now_ms`` (the cache's clock) lets an index entry whose absolute ttl has passed count as an
-    allowed "expired leftover"; without it no leftover is allowed.
+    ``now_ms`` (the caches' clock) lets an index entry whose absolute ttl has passed count as an allowed
+    "expired leftover" (Redis may have dropped its data already; a sweep removes the rest); without it
+    no leftover is allowed.
     """
     state = read_namespace(raw, namespace, shards)
     caps2, caps3 = split_capacity(l2_size, shards), split_capacity(l3_size, shards)
@@ -134,29 +137,33 @@ def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_
         where = f"{namespace} shard {i}"
         assert len(s.l2) <= caps2[i], f"{where}: L2 holds {len(s.l2)} > {caps2[i]}"
         assert len(s.l3) <= caps3[i], f"{where}: L3 holds {len(s.l3)} > {caps3[i]}"
-        for records in (s.gone, s.fence):
-            assert len(records) <= max(caps2[i] + caps3[i], 1024), f"{where}: {len(records)} gone/fence records"
+        assert len(s.fence) <= max(caps2[i] + caps3[i], 1024), f"{where}: {len(s.fence)} fence records"
         both = set(s.l2) & set(s.l3)
         assert not both, f"{where}: in L2 and L3 at once: {both}"
 
         def expired(entry_id: bytes, s: ShardState = s) -> bool:
             return now_ms is not None and entry_id in s.exp and s.exp[entry_id] <= now_ms
 
-        for entry_id in set(s.l2) | set(s.l3):
+        indexed = set(s.l2) | set(s.l3)
+        for entry_id in indexed:
             data = s.entries.get(entry_id)
             assert (data and b"v" in data) or expired(entry_id), f"{where}: index entry {entry_id!r} has no data"
+            assert entry_id in s.size, f"{where}: index entry {entry_id!r} has no size record"
+        assert set(s.size) == indexed, f"{where}: size records {set(s.size) - indexed} for no index entry"
         for entry_id, data in s.entries.items():
-            assert entry_id in s.l2 or entry_id in s.l3, f"{where}: data {entry_id!r} has no index entry"
-            fields = {b"v", b"s", b"n", b"ver", b"x", b"k", b"f", b"d", b"w"}
-            assert set(data) <= fields, f"{where}: unexpected fields {set(data)}"
-            assert int(data[b"s"]) == len(data[b"v"]), f"{where}: size field of {entry_id!r} is off"
+            tier = 2 if entry_id in s.l2 else 3 if entry_id in s.l3 else 0
+            assert tier, f"{where}: data {entry_id!r} has no index entry"
+            assert set(data) <= {b"v", b"ver", b"t", b"n", b"x", b"k", b"d", b"w"}, f"{where}: fields {set(data)}"
+            assert data.get(b"t") == str(tier).encode(), f"{where}: {entry_id!r} in L{tier} says t={data.get(b't')}"
+            assert int(s.size[entry_id]) == len(data[b"v"]), f"{where}: size record of {entry_id!r} is off"
             if b"x" in data:
                 assert s.exp.get(entry_id) == float(data[b"x"]), f"{where}: exp index disagrees for {entry_id!r}"
         for entry_id in s.exp:
             assert entry_id in s.entries or expired(entry_id), f"{where}: exp entry {entry_id!r} without data"
-        for tier, ids in ((b"l2_bytes", s.l2), (b"l3_bytes", s.l3)):
-            held = sum(len(s.entries[i][b"v"]) for i in ids if i in s.entries)
-            assert int(s.stats.get(tier, 0)) == held, f"{where}: {tier.decode()} says {s.stats.get(tier)}, holds {held}"
+        for tier_bytes, ids in ((b"l2_bytes", s.l2), (b"l3_bytes", s.l3)):
+            held = sum(int(s.size[i]) for i in ids if i in s.size)
+            assert int(s.stats.get(tier_bytes, 0)) == held, \
+                f"{where}: {tier_bytes.decode()} says {s.stats.get(tier_bytes)}, the size records {held}"
     return state
 
 

@@ -12,11 +12,11 @@ from typing import Any, TypeVar, cast
 
 from redis.exceptions import RedisError
 
-from .cache import CacheBase
-from .config import CacheConfig
+from .cache import CacheBase, SyncIO
+from .config import CacheConfig, redact
 from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client, goes_alone, send_alone_async
 from .metrics import Timing
-from .resilience import raise_transient
+from .resilience import Resilience, raise_transient
 from .stampede import Flights
 from .tiers import MISS, Batch, Instruction, Loaded, Pause, Refresh, Scope, Step, Wait, feed, queue
 
@@ -38,6 +38,9 @@ class AsyncMultiLevelCache(CacheBase):
         self._flights: Flights[asyncio.Future[bytes]] = Flights(lambda: asyncio.get_running_loop().create_future())
         self._refreshing: set[asyncio.Task[Any]] = set()
         self._start_coherence(self.client)
+        # Bookkeeping goes out from a thread, which needs a sync client (and a breaker) of its own.
+        self._bookkeeping_io = SyncIO(self.config, self._core, Resilience(self.config, name=redact(self.config.url)))
+        self._start_bookkeeping(self._bookkeeping_io)
 
     async def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
         instruction, result = feed(step, None)
@@ -69,21 +72,22 @@ class AsyncMultiLevelCache(CacheBase):
         if refused is not None:
             return refused
         try:
-            client, started, attempt = self.client, time.monotonic(), 1
-            while True:
-                try:
-                    if goes_alone(client, batch):
-                        replies = await send_alone_async(client, batch[0])
-                    else:
-                        pipe = queue(client.pipeline(transaction=False), batch)
-                        replies = raise_transient(await pipe.execute(raise_on_error=False))
-                    break
-                except IO_ERRORS as exc:
-                    pause = self._resilience.retry_pause(exc, attempt, started)
-                    if pause is None:
-                        raise
-                await asyncio.sleep(pause)
-                attempt += 1
+            client, started = self.client, self._resilience.clock()
+            # As in the sync front end: a plain first attempt, tenacity only once it has failed.
+            try:
+                if goes_alone(client, batch):
+                    replies = await send_alone_async(client, batch[0])
+                else:
+                    pipe = queue(client.pipeline(transaction=False), batch)
+                    replies = raise_transient(await pipe.execute(raise_on_error=False))
+            except IO_ERRORS as first:
+                async for attempt in self._resilience.async_retrying(first, started):
+                    with attempt:
+                        if goes_alone(client, batch):
+                            replies = await send_alone_async(client, batch[0])
+                        else:
+                            pipe = queue(client.pipeline(transaction=False), batch)
+                            replies = raise_transient(await pipe.execute(raise_on_error=False))
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
         except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
@@ -92,13 +96,25 @@ class AsyncMultiLevelCache(CacheBase):
         return self._resilience.settle(replies)
 
     async def get(self, key: str | bytes, default: Any = None) -> Any:
-        core = self._core
-        if self._observer is None:  # an L1 hit is plain code: no generator, no timing
-            value = core.get_from_l1(key)
-            return value if value is not MISS else await self._drive(core.get_from_redis(key, default))
+        if self._observer is None:  # no generator, no timing
+            value = self._core.get_from_l1(key)
+            return value if value is not MISS else await self._read(key, default)
         with self._timing("get") as timing:
-            value = core.get_from_l1(key, timing)
-            return value if value is not MISS else await self._drive(core.get_from_redis(key, default, timing))
+            value = self._core.get_from_l1(key, timing)
+            return value if value is not MISS else await self._read(key, default, timing)
+
+    async def _read(self, key: str | bytes, default: Any, trace: Timing | None = None) -> Any:
+        """:meth:`MultiLevelCache._read`, awaited: one plain read after an L1 miss."""
+        core = self._core
+        if not core.ready_done:
+            return await self._drive(core.get_from_redis(key, default, trace))
+        ref = core.space.ref(key)
+        sent_at = core.since()
+        replies = await self._send([core.read_command(ref)])
+        if isinstance(replies, RedisError):
+            return core.read_failed(ref, replies, default, trace)
+        value = core.took(ref, replies[0], sent_at, trace=trace)
+        return default if value is MISS else value
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
         with self._timing("get_many"):
@@ -152,10 +168,15 @@ class AsyncMultiLevelCache(CacheBase):
     async def get_metrics(self, scope: Scope = "process") -> dict[str, Any]:
         return await self._drive(self._core.metrics(scope))
 
+    async def flush_bookkeeping(self) -> None:
+        """:meth:`MultiLevelCache.flush_bookkeeping`: send the buffered bookkeeping now (in a thread)."""
+        await asyncio.to_thread(self._flusher.flush)
+
     async def close(self) -> None:
         for task in list(self._refreshing):
             task.cancel()
-        await self._drive(self._core.report_counters())
+        await asyncio.to_thread(self._flusher.close)
+        self._bookkeeping_io.close()
         self._core.coherence.close()
         if self._owns_client:
             await self.client.aclose()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 from redis.exceptions import RedisError
 
 from . import forksafe
+from .bookkeeping import Flusher, ShardBatch
 from .coherence import InvalidationListener
 from .config import CacheConfig, redact
 from .connection import (
@@ -73,7 +74,7 @@ class CacheBase:
         ``outcome`` is the tier that served a get or get_or_set (``"l1"``, ``"l2"``, ``"l3"``),
         ``"miss"``, ``"coalesced"`` (get_or_set waited for a concurrent call of this process), ``"ok"``
         for the other operations, or ``"error"`` when the call raised. ``None`` stops the reports: an
-        unobserved cache times nothing. ``victor_rcache.prometheus.register`` sets one.
+        unobserved cache times nothing. ``victor_rcache.contrib.prometheus.register`` sets one.
         """
         if observer is not None and not callable(getattr(observer, "observe", None)):
             raise InvalidArgumentError(f"an observer needs an observe(operation, outcome, seconds) method; "
@@ -92,6 +93,19 @@ class CacheBase:
             listener = InvalidationListener(connect, self._core.space.channel, self._core.l1, clock=self._core.since,
                                             namespace=self.config.namespace)
             self._core.coherence = listener.start(wait=self.config.connect_timeout)
+
+    def _start_bookkeeping(self, io: SyncIO) -> None:
+        """Send this cache's buffered hits and misses from a thread of its own, through ``io``."""
+        core = self._core
+
+        def send(batches: list[ShardBatch]) -> None:
+            try:
+                io.drive(core.touch(batches))
+            except Exception as exc:  # the flusher must never die of a batch: bookkeeping only is lost
+                core.book.give_up(batches)
+                log.debug("bookkeeping dropped: %s", exc, extra=core.log_fields("bookkeeping_dropped", "touch"))
+
+        self._flusher = Flusher(core.book, send).start()
 
     def _flight(self, key: str | bytes, ttl: float | None) -> Step[Got]:
         """get_or_set after an L1 miss, once per process: the first concurrent caller for ``key`` leads
@@ -147,6 +161,103 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+class SyncIO:
+    """Does a core operation's I/O on a sync redis-py client: each instruction it yields, its outcome fed back.
+
+    The sync front end's engine, and the bookkeeping flusher's of both front ends (a thread cannot use an
+    asyncio client). ``send`` is the batch sender to use (the front end passes its own method, which
+    tests may wrap).
+    """
+
+    def __init__(self, config: CacheConfig, core: TierCore, resilience: Resilience,
+                 client: SyncClient | None = None) -> None:
+        self.config = config
+        self.core = core
+        self.resilience = resilience
+        self.owns_client = client is None
+        self.stale_client = False  # make self.client (again) before the next round trip
+        self.client: SyncClient = client if client is not None else self._first_client()
+        forksafe.register(self)
+
+    def _first_client(self) -> SyncClient:
+        try:
+            return sync_client(self.config)
+        except IO_ERRORS as exc:  # a cluster client reads the topology at once, and Redis is down
+            self.core.redis_failed("connect", as_redis_error(exc))  # raises when failing closed
+            self.stale_client = True  # fail open: made on a later call, once a node answers
+            return cast(SyncClient, None)
+
+    def _after_fork(self) -> None:
+        # redis-py 8.1 resets a connection pool in a forked child under the pool's lock, which another
+        # parent thread may have held at fork(): the child would hang. A client we made is replaced
+        # (lazily: a cluster client's constructor does I/O) instead.
+        self.stale_client = self.stale_client or self.owns_client
+
+    def drive(self, step: Step[T], loader: Callable[[], Any] | None = None,
+              send: Callable[[Batch], list[Any] | RedisError] | None = None) -> T:
+        """Run a core operation: do each instruction it yields, feed back the outcome.
+
+        Whatever interrupts an instruction goes back into the operation too, so it can give back
+        what it holds (a fill lease) before the exception reaches the caller.
+        """
+        instruction, result = feed(step, None)
+        while instruction is not None:
+            try:
+                outcome = self.do(instruction, loader, send or self.send)
+            except BaseException as exc:
+                outcome = exc
+            instruction, result = feed(step, outcome)
+        return cast(T, result)
+
+    def do(self, instruction: Instruction, loader: Callable[[], Any] | None,
+           send: Callable[[Batch], list[Any] | RedisError]) -> Any:
+        if isinstance(instruction, Pause):
+            time.sleep(instruction.seconds)
+            return []
+        if isinstance(instruction, list):
+            return send(instruction)
+        if isinstance(instruction, Wait):
+            return instruction.future.result()
+        assert loader is not None, "only get_or_set asks for the loader"
+        return _call_loader(loader)
+
+    def send(self, batch: Batch) -> list[Any] | RedisError:
+        """One round trip: the replies (errors Redis answered in place), or the RedisError that stopped it."""
+        resilience = self.resilience
+        refused = resilience.refused()  # the circuit is open: no I/O, no timeout to pay
+        if refused is not None:
+            return refused
+        try:
+            if self.stale_client:
+                self.client, self.stale_client = sync_client(self.config), False
+            client, started = self.client, resilience.clock()
+            # The first attempt is plain code; tenacity is engaged only once it has failed, so a batch that
+            # succeeds at once builds nothing.
+            try:
+                replies = _attempt(client, batch)
+            except IO_ERRORS as first:
+                for attempt in resilience.retrying(first, started):
+                    with attempt:
+                        replies = _attempt(client, batch)
+        except IO_ERRORS as exc:
+            return resilience.settle(as_redis_error(exc))
+        except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
+            resilience.abandon()
+            raise
+        return resilience.settle(replies)
+
+    def close(self) -> None:
+        if self.owns_client and self.client is not None:
+            self.client.close()
+
+
+def _attempt(client: SyncClient, batch: Batch) -> list[Any]:
+    """One try of a batch: a lone command as is, several as a pipeline (a transient error raised)."""
+    if goes_alone(client, batch):
+        return send_alone(client, batch[0])
+    return raise_transient(queue(pipeline(client), batch).execute(raise_on_error=False))
+
+
 class MultiLevelCache(CacheBase):
     """A cache with L1 in this process and L2/L3 shared by every process using the same Redis and namespace.
 
@@ -159,90 +270,47 @@ class MultiLevelCache(CacheBase):
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
                  client: SyncClient | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
-        self._owns_client = client is None
-        self._stale_client = False  # make self.client (again) before the next round trip
-        self.client: SyncClient = client if client is not None else self._first_client()
+        self._io = SyncIO(self.config, self._core, self._resilience, client)
         self._flights: Flights[Future[bytes]] = Flights(Future)
         self._start_coherence(self.client)
-        forksafe.register(self)
+        self._start_bookkeeping(self._io)
 
-    def _first_client(self) -> SyncClient:
-        try:
-            return sync_client(self.config)
-        except IO_ERRORS as exc:  # a cluster client reads the topology at once, and Redis is down
-            self._core.redis_failed("connect", as_redis_error(exc))  # raises when failing closed
-            self._stale_client = True  # fail open: made on a later call, once a node answers
-            return cast(SyncClient, None)
-
-    def _after_fork(self) -> None:
-        # redis-py 8.1 resets a connection pool in a forked child under the pool's lock, which another
-        # parent thread may have held at fork(): the child would hang. A client we made is replaced
-        # (lazily: a cluster client's constructor does I/O) instead.
-        self._stale_client = self._stale_client or self._owns_client
+    @property
+    def client(self) -> SyncClient:
+        """The redis-py client the cache uses (made from the URL, or the one passed as ``client=``)."""
+        return self._io.client
 
     def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
-        """Run a core operation: do each instruction it yields, feed back the outcome.
-
-        Whatever interrupts an instruction goes back into the operation too, so it can give back
-        what it holds (a fill lease) before the exception reaches the caller.
-        """
-        instruction, result = feed(step, None)
-        while instruction is not None:
-            try:
-                outcome = self._do(instruction, loader)
-            except BaseException as exc:
-                outcome = exc
-            instruction, result = feed(step, outcome)
-        return cast(T, result)
+        return self._io.drive(step, loader, self._send)
 
     def _do(self, instruction: Instruction, loader: Callable[[], Any] | None) -> Any:
-        if isinstance(instruction, Pause):
-            time.sleep(instruction.seconds)
-            return []
-        if isinstance(instruction, list):
-            return self._send(instruction)
-        if isinstance(instruction, Wait):
-            return instruction.future.result()
-        assert loader is not None, "only get_or_set asks for the loader"
-        return _call_loader(loader)
+        return self._io.do(instruction, loader, self._send)
 
     def _send(self, batch: Batch) -> list[Any] | RedisError:
-        refused = self._resilience.refused()  # the circuit is open: no I/O, no timeout to pay
-        if refused is not None:
-            return refused
-        try:
-            if self._stale_client:
-                self.client, self._stale_client = sync_client(self.config), False
-            client, started, attempt = self.client, time.monotonic(), 1
-            while True:
-                try:
-                    if goes_alone(client, batch):
-                        replies = send_alone(client, batch[0])
-                    else:
-                        replies = raise_transient(queue(pipeline(client), batch).execute(raise_on_error=False))
-                    break
-                except IO_ERRORS as exc:
-                    pause = self._resilience.retry_pause(exc, attempt, started)
-                    if pause is None:
-                        raise
-                time.sleep(pause)
-                attempt += 1
-        except IO_ERRORS as exc:
-            return self._resilience.settle(as_redis_error(exc))
-        except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
-            self._resilience.abandon()
-            raise
-        return self._resilience.settle(replies)
+        return self._io.send(batch)
+
+    def _read(self, key: str | bytes, default: Any, trace: Timing | None = None) -> Any:
+        """``get`` after an L1 miss: one plain read (the hot path: no generator), or the full way the first
+        time (the namespace's settings not yet agreed with the fleet)."""
+        core = self._core
+        if not core.ready_done:
+            return self._drive(core.get_from_redis(key, default, trace))
+        ref = core.space.ref(key)
+        sent_at = core.since()
+        replies = self._send([core.read_command(ref)])
+        if isinstance(replies, RedisError):
+            return core.read_failed(ref, replies, default, trace)
+        value = core.took(ref, replies[0], sent_at, trace=trace)
+        return default if value is MISS else value
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` on a miss. A cached ``None`` is a hit."""
-        core = self._core
-        if self._observer is None:  # an L1 hit is plain code: no generator, no timing
-            value = core.get_from_l1(key)
-            return value if value is not MISS else self._drive(core.get_from_redis(key, default))
+        if self._observer is None:  # no generator, no timing
+            value = self._core.get_from_l1(key)
+            return value if value is not MISS else self._read(key, default)
         with self._timing("get") as timing:
-            value = core.get_from_l1(key, timing)
-            return value if value is not MISS else self._drive(core.get_from_redis(key, default, timing))
+            value = self._core.get_from_l1(key, timing)
+            return value if value is not MISS else self._read(key, default, timing)
 
     def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
         """A dict of the hits among ``keys`` (one round trip for all keys that miss L1)."""
@@ -306,12 +374,18 @@ class MultiLevelCache(CacheBase):
         """Per-tier hits, misses, hit rates, movements and sizes, for this process or the whole fleet."""
         return self._drive(self._core.metrics(scope))
 
+    def flush_bookkeeping(self) -> None:
+        """Send this process's buffered bookkeeping (LRU touches, hit counts, fleet counters) to Redis now.
+
+        A background thread sends it every 100 ms (``bookkeeping.WINDOW``) anyway; call this before
+        looking at Redis's own view (fleet metrics, the CLI) when it must include this process's reads."""
+        self._flusher.flush()
+
     def close(self) -> None:
-        """Report this process's last counters, stop listening and close the connections the cache made."""
-        self._drive(self._core.report_counters())
+        """Send this process's buffered bookkeeping, stop listening and close the connections the cache made."""
+        self._flusher.close()
         self._core.coherence.close()
-        if self._owns_client and self.client is not None:
-            self.client.close()
+        self._io.close()
 
     def __enter__(self) -> MultiLevelCache:
         return self

@@ -10,11 +10,11 @@ over all its masters::
     <ns>:{s<i>.<salt>}:l2        ZSET  L2 index: entry id -> last touch (ms)
     <ns>:{s<i>.<salt>}:l3        ZSET  L3 index: entry id -> last touch (ms)
     <ns>:{s<i>.<salt>}:exp       ZSET  entry id -> absolute expiry (ms), entries with a ttl only
-    <ns>:{s<i>.<salt>}:stats     HASH  the shard's fleet counters and byte totals
-    <ns>:{s<i>.<salt>}:gone      ZSET  entry id -> when it left Redis while cached in some L1 (ms)
+    <ns>:{s<i>.<salt>}:size      HASH  entry id -> payload bytes, every indexed entry
+    <ns>:{s<i>.<salt>}:stats     HASH  the shard's fleet counters, byte totals and version counter
     <ns>:{s<i>.<salt>}:fence     ZSET  entry id -> when it was deleted, expired or removed (ms)
     <ns>:{s<i>.<salt>}:ghost     ZSET  entry id -> when L3 overflow evicted it (sizing evidence)
-    <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, s size, n hits, ver, x expiry, k key, f, d
+    <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, ver, t tier, n hits, x expiry, k key, d, w
     <ns>:{s<i>.<salt>}:lease:<id>  STRING  the token of the process computing a missing value
 
 An entry id is the key itself (UTF-8 for ``str``), readable in ``redis-cli``; keys over 1 KiB, or
@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
@@ -34,6 +34,7 @@ from .errors import ConfigurationError, InvalidKeyError
 
 MAX_RAW_KEY_BYTES = 1024
 MAX_SHARDS = 1024
+REFS_BYTES = 1 << 20  # key bytes a KeySpace keeps located (the ref cache is emptied when it would hold more)
 _HASHED = b"#"
 
 
@@ -55,11 +56,12 @@ def key_bytes(key: str | bytes) -> bytes:
 
 @dataclass(frozen=True)
 class EntryRef:
-    """Where one user key lives: its canonical bytes, shard and entry id."""
+    """Where one user key lives: its canonical bytes, shard, entry id and the Redis key of its data."""
 
     key: bytes
     shard: int
     id: bytes
+    entry: bytes = b""
 
     @property
     def hashed(self) -> bool:
@@ -68,20 +70,21 @@ class EntryRef:
 
 @dataclass(frozen=True)
 class ShardKeys:
-    """The seven index/counter keys of one shard, in the order the scripts take them."""
+    """The index and counter keys of one shard. Scripts are given ``l2`` alone and derive the others."""
 
     index: int
     l2: bytes
     l3: bytes
     exp: bytes
+    size: bytes
     stats: bytes
-    gone: bytes
     fence: bytes
     ghost: bytes
 
     @property
     def keys(self) -> list[bytes]:
-        return [self.l2, self.l3, self.exp, self.stats, self.gone, self.fence, self.ghost]
+        """Every index and counter key of the shard (not its entries and leases)."""
+        return [self.l2, self.l3, self.exp, self.size, self.stats, self.fence, self.ghost]
 
     def entry(self, entry_id: bytes) -> bytes:
         return self.l2[:-2] + b"e:" + entry_id
@@ -113,6 +116,8 @@ class KeySpace:
             raise ConfigurationError(f"shards={shards} must be between 1 and {MAX_SHARDS}; the default is 16")
         self.namespace = namespace
         self.shards = shards
+        self._refs: dict[str | bytes, EntryRef] = {}  # user key -> where it lives (see ref())
+        self._refs_bytes = 0
         self.prefix = namespace.encode() + b":"
         self.config = self.prefix + b"config"
         self.channel = self.prefix + b"inval"
@@ -122,27 +127,42 @@ class KeySpace:
         out = []
         for i in range(self.shards):
             base = self.prefix + b"{" + _shard_tag(i, self.shards).encode() + b"}:"
-            names = (b"l2", b"l3", b"exp", b"stats", b"gone", b"fence", b"ghost")
+            names = (b"l2", b"l3", b"exp", b"size", b"stats", b"fence", b"ghost")
             out.append(ShardKeys(i, *(base + name for name in names)))
         return tuple(out)
 
     def ref(self, key: str | bytes) -> EntryRef:
-        """Locate a user key (raises InvalidKeyError for empty or non-encodable keys)."""
+        """Locate a user key (raises InvalidKeyError for empty or non-encodable keys).
+
+        Hot keys are looked up again and again: located keys are remembered, up to REFS_BYTES of key
+        bytes (keys longer than MAX_RAW_KEY_BYTES, prompts say, are not: they are located anew)."""
+        # Exact types only: a str subclass may hash differently, and a memoryview equal to a bytes key
+        # is still not a key (the dict lookup would find it).
+        found = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
+        if found is not None:
+            return found
         if not isinstance(key, (str, bytes)):
             key_bytes(key)  # raises the InvalidKeyError naming the type
-        return self._ref(key)
+        ref = self._locate(key)
+        if len(ref.key) <= MAX_RAW_KEY_BYTES and (key.__class__ is str or key.__class__ is bytes):
+            if self._refs_bytes + len(ref.key) > REFS_BYTES:
+                self._refs.clear()  # all forgotten at once: cheaper than an LRU, and rare
+                self._refs_bytes = 0
+            self._refs[key] = ref
+            self._refs_bytes += len(ref.key)
+        return ref
 
-    @lru_cache(maxsize=4096)  # noqa: B019  (one KeySpace per cache; hot keys are looked up again and again)
-    def _ref(self, key: str | bytes) -> EntryRef:
+    def _locate(self, key: str | bytes) -> EntryRef:
         raw = key_bytes(key)
         shard = zlib.crc32(raw) % self.shards
+        entry_id = raw
         if len(raw) > MAX_RAW_KEY_BYTES or raw.startswith(_HASHED):
-            return EntryRef(raw, shard, _HASHED + hashlib.sha256(raw).hexdigest().encode())
-        return EntryRef(raw, shard, raw)
+            entry_id = _HASHED + hashlib.sha256(raw).hexdigest().encode()
+        return EntryRef(raw, shard, entry_id, self.shard_keys[shard].entry(entry_id))
 
     def entry_key(self, ref: EntryRef) -> bytes:
         """The Redis key of an entry's data hash."""
-        return self.shard_keys[ref.shard].entry(ref.id)
+        return ref.entry or self.shard_keys[ref.shard].entry(ref.id)
 
     def lease_key(self, ref: EntryRef) -> bytes:
         """The Redis key of the fill lease for an entry."""

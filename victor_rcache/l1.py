@@ -11,6 +11,11 @@ Coherence hooks: :meth:`invalidate` drops a copy older than a version another pr
 remembers that version for a while, so a slow fill that read the old value from Redis before the
 message arrived cannot put it back; :meth:`clear` also refuses copies requested before it.
 
+Unconfirmed copies: a value this process wrote while Redis could not confirm the write (down, or its
+answer lost) is held aside (:meth:`hold_unconfirmed`), never served by :meth:`serve`: only the
+fail-open fallback (:meth:`peek`) uses it, while Redis cannot be asked. It is forgotten as soon as
+Redis answers for the key, another process's write of it arrives, or its lifetime ends.
+
 With a :class:`~victor_rcache.adaptive.SizingRule` (``adaptive_l1=True``) the LRU measures what a
 bigger or smaller L1 would have done and resizes itself at the rule's interval (adaptive.py).
 """
@@ -65,6 +70,7 @@ class LocalCache:
         self._data: SegmentedLRU[bytes, L1Entry] = SegmentedLRU(max_entries, tail)
         self._floors: OrderedDict[bytes, int] = OrderedDict()
         self._shard_floors: dict[int, int] = {}
+        self.unconfirmed: OrderedDict[bytes, L1Entry] = OrderedDict()  # writes Redis did not confirm
         self._cleared_at = float("-inf")
         self._lock = threading.Lock()
         forksafe.register(self)
@@ -75,6 +81,7 @@ class LocalCache:
         self._data.clear()
         self._floors.clear()
         self._shard_floors.clear()
+        self.unconfirmed.clear()
         self.total_size = 0
 
     @property
@@ -117,10 +124,32 @@ class LocalCache:
         return entry
 
     def peek(self, key: bytes) -> L1Entry | None:
-        """The entry for ``key`` even if untrusted, without touching LRU order (fail-open fallback)."""
+        """The entry for ``key`` even if untrusted (an unconfirmed write's first), without touching LRU
+        order: the fail-open fallback when Redis cannot be asked."""
         with self._lock:
-            entry = self._data.peek(key)
+            entry = self.unconfirmed.get(key) or self._data.peek(key)
         return entry if entry is not None and self.clock() < entry.deadline else None
+
+    def hold_unconfirmed(self, key: bytes, payload: bytes, ttl_left: float | None = None,
+                         since: float | None = None, shard: int = -1) -> None:
+        """Keep aside a value this process wrote but Redis did not confirm (see the module docstring);
+        any trusted copy of the key is dropped."""
+        start = self.clock() if since is None else since
+        lives = min(t for t in (self.ttl, ttl_left, float("inf")) if t is not None)
+        expires_at = None if ttl_left is None else start + ttl_left
+        with self._lock:
+            self._remove(key)
+            self.unconfirmed.pop(key, None)
+            if lives > 0 and start + lives > self.clock():
+                self.unconfirmed[key] = L1Entry(payload, 0, start + lives, expires_at, 0.0, shard)
+                while len(self.unconfirmed) > self._data.capacity:
+                    self.unconfirmed.popitem(last=False)
+
+    def forget_unconfirmed(self, key: bytes) -> None:
+        """Redis answered for ``key``: an unconfirmed copy of it is not needed any more."""
+        if key in self.unconfirmed:
+            with self._lock:
+                self.unconfirmed.pop(key, None)
 
     def set(self, key: bytes, payload: bytes, version: int, ttl_left: float | None = None,
             since: float | None = None, cost: float = 0.0, shard: int = -1) -> bool:
@@ -129,8 +158,8 @@ class LocalCache:
         Lifetimes count from ``since`` (default: now); callers pass the clock reading taken before
         they asked Redis, so a copy never outlives the value's expiry in Redis. A copy is refused
         when a newer version of the key is already held or was announced by another process, or
-        when L1 was cleared after the copy was requested. Version 0 means "written here while
-        Redis was unreachable" and always replaces. Returns whether the copy was stored.
+        when L1 was cleared after the copy was requested. Returns whether the copy was stored (a stored
+        copy replaces an unconfirmed one: Redis has confirmed what the key holds).
         """
         start = self.clock() if since is None else since
         lives = min(t for t in (self.ttl, ttl_left, float("inf")) if t is not None)
@@ -145,8 +174,9 @@ class LocalCache:
             current = self._data.peek(key)
             newer = max(current.version if current else 0, self._floors.get(key, 0),
                         self._shard_floors.get(shard, 0))
-            if version and version < newer:
+            if version < newer:
                 return False
+            self.unconfirmed.pop(key, None)
             self._remove(key)
             self.total_size += len(payload)
             self._evicted(self._data.put(key, entry))
@@ -157,6 +187,7 @@ class LocalCache:
     def invalidate(self, key: bytes, version: int) -> bool:
         """Another process wrote ``version`` of ``key``: drop an older copy; True if one was dropped."""
         with self._lock:
+            self.unconfirmed.pop(key, None)
             if version > self._floors.get(key, 0):
                 self._floors[key] = version
                 self._floors.move_to_end(key)
@@ -174,6 +205,8 @@ class LocalCache:
             stale = [k for k, e in self._data.items() if e.shard in (shard, -1) and e.version < version]
             for key in stale:
                 self._remove(key)
+            for key in [k for k, e in self.unconfirmed.items() if e.shard in (shard, -1)]:
+                del self.unconfirmed[key]
             return len(stale)
 
     def pop(self, key: bytes) -> bool:
@@ -185,6 +218,7 @@ class LocalCache:
         """Drop every copy, and refuse copies requested before ``at`` (default: now)."""
         with self._lock:
             self._data.clear()
+            self.unconfirmed.clear()
             self.total_size = 0
             self._cleared_at = self.clock() if at is None else at
 

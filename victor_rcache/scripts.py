@@ -27,7 +27,7 @@ Command = tuple[Any, ...]
 def lua_dir() -> Path:
     """The folder holding the scripts: inside the installed package, else the source checkout's."""
     packaged = Path(str(resources.files("victor_rcache"))) / "lua"
-    if (packaged / "get.lua").is_file():
+    if (packaged / "put.lua").is_file():
         return packaged
     return Path(__file__).resolve().parent.parent / "lua"
 
@@ -69,7 +69,7 @@ class Scripts:
     """The scripts the tiers use, loaded once per process."""
 
     def __init__(self, folder: Path | None = None, shebang: bool = True) -> None:
-        self.get = Script.load("get", folder, shebang)
+        self.touch = Script.load("touch", folder, shebang)
         self.put = Script.load("put", folder, shebang)
         self.delete = Script.load("delete", folder, shebang)
         self.flush = Script.load("flush", folder, shebang)
@@ -80,7 +80,7 @@ class Scripts:
         self.predict = Script.load("predict", folder, shebang)
 
     def all(self) -> tuple[Script, ...]:
-        return (self.get, self.put, self.delete, self.flush, self.release, self.lease, self.sizing, self.record,
+        return (self.touch, self.put, self.delete, self.flush, self.release, self.lease, self.sizing, self.record,
                 self.predict)
 
 

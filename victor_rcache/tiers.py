@@ -5,24 +5,26 @@
     get(key)
       │
       ▼
-    L1 ─ this process, LRU + TTL ───────── hit ──▶ value (a fresh copy for each caller, unless nobody
-      │                                              can mutate it, or copy_on_read=False)
+    L1 ─ this process, LRU + TTL ──────── hit ──▶ value (a fresh copy for each caller, unless nobody
+      │                                             can mutate it, or copy_on_read=False)
       │ miss
       ▼
-    Redis ─ get.lua on the key's shard ─── hit ──▶ value; L1 copy once the entry is hot
-      │     L2 then L3 in one round trip;           (fleet-wide hits >= promote_after)
-      │     promotion, demotion, expiry inside
+    Redis ─ one plain read (HMGET) ────── hit ──▶ value; L1 copy once the entry is hot (fleet-wide
+      │     of the entry, no script;                 hits >= promote_after); the hit is buffered and
+      │     Redis's own expiry hides a value         sent with others as one touch.lua call per shard
+      │     past its deadline                        (LRU stamps, counts, promotion: bookkeeping.py)
       │ miss
       ▼
-    loader ─ get_or_set: once per process ─▶ put.lua: L2 + this L1 ─▶ <ns>:inval: other
-             (single-flight), once per fleet   (refused if the key      processes drop their
-             (a lease in Redis)                 changed since the miss)  older L1 copies
+    loader ─ get_or_set: once per process ─▶ lease.lua, then put.lua: ─▶ <ns>:inval: every other
+             (single-flight), once per fleet   L2 + this L1 (refused if     process drops its older
+             (the fill lease in Redis)          the key changed since)      L1 copy (every write says so)
 
 Operations are generators ("sans-I/O"): they yield instructions — a batch of Redis commands (one
 network round trip: a lone command is sent as is, several as a pipeline), a pause, or "run the
 loader" — and receive the outcome (replies with errors in place, or the loaded value), so the sync
-and async front ends share all of this logic and only do the I/O. An L1 hit needs no I/O, so it
-skips the generator machinery: :meth:`TierCore.get_from_l1` is plain code both front ends call first.
+and async front ends share all of this logic and only do the I/O. The two hottest paths skip the
+generator machinery: an L1 hit (:meth:`TierCore.get_from_l1`) needs no I/O, and a Redis read
+(:meth:`TierCore.read_command`, then :meth:`TierCore.took`) is one command the front end sends itself.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, Literal, TypeVar, Union
 from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
 from . import forksafe
+from .bookkeeping import FILLED, PREWARMED, Bookkeeping, ShardBatch
 from .codec import FORMAT_VERSION, Envelope, immutable
 from .coherence import Coherence, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
@@ -65,12 +68,11 @@ FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
 RELOAD_ROUNDS = 8  # NOSCRIPT rounds before every call still missing its script reloads it itself
 RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads its script; doubling, so
 # a waiting call gives a slow reload (a busy server) about 250 ms before reloading the script itself
-# (get.lua, with its fast and full paths, takes Redis longer to compile than a small script)
 
 _scripts: dict[bool, Scripts] = {}
-MISS: Any = object()  # what TierCore.get_from_l1 returns when L1 cannot serve the key
-REFS_REMEMBERED = 4096  # user keys whose EntryRef get_from_l1 keeps at hand (all forgotten when full)
-REF_KEY_MAX = 1024  # ... if they are at most this long (characters or bytes)
+MISS: Any = object()  # what TierCore.get_from_l1 and TierCore.took return when they have no value
+# The fields a Redis read asks of an entry (see lua/includes/shard.lua), in this order.
+READ_FIELDS = (b"v", b"ver", b"t", b"n", b"x", b"d", b"w")
 
 
 def feed(step: Step[T], outcome: Any) -> tuple[Instruction | None, T | None]:
@@ -162,14 +164,12 @@ class Got:
 
 @dataclass
 class Fetched:
-    """What one round of get.lua calls found, by entry id."""
+    """What one round of Redis reads found, by entry id."""
 
     values: dict[bytes, Any] = field(default_factory=dict)
     payloads: dict[bytes, bytes] = field(default_factory=dict)
     hits: dict[bytes, tuple[int, float | None, float]] = field(default_factory=dict)  # version, ttl_left, cost
-    missed_at: dict[bytes, int] = field(default_factory=dict)  # id -> the scripts' "now" of the miss (ms)
     tiers: dict[bytes, int] = field(default_factory=dict)  # id -> the tier that served it (1: L1 fallback)
-    leases: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # id -> (lease taken, its PTTL ms) on a miss
     failed: bool = False
 
     def source(self, entry_id: bytes) -> str:
@@ -178,8 +178,48 @@ class Fetched:
         return "miss" if tier is None else SOURCES[tier]
 
 
+
+
+@dataclass(frozen=True)
+class Looked:
+    """What lease.lua answered after a miss: the entry was filled meanwhile (``reply``, read fields), or
+    whether this call took the fill lease, the lease's PTTL (ms) and the server's clock (ms)."""
+
+    reply: list[Any] | None
+    taken: bool = False
+    pttl: int = -2
+    since: int = 0
+
+
+class ServerTime:
+    """The clock the scripts use, as this process can tell it without asking: the injected test clock,
+    or the server's, estimated from the ``now`` that replies carry.
+
+    An estimate errs late, never early: a reply's ``now`` was read at most one round trip after the
+    request was sent, so (reply's now - monotonic time at sending) bounds the server's lead over this
+    process's monotonic clock from above. An L1 copy of a value with an absolute expiry lives until
+    the estimated server time reaches that expiry: never past it (by more than the clocks' drift
+    since the last reply, microseconds per second), at worst one round trip short.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._lead: float | None = None  # ms the server's clock is ahead of time.monotonic(), an upper bound
+
+    def observe(self, server_ms: int, sent: float) -> None:
+        """A reply's ``now`` (ms) to a request sent at ``sent`` (time.monotonic())."""
+        if self._clock is None and server_ms > 0:
+            self._lead = server_ms - sent * 1000
+
+    def now_ms(self) -> float | None:
+        """The scripts' clock now (ms), at the latest; None before the first reply told it."""
+        if self._clock is not None:
+            return float(math.floor(self._clock() * 1000))
+        lead = self._lead
+        return None if lead is None else time.monotonic() * 1000 + lead
+
 class TierCore:
-    """L1 + the Redis tiers of one namespace, as I/O-free generator operations."""
+    """L1 + the Redis tiers of one namespace, as I/O-free operations."""
 
     def __init__(self, config: CacheConfig, scripts: Scripts | None = None,
                  coherence: Coherence | None = None) -> None:
@@ -191,19 +231,21 @@ class TierCore:
         self.coherence: Coherence = coherence or NoCoherence()
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
         self.counters = Counters(served=lambda: self.l1.hits)  # L1 hits are counted by L1 itself
+        self.book = Bookkeeping(self.counters)
+        self.server_time = ServerTime(config.clock)
         self._caps2 = split_capacity(config.l2_size, config.shards)
         self._caps3 = split_capacity(config.l3_size, config.shards)
         self.sizing = FleetSizing(config, self.space, self.scripts) if config.adaptive_redis else None
         self._idle_ms = tuple(0 if t is None else max(1, round(t * 1000)) for t in (config.l2_ttl, config.l3_ttl))
-        # `gone` records must outlive every L1 copy they guard and every fill they may refuse.
+        # `fence` records must outlive every fill they may refuse (a fill's miss is at most this old).
         self._memory_ms = max(1, round(1000 * max(config.l1_ttl or MAX_TTL_SECONDS, config.lease_ttl)))
         self._lease_ms = max(1, round(config.lease_ttl * 1000))
-        self._config_checked = False
+        self.ready_done = False  # the namespace's settings agreed with the fleet (see ready())
         self._failing = False
         self._failure_logged_at = -FAILURE_LOG_INTERVAL
         self._lock = threading.Lock()
         self._share_all = not config.copy_on_read  # share every decoded L1 value, mutable ones too
-        self._refs: dict[Any, EntryRef] = {}  # user key -> its EntryRef, for get_from_l1 (see _ref)
+        self._fill_after = config.promote_after - 1  # an L2 entry with this many fleet hits fills L1 on the next
         self._reported_l1_hits = 0  # of self.l1.hits, those sent to the fleet totals
         self._reported_l1_evictions = 0
         self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
@@ -222,8 +264,8 @@ class TierCore:
         """The value under ``key``, or ``default`` on a miss (a cached None is a hit).
 
         ``trace``, the call's own timing when the cache is observed, is told which tier served it.
-        The front ends run the same steps without a generator for an L1 hit: :meth:`get_from_l1`,
-        then only if it returns :data:`MISS`, :meth:`get_from_redis`.
+        The front ends run the same steps without a generator: :meth:`get_from_l1`, and only if it
+        returns :data:`MISS`, the plain read (:meth:`read_command`, :meth:`took`).
         """
         value = self.get_from_l1(key, trace)
         if value is not MISS:
@@ -232,11 +274,9 @@ class TierCore:
 
     def get_from_l1(self, key: str | bytes, trace: Timing | None = None) -> Any:
         """The first step of :meth:`get`, plain code (no I/O): the value if this process's L1 may serve
-        ``key``, else :data:`MISS`, after which the caller must run :meth:`get_from_redis`. Counts the
-        request either way (an L1 hit costs one lock: L1's own, which counts it)."""
-        # Exact types only: a memoryview equal to a remembered bytes key is still not a key.
-        ref = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
-        entry = self._from_l1(ref or self._ref(key))
+        ``key``, else :data:`MISS`, after which the caller reads Redis. An L1 hit is counted by L1 (under
+        the lock it takes anyway); a miss is counted by the read that follows."""
+        entry = self.l1.serve(self.space.ref(key).id) if self.coherence.trusted() else None
         if entry is None:
             return MISS
         if trace is not None:
@@ -245,50 +285,105 @@ class TierCore:
         return value if value is not NOT_DECODED and value is not NOT_SHARED else self._l1_value(entry)
 
     def get_from_redis(self, key: str | bytes, default: Any = None, trace: Timing | None = None) -> Step[Any]:
-        """The rest of :meth:`get` after :meth:`get_from_l1` returned :data:`MISS` (the request is counted)."""
+        """The rest of :meth:`get` after :meth:`get_from_l1` returned :data:`MISS`, as a generator (the
+        front ends take this way until :meth:`ready` has run once, then read with :meth:`read_command`)."""
         ref = self.space.ref(key)
         found = yield from self._fetch([ref])
         if trace is not None:
             trace.outcome = found.source(ref.id)
         return found.values.get(ref.id, default)
 
+    def read_command(self, ref: EntryRef) -> Command:
+        """The plain read of an entry: one HMGET, the only command a Redis hit costs."""
+        return ("HMGET", ref.entry, *READ_FIELDS)
+
+    def took(self, ref: EntryRef, reply: Any, sent_at: float, out: Fetched | None = None,
+             trace: Timing | None = None) -> Any:
+        """What a plain read of ``ref``'s entry (:meth:`read_command`) found: the value, or :data:`MISS`.
+
+        Plain code for both front ends. Counts the request and buffers its bookkeeping (no lock, no I/O),
+        copies a hot L2 entry into L1, and notes details in ``out`` when given. ``reply`` is the HMGET
+        reply, or the error Redis answered for this one key (a key of another type: a corrupt entry).
+        ``sent_at`` is :meth:`since` taken before the read was sent; ``trace`` (an observed call's
+        timing) is told which tier served it.
+        """
+        if self.l1.unconfirmed:  # Redis answered for this key: a copy it never confirmed is not needed
+            self.l1.forget_unconfirmed(ref.id)
+        payload = None if isinstance(reply, Exception) else reply[0]
+        if payload is None:
+            if isinstance(reply, Exception):
+                self._corrupt(ref, b"", str(reply))
+            else:
+                self.book.miss(ref.shard, ref.id)
+            return MISS
+        _, ver, tier, hits, expiry_ms, cost_ms, prewarmed = reply
+        try:
+            version = int(ver)
+            expiry = None if expiry_ms is None else int(expiry_ms)
+            cost = 0.0 if cost_ms is None else int(cost_ms) / 1000
+            count = 0 if hits is None else int(hits)
+            value = self.envelope.unwrap(payload)
+        except Exception as exc:  # fields written by hand, or a payload that does not decode: a miss
+            self._corrupt(ref, ver or b"", str(exc))
+            return MISS
+        ttl_left = None
+        if expiry is not None:
+            now = self.server_time.now_ms()
+            if now is not None and now >= expiry:  # Redis expires it any moment (a test clock: now)
+                self.book.miss(ref.shard, ref.id)
+                return MISS
+            ttl_left = None if now is None else (expiry - now) / 1000
+        flags = 0 if prewarmed is None else PREWARMED
+        in_l2 = tier != b"3"
+        if (in_l2 and count >= self._fill_after and (expiry is None or ttl_left is not None)
+                and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost, shard=ref.shard)):
+            flags |= FILLED
+        self.book.hit(2 if in_l2 else 3, ref.shard, ref.id, flags)
+        if trace is not None:
+            trace.outcome = "l2" if in_l2 else "l3"
+        if out is not None:
+            out.values[ref.id], out.payloads[ref.id] = value, payload
+            out.hits[ref.id] = (version, ttl_left, cost)
+            out.tiers[ref.id] = 2 if in_l2 else 3
+        return value
+
+    def _corrupt(self, ref: EntryRef, seen: bytes, why: str) -> None:
+        log.warning("entry %r in namespace %s is not one the cache wrote (%s); counted as a miss and removed",
+                    ref.key[:100], self.config.namespace, why,
+                    extra=self.log_fields("entry_undecodable", "get", key=_text(ref.key), error=why))
+        self.book.corrupt(ref.shard, ref.id, seen)
+
+    def read_failed(self, ref: EntryRef, exc: RedisError, default: Any, trace: Timing | None = None) -> Any:
+        """A plain read could not reach Redis: fail open (L1's copy, even an unconfirmed one, else
+        ``default``) or raise :class:`CacheUnavailableError`."""
+        self.redis_failed("get", exc)
+        found = self._fall_back_to_l1([ref])
+        if trace is not None:
+            trace.outcome = found.source(ref.id)
+        return found.values.get(ref.id, default)
+
     def get_many(self, keys: Iterable[str | bytes]) -> Step[dict[Any, Any]]:
-        """The hits among ``keys``, keyed as given; one script call per shard, one round trip."""
-        wanted: dict[bytes, tuple[Any, EntryRef]] = {}
+        """The hits among ``keys``, keyed as given (every spelling asked for: ``"k"`` and ``b"k"`` are one
+        key); one round trip for all keys L1 cannot serve."""
+        wanted: dict[bytes, tuple[list[Any], EntryRef]] = {}
         for key in keys:
             ref = self.space.ref(key)
-            wanted.setdefault(ref.id, (key, ref))
-        out: dict[Any, Any] = {}
+            spellings = wanted.setdefault(ref.id, ([], ref))[0]
+            if key not in spellings:
+                spellings.append(key)
+        found: dict[bytes, Any] = {}
         remote: list[EntryRef] = []
-        for key, ref in wanted.values():
-            entry = self._from_l1(ref)
+        trusted = self.coherence.trusted()
+        for _, ref in wanted.values():
+            entry = self.l1.serve(ref.id) if trusted else None
             if entry is None:
                 remote.append(ref)
             else:
-                out[key] = self._l1_value(entry)
+                found[ref.id] = self._l1_value(entry)
         if remote:
-            found = yield from self._fetch(remote)
-            for entry_id, value in found.values.items():
-                out[wanted[entry_id][0]] = value
-        return out
-
-    def _ref(self, key: str | bytes) -> EntryRef:
-        """``space.ref(key)`` (which validates the key), remembered for :meth:`get_from_l1`: a dict
-        lookup costs a fraction of a validated, lru_cached call."""
-        ref = self.space.ref(key)
-        if len(key) <= REF_KEY_MAX:  # long keys (prompts...) are not held twice: they take the slower path
-            if len(self._refs) >= REFS_REMEMBERED:
-                self._refs.clear()
-            self._refs[key] = ref
-        return ref
-
-    def _from_l1(self, ref: EntryRef, count_miss: bool = True) -> L1Entry | None:
-        """This process's copy, if L1 may be trusted. Counts the request: an L1 hit in L1 itself (under
-        the lock it takes anyway), a miss here (unless ``count_miss`` is False: the caller counts it)."""
-        entry = self.l1.serve(ref.id) if self.coherence.trusted() else None
-        if entry is None and count_miss:
-            self.counters.add(gets=1)
-        return entry
+            fetched = yield from self._fetch(remote)
+            found.update(fetched.values)
+        return {key: value for entry_id, value in found.items() for key in wanted[entry_id][0]}
 
     def _l1_value(self, entry: L1Entry) -> Any:
         """An L1 copy's value: the shared one, or decoded from the payload. The first hit decides whether
@@ -302,93 +397,57 @@ class TierCore:
             return value
         return self.envelope.decode_checked(entry.payload) if value is NOT_SHARED else value
 
-    def _fetch(self, refs: list[EntryRef], lease: tuple[str, int] | None = None) -> Step[Fetched]:
-        """Look ``refs`` up in Redis (one get.lua call per shard, one round trip). ``lease`` (token, ms),
-        for a single ref: on a miss get.lua also tries to take its fill lease, in the same atomic step."""
-        groups = _by_shard(refs)
-        spec = "" if lease is None else f"{lease[1]}:{lease[0]}"
-        deltas = (0, 0)
+    def _fetch(self, refs: list[EntryRef]) -> Step[Fetched]:
+        """Read ``refs`` from Redis: one plain read each, all in one round trip."""
         out = Fetched()
         try:
             yield from self.ready()
             sent_at = self.since()
-            deltas = self._take_l1_deltas()
-            calls = [self._shard_call(self.scripts.get, shard, [spec, *(r.id for r in rs)],
-                                      deltas if n == 0 else (0, 0))
-                     for n, (shard, rs) in enumerate(groups.items())]
-            replies = yield from self.run_scripts(calls)
+            replies = yield [self.read_command(r) for r in refs]
         except RedisError as exc:
-            self._give_back_l1_deltas(deltas)
             self.redis_failed("get", exc)
             return self._fall_back_to_l1(refs)
-        corrupt: list[tuple[EntryRef, int]] = []
-        for rs, reply in zip(groups.values(), replies, strict=True):
-            self._count_events(reply[0])
-            for ref, (tier, *hit) in zip(rs, reply[1:], strict=True):
-                if tier == 0:
-                    self.counters.add(misses=1)
-                    out.missed_at[ref.id] = hit[0]
-                    if len(hit) > 3:  # the lease asked for: (taken, PTTL)
-                        out.leases[ref.id] = (hit[2], hit[3])
-                    if len(hit) > 1 and hit[1]:  # get.lua removed an entry whose fields were not the cache's
-                        log.warning("entry %r in namespace %s had fields written outside the cache; counted as "
-                                    "a miss and removed", ref.key[:100], self.config.namespace,
-                                    extra=self.log_fields("entry_foreign_fields", "get", key=_text(ref.key)))
-                        self.counters.add(decode_errors=1)
-                    continue
-                out.missed_at[ref.id] = reply[0][4]  # if it turns out undecodable: a miss seen now
-                payload, fill, ttl_left_ms, version, cost_ms = hit
-                try:
-                    value = self.envelope.unwrap(payload)
-                except Exception as exc:  # whatever the codec raises, a bad payload is a miss
-                    log.warning("entry %r in namespace %s does not decode (%s); counted as a miss and removed",
-                                ref.key[:100], self.config.namespace, exc,
-                                extra=self.log_fields("entry_undecodable", "get", key=_text(ref.key), error=str(exc)))
-                    self.counters.add(misses=1, decode_errors=1)
-                    corrupt.append((ref, version))
-                    continue
-                self.counters.add(**{f"l{tier}_hits": 1})
-                out.tiers[ref.id] = tier
-                ttl_left = None if ttl_left_ms < 0 else ttl_left_ms / 1000
-                if fill and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost_ms / 1000,
-                                        shard=ref.shard):
-                    self.counters.add(l1_fills=1)
-                del out.missed_at[ref.id]
-                out.values[ref.id], out.payloads[ref.id] = value, payload
-                out.hits[ref.id] = (version, ttl_left, cost_ms / 1000)
-        if corrupt:
-            yield from self._remove_corrupt(corrupt)
+        for ref, reply in zip(refs, replies, strict=True):
+            if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
+                self.redis_failed("get", reply)  # an error Redis answered for this key alone
+                out.failed = True
+                fell = self._fall_back_to_l1([ref])
+                out.values.update(fell.values)
+                out.payloads.update(fell.payloads)
+                out.tiers.update(fell.tiers)
+                continue
+            self.took(ref, reply, sent_at, out)
         return out
 
     def _fall_back_to_l1(self, refs: list[EntryRef]) -> Fetched:
-        """Redis failed (fail-open): serve copies L1 holds but could not vouch for, the rest miss."""
+        """Redis failed (fail-open): serve copies L1 holds but could not vouch for (an unconfirmed write's
+        included); the rest miss."""
         out = Fetched(failed=True)
         for ref in refs:
             entry = self.l1.peek(ref.id)
             if entry is None:
-                self.counters.add(misses=1)
+                self.counters.add(gets=1, misses=1)
                 continue
-            self.counters.add(l1_hits=1)
+            self.counters.add(gets=1, l1_hits=1)
             out.values[ref.id], out.payloads[ref.id] = self.envelope.unwrap(entry.payload), entry.payload
             out.tiers[ref.id] = 1
         return out
-
-    def _remove_corrupt(self, corrupt: list[tuple[EntryRef, int]]) -> Step[None]:
-        # Only that very version is removed: a good value written meanwhile survives.
-        calls = [self._shard_call(self.scripts.delete, ref.shard, [ref.id, version]) for ref, version in corrupt]
-        try:
-            yield from self.run_scripts(calls)
-        except RedisError as exc:
-            log.debug("could not remove undecodable entries: %s", exc)
 
     # ----------------------------------------------------------------- writes
 
     def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> Step[None]:
         """Write ``value`` to L2 and to this process's L1; ``ttl`` is its absolute life in seconds."""
+        self.space.ref(key)  # the key first: an unhashable one is an InvalidKeyError, not a TypeError
         yield from self.put_many({key: value}, ttl)
 
     def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> Step[None]:
-        """Write several values; everything is validated and encoded before anything is written."""
+        """Write several values; everything is validated and encoded before anything is written.
+
+        Once Redis confirms, this process's L1 holds the new values; every other process is told to drop
+        its older copies. If Redis cannot confirm (it failed, or its answer was lost), nothing stays in
+        L1 that a later read would trust: the values are kept aside, served only while Redis cannot be
+        asked (fail-open), and forgotten as soon as Redis answers for the key.
+        """
         ttl_ms = self._ttl_ms(ttl)
         prepared: dict[bytes, tuple[EntryRef, bytes]] = {}
         for key, value in mapping.items():
@@ -402,17 +461,20 @@ class TierCore:
                  for shard, rs in groups.items()]
         sent_at = self.since()
         ttl_s = _seconds(ttl_ms)
+        for ref, _ in prepared.values():  # until Redis confirms, no copy of the old value is trusted here
+            self.l1.pop(ref.id)
         try:
             yield from self.ready()
+            sent = time.monotonic()
             replies = yield from self.run_scripts(calls)
         except RedisError as exc:
             self.redis_failed("put", exc)
-            for ref, payload in prepared.values():  # this process still sees its own write
-                self.l1.set(ref.id, payload, 0, ttl_s, since=sent_at, shard=ref.shard)
+            for ref, payload in prepared.values():
+                self.l1.hold_unconfirmed(ref.id, payload, ttl_s, since=sent_at, shard=ref.shard)
             return
         self.counters.add(puts=len(prepared))
         for rs, reply in zip(groups.values(), replies, strict=True):
-            self._count_events(reply[0])
+            self._count_events(reply[0], sent)
             for ref, version in zip(rs, reply[1:], strict=True):
                 self.l1.set(ref.id, prepared[ref.id][1], version, ttl_s, since=sent_at, shard=ref.shard)
 
@@ -439,13 +501,15 @@ class TierCore:
         """Remove ``key`` from every tier and every process's L1; True if some tier held it."""
         ref = self.space.ref(key)
         had_local = self.l1.pop(ref.id)
+        self.l1.forget_unconfirmed(ref.id)
         try:
             yield from self.ready()
+            sent = time.monotonic()
             replies = yield from self.run_scripts([self._shard_call(self.scripts.delete, ref.shard, [ref.id, b""])])
         except RedisError as exc:
             self.redis_failed("delete", exc)
             return had_local
-        self._count_events(replies[0][0])
+        self._count_events(replies[0][0], sent)
         deleted, announced = replies[0][1]
         if announced:  # a read of the old value that raced with this delete must not be stored
             self.l1.invalidate(ref.id, announced)
@@ -463,8 +527,7 @@ class TierCore:
             pending = list(range(len(shards)))
             while pending:
                 now_ms = self._now_ms()
-                calls = [ScriptCall(self.scripts.flush, tuple(shards[s].keys), (FLUSH_BATCH, now_ms, s))
-                         for s in pending]
+                calls = [ScriptCall(self.scripts.flush, (shards[s].l2,), (FLUSH_BATCH, now_ms, s)) for s in pending]
                 left = yield from self.run_scripts(calls)
                 pending = [s for s, n in zip(pending, left, strict=True) if n > 0]
         except RedisError as exc:
@@ -479,11 +542,10 @@ class TierCore:
         ``get_or_set(key, ttl, l1_checked=True)`` as the flight's leader (which counts the request), or
         waits for the leader (a coalesced call, not a request of its own)."""
         self._ttl_ms(ttl)  # a bad ttl is refused whatever L1 holds
-        ref = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
-        return self._got_from_l1(key, ref or self._ref(key), ttl, count_miss=False)
+        return self._got_from_l1(key, self.space.ref(key), ttl)
 
-    def _got_from_l1(self, key: str | bytes, ref: EntryRef, ttl: float | None, count_miss: bool) -> Got | None:
-        entry = self._from_l1(ref, count_miss)
+    def _got_from_l1(self, key: str | bytes, ref: EntryRef, ttl: float | None) -> Got | None:
+        entry = self.l1.serve(ref.id) if self.coherence.trusted() else None
         if entry is None:
             return None
         ttl_left = None if entry.expires_at is None else entry.expires_at - self.l1.clock()
@@ -493,21 +555,18 @@ class TierCore:
     def get_or_set(self, key: str | bytes, ttl: float | None = None, l1_checked: bool = False) -> Step[Got]:
         """The value under ``key``; on a miss, the caller's loader computes it once for the fleet.
 
-        Yields :class:`Load` when this process must compute. Another process's fill lease makes
-        this one wait (``Pause``) until the value appears or the lease ends, then read or take over.
-        A fill is refused inside the script if the key changed after the miss this call saw.
-        ``l1_checked``: :meth:`get_or_set_from_l1` has just missed; go straight to Redis.
+        Yields :class:`Load` when this process must compute. After a plain read misses, lease.lua looks
+        again and takes the fill lease in one atomic step (no other worker's fill can land between the
+        two); another process's lease makes this one wait (``Pause``) until the value appears or the
+        lease ends, then read or take over. A fill is refused inside put.lua if the key changed after
+        the miss. ``l1_checked``: :meth:`get_or_set_from_l1` has just missed; go straight to Redis.
         """
         ttl_ms = self._ttl_ms(ttl)
         ref = self.space.ref(key)
-        if l1_checked:
-            self.counters.add(gets=1)
-        else:
-            got = self._got_from_l1(key, ref, ttl, count_miss=True)
+        if not l1_checked:
+            got = self._got_from_l1(key, ref, ttl)
             if got is not None:
                 return got
-        # The miss and the fill lease are one atomic step (get.lua takes the lease when it misses): no
-        # other worker's fill can land between them, and a miss costs no round trip for the lease.
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         held, foreign, since, pttl = False, False, 0, -2
         try:
@@ -519,31 +578,45 @@ class TierCore:
                 elif attempt:
                     self.counters.add(lease_waits=1)
                     yield from self._wait_for_fill(ref, lease)  # the value appeared, or the lease ended
-                if attempt:
-                    self.counters.add(gets=1)  # a second lookup, counted as such here and in Redis
-                found = yield from self._fetch([ref], (token, self._lease_ms))
+                found = yield from self._fetch([ref])
                 got = self._got(key, ref, found, ttl)
-                if got is not None:
-                    return got
-                if found.failed:
+                if got is not None or found.failed:
                     break
-                since = found.missed_at.get(ref.id, since)
-                taken, pttl = found.leases.get(ref.id, (0, -2))
-                if taken:
+                looked = yield from self._lease(ref, token)
+                if looked.reply is not None:  # filled since the read: a hit after all
+                    found = Fetched()
+                    self.took(ref, looked.reply, self.since(), found)
+                    got = self._got(key, ref, found, ttl)
+                    if got is not None:
+                        break
+                since, pttl = looked.since, looked.pttl
+                if looked.taken:
                     held = True
                     break
         except RedisError as exc:  # Redis failed while we waited: one timeout paid is enough
             self.redis_failed("get_or_set", exc)
             return (yield from self._compute_locally(ref, ttl_ms))  # a lease we hold expires by itself
+        if got is not None:
+            return got
         if found.failed:
             return (yield from self._compute_locally(ref, ttl_ms))
         return (yield from self._compute_and_fill(ref, ttl_ms, since, lease if held else None, token))
 
+    def _lease(self, ref: EntryRef, token: str) -> Step[Looked]:
+        """lease.lua for ``ref``: the entry if it is live now, else the fill lease, tried."""
+        sent = time.monotonic()
+        reply = (yield from self.run_scripts([self._shard_call(self.scripts.lease, ref.shard,
+                                                               [ref.id, token, self._lease_ms])]))[0]
+        self.server_time.observe(int(reply[3]), sent)
+        if reply[0] == 1:
+            return Looked(list(reply[4:]))
+        return Looked(None, bool(reply[1]), int(reply[2]), int(reply[3]))
+
     def _compute_locally(self, ref: EntryRef, ttl_ms: int) -> Step[Got]:
-        """Redis is failing: compute here and keep a local copy (as a failed put would), no Redis call."""
+        """Redis is failing: compute here; keep the value aside as an unconfirmed write would be."""
         loaded = yield from self._load()
         payload = self._encode(ref, loaded.value)
-        self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), shard=ref.shard)
+        self.l1.hold_unconfirmed(ref.id, payload, _seconds(ttl_ms), shard=ref.shard)
         return Got(loaded.value, payload)
 
     def _got(self, key: str | bytes, ref: EntryRef, found: Fetched, ttl: float | None) -> Got | None:
@@ -558,12 +631,11 @@ class TierCore:
     def _wait_for_fill(self, ref: EntryRef, lease: bytes) -> Step[bool]:
         """Poll until the value appears (True) or the lease is gone (False: take over)."""
         delay, waited = 0.005, 0.0
-        entry_key = self.space.entry_key(ref)
         while waited < self.config.lease_ttl + 1.0:
             yield Pause(delay)
             waited += delay
             delay = min(delay * 1.5, 0.1)
-            exists, pttl = yield [("EXISTS", entry_key), ("PTTL", lease)]
+            exists, pttl = yield [("EXISTS", ref.entry), ("PTTL", lease)]
             _raise_first_error([exists, pttl])
             if exists:
                 return True
@@ -596,12 +668,13 @@ class TierCore:
             calls.append(ScriptCall(self.scripts.release, (lease,), (token,)))
         sent_at = self.since()
         try:
+            sent = time.monotonic()
             replies = yield from self.run_scripts(calls)
         except RedisError as exc:
             self.redis_failed("get_or_set", exc)
-            self.l1.set(ref.id, payload, 0, _seconds(ttl_ms), since=sent_at, shard=ref.shard)
+            self.l1.hold_unconfirmed(ref.id, payload, _seconds(ttl_ms), since=sent_at, shard=ref.shard)
             return Got(loaded.value, payload)
-        self._count_events(replies[0][0])
+        self._count_events(replies[0][0], sent)
         version = replies[0][1]
         if version:
             self.counters.add(puts=1)
@@ -647,8 +720,7 @@ class TierCore:
     def _refresh(self, ref: EntryRef, job: Refresh) -> Step[bool]:
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         try:
-            batch: Batch = [("SET", lease, token, "NX", "PX", self._lease_ms),
-                            ("HGET", self.space.entry_key(ref), "ver")]
+            batch: Batch = [("SET", lease, token, "NX", "PX", self._lease_ms), ("HGET", ref.entry, "ver")]
             taken, version = replies = yield batch
             _raise_first_error(replies, batch)
             if not taken:
@@ -671,6 +743,7 @@ class TierCore:
                 return False
             ttl_ms = self._ttl_ms(job.ttl)
             sent_at = self.since()
+            sent = time.monotonic()
             replies = yield from self.run_scripts([
                 self._shard_call(self.scripts.put, ref.shard,
                                  self._put_items(ref, payload, ttl_ms, expect=job.version, cost=loaded.seconds)),
@@ -679,7 +752,7 @@ class TierCore:
             log.warning("early refresh of %r could not reach Redis: %s", ref.key[:100], exc,
                         extra=self.log_fields("refresh_failed", "refresh", key=_text(ref.key), error=str(exc)))
             return False
-        self._count_events(replies[0][0])
+        self._count_events(replies[0][0], sent)
         version = replies[0][1]
         if version:
             self.counters.add(refreshes=1, puts=1)
@@ -704,19 +777,15 @@ class TierCore:
         token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
         try:
             yield from self.ready()
-            sk = self.space.shard_keys[ref.shard]
-            call = ScriptCall(self.scripts.lease, (lease, self.space.entry_key(ref), sk.l2, sk.l3),
-                              (token, self._lease_ms, self._now_ms(), *self._idle_ms))
-            taken, live, since_ms = (yield from self.run_scripts([call]))[0]
+            looked = yield from self._lease(ref, token)
         except RedisError as exc:
             self.redis_failed("prewarm", exc)
             return "failed"
-        if not taken:
-            return "busy"
-        if live:
-            yield from self._release(lease, token)
+        if looked.reply is not None:
             return "cached"
-        return (yield from self._prewarm_fill(ref, ttl_ms, since_ms, lease, token))
+        if not looked.taken:
+            return "busy"
+        return (yield from self._prewarm_fill(ref, ttl_ms, looked.since, lease, token))
 
     def _prewarm_fill(self, ref: EntryRef, ttl_ms: int, since_ms: int, lease: bytes, token: str) -> Step[Prewarmed]:
         try:
@@ -736,33 +805,73 @@ class TierCore:
                                                   prewarm=True)),
                  ScriptCall(self.scripts.release, (lease,), (token,))]
         try:
+            sent = time.monotonic()
             replies = yield from self.run_scripts(calls)
         except RedisError as exc:
             self.redis_failed("prewarm", exc)
             return "failed"
-        self._count_events(replies[0][0])
+        self._count_events(replies[0][0], sent)
         return "completed" if replies[0][1] else "refused"
+
+    # ---------------------------------------------------------- bookkeeping
+
+    def touch_calls(self, batches: list[ShardBatch]) -> list[ScriptCall]:
+        """One touch.lua call per shard batch; this process's L1 counters ride on the first."""
+        deltas = self._take_l1_deltas()
+        calls = []
+        for n, batch in enumerate(batches):
+            c = batch.counts
+            l1_hits, l1_evictions = deltas if n == 0 else (0, 0)
+            counts = (f"{l1_hits} {l1_evictions} {c.get('l1_fills', 0)} {c.get('l2_hits', 0)} "
+                      f"{c.get('l3_hits', 0)} {c.get('misses', 0)}")
+            calls.append(self._shard_call(self.scripts.touch, batch.shard, [counts, *batch.items()]))
+        if not calls and deltas != (0, 0):  # only L1 counters to report: shard 0 takes them
+            counts = f"{deltas[0]} {deltas[1]} 0 0 0 0"
+            calls.append(self._shard_call(self.scripts.touch, 0, [counts]))
+        self._touch_deltas = deltas
+        return calls
+
+    def touch(self, batches: list[ShardBatch]) -> Step[None]:
+        """Send buffered bookkeeping (the flusher thread runs this): one touch.lua call per shard, one round
+        trip. A failure drops the batches (bookkeeping only) and gives the L1 counters back."""
+        calls = self.touch_calls(batches)
+        if not calls:
+            return
+        deltas = self._touch_deltas
+        try:
+            yield from self.ready()
+            sent = time.monotonic()
+            replies = yield from self.run_scripts(calls)
+        except RedisError as exc:
+            self._give_back_l1_deltas(deltas)
+            self.book.give_up(batches)
+            log.debug("bookkeeping of %d shard(s) dropped: %s", len(batches), exc,
+                      extra=self.log_fields("bookkeeping_dropped", "touch", error=str(exc)))
+            return
+        for reply in replies:
+            self._count_events(reply, sent)
+
+    def sync(self) -> None:
+        """Move buffered hit and miss events into this process's counters (metrics read them)."""
+        self.book.collect()
 
     # ---------------------------------------------------------------- metrics
 
     def metrics(self, scope: Scope = "process") -> Step[dict[str, Any]]:
-        """Per-tier metrics of this process (``"process"``) or of the whole fleet (``"fleet"``)."""
+        """Per-tier metrics of this process (``"process"``) or of the whole fleet (``"fleet"``).
+
+        Fleet counters are what the processes' bookkeeping has sent: up to one bookkeeping window behind
+        (``sync()`` on a cache sends its own first)."""
         if scope not in ("process", "fleet"):
             raise InvalidArgumentError(f"scope={scope!r} must be 'process' or 'fleet'")
+        self.sync()
         batch: Batch = []
-        deltas = (0, 0)
-        if scope == "fleet":
-            deltas = self._take_l1_deltas()
-            batch += self._report_commands(deltas)
-        reports = len(batch)
         for sk in self.space.shard_keys:
             batch += [("ZCARD", sk.l2), ("ZCARD", sk.l3), ("HGETALL", sk.stats)]
         try:
             replies = yield batch
             _raise_first_error(replies, batch)
-            replies = replies[reports:]
         except RedisError as exc:
-            self._give_back_l1_deltas(deltas)
             self.redis_failed("metrics", exc)
             replies = None
         local = self.counters.snapshot()
@@ -780,6 +889,7 @@ class TierCore:
     def local_metrics(self) -> dict[str, Any]:
         """This process's metrics from memory alone, without a Redis round trip: L2/L3 sizes are None
         and ``health.redis_available`` is None (not asked)."""
+        self.sync()
         local = self.counters.snapshot()
         return self._metrics(dict(local, l1_evictions=self.l1.evictions), None, local, "process", available=None)
 
@@ -789,6 +899,7 @@ class TierCore:
         metrics = build_metrics(tally, l1_size, sizes, local, available=available, coherence=self.coherence_state())
         if self.resilience is not None:
             metrics["health"]["breaker"] = self.resilience.snapshot()
+        metrics["health"]["bookkeeping"] = {"pending": self.book.pending(), "dropped_batches": self.book.dropped}
         if scope == "process":
             metrics["l1"]["adaptive"] = self.l1.adaptive_metrics() or {"enabled": False}
         metrics["health"]["fleet_sizing"] = self.sizing.state() if self.sizing else {"enabled": False}
@@ -802,23 +913,12 @@ class TierCore:
         return {"channel": "up" if listener.trusted() else "down",
                 "invalidations": getattr(listener, "messages", 0), "l1_flushes": getattr(listener, "flushes", 0)}
 
-    def report_counters(self) -> Step[None]:
-        """Send this process's unreported L1 counters to the fleet totals (done on close)."""
-        deltas = self._take_l1_deltas()
-        if deltas == (0, 0):
-            return
-        try:
-            _raise_first_error((yield self._report_commands(deltas)))
-        except RedisError:
-            self._give_back_l1_deltas(deltas)
-
     # --------------------------------------------------------------- plumbing
 
-    def _shard_call(self, script: Any, shard: int, items: list[Any],
-                    deltas: tuple[int, int] = (0, 0)) -> ScriptCall:
+    def _shard_call(self, script: Any, shard: int, items: list[Any]) -> ScriptCall:
         head = (self._now_ms(), self._caps2[shard], self._caps3[shard], *self._idle_ms, self.config.promote_after,
-                *deltas, self._memory_ms)
-        return ScriptCall(script, tuple(self.space.shard_keys[shard].keys), head + tuple(items))
+                self._memory_ms)
+        return ScriptCall(script, (self.space.shard_keys[shard].l2,), head + tuple(items))
 
     def _now_ms(self) -> int:
         """The "now" the scripts get: 0 = the server's TIME, else the injected clock in whole ms."""
@@ -853,9 +953,10 @@ class TierCore:
                 break
             reload = missing if attempt == RELOAD_ROUNDS - 1 else self._claim_reloads(calls, missing, sent)
             if reload:
-                log.info("reloading %d script(s) after NOSCRIPT", len(reload),
-                         extra=self.log_fields("scripts_reloaded", count=len(reload),
-                                               scripts=sorted({calls[i].script.name for i in reload})))
+                # A script missing on a fresh or restarted server is expected: debug, not info.
+                log.debug("loading %d script(s) into Redis after NOSCRIPT", len(reload),
+                          extra=self.log_fields("scripts_reloaded", count=len(reload),
+                                                scripts=sorted({calls[i].script.name for i in reload})))
                 self.counters.add(script_reloads=len(reload))
             else:
                 yield Pause(RELOAD_PAUSE * 2 ** attempt)  # another call is reloading them right now
@@ -892,20 +993,28 @@ class TierCore:
         return claimed
 
     def ready(self) -> Step[None]:
-        """Once per process: agree with the fleet on the shard count and data format. With
-        ``adaptive_redis``, now and then: take part in the fleet's sizing (fleet_sizing.py)."""
+        """Once per process: agree with the fleet on the shard count and data format, and read the server's
+        clock. With ``adaptive_redis``, now and then: take part in the fleet's sizing (fleet_sizing.py)."""
         if self.sizing is not None and self.sizing.due() and (yield from run_safely(self.sizing, self.run_scripts)):
             self._caps2 = split_capacity(self.sizing.l2_size, self.config.shards)
             self._caps3 = split_capacity(self.sizing.l3_size, self.config.shards)
-        if self._config_checked:
+        if self.ready_done:
             return
         cfg = self.space.config
         signed = int(self.config.signing_key is not None)
         batch: Batch = [("HSETNX", cfg, "shards", self.config.shards), ("HSETNX", cfg, "format", FORMAT_VERSION),
-                        ("HSETNX", cfg, "signed", signed), ("HGETALL", cfg)]
+                        ("HSETNX", cfg, "signed", signed), ("HGETALL", cfg), ("TIME",)]
+        sent = time.monotonic()
         replies = yield batch
-        _raise_first_error(replies, batch)
+        if not isinstance(replies[4], Exception):
+            seconds, micros = replies[4]
+            self.server_time.observe(int(seconds) * 1000 + int(micros) // 1000, sent)
+        # A full Redis refuses HSETNX; what the fleet stored before still says how to read the namespace.
+        full = [r for r in replies[:3] if _out_of_memory(r)]
+        _raise_first_error([None if _out_of_memory(r) else r for r in replies[:4]], batch)
         stored = _int_hash(replies[3])
+        if full and "shards" not in stored:
+            raise full[0]
         if stored.get("shards") != self.config.shards:
             raise ConfigurationError(
                 f"namespace {self.config.namespace!r} in Redis uses shards={stored.get('shards')}, "
@@ -923,12 +1032,7 @@ class TierCore:
                 f"payloads and this worker {'signs' if signed else 'does not sign'} them; give every worker of "
                 "the namespace the same signing_key (or none), or use a new namespace"
             )
-        self._config_checked = True
-
-    def _report_commands(self, deltas: tuple[int, int]) -> Batch:
-        stats = self.space.shard_keys[0].stats
-        fields = ("l1_hits", "l1_evictions")
-        return [("HINCRBY", stats, field, n) for field, n in zip(fields, deltas, strict=True) if n]
+        self.ready_done = True
 
     def _take_l1_deltas(self) -> tuple[int, int]:
         with self._lock:
@@ -943,13 +1047,16 @@ class TierCore:
             self._reported_l1_hits -= deltas[0]
             self._reported_l1_evictions -= deltas[1]
 
-    def _count_events(self, events: list[int]) -> None:
-        promotions, demotions, evictions, expirations = events[:4]
-        self.counters.add(promotions=promotions, demotions=demotions, evictions=evictions, expirations=expirations)
+    def _count_events(self, events: list[int], sent: float) -> None:
+        promotions, demotions, evictions, expirations, now = events[:5]
+        self.server_time.observe(int(now), sent)
+        if promotions or demotions or evictions or expirations:
+            self.counters.add(promotions=promotions, demotions=demotions, evictions=evictions,
+                              expirations=expirations)
 
     def redis_failed(self, op: str, exc: Exception) -> None:
         self.counters.add(redis_errors=1)
-        self._config_checked = False  # Redis may come back empty: agree on the namespace's settings again
+        self.ready_done = False  # Redis may come back empty: agree on the namespace's settings again
         problem = f"Redis at {redact(self.config.url)} could not serve {op}: {str(exc).rstrip('. ')}. {fix_for(exc)}"
         if not self.config.fail_open:
             raise CacheUnavailableError(problem + "; or construct the cache with fail_open=True to fall back "
@@ -974,6 +1081,10 @@ class TierCore:
         if op is not None:
             fields["op"] = op
         return {**fields, **more}
+
+
+def _out_of_memory(reply: Any) -> bool:
+    return isinstance(reply, OutOfMemoryError) or (isinstance(reply, ResponseError) and str(reply).startswith("OOM"))
 
 
 def fix_for(exc: Exception) -> str:

@@ -10,7 +10,7 @@ local ACL_ARGS = {  -- the arguments after the key, per command (absent: the key
   hget = {'f'}, hmget = {'f'}, hset = {'f', 'v'}, hsetnx = {'f', 'v'}, hincrby = {'f', '1'}, hdel = {'f'},
   hexists = {'f'}, zadd = {'1', 'm'}, zrem = {'m'}, zscore = {'m'}, zincrby = {'1', 'm'}, zrange = {'0', '1'},
   zrangebyscore = {'0', '1'}, zcount = {'0', '1'}, zremrangebyscore = {'0', '1'}, zremrangebyrank = {'0', '1'}, lrange = {'0', '1'},
-  ltrim = {'0', '1'}, lpush = {'v'}, pexpire = {'1'}, set = {'v'}, zunionstore = {'1', '<key>'}, zmscore = {'m'},
+  ltrim = {'0', '1'}, lpush = {'v'}, pexpire = {'1'}, pexpireat = {'1'}, hstrlen = {'f'}, set = {'v'}, zunionstore = {'1', '<key>'}, zmscore = {'m'},
 }
 local KEYLESS = {time = true}
 

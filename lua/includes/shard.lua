@@ -1,143 +1,221 @@
 --[[
-  includes/shard.lua: the shard prelude, pasted at the top of put.lua, delete.lua and flush.lua, and
-  inside get.lua's full path (flush.lua takes its own ARGV, not the common header; it uses the key
-  names and type check). It pastes includes/head.lua (key names, header, stamps) and includes/acl.lua.
+  includes/shard.lua: the prelude of every script of a shard (put, delete, touch, lease, flush): the
+  key names, the common header, the checks made before a first write, and the tier bookkeeping
+  (versions, moves between tiers, removals, sweeps, LRU bounds, invalidations).
 
-  A namespace is split into shards; every key of one shard shares the shard's hash tag, so each
-  script call touches exactly one hash slot (Redis Cluster rule). The shard's keys:
+  A namespace is split into shards; every key of one shard shares the shard's hash tag, so a call
+  touches one hash slot (the Redis Cluster rule). A call names one key, KEYS[1], the shard's L2
+  index; the others are derived from it here:
 
-    KEYS[1]  <ns>:{<tag>}:l2      ZSET  member = entry id, score = last touch in L2 (ms, see stamp() in includes/head.lua)
-    KEYS[2]  <ns>:{<tag>}:l3      ZSET  member = entry id, score = last touch in L3 (ms, see stamp() in includes/head.lua)
-    KEYS[3]  <ns>:{<tag>}:exp     ZSET  member = entry id, score = absolute expiry (ms); entries with a ttl only
-    KEYS[4]  <ns>:{<tag>}:stats   HASH  fleet counters and byte totals of this shard
-    KEYS[5]  <ns>:{<tag>}:gone    ZSET  member = entry id, score = when it left Redis while some
-                                        process may still hold an L1 copy (ms): rewriting it publishes
-    KEYS[6]  <ns>:{<tag>}:fence   ZSET  member = entry id, score = when it was deleted, expired or
-                                        removed (ms): a fill that started before that is refused
-  Both are kept for `memory` ms and at most max(l2 + l3 capacity, RECORDS_MAX) records each; the
-  oldest `gone` records dropped past that are announced, and a dropped `fence` record raises the
-  stats field `fence_floor`, below which every fill is refused.
-    KEYS[7]  <ns>:{<tag>}:ghost   ZSET  member = entry id, score = when L3 overflow evicted it (ms): the
-                                        last `step` (10% of the shard's L3) evictions. Sizing evidence
-                                        (adaptive.py): a miss on one is a hit a bigger L3 would have
-                                        had (`ghost_hits`); a hit on one of the `step` least recently
-                                        used L3 entries one a smaller L3 would have lost (`tail_hits`).
+    <ns>:{<tag>}:l2      ZSET  entry id -> last touch (ms; see stamp())
+    <ns>:{<tag>}:l3      ZSET  entry id -> last touch (ms)
+    <ns>:{<tag>}:exp     ZSET  entry id -> absolute expiry (ms); entries with a ttl only
+    <ns>:{<tag>}:size    HASH  entry id -> payload bytes, for every indexed entry: the byte totals
+                               stay exact when Redis drops an entry's data itself
+    <ns>:{<tag>}:stats   HASH  the shard's fleet counters, byte totals (l2_bytes, l3_bytes), the
+                               version counter `seq`, `flushed`, `fence_floor`, `memory`
+    <ns>:{<tag>}:fence   ZSET  entry id -> when it was removed (ms): a fill that started before is
+                               refused; kept `memory` ms, at most max(capacity, RECORDS_MAX) records
+                               (a dropped record raises `fence_floor`, below which fills are refused)
+    <ns>:{<tag>}:ghost   ZSET  entry id -> when L3 overflow evicted it (ms): sizing evidence, the
+                               last `step` (10% of the shard's L3) evictions
+    <ns>:{<tag>}:e:<id>  HASH  one entry: v payload, ver version, t tier (2 or 3), n fleet Redis
+                               hits since it entered its tier, x absolute expiry (ms, absent: none),
+                               k the original key (when <id> is its hash), d how long the value took
+                               to compute (ms), w = 1 while prewarmed and not read yet.
+                               Its Redis expiry is the entry's removal deadline: its absolute expiry,
+                               or the end of its idle time, whichever comes first (see deadline()).
+    <ns>:{<tag>}:lease:<id>  STRING  the token of the process computing a missing value
 
-  Entry data lives at <ns>:{<tag>}:e:<id>, a HASH:
-    v = payload (bytes), s = payload size accounted in the byte totals (bytes),
-    n = Redis hits since it last entered L2/L3 by put or demotion,
-    ver = version (from the shard's `seq` counter), x = absolute expiry (ms, absent = none),
-    k = the original key when <id> is a hash of it, f = 1 once some process may hold an L1 copy,
-    d = how long the value took to compute (ms, from get_or_set; for early refresh),
-    w = 1 while a prewarmed entry has not been hit yet.
-  Entry key names are derived from KEYS[1] here, so they always share its hash tag and slot.
+  A read of a hit is a plain HMGET of the entry (no script): Redis's own key expiry makes a value
+  past its deadline unreadable at once, and the reader's process reports the hit later, in a batch
+  (touch.lua), which is when LRU stamps, hit counts and promotions happen. So an index member may
+  point at data Redis has already dropped (expired, or evicted under an evicting maxmemory policy):
+  every script treats that as a removal the moment it meets it, and sweeps find the rest.
 
-  Invalidation: a script that really changes a value (replaces or deletes an entry, or writes one
-  that some L1 may still hold from before it left Redis) publishes on channel <ns>:inval one line
-  per changed entry, "<length of id>:<id> <version>\n" (readable with redis-cli SUBSCRIBE, safe for
-  binary ids); every process drops L1 copies of those ids older than the version. First writes, promotion, demotion and LRU movement publish nothing. Absolute
-  expiry needs no message: every L1 copy carries the value's deadline.
+  Invalidation: every write that changes or removes a value (put.lua, delete.lua, flush.lua)
+  publishes on <ns>:inval, always, whether or not Redis remembers that some process holds a copy:
+  one line per entry, "<length of id>:<id> <version>\n", or "*<shard> <version>" for a flushed
+  shard. Every process drops its L1 copies older than the version. Moves between tiers, expiry and
+  evictions publish nothing: they do not change a value, and every L1 copy carries its own deadline.
 
-  Common ARGV (every script using this prelude):
-    ARGV[1]  now, ms since the epoch; 0 = use the server's TIME (tests pass a fake clock)
+  Common ARGV (HEAD of them, every script but flush.lua):
+    ARGV[1]  now, ms since the epoch; 0 = the server's TIME (tests pass a fake clock)
     ARGV[2]  L2 capacity of this shard, entries (>= 1)
     ARGV[3]  L3 capacity of this shard, entries (>= 1)
     ARGV[4]  L2 idle ttl, ms: an entry untouched this long moves to L3 (0 = never)
     ARGV[5]  L3 idle ttl, ms: an entry untouched this long is removed (0 = never)
-    ARGV[6]  promote_after, Redis hits (>= 1)
-    ARGV[7]  L1 hits the calling process had since its last report (>= 0; fleet counter piggyback)
-    ARGV[8]  L1 evictions since its last report (>= 0)
-    ARGV[9]  memory: how long `gone` and `fence` records are kept, ms (>= 1; the longest L1 life or
-             fill they guard); the shard keeps the largest value any worker sent (stats field
-             `memory`), so a worker with a short l1_ttl cannot drop records a longer one needs
-  Script-specific ARGV start at ARGV[10] (HEAD + 1).
-
-  Tier semantics kept here:
-    * an entry is in exactly one of L2 / L3; data and index entries come and go together;
-    * L2 over capacity -> its least recently touched entries move to L3 (count reset);
-      L3 over capacity -> its least recently touched entries are removed (evictions);
-    * idle movement and absolute expiry are applied to the key being read, and swept for up to
-      SWEEP other due entries per call (put and delete always; get on its full path: see get.lua),
-      so Redis never does unbounded work in one call.
+    ARGV[6]  promote_after, fleet Redis hits (>= 1)
+    ARGV[7]  memory: how long `fence` records are kept, ms (>= 1; the longest fill they guard); the
+             shard keeps the largest value any worker sent (stats field `memory`)
+  Script-specific ARGV start at ARGV[HEAD + 1].
 ]]
--- @include "includes/head.lua"
 -- @include "includes/acl.lua"
 
-local SWEEP = 16
-local RECORDS_MAX = 1024  -- `gone`/`fence` records kept per shard at least (more for bigger shards)
+local HEAD = 7
+local SWEEP = 32             -- due entries a sweep handles per kind and call: bounded work per call
+local RECORDS_MAX = 1024     -- `fence` records kept per shard at least (more for bigger shards)
+local MAX_INT = 9007199254740992
 
-local channel = string.sub(l2_key, 1, string.find(l2_key, ':{', 1, true) - 1) .. ':inval'
+local l2_key = KEYS[1]
+local base = string.sub(l2_key or '', 1, -3)          -- '<ns>:{<tag>}:'
+local l3_key, exp_key, size_key = base .. 'l3', base .. 'exp', base .. 'size'
+local stats_key, fence_key, ghost_key = base .. 'stats', base .. 'fence', base .. 'ghost'
+local channel = string.sub(base, 1, (string.find(base, ':{', 1, true) or 0)) .. 'inval'
 
--- ARGV[i] as an integer >= min, or nil. Only plain decimal digits are accepted (no sign, exponent,
--- hex, spaces, inf or nan, all of which tonumber takes), and at most 2^53, so the number is exact
--- in Lua and Redis reads it back unchanged when the script writes it.
+-- The common ARGV as numbers, and `now` from the server's TIME when ARGV[1] is 0. Only plain decimal
+-- digits are accepted (no sign, exponent, hex, spaces, inf or nan, all of which tonumber takes), at
+-- most 2^53, so each number is exact in Lua and Redis reads it back unchanged when the script writes
+-- it. Returns an error message or nil; reads nothing but TIME and writes nothing.
+local HEAD_PATTERN = '^%d+ %d+ %d+ %d+ %d+ %d+ %d+$'  -- HEAD of them
+local BAD_HEAD = 'VRC_BADARG common ARGV must be non-negative integers (now, caps >= 1, ttls, promote_after >= 1, '
+    .. 'memory >= 1) and KEYS[1] a shard\'s l2 key'
+local now, cap2, cap3, idle2, idle3, promote_after, memory
+local real_time = false      -- now is the server's own clock (then deadlines are Redis expiry times)
+local function parse_head()
+  if #KEYS ~= 1 or string.sub(l2_key, -4) ~= '}:l2' or not string.find(l2_key, ':{', 1, true) then return BAD_HEAD end
+  if #ARGV < HEAD or not string.find(table.concat(ARGV, ' ', 1, HEAD), HEAD_PATTERN) then return BAD_HEAD end
+  now, cap2, cap3 = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+  idle2, idle3, promote_after, memory = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+  if cap2 < 1 or cap3 < 1 or promote_after < 1 or memory < 1
+      or math.max(now, cap2, cap3, idle2, idle3, promote_after, memory) > MAX_INT then
+    return BAD_HEAD
+  end
+  if now == 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    real_time = true
+  end
+  return nil
+end
+
+-- ARGV[i] as an integer >= min, or nil (plain decimal digits only, at most 2^53; see parse_head).
 local function arg_int(i, min)
   local s = ARGV[i]
   if s == nil or string.len(s) > 16 or not string.match(s, '^%d+$') then return nil end
   local v = tonumber(s)
-  if v < min or v > 9007199254740992 then return nil end
+  if v < min or v > MAX_INT then return nil end
   return v
 end
 
--- The shard's own keys must have their types: a key overwritten by hand with another type would
--- make the script fail midway, after some of its writes. (Entry keys are checked as they are read.)
--- Returns an error message or nil. Called before the first write.
 -- Every command the shard scripts run (see includes/acl.lua); PUBLISH is checked with the channel.
-local SHARD_COMMANDS = {'type', 'time', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del', 'zadd', 'zcount',
-                        'zmscore', 'exists', 'set', 'pttl',
-                        'zrem', 'zscore', 'zcard', 'zrange', 'zrangebyscore', 'zremrangebyscore',
-                        'zremrangebyrank'}
+local SHARD_COMMANDS = {'type', 'time', 'exists', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del',
+                        'zadd', 'zrem', 'zscore', 'zmscore', 'zcard', 'zcount', 'zrange', 'zrangebyscore',
+                        'zremrangebyscore', 'zremrangebyrank', 'pexpire', 'pexpireat', 'persist', 'set', 'pttl',
+                        'hstrlen'}
+local SHARD_TYPES = {{l2_key, 'zset'}, {l3_key, 'zset'}, {exp_key, 'zset'}, {size_key, 'hash'},
+                     {stats_key, 'hash'}, {fence_key, 'zset'}, {ghost_key, 'zset'}}
 
+-- The shard's own keys must have their types: a key overwritten by hand with another type would make
+-- the script fail midway, after some of its writes. (Entry keys are checked as they are read.)
 local function check_shard_types()
-  for i, expected in ipairs({'zset', 'zset', 'zset', 'hash', 'zset', 'zset', 'zset'}) do
-    local actual = redis.call('TYPE', KEYS[i]).ok
-    if actual ~= expected and actual ~= 'none' then
-      return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. actual .. ', not a ' .. expected
+  for _, kt in ipairs(SHARD_TYPES) do
+    local actual = redis.call('TYPE', kt[1]).ok
+    if actual ~= kt[2] and actual ~= 'none' then
+      return 'VRC_WRONGTYPE ' .. kt[1] .. ' holds a ' .. actual .. ', not a ' .. kt[2]
           .. ': it was written outside the cache; delete that key (its shard loses only its index)'
     end
   end
   return nil
 end
 
--- Every check a call needs before its first write when it may run any command on any shard key:
--- the types of the shard's keys and the ACL permissions. Returns an error message or nil.
-local function check_all()
-  return check_shard_types() or check_commands(SHARD_COMMANDS, KEYS[1], channel)
-end
-
--- Validates the common ARGV and checks everything (parse_head, then check_all); returns an error
--- message or nil. Called before the first write by the scripts without a read-only fast path.
+-- Validates the common ARGV, the shard keys' types and the ACL permissions; an error message or nil.
+-- Called by every script before its first write.
 local function check_head()
-  return parse_head() or check_all()
+  return parse_head() or check_shard_types() or check_commands(SHARD_COMMANDS, l2_key, channel)
 end
 
-local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
-local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
-local changed = {}                   -- invalidation lines to publish at the end
-local noted = false                  -- a `gone` or `fence` record was added in this call
-local ghosted = false                -- an L3 eviction was remembered in `ghost` in this call
+local function entry_key(id) return base .. 'e:' .. id end
 
--- The same, but a key of another type is deleted: the entry is then simply gone. (A write: only
--- after the call's checks.)
+-- Fields of an entry's data hash (HMGET), or nil when the key holds another type (written by hand).
+local function read_fields(ek, ...)
+  local fields = redis.pcall('HMGET', ek, ...)
+  if type(fields) == 'table' and fields.err then return nil end
+  return fields
+end
+
+-- The same, but a key of another type is deleted: the entry is then simply gone. (A write.)
 local function entry_fields(ek, ...)
   local fields = read_fields(ek, ...)
   if fields == nil then redis.call('DEL', ek) end
   return fields
 end
 
--- The next version of this shard. A new shard's counter starts at now (ms) * 1000, so versions keep
--- growing across a flushed or restarted Redis (L1 refuses a copy older than one it has seen).
-local function next_version()
-  redis.call('HSETNX', stats_key, 'seq', string.format('%d', now * 1000))
-  return redis.call('HINCRBY', stats_key, 'seq', 1)
+-- Are these fields integers (or absent)? Fields written by hand may hold anything.
+local function plain_ints(a, b, c, d)
+  return string.find((a or '0') .. ' ' .. (b or '0') .. ' ' .. (c or '0') .. ' ' .. (d or '0'),
+                     '^%-?%d+ %-?%d+ %-?%d+ %-?%d+$') ~= nil
 end
 
--- Records that `id` was removed now: fills that started at or before `fence_at` (default now) are
--- refused (`fence`), and if a process may hold an L1 copy (`cached`), rewriting it will publish (`gone`).
-local function note_removal(id, cached, fence_at)
-  redis.call('ZADD', fence_key, fence_at or now, id)
-  if cached then redis.call('ZADD', gone_key, now, id) end
-  noted = true
+-- Adds d to a counter of the stats hash. A counter written by hand that is no integer is reset to d
+-- (HINCRBY would fail the call midway). The stats key's type was checked before the first write.
+local function count(field, d)
+  local done = redis.pcall('HINCRBY', stats_key, field, d)
+  if type(done) == 'table' and done.err then redis.call('HSET', stats_key, field, d) end
+end
+
+-- Touch scores: now in ms, made strictly increasing within each tier (above its newest score, by
+-- 0.001 ms if they share a millisecond), so LRU order within a shard is exact.
+local newest = {}
+local function newest_touch(key)
+  local t = newest[key]
+  if t == nil then
+    t = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) or 0
+    newest[key] = t
+  end
+  return t
+end
+local function stamp(key)
+  local t = math.max(now, newest_touch(key) + 0.001)
+  newest[key] = t
+  return t
+end
+
+-- Sizing evidence (adaptive.py): how many L3 evictions are remembered as ghosts, which is also the
+-- number of least recently used L3 entries whose hits count as tail hits.
+local function sizing_step() return math.max(1, math.floor(cap3 / 10 + 0.5)) end
+
+-- When an entry of `tier`, last touched at `touched` (ms), stops being served: its absolute expiry
+-- or the end of its idle time (in L2 the idle times of both tiers: it moves to L3 on the way),
+-- whichever comes first; nil for never.
+local function deadline(tier, touched, expiry)
+  local idle = nil
+  if tier == 2 then
+    if idle2 > 0 and idle3 > 0 then idle = touched + idle2 + idle3 end
+  elseif idle3 > 0 then
+    idle = touched + idle3
+  end
+  if expiry and (idle == nil or expiry < idle) then return expiry end
+  return idle
+end
+
+-- Makes the entry's Redis expiry its deadline (ms on the scripts' clock; nil: none). With the server's
+-- own clock that is the exact time; with a test clock the same distance from now. Returns whether
+-- the entry's data exists.
+local function set_deadline(ek, at)
+  if at == nil then
+    redis.call('PERSIST', ek)
+    return redis.call('EXISTS', ek) == 1
+  end
+  if real_time then return redis.call('PEXPIREAT', ek, string.format('%d', math.floor(at))) == 1 end
+  return redis.call('PEXPIRE', ek, string.format('%d', math.max(1, math.floor(at - now)))) == 1
+end
+
+local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
+local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
+local changed = {}                   -- invalidation lines to publish at the end
+local noted = false                  -- a `fence` record was added in this call
+local ghosted = false                -- an L3 eviction was remembered in `ghost` in this call
+
+-- The next version of this shard. A new shard's counter starts at now (ms) * 1000, so versions keep
+-- growing across a flushed or restarted Redis (L1 refuses a copy older than one it has seen). A
+-- counter written by hand that is no integer starts afresh the same way.
+local function next_version()
+  local seq = redis.call('HGET', stats_key, 'seq')
+  if not (seq and string.match(seq, '^%d+$')) then
+    redis.call('HSET', stats_key, 'seq', string.format('%d', now * 1000))
+  end
+  return redis.call('HINCRBY', stats_key, 'seq', 1)
 end
 
 -- Queues "<length of id>:<id> <version>\n" for the invalidation published by finish().
@@ -145,58 +223,100 @@ local function announce(id, version)
   changed[#changed + 1] = string.len(id) .. ':' .. id .. ' ' .. string.format('%d', version) .. '\n'
 end
 
+-- A fill that started at or before `at` (ms) is refused from now on.
+local function fence(id, at)
+  redis.call('ZADD', fence_key, at, id)
+  noted = true
+end
+
+-- The payload bytes an indexed entry accounts for (0 if unknown), forgetting them.
+local function take_size(id)
+  local size = tonumber(redis.call('HGET', size_key, id)) or 0
+  redis.call('HDEL', size_key, id)
+  return size
+end
+
 -- Removes an entry from every index and deletes its data. `tier` is 2, 3 or nil (not indexed);
--- `why` is 'deleted', 'evicted', 'idle', 'expired' or 'corrupt'. Every removal gets a `fence` record; one
--- leaving while some L1 may hold a copy (f = 1) a `gone` record too, unless it expired (expired
--- copies end by themselves in every L1) or was deleted (the delete itself publishes).
--- A delete fences fills that started up to now. Any other removal is not a write: it fences those
--- that started before the value stopped being served (`ended`, ms: its expiry or idle deadline;
--- default now), so a fill whose miss saw the value gone is accepted, even in the same millisecond.
+-- `why` is 'deleted', 'evicted', 'idle', 'expired', 'vanished' (Redis dropped its data) or 'corrupt'.
+-- Every removal fences fills: a delete those that started up to now; any other removal is not a
+-- write, so it fences only those that started before the value stopped being served (`ended`, ms:
+-- its expiry or idle deadline; now when unknown), and a fill whose miss saw it gone is accepted.
 local function drop(id, tier, why, ended)
-  local ek = entry_key(id)
-  local f = entry_fields(ek, 's', 'f') or {}
-  local size = tonumber(f[1]) or 0
+  local size = take_size(id)
   if tier == 2 then redis.call('ZREM', l2_key, id); bytes2 = bytes2 - size
   elseif tier == 3 then redis.call('ZREM', l3_key, id); bytes3 = bytes3 - size end
   redis.call('ZREM', exp_key, id)
-  redis.call('DEL', ek)
-  local fence_at = now
-  if why ~= 'deleted' then fence_at = math.min(ended or now, now) - 1 end
-  note_removal(id, f[2] and why ~= 'expired' and why ~= 'deleted', fence_at)
+  redis.call('DEL', entry_key(id))
+  if why == 'deleted' then fence(id, now) else fence(id, math.min(ended or now, now) - 1) end
   if why == 'evicted' then
     redis.call('ZADD', ghost_key, now, id)
     ghosted = true
+    ev.evictions = ev.evictions + 1
+  elseif why == 'idle' or why == 'expired' or why == 'vanished' then
+    ev.expirations = ev.expirations + 1
   end
-  if why == 'evicted' then ev.evictions = ev.evictions + 1
-  elseif why == 'idle' or why == 'expired' then ev.expirations = ev.expirations + 1 end
 end
 
--- Moves an entry out of L2's index into L3 with the given score (nil = a new stamp); count restarts.
+-- Moves an entry from L2 to L3 with the given touch score (nil = a new stamp); its count restarts
+-- and its deadline becomes L3's. An entry whose data is gone is removed instead.
 local function into_l3(id, score)
   local ek = entry_key(id)
-  redis.call('ZREM', l2_key, id)
-  local size = tonumber((entry_fields(ek, 's') or {})[1])
-  if size == nil then                -- leftover index entry whose data is gone: finish removing it
-    redis.call('ZREM', exp_key, id)
+  local f = read_fields(ek, 'ver', 'x')
+  if not (f and f[1]) then
+    drop(id, 2, 'vanished')
     return
   end
-  redis.call('ZADD', l3_key, score or stamp(l3_key), id)
-  redis.call('HSET', ek, 'n', 0)
+  score = score or stamp(l3_key)
+  redis.call('ZREM', l2_key, id)
+  redis.call('ZADD', l3_key, score, id)
+  redis.call('HSET', ek, 't', 3, 'n', 0)
+  set_deadline(ek, deadline(3, score, tonumber(f[2])))
+  local size = tonumber(redis.call('HGET', size_key, id)) or 0
   bytes2, bytes3 = bytes2 - size, bytes3 + size
   ev.demotions = ev.demotions + 1
+end
+
+-- Adds k fleet hits to an entry's count `n` and returns the new count. A count written by hand that is
+-- no integer restarts at k (HINCRBY would fail the call midway).
+local function add_hits(ek, k)
+  local n = redis.pcall('HINCRBY', ek, 'n', k)
+  if type(n) == 'table' then
+    redis.call('HSET', ek, 'n', k)
+    return k
+  end
+  return n
+end
+
+-- Moves an L3 entry whose fleet hits reached promote_after to L2 (its data exists: checked by the caller).
+local function promote(id, ek, expiry)
+  local score = stamp(l2_key)
+  redis.call('ZREM', l3_key, id)
+  redis.call('ZADD', l2_key, score, id)
+  redis.call('HSET', ek, 't', 2)
+  set_deadline(ek, deadline(2, score, expiry))
+  local size = tonumber(redis.call('HGET', size_key, id)) or 0
+  bytes3, bytes2 = bytes3 - size, bytes2 + size
+  ev.promotions = ev.promotions + 1
+end
+
+-- The tier an id is indexed in (2, 3 or nil) and its touch score.
+local function tier_of(id)
+  local s = redis.call('ZSCORE', l2_key, id)
+  if s then return 2, tonumber(s) end
+  s = redis.call('ZSCORE', l3_key, id)
+  if s then return 3, tonumber(s) end
+  return nil, nil
 end
 
 -- Bounded sweep of due work: absolute expiry, L2 idle -> L3, L3 idle -> gone, old records.
 local function sweep()
   local due = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, SWEEP)
   for i = 1, #due, 2 do
-    local id, tier = due[i], nil
-    if redis.call('ZSCORE', l2_key, id) then tier = 2 elseif redis.call('ZSCORE', l3_key, id) then tier = 3 end
-    drop(id, tier, 'expired', tonumber(due[i + 1]))
+    drop(due[i], (tier_of(due[i])), 'expired', tonumber(due[i + 1]))
   end
   if idle2 > 0 then
     due = redis.call('ZRANGEBYSCORE', l2_key, '-inf', now - idle2, 'WITHSCORES', 'LIMIT', 0, SWEEP)
-    for i = 1, #due, 2 do into_l3(due[i], tonumber(due[i + 1]) + idle2) end  -- idle since last touch + idle2
+    for i = 1, #due, 2 do into_l3(due[i], tonumber(due[i + 1]) + idle2) end  -- idle since its last touch + idle2
   end
   if idle3 > 0 then
     due = redis.call('ZRANGEBYSCORE', l3_key, '-inf', now - idle3, 'WITHSCORES', 'LIMIT', 0, SWEEP)
@@ -204,7 +324,6 @@ local function sweep()
   end
   local longest = tonumber(redis.call('HGET', stats_key, 'memory')) or 0
   if memory > longest then redis.call('HSET', stats_key, 'memory', memory) else memory = longest end
-  redis.call('ZREMRANGEBYSCORE', gone_key, '-inf', now - memory)
   redis.call('ZREMRANGEBYSCORE', fence_key, '-inf', now - memory)
 end
 
@@ -220,29 +339,20 @@ local function enforce_bounds()
   end
 end
 
--- Writes this call's counters and byte deltas into the shard's stats hash, bounds the records
--- and publishes the invalidations (one place, at the end). Returns the events reply, with `now`.
+-- Writes this call's counters and byte deltas into the shard's stats, bounds the records and
+-- publishes the invalidations (one place, at the end). Returns the events reply, with `now`.
 local function finish(extra)
-  local deltas = {l1_hits = l1_hits, l1_evictions = l1_evictions, l2_bytes = bytes2, l3_bytes = bytes3,
-                  promotions = ev.promotions, demotions = ev.demotions, evictions = ev.evictions,
-                  expirations = ev.expirations}
+  local deltas = {l2_bytes = bytes2, l3_bytes = bytes3, promotions = ev.promotions, demotions = ev.demotions,
+                  evictions = ev.evictions, expirations = ev.expirations}
   for field, d in pairs(extra) do deltas[field] = d end
   for field, d in pairs(deltas) do
-    if d ~= 0 then count(field, d) end  -- the stats' type was checked before the first write
+    if d ~= 0 then count(field, d) end
   end
   if ghosted then redis.call('ZREMRANGEBYRANK', ghost_key, 0, -(sizing_step() + 1)) end
   if noted then
-    -- Past the bound the oldest records are dropped, but not forgotten: dropped `gone` ids are
-    -- announced now (no process keeps a copy a later write could not reach), and the newest
-    -- dropped `fence` time becomes a floor below which fills are refused.
-    local bound = math.max(cap2 + cap3, RECORDS_MAX)
-    local over = redis.call('ZCARD', gone_key) - bound
-    if over > 0 then
-      local version = next_version()
-      for _, id in ipairs(redis.call('ZRANGE', gone_key, 0, over - 1)) do announce(id, version) end
-      redis.call('ZREMRANGEBYRANK', gone_key, 0, over - 1)
-    end
-    over = redis.call('ZCARD', fence_key) - bound
+    -- Past the bound the oldest records are dropped, but not forgotten: the newest dropped time
+    -- becomes a floor below which every fill is refused.
+    local over = redis.call('ZCARD', fence_key) - math.max(cap2 + cap3, RECORDS_MAX)
     if over > 0 then
       local last = redis.call('ZRANGE', fence_key, over - 1, over - 1, 'WITHSCORES')
       redis.call('HSET', stats_key, 'fence_floor', last[2])

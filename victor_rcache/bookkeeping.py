@@ -1,0 +1,259 @@
+"""Deferred bookkeeping: what a Redis hit leaves to do, buffered per process and sent in batches.
+
+A Redis hit is one plain read of the entry (``HMGET``); the LRU stamp, the fleet hit count, a
+promotion from L3 to L2, the entry's next idle deadline, and the fleet counters are applied later,
+by one ``touch.lua`` call per shard carrying every hit and miss of that shard since the last one::
+
+    reader (any thread or task)            the flusher thread of this cache
+    ───────────────────────────            ────────────────────────────────
+    events.append((kind, shard, id, x))    every WINDOW seconds, or at once when BATCH events wait:
+      (a lock-free deque append)             collect(): events -> per-shard batches + process counters
+                                             due():     a batch per shard with work
+                                             touch.lua per shard (one round trip), events counted
+
+So the caller's path takes no lock and makes no round trip for bookkeeping, and Redis runs one
+script per batch instead of one per hit. What this costs in meaning, and is documented
+(docs/design.md): LRU order, hit counts, idle deadlines and promotion lag the reads by at most one
+window plus a round trip; the fleet's counters in Redis lag the same way; a process that dies loses
+its buffered touches (never a value). A batch that fails is dropped and counted: bookkeeping only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import forksafe
+from .metrics import Counters
+
+WINDOW = 0.1  # seconds: the longest a reported hit waits before it is sent
+BATCH = 64  # events waiting that wake the flusher at once
+MAX_IDS = 512  # distinct hits one touch.lua call carries (the script's limit is 1000)
+
+# Event kinds (the first item of an event tuple).
+MISS, L2_HIT, L3_HIT, CORRUPT = 0, 2, 3, 5
+FILLED, PREWARMED = 1, 2  # flags of a hit: it filled this process's L1; the entry carried the prewarm mark
+
+
+@dataclass
+class ShardBatch:
+    """One shard's bookkeeping waiting to be sent: the items of one touch.lua call."""
+
+    shard: int
+    started: float  # when its first event was collected (monotonic seconds)
+    events: int = 0
+    hits: dict[bytes, int] = field(default_factory=dict)  # id -> Redis hits
+    prewarmed: set[bytes] = field(default_factory=set)  # ids whose hit found the prewarm mark
+    missed: dict[bytes, int] = field(default_factory=dict)  # id -> misses
+    corrupt: dict[bytes, bytes] = field(default_factory=dict)  # id -> the `ver` field the reader saw
+    counts: dict[str, int] = field(default_factory=dict)  # fleet counters: l2_hits, l3_hits, misses, l1_fills
+
+    def items(self) -> list[bytes | int | str]:
+        """touch.lua's triples (kind, id, number)."""
+        out: list[bytes | int | str] = []
+        for entry_id, n in self.hits.items():
+            out += ["h", entry_id, n]
+        for entry_id in self.prewarmed:
+            out += ["w", entry_id, 0]
+        for entry_id, n in self.missed.items():
+            out += ["m", entry_id, n]
+        for entry_id, seen in self.corrupt.items():
+            out += ["c", entry_id, seen]
+        return out
+
+    def due(self, now: float) -> bool:
+        """Send it now: enough events to pay for a script call, or its oldest waited a window."""
+        return self.events >= BATCH or len(self.hits) >= MAX_IDS or now - self.started >= WINDOW
+
+
+class Bookkeeping:
+    """A process's buffered bookkeeping of one cache (sans-I/O: the flusher sends what :meth:`due` gives)."""
+
+    def __init__(self, counters: Counters, clock: Callable[[], float] = time.monotonic,
+                 wake: Callable[[], None] | None = None) -> None:
+        self.counters = counters
+        self.clock = clock
+        self.wake = wake  # called (rarely: once per BATCH events) to wake the flusher early
+        self.dropped = 0  # batches that could not be sent (bookkeeping lost, never values)
+        self._init_state()
+        forksafe.register(self)
+
+    def _init_state(self) -> None:
+        self.events: deque[tuple[int, int, bytes, Any]] = deque()
+        self._pending: dict[int, ShardBatch] = {}
+        self._lock = threading.Lock()
+        self._woken = False
+        self._collected_at = self.clock()  # events waiting now arrived after this
+
+    def _after_fork(self) -> None:
+        # The child's copy of the parent's buffer is the parent's to send: start empty.
+        self._init_state()
+
+    # ---------------------------------------------------------------- the caller's side (no lock)
+
+    def hit(self, tier: int, shard: int, entry_id: bytes, flags: int = 0) -> None:
+        """A Redis hit (``tier`` 2 or 3); ``flags``: FILLED, PREWARMED."""
+        self.events.append((tier, shard, entry_id, flags))
+        self._maybe_wake()
+
+    def miss(self, shard: int, entry_id: bytes) -> None:
+        self.events.append((MISS, shard, entry_id, 0))
+        self._maybe_wake()
+
+    def corrupt(self, shard: int, entry_id: bytes, seen_version: bytes) -> None:
+        """A read found the entry unusable (counted as a miss and a decode error); touch.lua removes it."""
+        self.events.append((CORRUPT, shard, entry_id, seen_version))
+        self._maybe_wake()
+
+    def _maybe_wake(self) -> None:
+        if len(self.events) >= BATCH and not self._woken and self.wake is not None:
+            self._woken = True
+            self.wake()
+
+    # ------------------------------------------------------------------------ the flusher's side
+
+    def collect(self) -> None:
+        """Move the waiting events into the per-shard batches and the process counters."""
+        with self._lock:
+            self._woken = False
+            events = self.events
+            counts = {"gets": 0, "l2_hits": 0, "l3_hits": 0, "misses": 0, "l1_fills": 0, "decode_errors": 0}
+            pending = self._pending
+            # A batch counts its age from the collection before this one: its events arrived after it.
+            since, self._collected_at = self._collected_at, self.clock()
+            while events:
+                try:
+                    kind, shard, entry_id, extra = events.popleft()
+                except IndexError:  # emptied by another collector meanwhile
+                    break
+                batch = pending.get(shard)
+                if batch is None:
+                    batch = pending[shard] = ShardBatch(shard, since)
+                batch.events += 1
+                counts["gets"] += 1
+                if kind in (MISS, CORRUPT):
+                    counts["misses"] += 1
+                    _add(batch.counts, "misses", 1)
+                    if kind == MISS:
+                        batch.missed[entry_id] = batch.missed.get(entry_id, 0) + 1
+                    else:
+                        counts["decode_errors"] += 1
+                        batch.corrupt[entry_id] = extra
+                    continue
+                name = "l2_hits" if kind == L2_HIT else "l3_hits"
+                counts[name] += 1
+                _add(batch.counts, name, 1)
+                batch.hits[entry_id] = batch.hits.get(entry_id, 0) + 1
+                if extra & FILLED:
+                    counts["l1_fills"] += 1
+                    _add(batch.counts, "l1_fills", 1)
+                if extra & PREWARMED:
+                    batch.prewarmed.add(entry_id)
+            self.counters.add(**counts)
+
+    def due(self, force: bool = False) -> list[ShardBatch]:
+        """The batches to send now (all of them with ``force``), taken out of the buffer."""
+        now = self.clock()
+        with self._lock:
+            batches = [b for b in self._pending.values() if force or b.due(now)]
+            for batch in batches:
+                del self._pending[batch.shard]
+        return batches
+
+    def next_due(self) -> float | None:
+        """Seconds until the oldest waiting batch is due (None: nothing waits)."""
+        with self._lock:
+            if not self._pending:
+                return None
+            oldest = min(b.started for b in self._pending.values())
+        return max(0.0, oldest + WINDOW - self.clock())
+
+    def pending(self) -> int:
+        """Events and batched ids not sent yet (for tests and metrics)."""
+        with self._lock:
+            return len(self.events) + sum(len(b.hits) + len(b.missed) + len(b.corrupt) for b in self._pending.values())
+
+    def give_up(self, batches: list[ShardBatch]) -> None:
+        """Batches that could not be sent: counted and forgotten (bookkeeping only)."""
+        self.dropped += len(batches)
+
+
+def _add(counts: dict[str, int], name: str, n: int) -> None:
+    counts[name] = counts.get(name, 0) + n
+
+
+class Flusher:
+    """The thread that sends one cache's bookkeeping (one per cache; it never runs a caller's code).
+
+    ``send(batches)`` does the I/O: one touch.lua call per batch, in one round trip; it must not raise
+    (a batch it cannot send is given up). The thread sleeps until the oldest batch is due or until
+    :meth:`wake` (BATCH events waiting); :meth:`flush` sends everything now, from the calling thread
+    (``close()``, process exit, tests that look at Redis).
+    """
+
+    FORK_ORDER = 1  # after the locks of the objects it uses are fresh (see forksafe)
+
+    def __init__(self, book: Bookkeeping, send: Callable[[list[ShardBatch]], None]) -> None:
+        self.book = book
+        self._send = send
+        book.wake = self.wake
+        self._started = False
+        self._init_state()
+        forksafe.register(self)
+
+    def _init_state(self) -> None:
+        self._event = threading.Event()
+        self._stop = threading.Event()
+        self._sending = threading.Lock()  # one sender at a time: batches of a shard go out in order
+        self._thread = threading.Thread(target=self._run, name="victor-rcache-bookkeeping", daemon=True)
+
+    def start(self) -> Flusher:
+        self._started = True
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def flush(self) -> None:
+        """Collect and send everything waiting, now, in this thread."""
+        self._round(force=True)
+
+    def close(self) -> None:
+        """Send what waits and stop the thread (idempotent)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._event.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.flush()
+
+    def _round(self, force: bool) -> None:
+        with self._sending:
+            self.book.collect()
+            batches = self.book.due(force)
+            if batches:
+                self._send(batches)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait = self.book.next_due()
+            self._event.wait(WINDOW if wait is None else max(wait, 0.001))
+            self._event.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._round(force=False)
+            except Exception:  # never expected (send does not raise); the thread must not die of it
+                self.book.dropped += 1
+
+    def _after_fork(self) -> None:
+        was_running = self._started and not self._stop.is_set()
+        self._init_state()
+        if was_running:
+            self._thread.start()
