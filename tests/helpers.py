@@ -1,5 +1,5 @@
-"""Test helpers: a fake clock, a checker of DESIGN.md §5 invariants against what Redis holds, the slot
-guard, and per-server access that works the same on a standalone Redis and on a Redis Cluster."""
+"""Test helpers: a fake clock, a checker of the invariants (docs/design.md#invariants) against what Redis
+holds, the slot guard, and per-server access that works the same on a standalone Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _read_shard(server: redis.Redis, sk: ShardKeys) -> ShardState:
 
 def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_size: int,
                      now_ms: int | None = None) -> NamespaceState:
-    """Assert DESIGN.md §5 invariants 1 and 2 (and byte accounting) on Redis's actual contents.
+    """Assert invariants 1 and 2 of docs/design.md#invariants (and byte accounting) on Redis's actual contents.
 
     ``now_ms`` (the cache's clock) lets an index entry whose absolute ttl has passed count as an
     allowed "expired leftover"; without it no leftover is allowed.

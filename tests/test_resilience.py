@@ -1,4 +1,4 @@
-"""Resilience against real redis-server processes (issue 4's acceptance; DESIGN.md §6).
+"""Resilience against real redis-server processes (docs/design.md#failure-behaviour, docs/failure.md).
 
 Every test runs its own private ``redis-server`` (LocalRedisServer) and kills, freezes or restarts it:
 
@@ -14,7 +14,10 @@ Every test runs its own private ``redis-server`` (LocalRedisServer) and kills, f
   and the cache serves from Redis again.
 * **Retries.** A connection killed while a command is in flight (CLIENT KILL) is retried and the call
   succeeds with no error counted; a WRONGTYPE is not retried: a counted miss when failing open,
-  ``CacheUnavailableError`` when failing closed.
+  ``CacheUnavailableError`` when failing closed. Sync and async: tenacity is engaged only once a batch's
+  first attempt has failed (a script answering READONLY once); a batch that fails every attempt gives the
+  breaker one verdict, and one interrupted while it pauses before a retry (KeyboardInterrupt, cancellation)
+  gives none and does not keep the next call from probing.
 * **The breaker isolates a dead Redis.** After ``breaker_threshold`` failures no call opens a connection
   (a listening socket put on the port afterwards sees none) and each call counts one rejection.
 * **Recovery.** After a restart with an empty dataset the channel resubscribes, L1 has been flushed, and
@@ -52,11 +55,15 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ReadOnlyError, RedisError
+from tenacity import AsyncRetrying, Retrying
 
-from victor_rcache import AsyncMultiLevelCache, CacheUnavailableError, MultiLevelCache
+from victor_rcache import AsyncMultiLevelCache, CacheUnavailableError, MultiLevelCache, resilience
 from victor_rcache.coherence import RECONNECT_MAX, SILENCE
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer
+
+from .helpers import FakeClock
 
 MISS = "<miss>"
 Result = dict[str, Any]
@@ -116,12 +123,12 @@ def breaker(cache: MultiLevelCache) -> dict[str, Any]:
 # ====================================================================== 1. SIGKILL under load (processes)
 
 WORKERS = 4
-SOCKET_TIMEOUT = 0.5  # the defaults, stated: what the issue's bound is about
+SOCKET_TIMEOUT = 0.5  # the defaults, stated: what CALL_BOUND is about
 CONNECT_TIMEOUT = 0.5
 BREAKER_THRESHOLD = 5
 BREAKER_COOLDOWN = 1.0
-CALL_BOUND = SOCKET_TIMEOUT + 0.05  # issue 4: "every call returns within timeout + 50 ms"
-SERVE_BOUND = 2.0  # issue 4: "all workers serve from Redis again within 2 s"
+CALL_BOUND = SOCKET_TIMEOUT + 0.05  # every call returns within its timeout + 50 ms (docs/failure.md#retries)
+SERVE_BOUND = 2.0  # all workers serve from Redis again within 2 s
 CHANNEL_BOUND = RECONNECT_MAX + 1.0  # the subscriber's reconnect backoff is capped at RECONNECT_MAX
 OUTAGE = 1.0  # seconds of their own iterations each worker runs against the dead port
 WARMUP = 50  # iterations against the live server before a worker says it is ready
@@ -326,7 +333,7 @@ def test_sigkill_under_a_four_process_load_then_restart_on_the_same_port(namespa
 
 # ======================================================================== 2. SIGSTOP for 3 seconds
 
-FREEZE = 3.0  # issue 4: "Redis frozen (SIGSTOP) for 3 s"
+FREEZE = 3.0  # Redis frozen (SIGSTOP) for 3 s
 
 
 def test_a_frozen_redis_costs_each_call_its_deadline_at_most_and_opens_the_circuit(namespace: str) -> None:
@@ -491,6 +498,141 @@ def test_wrongtype_is_not_retried_a_counted_miss_or_cache_unavailable(namespace:
     # A wrong key type is not an outage: the circuit stays closed for every other key.
     assert b1["state"] == "closed", b1
     assert b1["opens"] == 0, b1
+
+
+# A script that answers READONLY (transient: a server does so during a failover) on its first call, or on every
+# call with ARGV[1] = 'always'; KEYS[1] counts the calls that reached Redis.
+FLAKY = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or ARGV[1] == 'always' then return redis.error_reply('READONLY answered by a test script') end
+return n
+"""
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_tenacity_is_engaged_only_once_a_first_attempt_has_failed(namespace: str, asynchronous: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+
+    class CountedRetrying(Retrying):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append("Retrying")
+            super().__init__(*args, **kwargs)
+
+    class CountedAsyncRetrying(AsyncRetrying):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append("AsyncRetrying")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(resilience, "Retrying", CountedRetrying)
+    monkeypatch.setattr(resilience, "AsyncRetrying", CountedAsyncRetrying)
+    monkeypatch.setattr(resilience, "RETRY_WINDOW", 10.0)  # the window is socket_timeout then: a slow machine retries
+    flaky = ("EVAL", FLAKY, 1, f"{namespace}:attempts", "once")
+    settings: dict[str, Any] = {"namespace": namespace, "fail_open": False, "promote_after": 10**9}
+
+    def sync_calls(url: str) -> dict[str, Any]:
+        with MultiLevelCache(url, **settings) as writer, MultiLevelCache(url, **settings) as cache:
+            writer.put_many({"a": 1, "b": 2})
+            cache.put("c", 3)
+            out: dict[str, Any] = {"happy": [cache.get("a"), cache.get_many(["a", "b"]), cache.delete("a"),
+                                             cache.get("a", MISS)]}
+            out["built before"] = list(built)
+            out["flaky"] = cache._send([flaky])
+            out["breaker"] = cache._resilience.snapshot()
+        return out
+
+    async def async_calls(url: str) -> dict[str, Any]:
+        async with AsyncMultiLevelCache(url, **settings) as writer, AsyncMultiLevelCache(url, **settings) as cache:
+            await writer.put_many({"a": 1, "b": 2})
+            await cache.put("c", 3)
+            out: dict[str, Any] = {"happy": [await cache.get("a"), await cache.get_many(["a", "b"]),
+                                             await cache.delete("a"), await cache.get("a", MISS)]}
+            out["built before"] = list(built)
+            out["flaky"] = await cache._send([flaky])
+            out["breaker"] = cache._resilience.snapshot()
+        return out
+
+    with private_server() as server:
+        out = asyncio.run(async_calls(server.url)) if asynchronous else sync_calls(server.url)
+    assert out["happy"] == [1, {"a": 1, "b": 2}, True, MISS]
+    assert out["built before"] == [], "batches that succeed at once must not build a tenacity object"
+    assert out["flaky"] == [2], "the READONLY of the first attempt is retried, and the retry succeeds"
+    assert built == ["AsyncRetrying" if asynchronous else "Retrying"]
+    assert out["breaker"]["retries"] == 1
+    assert out["breaker"]["consecutive_failures"] == 0
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_batch_gives_one_verdict_whatever_its_retries_and_an_interrupted_one_none(
+        namespace: str, asynchronous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resilience, "RETRY_WINDOW", 10.0)  # as above: the attempts, not the window, end the batch
+    counter = f"{namespace}:attempts"
+    always = [("EVAL", FLAKY, 1, counter, "always")]
+    clock = FakeClock()
+    settings: dict[str, Any] = {"namespace": namespace, "fail_open": False, "breaker_threshold": 1,
+                                "breaker_cooldown": 1.0}
+
+    def interrupted_sync(cache: MultiLevelCache) -> BaseException:
+        def interrupt(_seconds: float) -> None:
+            raise KeyboardInterrupt  # as a ^C would, during the pause before a retry
+
+        cache._resilience.sleep = interrupt
+        try:
+            with pytest.raises(KeyboardInterrupt) as caught:
+                cache._send(always)
+        finally:
+            cache._resilience.sleep = time.sleep
+        return caught.value
+
+    def sync_calls(url: str) -> dict[str, Any]:
+        with MultiLevelCache(url, **settings) as cache:
+            cache._resilience.breaker.clock = clock  # the cool-down passes when the test says
+            out: dict[str, Any] = {"failed": cache._send(always), "after failure": cache._resilience.snapshot()}
+            clock.advance(1.0)  # the next batch is the half-open probe
+            out["interrupted"] = interrupted_sync(cache)
+            out["after interruption"] = cache._resilience.snapshot()
+            out["probe"] = cache._send([("PING",)])
+            out["after probe"] = cache._resilience.snapshot()
+        return out
+
+    async def async_calls(url: str) -> dict[str, Any]:
+        async with AsyncMultiLevelCache(url, **settings) as cache:
+            cache._resilience.breaker.clock = clock
+            out: dict[str, Any] = {"failed": await cache._send(always), "after failure": cache._resilience.snapshot()}
+            clock.advance(1.0)
+            paused = asyncio.Event()
+
+            async def park(_seconds: float) -> None:  # the pause before a retry, until the task is cancelled
+                paused.set()
+                await asyncio.Event().wait()
+
+            cache._resilience.async_sleep = park
+            probe = asyncio.get_running_loop().create_task(cache._send(always))
+            await asyncio.wait_for(paused.wait(), 10.0)
+            probe.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await probe
+            cache._resilience.async_sleep = asyncio.sleep
+            out["interrupted"] = caught.value
+            out["after interruption"] = cache._resilience.snapshot()
+            out["probe"] = await cache._send([("PING",)])
+            out["after probe"] = cache._resilience.snapshot()
+        return out
+
+    with private_server() as server, redis.Redis.from_url(server.url) as raw:
+        out = asyncio.run(async_calls(server.url)) if asynchronous else sync_calls(server.url)
+        attempts = int(raw.get(counter) or 0)
+    failed, interrupted, probed = out["after failure"], out["after interruption"], out["after probe"]
+    assert isinstance(out["failed"], ReadOnlyError), out["failed"]
+    assert attempts == resilience.RETRY_ATTEMPTS + 1, "every attempt of the failed batch, then the probe's first"
+    # RETRY_ATTEMPTS attempts, one failure: the breaker (threshold 1) opened once.
+    assert (failed["retries"], failed["consecutive_failures"], failed["state"], failed["opens"]) == (
+        resilience.RETRY_ATTEMPTS - 1, 1, "open", 1)
+    # The interrupted probe gave no verdict, and let the next call probe.
+    assert (interrupted["consecutive_failures"], interrupted["state"], interrupted["opens"]) == (1, "half_open", 1)
+    assert interrupted["retries"] == failed["retries"] + 1, "the retry it was pausing for is counted"
+    assert not isinstance(out["probe"], RedisError), out["probe"]
+    assert (probed["state"], probed["consecutive_failures"]) == ("closed", 0)
 
 
 # ====================================================================== 4. the breaker isolates Redis

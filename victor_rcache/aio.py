@@ -69,21 +69,22 @@ class AsyncMultiLevelCache(CacheBase):
         if refused is not None:
             return refused
         try:
-            client, started, attempt = self.client, time.monotonic(), 1
-            while True:
-                try:
-                    if goes_alone(client, batch):
-                        replies = await send_alone_async(client, batch[0])
-                    else:
-                        pipe = queue(client.pipeline(transaction=False), batch)
-                        replies = raise_transient(await pipe.execute(raise_on_error=False))
-                    break
-                except IO_ERRORS as exc:
-                    pause = self._resilience.retry_pause(exc, attempt, started)
-                    if pause is None:
-                        raise
-                await asyncio.sleep(pause)
-                attempt += 1
+            client, started = self.client, self._resilience.clock()
+            # As in the sync front end: a plain first attempt, tenacity only once it has failed.
+            try:
+                if goes_alone(client, batch):
+                    replies = await send_alone_async(client, batch[0])
+                else:
+                    pipe = queue(client.pipeline(transaction=False), batch)
+                    replies = raise_transient(await pipe.execute(raise_on_error=False))
+            except IO_ERRORS as first:
+                async for attempt in self._resilience.async_retrying(first, started):
+                    with attempt:
+                        if goes_alone(client, batch):
+                            replies = await send_alone_async(client, batch[0])
+                        else:
+                            pipe = queue(client.pipeline(transaction=False), batch)
+                            replies = raise_transient(await pipe.execute(raise_on_error=False))
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
         except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis

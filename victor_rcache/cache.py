@@ -73,7 +73,7 @@ class CacheBase:
         ``outcome`` is the tier that served a get or get_or_set (``"l1"``, ``"l2"``, ``"l3"``),
         ``"miss"``, ``"coalesced"`` (get_or_set waited for a concurrent call of this process), ``"ok"``
         for the other operations, or ``"error"`` when the call raised. ``None`` stops the reports: an
-        unobserved cache times nothing. ``victor_rcache.prometheus.register`` sets one.
+        unobserved cache times nothing. ``victor_rcache.contrib.prometheus.register`` sets one.
         """
         if observer is not None and not callable(getattr(observer, "observe", None)):
             raise InvalidArgumentError(f"an observer needs an observe(operation, outcome, seconds) method; "
@@ -213,20 +213,21 @@ class MultiLevelCache(CacheBase):
         try:
             if self._stale_client:
                 self.client, self._stale_client = sync_client(self.config), False
-            client, started, attempt = self.client, time.monotonic(), 1
-            while True:
-                try:
-                    if goes_alone(client, batch):
-                        replies = send_alone(client, batch[0])
-                    else:
-                        replies = raise_transient(queue(pipeline(client), batch).execute(raise_on_error=False))
-                    break
-                except IO_ERRORS as exc:
-                    pause = self._resilience.retry_pause(exc, attempt, started)
-                    if pause is None:
-                        raise
-                time.sleep(pause)
-                attempt += 1
+            client, started = self.client, self._resilience.clock()
+            # The first attempt is plain code, tenacity is engaged only once it has failed: a batch that succeeds
+            # at once builds nothing (the attempt is written out twice rather than shared in a closure for that).
+            try:
+                if goes_alone(client, batch):
+                    replies = send_alone(client, batch[0])
+                else:
+                    replies = raise_transient(queue(pipeline(client), batch).execute(raise_on_error=False))
+            except IO_ERRORS as first:
+                for attempt in self._resilience.retrying(first, started):
+                    with attempt:
+                        if goes_alone(client, batch):
+                            replies = send_alone(client, batch[0])
+                        else:
+                            replies = raise_transient(queue(pipeline(client), batch).execute(raise_on_error=False))
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
         except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis

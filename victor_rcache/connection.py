@@ -10,7 +10,9 @@ error Redis answered standing in place of the reply.
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -29,6 +31,41 @@ from .config import CacheConfig, redact
 from .errors import ConfigurationError
 from .resilience import raise_transient
 from .scripts import Command
+
+# The redis-py releases the suite runs against (`make test-compat`: the oldest and the newest). Keep in
+# step with pyproject.toml's dependency range. 5.0.1 is the floor: 5.0.0's asyncio clients have no aclose().
+REDIS_PY_TESTED = ((5, 0, 1), (8, 3))  # oldest tested, first release past the range
+
+
+def redis_py_verdict(version: str) -> tuple[str, str] | None:
+    """None for a redis-py release in the tested range; else ``("refuse" | "warn", why and what to do)``.
+
+    Older releases lack what the cache needs (and are refused); a newer one may have changed the few
+    internals the cache relies on (cluster pipeline routing), so it runs with a warning.
+    """
+    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    oldest, past = REDIS_PY_TESTED
+    wanted = f"redis>={'.'.join(map(str, oldest))},<{'.'.join(map(str, past))}"
+    if parts < oldest:
+        return "refuse", f"victor_rcache needs redis-py >= {'.'.join(map(str, oldest))}, found {version}; " \
+                         f"install a tested release: pip install '{wanted}'"
+    if parts >= past:
+        return "warn", f"redis-py {version} is newer than the releases victor_rcache is tested with ({wanted}); " \
+                       "it should work, but pin a tested release if anything misbehaves"
+    return None
+
+
+def _check_redis_py() -> None:
+    verdict = redis_py_verdict(redis.__version__)
+    if verdict is None:
+        return
+    kind, why = verdict
+    if kind == "refuse":
+        raise ImportError(why)
+    warnings.warn(why, RuntimeWarning, stacklevel=3)
+
+
+_check_redis_py()
 
 
 def _options(config: CacheConfig) -> dict[str, Any]:
@@ -70,24 +107,18 @@ def _script_routing(fallback: Any = None) -> dict[str, Any]:
     redis-py 8's sync cluster pipeline otherwise asks a node (``COMMAND GETKEYS``, one extra round
     trip per script call) where each script call goes. Older redis-py routes them by KEYS already.
     """
-    try:
-        from redis.commands.policies import (  # type: ignore[attr-defined]  # noqa: PLC0415 (redis-py >= 8)
-            BasePolicyResolver,
-            CommandPolicies,
-            PolicyResolver,
-            RequestPolicy,
-            ResponsePolicy,
-            StaticPolicyResolver,
-        )
+    try:  # redis-py >= 8 only; imported by name, as its typing of this module changes between releases
+        policies: Any = importlib.import_module("redis.commands.policies")
     except ImportError:
         return {}
-    keyed = CommandPolicies(request_policy=RequestPolicy.DEFAULT_KEYED, response_policy=ResponsePolicy.DEFAULT_KEYED)
+    keyed = policies.CommandPolicies(request_policy=policies.RequestPolicy.DEFAULT_KEYED,
+                                     response_policy=policies.ResponsePolicy.DEFAULT_KEYED)
 
-    class ScriptsByKeys(BasePolicyResolver):
-        def __init__(self, fallback: PolicyResolver | None = None) -> None:
-            super().__init__({"core": {"evalsha": keyed, "eval": keyed}}, fallback or StaticPolicyResolver())
+    class ScriptsByKeys(policies.BasePolicyResolver):  # type: ignore[misc]  # (a base class of type Any)
+        def __init__(self, fallback: Any = None) -> None:
+            super().__init__({"core": {"evalsha": keyed, "eval": keyed}}, fallback or policies.StaticPolicyResolver())
 
-        def with_fallback(self, fallback: PolicyResolver) -> PolicyResolver:
+        def with_fallback(self, fallback: Any) -> Any:
             return ScriptsByKeys(fallback)
 
     return {"policy_resolver": ScriptsByKeys(fallback)}
