@@ -63,7 +63,7 @@ from benchmarks.workloads import MarkovChain, query_name
 from victor_rcache import AsyncMultiLevelCache
 from victor_rcache.demo import TOOLS, clear_namespaces, counts, percentile, zipf_cum_weights
 from victor_rcache.local_redis import LocalRedisServer
-from victor_rcache.warmer import AsyncPredictiveCacheWarmer
+from victor_rcache.prediction.warmer import AsyncPredictiveCacheWarmer
 
 CONFIGS = ("none", "cachetools", "fleet", "fleet+prewarm", "fleet+adaptive", "cashews", "aiocache")
 # The earlier design's names for the same configurations (``run --config baseline --config predictive``).
@@ -74,7 +74,7 @@ SHARDS = 16
 START_TIMEOUT = 120.0
 BLOCK = b"\x5a" * 8192  # hashed per busy round; > 2 KiB, so hashlib releases the GIL while hashing
 
-# The issue's fleet targets (4 processes, 5 ms selection).
+# The fleet targets (4 processes, 5 ms selection).
 TARGET_HIT_RATE = 0.82
 TARGET_LATENCY_RATIO = 0.5  # mean latency vs the cachetools configuration
 TARGET_JOIN_HIT_RATE = 0.70
@@ -454,7 +454,7 @@ def summarize(config: str, n: int, cost_ms: float, fleet: list[Report], joined: 
 
 
 def evaluate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's fleet targets, for each victor_rcache configuration at the largest N and 5 ms."""
+    """The fleet targets, for each victor_rcache configuration at the largest N and 5 ms."""
     if not rows:
         return []
     n = max(r["processes"] for r in rows)
@@ -502,7 +502,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"   skipped {name}: {why}")
     if result["targets"]:
         lines.append("")
-        lines.append("targets (issue 10; N = largest process count, 5 ms selection):")
+        lines.append("targets (N = largest process count, 5 ms selection):")
         for t in result["targets"]:
             value = f"{100 * t['value']:.1f}%" if t["unit"] == "" else f"{t['value']:.2f}{t['unit']}"
             lines.append(f"  {t['config']:<15} {t['target']:<46} {value:>10}  {t['result']}")

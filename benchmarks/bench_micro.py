@@ -67,7 +67,7 @@ def _noop(message: str) -> None:
 
 def figure(fid: str, name: str, *, value: float | None, unit: str, measured: str, floor: str, target: str,
            passed: bool | None, **detail: Any) -> dict[str, Any]:
-    """One row of the report: the figure, what it was measured against, the issue's target, pass/fail."""
+    """One row of the report: the figure, what it was measured against, its target, pass/fail."""
     return {"id": fid, "figure": name, "value": value, "unit": unit, "measured": measured, "floor": floor,
             "target": target, "pass": passed, "detail": detail}
 

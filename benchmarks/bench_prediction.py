@@ -64,7 +64,7 @@ from benchmarks.workloads import (
 )
 from victor_rcache import MultiLevelCache, PredictiveCacheWarmer, WarmerConfig
 from victor_rcache.local_redis import LocalRedisServer
-from victor_rcache.prediction import ModelKeys
+from victor_rcache.prediction.model import ModelKeys
 
 # The settings the acceptance numbers are measured with: the library's defaults (500 pattern sets for
 # 200 transition sets and ~1000 n-gram contexts: n-gram sets are evicted first; see section 4).

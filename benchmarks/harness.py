@@ -1,4 +1,4 @@
-"""The benchmark harness of issue 10: ``python -m benchmarks run`` then ``python -m benchmarks report``.
+"""The benchmark harness: ``python -m benchmarks run`` then ``python -m benchmarks report``.
 
     python -m benchmarks run --group micro|fleet|all [--config NAME ...] [--quick|--tiny] [--url URL]
                              [--out benchmarks/results/latest.json]
@@ -193,7 +193,7 @@ def plot(result: dict[str, Any], path: str) -> str:
     fig, axes = plt.subplots(1, 1 + len(fleet_panels), figsize=(5 + 5 * len(fleet_panels), 4.5), squeeze=False)
     ax = axes[0][0]
     ax.bar([f["id"] for f in micro], [f["value"] for f in micro], color="tab:blue")
-    for f in micro:  # the issue's target for each ratio, as a short dash over its bar
+    for f in micro:  # each ratio's target, as a short dash over its bar
         target = {"l1": 4.0, "l1:shared": 4.0, "l2": 1.3}[f["id"]]
         ax.plot([micro.index(f) - 0.4, micro.index(f) + 0.4], [target, target], color="black", linestyle="--")
     ax.set_title("micro: x floor (median); dashes: targets")

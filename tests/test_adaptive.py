@@ -1,4 +1,4 @@
-"""AdaptiveLRUCache: evidence-based sizing (issue 7), with a fake clock and seeded Zipf workloads.
+"""AdaptiveLRUCache: evidence-based sizing (docs/adaptive-sizing.md), with a fake clock and seeded Zipf workloads.
 
 Pure logic: no Redis. The "smallest size that reaches the target" is measured in the test itself
 by replaying the same request stream through fixed-size LRU caches.

@@ -1,6 +1,6 @@
-"""Bad input and security (issue 4; DESIGN.md §6; README "Failure behaviour", "Security", "Key layout").
+"""Bad input and security (docs/design.md#failure-behaviour; docs/failure.md, docs/security.md, docs/key-layout.md).
 
-Every item of issue 4's bad-input list must get a clear error or a counted miss: never a crash, a hang or a
+Every item of the bad-input list below must get a clear error or a counted miss: never a crash, a hang or a
 half-written entry. "Nothing written" is checked against what Redis holds: a snapshot of every key of the
 namespace (TYPE, DUMP, PEXPIRETIME) before and after the call. Servers with special settings (a password,
 ACL users, TLS, maxmemory) are private ``LocalRedisServer`` processes, standalone only; the other tests run
@@ -260,7 +260,7 @@ FAST_HIT_AND_MISS_NEEDS = {"l2", "l3", "stats", "ghost"}
 @pytest.mark.parametrize("which", SHARD_KEYS)
 def test_a_shard_key_of_the_wrong_type_is_refused_before_any_write(make_cache: Make, raw: Client, namespace: str,
                                                                    which: str, fail_open: bool) -> None:
-    """README: a shard's own key of the wrong type makes every script call that needs it refuse before
+    """docs/failure.md: a shard's own key of the wrong type makes every script call that needs it refuse before
     any write (VRC_WRONGTYPE naming the key to delete); other shards keep working. get.lua's fast path
     (plain hits and misses) needs only l2, l3, stats, ghost and the entries, so with another key broken
     it serves reads; every put and delete needs every shard key. The broken key is never written."""
@@ -342,7 +342,7 @@ def test_get_or_set_with_a_broken_shard_key_computes_and_writes_nothing_it_shoul
 @pytest.mark.parametrize("op", ["get", "get_many", "get_or_set", "put", "delete"])
 def test_an_entry_key_of_the_wrong_type_is_simply_gone(make_cache: Make, raw: Client, namespace: str,
                                                        op: str) -> None:
-    """README: an entry key of the wrong type is deleted when read: the entry is simply gone. Not an
+    """docs/failure.md: an entry key of the wrong type is deleted when read: the entry is simply gone. Not an
     error at all, so even a fail-closed cache gets a plain miss (and a write replaces it)."""
     space = KeySpace(namespace, 16)
     ref = space.ref("k")
@@ -443,7 +443,7 @@ def test_get_or_set_does_not_wait_for_a_lease_key_written_by_hand(make_cache: Ma
 ])
 def test_garbage_in_an_entry_field_never_raises_when_failing_open(make_cache: Make, raw: Client, namespace: str,
                                                                   field: str, garbage: bytes) -> None:
-    """Bytes written by hand into any field of an entry hash (README key layout: v, s, n, ver, x, f, d):
+    """Bytes written by hand into any field of an entry hash (docs/key-layout.md: v, s, n, ver, x, f, d):
     a fail-open get returns the stored value (the payload is intact) or a counted miss, never raises."""
     space = KeySpace(namespace, 16)
     make_cache().put("k", "good")
@@ -737,7 +737,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Local
 def test_the_documented_tls_url_serves_the_cache_and_its_subscriber(
         tls_server: tuple[LocalRedisServer, int, Path], namespace: str) -> None:
     server, tls_port, ca = tls_server
-    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}"  # README: redis-py's TLS options in the query
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}"  # docs/security.md: redis-py's TLS options in the query
     settings: dict[str, Any] = {"namespace": namespace, "fail_open": False, "promote_after": 1}
     with MultiLevelCache(url, **settings) as writer, MultiLevelCache(url, **settings) as reader, \
             redis.Redis(port=server.port) as admin:
@@ -789,7 +789,7 @@ def full_server(namespace: str) -> Iterator[tuple[LocalRedisServer, redis.Redis]
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 def test_at_maxmemory_nothing_is_written_and_the_call_fails_open_or_raises(
         full_server: tuple[LocalRedisServer, redis.Redis], namespace: str, fail_open: bool) -> None:
-    """README: with maxmemory reached and a no-eviction policy Redis refuses a script that may write before
+    """docs/failure.md: with maxmemory reached and a no-eviction policy Redis refuses a script that may write before
     it runs (the #!lua shebang): nothing is half-written, the call fails open and is counted."""
     server, admin = full_server
     with MultiLevelCache(server.url, namespace=namespace, fail_open=fail_open) as cache, \

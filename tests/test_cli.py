@@ -26,7 +26,7 @@ import redis
 from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer, free_port
-from victor_rcache.prediction import ModelKeys
+from victor_rcache.prediction.model import ModelKeys
 
 from .helpers import Backend, Client, server_of
 from .test_bad_input_and_security import set_documented_user

@@ -2,7 +2,7 @@
 
 Each test runs its own private cluster (3 masters with a replica each), since it breaks it.
 Load comes from several threads; every call's outcome and duration is recorded, and the tests
-assert what issue 5 promises: nothing reaches the caller, every call returns within its
+assert what docs/cluster.md promises: nothing reaches the caller, every call returns within its
 timeouts, and afterwards the cache serves from Redis again with the invariants intact.
 """
 

@@ -1,4 +1,4 @@
-"""Fleet coherence against a real Redis (issue 3; DESIGN.md §5 invariant 3, §6).
+"""Fleet coherence against a real Redis (docs/design.md#invariant-3-coherent-l1-copies, docs/coherence.md).
 
 * Two spawned OS processes, A and B: B holds a value in its L1, A replaces it, deletes it or
   invalidates the namespace; B stops serving the old value within 100 ms, measured by B polling
@@ -55,7 +55,7 @@ from .helpers import Backend, Client, FakeClock, check_invariants, guard_slots, 
 
 Make = Callable[..., MultiLevelCache]
 
-BOUND = 0.1  # seconds: another process stops serving an old value within this (DESIGN.md §5.3)
+BOUND = 0.1  # seconds: another process stops serving an old value within this (invariant 3, docs/design.md)
 LIVENESS = 5.0  # seconds any other awaited condition may take; only a hang ever reaches it
 MISS = "<miss>"  # the default a worker passes to get(), so a miss is visible across processes
 

@@ -1,4 +1,4 @@
-"""Fleet-wide L2/L3 sizing (issue 7, adaptive_redis): the scripts' evidence, the lease, the decisions.
+"""Fleet-wide L2/L3 sizing (adaptive_redis, docs/adaptive-sizing.md): the scripts' evidence, the lease, the decisions.
 
 Fake clocks throughout (shared between processes through a multiprocessing.Value): no test sleeps
 for an interval.

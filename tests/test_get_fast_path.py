@@ -1,4 +1,4 @@
-"""get.lua's two paths give one outcome (issue 10's fast path, and the review that followed it).
+"""get.lua's two paths give one outcome (the fast path of docs/tiers.md#the-read-path, and the review that followed it).
 
 The fast path serves plain hits and misses with a handful of commands; everything else takes the full
 path. These tests pin the cases where the two could differ: many ids in one call, counters and entry

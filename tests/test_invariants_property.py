@@ -1,4 +1,4 @@
-"""Property-based test of DESIGN.md §5 invariants 1, 2, 4 and 5 against a real Redis.
+"""Property-based test of invariants 1, 2, 4 and 5 (docs/design.md#invariants) against a real Redis.
 
 A Hypothesis state machine drives three ``MultiLevelCache`` instances (standing in for worker
 processes) that share one namespace and one ``FakeClock``, with tiny tiers so that promotion,
@@ -29,8 +29,8 @@ return:
   the copy is gone). L1 LRU evictions are not modelled, which only makes the allowed set larger.
 
 Two stricter checks: "reads see own writes" (right after a cache puts a key, its own get is an L1
-hit with that value), and idle expiry (§4): a value nobody has touched in Redis (put or Redis hit)
-for ``l2_ttl + l3_ttl`` is gone from L2 and L3, and L1 copies are younger than that, so it is never
+hit with that value), and idle expiry (docs/design.md#ttl-meanings): a value nobody has touched in Redis
+(put or Redis hit) for ``l2_ttl + l3_ttl`` is gone from L2 and L3, and L1 copies are younger than that, so it is never
 served (1 ms of slack for the scripts' touch stamps, which run up to 0.001 ms per touch ahead of
 the clock).
 

@@ -1,4 +1,4 @@
-"""The L1 fast path (issue 10): an L1 hit is plain code with one lock, values nobody can mutate are
+"""The L1 fast path: an L1 hit is plain code with one lock, values nobody can mutate are
 decoded once and shared, mutable ones stay isolated unless ``copy_on_read=False``, counters stay
 exact under threads, and the invalidation listener applies messages by itself (readers do no I/O).
 

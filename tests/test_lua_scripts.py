@@ -1,4 +1,4 @@
-"""The Lua scripts themselves, against a real Redis (DESIGN.md §5 invariants 6 and 7, §6 script reload).
+"""The Lua scripts themselves, against a real Redis (docs/design.md#invariants 6 and 7; script reload).
 
 * every script documents its KEYS, ARGV and Reply, and the registry expands its includes;
 * invariant 7: a script refuses bad ARGV before its first write, even with sweep work due;

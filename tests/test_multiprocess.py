@@ -1,4 +1,4 @@
-"""Several OS processes sharing one Redis namespace (DESIGN.md §1; §5 invariants 1, 2, 4 and 5).
+"""Several OS processes sharing one Redis namespace (invariants 1, 2, 4 and 5 of docs/design.md#invariants).
 
 Workers are started with the "spawn" context, so each is a fresh interpreter that builds its own
 ``MultiLevelCache`` from the URL, exactly as separate worker processes of a fleet would. Workers are

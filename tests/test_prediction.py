@@ -1,4 +1,4 @@
-"""The shared prediction model (issue 6; lua/record.lua, lua/predict.lua, lua/includes/model.lua) against
+"""The shared prediction model (docs/prediction.md; lua/record.lua, lua/predict.lua, lua/includes/model.lua) against
 a real Redis, standalone and cluster.
 
 What Redis holds is read with redis-py under the key layout documented in lua/includes/model.lua, built

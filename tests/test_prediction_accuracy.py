@@ -1,4 +1,5 @@
-"""Acceptance of the shared prediction model (issue 6): top-5 accuracy against an oracle, and drift.
+"""Acceptance of the shared prediction model: top-5 accuracy against an oracle, and drift
+(docs/benchmarks.md#prediction-accuracy).
 
 The workload is benchmarks/workloads.py, the one ``benchmarks/bench_prediction.py`` reports on:
 sessions walking a known Markov chain over 200 queries (3-8 successors each, Zipf-skewed). The

@@ -1,4 +1,4 @@
-"""Fleet-wide predictive prewarming (issue 6, DESIGN.md §7), against a real Redis.
+"""Fleet-wide predictive prewarming (docs/prediction.md#prewarming-once-per-fleet), against a real Redis.
 
 ``prewarm_predictions`` computes each predicted query at or above the threshold with ``selection_fn``
 and stores it under ``key_fn(query)``, the key a real request uses, once per fleet:

@@ -1,4 +1,4 @@
-"""The Prometheus exporter (victor_rcache/prometheus.py), the latency observer hook and structured logging.
+"""The Prometheus exporter (victor_rcache/contrib/prometheus.py), the latency observer hook and structured logging.
 
 Scrapes a private ``CollectorRegistry`` after known operations against a real Redis (standalone and
 cluster) and checks exact values: per-tier counters, gauges, the latency histogram's counts per
@@ -31,9 +31,9 @@ from victor_rcache import (
     Prediction,
     PredictiveCacheWarmer,
 )
+from victor_rcache.contrib.prometheus import CacheCollector, register, serve
 from victor_rcache.local_redis import free_port
 from victor_rcache.metrics import Timing
-from victor_rcache.prometheus import CacheCollector, register, serve
 
 Make = Callable[..., MultiLevelCache]
 MakeAsync = Callable[..., AsyncMultiLevelCache]
@@ -371,7 +371,7 @@ def test_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_library_does_not_import_prometheus_client() -> None:
-    code = ("import sys, victor_rcache, victor_rcache.prometheus; "
+    code = ("import sys, victor_rcache, victor_rcache.contrib.prometheus; "
             "assert 'prometheus_client' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

@@ -1,8 +1,9 @@
-"""The README's redis-cli recipes answer what they say, run verbatim through the real `redis-cli`.
+"""The documented redis-cli recipes (docs/key-layout.md) answer what they say, run verbatim through the
+real `redis-cli`.
 
-Each ```sh block the README introduces as redis-cli commands for an operator is parsed, pointed at
-a private server holding the README's own example data, and every command must answer (exit 0,
-non-empty output) with what its comment promises.
+Each ```sh block the page introduces as redis-cli commands for an operator is parsed, pointed at a
+private server holding the page's own example data, and every command must answer (exit 0, non-empty
+output) with what its comment promises.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "key-layout.md"
 AT_14_UTC = float(calendar.timegm((2026, 11, 26, 14, 5, 0)))
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
@@ -32,10 +33,10 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis
 
 def recipes(after: str) -> list[list[str]]:
     """The redis-cli commands (as argv, comments dropped) of the first ```sh block after ``after``."""
-    text = README.read_text("utf-8")
+    text = RECIPES.read_text("utf-8")
     start = text.index(after)
     block = re.search(r"```sh\n(.*?)```", text[start:], re.DOTALL)
-    assert block is not None, f"no sh block after {after!r} in the README"
+    assert block is not None, f"no sh block after {after!r} in {RECIPES.name}"
     commands = [shlex.split(line, comments=True) for line in block[1].splitlines()]
     return [c for c in commands if c and c[0] == "redis-cli"]
 
@@ -77,9 +78,9 @@ def test_the_model_recipes_answer_with_what_the_model_learned(server: LocalRedis
 
 def sh_lines(after: str) -> list[str]:
     """The lines of the first ```sh block after the heading ``after``, verbatim: one shell command each."""
-    text = README.read_text("utf-8")
+    text = RECIPES.read_text("utf-8")
     block = re.search(r"```sh\n(.*?)```", text[text.index(after):], re.DOTALL)
-    assert block is not None, f"no sh block after {after!r} in the README"
+    assert block is not None, f"no sh block after {after!r} in {RECIPES.name}"
     return [line for line in block[1].splitlines() if line.strip()]
 
 

@@ -1,4 +1,4 @@
-"""Resilience against real redis-server processes (issue 4's acceptance; DESIGN.md §6).
+"""Resilience against real redis-server processes (docs/design.md#failure-behaviour, docs/failure.md).
 
 Every test runs its own private ``redis-server`` (LocalRedisServer) and kills, freezes or restarts it:
 
@@ -123,12 +123,12 @@ def breaker(cache: MultiLevelCache) -> dict[str, Any]:
 # ====================================================================== 1. SIGKILL under load (processes)
 
 WORKERS = 4
-SOCKET_TIMEOUT = 0.5  # the defaults, stated: what the issue's bound is about
+SOCKET_TIMEOUT = 0.5  # the defaults, stated: what CALL_BOUND is about
 CONNECT_TIMEOUT = 0.5
 BREAKER_THRESHOLD = 5
 BREAKER_COOLDOWN = 1.0
-CALL_BOUND = SOCKET_TIMEOUT + 0.05  # issue 4: "every call returns within timeout + 50 ms"
-SERVE_BOUND = 2.0  # issue 4: "all workers serve from Redis again within 2 s"
+CALL_BOUND = SOCKET_TIMEOUT + 0.05  # every call returns within its timeout + 50 ms (docs/failure.md#retries)
+SERVE_BOUND = 2.0  # all workers serve from Redis again within 2 s
 CHANNEL_BOUND = RECONNECT_MAX + 1.0  # the subscriber's reconnect backoff is capped at RECONNECT_MAX
 OUTAGE = 1.0  # seconds of their own iterations each worker runs against the dead port
 WARMUP = 50  # iterations against the live server before a worker says it is ready
@@ -333,7 +333,7 @@ def test_sigkill_under_a_four_process_load_then_restart_on_the_same_port(namespa
 
 # ======================================================================== 2. SIGSTOP for 3 seconds
 
-FREEZE = 3.0  # issue 4: "Redis frozen (SIGSTOP) for 3 s"
+FREEZE = 3.0  # Redis frozen (SIGSTOP) for 3 s
 
 
 def test_a_frozen_redis_costs_each_call_its_deadline_at_most_and_opens_the_circuit(namespace: str) -> None:

@@ -1,5 +1,5 @@
 """SCRIPT FLUSH under load: no error reaches a caller, and a busy cache reloads each script once per
-server (issue 4), not once per call that hit NOSCRIPT."""
+server, not once per call that hit NOSCRIPT."""
 
 from __future__ import annotations
 

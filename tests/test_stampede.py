@@ -1,4 +1,4 @@
-"""Stampede protection against a real Redis and real OS processes (issue 3; DESIGN.md §3, §6).
+"""Stampede protection against a real Redis and real OS processes (docs/single-flight.md).
 
 * Once per fleet: 50 threads in each of 4 spawned processes call ``get_or_set`` on one missing key;
   the loader (an INCR on a key outside the namespace, ~50 ms of "work", then a wait until every

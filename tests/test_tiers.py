@@ -1,4 +1,4 @@
-"""Tier behaviour of MultiLevelCache against a real Redis (DESIGN.md §3-§5)."""
+"""Tier behaviour of MultiLevelCache against a real Redis (docs/design.md#tiers, #values-and-keys, #invariants)."""
 
 from __future__ import annotations
 

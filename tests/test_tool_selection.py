@@ -1,4 +1,4 @@
-"""ToolSelectionCache (issue 9): round trips, keys that cannot collide, copies, metrics, invalidation
+"""ToolSelectionCache (docs/tool-selection.md): round trips, keys that cannot collide, copies, metrics, invalidation
 (fleet-wide on a tools change, with two workers), cached_selection sync and async (once per fleet,
 exceptions, the prediction model, prewarming), the per-process instance and its environment."""
 
@@ -19,7 +19,7 @@ import pytest
 
 from victor_rcache import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
 from victor_rcache.errors import ConfigurationError
-from victor_rcache.tool_selection import (
+from victor_rcache.prediction.tool_selection import (
     NAMESPACES,
     AsyncToolSelectionCache,
     ToolSelectionCache,
@@ -262,7 +262,7 @@ def test_a_tools_change_in_another_process_invalidates_this_one(make_tools: Call
     assert tc.get_query("q") is not None
     script = (
         "import sys, json\n"
-        "from victor_rcache.tool_selection import ToolSelectionCache, ToolSelectionConfig\n"
+        "from victor_rcache.prediction.tool_selection import ToolSelectionCache, ToolSelectionConfig\n"
         f"cfg = ToolSelectionConfig.from_env({{}}, redis_url={backend.url!r}, cluster={backend.cluster!r}, "
         f"base={namespace!r}, fail_open=False)\n"
         "with ToolSelectionCache(cfg) as tc:\n"

@@ -18,8 +18,18 @@ from .errors import (
     SerializationError,
     ValueTooLargeError,
 )
-from .prediction import Prediction, WarmerConfig
-from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer, PrewarmReport
+from .prediction import (
+    AsyncPredictiveCacheWarmer,
+    AsyncToolSelectionCache,
+    Prediction,
+    PredictiveCacheWarmer,
+    PrewarmReport,
+    ToolSelectionCache,
+    ToolSelectionConfig,
+    WarmerConfig,
+    cached_selection,
+    get_tool_selection_cache,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +37,7 @@ __all__ = [
     "AdaptiveLRUCache",
     "AsyncMultiLevelCache",
     "AsyncPredictiveCacheWarmer",
+    "AsyncToolSelectionCache",
     "CacheConfig",
     "CacheError",
     "CacheUnavailableError",
@@ -42,7 +53,11 @@ __all__ = [
     "PredictiveCacheWarmer",
     "PrewarmReport",
     "SerializationError",
+    "ToolSelectionCache",
+    "ToolSelectionConfig",
     "ValueTooLargeError",
     "WarmerConfig",
     "__version__",
+    "cached_selection",
+    "get_tool_selection_cache",
 ]

@@ -158,8 +158,8 @@ class InvalidationListener:
             return
         kind = reply[0]
         if kind == b"message" and len(reply) == 3:
-            self.messages += 1
             self._apply(reply[2])
+            self.messages += 1  # after: whoever sees the count (a metric, a test) sees the message applied
 
     def _apply(self, data: bytes) -> None:
         try:

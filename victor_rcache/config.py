@@ -51,7 +51,7 @@ def _check_size(value: object, what: str, minimum: int = 1) -> int:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """All settings; see the README's configuration table for their meaning."""
+    """All settings; docs/configuration.md says what each one means."""
 
     redis_url: str | None = None
     namespace: str = "vrc"

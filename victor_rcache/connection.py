@@ -33,7 +33,7 @@ from .resilience import raise_transient
 from .scripts import Command
 
 # The redis-py releases the suite runs against (`make test-compat`: the oldest and the newest). Keep in
-# step with pyproject.toml's dependency range.
+# step with pyproject.toml's dependency range. 5.0.1 is the floor: 5.0.0's asyncio clients have no aclose().
 REDIS_PY_TESTED = ((5, 0, 1), (8, 3))  # oldest tested, first release past the range
 
 

@@ -62,9 +62,9 @@ from .config import CacheConfig, redact
 from .errors import CacheError
 from .keys import KeySpace
 from .local_redis import LocalRedisServer
-from .prediction import ModelKeys
+from .prediction.model import ModelKeys
+from .prediction.warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
 from .tiers import default_scripts
-from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
 
 WIDTH = 108  # of the text around the table
 SHARDS = 16  # the library's default; the printed redis-cli key names depend on it
@@ -738,7 +738,7 @@ def cli_prefix(server: Server, cluster: bool) -> list[str]:
 
 
 def inspect_commands(server: Server, namespace: str, query: str, cluster: bool = False) -> list[str]:
-    """The README's redis-cli recipes for this server and namespace (see "Inspecting with redis-cli")."""
+    """The documented redis-cli recipes for this server and namespace (docs/key-layout.md#inspecting-with-redis-cli)."""
     cli = shlex.join(cli_prefix(server, cluster))
     space = KeySpace(namespace, SHARDS)
     ref = space.ref(query)

@@ -31,7 +31,7 @@ SOURCES = {1: "l1", 2: "l2", 3: "l3"}  # the outcome of a lookup a tier served (
 
 
 class Observer(Protocol):
-    """Receives the latency of every public cache call (see :meth:`MultiLevelCache.set_observer`).
+    """Receives the latency of every public cache call (see :meth:`~victor_rcache.MultiLevelCache.set_observer`).
 
     ``operation``: get, get_many, get_or_set, put, put_many, delete, invalidate. ``outcome``: for
     get and get_or_set the tier that served the value (``"l1"``, ``"l2"``, ``"l3"``) or ``"miss"``

@@ -1,9 +1,9 @@
-"""Tool-selection cache: the fleet cache's API for agents choosing tools (issue 9).
+"""Tool-selection cache: the fleet cache's API for agents choosing tools (docs/tool-selection.md).
 
-A thin layer over :class:`MultiLevelCache` (no Lua of its own): one cache namespace per logical
+A thin layer over :class:`~victor_rcache.MultiLevelCache` (no Lua of its own): one cache namespace per logical
 namespace (``<base>-query``, ``<base>-context``, ``<base>-rl``), each with its own ttl and sizes.
 Keys are built by pure functions from a canonical JSON encoding of their parts (long parts as
-SHA-256), so two different inputs never share a key. :func:`cached_selection` serves a selection
+SHA-256), so two different inputs never share a key. :func:`~victor_rcache.cached_selection` serves a selection
 function (sync or async) through ``get_or_set``: computed once per fleet on a miss.
 """
 
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field, fields, replace
 from types import TracebackType
 from typing import Any
 
-from . import forksafe
-from .aio import AsyncMultiLevelCache
-from .cache import MultiLevelCache
-from .config import ENV_PREFIX, CacheConfig, check_ttl
-from .errors import CacheError, CacheUnavailableError, ConfigurationError, InvalidArgumentError
+from .. import forksafe
+from ..aio import AsyncMultiLevelCache
+from ..cache import MultiLevelCache
+from ..config import ENV_PREFIX, CacheConfig, check_ttl
+from ..errors import CacheError, CacheUnavailableError, ConfigurationError, InvalidArgumentError
 from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
 
 log = logging.getLogger("victor_rcache")

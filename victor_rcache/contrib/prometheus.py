@@ -2,7 +2,7 @@
 
 ::
 
-    from victor_rcache.prometheus import serve
+    from victor_rcache.contrib.prometheus import serve
     serve(cache, port=9464, warmer=warmer)   # http://host:9464/metrics
 
 ``register(cache, registry=..., warmer=...)`` adds the cache to a ``prometheus_client`` registry
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .aio import AsyncMultiLevelCache
-from .cache import CacheBase, MultiLevelCache
-from .errors import CacheError, ConfigurationError
-from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
+from ..aio import AsyncMultiLevelCache
+from ..cache import CacheBase, MultiLevelCache
+from ..errors import CacheError, ConfigurationError
+from ..prediction.warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Histogram

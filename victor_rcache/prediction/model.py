@@ -33,13 +33,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from . import forksafe
-from .config import MAX_TTL_SECONDS
-from .errors import ConfigurationError, InvalidArgumentError, InvalidKeyError
-from .keys import MAX_RAW_KEY_BYTES, key_bytes
-from .metrics import Counters
-from .scripts import ScriptCall
-from .tiers import Step, TierCore
+from .. import forksafe
+from ..config import MAX_TTL_SECONDS
+from ..errors import ConfigurationError, InvalidArgumentError, InvalidKeyError
+from ..keys import MAX_RAW_KEY_BYTES, key_bytes
+from ..metrics import Counters
+from ..scripts import ScriptCall
+from ..tiers import Step, TierCore
 
 MAX_NGRAM = 8  # longest n-gram (the scripts accept histories up to 64)
 MAX_TOP_K = 1000

@@ -1,6 +1,6 @@
 """PredictiveCacheWarmer and AsyncPredictiveCacheWarmer: the prediction model's two front ends.
 
-They hold no logic of their own: the model's steps (prediction.py, lua/record.lua, predict.lua) and
+They hold no logic of their own: the model's steps (model.py, lua/record.lua, predict.lua) and
 the tiers' prewarm step run through the cache's front end, sync or async; only how a step is driven
 differs. ``prewarm_predictions`` is a coroutine in both (as in the in-process design it replaces):
 the sync warmer runs each prewarm in a worker thread.
@@ -16,11 +16,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .aio import AsyncMultiLevelCache
-from .cache import MultiLevelCache
-from .errors import CacheError, ConfigurationError, InvalidArgumentError
-from .prediction import Prediction, PredictionCore, WarmerConfig
-from .tiers import Prewarmed, Step
+from ..aio import AsyncMultiLevelCache
+from ..cache import MultiLevelCache
+from ..errors import CacheError, ConfigurationError, InvalidArgumentError
+from ..tiers import Prewarmed, Step
+from .model import Prediction, PredictionCore, WarmerConfig
 
 SelectionFn = Callable[[Any], Any]  # query -> result (or an awaitable of it)
 
@@ -135,7 +135,7 @@ class PredictiveCacheWarmer(_WarmerBase):
     """Learns which query a session asks next from the whole fleet's traffic, and prewarms it.
 
     ``PredictiveCacheWarmer(cache, max_patterns=500, ngram_size=3, **settings)``; the settings are
-    described in :class:`~victor_rcache.prediction.WarmerConfig`.
+    described in :class:`~victor_rcache.prediction.model.WarmerConfig`.
     """
 
     cache: MultiLevelCache

@@ -1,0 +1,1 @@
+"""Optional integrations, each behind an extra: nothing in the core library imports them."""
