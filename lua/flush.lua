@@ -13,7 +13,8 @@
   ARGV[2]  now, ms since the epoch (0 = the server's TIME)
   ARGV[3]  the shard's index (for the invalidation message)
 
-  The byte totals are lowered and `flushed` set; the fleet counters are kept. Once the shard's
+  The byte totals are lowered and `flushed` and `flushed_ver` (the version announced) set; the fleet
+  counters are kept. Once the shard's
   indexes are empty, its `size`, `fence` and `ghost` keys are removed and its byte totals reset
   (which heals any drift).
 
@@ -61,5 +62,7 @@ if left == 0 then
   redis.call('DEL', size_key, fence_key, ghost_key)
 end
 local version = next_version()
+-- Entries written before this version are invalid (touch.lua will not adopt one Redis left unindexed).
+redis.call('HSET', stats_key, 'flushed_ver', version)
 redis.call('PUBLISH', channel, '*' .. ARGV[3] .. ' ' .. string.format('%d', version))
 return left

@@ -72,6 +72,9 @@ for i = HEAD + 1, #ARGV, GROUP do
       tier = nil
     end
   end
+  if not tier and redis.call('HEXISTS', size_key, id) == 1 then
+    drifted = true  -- Redis evicted its index member: its bytes are still counted somewhere; recount
+  end
   local refused = false
   if since > 0 then
     local fenced = tonumber(redis.call('ZSCORE', fence_key, id)) or -1

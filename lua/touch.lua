@@ -59,61 +59,76 @@ if #hits > 1000 then return redis.error_reply('VRC_BADARG touch: at most 1000 hi
 local useful, ghost_hits, tail_hits = 0, 0, 0
 local flushed_ver = nil
 
--- Hits: one ZMSCORE per tier finds where each entry is.
-local s2, s3 = {}, {}
+-- Hits: one ZMSCORE per index finds where each entry is and its absolute expiry; the new stamps of
+-- each tier go out in one ZADD. Per entry: its new deadline (which also tells whether its data is
+-- still there) and its count.
+local s2, s3, sx = {}, {}, {}
 if #hits > 0 then
   local ids = {}
   for j, h in ipairs(hits) do ids[j] = h[1] end
   s2 = redis.call('ZMSCORE', l2_key, unpack(ids))
   s3 = redis.call('ZMSCORE', l3_key, unpack(ids))
+  sx = redis.call('ZMSCORE', exp_key, unpack(ids))
 end
 local step = sizing_step()
+local z2, z3 = {}, {}
 for j, h in ipairs(hits) do
   local id, k = h[1], h[2]
   local ek = entry_key(id)
-  local f = read_fields(ek, 'ver', 'x', 't')
-  local expiry = f and tonumber(f[2])
-  if s2[j] or s3[j] then
-    local tier = s2[j] and 2 or 3
-    if not (f and f[1]) then
-      drop(id, tier, 'vanished', tonumber(redis.call('ZSCORE', exp_key, id)))
-    elseif tier == 2 then
-      local score = stamp(l2_key)
-      redis.call('ZADD', l2_key, 'XX', score, id)
-      set_deadline(ek, deadline(2, score, expiry))
+  local expiry = tonumber(sx[j])
+  local tier = (s2[j] and 2) or (s3[j] and 3) or nil
+  if tier and expiry and now >= expiry then
+    drop(id, tier, 'expired', expiry)                  -- read just before its end: gone now
+  elseif tier == 2 then
+    local score = stamp(l2_key)
+    if touch_deadline(ek, deadline(2, score, expiry)) then
+      z2[#z2 + 1], z2[#z2 + 2] = score, id
       add_hits(ek, k)
     else
+      drop(id, 2, 'vanished', expiry)                  -- Redis dropped its data (evicted, or by hand)
+    end
+  elseif tier == 3 then
+    if redis.call('EXISTS', ek) == 0 then
+      drop(id, 3, 'vanished', expiry)
+    else
       if redis.call('ZCOUNT', l3_key, '-inf', string.format('(%.17g', tonumber(s3[j]))) < step then
-        tail_hits = tail_hits + k
+        tail_hits = tail_hits + k                      -- one of the LRU entries a smaller L3 would have lost
       end
       if add_hits(ek, k) >= promote_after then
         promote(id, ek, expiry)
       else
         local score = stamp(l3_key)
-        redis.call('ZADD', l3_key, 'XX', score, id)
+        z3[#z3 + 1], z3[#z3 + 2] = score, id
         set_deadline(ek, deadline(3, score, expiry))
       end
     end
-  elseif f and f[1] then
-    -- Data no index holds: Redis evicted the index member. Adopt it, unless a flush came after it.
-    if flushed_ver == nil then flushed_ver = tonumber(redis.call('HGET', stats_key, 'flushed_ver')) or 0 end
-    local ver = tonumber(f[1])
-    if not ver or ver <= flushed_ver or redis.call('ZSCORE', fence_key, id) then
-      drop(id, nil, 'corrupt')
-      announce(id, next_version())
-    else
-      local tier = f[3] == '3' and 3 or 2
-      local key = tier == 2 and l2_key or l3_key
-      local score = stamp(key)
-      local size = redis.call('HSTRLEN', ek, 'v')
-      redis.call('ZADD', key, score, id)
-      redis.call('HSET', size_key, id, size)
-      if expiry then redis.call('ZADD', exp_key, expiry, id) end
-      set_deadline(ek, deadline(tier, score, expiry))
-      if tier == 2 then bytes2 = bytes2 + size else bytes3 = bytes3 + size end
+  else
+    -- Data no index holds: Redis evicted the index itself. Adopt it, unless a flush came after it was
+    -- written.
+    local f = read_fields(ek, 'ver', 't', 'x')
+    if f and f[1] then
+      if flushed_ver == nil then flushed_ver = tonumber(redis.call('HGET', stats_key, 'flushed_ver')) or 0 end
+      local ver = tonumber(f[1])
+      if not ver or ver <= flushed_ver or redis.call('ZSCORE', fence_key, id) then
+        drop(id, nil, 'corrupt')
+        announce(id, next_version())
+      else
+        local into = f[2] == '3' and 3 or 2
+        local key = into == 2 and l2_key or l3_key
+        local score = stamp(key)
+        expiry = tonumber(f[3])
+        redis.call('ZADD', key, score, id)
+        if expiry then redis.call('ZADD', exp_key, expiry, id) end
+        -- Its bytes may still be counted (its size record survived) or not: the call ends with a recount.
+        redis.call('HSET', size_key, id, redis.call('HSTRLEN', ek, 'v'))
+        drifted = true
+        set_deadline(ek, deadline(into, score, expiry))
+      end
     end
   end
 end
+if #z2 > 0 then redis.call('ZADD', l2_key, 'XX', unpack(z2)) end
+if #z3 > 0 then redis.call('ZADD', l3_key, 'XX', unpack(z3)) end
 
 for _, id in ipairs(prewarmed) do
   if redis.pcall('HDEL', entry_key(id), 'w') == 1 then useful = useful + 1 end

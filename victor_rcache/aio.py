@@ -75,19 +75,11 @@ class AsyncMultiLevelCache(CacheBase):
             client, started = self.client, self._resilience.clock()
             # As in the sync front end: a plain first attempt, tenacity only once it has failed.
             try:
-                if goes_alone(client, batch):
-                    replies = await send_alone_async(client, batch[0])
-                else:
-                    pipe = queue(client.pipeline(transaction=False), batch)
-                    replies = raise_transient(await pipe.execute(raise_on_error=False))
+                replies = await _attempt(client, batch)
             except IO_ERRORS as first:
                 async for attempt in self._resilience.async_retrying(first, started):
                     with attempt:
-                        if goes_alone(client, batch):
-                            replies = await send_alone_async(client, batch[0])
-                        else:
-                            pipe = queue(client.pipeline(transaction=False), batch)
-                            replies = raise_transient(await pipe.execute(raise_on_error=False))
+                        replies = await _attempt(client, batch)
         except IO_ERRORS as exc:
             return self._resilience.settle(as_redis_error(exc))
         except BaseException:  # interrupted (cancelled, KeyboardInterrupt): no verdict on Redis
@@ -187,3 +179,10 @@ class AsyncMultiLevelCache(CacheBase):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+async def _attempt(client: AsyncClient, batch: Batch) -> list[Any]:
+    """One try of a batch: a lone command as is, several as a pipeline (a transient error raised)."""
+    if goes_alone(client, batch):
+        return await send_alone_async(client, batch[0])
+    return raise_transient(await queue(client.pipeline(transaction=False), batch).execute(raise_on_error=False))

@@ -63,6 +63,33 @@ def _pack_tuple(obj: Any) -> Any:
     raise TypeError(f"cannot serialize {type(obj).__name__!r}")
 
 
+_BUFFERS = (bytearray, memoryview)
+
+
+def _buffer_in(value: Any) -> type | None:
+    """The first bytearray or memoryview type found in ``value`` (containers walked), else None.
+
+    msgpack writes both as bytes, which come back as ``bytes``: a value that would not round-trip as
+    the type it went in as is refused instead (docs/design.md#values-and-keys)."""
+    kind = type(value)
+    if kind in _BUFFERS:
+        return kind
+    if kind is not dict and kind is not list and kind is not tuple:
+        return None  # a scalar (or a type the codec refuses on its own)
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is dict:
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif kind is list or kind is tuple:
+            pending.extend(item)
+        elif kind in _BUFFERS:
+            return kind
+    return None
+
+
 def _packer(value: Any) -> bytes:
     # strict_types makes tuples reach the `default` hook, so they round-trip as tuples, not lists.
     packed: bytes = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_pack_tuple)
@@ -85,6 +112,12 @@ class MsgpackCodec:
     name = "msgpack"
 
     def encode(self, value: Any) -> bytes:
+        buffer = _buffer_in(value)
+        if buffer is not None:
+            raise SerializationError(
+                f"a {buffer.__name__} would come back from the cache as bytes; pass bytes(...) instead "
+                "(or pass codec= a Codec that keeps the type)"
+            )
         try:
             return _packer(value)
         except (TypeError, ValueError, OverflowError) as exc:

@@ -102,7 +102,7 @@ end
 local SHARD_COMMANDS = {'type', 'time', 'exists', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del',
                         'zadd', 'zrem', 'zscore', 'zmscore', 'zcard', 'zcount', 'zrange', 'zrangebyscore',
                         'zremrangebyscore', 'zremrangebyrank', 'pexpire', 'pexpireat', 'persist', 'set', 'pttl',
-                        'hstrlen'}
+                        'hstrlen', 'hlen', 'hkeys', 'hexists'}
 local SHARD_TYPES = {{l2_key, 'zset'}, {l3_key, 'zset'}, {exp_key, 'zset'}, {size_key, 'hash'},
                      {stats_key, 'hash'}, {fence_key, 'zset'}, {ghost_key, 'zset'}}
 
@@ -119,10 +119,19 @@ local function check_shard_types()
   return nil
 end
 
+local drifted = false                -- the byte totals need a recount at the end of the call (recount())
+
 -- Validates the common ARGV, the shard keys' types and the ACL permissions; an error message or nil.
--- Called by every script before its first write.
+-- Called by every script before its first write. Also notes, before anything changes them, whether the
+-- byte totals were lost (Redis evicted the stats hash while the tiers hold entries).
 local function check_head()
-  return parse_head() or check_shard_types() or check_commands(SHARD_COMMANDS, l2_key, channel)
+  local err = parse_head() or check_shard_types() or check_commands(SHARD_COMMANDS, l2_key, channel)
+  if err then return err end
+  local totals = redis.call('HMGET', stats_key, 'l2_bytes', 'l3_bytes')
+  if (not totals[1] and redis.call('ZCARD', l2_key) > 0) or (not totals[2] and redis.call('ZCARD', l3_key) > 0) then
+    drifted = true
+  end
+  return nil
 end
 
 local function entry_key(id) return base .. 'e:' .. id end
@@ -191,7 +200,7 @@ end
 
 -- Makes the entry's Redis expiry its deadline (ms on the scripts' clock; nil: none). With the server's
 -- own clock that is the exact time; with a test clock the same distance from now. Returns whether
--- the entry's data exists.
+-- the entry's data exists. A deadline already passed is the caller's to handle (it drops the entry).
 local function set_deadline(ek, at)
   if at == nil then
     redis.call('PERSIST', ek)
@@ -201,21 +210,30 @@ local function set_deadline(ek, at)
   return redis.call('PEXPIRE', ek, string.format('%d', math.max(1, math.floor(at - now)))) == 1
 end
 
+-- The same for a touch of an entry whose expiry only moves later: no PERSIST needed without a deadline.
+local function touch_deadline(ek, at)
+  if at == nil then return redis.call('EXISTS', ek) == 1 end
+  return set_deadline(ek, at)
+end
+
 local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
 local bytes2, bytes3 = 0, 0          -- byte deltas, written once at the end
 local changed = {}                   -- invalidation lines to publish at the end
 local noted = false                  -- a `fence` record was added in this call
 local ghosted = false                -- an L3 eviction was remembered in `ghost` in this call
 
--- The next version of this shard. A new shard's counter starts at now (ms) * 1000, so versions keep
--- growing across a flushed or restarted Redis (L1 refuses a copy older than one it has seen). A
--- counter written by hand that is no integer starts afresh the same way.
+-- The next version of this shard: one more than the last, and never below now (ms) * 1000, so versions
+-- keep growing across a flushed or restarted Redis, or a `stats` hash Redis evicted (L1 refuses a copy
+-- older than one it has seen, and drops copies older than an announced version). A counter written by
+-- hand that is no integer starts afresh the same way.
 local function next_version()
-  local seq = redis.call('HGET', stats_key, 'seq')
-  if not (seq and string.match(seq, '^%d+$')) then
-    redis.call('HSET', stats_key, 'seq', string.format('%d', now * 1000))
+  local floor = now * 1000
+  local v = redis.pcall('HINCRBY', stats_key, 'seq', 1)
+  if type(v) ~= 'number' or v <= floor then
+    v = floor + 1
+    redis.call('HSET', stats_key, 'seq', string.format('%d', v))
   end
-  return redis.call('HINCRBY', stats_key, 'seq', 1)
+  return v
 end
 
 -- Queues "<length of id>:<id> <version>\n" for the invalidation published by finish().
@@ -229,9 +247,14 @@ local function fence(id, at)
   noted = true
 end
 
--- The payload bytes an indexed entry accounts for (0 if unknown), forgetting them.
+-- The payload bytes an indexed entry accounts for, forgetting them. Unknown (Redis evicted the `size`
+-- hash itself): 0, and the totals are recounted at the end of the call (see recount()).
 local function take_size(id)
-  local size = tonumber(redis.call('HGET', size_key, id)) or 0
+  local size = tonumber(redis.call('HGET', size_key, id))
+  if size == nil then
+    drifted = true
+    return 0
+  end
   redis.call('HDEL', size_key, id)
   return size
 end
@@ -339,6 +362,56 @@ local function enforce_bounds()
   end
 end
 
+-- Do the byte totals still add up? One `size` record per indexed entry, no negative total, none where
+-- a tier is empty. Redis evicting the shard's own keys (an allkeys-* maxmemory policy) breaks that:
+-- an index, the `size` hash or the stats hash may vanish whole (the last one is noted by check_head()).
+-- O(1): every script that writes asks at its end.
+local function needs_recount()
+  if drifted then return true end
+  local n2, n3 = redis.call('ZCARD', l2_key), redis.call('ZCARD', l3_key)
+  if redis.call('HLEN', size_key) ~= n2 + n3 then return true end
+  local totals = redis.call('HMGET', stats_key, 'l2_bytes', 'l3_bytes')
+  local b2, b3 = tonumber(totals[1]) or 0, tonumber(totals[2]) or 0
+  return b2 < 0 or b3 < 0 or (n2 == 0 and b2 ~= 0) or (n3 == 0 and b3 ~= 0)
+end
+
+-- Rebuilds the byte totals and the `size` records from the indexes and the entries themselves (the
+-- documented repair after Redis evicted some of the shard's own keys): an index member whose data is
+-- gone is removed, a missing size record is measured again, a record no index holds is dropped. O(n)
+-- in the shard's entries; it runs only when needs_recount() found the totals off.
+local function recount()
+  local totals, indexed = {0, 0}, {}
+  for t, key in ipairs({l2_key, l3_key}) do
+    local ids = redis.call('ZRANGE', key, 0, -1)
+    for first = 1, #ids, 500 do
+      local chunk = {}
+      for i = first, math.min(first + 499, #ids) do chunk[#chunk + 1] = ids[i] end
+      local sizes = redis.call('HMGET', size_key, unpack(chunk))
+      for i, id in ipairs(chunk) do
+        local size = tonumber(sizes[i])
+        local ek = entry_key(id)
+        if redis.call('EXISTS', ek) == 0 then
+          redis.call('ZREM', key, id)
+          redis.call('ZREM', exp_key, id)
+          redis.call('HDEL', size_key, id)
+        else
+          if size == nil then
+            size = tonumber((redis.pcall('HSTRLEN', ek, 'v'))) or 0
+            redis.call('HSET', size_key, id, size)
+          end
+          totals[t] = totals[t] + size
+          indexed[id] = true
+        end
+      end
+    end
+  end
+  for _, id in ipairs(redis.call('HKEYS', size_key)) do
+    if not indexed[id] then redis.call('HDEL', size_key, id) end
+  end
+  redis.call('HSET', stats_key, 'l2_bytes', totals[1], 'l3_bytes', totals[2])
+  count('recounts', 1)
+end
+
 -- Writes this call's counters and byte deltas into the shard's stats, bounds the records and
 -- publishes the invalidations (one place, at the end). Returns the events reply, with `now`.
 local function finish(extra)
@@ -359,6 +432,7 @@ local function finish(extra)
       redis.call('ZREMRANGEBYRANK', fence_key, 0, over - 1)
     end
   end
+  if needs_recount() then recount() end
   if #changed > 0 then redis.call('PUBLISH', channel, table.concat(changed)) end
   return {ev.promotions, ev.demotions, ev.evictions, ev.expirations, now}
 end
