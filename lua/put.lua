@@ -110,7 +110,7 @@ for i = HEAD + 1, #ARGV, GROUP do
     end
     local score = stamp(l2_key)
     redis.call('ZADD', l2_key, score, id)
-    set_deadline(ek, deadline(2, score, expiry))
+    set_deadline(ek, deadline(2, score, expiry), 2, score)
     redis.call('HSET', size_key, id, string.len(payload))
     redis.call('ZREM', ghost_key, id)                  -- back in Redis: no longer sizing evidence
     bytes2 = bytes2 + string.len(payload)

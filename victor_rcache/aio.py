@@ -14,7 +14,16 @@ from redis.exceptions import RedisError
 
 from .cache import CacheBase, SyncIO
 from .config import CacheConfig, redact
-from .connection import IO_ERRORS, AsyncClient, as_redis_error, async_client, goes_alone, send_alone_async
+from .connection import (
+    IO_ERRORS,
+    AsyncClient,
+    as_redis_error,
+    async_client,
+    goes_alone,
+    is_cluster,
+    send_alone_async,
+    send_packed_async,
+)
 from .metrics import Timing
 from .resilience import Resilience, raise_transient
 from .stampede import Flights
@@ -67,15 +76,19 @@ class AsyncMultiLevelCache(CacheBase):
             value = await value
         return Loaded(value, time.perf_counter() - started)
 
-    async def _send(self, batch: Batch) -> list[Any] | RedisError:
+    async def _send(self, batch: Batch, packed_read: bytes | None = None) -> list[Any] | RedisError:
         refused = self._resilience.refused()  # the circuit is open: no I/O, no timeout to pay
         if refused is not None:
             return refused
         try:
             client, started = self.client, self._resilience.clock()
-            # As in the sync front end: a plain first attempt, tenacity only once it has failed.
+            # As in the sync front end: a plain first attempt (a packed plain read, on a standalone client
+            # of our own), tenacity only once it has failed.
             try:
-                replies = await _attempt(client, batch)
+                if packed_read is not None and not is_cluster(client) and getattr(client, "connection", 1) is None:
+                    replies = await send_packed_async(client, packed_read)  # type: ignore[arg-type]  # (standalone)
+                else:
+                    replies = await _attempt(client, batch)
             except IO_ERRORS as first:
                 async for attempt in self._resilience.async_retrying(first, started):
                     with attempt:
@@ -102,7 +115,7 @@ class AsyncMultiLevelCache(CacheBase):
             return await self._drive(core.get_from_redis(key, default, trace))
         ref = core.space.ref(key)
         sent_at = core.since()
-        replies = await self._send([core.read_command(ref)])
+        replies = await self._send([core.read_command(ref)], ref.read)
         if isinstance(replies, RedisError):
             return core.read_failed(ref, replies, default, trace)
         value = core.took(ref, replies[0], sent_at, trace=trace)

@@ -36,7 +36,9 @@ MAX_IDS = 512  # distinct hits one touch.lua call carries (the script's limit is
 
 # Event kinds (the first item of an event tuple).
 MISS, L2_HIT, L3_HIT, CORRUPT = 0, 2, 3, 5
-FILLED, PREWARMED = 1, 2  # flags of a hit: it filled this process's L1; the entry carried the prewarm mark
+# Flags of a hit: it filled this process's L1; the entry carried the prewarm mark; its fleet count (as read)
+# is below where counts stop mattering, so the hit is counted; its Redis expiry is an idle step behind.
+FILLED, PREWARMED, COUNTED, EXPIRING = 1, 2, 4, 8
 
 
 @dataclass
@@ -47,6 +49,9 @@ class ShardBatch:
     started: float  # when its first event was collected (monotonic seconds)
     events: int = 0
     hits: dict[bytes, int] = field(default_factory=dict)  # id -> Redis hits
+    tiers: dict[bytes, int] = field(default_factory=dict)  # id -> the tier its last hit found it in
+    counted: dict[bytes, int] = field(default_factory=dict)  # id -> hits to add to its fleet count
+    expiring: dict[bytes, int] = field(default_factory=dict)  # id -> tier: its Redis expiry is to move
     prewarmed: set[bytes] = field(default_factory=set)  # ids whose hit found the prewarm mark
     missed: dict[bytes, int] = field(default_factory=dict)  # id -> misses
     corrupt: dict[bytes, bytes] = field(default_factory=dict)  # id -> the `ver` field the reader saw
@@ -55,8 +60,13 @@ class ShardBatch:
     def items(self) -> list[bytes | int | str]:
         """touch.lua's triples (kind, id, number)."""
         out: list[bytes | int | str] = []
+        tiers = self.tiers
         for entry_id, n in self.hits.items():
-            out += ["h", entry_id, n]
+            out += ["2" if tiers[entry_id] == L2_HIT else "3", entry_id, n]
+        for entry_id, n in self.counted.items():
+            out += ["n", entry_id, n]
+        for entry_id, tier in self.expiring.items():
+            out += ["e", entry_id, tier]
         for entry_id in self.prewarmed:
             out += ["w", entry_id, 0]
         for entry_id, n in self.missed.items():
@@ -96,7 +106,7 @@ class Bookkeeping:
     # ---------------------------------------------------------------- the caller's side (no lock)
 
     def hit(self, tier: int, shard: int, entry_id: bytes, flags: int = 0) -> None:
-        """A Redis hit (``tier`` 2 or 3); ``flags``: FILLED, PREWARMED."""
+        """A Redis hit (``tier`` 2 or 3); ``flags``: FILLED, PREWARMED, COUNTED, EXPIRING."""
         self.events.append((tier, shard, entry_id, flags))
         self._maybe_wake()
 
@@ -148,11 +158,17 @@ class Bookkeeping:
                 counts[name] += 1
                 _add(batch.counts, name, 1)
                 batch.hits[entry_id] = batch.hits.get(entry_id, 0) + 1
-                if extra & FILLED:
-                    counts["l1_fills"] += 1
-                    _add(batch.counts, "l1_fills", 1)
-                if extra & PREWARMED:
-                    batch.prewarmed.add(entry_id)
+                batch.tiers[entry_id] = kind
+                if extra:
+                    if extra & FILLED:
+                        counts["l1_fills"] += 1
+                        _add(batch.counts, "l1_fills", 1)
+                    if extra & PREWARMED:
+                        batch.prewarmed.add(entry_id)
+                    if extra & COUNTED:
+                        batch.counted[entry_id] = batch.counted.get(entry_id, 0) + 1
+                    if extra & EXPIRING:
+                        batch.expiring[entry_id] = kind
             self.counters.add(**counts)
 
     def due(self, force: bool = False) -> list[ShardBatch]:

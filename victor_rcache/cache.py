@@ -25,8 +25,10 @@ from .connection import (
     as_redis_error,
     cluster_nodes,
     goes_alone,
+    is_cluster,
     pipeline,
     send_alone,
+    send_packed,
     subscriber_connections,
     sync_client,
 )
@@ -221,8 +223,11 @@ class SyncIO:
         assert loader is not None, "only get_or_set asks for the loader"
         return _call_loader(loader)
 
-    def send(self, batch: Batch) -> list[Any] | RedisError:
-        """One round trip: the replies (errors Redis answered in place), or the RedisError that stopped it."""
+    def send(self, batch: Batch, packed_read: bytes | None = None) -> list[Any] | RedisError:
+        """One round trip: the replies (errors Redis answered in place), or the RedisError that stopped it.
+
+        ``packed_read``: ``batch`` is one plain read, also given packed (connection.packed); a standalone
+        client sends the packed bytes on the first attempt."""
         resilience = self.resilience
         refused = resilience.refused()  # the circuit is open: no I/O, no timeout to pay
         if refused is not None:
@@ -234,7 +239,10 @@ class SyncIO:
             # The first attempt is plain code; tenacity is engaged only once it has failed, so a batch that
             # succeeds at once builds nothing.
             try:
-                replies = _attempt(client, batch)
+                if packed_read is not None and not is_cluster(client):
+                    replies = send_packed(client, packed_read)  # type: ignore[arg-type]  # (standalone)
+                else:
+                    replies = _attempt(client, batch)
             except IO_ERRORS as first:
                 for attempt in resilience.retrying(first, started):
                     with attempt:
@@ -297,7 +305,7 @@ class MultiLevelCache(CacheBase):
             return self._drive(core.get_from_redis(key, default, trace))
         ref = core.space.ref(key)
         sent_at = core.since()
-        replies = self._send([core.read_command(ref)])
+        replies = self._io.send([core.read_command(ref)], ref.read)
         if isinstance(replies, RedisError):
             return core.read_failed(ref, replies, default, trace)
         value = core.took(ref, replies[0], sent_at, trace=trace)

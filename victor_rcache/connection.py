@@ -11,6 +11,7 @@ error Redis answered standing in place of the reply.
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable
@@ -193,6 +194,48 @@ def goes_alone(client: SyncClient | AsyncClient, batch: list[Command]) -> bool:
         return False
     command = batch[0]
     return not is_cluster(client) or (command[0] in SCRIPT_CALLS and command[2] > 0)
+
+
+# redis-py < 5.3 requires a command name here; later releases warn when one is given.
+_NAMED_CHECKOUT = inspect.signature(redis.ConnectionPool.get_connection).parameters[
+    "command_name"].default is inspect.Parameter.empty
+
+
+def send_packed(client: redis.Redis, command: bytes) -> list[Any]:
+    """:func:`send_alone` for a command already packed (scripts.pack), on a standalone client: the same
+    checkout, send, read and release redis-py's ``execute_command`` does, without encoding arguments."""
+    pool = client.connection_pool
+    conn: Any = pool.get_connection("HMGET") if _NAMED_CHECKOUT else pool.get_connection()  # (untyped API)
+    try:
+        conn.send_packed_command([command])
+        return [conn.read_response()]
+    except ResponseError as exc:  # a whole reply was read: the connection is fine
+        return raise_transient([exc])
+    except BaseException:  # the reply may be half read: the connection is not reusable
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+_NAMED_ASYNC_CHECKOUT = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters[
+    "command_name"].default is inspect.Parameter.empty
+
+
+async def send_packed_async(client: redis.asyncio.Redis, command: bytes) -> list[Any]:
+    """:func:`send_packed` on an asyncio standalone client (not a single-connection one)."""
+    pool: Any = client.connection_pool  # (its checkout is untyped in some redis-py releases)
+    conn: Any = await (pool.get_connection("HMGET") if _NAMED_ASYNC_CHECKOUT else pool.get_connection())
+    try:
+        await conn.send_packed_command([command])
+        return [await conn.read_response()]
+    except ResponseError as exc:  # a whole reply was read: the connection is fine
+        return raise_transient([exc])
+    except BaseException:  # cancelled mid-read, or the connection failed: it is not reusable
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
 
 
 def send_alone(client: SyncClient, command: Command) -> list[Any]:

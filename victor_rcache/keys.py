@@ -31,6 +31,7 @@ from functools import cached_property
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .errors import ConfigurationError, InvalidKeyError
+from .scripts import pack
 
 MAX_RAW_KEY_BYTES = 1024
 MAX_SHARDS = 1024
@@ -62,6 +63,7 @@ class EntryRef:
     shard: int
     id: bytes
     entry: bytes = b""
+    read: bytes | None = None  # the plain read of the entry, packed (see TierCore.read_command)
 
     @property
     def hashed(self) -> bool:
@@ -106,7 +108,7 @@ def _shard_tag(index: int, shards: int) -> str:
 class KeySpace:
     """Names every Redis key of one namespace."""
 
-    def __init__(self, namespace: str, shards: int) -> None:
+    def __init__(self, namespace: str, shards: int, read_fields: tuple[bytes, ...] = ()) -> None:
         if not namespace or not namespace.isprintable() or any(c in namespace for c in "{}: "):
             raise ConfigurationError(
                 f"namespace {namespace!r} must be non-empty printable text without spaces, ':', '{{' or '}}'; "
@@ -116,6 +118,7 @@ class KeySpace:
             raise ConfigurationError(f"shards={shards} must be between 1 and {MAX_SHARDS}; the default is 16")
         self.namespace = namespace
         self.shards = shards
+        self._read_fields = read_fields  # given: each EntryRef carries its entry's packed HMGET of them
         self._refs: dict[str | bytes, EntryRef] = {}  # user key -> where it lives (see ref())
         self._refs_bytes = 0
         self.prefix = namespace.encode() + b":"
@@ -158,7 +161,9 @@ class KeySpace:
         entry_id = raw
         if len(raw) > MAX_RAW_KEY_BYTES or raw.startswith(_HASHED):
             entry_id = _HASHED + hashlib.sha256(raw).hexdigest().encode()
-        return EntryRef(raw, shard, entry_id, self.shard_keys[shard].entry(entry_id))
+        entry = self.shard_keys[shard].entry(entry_id)
+        read = pack((b"HMGET", entry, *self._read_fields)) if self._read_fields else None
+        return EntryRef(raw, shard, entry_id, entry, read)
 
     def entry_key(self, ref: EntryRef) -> bytes:
         """The Redis key of an entry's data hash."""

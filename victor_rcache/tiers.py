@@ -41,7 +41,7 @@ from typing import Any, Literal, TypeVar, Union
 from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
 from . import forksafe
-from .bookkeeping import FILLED, PREWARMED, Bookkeeping, ShardBatch
+from .bookkeeping import COUNTED, EXPIRING, FILLED, PREWARMED, Bookkeeping, ShardBatch
 from .codec import FORMAT_VERSION, Envelope, immutable
 from .coherence import Coherence, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
@@ -72,7 +72,7 @@ RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads it
 _scripts: dict[bool, Scripts] = {}
 MISS: Any = object()  # what TierCore.get_from_l1 and TierCore.took return when they have no value
 # The fields a Redis read asks of an entry (see lua/includes/shard.lua), in this order.
-READ_FIELDS = (b"v", b"ver", b"t", b"n", b"x", b"d", b"w")
+READ_FIELDS = (b"v", b"ver", b"t", b"n", b"x", b"d", b"w", b"e")
 
 
 def feed(step: Step[T], outcome: Any) -> tuple[Instruction | None, T | None]:
@@ -224,7 +224,7 @@ class TierCore:
     def __init__(self, config: CacheConfig, scripts: Scripts | None = None,
                  coherence: Coherence | None = None) -> None:
         self.config = config
-        self.space = KeySpace(config.namespace, config.shards)
+        self.space = KeySpace(config.namespace, config.shards, READ_FIELDS)
         self.envelope = Envelope(config.codec, config.signing_key)
         self.scripts = scripts or default_scripts(config.lua_shebang)
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic, config.l1_sizing)
@@ -237,6 +237,10 @@ class TierCore:
         self._caps3 = split_capacity(config.l3_size, config.shards)
         self.sizing = FleetSizing(config, self.space, self.scripts) if config.adaptive_redis else None
         self._idle_ms = tuple(0 if t is None else max(1, round(t * 1000)) for t in (config.l2_ttl, config.l3_ttl))
+        # The idle steps the scripts move an entry's Redis expiry by (idle_step() in lua/includes/shard.lua):
+        # in L2 both idle times (it leaves through L3), in L3 its own; 0 = no idle deadline.
+        l2_idle = sum(self._idle_ms) if all(self._idle_ms) else 0
+        self._idle_steps = tuple(max(1, idle // 64) if idle else 0 for idle in (l2_idle, self._idle_ms[1]))
         # `fence` records must outlive every fill they may refuse (a fill's miss is at most this old).
         self._memory_ms = max(1, round(1000 * max(config.l1_ttl or MAX_TTL_SECONDS, config.lease_ttl)))
         self._lease_ms = max(1, round(config.lease_ttl * 1000))
@@ -245,6 +249,7 @@ class TierCore:
         self._failure_logged_at = -FAILURE_LOG_INTERVAL
         self._lock = threading.Lock()
         self._share_all = not config.copy_on_read  # share every decoded L1 value, mutable ones too
+        self._promote_after = config.promote_after
         self._fill_after = config.promote_after - 1  # an L2 entry with this many fleet hits fills L1 on the next
         self._reported_l1_hits = 0  # of self.l1.hits, those sent to the fleet totals
         self._reported_l1_evictions = 0
@@ -316,7 +321,7 @@ class TierCore:
             else:
                 self.book.miss(ref.shard, ref.id)
             return MISS
-        _, ver, tier, hits, expiry_ms, cost_ms, prewarmed = reply
+        _, ver, tier, hits, expiry_ms, cost_ms, prewarmed, step = reply
         try:
             version = int(ver)
             expiry = None if expiry_ms is None else int(expiry_ms)
@@ -326,15 +331,23 @@ class TierCore:
         except Exception as exc:  # fields written by hand, or a payload that does not decode: a miss
             self._corrupt(ref, ver or b"", str(exc))
             return MISS
+        now = self.server_time.now_ms()
         ttl_left = None
         if expiry is not None:
-            now = self.server_time.now_ms()
             if now is not None and now >= expiry:  # Redis expires it any moment (a test clock: now)
                 self.book.miss(ref.shard, ref.id)
                 return MISS
             ttl_left = None if now is None else (expiry - now) / 1000
-        flags = 0 if prewarmed is None else PREWARMED
         in_l2 = tier != b"3"
+        flags = 0 if prewarmed is None else PREWARMED
+        # What the bookkeeping must do beyond the LRU stamp: count the hit while the count still decides
+        # something (an L1 copy at promote_after - 1 in L2, promotion at promote_after in L3), and move
+        # the entry's Redis expiry once its touch is a whole idle step past the one it was set from.
+        if count < (self._fill_after if in_l2 else self._promote_after):
+            flags |= COUNTED
+        idle_step = self._idle_steps[0 if in_l2 else 1]
+        if idle_step and (now is None or step is None or int(now // idle_step) != int(step)):
+            flags |= EXPIRING
         if (in_l2 and count >= self._fill_after and (expiry is None or ttl_left is not None)
                 and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost, shard=ref.shard)):
             flags |= FILLED
@@ -818,15 +831,16 @@ class TierCore:
     def touch_calls(self, batches: list[ShardBatch]) -> list[ScriptCall]:
         """One touch.lua call per shard batch; this process's L1 counters ride on the first."""
         deltas = self._take_l1_deltas()
+        evidence = int(self.sizing is not None)  # ghost and tail hits: only fleet sizing reads them
         calls = []
         for n, batch in enumerate(batches):
             c = batch.counts
             l1_hits, l1_evictions = deltas if n == 0 else (0, 0)
             counts = (f"{l1_hits} {l1_evictions} {c.get('l1_fills', 0)} {c.get('l2_hits', 0)} "
-                      f"{c.get('l3_hits', 0)} {c.get('misses', 0)}")
+                      f"{c.get('l3_hits', 0)} {c.get('misses', 0)} {evidence}")
             calls.append(self._shard_call(self.scripts.touch, batch.shard, [counts, *batch.items()]))
         if not calls and deltas != (0, 0):  # only L1 counters to report: shard 0 takes them
-            counts = f"{deltas[0]} {deltas[1]} 0 0 0 0"
+            counts = f"{deltas[0]} {deltas[1]} 0 0 0 0 {evidence}"
             calls.append(self._shard_call(self.scripts.touch, 0, [counts]))
         self._touch_deltas = deltas
         return calls

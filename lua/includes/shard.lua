@@ -20,9 +20,10 @@
     <ns>:{<tag>}:ghost   ZSET  entry id -> when L3 overflow evicted it (ms): sizing evidence, the
                                last `step` (10% of the shard's L3) evictions
     <ns>:{<tag>}:e:<id>  HASH  one entry: v payload, ver version, t tier (2 or 3), n fleet Redis
-                               hits since it entered its tier, x absolute expiry (ms, absent: none),
-                               k the original key (when <id> is its hash), d how long the value took
-                               to compute (ms), w = 1 while prewarmed and not read yet.
+                               hits since it entered its tier (counted up to promote_after), x
+                               absolute expiry (ms, absent: none), k the original key (when <id> is
+                               its hash), d how long the value took to compute (ms), w = 1 while
+                               prewarmed and not read yet, e the idle step its expiry was set in.
                                Its Redis expiry is the entry's removal deadline: its absolute expiry,
                                or the end of its idle time, whichever comes first (see deadline()).
     <ns>:{<tag>}:lease:<id>  STRING  the token of the process computing a missing value
@@ -198,22 +199,40 @@ local function deadline(tier, touched, expiry)
   return idle
 end
 
--- Makes the entry's Redis expiry its deadline (ms on the scripts' clock; nil: none). With the server's
--- own clock that is the exact time; with a test clock the same distance from now. Returns whether
--- the entry's data exists. A deadline already passed is the caller's to handle (it drops the entry).
-local function set_deadline(ek, at)
-  if at == nil then
-    redis.call('PERSIST', ek)
-    return redis.call('EXISTS', ek) == 1
+-- How far an entry's idle deadline may lag its last touch (ms): readers ask for an entry's Redis
+-- expiry to be moved (touch.lua's 'e') only when its touch entered a new step of this length, 1/64 of
+-- the tier's idle time, so a hot entry costs a write of its expiry now and then, not on every batch.
+-- The expiry is then at most two steps earlier than the exact idle deadline (about 47 minutes of a
+-- day's l3_ttl), never later. nil: the tier has no idle deadline. (tiers.py computes the same steps.)
+local function idle_step(tier)
+  local idle = 0
+  if tier == 2 then
+    if idle2 > 0 and idle3 > 0 then idle = idle2 + idle3 end
+  else
+    idle = idle3
   end
-  if real_time then return redis.call('PEXPIREAT', ek, string.format('%d', math.floor(at))) == 1 end
-  return redis.call('PEXPIRE', ek, string.format('%d', math.max(1, math.floor(at - now)))) == 1
+  if idle == 0 then return nil end
+  return math.max(1, math.floor(idle / 64))
 end
 
--- The same for a touch of an entry whose expiry only moves later: no PERSIST needed without a deadline.
-local function touch_deadline(ek, at)
-  if at == nil then return redis.call('EXISTS', ek) == 1 end
-  return set_deadline(ek, at)
+-- Makes the entry's Redis expiry its deadline `at` (ms on the scripts' clock; nil: none), computed from
+-- a touch at `touched` (ms) in `tier`, and records that touch's idle step in field `e` (readers compare
+-- it with the current step). With the server's own clock that is the exact time; with a test clock the
+-- same distance from now. Returns whether the entry's data exists (nothing is written if not).
+-- A deadline already passed is the caller's to handle (it drops the entry instead).
+local function set_deadline(ek, at, tier, touched)
+  local exists
+  if at == nil then
+    redis.call('PERSIST', ek)
+    exists = redis.call('EXISTS', ek) == 1
+  elseif real_time then                 -- whole ms below 2^53: Lua hands such a number over as digits
+    exists = redis.call('PEXPIREAT', ek, math.floor(at)) == 1
+  else
+    exists = redis.call('PEXPIRE', ek, math.max(1, math.floor(at - now))) == 1
+  end
+  local step = idle_step(tier)
+  if exists and step then redis.call('HSET', ek, 'e', math.floor(touched / step)) end
+  return exists
 end
 
 local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
@@ -293,7 +312,7 @@ local function into_l3(id, score)
   redis.call('ZREM', l2_key, id)
   redis.call('ZADD', l3_key, score, id)
   redis.call('HSET', ek, 't', 3, 'n', 0)
-  set_deadline(ek, deadline(3, score, tonumber(f[2])))
+  set_deadline(ek, deadline(3, score, tonumber(f[2])), 3, score)
   local size = tonumber(redis.call('HGET', size_key, id)) or 0
   bytes2, bytes3 = bytes2 - size, bytes3 + size
   ev.demotions = ev.demotions + 1
@@ -316,7 +335,7 @@ local function promote(id, ek, expiry)
   redis.call('ZREM', l3_key, id)
   redis.call('ZADD', l2_key, score, id)
   redis.call('HSET', ek, 't', 2)
-  set_deadline(ek, deadline(2, score, expiry))
+  set_deadline(ek, deadline(2, score, expiry), 2, score)
   local size = tonumber(redis.call('HGET', size_key, id)) or 0
   bytes3, bytes2 = bytes3 - size, bytes2 + size
   ev.promotions = ev.promotions + 1
