@@ -16,6 +16,7 @@ from .cache import CacheBase, SyncIO
 from .config import CacheConfig, redact
 from .connection import (
     IO_ERRORS,
+    SCRIPT_CALLS,
     AsyncClient,
     as_redis_error,
     async_client,
@@ -26,8 +27,9 @@ from .connection import (
 )
 from .metrics import Timing
 from .resilience import Resilience, raise_transient
+from .scripts import pack
 from .stampede import Flights
-from .tiers import MISS, Batch, Instruction, Loaded, Pause, Refresh, Scope, Step, Wait, feed, queue
+from .tiers import MISS, Batch, Instruction, Loaded, Pause, Reads, Refresh, Scope, Step, Wait, feed, queue
 
 T = TypeVar("T")
 log = logging.getLogger("victor_rcache")
@@ -76,19 +78,15 @@ class AsyncMultiLevelCache(CacheBase):
             value = await value
         return Loaded(value, time.perf_counter() - started)
 
-    async def _send(self, batch: Batch, packed_read: bytes | None = None) -> list[Any] | RedisError:
+    async def _send(self, batch: Batch) -> list[Any] | RedisError:
         refused = self._resilience.refused()  # the circuit is open: no I/O, no timeout to pay
         if refused is not None:
             return refused
         try:
             client, started = self.client, self._resilience.clock()
-            # As in the sync front end: a plain first attempt (a packed plain read, on a standalone client
-            # of our own), tenacity only once it has failed.
+            # As in the sync front end: a plain first attempt, tenacity only once it has failed.
             try:
-                if packed_read is not None and not is_cluster(client) and getattr(client, "connection", 1) is None:
-                    replies = await send_packed_async(client, packed_read)  # type: ignore[arg-type]  # (standalone)
-                else:
-                    replies = await _attempt(client, batch)
+                replies = await _attempt(client, batch)
             except IO_ERRORS as first:
                 async for attempt in self._resilience.async_retrying(first, started):
                     with attempt:
@@ -115,7 +113,7 @@ class AsyncMultiLevelCache(CacheBase):
             return await self._drive(core.get_from_redis(key, default, trace))
         ref = core.space.ref(key)
         sent_at = core.since()
-        replies = await self._send([core.read_command(ref)], ref.read)
+        replies = await self._send(core.reads(ref))
         if isinstance(replies, RedisError):
             return core.read_failed(ref, replies, default, trace)
         value = core.took(ref, replies[0], sent_at, trace=trace)
@@ -195,7 +193,13 @@ class AsyncMultiLevelCache(CacheBase):
 
 
 async def _attempt(client: AsyncClient, batch: Batch) -> list[Any]:
-    """One try of a batch: a lone command as is, several as a pipeline (a transient error raised)."""
+    """One try of a batch: plain reads already packed as they are (standalone, not a single-connection
+    client), a lone command as is, several as a pipeline (a transient error raised)."""
+    if not is_cluster(client) and getattr(client, "connection", 1) is None:  # (not a single-connection one)
+        if isinstance(batch, Reads):
+            return await send_packed_async(client, batch.packed)  # type: ignore[arg-type]  # (standalone)
+        if all(command[0] in SCRIPT_CALLS for command in batch):  # no redis-py reply callback to apply
+            return await send_packed_async(client, [pack(c) for c in batch])  # type: ignore[arg-type]
     if goes_alone(client, batch):
         return await send_alone_async(client, batch[0])
     return raise_transient(await queue(client.pipeline(transaction=False), batch).execute(raise_on_error=False))

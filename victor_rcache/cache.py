@@ -21,6 +21,7 @@ from .coherence import InvalidationListener
 from .config import CacheConfig, redact
 from .connection import (
     IO_ERRORS,
+    SCRIPT_CALLS,
     SyncClient,
     as_redis_error,
     cluster_nodes,
@@ -35,8 +36,24 @@ from .connection import (
 from .errors import ConfigurationError, InvalidArgumentError
 from .metrics import NO_TIMING, Observer, Timing
 from .resilience import Resilience, raise_transient
+from .scripts import pack
 from .stampede import Flights, LeaderGone
-from .tiers import MISS, Batch, Got, Instruction, Loaded, Pause, Refresh, Scope, Step, TierCore, Wait, feed, queue
+from .tiers import (
+    MISS,
+    Batch,
+    Got,
+    Instruction,
+    Loaded,
+    Pause,
+    Reads,
+    Refresh,
+    Scope,
+    Step,
+    TierCore,
+    Wait,
+    feed,
+    queue,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("victor_rcache")
@@ -223,11 +240,9 @@ class SyncIO:
         assert loader is not None, "only get_or_set asks for the loader"
         return _call_loader(loader)
 
-    def send(self, batch: Batch, packed_read: bytes | None = None) -> list[Any] | RedisError:
+    def send(self, batch: Batch) -> list[Any] | RedisError:
         """One round trip: the replies (errors Redis answered in place), or the RedisError that stopped it.
-
-        ``packed_read``: ``batch`` is one plain read, also given packed (connection.packed); a standalone
-        client sends the packed bytes on the first attempt."""
+        A batch of plain reads (tiers.Reads) goes out as its packed bytes on a standalone client."""
         resilience = self.resilience
         refused = resilience.refused()  # the circuit is open: no I/O, no timeout to pay
         if refused is not None:
@@ -239,10 +254,7 @@ class SyncIO:
             # The first attempt is plain code; tenacity is engaged only once it has failed, so a batch that
             # succeeds at once builds nothing.
             try:
-                if packed_read is not None and not is_cluster(client):
-                    replies = send_packed(client, packed_read)  # type: ignore[arg-type]  # (standalone)
-                else:
-                    replies = _attempt(client, batch)
+                replies = _attempt(client, batch)
             except IO_ERRORS as first:
                 for attempt in resilience.retrying(first, started):
                     with attempt:
@@ -260,7 +272,13 @@ class SyncIO:
 
 
 def _attempt(client: SyncClient, batch: Batch) -> list[Any]:
-    """One try of a batch: a lone command as is, several as a pipeline (a transient error raised)."""
+    """One try of a batch: plain reads already packed as they are (standalone), a lone command as is,
+    several as a pipeline (a transient error raised)."""
+    if not is_cluster(client):
+        if isinstance(batch, Reads):
+            return send_packed(client, batch.packed)  # type: ignore[arg-type]  # (a standalone client)
+        if all(command[0] in SCRIPT_CALLS for command in batch):  # no redis-py reply callback to apply
+            return send_packed(client, [pack(command) for command in batch])  # type: ignore[arg-type]
     if goes_alone(client, batch):
         return send_alone(client, batch[0])
     return raise_transient(queue(pipeline(client), batch).execute(raise_on_error=False))
@@ -305,7 +323,7 @@ class MultiLevelCache(CacheBase):
             return self._drive(core.get_from_redis(key, default, trace))
         ref = core.space.ref(key)
         sent_at = core.since()
-        replies = self._io.send([core.read_command(ref)], ref.read)
+        replies = self._send(core.reads(ref))
         if isinstance(replies, RedisError):
             return core.read_failed(ref, replies, default, trace)
         value = core.took(ref, replies[0], sent_at, trace=trace)

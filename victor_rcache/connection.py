@@ -201,41 +201,50 @@ _NAMED_CHECKOUT = inspect.signature(redis.ConnectionPool.get_connection).paramet
     "command_name"].default is inspect.Parameter.empty
 
 
-def send_packed(client: redis.Redis, command: bytes) -> list[Any]:
-    """:func:`send_alone` for a command already packed (scripts.pack), on a standalone client: the same
-    checkout, send, read and release redis-py's ``execute_command`` does, without encoding arguments."""
+def send_packed(client: redis.Redis, commands: list[bytes]) -> list[Any]:
+    """Commands already packed (scripts.pack), on a standalone client, in one round trip: the replies, an
+    error Redis answered in place (a transient one raised, as :func:`send_alone` does). The checkout,
+    send, read and release of redis-py's own pipeline, without encoding any argument."""
     pool = client.connection_pool
     conn: Any = pool.get_connection("HMGET") if _NAMED_CHECKOUT else pool.get_connection()  # (untyped API)
     try:
-        conn.send_packed_command([command])
-        return [conn.read_response()]
-    except ResponseError as exc:  # a whole reply was read: the connection is fine
-        return raise_transient([exc])
-    except BaseException:  # the reply may be half read: the connection is not reusable
+        conn.send_packed_command(commands)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:  # a whole reply was read: the connection is fine
+                replies.append(exc)
+    except BaseException:  # a reply may be half read: the connection is not reusable
         conn.disconnect()
         raise
     finally:
         pool.release(conn)
+    return raise_transient(replies)
 
 
 _NAMED_ASYNC_CHECKOUT = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters[
     "command_name"].default is inspect.Parameter.empty
 
 
-async def send_packed_async(client: redis.asyncio.Redis, command: bytes) -> list[Any]:
+async def send_packed_async(client: redis.asyncio.Redis, commands: list[bytes]) -> list[Any]:
     """:func:`send_packed` on an asyncio standalone client (not a single-connection one)."""
     pool: Any = client.connection_pool  # (its checkout is untyped in some redis-py releases)
     conn: Any = await (pool.get_connection("HMGET") if _NAMED_ASYNC_CHECKOUT else pool.get_connection())
     try:
-        await conn.send_packed_command([command])
-        return [await conn.read_response()]
-    except ResponseError as exc:  # a whole reply was read: the connection is fine
-        return raise_transient([exc])
+        await conn.send_packed_command(commands)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:  # a whole reply was read: the connection is fine
+                replies.append(exc)
     except BaseException:  # cancelled mid-read, or the connection failed: it is not reusable
         await conn.disconnect()
         raise
     finally:
         await pool.release(conn)
+    return raise_transient(replies)
 
 
 def send_alone(client: SyncClient, command: Command) -> list[Any]:

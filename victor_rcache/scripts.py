@@ -24,11 +24,18 @@ _INCLUDE = re.compile(r'^[ \t]*-- @include "([\w./-]+)"[ \t]*$', re.MULTILINE)
 Command = tuple[Any, ...]
 
 
-def pack(command: tuple[bytes, ...]) -> bytes:
-    """A command in the Redis protocol (RESP), bytes arguments only, as connection.send_packed sends it.
-    An entry's plain read is packed once per key and kept: redis-py would encode its arguments on every
-    call, most of what a read costs in Python above a GET."""
-    return b"*%d\r\n" % len(command) + b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in command)
+def pack(command: Command) -> bytes:
+    """A command in the Redis protocol (RESP), as connection.send_packed sends it: bytes as they are, str
+    as UTF-8, int as digits. An entry's plain read is packed once per key and kept, and script calls
+    are packed here on a standalone client: redis-py would run its argument encoder on each argument
+    (most of what a read, or a bookkeeping batch, costs in Python)."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        kind = arg.__class__
+        raw = (arg if kind is bytes else arg.encode() if kind is str else b"%d" % arg if kind is int
+               else repr(arg).encode())
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(parts)
 
 
 def lua_dir() -> Path:

@@ -50,11 +50,20 @@ from .fleet_sizing import FleetSizing, run_safely
 from .keys import EntryRef, KeySpace
 from .l1 import NOT_DECODED, NOT_SHARED, L1Entry, LocalCache
 from .metrics import SOURCES, Counters, Timing, build_metrics, fleet_tally
-from .scripts import Command, ScriptCall, Scripts, needs_reload
+from .scripts import Command, ScriptCall, Scripts, needs_reload, pack
 from .stampede import refresh_early
 
 T = TypeVar("T")
 Batch = list[Command]
+
+
+class Reads(list[Command]):
+    """A batch of plain reads that also carries them packed (``packed``, one per command): a front end on
+    a standalone client sends those bytes as they are (connection.send_packed)."""
+
+    packed: list[bytes]
+
+
 Instruction = Union[Batch, "Pause", "Load", "Wait"]
 Step = Generator[Instruction, Any, T]
 Scope = Literal["process", "fleet"]
@@ -71,6 +80,7 @@ RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads it
 
 _scripts: dict[bool, Scripts] = {}
 MISS: Any = object()  # what TierCore.get_from_l1 and TierCore.took return when they have no value
+NO_RECORDS = (b"",) * 7  # touch.lua's seven record strings, all empty
 # The fields a Redis read asks of an entry (see lua/includes/shard.lua), in this order.
 READ_FIELDS = (b"v", b"ver", b"t", b"n", b"x", b"d", b"w", b"e")
 
@@ -302,6 +312,12 @@ class TierCore:
         """The plain read of an entry: one HMGET, the only command a Redis hit costs."""
         return ("HMGET", ref.entry, *READ_FIELDS)
 
+    def reads(self, ref: EntryRef) -> Reads:
+        """The plain read of ``ref`` as the batch a front end sends (packed too: see :class:`Reads`)."""
+        reads = Reads((("HMGET", ref.entry, *READ_FIELDS),))
+        reads.packed = [ref.read or pack(reads[0])]
+        return reads
+
     def took(self, ref: EntryRef, reply: Any, sent_at: float, out: Fetched | None = None,
              trace: Timing | None = None) -> Any:
         """What a plain read of ``ref``'s entry (:meth:`read_command`) found: the value, or :data:`MISS`.
@@ -416,7 +432,9 @@ class TierCore:
         try:
             yield from self.ready()
             sent_at = self.since()
-            replies = yield [self.read_command(r) for r in refs]
+            reads = Reads(self.read_command(r) for r in refs)
+            reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
+            replies = yield reads
         except RedisError as exc:
             self.redis_failed("get", exc)
             return self._fall_back_to_l1(refs)
@@ -838,10 +856,10 @@ class TierCore:
             l1_hits, l1_evictions = deltas if n == 0 else (0, 0)
             counts = (f"{l1_hits} {l1_evictions} {c.get('l1_fills', 0)} {c.get('l2_hits', 0)} "
                       f"{c.get('l3_hits', 0)} {c.get('misses', 0)} {evidence}")
-            calls.append(self._shard_call(self.scripts.touch, batch.shard, [counts, *batch.items()]))
+            calls.append(self._shard_call(self.scripts.touch, batch.shard, [counts, *batch.records()]))
         if not calls and deltas != (0, 0):  # only L1 counters to report: shard 0 takes them
             counts = f"{deltas[0]} {deltas[1]} 0 0 0 0 {evidence}"
-            calls.append(self._shard_call(self.scripts.touch, 0, [counts]))
+            calls.append(self._shard_call(self.scripts.touch, 0, [counts, *NO_RECORDS]))
         self._touch_deltas = deltas
         return calls
 

@@ -121,6 +121,7 @@ local function check_shard_types()
 end
 
 local drifted = false                -- the byte totals need a recount at the end of the call (recount())
+local check_totals = true            -- finish() checks the byte totals (touch.lua: once per sweep window)
 
 -- Validates the common ARGV, the shard keys' types and the ACL permissions; an error message or nil.
 -- Called by every script before its first write. Also notes, before anything changes them, whether the
@@ -451,7 +452,7 @@ local function finish(extra)
       redis.call('ZREMRANGEBYRANK', fence_key, 0, over - 1)
     end
   end
-  if needs_recount() then recount() end
+  if drifted or (check_totals and needs_recount()) then recount() end
   if #changed > 0 then redis.call('PUBLISH', channel, table.concat(changed)) end
   return {ev.promotions, ev.demotions, ev.evictions, ev.expirations, now}
 end
