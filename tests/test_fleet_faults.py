@@ -9,8 +9,8 @@ and ends with every process serving the newest value:
 * an outage: Redis killed and restarted empty on the same port; one process's put fails while it is
   down; its subscriber is back while its circuit breaker is still open; another process then writes the
   key, which is the key's first write in the new Redis;
-* Redis evicting entries itself under each evicting ``maxmemory-policy`` (allkeys-lru, allkeys-random,
-  volatile-lru, volatile-random, volatile-ttl), the cache's own index keys included under allkeys-*;
+* Redis evicting entries itself under each evicting ``maxmemory-policy`` (allkeys-lru, -lfu, -random,
+  volatile-lru, -lfu, -random, -ttl), the cache's own index keys included under allkeys-*;
 * Redis at ``maxmemory`` with ``noeviction``: stored entries are still read by every process,
   ``invalidate()`` still empties the namespace, writes fail open with the documented log line, and
   everything works again once memory is back, without restarting a process.
@@ -113,7 +113,7 @@ def test_a_put_refused_while_redis_is_down_does_not_outlive_the_outage(server: L
 
 # -------------------------------------------------------------------- Redis evicting by itself
 
-EVICTING = ["allkeys-lru", "allkeys-random", "volatile-lru", "volatile-random", "volatile-ttl"]
+EVICTING = ["allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"]
 KEYS = [f"key{i}" for i in range(40)]
 
 

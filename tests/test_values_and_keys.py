@@ -61,7 +61,7 @@ def test_located_keys_are_bounded_by_their_bytes() -> None:
     space = KeySpace("bounded", 16)
     for i in range(3 * REFS_BYTES // MAX_RAW_KEY_BYTES):
         space.ref(f"{i:08d}".ljust(MAX_RAW_KEY_BYTES, "x"))
-        assert space._refs_bytes <= REFS_BYTES
-    assert len(space._refs) <= REFS_BYTES // MAX_RAW_KEY_BYTES
+        assert space.refs_bytes <= REFS_BYTES
+    assert len(space.refs) <= REFS_BYTES // MAX_RAW_KEY_BYTES
     space.ref("p" * (MAX_RAW_KEY_BYTES + 1))  # a long key (a prompt) is located each time, never kept
-    assert all(len(k) <= MAX_RAW_KEY_BYTES for k in space._refs)
+    assert all(len(k) <= MAX_RAW_KEY_BYTES for k in space.refs)

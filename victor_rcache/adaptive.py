@@ -45,6 +45,11 @@ class SegmentedLRU(Generic[K, V]):
         self.capacity = capacity
         self.tail_size = tail_size
 
+    @property
+    def head(self) -> OrderedDict[K, V]:
+        """The head segment (least recent first): the whole map while ``tail_size`` is 0."""
+        return self._head
+
     def __len__(self) -> int:
         return len(self._head) + len(self._tail)
 

@@ -119,8 +119,8 @@ class KeySpace:
         self.namespace = namespace
         self.shards = shards
         self._read_fields = read_fields  # given: each EntryRef carries its entry's packed HMGET of them
-        self._refs: dict[str | bytes, EntryRef] = {}  # user key -> where it lives (see ref())
-        self._refs_bytes = 0
+        self.refs: dict[str | bytes, EntryRef] = {}  # user key -> where it lives (see ref()); read-only for others
+        self.refs_bytes = 0
         self.prefix = namespace.encode() + b":"
         self.config = self.prefix + b"config"
         self.channel = self.prefix + b"inval"
@@ -141,18 +141,18 @@ class KeySpace:
         bytes (keys longer than MAX_RAW_KEY_BYTES, prompts say, are not: they are located anew)."""
         # Exact types only: a str subclass may hash differently, and a memoryview equal to a bytes key
         # is still not a key (the dict lookup would find it).
-        found = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
+        found = self.refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
         if found is not None:
             return found
         if not isinstance(key, (str, bytes)):
             key_bytes(key)  # raises the InvalidKeyError naming the type
         ref = self._locate(key)
         if len(ref.key) <= MAX_RAW_KEY_BYTES and (key.__class__ is str or key.__class__ is bytes):
-            if self._refs_bytes + len(ref.key) > REFS_BYTES:
-                self._refs.clear()  # all forgotten at once: cheaper than an LRU, and rare
-                self._refs_bytes = 0
-            self._refs[key] = ref
-            self._refs_bytes += len(ref.key)
+            if self.refs_bytes + len(ref.key) > REFS_BYTES:
+                self.refs.clear()  # all forgotten at once: cheaper than an LRU, and rare
+                self.refs_bytes = 0
+            self.refs[key] = ref
+            self.refs_bytes += len(ref.key)
         return ref
 
     def _locate(self, key: str | bytes) -> EntryRef:

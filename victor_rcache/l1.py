@@ -62,22 +62,27 @@ class LocalCache:
                  sizing: SizingRule | None = None) -> None:
         self.ttl = ttl
         self.clock = clock
-        self.hits = 0  # entries :meth:`serve` found: the cache's L1 hits, counted under the L1's own lock
+        self._counts = [0]  # [hits]: a list, so the serve closure counts without an attribute lookup
         self.evictions = 0
         self.total_size = 0
         self._sizer = None if sizing is None else Sizer(sizing, clock)
         tail = 0 if self._sizer is None else self._sizer.tail_for(max_entries)
         self._data: SegmentedLRU[bytes, L1Entry] = SegmentedLRU(max_entries, tail)
+        self._head = self._data.head  # the whole LRU when there is no sizer (no tail): see _plain_serve()
         self._floors: OrderedDict[bytes, int] = OrderedDict()
         self._shard_floors: dict[int, int] = {}
         self.unconfirmed: OrderedDict[bytes, L1Entry] = OrderedDict()  # writes Redis did not confirm
         self._cleared_at = float("-inf")
         self._lock = threading.Lock()
+        if self._sizer is None:
+            self.serve = self._plain_serve()  # type: ignore[method-assign,assignment]
         forksafe.register(self)
 
     def _after_fork(self) -> None:
         # The parent's copies may be stale by the time the child serves: start empty, with a new lock.
         self._lock = threading.Lock()
+        if self._sizer is None:
+            self.serve = self._plain_serve()  # type: ignore[method-assign,assignment]  # (over the new lock)
         self._data.clear()
         self._floors.clear()
         self._shard_floors.clear()
@@ -90,7 +95,9 @@ class LocalCache:
         return self._data.capacity
 
     def serve(self, key: bytes) -> L1Entry | None:
-        """:meth:`get` for a cache request: an entry found is counted in :attr:`hits`, under the same lock."""
+        """:meth:`get` for a cache request: an entry found is counted in :attr:`hits`, under the same lock.
+
+        (Without adaptive sizing, an instance attribute made by :meth:`_plain_serve` stands in for this.)"""
         lock = self._lock
         lock.acquire()  # not `with`: every L1 hit pays this, and `with` costs about twice as much (3.11)
         try:
@@ -100,6 +107,38 @@ class LocalCache:
             return entry
         finally:
             lock.release()
+
+    def _plain_serve(self) -> Callable[[bytes], L1Entry | None]:
+        """:meth:`serve` without adaptive sizing, as a closure over what it uses: the LRU then has no tail
+        segment (its head is the whole LRU), and a hit is three dict operations under the lock, with no
+        attribute lookup (this is the hottest path of the library)."""
+        head, lock, clock, remove, counts = self._head, self._lock, self.clock, self._remove, self._counts
+
+        def serve(key: bytes) -> L1Entry | None:
+            lock.acquire()
+            try:
+                entry = head.get(key)
+                if entry is None:
+                    return None
+                if clock() >= entry.deadline:
+                    remove(key)
+                    return None
+                head.move_to_end(key)
+                counts[0] += 1
+                return entry
+            finally:
+                lock.release()
+
+        return serve
+
+    @property
+    def hits(self) -> int:
+        """Entries :meth:`serve` found: the cache's L1 hits, counted under the L1's own lock."""
+        return self._counts[0]
+
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._counts[0] = value
 
     def get(self, key: bytes) -> L1Entry | None:
         """The live entry for ``key`` (now most recently used), or None. Not counted as a hit."""

@@ -239,6 +239,8 @@ class TierCore:
         self.scripts = scripts or default_scripts(config.lua_shebang)
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic, config.l1_sizing)
         self.coherence: Coherence = coherence or NoCoherence()
+        self._refs = self.space.refs  # located keys (see get_from_l1)
+        self._serve = self.l1.serve
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
         self.counters = Counters(served=lambda: self.l1.hits)  # L1 hits are counted by L1 itself
         self.book = Bookkeeping(self.counters)
@@ -287,11 +289,25 @@ class TierCore:
             return value
         return (yield from self.get_from_redis(key, default, trace))
 
+    @property
+    def coherence(self) -> Coherence:
+        """What tells whether L1 may be served (the invalidation listener, or NoCoherence)."""
+        return self._coherence
+
+    @coherence.setter
+    def coherence(self, listener: Coherence) -> None:
+        self._coherence = listener
+        self._trusted = listener.trusted  # bound once: every L1 read asks
+
     def get_from_l1(self, key: str | bytes, trace: Timing | None = None) -> Any:
         """The first step of :meth:`get`, plain code (no I/O): the value if this process's L1 may serve
         ``key``, else :data:`MISS`, after which the caller reads Redis. An L1 hit is counted by L1 (under
         the lock it takes anyway); a miss is counted by the read that follows."""
-        entry = self.l1.serve(self.space.ref(key).id) if self.coherence.trusted() else None
+        # The hottest path of the library: names bound once (__init__), no call that is not needed.
+        ref = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
+        if ref is None:
+            ref = self.space.ref(key)  # validates the key; remembers it
+        entry = self._serve(ref.id) if self._trusted() else None
         if entry is None:
             return MISS
         if trace is not None:

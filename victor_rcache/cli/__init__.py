@@ -7,7 +7,9 @@ command prints a table for people, or JSON with ``--json``.
 
 Reading commands (``stats``, ``inspect``, ``top``, ``keys``, ``predict``) write nothing and run no
 script that counts a hit or moves an entry; ``inspect``, ``top`` and ``keys`` read the tiers' keys
-with plain commands on the node holding them (see the README's key layout).
+with plain commands on the node holding them (see docs/key-layout.md). ``stats``, ``top`` and
+``inspect`` show Redis's view: workers send the bookkeeping of their reads (hit counts, LRU order,
+promotions, fleet counters) in batches, so it lags their reads by one bookkeeping window.
 
 Exit codes: 0 done; 1 not cached, Redis failed, a ``doctor`` check failed, ``flush`` not confirmed;
 2 usage or configuration error; 130 interrupted.
@@ -35,6 +37,7 @@ from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
 
+from ..bookkeeping import WINDOW
 from ..config import CacheConfig, redact
 from ..connection import IO_ERRORS
 from ..errors import CacheError, ConfigurationError, InvalidArgumentError
@@ -86,6 +89,10 @@ def common_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--json", action="store_true", default=default, help="JSON on stdout, for scripts")
 
 
+# Workers send the bookkeeping of their Redis hits (hit counts, LRU stamps, promotions, fleet counters)
+# in batches: what the reading commands show lags their reads by up to one window.
+LAG = f"about {WINDOW:g} s"
+
 EPILOG = """\
 Every other VICTOR_RCACHE_* variable (shards, signing key, timeouts...) applies as in the library.
 Exit codes: 0 done; 1 not cached, Redis failed, a doctor check failed or flush not confirmed;
@@ -108,14 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("stats", cmd_stats, "fleet-wide hit rates, sizes, movements, prediction accuracy and prewarming")
+    p = add("stats", cmd_stats, "fleet-wide hit rates, sizes, movements, prediction accuracy and prewarming "
+            f"(Redis's view: it lags the workers' reads by one bookkeeping window, {LAG})")
     p.add_argument("--watch", nargs="?", type=positive_float, const=WATCH_SECONDS, metavar="SECONDS",
                    help=f"refresh every SECONDS (default {WATCH_SECONDS:g}) with rates per second; Ctrl-C stops")
     p.add_argument("--count", type=positive_int, help=argparse.SUPPRESS)  # stop after COUNT refreshes (tests)
     p = add("inspect", cmd_inspect, "one entry: tier, hits, version, idle time, ttl, size and decoded value "
-            "(plain reads: counts no hit, moves nothing)")
+            f"(plain reads: counts no hit, moves nothing; hits and idle time lag the workers' reads by {LAG})")
     p.add_argument("key")
-    p = add("top", cmd_top, "the hottest entries: most Redis hits among each shard's most recently used entries")
+    p = add("top", cmd_top, "the hottest entries: most Redis hits among each shard's most recently used entries "
+            f"(Redis's view: it lags the workers' reads by {LAG})")
     p.add_argument("--tier", choices=("l2", "l3"), help="only this tier (default: both)")
     p.add_argument("-n", type=positive_int, default=20, help="entries to show (default 20)")
     p = add("keys", cmd_keys, "entries whose key matches a Redis glob (SCAN on every master); long keys "

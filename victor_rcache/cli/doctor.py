@@ -64,19 +64,22 @@ while i <= #ARGV do
 end
 return {denied, invalid}
 """
-# Commands the library sends itself (the scripts' own commands are read from the scripts).
-CLIENT_COMMANDS = ("evalsha", "eval", "set", "exists", "pttl", "hgetall", "hsetnx", "hincrby", "hmget", "zcard",
-                   "zrange", "del", "ping")
+# Commands the library sends itself (the scripts' own commands are read from the scripts): the scripts
+# (EVALSHA, EVAL), a Redis hit (HMGET of the entry), a fill's lease (SET, EXISTS, PTTL, HGET, DEL), the
+# first call's handshake (HSETNX, HGETALL, TIME), metrics (ZCARD, HGETALL, HMGET), the model and fleet
+# sizing (HSET, HINCRBY, ZRANGE, DEL), the tool-selection cache (GET, SET, DEL) and the health check (PING).
+CLIENT_COMMANDS = ("evalsha", "eval", "hmget", "set", "exists", "pttl", "hget", "del", "hsetnx", "hgetall", "time",
+                   "zcard", "hset", "hincrby", "zrange", "get", "ping")
 # Well-formed arguments after the key (K) for each command: redis.acl_check_cmd does not check arity, and
 # with arguments missing Redis 7.0 reads stale ones for some commands (SET, EVAL, ZUNIONSTORE): a random answer.
 PROBE_ARGS: dict[str, tuple[str, ...]] = {
     "hget": ("K", "f"), "hmget": ("K", "f"), "hset": ("K", "f", "v"), "hsetnx": ("K", "f", "v"),
-    "hincrby": ("K", "f", "1"), "hdel": ("K", "f"), "hexists": ("K", "f"), "zadd": ("K", "1", "m"),
-    "zrem": ("K", "m"), "zscore": ("K", "m"), "zmscore": ("K", "m"),
-    "zincrby": ("K", "1", "m"), "zrange": ("K", "0", "1"),
+    "hincrby": ("K", "f", "1"), "hdel": ("K", "f"), "hexists": ("K", "f"), "hstrlen": ("K", "f"),
+    "zadd": ("K", "1", "m"), "zrem": ("K", "m"), "zscore": ("K", "m"), "zmscore": ("K", "m"),
+    "zincrby": ("K", "1", "m"), "zrange": ("K", "0", "1"), "zcount": ("K", "0", "1"),
     "zrangebyscore": ("K", "0", "1"), "zremrangebyscore": ("K", "0", "1"), "zremrangebyrank": ("K", "0", "1"),
     "lrange": ("K", "0", "1"), "ltrim": ("K", "0", "1"), "lpush": ("K", "v"), "pexpire": ("K", "1"),
-    "set": ("K", "v"), "zunionstore": ("K", "1", "K"), "eval": ("return 1", "1", "K"),
+    "pexpireat": ("K", "1"), "set": ("K", "v"), "zunionstore": ("K", "1", "K"), "eval": ("return 1", "1", "K"),
     "evalsha": ("0" * 40, "1", "K"), "time": (), "ping": (),
 }
 

@@ -1,5 +1,9 @@
 """``inspect``, ``top`` and ``keys``: the entries of the tiers, read with plain commands on the node
-holding them (no script call: nothing is counted or moved)."""
+holding them (no script call: nothing is counted or moved).
+
+They show Redis's view: the workers send the bookkeeping of their reads (LRU stamps, hit counts `n`,
+promotions) in batches, so what these commands show lags the workers' reads by one bookkeeping
+window (``bookkeeping.WINDOW``)."""
 
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ SHOWN_VALUE_CHARS = 4000
 
 def read_entry(ctx: Context, key: bytes) -> tuple[dict[str, Any], Any]:
     """Where ``key`` lives, its fields and its decoded value, read with plain commands (no script call:
-    nothing is counted or moved)."""
+    nothing is counted or moved). It is cached when a worker's read would hit: its data exists (Redis
+    drops it at its deadline) and its absolute expiry has not passed; its tier is field ``t``."""
     space = ctx.space
     ref = space.ref(key)
     sk = space.shard_keys[ref.shard]
@@ -52,18 +57,23 @@ def read_entry(ctx: Context, key: bytes) -> tuple[dict[str, Any], Any]:
     out: dict[str, Any] = {"key": _text(original), "id": _text(ref.id), "hashed": ref.hashed, "shard": ref.shard,
                            "redis_key": _text(entry_key), "cached": False}
     expiry = _int(f.get("x"))
-    if (s2 is None and s3 is None) or "v" not in f:
+    if "v" not in f:
+        # An index member without data is one whose deadline passed (or that Redis evicted): the next
+        # script call on its shard that meets it drops it.
         out["reason"] = "not in L2 or L3" if s2 is None and s3 is None else "index entry without data"
         return out, None
     if expiry is not None and expiry <= now:
-        out["reason"] = "expired (removed by the next script call on its shard)"
+        out["reason"] = "expired (Redis removes it at once)"
         return out, None
-    score = float(s2 if s2 is not None else s3)
-    out.update(cached=True, tier="l2" if s2 is not None else "l3", hits=_int(f.get("n")),
-               version=_int(f.get("ver")), size=_int(f.get("s")), last_used_ms=score,
-               idle_seconds=round(max(0.0, now - score) / 1000, 3), expires_at_ms=expiry,
-               ttl_seconds=None if expiry is None else round((expiry - now) / 1000, 3),
-               cost_ms=_int(f.get("d")), l1_copies_possible=f.get("f") == b"1", prewarmed=f.get("w") == b"1")
+    # The tier a read reports is field `t` (b"3": L3, else L2), which mirrors the index; the index
+    # member may be missing (evicted by an allkeys-* policy) until the next reported hit re-indexes it.
+    tier = "l3" if f.get("t") == b"3" else "l2"
+    index_score = s3 if tier == "l3" else s2
+    score = None if index_score is None else float(index_score)
+    out.update(cached=True, tier=tier, hits=_int(f.get("n")) or 0, version=_int(f.get("ver")), size=len(f["v"]),
+               last_used_ms=score, idle_seconds=None if score is None else round(max(0.0, now - score) / 1000, 3),
+               expires_at_ms=expiry, ttl_seconds=None if expiry is None else round((expiry - now) / 1000, 3),
+               cost_ms=_int(f.get("d")), prewarmed=f.get("w") == b"1")
     try:
         value = ctx.cache._core.envelope.unwrap(f["v"])
     except Exception as exc:  # whatever the codec raises: show it instead of the value
@@ -132,10 +142,12 @@ def cmd_top(ctx: Context) -> int:
                  for member, score in _scored(reply)]
         pipe = node.pipeline(transaction=False)
         for c in found:
-            pipe.hmget(c.sk.entry(c.id), "n", "s", "k")
-        for c, (hits, size, original) in zip(found, pipe.execute(), strict=True):
-            if size is None:
-                continue  # an index entry whose data is gone: the next script call on its shard drops it
+            pipe.hmget(c.sk.entry(c.id), "n", "k", "ver")
+            pipe.hget(c.sk.size, c.id)  # the payload bytes the shard accounts for this indexed entry
+        replies = pipe.execute()
+        for c, (hits, original, version), size in zip(found, replies[0::2], replies[1::2], strict=True):
+            if version is None:
+                continue  # an index entry whose data is gone: the next script call that meets it drops it
             rows.append({"key": _text(original or c.id), "id": _text(c.id), "tier": c.tier, "shard": c.sk.index,
                          "hits": _int(hits) or 0, "idle_seconds": round(max(0.0, c.now - c.score) / 1000, 3),
                          "size": _int(size), "last_used_ms": c.score})
@@ -184,13 +196,11 @@ def cmd_keys(ctx: Context) -> int:
                 found.append((by_tag[tag], entry_id))
         pipe = node.pipeline(transaction=False)
         for sk, entry_id in found:
-            pipe.zscore(sk.l2, entry_id)
-            pipe.zscore(sk.l3, entry_id)
-            pipe.hget(sk.entry(entry_id), "k")
-        replies = pipe.execute()
-        for i, (sk, entry_id) in enumerate(found):
-            s2, s3, original = replies[3 * i:3 * i + 3]
-            tier = "l2" if s2 is not None else "l3" if s3 is not None else None
+            pipe.hmget(sk.entry(entry_id), "k", "t", "ver")  # t: the tier (b"2" or b"3") a read reports
+        for (sk, entry_id), (original, t, version) in zip(found, pipe.execute(), strict=True):
+            if original is None and t is None and version is None:
+                continue  # its deadline passed between SCAN and now: Redis dropped it
+            tier = {b"2": "l2", b"3": "l3"}.get(t)
             rows.append({"key": _text(original or entry_id), "id": _text(entry_id), "tier": tier, "shard": sk.index})
     rows.sort(key=lambda r: (r["key"], r["id"]))
     ctx.emit({"namespace": space.namespace, "pattern": _text(pattern), "entries": rows}, lambda: keys_lines(rows))
