@@ -14,8 +14,9 @@
   ARGV[9]     token, the caller's random token (non-empty); the lease is <ns>:{<tag>}:lease:<id>
   ARGV[10]    lease time to live, ms (>= 1)
 
-  Reply: {live, taken, pttl_ms, now_ms, payload, ver, tier, n, expiry_ms, cost_ms, prewarmed}
-    live = 1: the entry is served now (the fields after now_ms are its own; nothing was written)
+  Reply: {live, taken, pttl_ms, now_ms, payload, ver, tier, n, expiry_ms, cost_ms, prewarmed, step}
+    live = 1: the entry is served now (the fields after now_ms are its own, as a plain read gets them:
+              v ver t n x d w e; nothing was written)
     live = 0: taken = 1 if the caller now holds the lease, 0 if someone else does; pttl_ms = the
               lease's time to live (-1: no expiry, a lease written by hand)
 ]]
@@ -30,12 +31,12 @@ end
 
 local ek = entry_key(id)
 local tier, touched = tier_of(id)
-local f = entry_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w')
+local f = entry_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w', 'e')
 if tier and f and f[1] then
   local expiry = tonumber(f[5])
   local ends = deadline(tier, touched, expiry)
   if not (ends and now >= ends) then
-    return {1, 0, 0, now, f[1], f[2], f[3], f[4], f[5], f[6], f[7]}
+    return {1, 0, 0, now, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]}
   end
   drop(id, tier, expiry and now >= expiry and 'expired' or 'idle', ends)
 elseif tier then

@@ -51,7 +51,7 @@ sweep()
 
 local marks = redis.call('HMGET', stats_key, 'flushed', 'fence_floor')
 local flushed, floor = tonumber(marks[1]) or -1, tonumber(marks[2]) or -1
-local versions, written, prewarmed = {}, 0, 0
+local versions, written, prewarmed, ghost_hits = {}, 0, 0, 0
 for i = HEAD + 1, #ARGV, GROUP do
   local id, payload, ttl, key = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   local since, expect, cost = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
@@ -112,7 +112,10 @@ for i = HEAD + 1, #ARGV, GROUP do
     redis.call('ZADD', l2_key, score, id)
     set_deadline(ek, deadline(2, score, expiry), 2, score)
     redis.call('HSET', size_key, id, string.len(payload))
-    redis.call('ZREM', ghost_key, id)                  -- back in Redis: no longer sizing evidence
+    -- Back in Redis: no longer sizing evidence. A write of an entry L3 evicted lately is what follows
+    -- a miss on it (cache-aside), and may reach Redis before that miss's bookkeeping does: it counts
+    -- the ghost hit then (the miss's report finds no record left, and counts nothing).
+    if redis.call('ZREM', ghost_key, id) == 1 then ghost_hits = ghost_hits + 1 end
     bytes2 = bytes2 + string.len(payload)
     announce(id, version)
     versions[#versions + 1] = version
@@ -121,5 +124,5 @@ for i = HEAD + 1, #ARGV, GROUP do
 end
 
 enforce_bounds()
-table.insert(versions, 1, finish({puts = written, prewarmed = prewarmed}))
+table.insert(versions, 1, finish({puts = written, prewarmed = prewarmed, ghost_hits = ghost_hits}))
 return versions

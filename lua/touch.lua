@@ -144,10 +144,16 @@ for t, key in ipairs({l2_key, l3_key}) do
   local ids, hits = stamped[t], stamped_hits[t]
   if #ids > 0 then
     if t == 2 and evidence then
-      local scores = redis.call('ZMSCORE', key, unpack(ids))
-      for j, s in ipairs(scores) do      -- one of the LRU entries a smaller L3 would have lost?
-        if s and redis.call('ZCOUNT', key, '-inf', string.format('(%.17g', tonumber(s))) < step then
-          tail_hits = tail_hits + hits[j]
+      -- One of the `step` least recently used entries a smaller L3 would have lost? Ranked as the hits
+      -- happened: an entry hit earlier in the batch has left the bottom by the time of a later hit.
+      local scores, earlier = redis.call('ZMSCORE', key, unpack(ids)), {}
+      for j, s in ipairs(scores) do
+        if s then
+          s = tonumber(s)
+          local rank = redis.call('ZCOUNT', key, '-inf', string.format('(%.17g', s))
+          for _, e in ipairs(earlier) do if e < s then rank = rank - 1 end end
+          if rank < step then tail_hits = tail_hits + hits[j] end
+          earlier[#earlier + 1] = s
         end
       end
     end
@@ -204,13 +210,14 @@ for _, c in ipairs(corrupt) do
 end
 
 -- Reads come in batches all the time: a batch sweeps (and checks the byte totals) at most once per
--- SWEEP_MS window of the shard, and enforces the bounds only when it moved an entry into a tier.
+-- SWEEP_MS window of the shard. It enforces the bounds every time (a promotion, or capacities the fleet
+-- sizing just lowered).
 if tonumber(redis.call('HGET', stats_key, 'sweep_window')) ~= math.floor(now / SWEEP_MS) then
   redis.call('HSET', stats_key, 'sweep_window', math.floor(now / SWEEP_MS))
   sweep()
   check_totals = true
 end
-if ev.promotions > 0 or drifted then enforce_bounds() end
+enforce_bounds()
 return finish({l1_hits = tonumber(counts[1]), l1_evictions = tonumber(counts[2]), l1_fills = tonumber(counts[3]),
                l2_hits = tonumber(counts[4]), l3_hits = tonumber(counts[5]), misses = tonumber(counts[6]),
                ghost_hits = ghost_hits, tail_hits = tail_hits, prewarm_useful = useful})

@@ -94,7 +94,7 @@ def _serve(conn: Any, url: str, namespace: str, settings: dict[str, Any]) -> Non
     ops: dict[str, Callable[..., Any]] = {
         "ping": lambda: True,
         "get": cache.get,
-        "get_many": lambda keys: cache.get_many(keys),
+        "get_many": cache.get_many,
         "put": lambda key, value, ttl=None: cache.put(key, value, ttl=ttl),
         "delete": cache.delete,
         "invalidate": cache.invalidate,

@@ -31,6 +31,7 @@ from . import forksafe
 from .metrics import Counters
 
 WINDOW = 0.1  # seconds: the longest a reported hit waits before it is sent
+COUNTS_INTERVAL = 1.0  # seconds: how often L1 counters go alone, when no batch carries them
 BATCH = 64  # events waiting that wake the flusher at once
 MAX_IDS = 512  # distinct hits one touch.lua call carries (the script's limit is 1000)
 
@@ -86,6 +87,8 @@ class Bookkeeping:
         self.counters = counters
         self.clock = clock
         self.wake = wake  # called (rarely: once per BATCH events) to wake the flusher early
+        # Whether counters kept elsewhere (the L1's hits and evictions) have news for Redis: set by the core.
+        self.unreported: Callable[[], bool] = lambda: False
         self.dropped = 0  # batches that could not be sent (bookkeeping lost, never values)
         self._init_state()
         forksafe.register(self)
@@ -224,6 +227,7 @@ class Flusher:
         forksafe.register(self)
 
     def _init_state(self) -> None:
+        self._counts_sent = self.book.clock()
         self._event = threading.Event()
         self._stop = threading.Event()
         self._sending = threading.Lock()  # one sender at a time: batches of a shard go out in order
@@ -255,7 +259,12 @@ class Flusher:
         with self._sending:
             self.book.collect()
             batches = self.book.due(force)
-            if batches:
+            now = self.book.clock()
+            # L1 hits cost Redis nothing, so a process serving only from L1 has no batch to carry its L1
+            # counters: they go alone, at most once per COUNTS_INTERVAL (and when forced).
+            counts_due = force or now - self._counts_sent >= COUNTS_INTERVAL
+            if batches or (counts_due and self.book.unreported()):
+                self._counts_sent = now
                 self._send(batches)
 
     def _run(self) -> None:

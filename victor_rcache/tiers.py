@@ -244,6 +244,8 @@ class TierCore:
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
         self.counters = Counters(served=lambda: self.l1.hits)  # L1 hits are counted by L1 itself
         self.book = Bookkeeping(self.counters)
+        self.book.unreported = lambda: (self.l1.hits, self.l1.evictions) != (self._reported_l1_hits,
+                                                                             self._reported_l1_evictions)
         self.server_time = ServerTime(config.clock)
         self._caps2 = split_capacity(config.l2_size, config.shards)
         self._caps3 = split_capacity(config.l3_size, config.shards)
@@ -344,6 +346,8 @@ class TierCore:
         ``sent_at`` is :meth:`since` taken before the read was sent; ``trace`` (an observed call's
         timing) is told which tier served it.
         """
+        if trace is not None:
+            trace.outcome = "miss"  # until a hit says otherwise
         if self.l1.unconfirmed:  # Redis answered for this key: a copy it never confirmed is not needed
             self.l1.forget_unconfirmed(ref.id)
         payload = None if isinstance(reply, Exception) else reply[0]
