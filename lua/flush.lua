@@ -22,7 +22,7 @@
 ]]
 -- @include "includes/shard.lua"
 
-if #KEYS ~= 1 or string.sub(l2_key, -4) ~= '}:l2' then
+if #KEYS ~= 1 or string.sub(l2_key, -4) ~= '}:l2' or not string.find(l2_key, ':{', 1, true) then
   return redis.error_reply('VRC_BADARG flush: KEYS[1] must be a shard\'s l2 key')
 end
 for i = 1, 3 do

@@ -50,12 +50,17 @@ local err = check_head()
 if err then return redis.error_reply(err) end
 check_totals = false                     -- see the sweep at the end
 local counts = {}
-for c in string.gmatch(ARGV[HEAD + 1] or '', '%S+') do counts[#counts + 1] = c end
-if #counts ~= 7 or not plain_ints(counts[1], counts[2], counts[3], counts[4]) or not plain_ints(counts[5], counts[6])
-    or (counts[7] ~= '0' and counts[7] ~= '1') then
-  return redis.error_reply('VRC_BADARG touch needs six counts and the evidence flag')
+for c in string.gmatch(ARGV[HEAD + 1] or '', '%S+') do
+  -- Plain decimal digits, at most 2^53: each is added to a counter Redis must read back as an integer.
+  local v = string.len(c) <= 16 and string.match(c, '^%d+$') and tonumber(c)
+  if not v or v > MAX_INT then counts = {}; break end
+  counts[#counts + 1] = v
 end
-local evidence = counts[7] == '1'
+if #counts ~= 7 or counts[7] > 1 then
+  return redis.error_reply('VRC_BADARG touch needs six counts (whole numbers from 0 to 2^53) and the evidence '
+      .. 'flag (0 or 1)')
+end
+local evidence = counts[7] == 1
 if #ARGV ~= HEAD + 8 then
   return redis.error_reply('VRC_BADARG touch needs the counts and seven record strings (2, 3, n, e, w, m, c)')
 end
@@ -218,6 +223,6 @@ if tonumber(redis.call('HGET', stats_key, 'sweep_window')) ~= math.floor(now / S
   check_totals = true
 end
 enforce_bounds()
-return finish({l1_hits = tonumber(counts[1]), l1_evictions = tonumber(counts[2]), l1_fills = tonumber(counts[3]),
-               l2_hits = tonumber(counts[4]), l3_hits = tonumber(counts[5]), misses = tonumber(counts[6]),
+return finish({l1_hits = counts[1], l1_evictions = counts[2], l1_fills = counts[3],
+               l2_hits = counts[4], l3_hits = counts[5], misses = counts[6],
                ghost_hits = ghost_hits, tail_hits = tail_hits, prewarm_useful = useful})

@@ -74,6 +74,29 @@ class ShardBatch:
                 b"".join(_record(i, b"%d" % n) for i, n in self.missed.items()),
                 b"".join(_record(i, seen) for i, seen in self.corrupt.items())]
 
+    def split(self, limit: int = MAX_IDS) -> list[ShardBatch]:
+        """This batch as batches of at most ``limit`` distinct hits each (touch.lua takes 1000 at most): an
+        entry's count and expiry records go with its stamp; misses, prewarm marks, corrupt entries and the
+        counters ride on the first."""
+        if len(self.hits) <= limit:
+            return [self]
+        ids = list(self.hits)
+        parts = []
+        for start in range(0, len(ids), limit):
+            part = ShardBatch(self.shard, self.started)
+            for entry_id in ids[start:start + limit]:
+                part.hits[entry_id] = self.hits[entry_id]
+                part.tiers[entry_id] = self.tiers[entry_id]
+                if entry_id in self.counted:
+                    part.counted[entry_id] = self.counted[entry_id]
+                if entry_id in self.expiring:
+                    part.expiring[entry_id] = self.expiring[entry_id]
+            parts.append(part)
+        first = parts[0]
+        first.events, first.prewarmed, first.missed = self.events, self.prewarmed, self.missed
+        first.corrupt, first.counts = self.corrupt, self.counts
+        return parts
+
     def due(self, now: float) -> bool:
         """Send it now: enough events to pay for a script call, or its oldest waited a window."""
         return self.events >= BATCH or len(self.hits) >= MAX_IDS or now - self.started >= WINDOW
@@ -179,7 +202,7 @@ class Bookkeeping:
             batches = [b for b in self._pending.values() if force or b.due(now)]
             for batch in batches:
                 del self._pending[batch.shard]
-        return batches
+        return [part for batch in batches for part in batch.split()]
 
     def next_due(self) -> float | None:
         """Seconds until the oldest waiting batch is due (None: nothing waits)."""

@@ -359,6 +359,10 @@ class TierCore:
             return MISS
         _, ver, tier, hits, expiry_ms, cost_ms, prewarmed, step = reply
         try:
+            # Plain digits only, as the scripts write them: int() would also take " 7", "+7" or "1_0".
+            if not (ver.isdigit() and (expiry_ms is None or expiry_ms.isdigit())
+                    and (cost_ms is None or cost_ms.isdigit()) and (hits is None or hits.isdigit())):
+                raise ValueError("a field that must be a whole number is not")
             version = int(ver)
             expiry = None if expiry_ms is None else int(expiry_ms)
             cost = 0.0 if cost_ms is None else int(cost_ms) / 1000
@@ -382,7 +386,7 @@ class TierCore:
         if count < (self._fill_after if in_l2 else self._promote_after):
             flags |= COUNTED
         idle_step = self._idle_steps[0 if in_l2 else 1]
-        if idle_step and (now is None or step is None or int(now // idle_step) != int(step)):
+        if idle_step and (now is None or step is None or not step.isdigit() or int(now // idle_step) != int(step)):
             flags |= EXPIRING
         if (in_l2 and count >= self._fill_after and (expiry is None or ttl_left is not None)
                 and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost, shard=ref.shard)):

@@ -152,12 +152,6 @@ local function entry_fields(ek, ...)
   return fields
 end
 
--- Are these fields integers (or absent)? Fields written by hand may hold anything.
-local function plain_ints(a, b, c, d)
-  return string.find((a or '0') .. ' ' .. (b or '0') .. ' ' .. (c or '0') .. ' ' .. (d or '0'),
-                     '^%-?%d+ %-?%d+ %-?%d+ %-?%d+$') ~= nil
-end
-
 -- Adds d to a counter of the stats hash. A counter written by hand that is no integer is reset to d
 -- (HINCRBY would fail the call midway). The stats key's type was checked before the first write.
 local function count(field, d)
@@ -219,11 +213,14 @@ end
 -- Makes the entry's Redis expiry its deadline `at` (ms on the scripts' clock; nil: none), computed from
 -- a touch at `touched` (ms) in `tier`, and records that touch's idle step in field `e` (readers compare
 -- it with the current step). With the server's own clock that is the exact time; with a test clock the
--- same distance from now. Returns whether the entry's data exists (nothing is written if not).
--- A deadline already passed is the caller's to handle (it drops the entry instead).
+-- same distance from now. Returns whether the entry's data exists (nothing is written if not): a
+-- deadline already passed deletes the data and returns false (the caller drops the entry).
 local function set_deadline(ek, at, tier, touched)
   local exists
-  if at == nil then
+  if at ~= nil and at <= now then          -- already over: the data goes now (PEXPIREAT would too)
+    redis.call('DEL', ek)
+    return false
+  elseif at == nil then
     redis.call('PERSIST', ek)
     exists = redis.call('EXISTS', ek) == 1
   elseif real_time then                 -- whole ms below 2^53: Lua hands such a number over as digits
