@@ -268,7 +268,7 @@ class TierCore:
         self._reported_l1_hits = 0  # of self.l1.hits, those sent to the fleet totals
         self._reported_l1_evictions = 0
         self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
-        self._script_gen: dict[str, int] = {}  # script name -> reloads claimed (see run_scripts)
+        self._script_gen: dict[str, int] = {}  # script name -> reloads done (see run_scripts)
         self._reloading: set[str] = set()  # scripts whose reload is on its way to Redis
         forksafe.register(self)
 
@@ -1022,8 +1022,10 @@ class TierCore:
             try:
                 again = yield [calls[i].eval() if i in reload else calls[i].evalsha() for i in order]
             finally:
-                with self._lock:
-                    self._reloading.difference_update(calls[i].script.name for i in reload)
+                with self._lock:  # a reload is counted once it is done: see _claim_reloads
+                    for name in {calls[i].script.name for i in reload}:
+                        self._reloading.discard(name)
+                        self._script_gen[name] = self._script_gen.get(name, 0) + 1
             for i, reply in zip(order, again, strict=True):
                 replies[i] = reply
         _raise_first_error(replies)
@@ -1036,14 +1038,15 @@ class TierCore:
                     for i, c in zip(indexes or range(len(calls)), calls, strict=True)}
 
     def _claim_reloads(self, calls: list[ScriptCall], missing: list[int], sent: dict[int, int]) -> list[int]:
-        """The calls that reload their script: one per script that nobody reloaded since they were sent
-        and nobody is reloading right now."""
+        """The calls that reload their script: one per script that nobody is reloading right now and nobody
+        reloaded since they were sent. A call sent while a reload of its script was still on its way may
+        have reached that very server before the script did: it does not reload but sends EVALSHA again,
+        and reloads only if its server still lacks the script then (another server of a cluster)."""
         claimed: list[int] = []
         with self._lock:
             for i in missing:
                 name = calls[i].script.name
                 if name not in self._reloading and self._script_gen.get(name, 0) == sent[i]:
-                    self._script_gen[name] = sent[i] + 1
                     self._reloading.add(name)
                     claimed.append(i)
         return claimed
