@@ -817,6 +817,28 @@ class TierCore:
 
     # ------------------------------------------------------------- prewarming
 
+    def absent(self, keys: Iterable[str | bytes]) -> Step[list[Any]]:
+        """The ``keys`` no tier holds and no worker is computing (its fill lease is free): what prewarming may
+        compute. This process's L1 is asked first; the rest is one round trip of plain reads (``EXISTS`` of
+        each entry and of its lease), whatever the shards. Redis failing: none (prewarming waits)."""
+        refs: dict[bytes, tuple[Any, EntryRef]] = {}
+        for key in keys:
+            ref = self.space.ref(key)
+            if ref.id not in refs and self.l1.peek(ref.id) is None:
+                refs[ref.id] = (key, ref)
+        if not refs:
+            return []
+        batch: Batch = [command for _, ref in refs.values()
+                        for command in (("EXISTS", ref.entry), ("EXISTS", self.space.lease_key(ref)))]
+        try:
+            replies = yield batch
+            _raise_first_error(replies, batch)
+        except RedisError as exc:
+            self.redis_failed("prewarm", exc)
+            return []
+        return [key for (key, _), held, leased in zip(refs.values(), replies[0::2], replies[1::2], strict=True)
+                if not held and not leased]
+
     def prewarm(self, key: str | bytes, ttl: float | None = None) -> Step[Prewarmed]:
         """Compute a value nobody has asked for yet, once per fleet (the caller's loader computes it).
 
