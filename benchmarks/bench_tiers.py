@@ -207,12 +207,12 @@ def run(url: str, samples: int, warmup: int, rounds: int, prefix: str) -> list[R
             Case("L2 hit", lambda i: l2.get(f"q{i}"), floor=f"floor: GET ({len(small)} B string)",
                  note="second instance, cold L1"),
             Case("L3 hit", lambda i: l3.get(f"q{i}"), floor=f"floor: GET ({len(small)} B string)",
-                 note="L2 and L3 looked up in one script call"),
+                 note="the same HMGET as an L2 hit"),
             Case("miss", lambda i: miss.get(f"absent-{i}"), floor=f"floor: GET ({len(small)} B string)"),
             Case("put", lambda i: put.put(f"new-{i}", VALUE), floor=f"floor: GET ({len(small)} B string)",
                  note="new key into L2 (no demotion) + L1 copy"),
             Case("get_many(100), all L2 hits", lambda i: many.get_many(batches[i]),
-                 floor="floor: MGET of 100 keys", note="one round trip, one script call per shard"),
+                 floor="floor: MGET of 100 keys", note="one round trip, one HMGET per key"),
         ]
         measure(cases, samples, warmup, rounds)
 

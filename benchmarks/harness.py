@@ -1,20 +1,24 @@
 """The benchmark harness: ``python -m benchmarks run`` then ``python -m benchmarks report``.
 
-    python -m benchmarks run --group micro|fleet|all [--config NAME ...] [--quick|--tiny] [--url URL]
-                             [--out benchmarks/results/latest.json]
+    python -m benchmarks run --group micro|fleet|all [--config NAME ...] [--quick|--tiny] [--repeat N]
+                             [--url URL] [--out benchmarks/results/latest.json]
     python -m benchmarks report [--format markdown|json] [--in FILE] [--plot out.png]
 
-``run`` writes one JSON file (machine facts from benchmarks/facts.py, then each group's figures);
-progress goes to stderr. ``report`` reads that file. Without ``--url`` a private redis-server is
-started on a free port (LocalRedisServer) and stopped at the end. The micro group is
-benchmarks/bench_micro.py; the fleet group is ``run_fleet`` of benchmarks/bench_fleet.py, when that
-module exists.
+``run`` writes one JSON file: the machine facts (benchmarks/facts.py), then one record per run (``--repeat``),
+each with its groups' figures (benchmarks/figures.py: value, floor, ratio, target, verdict); progress goes
+to stderr. ``report`` reads that file: one table of every figure with its spread over the runs (a figure
+passes only if it passed in every run), then the workloads and the fleet's own table; ``--plot`` draws
+the latency distributions of L1, L2 and L3 hits against their floors and the fleet's configurations as
+hit rate against mean latency. Without ``--url`` a private redis-server is started on a free port
+(LocalRedisServer) and stopped at the end. The micro group is benchmarks/bench_micro.py (with
+bench_parallel.py); the fleet group is ``run_fleet`` of benchmarks/bench_fleet.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -22,11 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import facts
-from benchmarks.bench_micro import FIGURES, run_micro
+from benchmarks.bench_micro import FIGURES, TIMER_CASE, run_micro
+from benchmarks.figures import judged
 from victor_rcache.local_redis import LocalRedisServer
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 GROUPS = ("micro", "fleet")
+# The fleet group per mode: process counts, selection costs (ms), requests per worker. Every mode runs
+# N = 4 at both costs (the fleet figures); the full run adds N = 1 and 2 to the fleet's table and plot.
+FLEET_RUNS = {"full": ((1, 2, 4), (5.0, 0.17), 1500), "quick": ((4,), (5.0, 0.17), 400),
+              "tiny": ((4,), (5.0, 0.17), 40)}
 
 
 def progress_printer() -> Callable[[str], None]:
@@ -38,71 +47,144 @@ def progress_printer() -> Callable[[str], None]:
     return progress
 
 
-def load_fleet() -> tuple[Callable[..., dict[str, Any]] | None, str]:
+def load_fleet() -> tuple[Any, str]:
     try:
-        from benchmarks.bench_fleet import run_fleet  # noqa: PLC0415 - written separately; optional here
+        from benchmarks import bench_fleet  # noqa: PLC0415 - needs the bench extra's peers only when run
     except ImportError as exc:
-        return None, f"benchmarks/bench_fleet.py is not available ({exc}); the fleet group was not run"
-    return run_fleet, ""
+        return None, f"benchmarks/bench_fleet.py could not be imported ({exc}); the fleet group was not run"
+    return bench_fleet, ""
 
 
-def run(args: argparse.Namespace) -> int:
+def run_groups(url: str, groups: tuple[str, ...], mode: str, configs: list[str],
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """One run of the selected groups: {group: {..., "figures": [...], "skipped": {...}}}."""
+    out: dict[str, Any] = {}
+    micro_figures = [c for c in configs if c in FIGURES] or None
+    fleet_configs = [c for c in configs if c not in FIGURES] or None
+    if "micro" in groups and (micro_figures or not configs):
+        out["micro"] = run_micro(url, mode, micro_figures, progress)
+    if "fleet" in groups and (fleet_configs or not configs):
+        bench_fleet, why = load_fleet()
+        if bench_fleet is None:
+            progress(why)
+            out["fleet"] = {"skipped": {"fleet": why}, "figures": []}
+        else:
+            processes, costs, requests = FLEET_RUNS[mode]
+            started = time.perf_counter()
+            fleet = bench_fleet.run_fleet(url, mode != "full", fleet_configs, progress, processes=processes,
+                                          costs=costs, requests=requests)
+            figures, missing = bench_fleet.fleet_figures(fleet["results"], fleet["settings"])
+            out["fleet"] = {**fleet, "figures": figures, "skipped": {**fleet["skipped"], **missing},
+                            "seconds": round(time.perf_counter() - started, 1)}
+    return out
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     progress = progress_printer()
     groups = GROUPS if args.group == "all" else (args.group,)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     configs: list[str] = args.config or []
-    micro_figures = [c for c in configs if c in FIGURES] or None
-    if configs and groups == ("micro",) and not micro_figures:
+    if configs and groups == ("micro",) and not any(c in FIGURES for c in configs):
         print(f"--config {configs}: the micro group has figures {', '.join(FIGURES)}", file=sys.stderr)
         return 2
-    fleet_configs = [c for c in configs if c not in FIGURES] or None
+    if args.repeat < 1:
+        print("--repeat must be at least 1", file=sys.stderr)
+        return 2
     server = None if args.url else LocalRedisServer().start()
     url = args.url or (server.url if server else "")
-    result: dict[str, Any] = {"command": ["python", "-m", "benchmarks", *sys.argv[1:]], "mode": mode,
+    result: dict[str, Any] = {"command": ["python", "-m", "benchmarks", *argv], "mode": mode,
                               "redis": "private redis-server (LocalRedisServer)" if server else "given --url",
-                              "groups": {}}
+                              "repeat": args.repeat, "runs": []}
+    started = time.perf_counter()
     try:
         result["machine"] = facts.machine_facts(url)
-        progress(f"redis at {url if server else '--url'}; groups: {', '.join(groups)}; mode: {mode}")
-        if "micro" in groups and (micro_figures or not configs):
-            result["groups"]["micro"] = run_micro(url, mode, micro_figures, progress)
-        if "fleet" in groups and (fleet_configs or not configs):
-            run_fleet, why = load_fleet()
-            if run_fleet is None:
-                progress(why)
-                result["groups"]["fleet"] = {"skipped": why}
-            else:
-                started = time.perf_counter()
-                fleet = run_fleet(url, mode != "full", fleet_configs, progress)
-                result["groups"]["fleet"] = {**fleet, "seconds": round(time.perf_counter() - started, 1)}
+        progress(f"redis at {url if server else '--url'}; groups: {', '.join(groups)}; mode: {mode}; "
+                 f"runs: {args.repeat}")
+        for n in range(args.repeat):
+            if args.repeat > 1:
+                progress(f"run {n + 1} of {args.repeat}")
+            load = facts.machine_facts(url)["load_average"]
+            run_started = time.perf_counter()
+            record = {"load_average": load, "groups": run_groups(url, groups, mode, configs, progress)}
+            record["seconds"] = round(time.perf_counter() - run_started, 1)
+            result["runs"].append(record)
     finally:
         if server is not None:
             server.stop()
+    result["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    progress(f"results written to {out}; show them with: python -m benchmarks report --in {out}")
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    failed = [f["id"] for f in aggregate(result) if f["pass"] is False]
+    progress(f"results written to {out} ({len(failed)} figures fail their target); show them with: "
+             f"python -m benchmarks report --in {out}")
     return 0
 
 
 # ------------------------------------------------------------------ report
 
 
+def runs_of(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of a results file (a file from before ``--repeat`` holds one run's groups at its top)."""
+    return result.get("runs") or [{"groups": result.get("groups", {})}]
+
+
+def aggregate(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every figure over the runs that measured it: medians of value, floor and ratio, the spread of the
+    number its verdict is taken on, and a verdict that passes only if every run passed."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for run in runs_of(result):
+        for group in run.get("groups", {}).values():
+            for f in group.get("figures", []):
+                by_id.setdefault(f["id"], []).append(f)
+    out = []
+    for seen in by_id.values():
+        def median(key: str, seen: list[dict[str, Any]] = seen) -> float | None:
+            values = [f[key] for f in seen if f.get(key) is not None]
+            return float(statistics.median(values)) if values else None
+
+        numbers = [x for f in seen if (x := judged(f)) is not None]
+        verdicts = [f["pass"] for f in seen]
+        passed = None if all(v is None for v in verdicts) else all(v is True for v in verdicts)
+        first = seen[0]
+        out.append({**first, "value": median("value"), "floor_value": median("floor_value"),
+                    "ratio": median("ratio"), "pass": passed, "runs": len(seen),
+                    "failed_runs": sum(v is False for v in verdicts),
+                    "spread": (min(numbers), max(numbers)) if numbers else None,
+                    "spread_on": (first["bound"] or ["ratio" if first.get("ratio") is not None else "value"])[0]})
+    return out
+
+
 def _num(x: Any) -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return "" if x is None else str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
 
 
-def _verdict(passed: bool | None) -> str:
-    return "—" if passed is None else "pass" if passed else "**FAIL**"
+def _verdict(f: dict[str, Any]) -> str:
+    if f["pass"] is None:
+        return "—"
+    if f["pass"]:
+        return "pass" if f["runs"] == 1 else f"pass ({f['runs']} of {f['runs']} runs)"
+    return "**FAIL**" if f["runs"] == 1 else f"**FAIL** ({f['failed_runs']} of {f['runs']} runs)"
+
+
+def _spread(f: dict[str, Any]) -> str:
+    if f["runs"] < 2 or f["spread"] is None:
+        return "1 run" if f["runs"] == 1 else ""
+    lo, hi = f["spread"]
+    unit = "x" if f["spread_on"] == "ratio" else f" {f['unit']}"
+    return f"{_num(lo)} to {_num(hi)}{unit} ({f['runs']} runs)"
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    """A list of dicts as a markdown table: columns in first-seen order, nested values as JSON."""
+    """A list of dicts as a markdown table: columns in first-seen order, nested values inline."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
+
     def cell(v: Any) -> str:
         if isinstance(v, dict):
             return ", ".join(f"{k} {_num(x)}" for k, x in v.items())
@@ -115,65 +197,78 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
+    runs = runs_of(result)
+    loads = [r.get("load_average") for r in runs if r.get("load_average") is not None]
     lines = [
         "# victor_rcache benchmarks",
         "",
         f"{m.get('date', '?')} · victor_rcache {m.get('victor_rcache', '?')} · Python {m.get('python', '?')} · "
         f"redis-py {m.get('redis_py', '?')} · redis-server {m.get('redis_server', '?')} · "
-        f"nproc {m.get('nproc', '?')} · "
-        f"load average at start {m.get('load_average', '?')} · {m.get('platform', '?')}",
+        f"nproc {m.get('nproc', '?')} · load average at the start of each run "
+        f"{', '.join(_num(x) for x in loads) or m.get('load_average', '?')} · {m.get('platform', '?')}",
         "",
-        f"`{' '.join(result.get('command', []))}` (mode: {result.get('mode', '?')}; {result.get('redis', '')})",
+        f"`{' '.join(result.get('command', []))}` (mode: {result.get('mode', '?')}; {len(runs)} run(s); "
+        f"{result.get('redis', '')}; {result.get('seconds', '?')} s)",
+        "",
+        "Every figure is taken against its floor in the same run; with several runs, value, floor and ratio are "
+        "medians over the runs, the spread is that of the number the target applies to, and a figure passes "
+        "only if it passed in every run.",
     ]
-    groups = result.get("groups", {})
-    micro = groups.get("micro")
-    if micro is not None:
-        lines += ["", f"## Micro figures ({micro.get('seconds', '?')} s)", "",
-                  "| figure | value | unit | measured | floor / baseline | target | verdict |",
-                  "|---|---|---|---|---|---|---|"]
-        for f in micro.get("figures", []):
-            lines.append(f"| {f['figure']} | {_num(f['value'])} | {f['unit']} | {f['measured']} | {f['floor']} | "
-                         f"{f['target']} | {_verdict(f['pass'])} |")
-        for fid, why in micro.get("skipped", {}).items():
-            lines.append(f"| {fid} | — | | not measured: {why} | | | |")
-    fleet = groups.get("fleet")
-    if fleet is not None:
-        lines += ["", "## Fleet workload", ""]
-        if isinstance(fleet.get("skipped"), str):
-            lines.append(f"Not run: {fleet['skipped']}")
-        else:
-            for key, value in fleet.items():
-                if key == "facts":  # the same machine as above
-                    continue
-                if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                    lines += ["", f"**{key}**", "", *_table(value)]
-                elif isinstance(value, dict):
-                    if value:
-                        lines.append(f"- {key}: " + ", ".join(f"{k}={_num(v)}" for k, v in value.items()))
-                else:
-                    lines.append(f"- {key}: {_num(value)}")
-    if not groups:
+    figures = aggregate(result)
+    if figures:
+        lines += ["", "## Figures", "",
+                  "| figure | value | floor | ratio | target | verdict | spread |", "|---|---|---|---|---|---|---|"]
+        for f in figures:
+            floor = f["floor"] if f["floor_value"] is None else f"{_num(f['floor_value'])} {f['unit']}: {f['floor']}"
+            ratio = "" if f["ratio"] is None else f"{_num(f['ratio'])}x"
+            lines.append(f"| {f['figure']} (`{f['id']}`) | {_num(f['value'])} {f['unit']} | {floor} | {ratio} | "
+                         f"{f['target']} | {_verdict(f)} | {_spread(f)} |")
+    skipped: dict[str, str] = {}
+    for run in runs:
+        for group in run.get("groups", {}).values():
+            skipped.update(group.get("skipped") or {})
+    if skipped:
+        lines += ["", "Not measured:", ""] + [f"- `{k}`: {why}" for k, why in skipped.items()]
+    workloads: dict[str, list[str]] = {}  # workload -> the figures measured on it
+    for f in figures:
+        if f.get("detail", {}).get("workload"):
+            workloads.setdefault(f["detail"]["workload"], []).append(f"`{f['id']}`")
+    if workloads:
+        lines += ["", "## Workloads (as the first run of each figure describes them)", ""] + \
+            [f"- {', '.join(ids)}: {text}" for text, ids in workloads.items()]
+    fleet = runs[-1].get("groups", {}).get("fleet")
+    if fleet and fleet.get("results"):
+        from benchmarks.bench_fleet import table  # noqa: PLC0415 - the fleet's own table
+
+        lines += ["", f"## Fleet workload (last run, {fleet.get('seconds', '?')} s)", "", "```",
+                  table({**fleet, "skipped": {k: v for k, v in fleet["skipped"].items() if k in FLEET_NAMES}}), "```",
+                  "", "Settings: " + ", ".join(f"{k}={_num(v)}" for k, v in (fleet.get("settings") or {}).items()
+                                              if k not in ("namespace", "processes", "cost_ms"))]
+    if not any(run.get("groups") for run in runs):
         lines += ["", "No group was run."]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _fleet_rows(fleet: dict[str, Any]) -> list[dict[str, Any]]:
-    """The first list of per-configuration dicts in the fleet results (its shape is bench_fleet.py's)."""
-    for value in fleet.values():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            return value
-    return []
+FLEET_NAMES = ("none", "cachetools", "fleet", "fleet+prewarm", "fleet+adaptive", "cashews", "aiocache")
 
 
-def _pick(row: dict[str, Any], *words: str) -> float | None:
-    for key, value in row.items():
-        if all(w in key.lower() for w in words) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+# ------------------------------------------------------------------ plot
+
+# The latency distributions drawn, per tier: (case names as bench_micro records them, label).
+CDF_PANELS = (
+    ("L1 hit", (("L1 hit (per call)", "get, copy_on_read=True"),
+                ("L1 hit, copy_on_read=False (per call)", "get, copy_on_read=False"),
+                ("floor: cachetools.LRUCache.get (per call)", "floor: cachetools.LRUCache.get"))),
+    ("L2 hit, cold L1", (("L2 hit", "MultiLevelCache.get"), ("floor: GET + msgpack.unpackb", "floor: GET + unpack"),
+                         ("L2 hit (async)", "AsyncMultiLevelCache.get"),
+                         ("floor: redis.asyncio GET + msgpack.unpackb", "floor: asyncio GET + unpack"))),
+    ("L3 hit, cold L1", (("L3 hit", "MultiLevelCache.get"), ("floor: GET + msgpack.unpackb", "floor: GET + unpack"))),
+)
 
 
 def plot(result: dict[str, Any], path: str) -> str:
-    """Micro ratios against their targets, and per fleet configuration latency and hit rate (if present)."""
+    """Latency CDFs of L1, L2 and L3 hits against their floors; the fleet's configurations as hit rate against
+    mean latency (one panel per selection cost); every targeted figure against its target."""
     try:
         import matplotlib  # noqa: PLC0415 - optional: pip install -e '.[bench]'
 
@@ -181,35 +276,95 @@ def plot(result: dict[str, Any], path: str) -> str:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]' or pip install matplotlib)"
-    micro = [f for f in result.get("groups", {}).get("micro", {}).get("figures", [])
-             if f["id"] in ("l1", "l1:shared", "l2")]
-    rows = _fleet_rows(result.get("groups", {}).get("fleet", {}))
-    costs = sorted({r["cost_ms"] for r in rows if "cost_ms" in r}, reverse=True)
-    cost = 5.0 if 5.0 in costs else (costs[0] if costs else None)
-    shown = [r for r in rows if r.get("cost_ms") == cost and "config" in r and "processes" in r]
-    configs = list(dict.fromkeys(r["config"] for r in shown))
-    counts = sorted({r["processes"] for r in shown})
-    fleet_panels = (("mean", "mean latency (ms)"), ("hit_rate", "hit rate")) if shown else ()
-    fig, axes = plt.subplots(1, 1 + len(fleet_panels), figsize=(5 + 5 * len(fleet_panels), 4.5), squeeze=False)
-    ax = axes[0][0]
-    ax.bar([f["id"] for f in micro], [f["value"] for f in micro], color="tab:blue")
-    for f in micro:  # each ratio's target, as a short dash over its bar
-        target = {"l1": 4.0, "l1:shared": 4.0, "l2": 1.3}[f["id"]]
-        ax.plot([micro.index(f) - 0.4, micro.index(f) + 0.4], [target, target], color="black", linestyle="--")
-    ax.set_title("micro: x floor (median); dashes: targets")
-    height = 0.8 / max(1, len(counts))
-    for panel, (field, title) in enumerate(fleet_panels, start=1):
-        axis = axes[0][panel]
-        for i, n in enumerate(counts):
-            values = [next((_pick(r, *field.split("_")) or 0.0 for r in shown
-                            if r["config"] == c and r["processes"] == n), 0.0) for c in configs]
-            axis.barh([y + i * height for y in range(len(configs))], values, height=height, label=f"N={n}")
-        axis.set_yticks([y + height * (len(counts) - 1) / 2 for y in range(len(configs))], configs)
-        axis.invert_yaxis()
-        axis.set_title(f"fleet, {cost:g} ms selection: {title}")
-        axis.legend(fontsize="small")
+    runs = runs_of(result)
+    samples: dict[str, list[float]] = {}
+    for run in runs:  # every run's samples pooled (one mode per file)
+        for name, values in (run.get("groups", {}).get("micro", {}).get("samples") or {}).items():
+            samples.setdefault(name, []).extend(values)
+    rows = (runs[-1].get("groups", {}).get("fleet") or {}).get("results") or []
+    costs = sorted({r["cost_ms"] for r in rows}, reverse=True)
+    targeted = [f for f in aggregate(result) if f["bound"] and judged(f) is not None]
+    panels = [h for h, shown in ((5.0, bool(samples)), (5.0, bool(costs)), (0.3 * len(targeted) + 1, bool(targeted)))
+              if shown]  # the rows drawn, by height: distributions, fleet, targets
+    if not panels:
+        return "no plot: the results file holds no samples, fleet rows or targeted figures"
+    fig = plt.figure(figsize=(18, sum(panels) + 1))
+    grid = fig.add_gridspec(len(panels), 6, height_ratios=panels)
+    row = 0
+    if samples:
+        for i, (title, cases) in enumerate(CDF_PANELS):
+            ax = fig.add_subplot(grid[row, 2 * i:2 * i + 2])
+            for name, label in cases:
+                values = sorted(samples.get(name, []))
+                if values:
+                    median = f"median {_num(values[len(values) // 2])} us"
+                    ax.plot(values, [(k + 1) / len(values) for k in range(len(values))],
+                            linestyle="--" if name.startswith("floor") else "-", label=f"{label} ({median})")
+            ax.set_xscale("log")
+            timer = samples.get(TIMER_CASE)
+            own = f" (each includes the timer's own {_num(statistics.median(timer))} us)" if i == 0 and timer else ""
+            ax.set_xlabel("microseconds per call" + own)
+            ax.set_ylabel("fraction of calls")
+            ax.set_title(f"{title}: latency distribution")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize="small", loc="lower right")
+        row += 1
+    markers = {1: "s", 2: "^", 4: "o"}
+    for i, cost in enumerate(costs[:2]):
+        ax = fig.add_subplot(grid[row, 3 * i:3 * i + 3])
+        shown = [r for r in rows if r["cost_ms"] == cost]
+        configs = list(dict.fromkeys(r["config"] for r in shown))
+        colors = {c: plt.get_cmap("tab10")(k) for k, c in enumerate(configs)}
+        top = max(x["processes"] for x in shown)
+        for r in shown:
+            ax.scatter(r["mean_ms"], 100 * r["hit_rate"], color=colors[r["config"]],
+                       marker=markers.get(r["processes"], "D"), s=60)
+        # Labels at the largest N, staggered over three heights in the order of x, so neighbours do not overlap.
+        labelled = sorted((r for r in shown if r["processes"] == top), key=lambda r: r["mean_ms"])
+        for k, r in enumerate(labelled):
+            ax.annotate(r["config"], (r["mean_ms"], 100 * r["hit_rate"]), textcoords="offset points",
+                        xytext=(4, (6, -13, 17)[k % 3]), fontsize="small", color=colors[r["config"]])
+        ax.margins(x=0.12, y=0.1)
+        for n, marker in markers.items():
+            if any(r["processes"] == n for r in shown):
+                ax.scatter([], [], color="grey", marker=marker, label=f"N = {n} processes")
+        ax.set_xlabel("mean latency per read (ms)")
+        ax.set_ylabel("hit rate (%)")
+        ax.set_title(f"fleet, {cost:g} ms selection, last run: hit rate against mean latency (labels: N = {top})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="lower right")
+    row += bool(costs)
+    if targeted:
+        ax = fig.add_subplot(grid[row, :])
+        names, margins, lows, highs, colors_ = [], [], [], [], []
+        for f in targeted:
+            _, op, limit = f["bound"]
+
+            def margin(x: float, op: str = op, limit: float = limit) -> float:
+                # <= 1 passes: the measured number over its limit (the limit over it, for "at least" targets)
+                if op in (">=", ">"):
+                    return limit / x if x else float("inf")
+                return x / limit if limit else x
+
+            mid = margin(judged(f) or 0.0)
+            lo, hi = sorted(margin(x) for x in (f["spread"] or (judged(f), judged(f))))
+            names.append(f"{f['id']} ({f['target']})")
+            margins.append(mid)
+            lows.append(mid - lo)
+            highs.append(hi - mid)
+            colors_.append("tab:green" if f["pass"] else "tab:red")
+        y = range(len(names))
+        ax.barh(y, margins, xerr=[lows, highs], color=colors_, alpha=0.7)
+        ax.axvline(1.0, color="black", linestyle="--")
+        ax.set_yticks(list(y), names, fontsize="small")
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("measured / target limit (for 'at least' targets: limit / measured); left of 1 passes; "
+                      "whiskers: spread over runs")
+        ax.set_title("every figure against its target")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return f"plot written to {path}"
 
@@ -221,7 +376,7 @@ def report(args: argparse.Namespace) -> int:
         return 2
     result = json.loads(path.read_text())
     if args.format == "json":
-        print(json.dumps(result, indent=2))
+        print(json.dumps({**result, "figures": aggregate(result)}, indent=1))
     else:
         print(markdown(result), end="")
     if args.plot:
@@ -230,6 +385,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run benchmark groups and write the results file")
@@ -239,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
                         "none (alias baseline), cachetools (per-process), fleet, fleet+prewarm (predictive), "
                         "fleet+adaptive (adaptive), cashews, aiocache")
     size = r.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller samples and namespaces (1k/10k/100k entries)")
+    size.add_argument("--quick", action="store_true", help="smaller samples and namespaces; the fleet at N = 4 only")
     size.add_argument("--tiny", action="store_true", help="a smoke run: every figure, too small to mean anything")
+    r.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the selected groups N times (default 1); the report shows each figure's spread")
     r.add_argument("--url", help="benchmark this Redis instead of a private redis-server (CONFIG RESETSTAT is used)")
     r.add_argument("--out", default=str(DEFAULT_RESULTS), help="results file (default benchmarks/results/latest.json)")
     p = sub.add_parser("report", help="print the results file")
@@ -248,4 +406,4 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in", dest="infile", default=str(DEFAULT_RESULTS), help="results file to read")
     p.add_argument("--plot", metavar="PNG", help="also draw a PNG (needs matplotlib, the 'bench' extra)")
     args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    return run(args, argv) if args.command == "run" else report(args)

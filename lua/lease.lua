@@ -13,6 +13,8 @@
   ARGV[8]     entry id
   ARGV[9]     token, the caller's random token (non-empty); the lease is <ns>:{<tag>}:lease:<id>
   ARGV[10]    lease time to live, ms (>= 1)
+  ARGV[11]    (optional) the `ver` field of an entry the caller found corrupt: if the entry still has
+              it, it is removed (and fenced) first, as a reader's report would have it removed
 
   Reply: {live, taken, pttl_ms, now_ms, payload, ver, tier, n, expiry_ms, cost_ms, prewarmed, step}
     live = 1: the entry is served now (the fields after now_ms are its own, as a plain read gets them:
@@ -24,14 +26,20 @@
 
 local err = check_head()
 if err then return redis.error_reply(err) end
-local id, token, lease_ms = ARGV[HEAD + 1], ARGV[HEAD + 2], arg_int(HEAD + 3, 1)
-if #ARGV ~= HEAD + 3 or not id or string.len(id) == 0 or string.len(token or '') == 0 or not lease_ms then
-  return redis.error_reply('VRC_BADARG lease needs an entry id, a non-empty token and a lease ttl >= 1 ms')
+local id, token, lease_ms, disregard = ARGV[HEAD + 1], ARGV[HEAD + 2], arg_int(HEAD + 3, 1), ARGV[HEAD + 4]
+if (#ARGV ~= HEAD + 3 and #ARGV ~= HEAD + 4) or not id or string.len(id) == 0 or string.len(token or '') == 0
+    or not lease_ms then
+  return redis.error_reply('VRC_BADARG lease needs an entry id, a non-empty token, a lease ttl >= 1 ms and '
+      .. 'optionally the ver of an entry to disregard')
 end
 
 local ek = entry_key(id)
 local tier, touched = tier_of(id)
 local f = entry_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w', 'e')
+if f and f[1] and disregard and (f[2] or '') == disregard then
+  drop(id, tier, 'corrupt')                          -- the caller found it is not a value the cache wrote
+  tier, f = nil, nil
+end
 if tier and f and f[1] then
   local expiry = tonumber(f[5])
   local ends = deadline(tier, touched, expiry)

@@ -136,7 +136,13 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_cache(backend: Backend, namespace: str) -> Iterator[Callable[..., MultiLevelCache]]:
+def made_caches() -> list[MultiLevelCache | AsyncMultiLevelCache]:
+    """Every cache ``make_cache`` and ``make_async_cache`` built in this test, in order."""
+    return []
+
+
+@pytest.fixture
+def make_cache(backend: Backend, namespace: str, made_caches: list[Any]) -> Iterator[Callable[..., MultiLevelCache]]:
     """Build caches on this test's backend and namespace; fail-closed so errors surface."""
     made: list[MultiLevelCache] = []
 
@@ -146,6 +152,7 @@ def make_cache(backend: Backend, namespace: str) -> Iterator[Callable[..., Multi
         settings.setdefault("cluster", backend.cluster)
         cache = guard_slots(MultiLevelCache(backend.url, **settings))
         made.append(cache)
+        made_caches.append(cache)
         return cache
 
     yield make
@@ -154,7 +161,7 @@ def make_cache(backend: Backend, namespace: str) -> Iterator[Callable[..., Multi
 
 
 @pytest.fixture
-def make_async_cache(backend: Backend, namespace: str) -> Callable[..., AsyncMultiLevelCache]:
+def make_async_cache(backend: Backend, namespace: str, made_caches: list[Any]) -> Callable[..., AsyncMultiLevelCache]:
     """Build async caches like ``make_cache`` does (same backend, namespace, fail-closed, slot guard);
     the test closes them in its own event loop (``async with make_async_cache() as cache``)."""
 
@@ -162,6 +169,25 @@ def make_async_cache(backend: Backend, namespace: str) -> Callable[..., AsyncMul
         settings.setdefault("namespace", namespace)
         settings.setdefault("fail_open", False)
         settings.setdefault("cluster", backend.cluster)
-        return guard_slots(AsyncMultiLevelCache(backend.url, **settings))
+        cache = guard_slots(AsyncMultiLevelCache(backend.url, **settings))
+        made_caches.append(cache)
+        return cache
 
     return make
+
+
+@pytest.fixture
+def flush_all(made_caches: list[Any]) -> Callable[[], None]:
+    """Send the buffered bookkeeping of every cache this test made, now.
+
+    Hits and misses reach Redis in batches (LRU stamps, hit counts, promotions, fleet counters), so a
+    test that looks at what Redis holds after reads calls this first. For an async cache it does what
+    ``await cache.flush_bookkeeping()`` does, from the calling thread: the flusher has a sync client of
+    its own, so it may be called inside a running event loop too (it blocks the loop for one round trip).
+    """
+
+    def flush() -> None:
+        for cache in made_caches:
+            cache._flusher.flush()
+
+    return flush

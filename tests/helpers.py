@@ -115,22 +115,29 @@ def _read_shard(server: redis.Redis, sk: ShardKeys) -> ShardState:
     for name in names:
         pipe.hgetall(name)
     for name, data in zip(names, pipe.execute(), strict=True):
-        state.entries[name[len(entry_prefix):]] = data
+        if data:  # no hash is empty: an empty reply is a key Redis expired since the SCAN found it
+            state.entries[name[len(entry_prefix):]] = data
     return state
 
 
 def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_size: int,
-                     now_ms: int | None = None) -> NamespaceState:
+                     now_ms: int | None = None, idle: tuple[float | None, float | None] = (None, None)
+                     ) -> NamespaceState:
     """Assert the tier invariants (docs/design.md#invariants, 1 and 2) and the byte accounting on Redis's
     actual contents. Call it after the caches' bookkeeping was sent (``flush_bookkeeping()``): hits
     reach the indexes in batches.
 
-    ``now_ms`` (the caches' clock) lets an index entry whose absolute ttl has passed count as an allowed
-    "expired leftover" (Redis may have dropped its data already; a sweep removes the rest); without it
-    no leftover is allowed.
+    ``now_ms`` (the caches' clock) lets an index entry whose deadline has come count as an allowed
+    leftover: Redis expires an entry's data at its deadline (lua/includes/shard.lua, deadline()) and the
+    index member stays until a script meets it. The deadline is the absolute expiry, or with ``idle``
+    (the caches' ``l2_ttl`` and ``l3_ttl``, seconds) the end of the entry's idle time, whichever comes
+    first. "Come" is to the millisecond Redis expires keys by: a deadline before ``now_ms + 1``. (With a
+    test clock Redis expires the data in real time, as long after the touch as the deadline is, and a
+    deadline less than a millisecond away after a whole one.) Without ``now_ms`` no leftover is allowed.
     """
     state = read_namespace(raw, namespace, shards)
     caps2, caps3 = split_capacity(l2_size, shards), split_capacity(l3_size, shards)
+    idle2, idle3 = (None if t is None else max(1, round(t * 1000)) for t in idle)
     assert sum(len(s.l2) for s in state.shards) <= l2_size
     assert sum(len(s.l3) for s in state.shards) <= l3_size
     for i, s in enumerate(state.shards):
@@ -142,7 +149,14 @@ def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_
         assert not both, f"{where}: in L2 and L3 at once: {both}"
 
         def expired(entry_id: bytes, s: ShardState = s) -> bool:
-            return now_ms is not None and entry_id in s.exp and s.exp[entry_id] <= now_ms
+            if now_ms is None:
+                return False
+            deadlines = [s.exp[entry_id]] if entry_id in s.exp else []
+            if entry_id in s.l2 and idle2 and idle3:  # idle in L2, then in L3 on its way out
+                deadlines.append(s.l2[entry_id] + idle2 + idle3)
+            elif entry_id in s.l3 and idle3:
+                deadlines.append(s.l3[entry_id] + idle3)
+            return bool(deadlines) and min(deadlines) < now_ms + 1
 
         indexed = set(s.l2) | set(s.l3)
         for entry_id in indexed:
@@ -153,8 +167,9 @@ def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_
         for entry_id, data in s.entries.items():
             tier = 2 if entry_id in s.l2 else 3 if entry_id in s.l3 else 0
             assert tier, f"{where}: data {entry_id!r} has no index entry"
-            assert set(data) <= {b"v", b"ver", b"t", b"n", b"x", b"k", b"d", b"w"}, f"{where}: fields {set(data)}"
-            assert data.get(b"t") == str(tier).encode(), f"{where}: {entry_id!r} in L{tier} says t={data.get(b't')}"
+            assert set(data) <= {b"v", b"ver", b"t", b"n", b"x", b"k", b"d", b"w", b"e"}, f"{where}: fields {set(data)}"
+            assert data.get(b"t") == str(tier).encode(), \
+                f"{where}: {entry_id!r} in L{tier} says t={data.get(b't')} (fields {sorted(data)})"
             assert int(s.size[entry_id]) == len(data[b"v"]), f"{where}: size record of {entry_id!r} is off"
             if b"x" in data:
                 assert s.exp.get(entry_id) == float(data[b"x"]), f"{where}: exp index disagrees for {entry_id!r}"
@@ -237,13 +252,15 @@ def guard_slots(cache: C) -> C:
     A script call that broke the rule fails here, in any test, on either backend."""
     send = cache._send  # type: ignore[attr-defined]
 
-    def guarded(batch: list[Any]) -> Any:
+    def guarded(batch: list[Any], *more: Any, **named: Any) -> Any:
         for command in batch:
             if str(command[0]).upper() in ("EVALSHA", "EVAL"):
                 keys = [k if isinstance(k, bytes) else str(k).encode() for k in command[3:3 + int(command[2])]]
                 if len({key_slot(k) for k in keys}) > 1:
                     raise SlotViolation(f"script call spans slots: {keys!r}")
-        return send(batch)  # for the async front end, the coroutine its caller awaits
+        # Whatever else the front end passes along (a plain read's packed form) goes through unchanged; for
+        # the async front end this returns the coroutine its caller awaits.
+        return send(batch, *more, **named)
 
     cache._send = guarded  # type: ignore[attr-defined]
     return cache

@@ -37,7 +37,9 @@ sizes zero or negative ->
     test_config.py::test_size_error_names_the_fix
 WRONGTYPE, a shard key (e.g. a shard's l2 sorted set) ->
     test_resilience.py::test_wrongtype_is_not_retried_a_counted_miss_or_cache_unavailable (get; not retried)
-    this file::test_a_shard_key_of_the_wrong_type_is_refused_before_any_write (all six keys, every call)
+    this file::test_a_shard_key_of_the_wrong_type_is_refused_before_any_write (all seven keys, every call;
+        reads are served, their bookkeeping refused whole)
+    this file::test_get_or_set_with_a_broken_shard_key_computes_and_writes_nothing_it_should_not
     this file::test_invalidate_refuses_a_shard_with_a_wrong_type_key_before_any_write (found)
     this file::test_an_error_caused_by_a_wrong_type_key_outside_the_scripts_names_that_key (found: <ns>:config,
         get_metrics)
@@ -48,6 +50,7 @@ garbage bytes written into an entry ->
     test_tiers.py::test_undecodable_payload_is_a_counted_miss_and_is_removed (field ``v``, fail-closed)
     test_fills.py::test_an_undecodable_entry_is_replaced_only_if_nothing_newer_came
     this file::test_garbage_in_an_entry_field_never_raises_when_failing_open (every field; found: ``ver``, ``n``...)
+    test_read_bookkeeping.py::test_an_entry_field_written_by_hand_is_a_counted_miss_and_is_removed
     this file::test_a_garbage_hit_counter_is_a_counted_miss_even_failing_closed (found)
 malformed Redis URL ->
     test_config.py::test_malformed_urls_are_configuration_errors
@@ -58,15 +61,17 @@ wrong password ->
     this file::test_a_wrong_or_missing_password_is_a_counted_miss_or_an_error_without_it
     this file::test_the_right_password_works
 ACL user lacking a command ->
-    this file::test_a_user_lacking_evalsha_gets_a_counted_miss_or_an_error_naming_it
+    this file::test_a_user_lacking_evalsha_is_served_reads_and_its_script_calls_fail_open_or_raise
     this file::test_a_missing_permission_error_names_the_acl_fix (found)
     this file::test_a_user_lacking_publish_gets_an_error_and_nothing_is_written (found)
     this file::test_a_user_with_the_documented_acl_rules_runs_the_whole_library (the README's rule set)
     this file::test_the_documented_acl_rule_set_is_accepted_verbatim (found: README named a 7.2-only command)
+    this file::test_the_documented_acl_rule_set_names_only_commands_the_cache_sends (no more than it needs)
+    this file::test_the_scripts_permission_check_does_not_depend_on_what_ran_before (found: Redis 7.0)
 (also) TLS ->
     this file::test_the_documented_tls_url_serves_the_cache_and_its_subscriber
 (also) maxmemory reached, noeviction ->
-    this file::test_at_maxmemory_nothing_is_written_and_the_call_fails_open_or_raises
+    this file::test_at_maxmemory_writes_are_refused_whole_reads_are_served_and_removals_run
     this file::test_an_out_of_memory_error_names_the_fix (found)
 
 The only waits are deadline polls for an invalidation to arrive.
@@ -87,6 +92,7 @@ from typing import Any
 import pytest
 import redis
 
+import victor_rcache
 from victor_rcache import (
     CacheUnavailableError,
     ConfigurationError,
@@ -96,10 +102,12 @@ from victor_rcache import (
     PredictiveCacheWarmer,
     SerializationError,
     ValueTooLargeError,
+    bookkeeping,
 )
 from victor_rcache.errors import CacheError
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer, free_port
+from victor_rcache.scripts import lua_dir
 
 from .helpers import Client
 
@@ -108,7 +116,7 @@ Snapshot = dict[bytes, tuple[Any, Any, int]]  # TYPE, DUMP, PEXPIRETIME
 
 MISS = "<miss>"
 README = Path(__file__).resolve().parents[1] / "README.md"
-SHARD_KEYS = ("l2", "l3", "exp", "stats", "gone", "fence")
+SHARD_KEYS = ("l2", "l3", "exp", "size", "stats", "fence", "ghost")  # every key of a shard (keys.ShardKeys)
 
 
 def _redis_server_version() -> tuple[int, int]:
@@ -250,20 +258,18 @@ def test_a_value_that_does_not_encode_or_is_too_big_is_refused_and_nothing_is_wr
 # ========================================================================= WRONGTYPE keys
 
 
-# What get.lua's fast path reads, and so needs of the right type, for a plain hit of an L2 entry and for
-# a get_many of that hit and a plain miss; any other broken shard key lets those calls be served.
-FAST_HIT_NEEDS = {"l2", "stats"}
-FAST_HIT_AND_MISS_NEEDS = {"l2", "l3", "stats", "ghost"}
-
-
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 @pytest.mark.parametrize("which", SHARD_KEYS)
 def test_a_shard_key_of_the_wrong_type_is_refused_before_any_write(make_cache: Make, raw: Client, namespace: str,
-                                                                   which: str, fail_open: bool) -> None:
-    """docs/failure.md: a shard's own key of the wrong type makes every script call that needs it refuse before
-    any write (VRC_WRONGTYPE naming the key to delete); other shards keep working. get.lua's fast path
-    (plain hits and misses) needs only l2, l3, stats, ghost and the entries, so with another key broken
-    it serves reads; every put and delete needs every shard key. The broken key is never written."""
+                                                                   which: str, fail_open: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/failure.md: a shard's own key of the wrong type makes every script call of that shard refuse before
+    any write (VRC_WRONGTYPE naming the key to delete); other shards keep working. A read is a plain HMGET
+    of the entry and needs no shard key: gets are served, and their bookkeeping (touch.lua) is refused
+    whole, like every put and delete. The broken key is never written."""
+    # The reads' bookkeeping waits for flush_bookkeeping() (no window passes): it is sent once, at the
+    # point where its effect on Redis is checked.
+    monkeypatch.setattr(bookkeeping, "WINDOW", 3600.0)
     space = KeySpace(namespace, 16)
     shard = space.ref("k").shard
     new, fresh = key_in_shard(space, shard, "new"), key_in_shard(space, shard, "fresh")  # not stored yet
@@ -301,9 +307,11 @@ def test_a_shard_key_of_the_wrong_type_is_refused_before_any_write(make_cache: M
             assert got == served, name
         assert snapshot(raw, namespace)[broken] == original, f"{name} wrote to the broken key"
 
-    fast_hit, fast_both = which not in FAST_HIT_NEEDS, which not in FAST_HIT_AND_MISS_NEEDS
-    attempt("get", lambda: cache.get("k", MISS), "v", MISS, fast_hit)
-    attempt("get_many", lambda: cache.get_many(["k", new]), {"k": "v"}, {}, fast_both)
+    unread = snapshot(raw, namespace)
+    attempt("get", lambda: cache.get("k", MISS), "v", MISS, True)
+    attempt("get_many", lambda: cache.get_many(["k", new]), {"k": "v"}, {}, True)
+    cache.flush_bookkeeping()  # the reads' hits and miss, one touch.lua call on the broken shard: refused
+    assert snapshot(raw, namespace) == unread, "the reads' bookkeeping wrote to the broken shard"
     for name, call in [("put, replacing", lambda: cache.put("k", "new value")),
                        ("put, a new key", lambda: cache.put(fresh, 1))]:
         attempt(name, call, "written", None, False)  # fail-open: None, as if written (L1 keeps it)
@@ -313,6 +321,7 @@ def test_a_shard_key_of_the_wrong_type_is_refused_before_any_write(make_cache: M
     raw.delete(broken)  # get_metrics reads every shard's index and counters: give it readable ones
     m = cache.get_metrics()
     assert m["health"]["redis_errors"] == refused  # one per refused call: each sent one script call
+    assert m["health"]["bookkeeping"]["dropped_batches"] == 1, "the reads' bookkeeping was not refused"
     assert m["health"]["breaker"]["retries"] == 0, "WRONGTYPE cannot succeed on a retry"
     assert m["health"]["breaker"]["state"] == "closed", "a broken key is not an outage"
 
@@ -321,8 +330,9 @@ def test_a_shard_key_of_the_wrong_type_is_refused_before_any_write(make_cache: M
 @pytest.mark.parametrize("which", SHARD_KEYS)
 def test_get_or_set_with_a_broken_shard_key_computes_and_writes_nothing_it_should_not(
         make_cache: Make, raw: Client, namespace: str, which: str, fail_open: bool) -> None:
-    """get_or_set's miss may succeed (a fast miss needs no broken key), but its fill (put.lua) needs
-    every shard key: refused, the value is computed by this worker, and the broken key is untouched."""
+    """get_or_set's plain read needs no shard key, but the step after its miss (lease.lua) and the fill
+    (put.lua) need every shard key: refused, the value is computed by this worker (fail-open) or the
+    call raises, and the broken key is untouched."""
     space = KeySpace(namespace, 16)
     new = key_in_shard(space, space.ref("k").shard, "new")
     make_cache().put("k", "v")
@@ -342,8 +352,9 @@ def test_get_or_set_with_a_broken_shard_key_computes_and_writes_nothing_it_shoul
 @pytest.mark.parametrize("op", ["get", "get_many", "get_or_set", "put", "delete"])
 def test_an_entry_key_of_the_wrong_type_is_simply_gone(make_cache: Make, raw: Client, namespace: str,
                                                        op: str) -> None:
-    """docs/failure.md: an entry key of the wrong type is deleted when read: the entry is simply gone. Not an
-    error at all, so even a fail-closed cache gets a plain miss (and a write replaces it)."""
+    """docs/failure.md: an entry key of the wrong type is simply gone: a read gets a plain miss (a decode error)
+    and its report deletes the key (touch.lua); a write replaces it. Not an error at all, so even a
+    fail-closed cache gets a plain miss."""
     space = KeySpace(namespace, 16)
     ref = space.ref("k")
     entry, l2 = space.entry_key(ref), space.shard_keys[ref.shard].l2
@@ -363,6 +374,7 @@ def test_an_entry_key_of_the_wrong_type_is_simply_gone(make_cache: Make, raw: Cl
         cache.put("k", "new value")
     else:
         assert cache.delete("k") is True  # the index still listed it
+    cache.flush_bookkeeping()  # a read's report of what it found
 
     if op in ("get_or_set", "put"):  # written again, as a proper entry
         assert raw.type(entry) == b"hash"
@@ -378,7 +390,7 @@ def test_an_entry_key_of_the_wrong_type_is_simply_gone(make_cache: Make, raw: Cl
         assert m["combined"]["total_misses"] == 1
 
 
-@pytest.mark.parametrize("which", ["l2", "l3", "exp", "stats"])
+@pytest.mark.parametrize("which", SHARD_KEYS)
 def test_invalidate_refuses_a_shard_with_a_wrong_type_key_before_any_write(make_cache: Make, raw: Client,
                                                                            namespace: str, which: str) -> None:
     space = KeySpace(namespace, 16)
@@ -434,17 +446,19 @@ def test_get_or_set_does_not_wait_for_a_lease_key_written_by_hand(make_cache: Ma
 
 @pytest.mark.parametrize(("field", "garbage"), [
     pytest.param("v", b"\x00garbage", id="v-payload"),
-    pytest.param("s", b"big", id="s-size"),
+    pytest.param("ver", b"v2", id="ver-version"),
+    pytest.param("t", b"\xff", id="t-tier"),
     pytest.param("n", b"many", id="n-hit-count"),
     pytest.param("x", b"soon", id="x-expiry"),
-    pytest.param("f", b"\xff", id="f-l1-flag"),
+    pytest.param("k", b"\xff\xfe", id="k-original-key"),
     pytest.param("d", b"slow", id="d-cost"),
-    pytest.param("ver", b"v2", id="ver-version"),
+    pytest.param("w", b"\xff", id="w-prewarm-mark"),
 ])
 def test_garbage_in_an_entry_field_never_raises_when_failing_open(make_cache: Make, raw: Client, namespace: str,
                                                                   field: str, garbage: bytes) -> None:
-    """Bytes written by hand into any field of an entry hash (docs/key-layout.md: v, s, n, ver, x, f, d):
-    a fail-open get returns the stored value (the payload is intact) or a counted miss, never raises."""
+    """Bytes written by hand into any field of an entry hash (docs/key-layout.md: v, ver, t, n, x, k, d, w):
+    a fail-open get returns the stored value (the payload is intact) or a counted miss, never raises, and
+    its bookkeeping (touch.lua) is applied, not dropped."""
     space = KeySpace(namespace, 16)
     make_cache().put("k", "good")
     raw.hset(space.entry_key(space.ref("k")), field, garbage)
@@ -456,6 +470,8 @@ def test_garbage_in_an_entry_field_never_raises_when_failing_open(make_cache: Ma
     if got == MISS:  # counted as a decode error or as a Redis error, never silently
         assert m["health"]["decode_errors"] + m["health"]["redis_errors"] == 1, m["health"]
     assert make_cache(fail_open=True).get_many(["k"]) in ({"k": "good"}, {})
+    reader.flush_bookkeeping()
+    assert reader.get_metrics()["health"]["bookkeeping"]["dropped_batches"] == 0
 
 
 def test_a_garbage_hit_counter_is_a_counted_miss_even_failing_closed(make_cache: Make, raw: Client,
@@ -600,6 +616,26 @@ def test_the_documented_acl_rule_set_is_accepted_verbatim(acl_server: tuple[Loca
     assert admin.acl_getuser(args[0]) is not None
 
 
+def test_the_documented_acl_rule_set_names_only_commands_the_cache_sends() -> None:
+    """The rule set grants no command the cache does not use (the test below shows it lacks none): each is
+    one a script runs or checks up front (every redis.call, includes/shard.lua's SHARD_COMMANDS, includes/
+    model.lua's MODEL_COMMANDS, sizing.lua's list), or one the package sends itself (a command tuple in
+    its source: the plain reads, the handshake, the subscriber, EVALSHA/EVAL). The CLI's extra commands
+    are documented apart (docs/security.md)."""
+    _, *rules = documented_acl_setuser()
+    granted = {rule[1:].lower() for rule in rules if rule.startswith("+")}
+    package = Path(victor_rcache.__file__).resolve().parent
+    lua = "\n".join(path.read_text("utf-8") for path in sorted(lua_dir().rglob("*.lua")))
+    used = {name.lower() for name in re.findall(r"redis\.p?call\('(\w+)'", lua)}
+    for block in re.findall(r"(?:_COMMANDS = |check_commands\()\{([^}]*)\}", lua):
+        used |= set(re.findall(r"'(\w+)'", block))
+    for path in package.rglob("*.py"):
+        if "cli" in path.relative_to(package).parts:  # the CLI's own commands are not in the rule set
+            continue
+        used |= {name.lower() for name in re.findall(r'\(\s*"([A-Z]{3,})"\s*[,)]', path.read_text("utf-8"))}
+    assert granted <= used, f"the rule set grants commands the cache never sends: {sorted(granted - used)}"
+
+
 def test_a_user_with_the_documented_acl_rules_runs_the_whole_library(
         acl_server: tuple[LocalRedisServer, redis.Redis]) -> None:
     server, admin = acl_server
@@ -629,19 +665,29 @@ def test_a_user_with_the_documented_acl_rules_runs_the_whole_library(
         warmer.record_query("q2", session="s")
         assert warmer.get_statistics()["predictions"]["correct"] == 1
         warmer.clear_patterns()
+        for cache in (reader, writer):  # the reads' bookkeeping (touch.lua) runs with the same permissions
+            cache.flush_bookkeeping()
+            assert cache.get_metrics()["health"]["bookkeeping"]["dropped_batches"] == 0
         fleet, local = reader.get_metrics("fleet"), writer.get_metrics()
         assert fleet["health"]["redis_available"]
         assert local["health"]["redis_available"]
         assert (fleet["health"]["redis_errors"], local["health"]["redis_errors"]) == (0, 0)
         assert fleet["combined"]["puts"] >= 4
+        assert fleet["l2"]["hits"] >= 1, "the reads' bookkeeping did not arrive"
         assert reader.get_metrics()["coherence"]["channel"] == "up"
         assert reader.get_metrics()["coherence"]["invalidations"] >= 3
     assert admin.acl_log() == [], "a command of the library was denied (even one whose error it ignores)"
 
 
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
-def test_a_user_lacking_evalsha_gets_a_counted_miss_or_an_error_naming_it(
-        acl_server: tuple[LocalRedisServer, redis.Redis], fail_open: bool) -> None:
+def test_a_user_lacking_evalsha_is_served_reads_and_its_script_calls_fail_open_or_raise(
+        acl_server: tuple[LocalRedisServer, redis.Redis], fail_open: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without EVALSHA a cache still reads (a plain HMGET). Every script call is refused by Redis before it
+    runs, once (no retry, no EVAL fallback): put, delete and get_or_set's step after its miss fail open
+    or raise naming the command; the reads' bookkeeping (touch.lua) is dropped. Nothing is written."""
+    # The reads' bookkeeping waits for flush_bookkeeping() (no window passes): one touch.lua call per
+    # shard read, so Redis's count of denied calls is exact.
+    monkeypatch.setattr(bookkeeping, "WINDOW", 3600.0)
     server, admin = acl_server
     url = f"redis://{set_documented_user(admin)}127.0.0.1:{server.port}/0"
     with MultiLevelCache(url, namespace=ACL_NAMESPACE, fail_open=False) as setup:
@@ -650,12 +696,14 @@ def test_a_user_lacking_evalsha_gets_a_counted_miss_or_an_error_naming_it(
     admin.acl_log_reset()
     before = snapshot(admin, ACL_NAMESPACE)
     calls: list[tuple[str, Callable[[MultiLevelCache], Any], Any]] = [
-        ("get", lambda c: c.get("existing", MISS), MISS),
         ("put", lambda c: c.put("new", 1), None),
         ("delete", lambda c: c.delete("existing"), False),
         ("get_or_set", lambda c: c.get_or_set("computed", lambda: "loaded"), "loaded"),
     ]
+    space = KeySpace(ACL_NAMESPACE, 16)
+    read_shards = {space.ref(key).shard for key in ("existing", "computed")}  # a hit, get_or_set's miss
     with MultiLevelCache(url, namespace=ACL_NAMESPACE, fail_open=fail_open) as cache:
+        assert cache.get("existing") == "v"
         for name, call, fail_open_result in calls:
             if fail_open:
                 assert call(cache) == fail_open_result, name
@@ -663,12 +711,16 @@ def test_a_user_lacking_evalsha_gets_a_counted_miss_or_an_error_naming_it(
                 with pytest.raises(CacheUnavailableError, match="no permissions to run the 'evalsha' command"):
                     call(cache)
             assert snapshot(admin, ACL_NAMESPACE) == before, f"{name} wrote something"
+        cache.flush_bookkeeping()
+        assert snapshot(admin, ACL_NAMESPACE) == before, "the reads' bookkeeping wrote something"
         m = cache.get_metrics()
     assert m["health"]["redis_errors"] == len(calls)
     assert m["health"]["breaker"]["retries"] == 0
-    # Redis's own record: one denied EVALSHA per call, no retry storm and no EVAL fallback.
+    assert m["health"]["bookkeeping"]["dropped_batches"] == len(read_shards)
+    # Redis's own record: one denied EVALSHA per call and per bookkeeping batch, no retry storm and no EVAL
+    # fallback.
     denied = [(str(e["object"]), int(str(e["count"]))) for e in admin.acl_log()]
-    assert denied == [("evalsha", len(calls))], denied
+    assert denied == [("evalsha", len(calls) + len(read_shards))], denied
 
 
 def test_a_missing_permission_error_names_the_acl_fix(acl_server: tuple[LocalRedisServer, redis.Redis]) -> None:
@@ -787,32 +839,42 @@ def full_server(namespace: str) -> Iterator[tuple[LocalRedisServer, redis.Redis]
 
 
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
-def test_at_maxmemory_nothing_is_written_and_the_call_fails_open_or_raises(
+def test_at_maxmemory_writes_are_refused_whole_reads_are_served_and_removals_run(
         full_server: tuple[LocalRedisServer, redis.Redis], namespace: str, fail_open: bool) -> None:
-    """docs/failure.md: with maxmemory reached and a no-eviction policy Redis refuses a script that may write before
-    it runs (the #!lua shebang): nothing is half-written, the call fails open and is counted."""
+    """docs/failure.md: with maxmemory reached and a no-eviction policy Redis refuses a script that may write
+    before it runs (the #!lua shebang): nothing is half-written. A put fails open (its value kept aside,
+    served only while Redis cannot be asked: here it answers) or raises; a read is a plain HMGET and is
+    served, its bookkeeping (touch.lua, a write) dropped; delete.lua and flush.lua run (allow-oom):
+    removing is how a full Redis gets memory back."""
     server, admin = full_server
     with MultiLevelCache(server.url, namespace=namespace, fail_open=fail_open) as cache, \
             MultiLevelCache(server.url, namespace=namespace, fail_open=fail_open) as reader:
         before = snapshot(admin, namespace)
         if fail_open:
             cache.put("new", "value")
-            assert cache.get("new") == "value"  # this process keeps its own write in L1
-            assert reader.get("existing", MISS) == MISS  # get.lua may write too: refused, a counted miss
-            for c in (cache, reader):
-                health = c.get_metrics()["health"]
-                assert (health["redis_errors"], health["breaker"]["retries"]) == (1, 0), health
+            assert cache.get("new", MISS) == MISS  # Redis answers for the key: the refused write is not served
         else:
             with pytest.raises(CacheUnavailableError, match="maxmemory"):
                 cache.put("new", "value")
-            with pytest.raises(CacheUnavailableError, match="maxmemory"):
-                reader.get("existing")
+        assert reader.get("existing") == "v"  # a plain read needs no memory
+        reader.flush_bookkeeping()  # its hit's touch.lua: refused before it runs, the batch dropped
         assert snapshot(admin, namespace) == before, "something was written while Redis was out of memory"
+        health = cache.get_metrics()["health"]
+        assert (health["redis_errors"], health["breaker"]["retries"]) == (1, 0), health  # the put
+        health = reader.get_metrics()["health"]
+        assert (health["redis_errors"], health["bookkeeping"]["dropped_batches"]) == (0, 1), health
+
+        assert cache.delete("existing") is True  # delete.lua runs on a full Redis
+        assert reader.get("existing", MISS) == MISS
+        reader.flush_bookkeeping()  # dropped too: Redis is still full
+        cache.invalidate()  # flush.lua too
+        assert [k for k in admin.scan_iter(match=f"{namespace}:*") if b":e:" in k] == []
 
         admin.config_set("maxmemory", 0)  # memory again: the same caches write and read, nothing to restart
         cache.put("new", "value")
         assert reader.get("new") == "value"
-        assert reader.get("existing") == "v"
+        reader.flush_bookkeeping()
+        assert reader.get_metrics()["health"]["bookkeeping"]["dropped_batches"] == 2, "a later batch was dropped"
 
 
 def test_an_out_of_memory_error_names_the_fix(full_server: tuple[LocalRedisServer, redis.Redis],

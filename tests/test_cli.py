@@ -7,10 +7,12 @@ on the cluster (``--cluster``); doctor's ACL and memory-policy findings use priv
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -24,9 +26,12 @@ import pytest
 import redis
 
 from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
+from victor_rcache.cli.common import Context
+from victor_rcache.cli.doctor import acl_probes
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer, free_port
 from victor_rcache.prediction.model import ModelKeys
+from victor_rcache.tiers import default_scripts
 
 from .helpers import Backend, Client, server_of
 from .test_bad_input_and_security import set_documented_user
@@ -71,9 +76,30 @@ def entry(raw: Client, namespace: str, key: str) -> tuple[dict[Any, Any], float 
     return node.hgetall(space.entry_key(ref)), node.zscore(sk.l2, ref.id), node.zscore(sk.l3, ref.id)
 
 
+def size_record(raw: Client, namespace: str, key: str) -> int:
+    """The payload bytes the entry's shard accounts for it (its record in the shard's ``size`` hash)."""
+    space = KeySpace(namespace, 16)
+    ref = space.ref(key)
+    sk = space.shard_keys[ref.shard]
+    return int(server_of(raw, sk.l2).hget(sk.size, ref.id) or -1)
+
+
+def contents(raw: Client, key: bytes) -> Any:
+    """What a key holds, whatever its type (its value, not its encoding: DUMP of a hash in the middle of
+    an incremental rehash changes on a plain read, which writes nothing)."""
+    kind = raw.type(key)
+    if kind == b"hash":
+        return raw.hgetall(key)
+    if kind == b"zset":
+        return raw.zrange(key, 0, -1, withscores=True)
+    if kind == b"list":
+        return raw.lrange(key, 0, -1)
+    return raw.dump(key)
+
+
 def snapshot(raw: Client, namespace: str) -> dict[bytes, tuple[Any, Any, int]]:
-    """Every key of the namespace: type, DUMP and absolute expiry."""
-    return {key: (raw.type(key), raw.dump(key), int(raw.execute_command("PEXPIRETIME", key)))  # type: ignore[no-untyped-call]
+    """Every key of the namespace: type, contents and absolute expiry."""
+    return {key: (raw.type(key), contents(raw, key), int(raw.execute_command("PEXPIRETIME", key)))  # type: ignore[no-untyped-call]
             for key in raw.scan_iter(match=namespace.encode() + b":*", count=1000)}
 
 
@@ -108,6 +134,8 @@ def seeded(make_cache: Make) -> Seeded:
     selected = {"analyze code": {"tools": ["grep"]}}
     report = asyncio.run(warmer.prewarm_predictions(prediction, lambda q: selected[q]))
     assert report.completed == 1
+    for cache in (writer, reader):  # their reads' bookkeeping (hit counts, fleet counters) reaches Redis now
+        cache.flush_bookkeeping()
     return Seeded(selected)
 
 
@@ -177,8 +205,10 @@ def test_inspect_shows_an_entry_without_counting_a_hit_or_moving_it(backend: Bac
         fields, l2_score, _ = before
         assert e["cached"]
         assert e["tier"] == "l2"
+        assert fields[b"t"] == b"2"
         assert e["last_used_ms"] == l2_score
-        assert (e["hits"], e["version"], e["size"]) == (int(fields[b"n"]), int(fields[b"ver"]), int(fields[b"s"]))
+        assert (e["hits"], e["version"]) == (int(fields[b"n"]), int(fields[b"ver"]))
+        assert e["size"] == len(fields[b"v"]) == size_record(raw, namespace, key)
         assert e["idle_seconds"] >= 0
         assert e["decode_error"] is None
 
@@ -248,7 +278,8 @@ def test_top_lists_the_entries_with_the_most_redis_hits_and_reads_only(backend: 
     assert [(r["key"], r["hits"], r["tier"]) for r in rows] == [("read the file", 4, "l2"), ("forecast", 1, "l2")]
     for r in rows:
         fields, l2_score, _ = entry(raw, namespace, r["key"])
-        assert (r["hits"], r["size"], r["last_used_ms"]) == (int(fields[b"n"]), int(fields[b"s"]), l2_score)
+        assert (r["hits"], r["size"], r["last_used_ms"]) == (int(fields[b"n"]), len(fields[b"v"]), l2_score)
+        assert r["size"] == size_record(raw, namespace, r["key"])
     everything = as_json(on(backend, namespace, "top", "--json"))["entries"]
     assert {r["key"] for r in everything} == {"read the file", "forecast", LONG, "analyze code"}
     assert as_json(on(backend, namespace, "top", "--tier", "l3", "--json"))["entries"] == []
@@ -372,9 +403,25 @@ def test_doctor_passes_on_a_healthy_server(backend: Backend, namespace: str, see
     assert {c["check"]: c["status"] for c in report["checks"]} == {
         "connectivity": "ok", "server version": "ok", "cluster state": "ok", "ACL permissions": "ok",
         "scripts": "ok", "memory policy": "ok", "namespace config": "ok"}
+    checks = {c["check"]: c for c in report["checks"]}
+    assert checks["scripts"]["result"].startswith("all 9 scripts load")
     human = on(backend, namespace, "doctor")
     assert human.returncode == 0, human.stdout
     assert human.stdout.rstrip().endswith("all checks passed")
+
+
+def test_doctor_checks_the_scripts_and_commands_the_cache_uses(make_cache: Make) -> None:
+    """Every script the cache runs is loaded, and every command it sends is probed: the scripts' own, and
+    those it sends itself, among them the HMGET of a Redis hit."""
+    cache = make_cache()
+    assert [s.name for s in default_scripts().all()] == ["touch", "put", "delete", "flush", "release", "lease",
+                                                         "sizing", "record", "predict"]
+    probed = {p.args[0] for p in acl_probes(Context(argparse.Namespace(json=True), cache))}
+    assert {"evalsha", "eval", "hmget", "set", "pttl", "exists", "del", "hsetnx", "hgetall", "publish",
+            "subscribe"} <= probed  # sent by the library itself
+    for script in default_scripts().all():
+        used = {m.decode().lower() for m in re.findall(rb"redis\.p?call\('(\w+)'", script.source)}
+        assert used <= probed, (script.name, used - probed)
 
 
 def test_doctor_reports_a_missing_acl_permission_and_the_fix() -> None:

@@ -19,7 +19,8 @@ def test_fail_open_cache_without_redis_never_raises_and_keeps_its_own_writes() -
     cache = MultiLevelCache(DEAD, namespace="down")
     assert cache.get("k", "default") == "default"
     cache.put("k", {"v": 1})
-    assert cache.get("k") == {"v": 1}  # this process still reads its own write from L1
+    # Its own write, which Redis never confirmed: kept aside and served while Redis cannot be asked.
+    assert cache.get("k") == {"v": 1}
     cache.put_many({"a": 1, "b": 2})
     assert cache.get_many(["a", "b", "c"]) == {"a": 1, "b": 2}
     assert cache.delete("k") is True
@@ -63,8 +64,11 @@ def test_cache_resumes_when_redis_comes_back_on_the_same_port(namespace: str) ->
         assert other.get("before") == 1
     assert other.get("during", "miss") == "miss"  # Redis is gone: a miss, not an error
     cache.put("during", 2)
+    assert cache.get("during") == 2  # its own unconfirmed write, while Redis cannot be asked
     with LocalRedisServer(port=port):  # restarted empty: scripts must be reloaded transparently
         assert other.get("during", "miss") == "miss"
+        # Redis answers for the key now: its answer wins over the write it never confirmed.
+        assert cache.get("during", "miss") == "miss"
         cache.put("after", 3)
         assert other.get("after") == 3
         assert other.get_metrics()["health"]["redis_available"] is True
@@ -84,7 +88,7 @@ def test_a_cluster_cache_built_while_redis_is_down_fails_open_and_resumes_when_a
                                 breaker_cooldown=0.05)
         assert cache.get("k", "miss") == "miss"
         cache.put("k", "mine")
-        assert cache.get("k") == "mine"  # its own write, from L1
+        assert cache.get("k") == "mine"  # its own unconfirmed write, while no node can be asked
         with pytest.raises(CacheUnavailableError, match="connect"):
             MultiLevelCache(url, namespace="late", cluster=True, fail_open=False, socket_timeout=0.2)
         for node in nodes:

@@ -33,7 +33,9 @@ def test_a_value_that_expired_while_the_loader_ran_still_refuses_the_fill(make_c
     def loader() -> str:
         writer.put("k", "newer", ttl=1)  # written after the reader's miss...
         clock.advance(2)  # ...and expired before the reader fills
-        assert writer.get("unrelated") is None  # a call on the shard sweeps the expired entry
+        assert writer.get("unrelated") is None
+        writer.flush_bookkeeping()  # the read's bookkeeping sweeps the shard: the expired entry goes
+        assert read_namespace(raw, namespace, 1).tier_of(b"k") == 0
         return "computed from the old state"
 
     assert reader.get_or_set("k", loader) == "computed from the old state"
@@ -57,6 +59,25 @@ def test_a_loader_slower_than_the_record_horizon_does_not_fill(make_cache: Make,
     assert stored(raw, namespace, "k") == "prompt"
 
 
+def test_a_worker_with_a_short_l1_ttl_cannot_drop_fence_records_a_longer_one_needs(
+        make_cache: Make, raw: Client, namespace: str, clock: FakeClock) -> None:
+    """A shard keeps its `fence` records as long as the longest-lived worker needs (the largest memory
+    any worker sent), not as long as the worker that happens to sweep it."""
+    holder = make_cache(shards=1, clock=clock)  # l1_ttl 300 s: its fills may answer misses that old
+    hasty = make_cache(shards=1, clock=clock, l1_ttl=1, lease_ttl=1)  # would keep records for 1 s only
+    holder.put("warm", 1)  # a call of the holder's on the shard: it records its longer memory
+
+    def loader() -> str:
+        hasty.delete("k")  # the source of truth changed: fills that started before are refused
+        clock.advance(5.0)  # past hasty's 1 s, far within the holder's 300 s
+        hasty.put("other", 2)  # sweeps the shard with hasty's settings
+        return "stale"
+
+    assert holder.get_or_set("k", loader) == "stale"
+    assert stored(raw, namespace, "k") is None
+    assert holder.get_metrics()["stampede"]["fills_refused"] == 1
+
+
 def test_fence_records_dropped_past_the_bound_still_refuse_older_fills(make_cache: Make, raw: Client,
                                                                        namespace: str, clock: FakeClock) -> None:
     settings = {"shards": 1, "clock": clock, "l2_size": 2, "l3_size": 2}
@@ -73,6 +94,7 @@ def test_fence_records_dropped_past_the_bound_still_refuse_older_fills(make_cach
         return "stale"
 
     assert reader.get_or_set("k", loader) == "stale"
+    reader.flush_bookkeeping()  # its miss's bookkeeping too: what follows reads Redis's settled contents
     state = read_namespace(raw, namespace, 1)
     assert b"k" not in state.shards[0].fence
     assert int(state.shards[0].stats[b"fence_floor"]) >= clock.ms - 1000
@@ -116,7 +138,7 @@ def test_a_read_racing_with_this_process_own_delete_is_not_stored(make_cache: Ma
     me.put("k", "v1")
     me._core.l1.pop(b"k")
     step = me._core.get("k")
-    batch, _ = feed(step, None)  # the read is on its way: get.lua has run, the reply is in flight...
+    batch, _ = feed(step, None)  # the read is on its way: Redis has answered, the reply is in flight...
     assert isinstance(batch, list)
     replies = me._send(batch)
     assert me.delete("k") is True  # ...when this process deletes the key

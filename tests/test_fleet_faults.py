@@ -113,7 +113,8 @@ def test_a_put_refused_while_redis_is_down_does_not_outlive_the_outage(server: L
 
 # -------------------------------------------------------------------- Redis evicting by itself
 
-EVICTING = ["allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"]
+EVICTING = ["allkeys-lru", "allkeys-lfu", "allkeys-random",
+            "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"]
 KEYS = [f"key{i}" for i in range(40)]
 
 

@@ -38,11 +38,15 @@ def test_the_scripts_count_misses_on_recent_evictions_and_hits_on_the_least_rece
     space = KeySpace(namespace, 1)
     ghost = space.shard_keys[0].ghost
     assert server_of(raw, ghost).zrange(ghost, 0, -1) == [b"k0"]
-    reader = make_cache(shards=1, l2_size=1, l3_size=10, promote_after=10**6, clock=clock, coherence=False)
+    # The evidence is gathered from the reads of workers that size the fleet (adaptive_redis): only
+    # fleet sizing reads it. (An interval longer than the test: no decision changes the capacities.)
+    reader = make_cache(shards=1, l2_size=1, l3_size=10, promote_after=10**6, clock=clock, coherence=False,
+                        adaptive_redis=True, redis_adjustment_interval=3600.0)
     assert reader.get("k0") is None  # a bigger L3 would have hit
     assert reader.get("k1") == 1  # the least recently used L3 entry: a smaller L3 would have missed
     assert reader.get("k5") == 5  # in the middle: neither
     assert reader.get("nope") is None  # never held: no evidence
+    reader.flush_bookkeeping()  # the reads reach touch.lua, which counts the evidence
     assert stats(raw, namespace) == {"evictions": 1, "ghost_hits": 1, "tail_hits": 1}
     assert server_of(raw, ghost).zrange(ghost, 0, -1) == []  # a ghost counts once
     cache.put("k0", 0)  # back in Redis: no longer a ghost; what its write evicted is
@@ -55,7 +59,8 @@ def _worker(url: str, cluster: bool, namespace: str, now: Any, commands: Any, re
                             coherence=False, fail_open=False)
     try:
         while commands.get(timeout=60) == "go":
-            cache.get("anything")  # any call takes part in the sizing when it is due
+            cache.get("anything")  # any call takes part in the sizing when it is due: a get's, when its
+            cache.flush_bookkeeping()  # bookkeeping is sent (within a window; at once here)
             results.put(cache.get_metrics()["health"]["fleet_sizing"]["holder"])
     finally:
         cache.close()
@@ -128,7 +133,8 @@ def test_the_fleet_l3_grows_from_ghost_evidence_within_its_maximum_then_shrinks_
     for _ in range(8):
         requests(400, keys)
         clock.advance(0.001)
-        cache.get("tick")  # the sizing step runs at the start of a call
+        cache.get("tick")  # the sizing step runs at the start of a call: a get's, that of its bookkeeping
+        cache.flush_bookkeeping()
         sizes.append(cache.get_metrics()["health"]["fleet_sizing"]["l3_size"])
     assert sizes[-1] > 40  # it grew...
     assert max(sizes) <= 60  # ...never past l3_max_size
@@ -140,11 +146,13 @@ def test_the_fleet_l3_grows_from_ghost_evidence_within_its_maximum_then_shrinks_
         requests(400, hot)
         clock.advance(0.001)
         cache.get("tick")
+        cache.flush_bookkeeping()
     state = cache.get_metrics()["health"]["fleet_sizing"]
     assert state["l3_size"] < grown
     assert state["last_decision"]["adjustment"] in ("shrink", "none")
     for key in keys:  # every shard is touched: each demotes and evicts down to its new bound
         cache.get(key)
+    cache.flush_bookkeeping()  # the reads' touch.lua calls, which enforce the bounds
     check_invariants(raw, namespace, 2, state["l2_size"], state["l3_size"], now_ms=int(clock() * 1000))
 
 

@@ -19,9 +19,10 @@ return:
 
 * a miss, always: eviction, idle expiry and L1's LRU make misses legitimate at any time;
 * the model's current value of ``k``, if it has not reached its absolute ttl;
-* the value cache ``i``'s own L1 *may* still hold, until the copy's deadline. There is no
-  cross-process invalidation yet, so another cache's ``put``/``delete``/``invalidate`` does not
-  drop ``i``'s L1 copy; the copy lives until ``min(filled + l1_ttl, value's expiry)``. The model
+* the value cache ``i``'s own L1 *may* still hold, until the copy's deadline. The model does not
+  count on cross-process invalidation (its messages arrive asynchronously), so another cache's
+  ``put``/``delete``/``invalidate`` may leave ``i``'s L1 copy; the copy lives until
+  ``min(filled + l1_ttl, value's expiry)``. The model
   records per cache and key the one value its L1 may hold and the latest deadline it may have:
   set by the cache's own put (always filled), by a get served from Redis that may have filled L1
   (exact for ``get`` via the cache's own ``l1_fills``/``l1_hits`` counters, an over-approximation
@@ -30,16 +31,29 @@ return:
 
 Two stricter checks: "reads see own writes" (right after a cache puts a key, its own get is an L1
 hit with that value), and idle expiry (docs/design.md#ttl-meanings): a value nobody has touched in Redis
-(put or Redis hit) for ``l2_ttl + l3_ttl`` is gone from L2 and L3, and L1 copies are younger than that, so it is never
-served (1 ms of slack for the scripts' touch stamps, which run up to 0.001 ms per touch ahead of
-the clock).
+(put or Redis hit) for ``l2_ttl + l3_ttl`` is gone from L2 and L3 once a sweep has run on its shard
+since, and L1 copies are younger than that, so it is never served after such a sweep (1 ms of slack for
+the scripts' touch stamps, which run up to 0.001 ms per touch ahead of the clock). With a test clock a
+sweep is what applies idle times (Redis's own expiry runs in real time): every put and delete sweeps its
+shard at once, a read's bookkeeping when it is sent (touch.lua sweeps a shard once per second of the
+scripts' clock; this clock only moves by whole minutes, so the first batch of a step sweeps, at that
+step's time). Before any sweep a read of an idle entry may still hit: the documented lag, which the model
+allows.
+
+Bookkeeping: a Redis hit or miss is applied in Redis (LRU stamp, hit count, promotion, sweep, fleet
+counters) when its cache's buffered bookkeeping is sent. Every invariant check sends every cache's first,
+so each step's reads are applied at the clock of that step (the flusher thread may send some earlier,
+within the step, at the same clock); which reads fill L1 then depends on when hit counts arrived, which
+the model reads from the caches' own counters.
 
 It runs in full (same examples, same steps) on both backends; on a cluster the caches' shards sit
 on three masters and their invalidations travel over the cluster bus (see put_then_get_own_write).
 
-All durations are fake-clock seconds in multiples of 1/4 (exact in binary floating point), so
-"exactly at the ttl" is exact. Failures shrink; a failing run can take minutes to shrink, hence the
-test's longer timeout (a passing run takes seconds).
+All durations are fake-clock multiples of UNIT / 4 (exact in binary floating point), so "exactly at the
+ttl" is exact. Redis expires an entry's data in real time, as long after the write or touch as the test
+clock's deadline is (it cannot follow the test clock): UNIT is so long that no run lasts a quarter of it,
+so Redis's own expiry never fires before the test clock reaches the deadline. Failures shrink; a failing
+run can take minutes to shrink, hence the test's longer timeout (a passing run takes seconds).
 """
 
 from __future__ import annotations
@@ -65,10 +79,12 @@ from victor_rcache.keys import KeySpace
 from .helpers import Backend, Client, FakeClock, check_invariants, guard_slots
 
 SHARDS, L1_SIZE, L2_SIZE, L3_SIZE, PROMOTE_AFTER = 2, 3, 4, 6, 2
-L1_TTL, L2_TTL, L3_TTL = 3.0, 5.0, 10.0
+UNIT = 256.0  # fake-clock seconds: the shortest time until a deadline is UNIT / 4, over a minute of real time
+L1_TTL, L2_TTL, L3_TTL = 3.0 * UNIT, 5.0 * UNIT, 10.0 * UNIT
 CACHES = 3
-VALUE_TTLS = (None, None, 1.0, 2.5, 4.0, 7.5)  # seconds; None = no absolute ttl
-ADVANCES = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 12.0)  # multiples of 1/4: exact in binary floats
+VALUE_TTLS = tuple(None if t is None else t * UNIT for t in (None, None, 1.0, 2.5, 4.0, 7.5))  # None = no ttl
+ADVANCES = tuple(t * UNIT for t in (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 12.0))  # exact in binary floats
+OFFSETS = tuple(t * UNIT for t in (0.0, 0.0, -0.25, 0.25))  # around a boundary
 STAMP_SLACK = 0.001  # seconds
 SETTINGS = settings(max_examples=100, stateful_step_count=40, deadline=None, database=None,
                     report_multiple_bugs=False, suppress_health_check=[HealthCheck.too_slow])
@@ -89,6 +105,7 @@ def _keys_per_shard(per_shard: int) -> list[str]:
 
 
 KEYS = _keys_per_shard(L2_SIZE // SHARDS + L3_SIZE // SHARDS + 1)
+SHARD_OF = {key: KeySpace("x", SHARDS).ref(key).shard for key in KEYS}  # the shard is the key's, in any namespace
 HOT_KEYS = KEYS[:: len(KEYS) // SHARDS]  # one per shard, drawn half the time: keys get reused and hit
 MISS: Any = object()
 
@@ -126,6 +143,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.due_points: set[tuple[float, str]] = set()
         self.gets = [0] * CACHES
         self.hits = [0] * CACHES
+        # Per shard, the latest clock time a sweep certainly ran at, and the shards whose sweep waits for
+        # the bookkeeping of this step's reads (sent before the invariants are checked, at this clock).
+        self.swept = [float("-inf")] * SHARDS
+        self.sweeps_pending: set[int] = set()
 
     # ------------------------------------------------------------------ model
 
@@ -134,9 +155,15 @@ class CacheMachine(RuleBasedStateMachine):
         self.writes.append(Write(key, None if ttl is None else now + ttl))
         return {"key": key, "w": len(self.writes) - 1}
 
+    def _swept_now(self, keys: Any) -> None:
+        """A put or delete swept these keys' shards, at once."""
+        for key in keys:
+            self.swept[SHARD_OF[key]] = self.clock.now
+
     def _record_puts(self, i: int, values: dict[str, dict[str, Any]], ttl: float | None) -> None:
         now = self.clock.now
         life = L1_TTL if ttl is None else min(L1_TTL, ttl)
+        self._swept_now(values)
         for key, value in values.items():
             self.current[key] = value["w"]
             self.last_touch[key] = now
@@ -162,8 +189,10 @@ class CacheMachine(RuleBasedStateMachine):
         assert expiry is None or now < expiry, (
             f"cache {i} served write {w} of {key!r} at t={now}, at or after its ttl ended at t={expiry}")
         idle_end = self.last_touch[key] + L2_TTL + L3_TTL + STAMP_SLACK
-        assert now < idle_end, (
-            f"cache {i} served {key!r} at t={now}, untouched since t={self.last_touch[key]}: past l2_ttl + l3_ttl")
+        swept = self.swept[SHARD_OF[key]]
+        assert now < idle_end or swept < idle_end, (
+            f"cache {i} served {key!r} at t={now}, untouched since t={self.last_touch[key]}: past l2_ttl + l3_ttl, "
+            f"and its shard was swept at t={swept}")
         held = self.l1_may_hold[i].get(key)
         from_l1 = held is not None and held[0] == w and now < held[1]
         assert w == self.current.get(key) or from_l1, (
@@ -227,6 +256,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.gets[i] += 1
         l1_hits_after, fills_after, gets_after = self._counters(i)
         assert gets_after == gets + 1
+        if l1_hits_after == l1_hits:  # read from Redis: its bookkeeping sweeps the shard
+            self.sweeps_pending.add(SHARD_OF[key])
         if got is MISS:
             assert (l1_hits_after, fills_after) == (l1_hits, fills), "a miss neither hit nor filled L1"
             self.l1_may_hold[i].pop(key, None)  # an L1 miss drops whatever copy there was
@@ -262,6 +293,7 @@ class CacheMachine(RuleBasedStateMachine):
         for key in unique:
             if key not in got:
                 self.l1_may_hold[i].pop(key, None)
+                self.sweeps_pending.add(SHARD_OF[key])  # a miss was read from Redis
                 continue
             w = self._check_read(i, key, got[key])
             held = self.l1_may_hold[i].get(key)
@@ -299,6 +331,7 @@ class CacheMachine(RuleBasedStateMachine):
                 assert key in self.current or key in self.l1_may_hold[i], f"delete({key!r}) found a key nobody wrote"
         else:
             self.caches[i].invalidate(key)
+        self._swept_now([key])
         self.current.pop(key, None)
         self.l1_may_hold[i].pop(key, None)
 
@@ -314,9 +347,9 @@ class CacheMachine(RuleBasedStateMachine):
         return sorted(self.due_points)
 
     @precondition(lambda self: bool(self._boundaries()))
-    @rule(data=st.data(), offset=st.sampled_from((0.0, 0.0, -0.25, 0.25)), reader=st.none() | cache_ids)
+    @rule(data=st.data(), offset=st.sampled_from(OFFSETS), reader=st.none() | cache_ids)
     def advance_to_a_boundary(self, data: st.DataObject, offset: float, reader: int | None) -> None:
-        """Move the clock exactly onto a moment something is due for a key (or a quarter second either
+        """Move the clock exactly onto a moment something is due for a key (or a quarter UNIT either
         side), and maybe read that key right then."""
         target, key = data.draw(st.sampled_from(self._boundaries()))
         self.clock.now = max(self.clock.now, target + offset)
@@ -325,16 +358,26 @@ class CacheMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------- invariants
 
+    def _flush(self) -> None:
+        """Send every cache's buffered bookkeeping (at this step's clock): Redis then reflects every read."""
+        for cache in self.caches:
+            cache.flush_bookkeeping()
+        for shard in self.sweeps_pending:
+            self.swept[shard] = self.clock.now
+        self.sweeps_pending.clear()
+
     @invariant()
     def invalidations_received_are_applied(self) -> None:
         self._settle()
 
     @invariant()
     def redis_holds_a_consistent_namespace(self) -> None:
-        check_invariants(self.raw, self.ns, SHARDS, L2_SIZE, L3_SIZE, now_ms=self.clock.ms)
+        self._flush()
+        check_invariants(self.raw, self.ns, SHARDS, L2_SIZE, L3_SIZE, now_ms=self.clock.ms, idle=(L2_TTL, L3_TTL))
 
     @invariant()
     def counters_add_up(self) -> None:
+        self._flush()  # the fleet's counters in Redis include every cache's reads
         processes = [cache.get_metrics() for cache in self.caches]
         for i, m in enumerate(processes):
             c = m["combined"]
@@ -344,9 +387,11 @@ class CacheMachine(RuleBasedStateMachine):
             assert m["l3"]["hits"] + m["l3"]["misses"] == m["l2"]["misses"]
             assert c["total_hits"] == m["l1"]["hits"] + m["l2"]["hits"] + m["l3"]["hits"] == self.hits[i]
             assert c["total_misses"] == m["l3"]["misses"] == self.gets[i] - self.hits[i]
-        fleet = [cache.get_metrics("fleet") for cache in self.caches][-1]  # each reports its L1 counts
+        fleet = self.caches[-1].get_metrics("fleet")
         f, c = fleet, fleet["combined"]
-        assert c["gets"] == sum(self.gets), f"fleet counted {c['gets']} gets, the caches made {sum(self.gets)}"
+        dropped = [cache.get_metrics()["health"]["bookkeeping"]["dropped_batches"] for cache in self.caches]
+        assert c["gets"] == sum(self.gets), (
+            f"fleet counted {c['gets']} gets, the caches made {sum(self.gets)} (batches dropped: {dropped})")
         assert c["total_hits"] + c["total_misses"] == c["gets"]
         assert c["total_hits"] == sum(self.hits)
         assert f["l2"]["hits"] + f["l2"]["misses"] == f["l1"]["misses"]

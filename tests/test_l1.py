@@ -46,13 +46,45 @@ def test_an_older_version_never_replaces_a_newer_one() -> None:
     l1 = LocalCache(10, None, FakeClock())
     assert l1.set(b"k", b"new", 7)
     assert l1.set(b"k", b"stale", 6) is False
+    assert l1.set(b"k", b"unversioned", 0) is False  # no version is exempt
     entry = l1.get(b"k")
     assert entry is not None
     assert entry.payload == b"new"
-    assert l1.set(b"k", b"offline write", 0)  # version 0: written while Redis was down, always wins
-    entry = l1.get(b"k")
-    assert entry is not None
-    assert entry.payload == b"offline write"
+
+
+def test_an_unconfirmed_write_is_held_aside_for_the_fail_open_fallback_only() -> None:
+    """A write Redis did not confirm leaves no trusted copy: reads (``serve``/``get``) miss and go to
+    Redis; only the fallback used while Redis cannot be asked (``peek``) sees it, until Redis answers for
+    the key, a confirmed copy or another process's write arrives, L1 is cleared, or its lifetime ends."""
+    clock = FakeClock()
+    l1 = LocalCache(10, 5.0, clock)
+    assert l1.set(b"k", b"confirmed", 7)
+    l1.hold_unconfirmed(b"k", b"unconfirmed")
+    assert (l1.serve(b"k"), l1.get(b"k"), l1.hits) == (None, None, 0), "the older trusted copy went too"
+    held = l1.peek(b"k")
+    assert held is not None
+    assert held.payload == b"unconfirmed"
+    l1.forget_unconfirmed(b"k")  # Redis answered for the key
+    assert l1.peek(b"k") is None
+
+    l1.hold_unconfirmed(b"a", b"unconfirmed")
+    assert l1.set(b"a", b"confirmed", 3)
+    confirmed = l1.peek(b"a")
+    assert confirmed is not None
+    assert confirmed.payload == b"confirmed"
+    l1.hold_unconfirmed(b"b", b"unconfirmed")
+    assert l1.invalidate(b"b", 9) is False  # no trusted copy to drop, but the unconfirmed one goes
+    assert l1.peek(b"b") is None
+    l1.hold_unconfirmed(b"c", b"unconfirmed")
+    l1.clear()
+    assert l1.peek(b"c") is None
+    l1.hold_unconfirmed(b"d", b"unconfirmed", ttl_left=1.0)
+    clock.advance(0.999)
+    assert l1.peek(b"d") is not None
+    clock.advance(0.001)
+    assert l1.peek(b"d") is None
+    assert len(l1) == 0
+    assert l1.total_size == 0
 
 
 def test_total_size_tracks_payload_bytes() -> None:

@@ -26,6 +26,7 @@ from victor_rcache import (
 )
 from victor_rcache.codec import Envelope, MsgpackCodec, immutable
 from victor_rcache.coherence import InvalidationListener
+from victor_rcache.keys import MAX_RAW_KEY_BYTES, REFS_BYTES, KeySpace
 from victor_rcache.l1 import LocalCache
 from victor_rcache.metrics import Counters
 
@@ -126,6 +127,26 @@ def test_copy_on_read_is_a_validated_setting_read_from_the_environment() -> None
     assert CacheConfig.from_env({"VICTOR_RCACHE_COPY_ON_READ": "false"}).copy_on_read is False
     with pytest.raises(ConfigurationError, match="VICTOR_RCACHE_COPY_ON_READ"):
         CacheConfig.from_env({"VICTOR_RCACHE_COPY_ON_READ": "sometimes"})
+
+
+def test_located_keys_are_remembered_within_a_byte_bound() -> None:
+    """An L1 hit locates its key first (KeySpace.ref): a key is located once and remembered, up to
+    REFS_BYTES of key bytes in all, so a stream of distinct keys cannot grow the memory without bound."""
+    space = KeySpace("ns", 16)
+    ref = space.ref("k")
+    assert space.ref("k") is ref, "a hot key is located once"
+    assert space.ref(b"k") == ref  # one key however it is spelled
+    assert ref.entry == space.shard_keys[ref.shard].entry(ref.id)
+    long_key = "q" * (MAX_RAW_KEY_BYTES + 1)
+    assert space.ref(long_key) is not space.ref(long_key), "a long key is located anew (its digest is its id)"
+    assert space.ref(Text("k")) == ref  # a str subclass is located like its text, but not remembered
+    size = 1000
+    for i in range(2 * REFS_BYTES // size):  # twice what the bound holds
+        key = f"{i:0{size}d}"
+        assert space.ref(key).key == key.encode()
+        assert space.refs_bytes <= REFS_BYTES
+        assert sum(len(r.key) for r in space.refs.values()) == space.refs_bytes
+    assert space.ref("k") == ref  # a key forgotten when the bound was reached is located again, the same way
 
 
 @pytest.mark.parametrize("signing_key", [None, b"k" * 32])
@@ -321,9 +342,13 @@ def test_counts_stay_exact_when_threads_share_a_cache(make_cache: Make) -> None:
     assert m["l2"]["hits"] + m["l2"]["misses"] == m["l1"]["misses"]
     assert m["l3"]["hits"] + m["l3"]["misses"] == m["l2"]["misses"]
     assert m["combined"]["total_hits"] + m["combined"]["total_misses"] == calls
-    # Every L1 hit reaches the fleet's totals exactly once (with the next script call, here the metrics').
+    # Every L1 hit reaches the fleet's totals exactly once, with the cache's bookkeeping (sent in the
+    # background as well: twice here, and nothing is counted twice).
+    cache.flush_bookkeeping()
     fleet = cache.get_metrics("fleet")
     assert fleet["l1"]["hits"] == m["l1"]["hits"]
+    assert fleet["combined"]["gets"] == calls
+    cache.flush_bookkeeping()
     assert cache.get_metrics("fleet")["l1"]["hits"] == m["l1"]["hits"]
 
 
@@ -338,6 +363,24 @@ def test_the_listener_applies_an_invalidation_with_no_read_at_all(make_cache: Ma
     assert holder.get("k") == "new"
     writer.delete("k")
     wait_until(lambda: holder.get("k", MISS) == MISS, "the holder dropping its copy of the deleted key")
+
+
+def test_an_l1_hit_survives_the_located_keys_being_forgotten(make_cache: Make) -> None:
+    """The L1 hit path looks its key up among the KeySpace's located keys; when their byte bound empties
+    them, a hit locates the key again and is served and counted all the same."""
+    cache = make_cache()
+    cache.put("hot", "v")
+    assert cache.get("hot") == "v"
+    space = cache._core.space
+    assert "hot" in space.refs
+    size = 1000
+    for i in range(REFS_BYTES // size + 1):  # other keys located (as other calls would) past the bound
+        space.ref(f"{i:0{size}d}")
+    assert "hot" not in space.refs
+    hits = cache.get_metrics()["l1"]["hits"]
+    assert cache.get("hot") == "v"
+    assert cache.get_metrics()["l1"]["hits"] == hits + 1
+    assert "hot" in space.refs
 
 
 def test_the_fast_path_checks_keys_as_strictly_as_before(make_cache: Make) -> None:

@@ -1,10 +1,16 @@
 """The Lua scripts themselves, against a real Redis (docs/design.md#invariants 6 and 7; script reload).
 
-* every script documents its KEYS, ARGV and Reply, and the registry expands its includes;
-* invariant 7: a script refuses bad ARGV before its first write, even with sweep work due;
+* every script documents its KEYS, ARGV and Reply, opens with the shebang Redis needs (``#!lua``;
+  ``#!lua flags=allow-oom`` for delete.lua and flush.lua, which must run when Redis is full), and the
+  registry expands its includes;
+* invariant 7: a script refuses bad ARGV before its first write, even with sweep work due (every shard
+  script: touch, put, delete, flush, lease); numbers only Lua accepts are refused too; every command a
+  script runs is ACL-checked before its first write;
+* byte totals stay exact (the shard's ``size`` records) when entries expire, and when Redis drops an
+  entry's data behind the scripts' back, whose index member the first script meeting it removes;
 * invariant 6: every script call the front end sends touches keys of one hash slot (a slot guard
-  wraps the sync front end's batch sending and checks every EVALSHA/EVAL, including the entry keys
-  the script derives from KEYS[1]);
+  wraps the sync front end's I/O, the bookkeeping thread's touch.lua calls included, and checks every
+  EVALSHA/EVAL, including the entry keys the script derives from KEYS[1]);
 * shard tags split the slot space evenly, and keys with braces stay in their shard's slot;
 * after SCRIPT FLUSH a call still succeeds and the script is cached again.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +33,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import NoScriptError, ResponseError
 
 from victor_rcache import MultiLevelCache
-from victor_rcache.keys import KeySpace
+from victor_rcache.keys import KeySpace, ShardKeys
 from victor_rcache.local_redis import LocalRedisServer, free_port
 from victor_rcache.scripts import Script, ScriptCall, Scripts, lua_dir
 from victor_rcache.tiers import default_scripts
@@ -35,9 +42,11 @@ from .helpers import Client, FakeClock, check_invariants, flush_scripts, read_na
 
 Make = Callable[..., MultiLevelCache]
 Arg = bytes | int | str
+MISS = "<miss>"
 
-SCRIPT_NAMES = ("get", "put", "delete", "flush", "release", "lease", "sizing", "record", "predict")
-SHARD_SCRIPTS = ("get", "put", "delete", "flush")
+SCRIPT_NAMES = ("touch", "put", "delete", "flush", "release", "lease", "sizing", "record", "predict")
+SHARD_SCRIPTS = ("touch", "put", "delete", "flush", "lease")  # the scripts that include includes/shard.lua
+ALLOW_OOM = ("delete", "flush")  # they only remove: they must run when Redis is out of memory
 
 
 def script_named(name: str) -> Script:
@@ -69,7 +78,10 @@ def test_every_script_opens_with_a_header_documenting_keys_argv_and_reply() -> N
     assert {p.stem for p in paths} == set(SCRIPT_NAMES)
     for path in paths:
         text = path.read_text("utf-8")
-        assert text.startswith("#!lua\n--[["), f"{path.name} does not open with #!lua and a --[[ ... ]] header"
+        # Redis refuses a script that may write before it runs when it is out of memory, unless it says
+        # allow-oom: only the scripts that remove (and so free memory) may say so.
+        shebang = "#!lua flags=allow-oom" if path.stem in ALLOW_OOM else "#!lua"
+        assert text.startswith(shebang + "\n--[["), f"{path.name} does not open with {shebang} and a --[[ ... ]] header"
         header = text[: text.index("]]")]
         for needle in ("KEYS[", "ARGV[", "Reply"):
             assert needle in header, f"{path.name}'s header does not mention {needle!r}"
@@ -95,7 +107,7 @@ def test_scripts_registry_loads_every_script_with_includes_expanded(raw: Client)
         assert acl in script.source or script.name == "release", f"{script.name} does not check ACL permissions"
         # Redis compiles the expanded source and agrees on its SHA1 (what EVALSHA is sent with).
         assert raw.script_load(script.source) == script.sha  # type: ignore[arg-type]
-    assert {s.name for s in scripts.all() if prelude in s.source} == {"get", "put", "delete", "flush"}
+    assert {s.name for s in scripts.all() if prelude in s.source} == set(SHARD_SCRIPTS)
     assert {s.name for s in scripts.all() if model in s.source} == {"record", "predict"}
 
 
@@ -103,26 +115,62 @@ def test_scripts_registry_loads_every_script_with_includes_expanded(raw: Client)
 
 DUE_SETTINGS: dict[str, Any] = {"shards": 1, "l2_size": 3, "l3_size": 4, "l2_ttl": 60, "l3_ttl": 600,
                                 "promote_after": 3}
-HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "l1_hits", "l1_evictions", "memory")
-GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 0, 0, 300_000)  # matches DUE_SETTINGS
+HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "memory")
+GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 300_000)  # matches DUE_SETTINGS
+# touch.lua's ARGV[8]: six counts (l1_hits l1_evictions l1_fills l2_hits l3_hits misses), then the evidence flag
+COUNTS = "0 0 0 0 0 0 0"
+TOUCH_KINDS = ("2", "3", "n", "e", "w", "m", "c")  # touch.lua's ARGV[9..15]: one record string per kind, in order
+
+
+def records(*pairs: tuple[bytes, Arg]) -> bytes:
+    """A touch.lua record string: "<len a> <len b> <a><b>" per (id, number) pair, one after the other."""
+    out = b""
+    for entry_id, number in pairs:
+        value = number if isinstance(number, bytes) else str(number).encode()
+        out += b"%d %d %s%s" % (len(entry_id), len(value), entry_id, value)
+    return out
+
+
+def touch_body(counts: str = COUNTS, **by_kind: bytes) -> tuple[Arg, ...]:
+    """touch.lua's ARGV after the header: the counts, then the record string of each kind (``k2``, ``k3``
+    for the tiers' hits, else the kind's letter; absent: none)."""
+    return (counts, *(by_kind.get(f"k{kind}" if kind.isdigit() else kind, b"") for kind in TOUCH_KINDS))
+
+
+def parse_records(string: bytes) -> list[tuple[bytes, bytes]]:
+    """The (a, b) pairs of a touch.lua record string (see records())."""
+    out, pos = [], 0
+    while pos < len(string):
+        found = re.match(rb"(\d+) (\d+) ", string[pos:])
+        assert found, f"malformed records: {string!r}"
+        start = pos + found.end()
+        la, lb = int(found[1]), int(found[2])
+        out.append((string[start:start + la], string[start + la:start + la + lb]))
+        pos = start + la + lb
+    return out
+
 GOOD_BODY: dict[str, tuple[Arg, ...]] = {
-    "get": (b"", b"e", b"a"),  # no lease asked for, two ids
+    # a hit on e (found in L2; its count raised), a miss on an id never stored
+    "touch": touch_body("0 0 0 1 0 1 1", k2=records((b"e", 1)), n=records((b"e", 1)), m=records((b"absent", 1))),
     "put": (b"new", b"payload", 0, b"", 0, 0, 0, 0),
     "delete": (b"e", b""),
     "flush": (1, 0, 0),
+    "lease": (b"absent", b"token", 1000),  # a miss: the lease is taken
 }
+HEADED = ("touch", "put", "delete", "lease")  # the shard scripts that take the common header (not flush.lua)
 
 
 @dataclass(frozen=True)
 class DueState:
-    keys: list[bytes]  # the shard's KEYS[1..6]
+    shard: ShardKeys  # the one shard the state is in
     now_ms: int  # a clock value at which every kind of sweep work is due
 
 
 def build_due_state(make_cache: Make, raw: Client, namespace: str, clock: FakeClock) -> DueState:
     """One shard holding L2 and L3 entries, one with an absolute ttl, then a clock jump making all of it
     due: absolute expiry passed, L2 idle past l2_ttl, L3 idle past l3_ttl. A script that wrote anything
-    (even just its sweep) before validating would change what Redis holds."""
+    (even just its sweep) before validating would change what Redis holds. (With a test clock Redis
+    expires the entry keys in real time, after the same durations: none of them within the test.)"""
     cache = make_cache(clock=clock, **DUE_SETTINGS)
     for key in ("a", "b", "c", "d", "e"):
         cache.put(key, key * 10)
@@ -133,23 +181,34 @@ def build_due_state(make_cache: Make, raw: Client, namespace: str, clock: FakeCl
     clock.advance(2000)
     now_ms = clock.ms
     state = read_namespace(raw, namespace, 1).shards[0]
-    for index in ("l2", "l3", "exp", "entries"):
+    for index in ("l2", "l3", "exp", "size", "entries"):
         assert getattr(state, index), f"the setup left {index} empty"
     assert max(state.l2.values()) <= now_ms - 60_000, "no L2 entry is idle past l2_ttl"
     assert max(state.l3.values()) <= now_ms - 600_000, "no L3 entry is idle past l3_ttl"
     assert max(state.exp.values()) <= now_ms, "no absolute ttl has passed"
-    return DueState(KeySpace(namespace, 1).shard_keys[0].keys, now_ms)
+    return DueState(KeySpace(namespace, 1).shard_keys[0], now_ms)
 
 
 @dataclass(frozen=True)
 class Call:
-    """ARGV for one script call: the common header (with overrides) and a script-specific body."""
+    """One script call: KEYS (the shard's l2 key, or a bad choice), the common header (with overrides)
+    and a script-specific body."""
 
     script: str
     label: str
     head: dict[str, Arg] = field(default_factory=dict)
     body: tuple[Arg, ...] | None = None  # None = the script's good body
     head_fields: int = len(HEAD_FIELDS)  # fewer = the header is cut short
+    keys: str = "l2"  # see keys_for()
+
+    def keys_for(self, shard: ShardKeys) -> list[bytes]:
+        return {
+            "l2": [shard.l2],
+            "l3": [shard.l3],  # a key of the shard, but not the one its keys derive from
+            "l2 and l3": [shard.l2, shard.l3],
+            "none": [],
+            "untagged": [shard.l2[: shard.l2.index(b"{")] + b"untagged}:l2"],  # no hash tag: keys in any slot
+        }[self.keys]
 
     def argv(self, now_ms: int) -> list[Arg]:
         body = list(GOOD_BODY[self.script] if self.body is None else self.body)
@@ -161,27 +220,68 @@ class Call:
 
 
 BAD_HEADS: list[tuple[str, Arg]] = [
-    ("now", "abc"), ("now", "1.5"), ("now", "-1"), ("now", ""),
+    ("now", "abc"), ("now", "1.5"), ("now", "-1"), ("now", ""), ("now", " 1"), ("now", "1 3"),
     ("cap2", 0), ("cap3", 0), ("cap2", -3), ("cap3", "2.5"),
     ("idle2", -1), ("idle3", -60_000), ("idle2", "soon"),
     ("promote_after", 0), ("promote_after", -1),
-    ("l1_hits", -1), ("l1_evictions", "x"), ("memory", 0), ("memory", "1e3"),
+    ("memory", 0), ("memory", -1), ("memory", "1e3"),
 ]
+BAD_KEYS = ("l3", "l2 and l3", "none", "untagged")
+
+
+def _hits(n: int) -> bytes:
+    """touch.lua's records of one L2 hit on each of n distinct ids."""
+    return records(*((f"id{i}".encode(), 1) for i in range(n)))
+
 
 BAD_CALLS: list[Call] = [
-    *(Call(s, f"{f}={v!r}", head={f: v}) for s in ("get", "put", "delete") for f, v in BAD_HEADS),
-    *(Call(s, "header cut short", head_fields=8, body=()) for s in ("get", "put", "delete")),
-    Call("get", "no ids", body=(b"",)),
-    Call("get", "no lease request", body=()),
-    Call("get", "empty id", body=(b"", b"")),
-    Call("get", "empty id after a good one", body=(b"", b"e", b"")),
-    Call("get", "id given twice", body=(b"", b"e", b"e")),
-    Call("get", "lease request with two ids", body=(b"1000:tok", b"e", b"a")),
-    Call("get", "lease ttl 0", body=(b"0:tok", b"e")),
-    Call("get", "lease without a token", body=(b"1000:", b"e")),
-    Call("get", "lease ttl not a number", body=(b"soon:tok", b"e")),
+    *(Call(s, f"{f}={v!r}", head={f: v}) for s in HEADED for f, v in BAD_HEADS),
+    *(Call(s, "header cut short", head_fields=len(HEAD_FIELDS) - 1, body=()) for s in HEADED),
+    *(Call(s, f"KEYS: {k}", keys=k) for s in SHARD_SCRIPTS for k in BAD_KEYS),
+    # touch.lua: six non-negative integer counts and the evidence flag, then seven record strings
+    Call("touch", "no counts", body=()),
+    Call("touch", "empty counts", body=touch_body("")),
+    Call("touch", "five counts and the flag", body=touch_body("0 0 0 0 0 0")),
+    Call("touch", "seven counts and the flag", body=touch_body("0 0 0 0 0 0 0 0")),
+    Call("touch", "evidence flag 2", body=touch_body("0 0 0 0 0 0 2")),
+    Call("touch", "counts separated by commas", body=touch_body("0,0,0,0,0,0,0")),
+    Call("touch", "a negative count", body=touch_body("0 0 0 -1 0 0 0")),
+    Call("touch", "a count 1.5", body=touch_body("0 0 0 0 1.5 0 0")),
+    Call("touch", "a count x", body=touch_body("0 0 x 0 0 0 0")),
+    Call("touch", "six record strings", body=touch_body()[:-1]),
+    Call("touch", "eight record strings", body=(*touch_body(), b"")),
+    Call("touch", "a record cut short", body=touch_body(k2=b"1 1 e")),
+    Call("touch", "a record length x", body=touch_body(k2=b"x 1 e1")),
+    Call("touch", "a negative record length", body=touch_body(k2=b"-1 1 e1")),
+    Call("touch", "an empty id", body=touch_body(k2=records((b"", 1)))),
+    Call("touch", "bytes after the last record", body=touch_body(k2=records((b"e", 1)) + b"more")),
+    Call("touch", "L2 hits 0", body=touch_body(k2=records((b"e", 0)))),
+    Call("touch", "L3 hits -1", body=touch_body(k3=records((b"e", -1)))),
+    Call("touch", "hits 1.5", body=touch_body(k2=records((b"e", "1.5")))),
+    Call("touch", "hits empty", body=touch_body(k3=records((b"e", b"")))),
+    Call("touch", "count 0", body=touch_body(n=records((b"e", 0)))),
+    Call("touch", "expiry of tier 1", body=touch_body(e=records((b"e", 1)))),
+    Call("touch", "expiry of tier 4", body=touch_body(e=records((b"e", 4)))),
+    Call("touch", "prewarm mark 1", body=touch_body(w=records((b"e", 1)))),
+    Call("touch", "misses 0", body=touch_body(m=records((b"absent", 0)))),
+    Call("touch", "misses x", body=touch_body(m=records((b"absent", "x")))),
+    Call("touch", "bad record after a good one", body=touch_body(m=records((b"absent", 1), (b"other", 0)))),
+    Call("touch", "a good kind after a bad one", body=touch_body(k2=records((b"e", 0)), m=records((b"absent", 1)))),
+    Call("touch", "1001 hits", body=touch_body(k2=_hits(1001))),
+    # lease.lua: id, token, lease ttl
+    Call("lease", "no arguments", body=()),
+    Call("lease", "no lease ttl", body=(b"absent", b"token")),
+    Call("lease", "two extra arguments", body=(b"absent", b"token", 1000, b"ver", b"more")),
+    Call("lease", "empty id", body=(b"", b"token", 1000)),
+    Call("lease", "empty token", body=(b"absent", b"", 1000)),
+    Call("lease", "lease ttl 0", body=(b"absent", b"token", 0)),
+    Call("lease", "lease ttl -1", body=(b"absent", b"token", -1)),
+    Call("lease", "lease ttl 1.5", body=(b"absent", b"token", "1.5")),
+    Call("lease", "lease ttl soon", body=(b"absent", b"token", "soon")),
+    Call("lease", "lease ttl empty", body=(b"absent", b"token", b"")),
+    # put.lua: groups of eight
     Call("put", "no groups", body=()),
-    Call("put", "4 items (the old group)", body=(b"new", b"payload", 0, b"")),
+    Call("put", "4 items (an old group)", body=(b"new", b"payload", 0, b"")),
     Call("put", "7 items (the group before prewarm)", body=(b"new", b"payload", 0, b"", 0, 0, 0)),
     Call("put", "9 items", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, b"more")),
     Call("put", "empty id", body=(b"", b"payload", 0, b"", 0, 0, 0, 0)),
@@ -196,6 +296,7 @@ BAD_CALLS: list[Call] = [
     Call("put", "prewarm 2", body=(b"new", b"payload", 0, b"", 0, 0, 0, 2)),
     Call("put", "prewarm empty", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"")),
     Call("put", "bad second group", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, b"n2", b"", 0, b"", 0, 0, 0, 0)),
+    # delete.lua: (id, expected_version) pairs
     Call("delete", "no pairs", body=()),
     Call("delete", "odd arguments", body=(b"e",)),
     Call("delete", "three arguments", body=(b"e", b"", b"a")),
@@ -205,6 +306,7 @@ BAD_CALLS: list[Call] = [
     Call("delete", "expected_version 1.5", body=(b"e", "1.5")),
     Call("delete", "expected_version abc", body=(b"e", "abc")),
     Call("delete", "bad second pair", body=(b"e", b"", b"a", 0)),
+    # flush.lua: batch, now, shard
     Call("flush", "batch 0", body=(0, 0, 0)),
     Call("flush", "batch -1", body=(-1, 0, 0)),
     Call("flush", "batch 1.5", body=("1.5", 0, 0)),
@@ -227,7 +329,7 @@ def assert_refused_without_writes(call: Call, make_cache: Make, raw: Client, nam
     due = build_due_state(make_cache, raw, namespace, clock)
     before = snapshot(raw, namespace)
     with pytest.raises(ResponseError) as refused:
-        run_script(raw, script_named(call.script), due.keys, call.argv(due.now_ms))
+        run_script(raw, script_named(call.script), call.keys_for(due.shard), call.argv(due.now_ms))
     assert str(refused.value).startswith("VRC_BADARG"), f"not a validation error: {refused.value}"
     assert snapshot(raw, namespace) == before, f"{call.script}.lua wrote before refusing its input"
 
@@ -244,21 +346,34 @@ def test_the_same_call_with_good_argv_does_write(script_name: str, make_cache: M
     """The control for the test above: the state is such that a valid call visibly changes Redis."""
     due = build_due_state(make_cache, raw, namespace, clock)
     before = snapshot(raw, namespace)
-    run_script(raw, script_named(script_name), due.keys, Call(script_name, "good").argv(due.now_ms))
+    call = Call(script_name, "good")
+    run_script(raw, script_named(script_name), call.keys_for(due.shard), call.argv(due.now_ms))
     assert snapshot(raw, namespace) != before
 
 
-LUA_ONLY_NUMBERS = "Lua's tonumber accepts inf and 1e20, which the checks pass but Redis later rejects or misuses"
+LUA_ONLY_NUMBERS = "Lua's tonumber accepts inf, hex and 1e20, which the checks pass but Redis later rejects or misuses"
+TOO_BIG = str(10**17)  # plain digits, but past 2^53, the integers a Lua number holds exactly
 
 GAPS: list[Call] = [
-    Call("get", "now=inf", head={"now": "inf"}),
-    Call("get", "cap2=inf", head={"cap2": "inf"}),
-    Call("get", "promote_after=inf", head={"promote_after": "inf"}),
-    Call("get", "l1_hits=inf", head={"l1_hits": "inf"}),
-    Call("get", "l1_evictions=1e20", head={"l1_evictions": "1e20"}),
+    *(Call(s, f"{f}={v}", head={f: v}) for s in HEADED
+      for f, v in (("now", "inf"), ("cap2", "inf"), ("promote_after", "inf"), ("memory", "1e20"), ("idle3", "0x10"),
+                   ("cap3", TOO_BIG))),
+    Call("touch", "a count inf", body=touch_body("0 0 0 inf 0 0 0")),
+    Call("touch", "a count 1e20", body=touch_body("0 1e20 0 0 0 0 0")),
+    Call("touch", "a count 0x10", body=touch_body("0 0 0 0 0x10 0 0")),
+    Call("touch", "a count past 2^53", body=touch_body(f"{TOO_BIG} 0 0 0 0 0 0")),
+    Call("touch", "hits inf", body=touch_body(k2=records((b"e", "inf")))),
+    Call("touch", "hits nan", body=touch_body(k3=records((b"e", "nan")))),
+    Call("touch", "count 1e20", body=touch_body(n=records((b"e", "1e20")))),
+    Call("touch", "hits past 2^53", body=touch_body(k2=records((b"e", TOO_BIG)))),
+    Call("lease", "lease ttl inf", body=(b"absent", b"token", "inf")),
+    Call("lease", "lease ttl 1e20", body=(b"absent", b"token", "1e20")),
     Call("put", "ttl_ms inf", body=(b"new", b"payload", "inf", b"", 0, 0, 0, 0)),
     Call("put", "ttl_ms 1e20", body=(b"new", b"payload", "1e20", b"", 0, 0, 0, 0)),
-    Call("delete", "l1_hits=inf", head={"l1_hits": "inf"}),
+    Call("put", "ttl_ms past 2^53", body=(b"new", b"payload", TOO_BIG, b"", 0, 0, 0, 0)),
+    Call("delete", "expected_version 1e20", body=(b"e", "1e20")),
+    Call("flush", "batch inf", body=("inf", 0, 0)),
+    Call("flush", "now 1e20", body=(1, "1e20", 0)),
 ]
 
 
@@ -269,33 +384,95 @@ def test_numbers_only_lua_accepts_are_refused_before_the_first_write(call: Call,
     assert_refused_without_writes(call, make_cache, raw, namespace, clock)
 
 
-def test_byte_totals_stay_exact_when_entries_expire(make_cache: Make, raw: Client, namespace: str,
+# ---------------------------------------------------------------------------- exact byte totals
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (fail after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("expiry", ["on-the-scripts-clock", "by-redis-itself"])
+def test_byte_totals_stay_exact_when_entries_expire(expiry: str, make_cache: Make, raw: Client, namespace: str,
                                                    clock: FakeClock) -> None:
-    cache = make_cache(shards=1, clock=clock)
-    cache.put("gone", "x" * 100, ttl=1)
-    cache.put("kept", "y" * 50)
-    clock.advance(2)
-    assert make_cache(shards=1, clock=clock).get("gone") is None
-    state = check_invariants(raw, namespace, 1, 10_000, 100_000, now_ms=clock.ms)
+    """An entry past its absolute ttl is a miss at once; the reader's report of the miss (touch.lua)
+    removes it with exactly the bytes its `size` record accounts for, whether Redis has dropped its
+    data yet (its own key expiry) or not (a test clock that jumped ahead of Redis's)."""
+    space = KeySpace(namespace, 1)
+    if expiry == "on-the-scripts-clock":
+        cache, reader = make_cache(shards=1, clock=clock), make_cache(shards=1, clock=clock)
+        cache.put("gone", "x" * 100, ttl=1)
+        cache.put("kept", "y" * 50)
+        clock.advance(2)
+    else:
+        cache, reader = make_cache(shards=1), make_cache(shards=1)
+        cache.put("kept", "y" * 50)
+        cache.put("gone", "x" * 100, ttl=0.001)
+        until(lambda: not raw.exists(space.entry_key(space.ref("gone"))), "Redis expiring the entry's key")
+        assert read_namespace(raw, namespace, 1).tier_of(b"gone") == 2, "no script has met it yet"
+    assert reader.get("gone") is None
+    reader.flush_bookkeeping()
+    state = check_invariants(raw, namespace, 1, 10_000, 100_000)  # no leftover allowed: the report removed it
     assert state.l2_ids == {b"kept"}
+    (shard,) = state.shards
+    assert int(shard.stats[b"l2_bytes"]) == len(shard.entries[b"kept"][b"v"])
 
 
-def test_data_removed_behind_the_scripts_back_is_never_served_and_totals_heal_on_invalidate(
-        make_cache: Make, raw: Client, namespace: str, clock: FakeClock) -> None:
-    """Documented limitation: when Redis itself drops an entry's data (maxmemory allkeys-* eviction, a
-    manual DEL), its accounted size is lost with it; the entry is a miss and invalidate() heals the totals."""
-    cache = make_cache(shards=1, clock=clock)
-    cache.put("gone", "x" * 100)
-    raw.delete(KeySpace(namespace, 1).shard_keys[0].entry(b"gone"))
-    assert make_cache(shards=1, clock=clock).get("gone") is None
-    assert read_namespace(raw, namespace, 1).tier_of(b"gone") == 0
-    cache.invalidate()
-    check_invariants(raw, namespace, 1, 10_000, 100_000)
+MEETINGS = ["touch.lua, a reader's miss", "put.lua, the same key", "put.lua, the bounds", "lease.lua, get_or_set",
+            "delete.lua"]
+
+
+@pytest.mark.parametrize("meeting", MEETINGS)
+def test_data_removed_behind_the_scripts_back_is_never_served_and_the_first_script_meeting_it_removes_it(
+        meeting: str, make_cache: Make, raw: Client, namespace: str, clock: FakeClock) -> None:
+    """When Redis itself drops an entry's data (an allkeys-* eviction, a manual DEL), the entry is a miss
+    from then on; its `size` record keeps the byte totals exact, and the first script that meets the
+    index member (touch.lua on a reported miss, put.lua, lease.lua, delete.lua, the LRU bounds) removes
+    it together with exactly the bytes it accounted for."""
+    settings: dict[str, Any] = {"shards": 1, "l2_size": 2, "l3_size": 10, "clock": clock}
+    writer = make_cache(**settings)
+    writer.put("gone", "x" * 100)
+    clock.advance(1)
+    writer.put("kept", "y" * 50)
+    space = KeySpace(namespace, 1)
+    raw.delete(space.entry_key(space.ref("gone")))
+    (shard,) = read_namespace(raw, namespace, 1).shards
+    assert b"gone" in shard.l2, "the index still lists it: no script has met it yet"
+    assert int(shard.stats[b"l2_bytes"]) == int(shard.size[b"gone"]) + int(shard.size[b"kept"])
+
+    reader = make_cache(**settings)
+    if meeting.startswith("touch"):
+        assert reader.get("gone", MISS) == MISS
+        reader.flush_bookkeeping()
+    elif meeting == "put.lua, the same key":
+        writer.put("gone", "new")
+    elif meeting == "put.lua, the bounds":
+        clock.advance(1)
+        writer.put("third", "z")  # L2 holds 2: its least recent entry, "gone", moves to L3
+    elif meeting.startswith("lease"):
+        assert reader.get_or_set("gone", lambda: "new") == "new"
+    else:
+        writer.delete("gone")
+    reader.flush_bookkeeping()
+
+    state = check_invariants(raw, namespace, 1, 2, 10)  # the size records and the byte totals agree
+    if meeting in ("put.lua, the same key", "lease.lua, get_or_set"):
+        assert state.tier_of(b"gone") == 2
+        assert make_cache(**settings).get("gone") == "new"
+    else:
+        assert state.tier_of(b"gone") == 0
+        assert make_cache(**settings).get("gone", MISS) == MISS
 
 
 # ---------------------------------------------------- invariant 6: one hash slot per script call
 
-ID_POSITIONS = {"get": slice(9, None), "put": slice(9, None, 7), "delete": slice(9, None, 2), "flush": slice(0, 0)}
+# Where each shard script's ARGV names entry ids (after the 7-number header; touch.lua: inside its record
+# strings, see SlotGuard; flush.lua: none).
+ID_POSITIONS = {"touch": slice(0, 0), "put": slice(7, None, 8), "delete": slice(7, None, 2),
+                "lease": slice(7, 8), "flush": slice(0, 0)}
 
 
 def as_bytes(value: Any) -> bytes:
@@ -341,7 +518,10 @@ class SlotGuard:
             self.violations.append(f"{where}: KEYS[1] is not a shard's l2 index, entry keys derive from it")
             return
         base = keys[0][:-2]
-        ids = [as_bytes(i) for i in argv[ID_POSITIONS[name]]] or [b"any id"]  # flush: ids come from the index
+        ids = [as_bytes(i) for i in argv[ID_POSITIONS[name]]]
+        if name == "touch":  # ids inside the record strings, ARGV[9..15]
+            ids = [entry_id for string in argv[8:15] for entry_id, _ in parse_records(as_bytes(string))]
+        ids = ids or [b"any id"]  # flush: ids come from the index
         derived = [base + b"e:" + i for i in ids]
         self.keys_seen.update(keys + derived)
         slot = key_slot(keys[0])
@@ -350,14 +530,16 @@ class SlotGuard:
                 self.violations.append(f"{where}: {key!r} is in slot {key_slot(key)}, KEYS[1] in {slot}")
 
     def wrap(self, cache: MultiLevelCache) -> MultiLevelCache:
-        """Make ``cache`` run every batch it sends past this guard first."""
-        send = cache._send
+        """Make ``cache`` run every batch it sends past this guard first: the guard sits on the I/O both
+        the callers' operations and the bookkeeping thread (its touch.lua calls) go through."""
+        io = cache._io
+        send = io.send
 
-        def guarded(batch: list[Any]) -> list[Any]:
+        def guarded(batch: list[Any], *more: Any) -> list[Any] | redis.RedisError:
             self.check(batch)
-            return send(batch)
+            return send(batch, *more)
 
-        cache._send = guarded  # type: ignore[method-assign]
+        io.send = guarded  # type: ignore[method-assign]
         return cache
 
 
@@ -369,16 +551,15 @@ def slot_guard() -> SlotGuard:
 def test_the_slot_guard_flags_cross_slot_script_calls(slot_guard: SlotGuard) -> None:
     space = KeySpace("guard", 16)
     s0, s1 = space.shard_keys[0], space.shard_keys[1]
-    get, put = default_scripts().get, default_scripts().put
-    head = (0, 1, 1, 0, 0, 1, 0, 0, 1)
-    good = ScriptCall(get, tuple(s0.keys), (*head, b"{other}", b"a}{b"))
+    touch, put = default_scripts().touch, default_scripts().put
+    head = (0, 1, 1, 0, 0, 1, 1)
+    good = ScriptCall(touch, (s0.l2,), (*head, *touch_body(k2=records((b"{other}", 1)), m=records((b"a}{b", 1)))))
     slot_guard.check([good.evalsha(), good.eval(), ("HGETALL", s1.stats)])
     assert slot_guard.violations == []
     assert slot_guard.commands == Counter({"EVALSHA": 1, "EVAL": 1})
 
-    mixed = ScriptCall(get, (s0.l2, s0.l3, s0.exp, s1.stats, s0.gone, s0.fence), (*head, b"x"))
-    not_l2_first = ScriptCall(put, (s0.l3, s0.l2, s0.exp, s0.stats, s0.gone, s0.fence),
-                              (*head, b"x", b"v", 0, b"", 0, 0, 0))
+    mixed = ScriptCall(touch, (s0.l2, s1.stats), (*head, *touch_body(k2=records((b"x", 1)))))
+    not_l2_first = ScriptCall(put, (s0.l3,), (*head, b"x", b"v", 0, b"", 0, 0, 0, 0))
     foreign = ("EVALSHA", "0" * 40, 1, s0.l2)
     for command in (mixed.evalsha(), not_l2_first.evalsha(), foreign):
         slot_guard.violations.clear()
@@ -405,15 +586,20 @@ def test_every_script_call_of_a_varied_workload_stays_in_one_slot(make_cache: Ma
         assert reader.get(key) in ({"key": key}, None)  # tiny tiers: it may already be gone
     writer.put_many({k: i for i, k in enumerate(plain)}, ttl=30)
     assert reader.get_many([*plain, *keys, "absent {key}"])
-    clock.advance(61)  # everything idle in L2: sweeps move it to L3
-    reader.get_many(plain)
-    reader.get_many(plain)  # L3 hits, promotions
+    clock.advance(61)  # everything idle in L2: the sweeps of the next calls move it to L3
+    reader.get_many(plain)  # past their ttl: misses
+    reader.flush_bookkeeping()  # touch.lua, one call per shard: the reads above, then its sweep
+    reader.get_many(keys)
+    reader.get_many(keys)  # L3 hits, two each: promotions once reported
+    reader.flush_bookkeeping()
+    assert reader.get_or_set("computed {key}", lambda: 1) == 1  # lease.lua, then put.lua and release.lua
     clock.advance(1)
     assert writer.delete("a{b}c") in (True, False)
     writer.invalidate("}{")
     writer.put("after", "v", ttl=5)
-    flush_scripts(raw)  # every call now goes EVALSHA -> NOSCRIPT -> EVAL
+    flush_scripts(raw)  # every script call now goes EVALSHA -> NOSCRIPT -> EVAL
     reader.get_many([*keys, "after"])
+    reader.flush_bookkeeping()
     writer.put_many({b"\x00{bin2}": 1, "{tag}": 2})
     writer.delete(b"\x00{bin2}")
     writer.get_metrics()
@@ -422,7 +608,7 @@ def test_every_script_call_of_a_varied_workload_stays_in_one_slot(make_cache: Ma
     assert make_cache(**settings).get("{tag}") is None
 
     assert slot_guard.violations == []
-    assert set(slot_guard.calls) == set(SHARD_SCRIPTS), slot_guard.calls
+    assert set(slot_guard.calls) == {*SHARD_SCRIPTS, "release"}, slot_guard.calls
     assert slot_guard.commands["EVALSHA"] > 0
     assert slot_guard.commands["EVAL"] > 0
 
@@ -500,34 +686,41 @@ def test_calls_succeed_after_script_flush_and_cache_the_scripts_again(make_cache
     shas = [s.sha for s in scripts.all() if s.name in SHARD_SCRIPTS]
     flush_scripts(raw)
     for server in servers(raw):
-        assert server.script_exists(*shas) == [False] * 4
+        assert server.script_exists(*shas) == [False] * len(shas)
 
     reader = make_cache()
-    assert reader.get("before") == 1  # get.lua: NOSCRIPT, then EVAL
-    writer.put("after", 2)  # put.lua
+    assert reader.get("before") == 1  # a plain read (HMGET): no script
+    assert reader.get_or_set("computed", lambda: 2) == 2  # lease.lua, then put.lua and release.lua
+    reader.flush_bookkeeping()  # touch.lua: the hit on "before", the miss on "computed"
+    writer.put("after", 3)  # put.lua
     assert writer.delete("before") is True  # delete.lua
     writer.invalidate()  # flush.lua
-    assert reader.get("after") is None  # get.lua
+    assert reader.get("after") is None
+    reader.flush_bookkeeping()
     space = writer._core.space
-    before, after = (server_of(raw, space.entry_key(space.ref(k))) for k in ("before", "after"))
-    assert before.script_exists(scripts.get.sha, scripts.delete.sha) == [True, True]
-    assert after.script_exists(scripts.get.sha, scripts.put.sha) == [True, True]
+    before, computed, after = (server_of(raw, space.entry_key(space.ref(k))) for k in ("before", "computed", "after"))
+    assert before.script_exists(scripts.touch.sha, scripts.delete.sha) == [True, True]
+    assert computed.script_exists(scripts.lease.sha, scripts.put.sha, scripts.release.sha,
+                                  scripts.touch.sha) == [True] * 4
+    assert after.script_exists(scripts.put.sha, scripts.touch.sha) == [True, True]
     for master in servers(raw, replicas=False):
         assert master.script_exists(scripts.flush.sha) == [True]
-    assert reader.get_metrics()["health"]["script_reloads"] >= 1
-    assert writer.get_metrics()["health"]["script_reloads"] >= 3
+    assert reader.get_metrics()["health"]["script_reloads"] >= 4  # lease, put, release, touch
+    assert writer.get_metrics()["health"]["script_reloads"] >= 2  # delete, flush (the reader reloaded put.lua)
 
-    # Cached again: the next call is a single EVALSHA that Redis runs without a fallback.
+    # Cached again: the next call is a single EVALSHA that Redis runs without a fallback. (Nothing else
+    # runs meanwhile: the readers' bookkeeping was sent above, and a put buffers none.)
     writer.put("again", 3)
     masters = servers(raw, replicas=False)
     for master in masters:
         master.config_resetstat()
-    assert make_cache().get("again") == 3
+    writer.put("again", 4)
     stats = [master.info("commandstats") for master in masters]
     evalsha = [s.get("cmdstat_evalsha", {}) for s in stats]
     assert sum(e.get("calls", 0) for e in evalsha) == 1
     assert sum(e.get("failed_calls", 0) + e.get("rejected_calls", 0) for e in evalsha) == 0
     assert not any("cmdstat_eval" in s for s in stats)
+    assert make_cache().get("again") == 4
 
 
 # ------------------------------------------------------------------------------ ACL permissions
@@ -540,7 +733,9 @@ def _declared(script: Script, table: str) -> set[str]:
     return {name.decode() for name in re.findall(rb"'(\w+)'", block[1])}
 
 
-@pytest.mark.parametrize("script_name", [name for name in SCRIPT_NAMES if name not in ("release", "lease", "sizing")])
+# release.lua runs GET and DEL on the lease key alone (nothing to leave half-done); sizing.lua checks its
+# three commands inline, before its first write.
+@pytest.mark.parametrize("script_name", [name for name in SCRIPT_NAMES if name not in ("release", "sizing")])
 def test_every_command_a_script_runs_is_checked_before_its_first_write(script_name: str) -> None:
     """A command denied midway would fail the call after some writes: each is checked up front."""
     script = getattr(Scripts(), script_name)

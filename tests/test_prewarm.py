@@ -4,7 +4,8 @@
 and stores it under ``key_fn(query)``, the key a real request uses, once per fleet:
 
 * the entry is written to Redis only (not the prewarming process's L1), marked ``w`` until its first
-  Redis hit, which counts ``prewarm_useful`` in the shard's stats and ``prewarming.useful`` fleet-wide;
+  Redis hit, which counts ``prewarm_useful`` in the shard's stats and ``prewarming.useful`` fleet-wide
+  once the reader's bookkeeping reports it (touch.lua; the tests send it with ``flush_bookkeeping()``);
 * outcomes: ``completed``, ``cached`` (already there), ``busy`` (another worker holds the fill lease),
   ``refused`` (written or deleted meanwhile: the other write stays), ``failed`` (raised or timed out:
   counted, never raised, nothing written, lease given back), ``below_threshold`` (never computed);
@@ -106,6 +107,11 @@ class Worker:
     async def metrics(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(self.cache.get_metrics())
         return result
+
+    async def flush_bookkeeping(self) -> None:
+        """Send this worker's buffered bookkeeping now: a reported hit of a prewarmed entry is what counts
+        it useful (touch.lua), so the fleet counters include this worker's reads only after this."""
+        await self._call(self.cache.flush_bookkeeping())
 
 
 def run_workers(front: str, make_cache: Make, make_async_cache: MakeAsync,
@@ -214,16 +220,20 @@ def test_prewarmed_entries_serve_the_fleet_and_count_useful_once(front: str, kin
         # Another worker: an L2 hit, the first one, so it counts.
         out["b_first"] = await b.get("read file")
         out["b_first_hits"] = hits(await b.metrics())
+        await b.flush_bookkeeping()  # b reports the hit: the fleet counts it
         out["useful_after_b"] = (await a.stats())["prewarming"]["useful"]
         out["shard_useful"] = shard_stat(raw, space, "read file", "prewarm_useful")
         out["mark_after_hit"] = entry(raw, space, "read file").get(b"w")
         # A second hit (b again, then the prewarming process itself) does not count again.
         await b.get("read file")
         out["a_read"] = await a.get("read file")
+        for worker in (a, b):
+            await worker.flush_bookkeeping()
         out["useful_after_more"] = (await a.stats())["prewarming"]["useful"]
         # The prewarming process's own first read of an entry reaches Redis, and counts.
         out["a_search"] = await a.get("search code")
         out["a_hits"] = hits(await a.metrics())
+        await a.flush_bookkeeping()
         out["final"] = (await b.stats())["prewarming"]
         return out
 
@@ -267,6 +277,7 @@ def test_key_fn_names_the_key_a_real_request_uses(make_cache: Make, raw: Client,
     got = other.get_or_set("answer:list tools", lambda: loads.append("ran") or "computed by the request")
     assert got == "tools for list tools"
     assert loads == []
+    other.flush_bookkeeping()  # the request's process reports its hit: that counts the prewarm useful
     assert warmer.get_statistics()["prewarming"]["useful"] == 1
 
 
@@ -499,6 +510,7 @@ def test_a_request_waiting_for_a_prewarm_gets_its_value(make_cache: Make, raw: C
     assert got == ["prewarmed"]
     assert loads == []
     assert other.get_metrics()["stampede"]["lease_waits"] == 1
+    other.flush_bookkeeping()  # the request's process reports its hit of the prewarmed entry
     assert warmer.get_statistics()["prewarming"]["useful"] == 1
 
 
@@ -583,6 +595,7 @@ def test_prewarm_counters_per_process_and_fleet_wide(front: str, make_cache: Mak
         rb = await b.prewarm(predicted("q1", "q2", "q-busy", "q-refused"), select)
         await c.get("q1")  # a useful prewarm; q2 is never asked for
         await c.get("q1")
+        await c.flush_bookkeeping()  # c reports its hits: the first one counts the prewarm useful
         return {"a": (ra, await a.stats()), "b": (rb, await b.stats()), "c": await c.stats()}
 
     r = run_workers(front, make_cache, make_async_cache, body, workers=3)
@@ -613,6 +626,7 @@ def test_clear_patterns_keeps_every_prewarm_counter(make_cache: Make) -> None:
 
     asyncio.run(warmer.prewarm_predictions(predicted("good", "bad", "cached"), select))
     cache.get("good")
+    cache.flush_bookkeeping()  # the hit of the prewarmed entry is reported: it counts useful
     keys = ("completed", "useful", "skipped", "failed")
     before = {k: warmer.get_statistics()["prewarming"][k] for k in keys}
     assert before == {"completed": 1, "useful": 1, "skipped": 1, "failed": 1}

@@ -100,9 +100,10 @@ def test_the_inspecting_recipes_answer_each_operator_question(tmp_path: Path) ->
     """Each line of the section runs verbatim in ``sh`` (pipes, loops and all), every ``redis-cli`` in it
     pointed at a private server where namespace ``tools`` has something to answer every question with:
     entries in both tiers, a clear hottest entry, a learned transition, fleet counters and a selection
-    being computed (its fill lease pending) while the recipes run."""
+    being computed (its fill lease pending) while the recipes run. The caches send their reads'
+    bookkeeping (hit counts, fleet counters) before the recipes look, as the page says they must."""
     commands = sh_lines("## Inspecting with redis-cli")
-    assert len(commands) == 13
+    assert len(commands) == 15
     space = KeySpace("tools", 16)
     others = [f"query {i}" for i in range(60)]
     # Shard 13 holds "read the file" and at least two others: with 2 L2 entries per shard, its L3 is not empty.
@@ -136,6 +137,8 @@ def test_the_inspecting_recipes_answer_each_operator_question(tmp_path: Path) ->
         pending.start()
         try:
             assert started.wait(10)  # its worker holds the fill lease while the selection runs
+            for cache in (writer, reader, computer):  # the reads' hit counts and counters reach Redis now
+                cache.flush_bookkeeping()
             env = pointed_at(server, tmp_path)
             answers = []
             for line in commands:
@@ -148,12 +151,13 @@ def test_the_inspecting_recipes_answer_each_operator_question(tmp_path: Path) ->
                 answers.append(done.stdout.splitlines())
             with redis.Redis.from_url(server.url) as raw:  # what the answers should say, read directly
                 l2_all = {m.decode() for sk in space.shard_keys for m in raw.zrange(sk.l2, 0, -1)}
-                entry_size = int(raw.hget(space.entry_key(space.ref("read the file")), "s") or 0)
+                entry_size = raw.hstrlen(space.entry_key(space.ref("read the file")), "v")
         finally:
             release.set()
             pending.join(10)
 
-    l2_13, l3_13, l2_ns, hot, n2, n3, value_bytes, memory, predicted, counters, where, fields, leases = answers
+    (l2_13, l3_13, l2_ns, hot, n2, n3, value_bytes, memory, predicted, counters, where, fields, size, pttl,
+     leases) = answers
     assert l2_13[0] == "read the file"
     assert len(l2_13) == 4
     assert len(l3_13) >= 2
@@ -175,8 +179,13 @@ def test_the_inspecting_recipes_answer_each_operator_question(tmp_path: Path) ->
     assert fleet["misses"] == 1
     assert re.fullmatch(r"l2 \d+(\.\d+)?", where[0])
     assert where[1].strip() == "l3"
-    assert fields == ["5", fields[1], str(entry_size)]
+    assert fields == ["5", fields[1], "2"]  # 5 Redis hits, its version, tier 2
     assert int(fields[1]) > 0
+    assert size == [str(entry_size)]
+    assert entry_size > 0
+    # Its Redis expiry is its idle deadline in L2: last use + l2_ttl + l3_ttl (the defaults, 1 h + 24 h),
+    # more than L3's alone.
+    assert 86400 * 1000 < int(pttl[0]) <= (3600 + 86400) * 1000
     assert len(leases) == 1
     ms_left, lease = leases[0].split(" ", 1)
     assert lease == "tools:{s14.41}:lease:deploy the CLI"

@@ -13,11 +13,13 @@ Every test runs its own private ``redis-server`` (LocalRedisServer) and kills, f
   without I/O (only the threshold calls and one probe per cool-down pay a timeout); SIGCONT closes it
   and the cache serves from Redis again.
 * **Retries.** A connection killed while a command is in flight (CLIENT KILL) is retried and the call
-  succeeds with no error counted; a WRONGTYPE is not retried: a counted miss when failing open,
-  ``CacheUnavailableError`` when failing closed. Sync and async: tenacity is engaged only once a batch's
-  first attempt has failed (a script answering READONLY once); a batch that fails every attempt gives the
-  breaker one verdict, and one interrupted while it pauses before a retry (KeyboardInterrupt, cancellation)
-  gives none and does not keep the next call from probing.
+  succeeds with no error counted; a WRONGTYPE (a shard key overwritten by hand) is not retried and
+  is no outage: a write to that shard fails open (counted) or raises ``CacheUnavailableError`` when
+  failing closed, its bookkeeping is dropped, plain reads and the other shards go on. Sync and async:
+  tenacity is engaged only once a batch's first attempt has failed (a script answering READONLY once);
+  a batch that fails every attempt gives the breaker one verdict, and one interrupted while it pauses
+  before a retry (KeyboardInterrupt, cancellation) gives none and does not keep the next call from
+  probing.
 * **The breaker isolates a dead Redis.** After ``breaker_threshold`` failures no call opens a connection
   (a listening socket put on the port afterwards sees none) and each call counts one rejection.
 * **Recovery.** After a restart with an empty dataset the channel resubscribes, L1 has been flushed, and
@@ -294,7 +296,8 @@ def test_sigkill_under_a_four_process_load_then_restart_on_the_same_port(namespa
 
     reports.sort(key=lambda r: r["worker"])
     # Scripts live in the server, shared by every connection: whichever worker first runs one on the new
-    # server reloads it (the others then find it there). get.lua and delete.lua only the workers run.
+    # server reloads it (the others then find it there). Only the workers run scripts (their writes, leases
+    # and bookkeeping).
     reloads = [r["final_metrics"]["health"]["script_reloads"] - r["outage_metrics"]["health"]["script_reloads"]
                for r in reports if "final_metrics" in r and "outage_metrics" in r]
     print(f"script reloads after the restart, per worker: {reloads}")
@@ -422,19 +425,22 @@ def test_a_connection_killed_in_flight_is_retried_and_the_call_succeeds(namespac
             with MultiLevelCache(server.url, namespace=namespace, fail_open=False) as writer:
                 writer.put("k", "v")
             assert cache.get("k") == "v"
+            cache.flush_bookkeeping()  # nothing of the cache's waits to be sent: the put below is its only call
             before = health(cache)
             assert isinstance(cache.client, redis.Redis)
             pool = cache.client.connection_pool
             [pooled] = [c for c in pool._available_connections if c._sock is not None]
             addr = f"127.0.0.1:{pooled._sock.getsockname()[1]}"
 
-            # CLIENT PAUSE WRITE holds the cache's next script call in the server; CLIENT KILL then cuts
-            # that very connection mid-call (an idle one would be replaced by redis-py's pool unnoticed).
+            # CLIENT PAUSE WRITE holds the cache's next script call (a put: a plain read would not be held)
+            # in the server; CLIENT KILL then cuts that very connection mid-call (an idle one would be
+            # replaced by redis-py's pool unnoticed).
             raw.client_pause(2000, all=False)
             out: dict[str, Any] = {}
 
             def call() -> None:
                 try:
+                    cache.put("k", "w")
                     out["value"] = cache.get("k")
                 except Exception as exc:
                     out["error"] = exc
@@ -457,14 +463,14 @@ def test_a_connection_killed_in_flight_is_retried_and_the_call_succeeds(namespac
         finally:
             cache.close()
     assert "error" not in out, f"the retried call raised {out.get('error')!r}"
-    assert out["value"] == "v"
+    assert out["value"] == "w"
     assert after["redis_errors"] == before["redis_errors"], "a retried success must not count an error"
     assert after["breaker"]["retries"] >= before["breaker"]["retries"] + 1, after["breaker"]
     assert after["breaker"]["consecutive_failures"] == 0
 
 
 @pytest.mark.parametrize("fail_open", [True, False])
-def test_wrongtype_is_not_retried_a_counted_miss_or_cache_unavailable(namespace: str, fail_open: bool) -> None:
+def test_wrongtype_is_not_retried_a_counted_failure_or_cache_unavailable(namespace: str, fail_open: bool) -> None:
     with private_server() as server, redis.Redis.from_url(server.url) as raw:
         cache = MultiLevelCache(server.url, namespace=namespace, fail_open=fail_open, breaker_threshold=2,
                                 promote_after=1_000_000)
@@ -481,11 +487,15 @@ def test_wrongtype_is_not_retried_a_counted_miss_or_cache_unavailable(namespace:
             raw.set(l2, "not a sorted set")  # by hand: the wrong Redis type
             for key in others:  # more failures than breaker_threshold, none of them Redis being down
                 if fail_open:
-                    assert cache.get(key, MISS) == MISS
+                    cache.put(key, "unconfirmed")  # the shard's script refuses it: the write fails open
                 else:
                     with pytest.raises(CacheUnavailableError, match="WRONGTYPE"):
-                        cache.get(key)
+                        cache.put(key, "unconfirmed")
+            # Plain reads do not touch the shard's index: Redis answers, so no unconfirmed copy is served.
+            assert [cache.get(key, MISS) for key in others] == ["v", MISS, MISS]
             assert cache.get(ok_key) == "fine", "another shard is still served from Redis"
+            cache.put(ok_key, "still fine")  # and written
+            cache.flush_bookkeeping()  # the reads' bookkeeping of the broken shard is refused, and dropped
             raw.delete(l2)  # get_metrics reads every shard's index: give it back a readable one
             after = cache.get_metrics()
         finally:
@@ -493,8 +503,8 @@ def test_wrongtype_is_not_retried_a_counted_miss_or_cache_unavailable(namespace:
     b0, b1 = before["health"]["breaker"], after["health"]["breaker"]
     assert b1["retries"] == b0["retries"], "WRONGTYPE cannot succeed on a retry"
     assert after["health"]["redis_errors"] - before["health"]["redis_errors"] == len(others)
-    if fail_open:
-        assert after["combined"]["total_misses"] - before["combined"]["total_misses"] == len(others)
+    assert after["combined"]["puts"] - before["combined"]["puts"] == 1
+    assert after["health"]["bookkeeping"]["dropped_batches"] >= 1, "bookkeeping only: dropped, not an error"
     # A wrong key type is not an outage: the circuit stays closed for every other key.
     assert b1["state"] == "closed", b1
     assert b1["opens"] == 0, b1
@@ -718,6 +728,7 @@ def test_after_an_empty_restart_the_channel_resubscribes_and_no_stale_l1_copy_is
             with redis.Redis.from_url(server.url) as raw:  # first and other, subscribed on the new server
                 until(lambda: raw.pubsub_numsub(first._core.space.channel)[0][1] == 2, RECONNECT_MAX + 3.0,
                       "both caches subscribing on the new server")
+            first.flush_bookkeeping()  # its reads' bookkeeping: the first script it runs on the new server
             after = first.get_metrics()
             assert first.get("k") == "v2"
         finally:

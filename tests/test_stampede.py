@@ -387,7 +387,7 @@ def _delete_absent(writer: MultiLevelCache, key: str) -> None:
 
 @pytest.mark.parametrize(("write", "newest"), [
     pytest.param(_put, "newer", id="put"),  # refused: the entry exists
-    pytest.param(_put_then_delete, MISSING, id="put-then-delete"),  # refused: the `gone` record
+    pytest.param(_put_then_delete, MISSING, id="put-then-delete"),  # refused: the delete's `fence` record
     pytest.param(_invalidate, MISSING, id="invalidate"),  # refused: the shard's `flushed` mark
     pytest.param(_delete_absent, MISSING, id="delete-of-absent-key"),  # refused: the delete's tombstone
 ])
@@ -425,16 +425,30 @@ def test_a_fill_started_before_a_write_is_refused_and_the_newer_state_stays(
     assert raw.exists(lease_key(namespace, "k")) == 0
 
 
-def test_a_miss_takes_the_fill_lease_in_the_same_script_call(make_cache: Make, raw: Client, namespace: str) -> None:
-    """The miss and the fill lease are one atomic step (get.lua takes the lease when it misses): no other
-    worker's fill can land between them, and a miss costs no round trip of its own for the lease."""
+def send_lease_call(cache: MultiLevelCache, step: Any, instruction: Any) -> tuple[Any, Any]:
+    """Send lease.lua (again, as the core asks after a NOSCRIPT, with the script itself): the core's next
+    instruction and its result."""
+    lease = cache._core.scripts.lease
+    result = None
+    while isinstance(instruction, list):
+        assert [c[:2] for c in instruction] in ([("EVALSHA", lease.sha)], [("EVAL", lease.source)]), instruction
+        instruction, result = feed(step, cache._send(instruction))
+    return instruction, result
+
+
+def test_after_a_miss_one_script_call_looks_again_and_takes_the_fill_lease(make_cache: Make, raw: Client,
+                                                                          namespace: str) -> None:
+    """A get_or_set miss is a plain read; then lease.lua looks at the entry again and takes the fill lease
+    in one atomic step, so no other worker's fill can land between that look and the lease."""
     cache = make_cache()
     cache.get("warm-up", None)  # the once-per-process handshake is done: what follows is get_or_set alone
     step = cache._core.get_or_set("k")
     instruction, _ = feed(step, None)
     assert isinstance(instruction, list)
-    assert [c[0] for c in instruction] == ["EVALSHA"], instruction  # one script call, nothing else
+    assert [c[0] for c in instruction] == ["HMGET"], instruction  # the plain read, nothing else
     instruction, _ = feed(step, cache._send(instruction))
+    assert raw.exists(lease_key(namespace, "k")) == 0, "the lease is taken by lease.lua, not by the read"
+    instruction, _ = send_lease_call(cache, step, instruction)
     assert raw.pttl(lease_key(namespace, "k")) > 0, "the miss did not take the fill lease"
     assert isinstance(instruction, Load), f"the lease holder should compute next, not {instruction!r}"
     result = None
@@ -444,6 +458,24 @@ def test_a_miss_takes_the_fill_lease_in_the_same_script_call(make_cache: Make, r
     assert result.value == "computed"
     assert raw.exists(lease_key(namespace, "k")) == 0, "the fill released the lease"
     assert make_cache().get("k") == "computed"
+
+
+def test_a_fill_landing_between_the_miss_and_the_lease_is_read_not_computed(make_cache: Make, raw: Client,
+                                                                           namespace: str) -> None:
+    cache = make_cache()
+    cache.get("warm-up", None)
+    step = cache._core.get_or_set("k")
+    read, _ = feed(step, None)
+    assert isinstance(read, list)
+    lease_call, _ = feed(step, cache._send(read))  # the read missed; lease.lua is next
+    make_cache().put("k", "filled meanwhile")  # another worker's value lands right then
+    instruction, result = send_lease_call(cache, step, lease_call)
+    assert instruction is None, f"the value is there: nothing to compute, not {instruction!r}"
+    assert result is not None
+    assert result.value == "filled meanwhile"
+    assert raw.exists(lease_key(namespace, "k")) == 0, "no lease was taken"
+    stampede = cache.get_metrics()["stampede"]
+    assert (stampede["loads"], stampede["lease_waits"]) == (0, 0)
 
 
 def test_a_miss_while_another_worker_holds_the_lease_waits_and_reads_its_value(make_cache: Make, raw: Client,

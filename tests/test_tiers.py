@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -9,9 +10,10 @@ import pytest
 from victor_rcache import MultiLevelCache, ValueTooLargeError
 from victor_rcache.keys import KeySpace
 
-from .helpers import Client, FakeClock, check_invariants, flush_scripts, read_namespace
+from .helpers import Client, FakeClock, check_invariants, flush_scripts, read_namespace, server_ms
 
 Make = Callable[..., MultiLevelCache]
+Flush = Callable[[], None]
 
 
 def entry_id(key: str) -> bytes:
@@ -66,7 +68,8 @@ def test_l2_hit_fills_l1_only_once_the_entry_is_hot(make_cache: Make) -> None:
     for _ in range(2):
         assert reader.get("hot") == "v"
         assert reader._core.l1.get(b"hot") is None
-    assert reader.get("hot") == "v"  # third fleet-wide hit: copied into this L1
+        reader.flush_bookkeeping()  # the fleet's hit count `n` grows when the hit's bookkeeping arrives
+    assert reader.get("hot") == "v"  # third fleet-wide hit, two of them counted: copied into this L1
     assert reader._core.l1.get(b"hot") is not None
     assert reader.get("hot") == "v"
     m = reader.get_metrics()
@@ -79,7 +82,9 @@ def test_l2_overflow_demotes_least_recently_used_to_l3(make_cache: Make, raw: Cl
     for key in ("a", "b", "c"):
         cache.put(key, key)
         clock.advance(1)
-    make_cache(shards=1, l2_size=3, l3_size=10, clock=clock).get("a")  # "a" is now the most recent
+    reader = make_cache(shards=1, l2_size=3, l3_size=10, clock=clock)
+    assert reader.get("a") == "a"
+    reader.flush_bookkeeping()  # the hit's LRU stamp: "a" is now the most recent
     clock.advance(1)
     cache.put("d", "d")
     state = check_invariants(raw, namespace, 1, 3, 10)
@@ -112,6 +117,7 @@ def test_l3_entry_moves_to_l2_after_promote_after_fleet_hits(make_cache: Make, r
     for n, reader in enumerate(readers, start=1):
         clock.advance(1)
         assert reader.get("cold") == 1
+        reader.flush_bookkeeping()  # hit counts and promotions are applied with the hit's bookkeeping
         expected_tier = 2 if n == 3 else 3
         assert read_namespace(raw, namespace, 1).tier_of(b"cold") == expected_tier
     check_invariants(raw, namespace, 1, 1, 5)
@@ -128,31 +134,52 @@ def test_idle_l2_entry_moves_to_l3_then_leaves_after_l3_ttl(make_cache: Make, ra
     cache.put("idle", "v")
     clock.advance(59)
     other = make_cache(**settings)
-    assert other.get("idle") == "v"  # a hit resets the idle time
+    assert other.get("idle") == "v"  # a hit resets the idle time...
+    other.flush_bookkeeping()  # ...once its bookkeeping arrives
     assert read_namespace(raw, namespace, 1).tier_of(b"idle") == 2
     clock.advance(60)
-    assert other.get("absent") is None  # any call sweeps the shard
+    # With a test clock idle times are applied by sweeps (Redis expires keys in real time only): a
+    # read's bookkeeping sweeps its shard.
+    assert other.get("absent") is None
+    other.flush_bookkeeping()
     assert read_namespace(raw, namespace, 1).tier_of(b"idle") == 3
     clock.advance(599)
     assert other.get("idle") == "v"  # still in L3, and the hit restarts its L3 idle time
+    other.flush_bookkeeping()
+    assert read_namespace(raw, namespace, 1).tier_of(b"idle") == 3
     clock.advance(600)
+    assert other.get("absent") is None
+    other.flush_bookkeeping()  # this sweep finds it idle for l3_ttl
     assert other.get("idle") is None
+    other.flush_bookkeeping()
     state = check_invariants(raw, namespace, 1, 10, 10)
     assert state.tier_of(b"idle") == 0
     assert other.get_metrics()["combined"]["total_expirations"] == 1
 
 
 def test_idle_ttl_applies_to_the_key_being_read_without_a_sweep(make_cache: Make, raw: Client,
-                                                                 namespace: str, clock: FakeClock) -> None:
-    settings = {"shards": 1, "l2_ttl": 10, "l3_ttl": 10, "clock": clock}
+                                                                 namespace: str) -> None:
+    """On the server's clock an entry's idle deadline is its Redis expiry: once it passes, a plain read
+    misses with no script having swept the shard, and the miss's bookkeeping removes the index entry."""
+    settings = {"shards": 1, "l2_ttl": 0.05, "l3_ttl": 0.05}
     make_cache(**settings).put("k", 1)
-    clock.advance(25)  # past both idle times: it moved to L3 at +10 and left it at +20
-    assert make_cache(**settings).get("k") is None
-    assert read_namespace(raw, namespace, 1).tier_of(b"k") == 0
+    space = KeySpace(namespace, 1)
+    touched = raw.zscore(space.shard_keys[0].l2, b"k")
+    assert touched is not None
+    deadline = time.monotonic() + 10
+    while server_ms(raw) <= touched + 100:  # a deadline poll on Redis's clock: past l2_ttl + l3_ttl
+        assert time.monotonic() < deadline, "the server's clock did not pass the idle deadline"
+    # No script has run on the shard since the put (the writer reads nothing): the index still names it.
+    assert read_namespace(raw, namespace, 1).tier_of(b"k") == 2
+    reader = make_cache(**settings)
+    assert reader.get("k") is None
+    reader.flush_bookkeeping()  # the miss tells the shard; the index member of dropped data is removed
+    state = check_invariants(raw, namespace, 1, 10_000, 100_000)
+    assert state.tier_of(b"k") == 0
 
 
 def test_absolute_ttl_is_never_exceeded_in_any_tier(make_cache: Make, raw: Client, namespace: str,
-                                                    clock: FakeClock) -> None:
+                                                    clock: FakeClock, flush_all: Flush) -> None:
     settings = {"shards": 1, "l1_ttl": 300, "clock": clock, "promote_after": 1}
     writer, reader = make_cache(**settings), make_cache(**settings)
     writer.put("short", "v", ttl=10)
@@ -165,8 +192,9 @@ def test_absolute_ttl_is_never_exceeded_in_any_tier(make_cache: Make, raw: Clien
     assert writer.get("short") is None  # L1 copies expire with the value
     assert reader.get("short") is None
     assert make_cache(**settings).get("short") is None  # and Redis no longer serves it
-    state = check_invariants(raw, namespace, 1, 10_000, 100_000, now_ms=clock.ms)
-    assert state.tier_of(b"short") == 0  # the read that found it expired removed it
+    flush_all()  # the reads' bookkeeping sweeps the shard
+    state = check_invariants(raw, namespace, 1, 10_000, 100_000)  # no expired leftover allowed
+    assert state.tier_of(b"short") == 0
     assert writer.get_metrics("fleet")["combined"]["total_expirations"] == 1
 
 
@@ -177,6 +205,7 @@ def test_expired_entries_are_swept_by_any_call_on_their_shard(make_cache: Make, 
     cache.put("forever", 1)
     clock.advance(30)
     assert cache.get("unrelated") is None
+    cache.flush_bookkeeping()  # a read's bookkeeping is a call on the shard too
     state = check_invariants(raw, namespace, 1, 10_000, 100_000)  # no expired leftover allowed
     assert state.l2_ids == {b"forever"}
     assert state.shards[0].exp == {}
@@ -196,14 +225,17 @@ def test_put_replaces_a_value_wherever_it_lives(make_cache: Make, raw: Client, n
     assert make_cache(shards=1, l2_size=1, l3_size=5, clock=clock).get("x") == "new"
 
 
-def test_delete_removes_from_every_tier(make_cache: Make, raw: Client, namespace: str) -> None:
+def test_delete_removes_from_every_tier(make_cache: Make, raw: Client, namespace: str, flush_all: Flush) -> None:
     cache, other = make_cache(), make_cache()
     cache.put("gone", 1)
     assert cache.delete("gone") is True
     assert cache.get("gone") is None
     assert other.get("gone") is None
     assert cache.delete("gone") is False
-    assert not read_namespace(raw, namespace, 16).l2_ids
+    flush_all()
+    state = check_invariants(raw, namespace, 16, 10_000, 100_000)
+    assert not state.l2_ids
+    assert not state.l3_ids
 
 
 def test_invalidate_clears_the_namespace_in_batches_and_nothing_else(make_cache: Make, raw: Client,
@@ -253,6 +285,7 @@ def test_undecodable_payload_is_a_counted_miss_and_is_removed(make_cache: Make, 
     assert reader.get("k", "default") == "default"
     m = reader.get_metrics()
     assert (m["combined"]["total_misses"], m["health"]["decode_errors"]) == (1, 1)
+    reader.flush_bookkeeping()  # the reader reports the corrupt entry; its shard's next call removes it
     state = check_invariants(raw, namespace, 16, 10_000, 100_000)
     assert state.tier_of(b"k") == 0
 
@@ -264,6 +297,7 @@ def test_long_and_hash_prefixed_keys_are_stored_under_a_digest(make_cache: Make,
     cache.put(long_key, 1)
     cache.put("#tag", 2)
     assert (other.get(long_key), other.get("#tag")) == (1, 2)
+    other.flush_bookkeeping()
     state = check_invariants(raw, namespace, 16, 10_000, 100_000)
     ids = state.l2_ids
     assert all(i.startswith(b"#") and len(i) == 65 for i in ids)
@@ -292,11 +326,15 @@ def test_script_flush_is_survived_with_a_transparent_reload(make_cache: Make, ra
     cache, other = make_cache(), make_cache()
     cache.put("k", 1)
     flush_scripts(raw)
-    assert other.get("k") == 1
-    flush_scripts(raw)
-    cache.put("k", 2)
-    assert make_cache().get("k") == 2
+    assert other.get("k") == 1  # a plain read: no script involved
+    other.flush_bookkeeping()  # touch.lua meets NOSCRIPT and is loaded again
     assert other.get_metrics()["health"]["script_reloads"] == 1
+    assert other.get_metrics("fleet")["l2"]["hits"] == 1, "the reloaded script applied the bookkeeping"
+    flush_scripts(raw)
+    reloads = cache.get_metrics()["health"]["script_reloads"]  # whether the first put loaded put.lua
+    cache.put("k", 2)
+    assert cache.get_metrics()["health"]["script_reloads"] == reloads + 1
+    assert make_cache().get("k") == 2
 
 
 def test_a_worker_with_another_shard_count_is_refused(make_cache: Make) -> None:
@@ -326,11 +364,12 @@ def test_per_tier_and_combined_counts_add_up(make_cache: Make, clock: FakeClock)
     gets = 0
     for key in ("k5", "k5", "k5", "k0", "k1", "k2", "k2", "k9", "k4"):
         reader.get(key)
+        reader.flush_bookkeeping()  # each hit counts towards promotion before the next read
         gets += 1
         clock.advance(1)
     for scope in ("process", "fleet"):
         m = reader.get_metrics(scope)  # type: ignore[arg-type]
-        assert m["l1"]["hits"] + m["l1"]["misses"] == gets if scope == "process" else True
+        assert m["l1"]["hits"] + m["l1"]["misses"] == gets  # only the reader reads: the fleet counts the same
         assert m["l2"]["hits"] + m["l2"]["misses"] == m["l1"]["misses"]
         assert m["l3"]["hits"] + m["l3"]["misses"] == m["l2"]["misses"]
         c = m["combined"]
@@ -352,20 +391,24 @@ def test_metrics_report_entries_and_bytes_from_redis(make_cache: Make, raw: Clie
     assert m["l1"]["total_size"] == sum(len(cache.config.codec.encode("x" * i)) + 9 for i in range(10))
 
 
-def test_only_entries_still_in_l2_after_the_call_are_copied_into_l1(make_cache: Make, raw: Client,
-                                                                     namespace: str, clock: FakeClock) -> None:
+def test_only_l2_hits_are_copied_into_l1(make_cache: Make, raw: Client, namespace: str, clock: FakeClock) -> None:
+    """L1 holds what is hot fleet-wide: an L2 entry; an L3 hit is not copied, even one that promotes it."""
     settings = {"shards": 1, "l2_size": 1, "l3_size": 5, "promote_after": 1, "clock": clock}
     writer = make_cache(**settings)
     for key in ("a", "b", "c"):
         writer.put(key, key)
         clock.advance(1)  # a and b end up in L3, c in L2
     reader = make_cache(**settings)
-    assert reader.get_many(["a", "b"]) == {"a": "a", "b": "b"}  # both promote; b's promotion demotes a
+    assert reader.get_many(["a", "b"]) == {"a": "a", "b": "b"}  # two L3 hits
+    assert (reader._core.l1.get(b"a"), reader._core.l1.get(b"b")) == (None, None)
+    reader.flush_bookkeeping()  # both promote, a then b; b's promotion demotes a again
     state = check_invariants(raw, namespace, 1, 1, 5)
     assert state.l2_ids == {b"b"}
+    assert reader.get_many(["a", "b"]) == {"a": "a", "b": "b"}  # an L3 hit and an L2 hit
     assert reader._core.l1.get(b"a") is None
     assert reader._core.l1.get(b"b") is not None
-    assert reader.get_metrics()["l1"]["promotions"] == 1
+    m = reader.get_metrics()
+    assert (m["l1"]["promotions"], m["l2"]["hits"], m["l3"]["hits"]) == (1, 1, 3)
 
 
 def test_lru_order_is_exact_within_a_millisecond(make_cache: Make, raw: Client, namespace: str,
@@ -386,12 +429,14 @@ def test_no_copy_outlives_the_ttl_at_sub_millisecond_clock_readings(make_cache: 
     clock = FakeClock(start)
     settings = {"shards": 1, "promote_after": 1, "clock": clock}
     writer, reader = make_cache(**settings), make_cache(**settings)
-    writer.put("k", "v", ttl=0.0105)  # the ttl Redis and every L1 use is 10 ms
+    # The ttl Redis and every L1 use is 1000 ms. (Redis also expires the key that long after the put
+    # in real time: the reads below come well within that.)
+    writer.put("k", "v", ttl=1.0005)
     assert writer._core.l1.get(b"k") is not None
     clock.advance(0.003)
-    assert reader.get("k") == "v"  # fills reader's L1 with the 7-8 ms left
+    assert reader.get("k") == "v"  # fills reader's L1 with the 997-998 ms left
     assert reader._core.l1.get(b"k") is not None
-    clock.now = start + 0.010  # the value's ttl (counted from the put) is over
+    clock.now = start + 1.000  # the value's ttl (counted from the put) is over
     assert (writer.get("k"), reader.get("k"), make_cache(**settings).get("k")) == (None, None, None)
 
 
@@ -406,7 +451,7 @@ def test_signed_caches_share_values_and_refuse_payloads_they_did_not_sign(make_c
     assert reader.get("k") == {"v": 1}
     space = KeySpace(namespace, 16)
     forged = Envelope(MsgpackCodec(), b"x" * 32).wrap({"v": "forged"})  # well-formed, wrong key
-    raw.hset(space.entry_key(space.ref("k")), mapping={"v": forged, "s": len(forged)})
+    raw.hset(space.entry_key(space.ref("k")), "v", forged)
     assert make_cache(signing_key=key).get("k", "refused") == "refused"
     with pytest.raises(ConfigurationError, match="signing_key"):
         make_cache().get("k")  # an unsigned worker in a signed namespace is refused at once

@@ -208,7 +208,7 @@ def send_packed(client: redis.Redis, commands: list[bytes]) -> list[Any]:
     pool = client.connection_pool
     conn: Any = pool.get_connection("HMGET") if _NAMED_CHECKOUT else pool.get_connection()  # (untyped API)
     try:
-        conn.send_packed_command(commands)
+        conn.send_packed_command([b"".join(commands)])  # one write, not one per command
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -232,7 +232,7 @@ async def send_packed_async(client: redis.asyncio.Redis, commands: list[bytes]) 
     pool: Any = client.connection_pool  # (its checkout is untyped in some redis-py releases)
     conn: Any = await (pool.get_connection("HMGET") if _NAMED_ASYNC_CHECKOUT else pool.get_connection())
     try:
-        await conn.send_packed_command(commands)
+        await conn.send_packed_command([b"".join(commands)])  # one write, not one per command
         replies: list[Any] = []
         for _ in commands:
             try:

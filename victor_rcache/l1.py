@@ -184,11 +184,12 @@ class LocalCache:
                 while len(self.unconfirmed) > self._data.capacity:
                     self.unconfirmed.popitem(last=False)
 
-    def forget_unconfirmed(self, key: bytes) -> None:
-        """Redis answered for ``key``: an unconfirmed copy of it is not needed any more."""
-        if key in self.unconfirmed:
-            with self._lock:
-                self.unconfirmed.pop(key, None)
+    def forget_unconfirmed(self, key: bytes) -> bool:
+        """Redis answered for ``key``: an unconfirmed copy of it is not needed any more. True if there was one."""
+        if key not in self.unconfirmed:
+            return False
+        with self._lock:
+            return self.unconfirmed.pop(key, None) is not None
 
     def set(self, key: bytes, payload: bytes, version: int, ttl_left: float | None = None,
             since: float | None = None, cost: float = 0.0, shard: int = -1) -> bool:

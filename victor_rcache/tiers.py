@@ -272,10 +272,13 @@ class TierCore:
         self._reloading: set[str] = set()  # scripts whose reload is on its way to Redis
         forksafe.register(self)
 
+    FORK_ORDER = 1  # after the L1 made its fresh lock (and the closure over it that _serve is)
+
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._refreshing = set()
         self._reloading = set()
+        self._serve = self.l1.serve  # the child's L1 serves under its own new lock
 
     # ------------------------------------------------------------------ reads
 
@@ -555,8 +558,7 @@ class TierCore:
     def delete(self, key: str | bytes) -> Step[bool]:
         """Remove ``key`` from every tier and every process's L1; True if some tier held it."""
         ref = self.space.ref(key)
-        had_local = self.l1.pop(ref.id)
-        self.l1.forget_unconfirmed(ref.id)
+        had_local = self.l1.pop(ref.id) | self.l1.forget_unconfirmed(ref.id)  # (both: each forgets its copy)
         try:
             yield from self.ready()
             sent = time.monotonic()
@@ -644,6 +646,10 @@ class TierCore:
                     got = self._got(key, ref, found, ttl)
                     if got is not None:
                         break
+                    # Not a value the cache wrote (took counted it): remove that very version, take the lease.
+                    looked = yield from self._lease(ref, token, disregard=looked.reply[1] or b"")
+                    if looked.reply is not None:
+                        continue  # yet another value landed meanwhile: look again, as after a wait
                 since, pttl = looked.since, looked.pttl
                 if looked.taken:
                     held = True
@@ -657,11 +663,12 @@ class TierCore:
             return (yield from self._compute_locally(ref, ttl_ms))
         return (yield from self._compute_and_fill(ref, ttl_ms, since, lease if held else None, token))
 
-    def _lease(self, ref: EntryRef, token: str) -> Step[Looked]:
-        """lease.lua for ``ref``: the entry if it is live now, else the fill lease, tried."""
+    def _lease(self, ref: EntryRef, token: str, disregard: bytes | None = None) -> Step[Looked]:
+        """lease.lua for ``ref``: the entry if it is live now, else the fill lease, tried. ``disregard``: the
+        ``ver`` field of an entry this process found corrupt; lease.lua removes it if it is still there."""
         sent = time.monotonic()
-        reply = (yield from self.run_scripts([self._shard_call(self.scripts.lease, ref.shard,
-                                                               [ref.id, token, self._lease_ms])]))[0]
+        items = [ref.id, token, self._lease_ms] + ([] if disregard is None else [disregard])
+        reply = (yield from self.run_scripts([self._shard_call(self.scripts.lease, ref.shard, items)]))[0]
         self.server_time.observe(int(reply[3]), sent)
         if reply[0] == 1:
             return Looked(list(reply[4:]))
