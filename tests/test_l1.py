@@ -141,3 +141,50 @@ def test_an_adaptive_l1_grows_from_evidence_and_keeps_its_byte_count() -> None:
     assert adaptive["adjustments"] == 1
     assert l1.total_size == 7 * len(l1) == 7 * 105
     assert LocalCache(100, None, clock).adaptive_metrics() is None
+
+
+def test_lock_free_hits_stay_exact_while_writers_evict_and_metrics_read() -> None:
+    """The plain L1 serves without its lock: with writers evicting and replacing the very keys being read,
+    and a reader of ``hits`` in the middle, no serve fails and ``hits`` equals the hits the callers saw."""
+    l1 = LocalCache(20, None, FakeClock())
+    keys = [f"k{i}".encode() for i in range(40)]
+    for i, key in enumerate(keys[:20]):
+        l1.set(key, b"v", i + 1)
+    stop = threading.Event()
+    seen = [0] * 6
+    problems: list[BaseException] = []
+
+    def reader(slot: int) -> None:
+        try:
+            for i in range(20_000):
+                if l1.serve(keys[(i * 7 + slot) % 40]) is not None:
+                    seen[slot] += 1
+        except BaseException as exc:  # the assertion below shows it
+            problems.append(exc)
+
+    def writer(offset: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key = keys[(i + offset) % 40]
+            l1.set(key, b"v" * (i % 5 + 1), 100 + i)
+            if i % 3 == 0:
+                l1.pop(keys[(i * 11 + offset) % 40])
+            i += 1
+
+    def metrics() -> None:
+        while not stop.is_set():
+            assert l1.hits >= 0
+
+    readers = [threading.Thread(target=reader, args=(s,)) for s in range(6)]
+    others = [threading.Thread(target=writer, args=(o,)) for o in (0, 17)] + [threading.Thread(target=metrics)]
+    for th in readers + others:
+        th.start()
+    for th in readers:
+        th.join()
+    stop.set()
+    for th in others:
+        th.join()
+    assert problems == []
+    assert l1.hits == sum(seen)
+    assert len(l1) <= 20
+    assert l1.total_size == sum(len(e.payload) for _, e in l1._data.items())

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pickle  # only for PickleCodec, which a caller must choose explicitly
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
@@ -44,6 +46,52 @@ def immutable(value: Any) -> bool:
         elif kind not in _IMMUTABLE:
             return False
     return True
+
+
+def copier(value: Any) -> Callable[[Any], Any] | None:
+    """A function that deep-copies this very ``value`` (its shape is built in: use it on nothing else), or
+    None when nothing in it can be mutated and it may be shared as it is.
+
+    L1 keeps one decoded value per copy and gives each hit its own copy of it: copying only the lists
+    and dicts (and tuples holding them) of a known shape is several times cheaper than decoding the
+    payload again, and keeps the promise that a caller mutating what it got changes nothing for others.
+    Raises RecursionError for a value nested deeper than Python's recursion limit (the caller then
+    decodes afresh instead)."""
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return None
+    if kind is list:
+        items = [(i, c) for i, c in ((i, copier(x)) for i, x in enumerate(value)) if c is not None]
+        if not items:
+            return list.copy
+        return partial(_copy_list, items)
+    if kind is dict:
+        fields = [(k, c) for k, c in ((k, copier(x)) for k, x in value.items()) if c is not None]
+        if not fields:
+            return dict.copy
+        return partial(_copy_dict, fields)
+    if kind is tuple:
+        members = [copier(x) for x in value]
+        return None if all(c is None for c in members) else partial(_copy_tuple, members)
+    raise TypeError(f"no copy plan for a {kind.__name__}")  # the codec decodes only the types above
+
+
+def _copy_list(items: list[tuple[int, Callable[[Any], Any]]], value: list[Any]) -> list[Any]:
+    out = value.copy()
+    for i, copy in items:
+        out[i] = copy(value[i])
+    return out
+
+
+def _copy_dict(fields: list[tuple[Any, Callable[[Any], Any]]], value: dict[Any, Any]) -> dict[Any, Any]:
+    out = value.copy()
+    for key, copy in fields:
+        out[key] = copy(value[key])
+    return out
+
+
+def _copy_tuple(members: list[Callable[[Any], Any] | None], value: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(x if copy is None else copy(x) for x, copy in zip(value, members, strict=True))
 
 
 @runtime_checkable

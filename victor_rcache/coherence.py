@@ -95,7 +95,7 @@ class InvalidationListener:
         self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the thread's select()
         self._lock = threading.Lock()
         self._conn: Any = None  # a redis-py Connection (its API is untyped)
-        self._healthy = False
+        self._set_healthy(False)
         self._stop = threading.Event()
         self._first_try = threading.Event()
         self._warned = False
@@ -108,6 +108,11 @@ class InvalidationListener:
         self._thread.start()
         self._first_try.wait(wait)
         return self
+
+    def _set_healthy(self, healthy: bool) -> None:
+        # L1 holds its own copy of the flag, which its hit path reads (see LocalCache.trusted).
+        self._healthy = healthy
+        self.l1.trusted = healthy
 
     @property
     def healthy(self) -> bool:
@@ -130,7 +135,7 @@ class InvalidationListener:
         """Stop listening (idempotent)."""
         if self._stop.is_set():
             return
-        self._healthy = False  # nobody applies invalidations any more: L1 must not be served
+        self._set_healthy(False)  # nobody applies invalidations any more: L1 must not be served
         self._stop.set()
         self._wake_w.send(b"x")
         if self._thread.is_alive():
@@ -183,7 +188,8 @@ class InvalidationListener:
         self.l1.clear(at=self._clock())
 
     def _lost(self, why: str) -> None:
-        was_healthy, self._healthy = self._healthy, False  # first: readers stop trusting L1 at once
+        was_healthy = self._healthy
+        self._set_healthy(False)  # first: readers stop trusting L1 at once
         if was_healthy:
             log.warning("invalidation channel %r lost (%s); L1 flushed and bypassed until it is back",
                         self.channel, why, extra=self._fields("invalidation_channel_lost", error=why))
@@ -218,7 +224,7 @@ class InvalidationListener:
         self._clear_l1()  # whatever happened before this subscription was not heard
         self.flushes += 1
         self.subscriptions += 1
-        self._healthy = True
+        self._set_healthy(True)
         self._last_seen = self._last_ping = time.monotonic()
         if self.subscriptions > 1:
             log.warning("invalidation channel %r is back; L1 trusted again", self.channel,
@@ -233,7 +239,7 @@ class InvalidationListener:
             log.exception("the invalidation listener on %r stopped; L1 is bypassed from now on", self.channel,
                           extra=self._fields("invalidation_listener_failed"))
         finally:
-            self._healthy = False
+            self._set_healthy(False)
 
     def _listen(self) -> None:
         backoff = 0.05

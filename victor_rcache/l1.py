@@ -22,6 +22,7 @@ bigger or smaller L1 would have done and resizes itself at the rule's interval (
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -42,9 +43,10 @@ NOT_SHARED: Final[Any] = object()  # L1Entry.decoded of a value every hit decode
 
 @dataclass(eq=False, slots=True)
 class L1Entry:
-    """One L1 copy. Its fields never change once stored, except ``decoded``: the tier core's
-    decoded value shared by every hit (only values nobody can mutate, unless ``copy_on_read=False``),
-    or :data:`NOT_SHARED`, or :data:`NOT_DECODED` before the first hit."""
+    """One L1 copy. Its fields never change once stored, except ``decoded`` and ``copy``, set by the
+    first hit: the decoded value, and how each hit copies it (None: shared as it is, because nobody can
+    mutate it, or with ``copy_on_read=False``); ``decoded`` is :data:`NOT_SHARED` when every hit
+    decodes afresh, :data:`NOT_DECODED` before the first hit."""
 
     payload: bytes
     version: int
@@ -53,6 +55,7 @@ class L1Entry:
     cost: float = 0.0  # seconds the value took to compute (0: unknown); for early refresh
     shard: int = -1  # the Redis shard it came from (-1: unknown), for shard-wide invalidations
     decoded: Any = field(default=NOT_DECODED, init=False, repr=False)
+    copy: Any = field(default=None, init=False, repr=False)  # codec.copier's plan for ``decoded``, or None
 
 
 class LocalCache:
@@ -62,7 +65,9 @@ class LocalCache:
                  sizing: SizingRule | None = None) -> None:
         self.ttl = ttl
         self.clock = clock
-        self._counts = [0]  # [hits]: a list, so the serve closure counts without an attribute lookup
+        self._hits, self._reads, self._hits_base = itertools.count(), 0, 0  # see the hits property
+        self._reads_lock = threading.Lock()
+        self._trust = [True]  # [trusted]: see the property; a list, so serve reads it without a lookup
         self.evictions = 0
         self.total_size = 0
         self._sizer = None if sizing is None else Sizer(sizing, clock)
@@ -79,8 +84,9 @@ class LocalCache:
         forksafe.register(self)
 
     def _after_fork(self) -> None:
-        # The parent's copies may be stale by the time the child serves: start empty, with a new lock.
+        # The parent's copies may be stale by the time the child serves: start empty, with new locks.
         self._lock = threading.Lock()
+        self._reads_lock = threading.Lock()
         if self._sizer is None:
             self.serve = self._plain_serve()  # type: ignore[method-assign,assignment]  # (over the new lock)
         self._data.clear()
@@ -94,51 +100,79 @@ class LocalCache:
         """The current bound (it moves with ``adaptive_l1``)."""
         return self._data.capacity
 
+    @property
+    def trusted(self) -> bool:
+        """May copies be served to requests (:meth:`serve`)? The invalidation listener says: not while it
+        may have missed a message. (Kept here, where the hit path reads it without a call.)"""
+        return self._trust[0]
+
+    @trusted.setter
+    def trusted(self, trusted: bool) -> None:
+        self._trust[0] = trusted
+
     def serve(self, key: bytes) -> L1Entry | None:
-        """:meth:`get` for a cache request: an entry found is counted in :attr:`hits`, under the same lock.
+        """:meth:`get` for a cache request, if copies may be served (:attr:`trusted`): an entry found is
+        counted in :attr:`hits`, under the same lock.
 
         (Without adaptive sizing, an instance attribute made by :meth:`_plain_serve` stands in for this.)"""
+        if not self._trust[0]:
+            return None
         lock = self._lock
         lock.acquire()  # not `with`: every L1 hit pays this, and `with` costs about twice as much (3.11)
         try:
             entry = self._live(key)
             if entry is not None:
-                self.hits += 1
+                next(self._hits)
             return entry
         finally:
             lock.release()
 
     def _plain_serve(self) -> Callable[[bytes], L1Entry | None]:
-        """:meth:`serve` without adaptive sizing, as a closure over what it uses: the LRU then has no tail
-        segment (its head is the whole LRU), and a hit is three dict operations under the lock, with no
-        attribute lookup (this is the hottest path of the library)."""
-        head, lock, clock, remove, counts = self._head, self._lock, self.clock, self._remove, self._counts
+        """:meth:`serve` without adaptive sizing (no tail segment: the head is the whole LRU), as a closure
+        over what it uses, and without the lock: the hottest path of the library.
+
+        Each step is one operation on a C-implemented OrderedDict with bytes keys, which runs whole under
+        the GIL; writers keep the lock among themselves. A key another thread removes between the lookup
+        and the move just is not moved: the copy was live when it was looked up, and is served as a read
+        that came just before the removal would be. Hits are counted by an ``itertools.count`` (atomic);
+        :attr:`hits` reads it without moving it (see there)."""
+        head, lock, clock, remove = self._head, self._lock, self.clock, self._remove
+        trust, tick, move = self._trust, self._hits, self._head.move_to_end
 
         def serve(key: bytes) -> L1Entry | None:
-            lock.acquire()
+            if not trust[0]:
+                return None
+            entry = head.get(key)
+            if entry is None:
+                return None
+            if clock() >= entry.deadline:
+                with lock:
+                    if head.get(key) is entry:
+                        remove(key)
+                return None
             try:
-                entry = head.get(key)
-                if entry is None:
-                    return None
-                if clock() >= entry.deadline:
-                    remove(key)
-                    return None
-                head.move_to_end(key)
-                counts[0] += 1
-                return entry
-            finally:
-                lock.release()
+                move(key)
+            except KeyError:  # noqa: SIM105 (suppress() costs a context manager on every hit)  removed meanwhile
+                pass
+            next(tick)
+            return entry
 
         return serve
 
     @property
     def hits(self) -> int:
-        """Entries :meth:`serve` found: the cache's L1 hits, counted under the L1's own lock."""
-        return self._counts[0]
+        """Entries :meth:`serve` found: the cache's L1 hits. (Read from an ``itertools.count``: taking its
+        next value moves it by one more than the hits, which the reads so far make up for.)"""
+        with self._reads_lock:
+            self._reads += 1
+            return next(self._hits) - self._reads + 1 + self._hits_base
 
     @hits.setter
     def hits(self, value: int) -> None:
-        self._counts[0] = value
+        with self._reads_lock:
+            self._hits, self._reads, self._hits_base = itertools.count(), 0, value
+            if self._sizer is None:
+                self.serve = self._plain_serve()  # type: ignore[method-assign,assignment]  # (the new count)
 
     def get(self, key: bytes) -> L1Entry | None:
         """The live entry for ``key`` (now most recently used), or None. Not counted as a hit."""

@@ -34,7 +34,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
@@ -42,7 +42,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemory
 
 from . import forksafe
 from .bookkeeping import COUNTED, EXPIRING, FILLED, PREWARMED, Bookkeeping, ShardBatch
-from .codec import FORMAT_VERSION, Envelope, immutable
+from .codec import FORMAT_VERSION, Envelope, copier
 from .coherence import Coherence, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
 from .errors import CacheUnavailableError, ConfigurationError, InvalidArgumentError, ValueTooLargeError
@@ -238,9 +238,9 @@ class TierCore:
         self.envelope = Envelope(config.codec, config.signing_key)
         self.scripts = scripts or default_scripts(config.lua_shebang)
         self.l1 = LocalCache(config.l1_size, config.l1_ttl, config.clock or time.monotonic, config.l1_sizing)
-        self.coherence: Coherence = coherence or NoCoherence()
         self._refs = self.space.refs  # located keys (see get_from_l1)
         self._serve = self.l1.serve
+        self.coherence: Coherence = coherence or NoCoherence()  # (also makes get_from_l1: see its setter)
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
         self.counters = Counters(served=lambda: self.l1.hits)  # L1 hits are counted by L1 itself
         self.book = Bookkeeping(self.counters)
@@ -279,6 +279,9 @@ class TierCore:
         self._refreshing = set()
         self._reloading = set()
         self._serve = self.l1.serve  # the child's L1 serves under its own new lock
+        # The parent reports the L1 hits and evictions it had; the child, only its own.
+        self._reported_l1_hits, self._reported_l1_evictions = self.l1.hits, self.l1.evictions
+        self.get_from_l1 = self._l1_reader()  # type: ignore[method-assign,assignment]  # (over that serve)
 
     # ------------------------------------------------------------------ reads
 
@@ -303,22 +306,40 @@ class TierCore:
     def coherence(self, listener: Coherence) -> None:
         self._coherence = listener
         self._trusted = listener.trusted  # bound once: every L1 read asks
+        if hasattr(self, "l1"):
+            self.get_from_l1 = self._l1_reader()  # type: ignore[method-assign,assignment]
 
     def get_from_l1(self, key: str | bytes, trace: Timing | None = None) -> Any:
         """The first step of :meth:`get`, plain code (no I/O): the value if this process's L1 may serve
         ``key``, else :data:`MISS`, after which the caller reads Redis. An L1 hit is counted by L1 (under
-        the lock it takes anyway); a miss is counted by the read that follows."""
-        # The hottest path of the library: names bound once (__init__), no call that is not needed.
-        ref = self._refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
-        if ref is None:
-            ref = self.space.ref(key)  # validates the key; remembers it
-        entry = self._serve(ref.id) if self._trusted() else None
-        if entry is None:
-            return MISS
-        if trace is not None:
-            trace.outcome = "l1"
-        value = entry.decoded  # the shared value, checked here: the hottest path saves a call
-        return value if value is not NOT_DECODED and value is not NOT_SHARED else self._l1_value(entry)
+        the lock it takes anyway); a miss is counted by the read that follows.
+
+        (An instance attribute made by :meth:`_l1_reader` stands in for this method: the same steps.)"""
+        return self._l1_reader()(key, trace)
+
+    def _l1_reader(self) -> Callable[[str | bytes, Timing | None], Any]:
+        """:meth:`get_from_l1` as a closure over what it uses: the hottest path of the library makes no
+        attribute lookup it can avoid. Made again whenever one of those changes (coherence, a fork)."""
+        refs_get, locate, serve = self._refs.get, self.space.ref, self.l1.serve
+        first_hit, miss, not_decoded, not_shared = self._l1_value, MISS, NOT_DECODED, NOT_SHARED
+
+        def get_from_l1(key: str | bytes, trace: Timing | None = None) -> Any:
+            kind = key.__class__
+            ref = refs_get(key) if kind is str or kind is bytes else None
+            if ref is None:
+                ref = locate(key)  # validates the key; remembers it
+            entry = serve(ref.id)  # (None too while the invalidation channel cannot vouch for L1)
+            if entry is None:
+                return miss
+            if trace is not None:
+                trace.outcome = "l1"
+            value = entry.decoded
+            if value is not_decoded or value is not_shared:
+                return first_hit(entry)
+            copy = entry.copy
+            return value if copy is None else copy(value)
+
+        return get_from_l1
 
     def get_from_redis(self, key: str | bytes, default: Any = None, trace: Timing | None = None) -> Step[Any]:
         """The rest of :meth:`get` after :meth:`get_from_l1` returned :data:`MISS`, as a generator (the
@@ -442,16 +463,29 @@ class TierCore:
         return {key: value for entry_id, value in found.items() for key in wanted[entry_id][0]}
 
     def _l1_value(self, entry: L1Entry) -> Any:
-        """An L1 copy's value: the shared one, or decoded from the payload. The first hit decides whether
-        later hits share what it decoded: only if nobody can mutate it, or any value with
-        ``copy_on_read=False`` (two first hits racing both decode; either one's result is right). Every
-        L1 payload was made here or unwrapped (checked) when it came from Redis: only the codec runs."""
+        """An L1 copy's value for one caller. The first hit decodes the payload and keeps the result on the
+        entry with how later hits get theirs: shared as it is when nobody can mutate it (or with
+        ``copy_on_read=False``), else copied by a plan of its shape (codec.copier), which costs less than
+        decoding again; the first caller gets a copy too. (Two first hits racing both decode; either
+        result is right.) Every L1 payload was made here or unwrapped (checked) when it came from Redis:
+        only the codec runs."""
         value = entry.decoded
-        if value is NOT_DECODED:
-            value = self.envelope.decode_checked(entry.payload)
-            entry.decoded = value if self._share_all or immutable(value) else NOT_SHARED
+        if value is NOT_SHARED:
+            return self.envelope.decode_checked(entry.payload)
+        if value is not NOT_DECODED:
+            return value if entry.copy is None else entry.copy(value)
+        value = self.envelope.decode_checked(entry.payload)
+        if self._share_all:
+            entry.decoded = value
             return value
-        return self.envelope.decode_checked(entry.payload) if value is NOT_SHARED else value
+        try:
+            copy = copier(value)
+        except (TypeError, RecursionError):  # a type of a custom codec, or nested very deep: decode each time
+            entry.decoded = NOT_SHARED
+            return value
+        entry.copy = copy  # (before decoded: a racing hit that sees decoded must see its copy plan)
+        entry.decoded = value
+        return value if copy is None else copy(value)
 
     def _fetch(self, refs: list[EntryRef]) -> Step[Fetched]:
         """Read ``refs`` from Redis: one plain read each, all in one round trip."""
