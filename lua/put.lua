@@ -110,7 +110,7 @@ for i = HEAD + 1, #ARGV, GROUP do
     end
     local score = stamp(l2_key)
     redis.call('ZADD', l2_key, score, id)
-    set_deadline(ek, deadline(2, score, expiry), 2, score)
+    set_deadline(ek, deadline(2, score, expiry), 2, score, true)
     redis.call('HSET', size_key, id, string.len(payload))
     -- Back in Redis: no longer sizing evidence. A write of an entry L3 evicted lately is what follows
     -- a miss on it (cache-aside), and may reach Redis before that miss's bookkeeping does: it counts

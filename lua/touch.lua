@@ -18,25 +18,23 @@
   ARGV[8]       the process's counts since its last batch, six non-negative integers, then whether to
                 gather sizing evidence (1 with adaptive_redis, else 0), separated by spaces:
                 "<l1_hits> <l1_evictions> <l1_fills> <l2_hits> <l3_hits> <misses> <evidence>"
-  ARGV[9..15]   seven strings of records, one per kind in this order, each a run of
-                "<len a> <len b> <a><b>" (a = an entry id, b = a number, or for 'c' a `ver` field), each
-                id at most once per kind:
-                  '2' (id, hits)  Redis hits on an entry the reader found in L2: stamped now
-                  '3' (id, hits)  the same in L3; with evidence, a hit on one of L3's `step` least
+  ARGV[9..]     triples (kind, id, number), each id at most once per kind:
+                  '2', id, hits   Redis hits on an entry the reader found in L2: stamped now
+                  '3', id, hits   the same in L3; with evidence, a hit on one of L3's `step` least
                                   recently used entries counts tail_hits
-                  'n' (id, hits)  hits to add to the entry's fleet count `n`, with its '2' or '3' (if
+                  'n', id, hits   hits to add to the entry's fleet count `n`, with its '2' or '3' (if
                                   the tier still holds it); an L3 entry whose count reaches
                                   promote_after moves to L2
-                  'e' (id, tier)  the reader found the entry's expiry an idle step behind its touch:
+                  'e', id, tier   the reader found the entry's expiry an idle step behind its touch:
                                   its Redis expiry becomes its deadline from this call's stamp
-                  'w' (id, 0)     a hit found the prewarmed mark w: the first such report clears it
+                  'w', id, 0      a hit found the prewarmed mark w: the first such report clears it
                                   and counts prewarm_useful (once per prewarmed value, fleet-wide)
-                  'm' (id, misses) misses on the id (>= 1): with evidence, one on an id L3 evicted
+                  'm', id, misses misses on the id (>= 1): with evidence, one on an id L3 evicted
                                   lately counts ghost_hits; an index member whose data Redis dropped
                                   is removed
-                  'c' (id, ver)   the reader found the entry corrupt (a payload that does not decode,
+                  'c', id, ver    the reader found the entry corrupt (a payload that does not decode,
                                   fields written by hand, a key of another type) with this `ver`
-                                  field (empty: none): it is removed unless it changed since
+                                  field ('' = none): it is removed unless it changed since
 
   A hit on data no index holds is an entry whose index member Redis evicted (allkeys-* policies): it is
   indexed again, unless the shard was flushed since it was written, in which case it is removed and
@@ -61,54 +59,40 @@ if #counts ~= 7 or counts[7] > 1 then
       .. 'flag (0 or 1)')
 end
 local evidence = counts[7] == 1
-if #ARGV ~= HEAD + 8 then
-  return redis.error_reply('VRC_BADARG touch needs the counts and seven record strings (2, 3, n, e, w, m, c)')
-end
-
--- Reads the records of ARGV[i] ("<len a> <len b> <a><b>" one after the other), calling take(a, b) for
--- each; nil, or an error message (take's own, or about the format).
-local function each_record(i, take)
-  local s, pos = ARGV[i], 1
-  local size = string.len(s)
-  while pos <= size do
-    local _, e, la, lb = string.find(s, '^(%d+) (%d+) ', pos)
-    la, lb = tonumber(la), tonumber(lb)
-    if not e or la == 0 or e + la + lb > size then return 'malformed records in ARGV[' .. i .. ']' end
-    local problem = take(string.sub(s, e + 1, e + la), string.sub(s, e + la + 1, e + la + lb))
-    if problem then return problem end
-    pos = e + la + lb + 1
-  end
-  return nil
+if (#ARGV - HEAD - 1) % 3 ~= 0 then
+  return redis.error_reply('VRC_BADARG touch needs the counts, then triples (kind, id, number)')
 end
 
 local stamped = {{}, {}}                 -- per tier (index 1 = L2, 2 = L3): ids, then their hits
 local stamped_hits = {{}, {}}
 local counted, expiring, prewarmed, missed, corrupt = {}, {}, {}, {}, {}  -- counted: id -> hits
-local kind_name, least, most = nil, 0, 0
--- A record's number must be whole and in range (tonumber is enough: it is only ever a count or a tier).
-local function number(s)
-  local v = tonumber(s)
-  if not v or v ~= math.floor(v) or v < least or v > most then return nil end
-  return v
-end
-local function bad() return 'a ' .. kind_name .. ' record needs a whole number from ' .. least .. ' to ' .. most end
-local TAKE = {
-  function(id, s) local v = number(s); if not v then return bad() end
-    local ids = stamped[1]; ids[#ids + 1] = id; stamped_hits[1][#ids] = v end,
-  function(id, s) local v = number(s); if not v then return bad() end
-    local ids = stamped[2]; ids[#ids + 1] = id; stamped_hits[2][#ids] = v end,
-  function(id, s) local v = number(s); if not v then return bad() end; counted[id] = v end,
-  function(id, s) if not number(s) then return bad() end; expiring[#expiring + 1] = id end,
-  function(id, s) if not number(s) then return bad() end; prewarmed[#prewarmed + 1] = id end,
-  function(id, s) if not number(s) then return bad() end; missed[#missed + 1] = id end,
-  function(id, s) corrupt[#corrupt + 1] = {id, s} end,
-}
-local RANGES = {{'2', 1, MAX_INT}, {'3', 1, MAX_INT}, {'n', 1, MAX_INT}, {'e', 2, 3}, {'w', 0, 0},
-                {'m', 1, MAX_INT}, {'c', 0, 0}}
-for k = 1, 7 do
-  kind_name, least, most = RANGES[k][1], RANGES[k][2], RANGES[k][3]
-  local problem = each_record(HEAD + 1 + k, TAKE[k])
-  if problem then return redis.error_reply('VRC_BADARG touch: ' .. problem) end
+-- Per kind: its number's least and most value, and what to do with an item.
+local RANGES = {['2'] = {1, MAX_INT}, ['3'] = {1, MAX_INT}, n = {1, MAX_INT}, e = {2, 3}, w = {0, 0},
+                m = {1, MAX_INT}}
+for i = HEAD + 2, #ARGV, 3 do
+  local kind, id, s = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if id == '' then return redis.error_reply('VRC_BADARG touch: empty entry id') end
+  if kind == 'c' then
+    corrupt[#corrupt + 1] = {id, s}
+  else
+    local range = RANGES[kind]
+    if not range then return redis.error_reply('VRC_BADARG touch: kind must be 2, 3, n, e, w, m or c') end
+    -- A whole number in range (tonumber is enough: the value is only ever a count or a tier).
+    local v = tonumber(s)
+    if not v or v ~= math.floor(v) or v < range[1] or v > range[2] then
+      return redis.error_reply('VRC_BADARG touch: a ' .. kind .. ' item needs a whole number from ' .. range[1]
+          .. ' to ' .. range[2])
+    end
+    if kind == '2' or kind == '3' then
+      local t = kind == '2' and 1 or 2
+      local ids = stamped[t]
+      ids[#ids + 1] = id
+      stamped_hits[t][#ids] = v
+    elseif kind == 'n' then counted[id] = v
+    elseif kind == 'e' then expiring[#expiring + 1] = id
+    elseif kind == 'w' then prewarmed[#prewarmed + 1] = id
+    else missed[#missed + 1] = id end
+  end
 end
 if #stamped[1] + #stamped[2] > 1000 then return redis.error_reply('VRC_BADARG touch: at most 1000 hits per call') end
 
@@ -135,7 +119,7 @@ local function adopt(id)
   redis.call('ZADD', tier == 2 and l2_key or l3_key, score, id)
   if expiry then redis.call('ZADD', exp_key, expiry, id) end
   redis.call('HSET', size_key, id, string.len(f[1]))
-  set_deadline(ek, deadline(tier, score, expiry), tier, score)
+  set_deadline(ek, deadline(tier, score, expiry), tier, score, true)
   drifted = true  -- its bytes may still be counted, or not: the call ends with a recount
 end
 
@@ -175,7 +159,10 @@ for t, key in ipairs({l2_key, l3_key}) do
       local k = counted[id]
       if k and (present == nil or present[j]) then
         local ek = entry_key(id)
-        if add_hits(ek, k) >= promote_after and t == 2 then
+        local n = add_hits(ek, k)
+        if n == 0 then
+          drop(id, t, 'vanished', tonumber(redis.call('ZSCORE', exp_key, id)))
+        elseif n >= promote_after and t == 2 then
           promote(id, ek, tonumber(redis.call('ZSCORE', exp_key, id)))
         end
       end

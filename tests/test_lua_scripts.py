@@ -119,35 +119,28 @@ HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "memory
 GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 300_000)  # matches DUE_SETTINGS
 # touch.lua's ARGV[8]: six counts (l1_hits l1_evictions l1_fills l2_hits l3_hits misses), then the evidence flag
 COUNTS = "0 0 0 0 0 0 0"
-TOUCH_KINDS = ("2", "3", "n", "e", "w", "m", "c")  # touch.lua's ARGV[9..15]: one record string per kind, in order
 
 
-def records(*pairs: tuple[bytes, Arg]) -> bytes:
-    """A touch.lua record string: "<len a> <len b> <a><b>" per (id, number) pair, one after the other."""
-    out = b""
-    for entry_id, number in pairs:
-        value = number if isinstance(number, bytes) else str(number).encode()
-        out += b"%d %d %s%s" % (len(entry_id), len(value), entry_id, value)
-    return out
+def records(*pairs: tuple[bytes, Arg]) -> list[tuple[bytes, Arg]]:
+    """Items of one kind for touch.lua: (id, number) pairs."""
+    return list(pairs)
 
 
-def touch_body(counts: str = COUNTS, **by_kind: bytes) -> tuple[Arg, ...]:
-    """touch.lua's ARGV after the header: the counts, then the record string of each kind (``k2``, ``k3``
-    for the tiers' hits, else the kind's letter; absent: none)."""
-    return (counts, *(by_kind.get(f"k{kind}" if kind.isdigit() else kind, b"") for kind in TOUCH_KINDS))
+def touch_body(counts: str = COUNTS, **by_kind: list[tuple[bytes, Arg]]) -> tuple[Arg, ...]:
+    """touch.lua's ARGV after the header: the counts, then a triple (kind, id, number) per item (``k2``,
+    ``k3`` for the tiers' hits, else the kind's letter)."""
+    out: list[Arg] = [counts]
+    for name, pairs in by_kind.items():
+        kind = name[1:] if name.startswith("k") else name
+        for entry_id, number in pairs:
+            out += [kind, entry_id, number]
+    return tuple(out)
 
 
-def parse_records(string: bytes) -> list[tuple[bytes, bytes]]:
-    """The (a, b) pairs of a touch.lua record string (see records())."""
-    out, pos = [], 0
-    while pos < len(string):
-        found = re.match(rb"(\d+) (\d+) ", string[pos:])
-        assert found, f"malformed records: {string!r}"
-        start = pos + found.end()
-        la, lb = int(found[1]), int(found[2])
-        out.append((string[start:start + la], string[start + la:start + la + lb]))
-        pos = start + la + lb
-    return out
+def touch_ids(argv: Sequence[Any]) -> list[bytes]:
+    """The entry ids of touch.lua's triples (its ARGV after the header and the counts)."""
+    return [as_bytes(argv[i]) for i in range(9, len(argv), 3)]
+
 
 GOOD_BODY: dict[str, tuple[Arg, ...]] = {
     # a hit on e (found in L2; its count raised), a miss on an id never stored
@@ -229,8 +222,8 @@ BAD_HEADS: list[tuple[str, Arg]] = [
 BAD_KEYS = ("l3", "l2 and l3", "none", "untagged")
 
 
-def _hits(n: int) -> bytes:
-    """touch.lua's records of one L2 hit on each of n distinct ids."""
+def _hits(n: int) -> list[tuple[bytes, Arg]]:
+    """touch.lua's items of one L2 hit on each of n distinct ids."""
     return records(*((f"id{i}".encode(), 1) for i in range(n)))
 
 
@@ -238,7 +231,7 @@ BAD_CALLS: list[Call] = [
     *(Call(s, f"{f}={v!r}", head={f: v}) for s in HEADED for f, v in BAD_HEADS),
     *(Call(s, "header cut short", head_fields=len(HEAD_FIELDS) - 1, body=()) for s in HEADED),
     *(Call(s, f"KEYS: {k}", keys=k) for s in SHARD_SCRIPTS for k in BAD_KEYS),
-    # touch.lua: six non-negative integer counts and the evidence flag, then seven record strings
+    # touch.lua: six non-negative integer counts and the evidence flag, then triples (kind, id, number)
     Call("touch", "no counts", body=()),
     Call("touch", "empty counts", body=touch_body("")),
     Call("touch", "five counts and the flag", body=touch_body("0 0 0 0 0 0")),
@@ -248,13 +241,9 @@ BAD_CALLS: list[Call] = [
     Call("touch", "a negative count", body=touch_body("0 0 0 -1 0 0 0")),
     Call("touch", "a count 1.5", body=touch_body("0 0 0 0 1.5 0 0")),
     Call("touch", "a count x", body=touch_body("0 0 x 0 0 0 0")),
-    Call("touch", "six record strings", body=touch_body()[:-1]),
-    Call("touch", "eight record strings", body=(*touch_body(), b"")),
-    Call("touch", "a record cut short", body=touch_body(k2=b"1 1 e")),
-    Call("touch", "a record length x", body=touch_body(k2=b"x 1 e1")),
-    Call("touch", "a negative record length", body=touch_body(k2=b"-1 1 e1")),
+    Call("touch", "a triple cut short", body=(*touch_body(k2=records((b"e", 1))), "m", b"absent")),
+    Call("touch", "an unknown kind", body=touch_body(x=records((b"e", 1)))),
     Call("touch", "an empty id", body=touch_body(k2=records((b"", 1)))),
-    Call("touch", "bytes after the last record", body=touch_body(k2=records((b"e", 1)) + b"more")),
     Call("touch", "L2 hits 0", body=touch_body(k2=records((b"e", 0)))),
     Call("touch", "L3 hits -1", body=touch_body(k3=records((b"e", -1)))),
     Call("touch", "hits 1.5", body=touch_body(k2=records((b"e", "1.5")))),
@@ -265,7 +254,7 @@ BAD_CALLS: list[Call] = [
     Call("touch", "prewarm mark 1", body=touch_body(w=records((b"e", 1)))),
     Call("touch", "misses 0", body=touch_body(m=records((b"absent", 0)))),
     Call("touch", "misses x", body=touch_body(m=records((b"absent", "x")))),
-    Call("touch", "bad record after a good one", body=touch_body(m=records((b"absent", 1), (b"other", 0)))),
+    Call("touch", "bad item after a good one", body=touch_body(m=records((b"absent", 1), (b"other", 0)))),
     Call("touch", "a good kind after a bad one", body=touch_body(k2=records((b"e", 0)), m=records((b"absent", 1)))),
     Call("touch", "1001 hits", body=touch_body(k2=_hits(1001))),
     # lease.lua: id, token, lease ttl
@@ -469,8 +458,8 @@ def test_data_removed_behind_the_scripts_back_is_never_served_and_the_first_scri
 
 # ---------------------------------------------------- invariant 6: one hash slot per script call
 
-# Where each shard script's ARGV names entry ids (after the 7-number header; touch.lua: inside its record
-# strings, see SlotGuard; flush.lua: none).
+# Where each shard script's ARGV names entry ids (after the 7-number header; touch.lua: in its triples, see
+# touch_ids; flush.lua: none).
 ID_POSITIONS = {"touch": slice(0, 0), "put": slice(7, None, 8), "delete": slice(7, None, 2),
                 "lease": slice(7, 8), "flush": slice(0, 0)}
 
@@ -519,8 +508,8 @@ class SlotGuard:
             return
         base = keys[0][:-2]
         ids = [as_bytes(i) for i in argv[ID_POSITIONS[name]]]
-        if name == "touch":  # ids inside the record strings, ARGV[9..15]
-            ids = [entry_id for string in argv[8:15] for entry_id, _ in parse_records(as_bytes(string))]
+        if name == "touch":  # ids in its triples, after the counts
+            ids = touch_ids(argv)
         ids = ids or [b"any id"]  # flush: ids come from the index
         derived = [base + b"e:" + i for i in ids]
         self.keys_seen.update(keys + derived)

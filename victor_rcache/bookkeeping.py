@@ -58,21 +58,23 @@ class ShardBatch:
     corrupt: dict[bytes, bytes] = field(default_factory=dict)  # id -> the `ver` field the reader saw
     counts: dict[str, int] = field(default_factory=dict)  # fleet counters: l2_hits, l3_hits, misses, l1_fills
 
-    def records(self) -> list[bytes]:
-        """touch.lua's arguments after the counts: one string per kind, in the script's order (2, 3, n, e, w,
-        m, c), each a run of records "<len a> <len b> <a><b>" (a = the entry id, b = its number or the
-        `ver` seen): a few joins here instead of three arguments per item for redis-py to encode."""
-        twos: list[bytes] = []
-        threes: list[bytes] = []
+    def items(self) -> list[bytes | int | str]:
+        """touch.lua's triples (kind, id, number) after the counts."""
+        out: list[bytes | int | str] = []
         tiers = self.tiers
         for entry_id, n in self.hits.items():
-            (twos if tiers[entry_id] == L2_HIT else threes).append(_record(entry_id, b"%d" % n))
-        return [b"".join(twos), b"".join(threes),
-                b"".join(_record(i, b"%d" % n) for i, n in self.counted.items()),
-                b"".join(_record(i, b"%d" % tier) for i, tier in self.expiring.items()),
-                b"".join(_record(i, b"0") for i in self.prewarmed),
-                b"".join(_record(i, b"%d" % n) for i, n in self.missed.items()),
-                b"".join(_record(i, seen) for i, seen in self.corrupt.items())]
+            out += ["2" if tiers[entry_id] == L2_HIT else "3", entry_id, n]
+        for entry_id, n in self.counted.items():
+            out += ["n", entry_id, n]
+        for entry_id, tier in self.expiring.items():
+            out += ["e", entry_id, tier]
+        for entry_id in self.prewarmed:
+            out += ["w", entry_id, 0]
+        for entry_id, n in self.missed.items():
+            out += ["m", entry_id, n]
+        for entry_id, seen in self.corrupt.items():
+            out += ["c", entry_id, seen]
+        return out
 
     def split(self, limit: int = MAX_IDS) -> list[ShardBatch]:
         """This batch as batches of at most ``limit`` distinct hits each (touch.lua takes 1000 at most): an
@@ -220,10 +222,6 @@ class Bookkeeping:
     def give_up(self, batches: list[ShardBatch]) -> None:
         """Batches that could not be sent: counted and forgotten (bookkeeping only)."""
         self.dropped += len(batches)
-
-
-def _record(a: bytes, b: bytes) -> bytes:
-    return b"%d %d %s%s" % (len(a), len(b), a, b)
 
 
 def _add(counts: dict[str, int], name: str, n: int) -> None:

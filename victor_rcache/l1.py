@@ -150,9 +150,9 @@ class LocalCache:
                     if head.get(key) is entry:
                         remove(key)
                 return None
-            try:
+            try:  # noqa: SIM105 (contextlib.suppress would cost a context manager on every hit)
                 move(key)
-            except KeyError:  # noqa: SIM105 (suppress() costs a context manager on every hit)  removed meanwhile
+            except KeyError:  # removed meanwhile by another thread
                 pass
             next(tick)
             return entry

@@ -80,7 +80,6 @@ RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads it
 
 _scripts: dict[bool, Scripts] = {}
 MISS: Any = object()  # what TierCore.get_from_l1 and TierCore.took return when they have no value
-NO_RECORDS = (b"",) * 7  # touch.lua's seven record strings, all empty
 # The fields a Redis read asks of an entry (see lua/includes/shard.lua), in this order.
 READ_FIELDS = (b"v", b"ver", b"t", b"n", b"x", b"d", b"w", b"e")
 
@@ -943,10 +942,10 @@ class TierCore:
             l1_hits, l1_evictions = deltas if n == 0 else (0, 0)
             counts = (f"{l1_hits} {l1_evictions} {c.get('l1_fills', 0)} {c.get('l2_hits', 0)} "
                       f"{c.get('l3_hits', 0)} {c.get('misses', 0)} {evidence}")
-            calls.append(self._shard_call(self.scripts.touch, batch.shard, [counts, *batch.records()]))
+            calls.append(self._shard_call(self.scripts.touch, batch.shard, [counts, *batch.items()]))
         if not calls and deltas != (0, 0):  # only L1 counters to report: shard 0 takes them
             counts = f"{deltas[0]} {deltas[1]} 0 0 0 0 {evidence}"
-            calls.append(self._shard_call(self.scripts.touch, 0, [counts, *NO_RECORDS]))
+            calls.append(self._shard_call(self.scripts.touch, 0, [counts]))
         self._touch_deltas = deltas
         return calls
 

@@ -213,24 +213,27 @@ end
 -- Makes the entry's Redis expiry its deadline `at` (ms on the scripts' clock; nil: none), computed from
 -- a touch at `touched` (ms) in `tier`, and records that touch's idle step in field `e` (readers compare
 -- it with the current step). With the server's own clock that is the exact time; with a test clock the
--- same distance from now. Returns whether the entry's data exists (nothing is written if not): a
--- deadline already passed deletes the data and returns false (the caller drops the entry).
-local function set_deadline(ek, at, tier, touched)
-  local exists
-  if at ~= nil and at <= now then          -- already over: the data goes now (PEXPIREAT would too)
+-- same distance from now. Returns whether the entry's data exists (`present`: the caller knows it
+-- does); nothing is written if not. A deadline already passed deletes the data and returns false (the
+-- caller drops the entry). The expiry is set last: Redis 7.0 expires keys in real time during a script,
+-- so a write after an expiry less than a millisecond away could land on a key just expired and create it
+-- anew, without its data or an expiry.
+local function set_deadline(ek, at, tier, touched, present)
+  if at ~= nil and at <= now then
     redis.call('DEL', ek)
     return false
-  elseif at == nil then
-    redis.call('PERSIST', ek)
-    exists = redis.call('EXISTS', ek) == 1
-  elseif real_time then                 -- whole ms below 2^53: Lua hands such a number over as digits
-    exists = redis.call('PEXPIREAT', ek, math.floor(at)) == 1
-  else
-    exists = redis.call('PEXPIRE', ek, math.max(1, math.floor(at - now))) == 1
   end
+  if not present and redis.call('EXISTS', ek) == 0 then return false end
   local step = idle_step(tier)
-  if exists and step then redis.call('HSET', ek, 'e', math.floor(touched / step)) end
-  return exists
+  if step then redis.call('HSET', ek, 'e', math.floor(touched / step)) end
+  if at == nil then
+    redis.call('PERSIST', ek)
+  elseif real_time then                 -- whole ms below 2^53: Lua hands such a number over as digits
+    redis.call('PEXPIREAT', ek, math.floor(at))
+  else
+    redis.call('PEXPIRE', ek, math.max(1, math.floor(at - now)))
+  end
+  return true
 end
 
 local ev = {promotions = 0, demotions = 0, evictions = 0, expirations = 0}
@@ -306,34 +309,49 @@ local function into_l3(id, score)
     drop(id, 2, 'vanished')
     return
   end
+  local expiry = tonumber(f[2])
+  if expiry and now + 1 >= expiry then            -- its end is (all but) here: it goes, rather than moves
+    drop(id, 2, 'expired', expiry)
+    return
+  end
   score = score or stamp(l3_key)
   redis.call('ZREM', l2_key, id)
   redis.call('ZADD', l3_key, score, id)
   redis.call('HSET', ek, 't', 3, 'n', 0)
-  set_deadline(ek, deadline(3, score, tonumber(f[2])), 3, score)
+  set_deadline(ek, deadline(3, score, expiry), 3, score, true)
   local size = tonumber(redis.call('HGET', size_key, id)) or 0
   bytes2, bytes3 = bytes2 - size, bytes3 + size
   ev.demotions = ev.demotions + 1
 end
 
--- Adds k fleet hits to an entry's count `n` and returns the new count. A count written by hand that is
--- no integer restarts at k (HINCRBY would fail the call midway).
+-- Adds k fleet hits to an entry's count `n` and returns the new count (0: the entry holds no value any
+-- more, and nothing is left behind). A count written by hand that is no integer restarts at k (HINCRBY
+-- would fail the call midway).
 local function add_hits(ek, k)
   local n = redis.pcall('HINCRBY', ek, 'n', k)
   if type(n) == 'table' then
     redis.call('HSET', ek, 'n', k)
     return k
   end
+  -- A count that starts here may have made the key: its value had expired since it was read.
+  if n == k and redis.call('HEXISTS', ek, 'v') == 0 then
+    redis.call('DEL', ek)
+    return 0
+  end
   return n
 end
 
 -- Moves an L3 entry whose fleet hits reached promote_after to L2 (its data exists: checked by the caller).
 local function promote(id, ek, expiry)
+  if expiry and now + 1 >= expiry then            -- its end is (all but) here: it goes, rather than moves
+    drop(id, 3, 'expired', expiry)
+    return
+  end
   local score = stamp(l2_key)
   redis.call('ZREM', l3_key, id)
   redis.call('ZADD', l2_key, score, id)
   redis.call('HSET', ek, 't', 2)
-  set_deadline(ek, deadline(2, score, expiry), 2, score)
+  set_deadline(ek, deadline(2, score, expiry), 2, score, true)
   local size = tonumber(redis.call('HGET', size_key, id)) or 0
   bytes3, bytes2 = bytes3 - size, bytes2 + size
   ev.promotions = ev.promotions + 1
