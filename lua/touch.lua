@@ -16,8 +16,9 @@
   KEYS[1]       the shard's l2 key; the shard's other keys derive from it (see includes/shard.lua)
   ARGV[1..7]    the common header (now ms, capacities, idle ttls ms, promote_after, memory ms)
   ARGV[8]       the process's counts since its last batch, six non-negative integers, then whether to
-                gather sizing evidence (1 with adaptive_redis, else 0), separated by spaces:
-                "<l1_hits> <l1_evictions> <l1_fills> <l2_hits> <l3_hits> <misses> <evidence>"
+                gather sizing evidence (1 with adaptive_redis, else 0) and whether to check the shard's
+                key types and the ACL permissions first (1, else 0), separated by spaces:
+                "<l1_hits> <l1_evictions> <l1_fills> <l2_hits> <l3_hits> <misses> <evidence> <checks>"
   ARGV[9..]     triples (kind, id, number), each id at most once per kind:
                   '2', id, hits   Redis hits on an entry the reader found in L2: stamped now
                   '3', id, hits   the same in L3; with evidence, a hit on one of L3's `step` least
@@ -36,6 +37,15 @@
                                   fields written by hand, a key of another type) with this `ver`
                                   field ('' = none): it is removed unless it changed since
 
+  Checks. Every other shard script checks the types of the shard's keys and the caller's ACL permissions
+  before its first write, on every call. Bookkeeping batches come all the time, and those checks would
+  be most of their cost, so the caller asks for them (<checks> = 1) only on its first batch of a shard,
+  once a second, and after a batch failed; with them, nothing is written if anything is wrong. Between
+  checks, a key overwritten by hand or a permission revoked would stop a batch midway: what it wrote
+  is bookkeeping (stamps, counts, removals of dead entries), never a value, and a batch stopped halfway
+  leaves no state the scripts do not already repair (an entry without its index record is indexed
+  again by its next hit; byte totals are recounted); the next checked batch then refuses, naming why.
+
   A hit on data no index holds is an entry whose index member Redis evicted (allkeys-* policies): it is
   indexed again, unless the shard was flushed since it was written, in which case it is removed and
   announced, so no process keeps serving it.
@@ -44,7 +54,8 @@
 ]]
 -- @include "includes/shard.lua"
 
-local err = check_head()
+local checks = string.sub(ARGV[HEAD + 1] or '', -2) ~= ' 0'  -- the counts' last number (see ARGV[8])
+local err = check_head(not checks)
 if err then return redis.error_reply(err) end
 check_totals = false                     -- see the sweep at the end
 local counts = {}
@@ -54,9 +65,9 @@ for c in string.gmatch(ARGV[HEAD + 1] or '', '%S+') do
   if not v or v > MAX_INT then counts = {}; break end
   counts[#counts + 1] = v
 end
-if #counts ~= 7 or counts[7] > 1 then
-  return redis.error_reply('VRC_BADARG touch needs six counts (whole numbers from 0 to 2^53) and the evidence '
-      .. 'flag (0 or 1)')
+if #counts ~= 8 or counts[7] > 1 or counts[8] > 1 then
+  return redis.error_reply('VRC_BADARG touch needs six counts (whole numbers from 0 to 2^53), the evidence '
+      .. 'flag and the checks flag (0 or 1)')
 end
 local evidence = counts[7] == 1
 if (#ARGV - HEAD - 1) % 3 ~= 0 then
@@ -160,9 +171,7 @@ for t, key in ipairs({l2_key, l3_key}) do
       if k and (present == nil or present[j]) then
         local ek = entry_key(id)
         local n = add_hits(ek, k)
-        if n == 0 then
-          drop(id, t, 'vanished', tonumber(redis.call('ZSCORE', exp_key, id)))
-        elseif n >= promote_after and t == 2 then
+        if n >= promote_after and t == 2 then
           promote(id, ek, tonumber(redis.call('ZSCORE', exp_key, id)))
         end
       end

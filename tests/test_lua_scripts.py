@@ -118,7 +118,8 @@ DUE_SETTINGS: dict[str, Any] = {"shards": 1, "l2_size": 3, "l3_size": 4, "l2_ttl
 HEAD_FIELDS = ("now", "cap2", "cap3", "idle2", "idle3", "promote_after", "memory")
 GOOD_HEAD_AFTER_NOW: tuple[Arg, ...] = (3, 4, 60_000, 600_000, 3, 300_000)  # matches DUE_SETTINGS
 # touch.lua's ARGV[8]: six counts (l1_hits l1_evictions l1_fills l2_hits l3_hits misses), then the evidence flag
-COUNTS = "0 0 0 0 0 0 0"
+# and the checks flag (on here, so every refusal below is the checked one)
+COUNTS = "0 0 0 0 0 0 0 1"
 
 
 def records(*pairs: tuple[bytes, Arg]) -> list[tuple[bytes, Arg]]:
@@ -144,7 +145,7 @@ def touch_ids(argv: Sequence[Any]) -> list[bytes]:
 
 GOOD_BODY: dict[str, tuple[Arg, ...]] = {
     # a hit on e (found in L2; its count raised), a miss on an id never stored
-    "touch": touch_body("0 0 0 1 0 1 1", k2=records((b"e", 1)), n=records((b"e", 1)), m=records((b"absent", 1))),
+    "touch": touch_body("0 0 0 1 0 1 1 1", k2=records((b"e", 1)), n=records((b"e", 1)), m=records((b"absent", 1))),
     "put": (b"new", b"payload", 0, b"", 0, 0, 0, 0),
     "delete": (b"e", b""),
     "flush": (1, 0, 0),
@@ -234,13 +235,15 @@ BAD_CALLS: list[Call] = [
     # touch.lua: six non-negative integer counts and the evidence flag, then triples (kind, id, number)
     Call("touch", "no counts", body=()),
     Call("touch", "empty counts", body=touch_body("")),
-    Call("touch", "five counts and the flag", body=touch_body("0 0 0 0 0 0")),
-    Call("touch", "seven counts and the flag", body=touch_body("0 0 0 0 0 0 0 0")),
-    Call("touch", "evidence flag 2", body=touch_body("0 0 0 0 0 0 2")),
-    Call("touch", "counts separated by commas", body=touch_body("0,0,0,0,0,0,0")),
-    Call("touch", "a negative count", body=touch_body("0 0 0 -1 0 0 0")),
-    Call("touch", "a count 1.5", body=touch_body("0 0 0 0 1.5 0 0")),
-    Call("touch", "a count x", body=touch_body("0 0 x 0 0 0 0")),
+    Call("touch", "five counts and the flags", body=touch_body("0 0 0 0 0 0 1")),
+    Call("touch", "seven counts and the flags", body=touch_body("0 0 0 0 0 0 0 0 1")),
+    Call("touch", "no checks flag", body=touch_body("0 0 0 0 0 0 0")),
+    Call("touch", "evidence flag 2", body=touch_body("0 0 0 0 0 0 2 1")),
+    Call("touch", "checks flag 2", body=touch_body("0 0 0 0 0 0 0 2")),
+    Call("touch", "counts separated by commas", body=touch_body("0,0,0,0,0,0,0,1")),
+    Call("touch", "a negative count", body=touch_body("0 0 0 -1 0 0 0 1")),
+    Call("touch", "a count 1.5", body=touch_body("0 0 0 0 1.5 0 0 1")),
+    Call("touch", "a count x", body=touch_body("0 0 x 0 0 0 0 1")),
     Call("touch", "a triple cut short", body=(*touch_body(k2=records((b"e", 1))), "m", b"absent")),
     Call("touch", "an unknown kind", body=touch_body(x=records((b"e", 1)))),
     Call("touch", "an empty id", body=touch_body(k2=records((b"", 1)))),
@@ -347,10 +350,10 @@ GAPS: list[Call] = [
     *(Call(s, f"{f}={v}", head={f: v}) for s in HEADED
       for f, v in (("now", "inf"), ("cap2", "inf"), ("promote_after", "inf"), ("memory", "1e20"), ("idle3", "0x10"),
                    ("cap3", TOO_BIG))),
-    Call("touch", "a count inf", body=touch_body("0 0 0 inf 0 0 0")),
-    Call("touch", "a count 1e20", body=touch_body("0 1e20 0 0 0 0 0")),
-    Call("touch", "a count 0x10", body=touch_body("0 0 0 0 0x10 0 0")),
-    Call("touch", "a count past 2^53", body=touch_body(f"{TOO_BIG} 0 0 0 0 0 0")),
+    Call("touch", "a count inf", body=touch_body("0 0 0 inf 0 0 0 1")),
+    Call("touch", "a count 1e20", body=touch_body("0 1e20 0 0 0 0 0 1")),
+    Call("touch", "a count 0x10", body=touch_body("0 0 0 0 0x10 0 0 1")),
+    Call("touch", "a count past 2^53", body=touch_body(f"{TOO_BIG} 0 0 0 0 0 0 1")),
     Call("touch", "hits inf", body=touch_body(k2=records((b"e", "inf")))),
     Call("touch", "hits nan", body=touch_body(k3=records((b"e", "nan")))),
     Call("touch", "count 1e20", body=touch_body(n=records((b"e", "1e20")))),

@@ -11,12 +11,13 @@ the fleet's counters too. Each test calls ``flush_bookkeeping()`` before it look
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from victor_rcache import MultiLevelCache, bookkeeping
+from victor_rcache import MultiLevelCache, bookkeeping, tiers
 from victor_rcache.keys import KeySpace
 
 from .helpers import Client, check_invariants, read_namespace
@@ -156,3 +157,36 @@ def test_l1_hits_reach_the_fleet_counters_at_flush_bookkeeping(make_cache: Make)
     assert reader.get_metrics()["l1"]["hits"] == 5
     reader.flush_bookkeeping()
     assert reader.get_metrics("fleet")["l1"]["hits"] == 5
+
+
+def test_a_shard_key_overwritten_by_hand_stops_batches_and_the_next_checked_batch_names_it(
+        make_cache: Make, raw: Client, namespace: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """touch.lua checks key types and permissions on a process's first batch of a shard and once a second
+    (its header says why that is safe): a batch between checks that meets a key written by hand fails,
+    the next batch is checked and refused whole with an error naming the key, and once the key is
+    deleted the batches apply again."""
+    monkeypatch.setattr(bookkeeping, "WINDOW", 3600.0)  # batches go when the test flushes them
+    monkeypatch.setattr(tiers, "CHECKS_INTERVAL", 3600.0)  # only the first batch and those after a failure
+    make_cache(shards=1).put("k", "v")
+    reader = make_cache(shards=1, promote_after=10**9)  # every get a Redis hit
+    shard = KeySpace(namespace, 1).shard_keys[0]
+
+    def read_and_report() -> int:
+        assert reader.get("k") == "v"
+        reader.flush_bookkeeping()
+        return reader._core.book.dropped  # (metrics would read the hand-written hash too)
+
+    assert read_and_report() == 0  # the first batch, checked
+    raw.delete(shard.stats)
+    raw.set(shard.stats, "written by hand")
+    caplog.set_level(logging.DEBUG, logger="victor_rcache")
+    assert read_and_report() == 1  # unchecked: stopped by WRONGTYPE
+    assert "VRC_WRONGTYPE" not in caplog.text
+    before = {key: raw.dump(key) for key in raw.scan_iter(match=f"{namespace}:*")}
+    assert read_and_report() == 2  # checked after the failure: refused before any write
+    assert f"VRC_WRONGTYPE {shard.stats.decode()} holds a string" in caplog.text
+    assert {key: raw.dump(key) for key in raw.scan_iter(match=f"{namespace}:*")} == before
+    raw.delete(shard.stats)
+    assert read_and_report() == 2  # checked again, and applied
+    assert stats(raw, namespace).get(b"l2_hits") == b"1"

@@ -72,6 +72,7 @@ Prewarmed = Literal["completed", "cached", "busy", "refused", "failed"]
 log = logging.getLogger("victor_rcache")
 
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
+CHECKS_INTERVAL = 1.0  # seconds between two touch.lua batches of a shard that check types and permissions
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
 RELOAD_ROUNDS = 8  # NOSCRIPT rounds before every call still missing its script reloads it itself
@@ -267,6 +268,7 @@ class TierCore:
         self._reported_l1_hits = 0  # of self.l1.hits, those sent to the fleet totals
         self._reported_l1_evictions = 0
         self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
+        self._checked_at: dict[int, float] = {}  # shard -> when a touch.lua batch last checked (see _checks_due)
         self._script_gen: dict[str, int] = {}  # script name -> reloads done (see run_scripts)
         self._reloading: set[str] = set()  # scripts whose reload is on its way to Redis
         forksafe.register(self)
@@ -936,18 +938,27 @@ class TierCore:
         """One touch.lua call per shard batch; this process's L1 counters ride on the first."""
         deltas = self._take_l1_deltas()
         evidence = int(self.sizing is not None)  # ghost and tail hits: only fleet sizing reads them
+        now = time.monotonic()
         calls = []
         for n, batch in enumerate(batches):
             c = batch.counts
             l1_hits, l1_evictions = deltas if n == 0 else (0, 0)
             counts = (f"{l1_hits} {l1_evictions} {c.get('l1_fills', 0)} {c.get('l2_hits', 0)} "
-                      f"{c.get('l3_hits', 0)} {c.get('misses', 0)} {evidence}")
+                      f"{c.get('l3_hits', 0)} {c.get('misses', 0)} {evidence} {self._checks_due(batch.shard, now)}")
             calls.append(self._shard_call(self.scripts.touch, batch.shard, [counts, *batch.items()]))
         if not calls and deltas != (0, 0):  # only L1 counters to report: shard 0 takes them
-            counts = f"{deltas[0]} {deltas[1]} 0 0 0 0 {evidence}"
+            counts = f"{deltas[0]} {deltas[1]} 0 0 0 0 {evidence} {self._checks_due(0, now)}"
             calls.append(self._shard_call(self.scripts.touch, 0, [counts]))
         self._touch_deltas = deltas
         return calls
+
+    def _checks_due(self, shard: int, now: float) -> int:
+        """1 if this batch of ``shard`` asks touch.lua to check key types and permissions first (see its
+        header): the first of the shard, then once a second; a failed batch clears the record."""
+        if now - self._checked_at.get(shard, -CHECKS_INTERVAL) < CHECKS_INTERVAL:
+            return 0
+        self._checked_at[shard] = now
+        return 1
 
     def touch(self, batches: list[ShardBatch]) -> Step[None]:
         """Send buffered bookkeeping (the flusher thread runs this): one touch.lua call per shard, one round
@@ -963,6 +974,7 @@ class TierCore:
         except RedisError as exc:
             self._give_back_l1_deltas(deltas)
             self.book.give_up(batches)
+            self._checked_at.clear()  # whatever went wrong, the next batches check everything first
             log.debug("bookkeeping of %d shard(s) dropped: %s", len(batches), exc,
                       extra=self.log_fields("bookkeeping_dropped", "touch", error=str(exc)))
             return

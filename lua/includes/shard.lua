@@ -125,10 +125,13 @@ local check_totals = true            -- finish() checks the byte totals (touch.l
 
 -- Validates the common ARGV, the shard keys' types and the ACL permissions; an error message or nil.
 -- Called by every script before its first write. Also notes, before anything changes them, whether the
--- byte totals were lost (Redis evicted the stats hash while the tiers hold entries).
-local function check_head()
-  local err = parse_head() or check_shard_types() or check_commands(SHARD_COMMANDS, l2_key, channel)
+-- byte totals were lost (Redis evicted the stats hash while the tiers hold entries). `skip_checks`
+-- (touch.lua, told so by its caller): the ARGV only; see touch.lua's header for why that is safe there.
+local function check_head(skip_checks)
+  local err = parse_head() or (not skip_checks and (check_shard_types() or check_commands(SHARD_COMMANDS, l2_key,
+                                                                                          channel)))
   if err then return err end
+  if skip_checks then return nil end
   local totals = redis.call('HMGET', stats_key, 'l2_bytes', 'l3_bytes')
   if (not totals[1] and redis.call('ZCARD', l2_key) > 0) or (not totals[2] and redis.call('ZCARD', l3_key) > 0) then
     drifted = true
@@ -324,19 +327,15 @@ local function into_l3(id, score)
   ev.demotions = ev.demotions + 1
 end
 
--- Adds k fleet hits to an entry's count `n` and returns the new count (0: the entry holds no value any
--- more, and nothing is left behind). A count written by hand that is no integer restarts at k (HINCRBY
--- would fail the call midway).
+-- Adds k fleet hits to an entry's count `n` and returns the new count. A count written by hand that is no
+-- integer restarts at k (HINCRBY would fail the call midway). (An entry whose value expired in the moment
+-- since it was read gets a key holding only the count: its index record, which is there, is a miss for
+-- every reader, and whatever removes that record removes the key, as for any entry.)
 local function add_hits(ek, k)
   local n = redis.pcall('HINCRBY', ek, 'n', k)
   if type(n) == 'table' then
     redis.call('HSET', ek, 'n', k)
     return k
-  end
-  -- A count that starts here may have made the key: its value had expired since it was read.
-  if n == k and redis.call('HEXISTS', ek, 'v') == 0 then
-    redis.call('DEL', ek)
-    return 0
   end
   return n
 end
