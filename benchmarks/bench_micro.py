@@ -519,6 +519,13 @@ FLOOR_TOUCH = ("local s = redis.call('ZSCORE', KEYS[1], ARGV[1]) "
                "local v = redis.call('HGET', KEYS[2], 'v') "
                "redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) return v")
 EMPTY_SCRIPT = "return 1"
+# The target was set as "<= 10 us where this floor measured 11 us" on the VM it was set on; the VM's speed
+# moves from run to run (the floor has measured 11 to 30 us), so the verdict is the same proportion of the
+# floor measured in the same run. It is judged on large namespaces (the target's 200k-1M entries; the
+# quick run's largest, 100k, stands in), where the indexes no longer fit the CPU caches.
+CPU_BOUND = ("ratio", "<=", 10 / 11)
+CPU_TARGET = "<= 0.91x the floor (10 us against a floor of 11 us), uniform keys, 100k entries and more"
+CPU_JUDGED_FROM = 100_000
 
 
 def _script_usec(admin: redis.Redis, body: str, space: KeySpace, keys: list[str]) -> float:
@@ -637,8 +644,9 @@ def scaling(url: str, sizes: Sizes, prefix: str, want: set[str], progress: Progr
                     value=got["usec_per_hit"], unit="us",
                     floor="minimal Lua LRU touch (ZSCORE + HGET + ZADD) per call, same entries",
                     floor_value=got["floor_touch_usec"],
-                    bound=("value", "<=", 10.0) if dist == "uniform" else None,
-                    target=None if dist == "uniform" else "(reported: the uniform choice carries the verdict)",
+                    bound=CPU_BOUND if dist == "uniform" and r["entries"] >= CPU_JUDGED_FROM else None,
+                    target=CPU_TARGET if dist == "uniform" and r["entries"] >= CPU_JUDGED_FROM else
+                    "(reported: the uniform choice at 100k entries and more carries the verdict)",
                     workload=f"{got['gets']:,} gets by one process, {how} ({got['gets_per_second']:,} gets/s: "
                              f"{got['hits_per_touch_call']:.1f} hits per touch.lua call); L2 holds the "
                              f"{r['l2_size']:,} entries written last, L3 the rest; the cache's defaults otherwise "

@@ -45,7 +45,7 @@ from typing import Any, cast
 
 import pytest
 
-from victor_rcache import AsyncMultiLevelCache, CacheUnavailableError, MsgpackCodec, MultiLevelCache
+from victor_rcache import AsyncMultiLevelCache, CacheUnavailableError, MsgpackCodec, MultiLevelCache, tiers
 from victor_rcache.codec import Envelope
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import free_port
@@ -478,16 +478,34 @@ def test_a_fill_landing_between_the_miss_and_the_lease_is_read_not_computed(make
     assert (stampede["loads"], stampede["lease_waits"]) == (0, 0)
 
 
+def hold_the_lease(holder: MultiLevelCache, key: str) -> tuple[Any, Any]:
+    """Drive ``holder``'s get_or_set of ``key`` until it holds the fill lease and asks for its loader: the
+    operation, and its next instruction (Load), for the test to finish later."""
+    step = holder._core.get_or_set(key)
+    instruction, _ = feed(step, None)
+    while not isinstance(instruction, Load):  # the holder misses and takes the lease
+        assert isinstance(instruction, list)
+        instruction, _ = feed(step, holder._send(instruction))
+    return step, instruction
+
+
+def finish_the_fill(holder: MultiLevelCache, step: Any, instruction: Any, waiter: Any, done: threading.Event,
+                    value: str) -> None:
+    """Once ``waiter`` waits for the lease, let ``holder`` compute ``value`` and fill; ``done`` must follow."""
+    deadline = time.monotonic() + 5
+    while waiter._core.counters.snapshot().get("lease_waits", 0) == 0:  # it found the lease held and waits
+        assert time.monotonic() < deadline, "the waiter never waited for the lease"
+    while instruction is not None:
+        instruction, _ = feed(step, holder._do(instruction, lambda: value))
+    assert done.wait(10), "the waiter did not read the holder's value"
+
+
 def test_a_miss_while_another_worker_holds_the_lease_waits_and_reads_its_value(make_cache: Make, raw: Client,
                                                                               namespace: str) -> None:
     """The other side of the same step: a miss that finds the lease held does not compute; once the holder
     fills, one more lookup reads the value."""
     holder, waiter = make_cache(), make_cache()
-    step = holder._core.get_or_set("k")
-    instruction, _ = feed(step, None)
-    while not isinstance(instruction, Load):  # the holder misses and takes the lease
-        assert isinstance(instruction, list)
-        instruction, _ = feed(step, holder._send(instruction))
+    step, instruction = hold_the_lease(holder, "k")
     loads: list[str] = []
     done = threading.Event()
 
@@ -497,16 +515,43 @@ def test_a_miss_while_another_worker_holds_the_lease_waits_and_reads_its_value(m
 
     thread = threading.Thread(target=wait)
     thread.start()
-    deadline = time.monotonic() + 5
-    while waiter.get_metrics()["stampede"]["lease_waits"] == 0:  # it found the lease held and waits
-        assert time.monotonic() < deadline, "the waiter never waited for the lease"
-    while instruction is not None:
-        instruction, _ = feed(step, holder._do(instruction, lambda: "holder's"))
-    assert done.wait(5), "the waiter did not read the holder's value"
+    finish_the_fill(holder, step, instruction, waiter, done, "holder's")
     thread.join()
     assert loads == ["holder's"]
     assert waiter.get_metrics()["stampede"]["loads"] == 0
     assert raw.exists(lease_key(namespace, "k")) == 0
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+def test_a_waiter_is_woken_by_the_fills_announcement_not_by_polling(make_cache: Make, make_async_cache: MakeAsync,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   front: str) -> None:
+    """A waiter pays the holder's loader and one message, not a polling interval: with polls an hour
+    apart, the waiter still reads the holder's value as soon as the holder's put announces it."""
+    monkeypatch.setattr(tiers, "FILL_POLL_WATCHED", 3600.0)
+    monkeypatch.setattr(tiers, "FILL_POLL_MAX", 3600.0)
+    holder = make_cache()
+    step, instruction = hold_the_lease(holder, "k")
+    loads: list[str] = []
+    done = threading.Event()
+    if front == "sync":
+        waiter: Any = make_cache()
+
+        def wait() -> None:
+            loads.append(waiter.get_or_set("k", lambda: "waiter's"))
+            done.set()
+    else:
+        waiter = make_async_cache()
+
+        def wait() -> None:
+            loads.append(asyncio.run(waiter.get_or_set("k", lambda: "waiter's")))
+            done.set()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    finish_the_fill(holder, step, instruction, waiter, done, "holder's")  # (polls are an hour apart)
+    thread.join()
+    assert loads == ["holder's"]
 
 
 # --------------------------------------------------------------------------- loader exceptions

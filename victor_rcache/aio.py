@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -13,6 +14,7 @@ from typing import Any, TypeVar, cast
 from redis.exceptions import RedisError
 
 from .cache import CacheBase, SyncIO
+from .coherence import FillWatch
 from .config import CacheConfig, redact
 from .connection import (
     IO_ERRORS,
@@ -29,7 +31,7 @@ from .metrics import Timing
 from .resilience import Resilience, raise_transient
 from .scripts import pack
 from .stampede import Flights
-from .tiers import MISS, Batch, Instruction, Loaded, Pause, Reads, Refresh, Scope, Step, Wait, feed, queue
+from .tiers import MISS, Batch, Instruction, Loaded, Pause, Reads, Refresh, Scope, Step, Wait, WaitFill, feed, queue
 
 T = TypeVar("T")
 log = logging.getLogger("victor_rcache")
@@ -66,6 +68,9 @@ class AsyncMultiLevelCache(CacheBase):
     async def _do(self, instruction: Instruction, loader: Callable[[], Any] | None) -> Any:
         if isinstance(instruction, Pause):
             await asyncio.sleep(instruction.seconds)
+            return []
+        if isinstance(instruction, WaitFill):
+            await _woken(instruction.watch, instruction.seconds)
             return []
         if isinstance(instruction, list):
             return await self._send(instruction)
@@ -190,6 +195,27 @@ class AsyncMultiLevelCache(CacheBase):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+async def _woken(watch: FillWatch, seconds: float) -> None:
+    """Wait until ``watch`` is set (the listener's thread calls back into this loop) or ``seconds`` pass."""
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:  # in the listener's thread
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, woken)
+
+    watch.on_set(wake)
+    try:
+        await asyncio.wait((woken,), timeout=seconds)
+    finally:
+        woken.cancel()  # (a wake-up that comes later finds it done)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _attempt(client: AsyncClient, batch: Batch) -> list[Any]:

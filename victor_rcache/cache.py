@@ -51,6 +51,7 @@ from .tiers import (
     Step,
     TierCore,
     Wait,
+    WaitFill,
     feed,
     queue,
 )
@@ -232,6 +233,9 @@ class SyncIO:
            send: Callable[[Batch], list[Any] | RedisError]) -> Any:
         if isinstance(instruction, Pause):
             time.sleep(instruction.seconds)
+            return []
+        if isinstance(instruction, WaitFill):
+            instruction.watch.wait(instruction.seconds)
             return []
         if isinstance(instruction, list):
             return send(instruction)

@@ -15,6 +15,11 @@ connection per cache and applies those messages to L1:
   flushed, and it is not trusted again until a new subscription is confirmed, and flushed again
   then. While untrusted, reads go to Redis. If the thread itself ever stopped, the flag goes down.
 
+The same messages wake a ``get_or_set`` waiting for another process's fill: the fill's write is
+announced like any other, so the waiter registers a :class:`FillWatch` for the entry and reads as soon
+as it is set, instead of polling Redis at intervals that would cost a cheap loader's wait many times
+the loader (it still polls, at long intervals, for a lease that ends without a fill).
+
 It uses a plain redis-py connection and a thread for both front ends: an asyncio process keeps no
 task of its own for it.
 """
@@ -54,10 +59,47 @@ def parse_invalidation(data: bytes) -> list[tuple[bytes, int]]:
     return out
 
 
+class FillWatch:
+    """Set when an announcement names one entry, or when the listener may have missed one (its channel
+    was lost, a shard flushed, the cache closed): a get_or_set waiting for another process's fill then
+    looks in Redis again. ``wait`` blocks a thread; ``on_set`` calls back (from the listener's thread)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the watch is set (now, if it already is)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
 class Coherence(Protocol):
     """What the tier core asks before it serves from L1 (on every L1 read: it must be cheap)."""
 
     def trusted(self) -> bool: ...
+
+    def watch(self, entry_id: bytes) -> FillWatch | None:
+        """A watch set when the entry is next announced; None when announcements cannot be relied on."""
+
+    def unwatch(self, entry_id: bytes, watch: FillWatch) -> None: ...
 
     def close(self) -> None: ...
 
@@ -67,6 +109,12 @@ class NoCoherence:
 
     def trusted(self) -> bool:
         return True
+
+    def watch(self, entry_id: bytes) -> FillWatch | None:
+        return None  # nobody listens: waiting for a fill polls
+
+    def unwatch(self, entry_id: bytes, watch: FillWatch) -> None:
+        return None
 
     def close(self) -> None:
         return None
@@ -100,6 +148,8 @@ class InvalidationListener:
         self._first_try = threading.Event()
         self._warned = False
         self._last_seen = self._last_ping = time.monotonic()
+        self._watches: dict[bytes, list[FillWatch]] = {}  # entry id -> watches of get_or_set calls waiting
+        self._watch_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="victor-rcache-invalidation", daemon=True)
 
     def start(self, wait: float) -> InvalidationListener:
@@ -123,6 +173,39 @@ class InvalidationListener:
         thread applies messages as they arrive)."""
         return self._healthy
 
+    def watch(self, entry_id: bytes) -> FillWatch | None:
+        """A watch set when a message names ``entry_id`` (see :class:`FillWatch`); None while the channel
+        is down (messages may be lost: the caller polls)."""
+        if not self._healthy:
+            return None
+        watch = FillWatch()
+        with self._watch_lock:
+            self._watches.setdefault(entry_id, []).append(watch)
+        if not self._healthy:  # lost meanwhile: the wake-up of everyone may have come before the add
+            watch.set()
+        return watch
+
+    def unwatch(self, entry_id: bytes, watch: FillWatch) -> None:
+        with self._watch_lock:
+            watches = self._watches.get(entry_id)
+            if watches is not None and watch in watches:
+                watches.remove(watch)
+                if not watches:
+                    del self._watches[entry_id]
+
+    def _wake(self, entry_id: bytes | None) -> None:
+        """Set the watches of ``entry_id`` (None: all of them)."""
+        if not self._watches:  # (read without the lock: a watch added meanwhile checks again, above)
+            return
+        with self._watch_lock:
+            if entry_id is None:
+                woken = [w for watches in self._watches.values() for w in watches]
+                self._watches.clear()
+            else:
+                woken = self._watches.pop(entry_id, [])
+        for watch in woken:
+            watch.set()
+
     def catch_up(self) -> None:
         """Apply, now, every message that has reached this process. Readers do not wait for the thread
         (that would cost every L1 hit a lock and a poll), so a message may be applied a thread switch
@@ -136,6 +219,7 @@ class InvalidationListener:
         if self._stop.is_set():
             return
         self._set_healthy(False)  # nobody applies invalidations any more: L1 must not be served
+        self._wake(None)  # nor wakes a waiting get_or_set: it looks in Redis (and polls from then on)
         self._stop.set()
         self._wake_w.send(b"x")
         if self._thread.is_alive():
@@ -171,13 +255,16 @@ class InvalidationListener:
             if data.startswith(b"*"):
                 shard, _, flushed_at = data[1:].partition(b" ")
                 self.l1.invalidate_shard(int(shard), int(flushed_at))
+                self._wake(None)
                 return
             for entry_id, version in parse_invalidation(data):
                 self.l1.invalidate(entry_id, version)
+                self._wake(entry_id)
         except ValueError as exc:  # a message we cannot read: be safe
             log.warning("unreadable invalidation on %r (%s); clearing L1", self.channel, exc,
                         extra=self._fields("invalidation_unreadable", error=str(exc)))
             self._clear_l1()
+            self._wake(None)
 
     def _fields(self, event: str, **more: Any) -> dict[str, Any]:
         """The structured fields of a log record (``extra=``)."""
@@ -190,6 +277,7 @@ class InvalidationListener:
     def _lost(self, why: str) -> None:
         was_healthy = self._healthy
         self._set_healthy(False)  # first: readers stop trusting L1 at once
+        self._wake(None)  # waiting get_or_set calls look in Redis, then poll
         if was_healthy:
             log.warning("invalidation channel %r lost (%s); L1 flushed and bypassed until it is back",
                         self.channel, why, extra=self._fields("invalidation_channel_lost", error=why))

@@ -27,6 +27,7 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
@@ -55,14 +56,15 @@ def key_bytes(key: str | bytes) -> bytes:
     return raw
 
 
-@dataclass(frozen=True)
-class EntryRef:
-    """Where one user key lives: its canonical bytes, shard, entry id and the Redis key of its data."""
+class EntryRef(NamedTuple):
+    """Where one user key lives: its canonical bytes, shard, entry id and the Redis key of its data.
+    (A named tuple: a get_many of keys never read before makes one per key, and a frozen dataclass
+    costs three times as much to make.)"""
 
     key: bytes
     shard: int
     id: bytes
-    entry: bytes = b""
+    entry: bytes
     read: bytes | None = None  # the plain read of the entry, packed (see TierCore.read_command)
 
     @property
@@ -118,7 +120,10 @@ class KeySpace:
             raise ConfigurationError(f"shards={shards} must be between 1 and {MAX_SHARDS}; the default is 16")
         self.namespace = namespace
         self.shards = shards
-        self._read_fields = read_fields  # given: each EntryRef carries its entry's packed HMGET of them
+        # Given read fields, each EntryRef carries its entry's HMGET of them, packed (scripts.pack): the
+        # command's head, then the fields' part, which all entries share.
+        self._read_head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(read_fields) + 2)
+        self._read_fields = pack(read_fields)[len(b"*%d\r\n" % len(read_fields)):] if read_fields else b""
         self.refs: dict[str | bytes, EntryRef] = {}  # user key -> where it lives (see ref()); read-only for others
         self.refs_bytes = 0
         self.prefix = namespace.encode() + b":"
@@ -161,9 +166,15 @@ class KeySpace:
         entry_id = raw
         if len(raw) > MAX_RAW_KEY_BYTES or raw.startswith(_HASHED):
             entry_id = _HASHED + hashlib.sha256(raw).hexdigest().encode()
-        entry = self.shard_keys[shard].entry(entry_id)
-        read = pack((b"HMGET", entry, *self._read_fields)) if self._read_fields else None
+        entry = self._entry_prefixes[shard] + entry_id
+        read = None
+        if self._read_fields:  # the HMGET packed by hand: only the key's length and name vary
+            read = b"%s$%d\r\n%s\r\n%s" % (self._read_head, len(entry), entry, self._read_fields)
         return EntryRef(raw, shard, entry_id, entry, read)
+
+    @cached_property
+    def _entry_prefixes(self) -> list[bytes]:
+        return [keys.entry(b"") for keys in self.shard_keys]
 
     def entry_key(self, ref: EntryRef) -> bytes:
         """The Redis key of an entry's data hash."""

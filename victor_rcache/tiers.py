@@ -43,7 +43,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemory
 from . import forksafe
 from .bookkeeping import COUNTED, EXPIRING, FILLED, PREWARMED, Bookkeeping, ShardBatch
 from .codec import FORMAT_VERSION, Envelope, copier
-from .coherence import Coherence, NoCoherence
+from .coherence import Coherence, FillWatch, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
 from .errors import CacheUnavailableError, ConfigurationError, InvalidArgumentError, ValueTooLargeError
 from .fleet_sizing import FleetSizing, run_safely
@@ -64,7 +64,7 @@ class Reads(list[Command]):
     packed: list[bytes]
 
 
-Instruction = Union[Batch, "Pause", "Load", "Wait"]
+Instruction = Union[Batch, "Pause", "WaitFill", "Load", "Wait"]
 Step = Generator[Instruction, Any, T]
 Scope = Literal["process", "fleet"]
 Prewarmed = Literal["completed", "cached", "busy", "refused", "failed"]
@@ -74,6 +74,9 @@ log = logging.getLogger("victor_rcache")
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
 CHECKS_INTERVAL = 1.0  # seconds between two touch.lua batches of a shard that check types and permissions
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
+# While it waits, it looks in Redis after these intervals (seconds, growing): announcements wake it at
+# once; the polls find a lease that ended without a fill (a failed loader), or serve without a channel.
+FILL_POLL_FIRST, FILL_POLL_WATCHED, FILL_POLL_MAX = 0.005, 0.05, 0.1
 FAILURE_LOG_INTERVAL = 10.0  # seconds between two warnings about Redis failing
 RELOAD_ROUNDS = 8  # NOSCRIPT rounds before every call still missing its script reloads it itself
 RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads its script; doubling, so
@@ -135,6 +138,15 @@ class Pause:
 @dataclass(frozen=True)
 class Load:
     """Instruction to a front end: run the caller's loader now and send back :class:`Loaded`."""
+
+
+@dataclass(frozen=True)
+class WaitFill:
+    """Instruction to a front end: wait until ``watch`` is set (an announcement named the entry) or
+    ``seconds`` have passed, whichever comes first, then resume the operation (send back ``[]``)."""
+
+    watch: FillWatch
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -443,25 +455,44 @@ class TierCore:
     def get_many(self, keys: Iterable[str | bytes]) -> Step[dict[Any, Any]]:
         """The hits among ``keys``, keyed as given (every spelling asked for: ``"k"`` and ``b"k"`` are one
         key); one round trip for all keys L1 cannot serve."""
-        wanted: dict[bytes, tuple[list[Any], EntryRef]] = {}
-        for key in keys:
-            ref = self.space.ref(key)
-            spellings = wanted.setdefault(ref.id, ([], ref))[0]
-            if key not in spellings:
-                spellings.append(key)
+        locate, serve = self.space.ref, self.l1.serve
+        located = [(key, locate(key)) for key in keys]  # every key checked before any I/O
         found: dict[bytes, Any] = {}
-        remote: list[EntryRef] = []
-        trusted = self.coherence.trusted()
-        for _, ref in wanted.values():
-            entry = self.l1.serve(ref.id) if trusted else None
+        remote: dict[bytes, EntryRef] = {}
+        for _, ref in located:
+            entry_id = ref.id
+            if entry_id in found or entry_id in remote:
+                continue
+            entry = serve(entry_id)  # (None while the invalidation channel cannot vouch for L1)
             if entry is None:
-                remote.append(ref)
+                remote[entry_id] = ref
             else:
-                found[ref.id] = self._l1_value(entry)
+                found[entry_id] = self._l1_value(entry)
         if remote:
-            fetched = yield from self._fetch(remote)
-            found.update(fetched.values)
-        return {key: value for entry_id, value in found.items() for key in wanted[entry_id][0]}
+            yield from self._read_many(list(remote.values()), found)
+        return {key: found[ref.id] for key, ref in located if ref.id in found}
+
+    def _read_many(self, refs: list[EntryRef], found: dict[bytes, Any]) -> Step[None]:
+        """:meth:`_fetch` for get_many, which needs the values alone: into ``found``, by id."""
+        try:
+            yield from self.ready()
+            sent_at = self.since()
+            reads = Reads([("HMGET", r.entry, *READ_FIELDS) for r in refs])
+            reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
+            replies = yield reads
+        except RedisError as exc:
+            self.redis_failed("get", exc)
+            found.update(self._fall_back_to_l1(refs).values)
+            return
+        took = self.took
+        for ref, reply in zip(refs, replies, strict=True):
+            if reply.__class__ is not list and isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
+                self.redis_failed("get", reply)  # an error Redis answered for this key alone
+                found.update(self._fall_back_to_l1([ref]).values)
+                continue
+            value = took(ref, reply, sent_at)
+            if value is not MISS:
+                found[ref.id] = value
 
     def _l1_value(self, entry: L1Entry) -> Any:
         """An L1 copy's value for one caller. The first hit decodes the payload and keeps the result on the
@@ -659,7 +690,7 @@ class TierCore:
             got = self._got_from_l1(key, ref, ttl)
             if got is not None:
                 return got
-        token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
+        token, lease = "", self.space.lease_key(ref)  # the token once it is needed (a hit never does)
         held, foreign, since, pttl = False, False, 0, -2
         try:
             for attempt in range(LEASE_ATTEMPTS + 1):  # a first lookup, then one after each wait
@@ -674,6 +705,7 @@ class TierCore:
                 got = self._got(key, ref, found, ttl)
                 if got is not None or found.failed:
                     break
+                token = token or uuid.uuid4().hex
                 looked = yield from self._lease(ref, token)
                 if looked.reply is not None:  # filled since the read: a hit after all
                     found = Fetched()
@@ -726,19 +758,34 @@ class TierCore:
         return Got(found.values[ref.id], found.payloads[ref.id], refresh, found.source(ref.id))
 
     def _wait_for_fill(self, ref: EntryRef, lease: bytes) -> Step[bool]:
-        """Poll until the value appears (True) or the lease is gone (False: take over)."""
-        delay, waited = 0.005, 0.0
-        while waited < self.config.lease_ttl + 1.0:
-            yield Pause(delay)
-            waited += delay
-            delay = min(delay * 1.5, 0.1)
-            exists, pttl = yield [("EXISTS", ref.entry), ("PTTL", lease)]
-            _raise_first_error([exists, pttl])
-            if exists:
-                return True
-            if pttl == -2:
-                return False
-        return False
+        """Wait until the value appears (True) or the lease is gone (False: take over).
+
+        The fill's write is announced on the invalidation channel: a watch registered before the first
+        look wakes this wait as soon as it arrives, so a waiter pays the holder's loader and one message,
+        not a polling interval. Without the channel (coherence off, or down) it polls."""
+        waited = 0.0
+        watch = self.coherence.watch(ref.id)
+        delay = 0.0 if watch is not None else FILL_POLL_FIRST  # watched: look once first (a fill may be in)
+        try:
+            while waited <= self.config.lease_ttl + 1.0:
+                if delay:
+                    yield Pause(delay) if watch is None else WaitFill(watch, delay)
+                    waited += delay
+                if watch is not None and watch.is_set():  # woken: a fresh watch before looking again
+                    self.coherence.unwatch(ref.id, watch)
+                    watch = self.coherence.watch(ref.id)
+                exists, pttl = yield [("EXISTS", ref.entry), ("PTTL", lease)]
+                _raise_first_error([exists, pttl])
+                if exists:
+                    return True
+                if pttl == -2:
+                    return False
+                first = FILL_POLL_FIRST if watch is None else FILL_POLL_WATCHED
+                delay = min(max(delay * 1.5, first), FILL_POLL_MAX)
+            return False
+        finally:
+            if watch is not None:
+                self.coherence.unwatch(ref.id, watch)
 
     def _load(self) -> Step[Loaded]:
         self.counters.add(loads=1)  # every run of a loader, whether it succeeds or not
