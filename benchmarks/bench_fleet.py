@@ -19,7 +19,8 @@ the tool" for ``--think-ms``. Configurations:
   the session's next query, ``prewarm_predictions`` in a background task.
 * ``fleet+adaptive``: as ``fleet`` with ``adaptive_l1=True`` and a 1 s ``l1_adjustment_interval``.
 * ``cashews``: cashews' Redis backend with its client-side cache (``client_side=True``, as its docs
-  recommend) of ``l1_size`` entries (the fleet's L1: the same local memory), ``Cache.get_or_set``.
+  recommend) of ``l1_size`` entries (the fleet's L1: the same local memory), over RESP2 (under
+  redis-py 8's default RESP3 its client-side copies are never invalidated), ``Cache.get_or_set``.
 * ``aiocache``: aiocache's ``RedisCache``, get then compute and set on a miss (what its ``cached``
   decorator does).
 
@@ -238,8 +239,10 @@ class Runner:
             self.cache = Cache()
             # The docs' recommended Redis setup, with its client-side copies held in as many entries as
             # the fleet's L1 (its default, 10,000, would hold the whole universe in every process): the
-            # caches are compared at the same local memory, as the per-process one is.
-            self.cache.setup(s.url, client_side=True, local_cache=Memory(size=s.l1_size))
+            # caches are compared at the same local memory, as the per-process one is. RESP2: with
+            # redis-py 8's default RESP3 its invalidation listener hears nothing, and its copies would
+            # stay stale after another worker's write (seen with cashews 7.6): compared coherent.
+            self.cache.setup(s.url, client_side=True, local_cache=Memory(size=s.l1_size), protocol=2)
             await self.cache.init()
             await self.cache.ping()
         elif c == "aiocache":

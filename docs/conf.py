@@ -35,6 +35,9 @@ nitpick_ignore_regex = [
     ("py:class", r"CollectorRegistry|Histogram|Metric"),  # prometheus_client's, imported for type checking only
     ("py:class", r"SyncClient|AsyncClient"),  # victor_rcache.connection's aliases of redis-py's client classes
     ("py:class", r"victor_rcache\.\w+(\.\w+)*\.[A-Z]"),  # type variables (``T``, ``K``, ``V``)
+    ("py:class", r"~?[PR]"),  # the decorator's ParamSpec and result type, as autodoc spells them
+    ("py:obj", r"typing\.~?[PR]"),
+    ("py:class", r"_Backend|KeySpec|TagSpec"),  # victor_rcache.decorator's protocol and aliases
 ]
 
 

@@ -47,6 +47,7 @@ for i = HEAD + 1, #ARGV, 2 do
     d = 1
   elseif expected == nil then
     fence(id, now)
+    untag(id)                                        -- tag records an entry Redis dropped left behind
   end
   if d == 1 or expected == nil then
     announced = next_version()

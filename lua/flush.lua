@@ -14,8 +14,8 @@
   ARGV[3]  the shard's index (for the invalidation message)
 
   The byte totals are lowered and `flushed` and `flushed_ver` (the version announced) set; the fleet
-  counters are kept. Once the shard's
-  indexes are empty, its `size`, `fence` and `ghost` keys are removed and its byte totals reset
+  counters are kept. Entries' tag records go with them. Once the shard's indexes are empty, its
+  `size`, `fence` and `ghost` keys and any tag record left are removed and its byte totals reset
   (which heals any drift).
 
   Reply: entries left in the shard's indexes after this call (0 = the shard is empty)
@@ -51,6 +51,7 @@ for _, tier in ipairs({{l2_key, 'l2_bytes'}, {l3_key, 'l3_bytes'}, {exp_key, nil
     redis.call('DEL', entry_key(id))
     redis.call('ZREM', tier[1], id)
     redis.call('ZREM', exp_key, id)
+    untag(id)
   end
   if tier[2] and freed > 0 then count(tier[2], -freed) end
   budget = budget - #ids
@@ -60,6 +61,9 @@ local left = redis.call('ZCARD', l2_key) + redis.call('ZCARD', l3_key) + redis.c
 if left == 0 then
   redis.call('HSET', stats_key, 'l2_bytes', 0, 'l3_bytes', 0)
   redis.call('DEL', size_key, fence_key, ghost_key)
+  if has_tags() then                                 -- records of entries Redis dropped unindexed
+    for _, id in ipairs(redis.call('HKEYS', tags_key)) do untag(id) end
+  end
 end
 local version = next_version()
 -- Entries written before this version are invalid (touch.lua will not adopt one Redis left unindexed).

@@ -16,9 +16,9 @@
   ARGV[11]    (optional) the `ver` field of an entry the caller found corrupt: if the entry still has
               it, it is removed (and fenced) first, as a reader's report would have it removed
 
-  Reply: {live, taken, pttl_ms, now_ms, payload, ver, tier, n, expiry_ms, cost_ms, prewarmed, step}
+  Reply: {live, taken, pttl_ms, now_ms, payload, ver, tier, n, expiry_ms, cost_ms, prewarmed, step, kept_ms}
     live = 1: the entry is served now (the fields after now_ms are its own, as a plain read gets them:
-              v ver t n x d w e; nothing was written)
+              v ver t n x d w e z; nothing was written)
     live = 0: taken = 1 if the caller now holds the lease, 0 if someone else does; pttl_ms = the
               lease's time to live (-1: no expiry, a lease written by hand)
 ]]
@@ -35,18 +35,24 @@ end
 
 local ek = entry_key(id)
 local tier, touched = tier_of(id)
-local f = entry_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w', 'e')
+local f = entry_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w', 'e', 'z')
 if f and f[1] and disregard and (f[2] or '') == disregard then
   drop(id, tier, 'corrupt')                          -- the caller found it is not a value the cache wrote
   tier, f = nil, nil
 end
 if tier and f and f[1] then
-  local expiry = tonumber(f[5])
+  local expiry = tonumber(f[5])                      -- served until then
   local ends = deadline(tier, touched, expiry)
   if not (ends and now >= ends) then
-    return {1, 0, 0, now, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]}
+    return {1, 0, 0, now, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9]}
   end
-  drop(id, tier, expiry and now >= expiry and 'expired' or 'idle', ends)
+  -- Not served any more. Past its ttl but inside its fail-safe grace (z), it stays: a loader that
+  -- fails may fall back on it; the fill replaces it.
+  local removal = tonumber(redis.call('ZSCORE', exp_key, id))
+  local idle_end = deadline(tier, touched, nil)
+  if (idle_end and now >= idle_end) or not (removal and now < removal) then
+    drop(id, tier, expiry and now >= expiry and 'expired' or 'idle', ends)
+  end
 elseif tier then
   drop(id, tier, 'vanished', tonumber(redis.call('ZSCORE', exp_key, id)))
 end

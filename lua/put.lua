@@ -7,7 +7,7 @@
 
   KEYS[1]     the shard's l2 key; the shard's other keys derive from it (see includes/shard.lua)
   ARGV[1..7]  the common header (now ms, capacities, idle ttls ms, promote_after, memory ms)
-  ARGV[8..]   groups of eight, one group per entry:
+  ARGV[8..]   groups of ten, one group per entry:
                 id           entry id
                 payload      encoded value, bytes (non-empty)
                 ttl_ms       absolute time to live, ms (0 = none)
@@ -20,8 +20,13 @@
                 cost_ms      how long the value took to compute, ms (0 = unknown; for early refresh)
                 prewarm      1 = written by prewarming before anyone asked (field w = 1 until the
                              first Redis hit, which counts it `prewarm_useful`), else 0
+                grace_ms     fail-safe grace, ms (0 = none): with a ttl, the entry is served until
+                             now + ttl_ms and kept until grace_ms later (see includes/shard.lua)
+                tags         the entry's tags, each "<length>:<name>" (empty = none; at most 64 tags
+                             of 1 to 256 bytes); a tag's set written by hand with another type is
+                             refused before anything is written
 
-  A previous entry under the same id, in L2 or L3, is replaced. Every entry written is announced on
+  A previous entry under the same id, in L2 or L3, is replaced, and so are its tags. Every entry written is announced on
   <ns>:inval with its new version (always: no process may keep serving an older copy, whether or not
   Redis remembers that one exists). The entry's Redis expiry is its deadline (includes/shard.lua).
 
@@ -30,21 +35,30 @@
 ]]
 -- @include "includes/shard.lua"
 
-local GROUP = 8
+local GROUP = 10
 local err = check_head()
 if err then return redis.error_reply(err) end
 local n_args = #ARGV - HEAD
 if n_args < GROUP or n_args % GROUP ~= 0 then
   return redis.error_reply('VRC_BADARG put needs groups of (id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms, '
-      .. 'prewarm)')
+      .. 'prewarm, grace_ms, tags)')
 end
+local tag_names = {}                     -- per group: its tags' names
 for i = HEAD + 1, #ARGV, GROUP do
   if string.len(ARGV[i]) == 0 or string.len(ARGV[i + 1]) == 0 or not arg_int(i + 2, 0)
       or not arg_int(i + 4, 0) or not arg_int(i + 5, 0) or not arg_int(i + 6, 0)
-      or (ARGV[i + 7] ~= '0' and ARGV[i + 7] ~= '1') then
-    return redis.error_reply('VRC_BADARG put: empty id or payload, or ttl_ms, since_ms, expect_ver or cost_ms '
-        .. 'not a non-negative integer, or prewarm not 0 or 1')
+      or (ARGV[i + 7] ~= '0' and ARGV[i + 7] ~= '1') or not arg_int(i + 8, 0) then
+    return redis.error_reply('VRC_BADARG put: empty id or payload, or ttl_ms, since_ms, expect_ver, cost_ms or '
+        .. 'grace_ms not a non-negative integer, or prewarm not 0 or 1')
   end
+  local names = parse_tags(ARGV[i + 9])
+  if not names then
+    return redis.error_reply('VRC_BADARG put: tags must be "<length>:<name>" each, at most ' .. MAX_TAGS
+        .. ' of 1 to ' .. MAX_TAG_BYTES .. ' bytes')
+  end
+  local wrong = check_tag_types(names)
+  if wrong then return redis.error_reply(wrong) end
+  tag_names[#tag_names + 1] = names
 end
 
 sweep()
@@ -55,6 +69,7 @@ local versions, written, prewarmed, ghost_hits = {}, 0, 0, 0
 for i = HEAD + 1, #ARGV, GROUP do
   local id, payload, ttl, key = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   local since, expect, cost = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+  local grace, names = tonumber(ARGV[i + 8]), tag_names[(i - HEAD - 1) / GROUP + 1]
   local ek = entry_key(id)
   local tier, touched = tier_of(id)
   local current = entry_fields(ek, 'ver', 'x')
@@ -92,6 +107,7 @@ for i = HEAD + 1, #ARGV, GROUP do
       if tier == 2 then bytes2 = bytes2 - size else bytes3 = bytes3 - size end
     end
     redis.call('DEL', ek)
+    untag(id)                                          -- the old entry's tags (or a record left behind)
     local version = next_version()
     local expiry = nil
     redis.call('HSET', ek, 'v', payload, 'ver', version, 't', 2, 'n', 0)
@@ -102,8 +118,9 @@ for i = HEAD + 1, #ARGV, GROUP do
       prewarmed = prewarmed + 1
     end
     if ttl > 0 then
-      expiry = now + ttl
-      redis.call('HSET', ek, 'x', string.format('%d', expiry))
+      redis.call('HSET', ek, 'x', string.format('%d', now + ttl))   -- served until then
+      expiry = now + ttl + grace                                     -- kept until then
+      if grace > 0 then redis.call('HSET', ek, 'z', string.format('%d', expiry)) end
       redis.call('ZADD', exp_key, expiry, id)
     else
       redis.call('ZREM', exp_key, id)
@@ -112,6 +129,7 @@ for i = HEAD + 1, #ARGV, GROUP do
     redis.call('ZADD', l2_key, score, id)
     set_deadline(ek, deadline(2, score, expiry), 2, score, true)
     redis.call('HSET', size_key, id, string.len(payload))
+    if #names > 0 then tag(id, ARGV[i + 9], names) end
     -- Back in Redis: no longer sizing evidence. A write of an entry L3 evicted lately is what follows
     -- a miss on it (cache-aside), and may reach Redis before that miss's bookkeeping does: it counts
     -- the ghost hit then (the miss's report finds no record left, and counts nothing).

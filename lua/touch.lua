@@ -115,7 +115,7 @@ local SWEEP_MS = 1000
 local flushed_ver = nil
 local function adopt(id)
   local ek = entry_key(id)
-  local f = read_fields(ek, 'v', 'ver', 't', 'x')
+  local f = read_fields(ek, 'v', 'ver', 't', 'x', 'z')
   if not (f and f[1]) then return end                -- gone altogether: nothing to adopt
   if flushed_ver == nil then flushed_ver = tonumber(redis.call('HGET', stats_key, 'flushed_ver')) or 0 end
   local ver = tonumber(f[2])
@@ -126,7 +126,7 @@ local function adopt(id)
   end
   local tier = f[3] == '3' and 3 or 2
   local score = stamp(tier == 2 and l2_key or l3_key)
-  local expiry = tonumber(f[4])
+  local expiry = tonumber(f[5]) or tonumber(f[4])    -- when it is removed: z (fail-safe), else x
   redis.call('ZADD', tier == 2 and l2_key or l3_key, score, id)
   if expiry then redis.call('ZADD', exp_key, expiry, id) end
   redis.call('HSET', size_key, id, string.len(f[1]))

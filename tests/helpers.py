@@ -11,7 +11,7 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import MovedError
 
-from victor_rcache.keys import KeySpace, ShardKeys
+from victor_rcache.keys import KeySpace, ShardKeys, decode_tags
 from victor_rcache.tiers import split_capacity
 
 Client: TypeAlias = redis.Redis | RedisCluster
@@ -167,19 +167,35 @@ def check_invariants(raw: Client, namespace: str, shards: int, l2_size: int, l3_
         for entry_id, data in s.entries.items():
             tier = 2 if entry_id in s.l2 else 3 if entry_id in s.l3 else 0
             assert tier, f"{where}: data {entry_id!r} has no index entry"
-            assert set(data) <= {b"v", b"ver", b"t", b"n", b"x", b"k", b"d", b"w", b"e"}, f"{where}: fields {set(data)}"
+            assert set(data) <= {b"v", b"ver", b"t", b"n", b"x", b"k", b"d", b"w", b"e", b"z"}, \
+                f"{where}: fields {set(data)}"
             assert data.get(b"t") == str(tier).encode(), \
                 f"{where}: {entry_id!r} in L{tier} says t={data.get(b't')} (fields {sorted(data)})"
             assert int(s.size[entry_id]) == len(data[b"v"]), f"{where}: size record of {entry_id!r} is off"
-            if b"x" in data:
-                assert s.exp.get(entry_id) == float(data[b"x"]), f"{where}: exp index disagrees for {entry_id!r}"
+            if b"x" in data:  # the exp record is when it is removed: z (fail-safe), else x
+                removal = float(data.get(b"z", data[b"x"]))
+                assert s.exp.get(entry_id) == removal, f"{where}: exp index disagrees for {entry_id!r}"
         for entry_id in s.exp:
             assert entry_id in s.entries or expired(entry_id), f"{where}: exp entry {entry_id!r} without data"
         for tier_bytes, ids in ((b"l2_bytes", s.l2), (b"l3_bytes", s.l3)):
             held = sum(int(s.size[i]) for i in ids if i in s.size)
             assert int(s.stats.get(tier_bytes, 0)) == held, \
                 f"{where}: {tier_bytes.decode()} says {s.stats.get(tier_bytes)}, the size records {held}"
+        check_tags(raw, KeySpace(namespace, shards).shard_keys[i], indexed, where)
     return state
+
+
+def check_tags(raw: Client, sk: ShardKeys, indexed: set[bytes], where: str) -> None:
+    """Tag records follow their entries: the shard's ``tags`` hash and its tag sets name only indexed
+    entries, and agree with each other."""
+    records = {entry_id: set(decode_tags(encoded)) for entry_id, encoded in raw.hgetall(sk.tags).items()}  # type: ignore[union-attr]
+    assert set(records) <= indexed, f"{where}: tag records of entries no index holds: {set(records) - indexed}"
+    node, prefix = server_of(raw, sk.l2), sk.tag(b"")
+    members: dict[bytes, set[bytes]] = {}
+    for key in node.scan_iter(match=prefix + b"*", count=1000):
+        for entry_id in node.smembers(key):
+            members.setdefault(entry_id, set()).add(key[len(prefix):])
+    assert members == records, f"{where}: tag sets {members} disagree with the entries' tag records {records}"
 
 
 # ------------------------------------------------------------------ one server or every cluster node

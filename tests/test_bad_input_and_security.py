@@ -244,9 +244,11 @@ def test_a_value_that_does_not_encode_or_is_too_big_is_refused_and_nothing_is_wr
     assert snapshot(raw, namespace) == {}, "something was written before the value was refused"
     assert cache.get("fine", MISS) == MISS  # not even the good value of the refused put_many
 
-    # get_or_set: the loader ran (the miss and the lease are real), its value cannot be stored.
+    # get_or_set: the loader ran (the miss and the lease are real), its value cannot be stored: failing open,
+    # the caller gets it uncached; failing closed, the error.
+    assert cache.get_or_set("computed", lambda: value) is value
     with pytest.raises(error, match=message):
-        cache.get_or_set("computed", lambda: value)
+        make_cache(fail_open=False, max_value_bytes=100).get_or_set("computed", lambda: value)
     left = [k for k in raw.scan_iter(match=namespace.encode() + b":*") if b":e:" in k or b":lease:" in k]
     assert left == [], f"an entry or the fill lease was left behind: {left}"
     other = make_cache(max_value_bytes=100)  # the lease was given back at once: no one waits for it

@@ -45,7 +45,7 @@ from typing import Any
 import pytest
 import redis
 
-from victor_rcache import MultiLevelCache
+from victor_rcache import CacheClosedError, MultiLevelCache
 from victor_rcache.codec import Envelope, MsgpackCodec
 from victor_rcache.coherence import parse_invalidation
 from victor_rcache.config import CacheConfig
@@ -795,17 +795,20 @@ def test_parse_invalidation_reads_lengths_not_separators() -> None:
             parse_invalidation(bad)
 
 
-def test_a_closed_cache_no_longer_trusts_its_l1(make_cache: Make, backend: Backend) -> None:
-    client = backend.client()  # the application's own client outlives the cache
+def test_a_closed_cache_serves_nothing_from_its_l1(make_cache: Make, backend: Backend) -> None:
+    """Nobody applies invalidations for a closed cache any more: its L1 copies must never be served. (Its
+    calls raise CacheClosedError, even with the application's own client, which outlives the cache.)"""
+    client = backend.client()
     writer = make_cache()
     reader = make_cache(client=client, promote_after=1)
     writer.put("k", "v1")
     assert reader.get("k") == "v1"
     assert held(reader, "k")
-    reader.close()  # nobody applies invalidations for it any more
+    reader.close()
     writer.put("k", "v2")
-    assert reader.get("k") == "v2"
-    assert reader.get_metrics()["coherence"]["channel"] == "down"
+    with pytest.raises(CacheClosedError):
+        reader.get("k")
+    assert client.ping()
     client.close()
 
 

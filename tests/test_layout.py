@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     # 4: the tier core
     "tiers": 4,
     # 5: the front ends
-    "cache": 5, "aio": 5,
+    "cache": 5, "aio": 5, "decorator": 5,
     # 6: features built on a cache
     "prediction": 6,
     # 7: what runs a cache

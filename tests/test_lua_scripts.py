@@ -44,9 +44,9 @@ Make = Callable[..., MultiLevelCache]
 Arg = bytes | int | str
 MISS = "<miss>"
 
-SCRIPT_NAMES = ("touch", "put", "delete", "flush", "release", "lease", "sizing", "record", "predict")
-SHARD_SCRIPTS = ("touch", "put", "delete", "flush", "lease")  # the scripts that include includes/shard.lua
-ALLOW_OOM = ("delete", "flush")  # they only remove: they must run when Redis is out of memory
+SCRIPT_NAMES = ("touch", "put", "delete", "flush", "untag", "release", "lease", "sizing", "record", "predict")
+SHARD_SCRIPTS = ("touch", "put", "delete", "flush", "untag", "lease")  # the scripts that include includes/shard.lua
+ALLOW_OOM = ("delete", "flush", "untag")  # they only remove: they must run when Redis is out of memory
 
 
 def script_named(name: str) -> Script:
@@ -146,12 +146,13 @@ def touch_ids(argv: Sequence[Any]) -> list[bytes]:
 GOOD_BODY: dict[str, tuple[Arg, ...]] = {
     # a hit on e (found in L2; its count raised), a miss on an id never stored
     "touch": touch_body("0 0 0 1 0 1 1 1", k2=records((b"e", 1)), n=records((b"e", 1)), m=records((b"absent", 1))),
-    "put": (b"new", b"payload", 0, b"", 0, 0, 0, 0),
+    "put": (b"new", b"payload", 0, b"", 0, 0, 0, 0, 0, b""),
     "delete": (b"e", b""),
     "flush": (1, 0, 0),
+    "untag": (500, b"t1"),  # the due state's tagged entry goes
     "lease": (b"absent", b"token", 1000),  # a miss: the lease is taken
 }
-HEADED = ("touch", "put", "delete", "lease")  # the shard scripts that take the common header (not flush.lua)
+HEADED = ("touch", "put", "delete", "untag", "lease")  # the shard scripts that take the common header (not flush.lua)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ def build_due_state(make_cache: Make, raw: Client, namespace: str, clock: FakeCl
         cache.put(key, key * 10)
         clock.advance(1)
     cache.put("short", "absolute ttl", ttl=1000)
+    clock.advance(1)
+    cache.put("tagged", "tagged t1", tags=["t1"])
     clock.advance(1)
     cache.put("x" * 2000, "hashed id")
     clock.advance(2000)
@@ -271,23 +274,40 @@ BAD_CALLS: list[Call] = [
     Call("lease", "lease ttl 1.5", body=(b"absent", b"token", "1.5")),
     Call("lease", "lease ttl soon", body=(b"absent", b"token", "soon")),
     Call("lease", "lease ttl empty", body=(b"absent", b"token", b"")),
-    # put.lua: groups of eight
+    # put.lua: groups of ten
     Call("put", "no groups", body=()),
     Call("put", "4 items (an old group)", body=(b"new", b"payload", 0, b"")),
     Call("put", "7 items (the group before prewarm)", body=(b"new", b"payload", 0, b"", 0, 0, 0)),
-    Call("put", "9 items", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, b"more")),
-    Call("put", "empty id", body=(b"", b"payload", 0, b"", 0, 0, 0, 0)),
-    Call("put", "empty payload", body=(b"new", b"", 0, b"", 0, 0, 0, 0)),
-    Call("put", "ttl_ms 1.5", body=(b"new", b"payload", "1.5", b"", 0, 0, 0, 0)),
-    Call("put", "ttl_ms -1", body=(b"new", b"payload", -1, b"", 0, 0, 0, 0)),
-    Call("put", "ttl_ms abc", body=(b"new", b"payload", "abc", b"", 0, 0, 0, 0)),
-    Call("put", "ttl_ms empty", body=(b"new", b"payload", b"", b"", 0, 0, 0, 0)),
-    Call("put", "since_ms -5", body=(b"new", b"payload", 0, b"", -5, 0, 0, 0)),
-    Call("put", "expect_ver x", body=(b"new", b"payload", 0, b"", 0, "x", 0, 0)),
-    Call("put", "cost_ms 2.5", body=(b"new", b"payload", 0, b"", 0, 0, "2.5", 0)),
-    Call("put", "prewarm 2", body=(b"new", b"payload", 0, b"", 0, 0, 0, 2)),
-    Call("put", "prewarm empty", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"")),
-    Call("put", "bad second group", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, b"n2", b"", 0, b"", 0, 0, 0, 0)),
+    Call("put", "8 items (the group before grace and tags)", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0)),
+    Call("put", "11 items", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, 0, b"", b"more")),
+    Call("put", "empty id", body=(b"", b"payload", 0, b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "empty payload", body=(b"new", b"", 0, b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "ttl_ms 1.5", body=(b"new", b"payload", "1.5", b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "ttl_ms -1", body=(b"new", b"payload", -1, b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "ttl_ms abc", body=(b"new", b"payload", "abc", b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "ttl_ms empty", body=(b"new", b"payload", b"", b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "since_ms -5", body=(b"new", b"payload", 0, b"", -5, 0, 0, 0, 0, b"")),
+    Call("put", "expect_ver x", body=(b"new", b"payload", 0, b"", 0, "x", 0, 0, 0, b"")),
+    Call("put", "cost_ms 2.5", body=(b"new", b"payload", 0, b"", 0, 0, "2.5", 0, 0, b"")),
+    Call("put", "prewarm 2", body=(b"new", b"payload", 0, b"", 0, 0, 0, 2, 0, b"")),
+    Call("put", "prewarm empty", body=(b"new", b"payload", 0, b"", 0, 0, 0, b"", 0, b"")),
+    Call("put", "bad second group", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, 0, b"",
+                                          b"n2", b"", 0, b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "grace_ms -1", body=(b"new", b"payload", 1000, b"", 0, 0, 0, 0, -1, b"")),
+    Call("put", "grace_ms x", body=(b"new", b"payload", 1000, b"", 0, 0, 0, 0, "x", b"")),
+    Call("put", "tags without a length", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, 0, b"t1")),
+    Call("put", "tags longer than said", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, 0, b"5:t1")),
+    Call("put", "an empty tag", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, 0, b"0:")),
+    Call("put", "a tag of 257 bytes", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, 0, b"257:" + b"t" * 257)),
+    Call("put", "65 tags", body=(b"new", b"payload", 0, b"", 0, 0, 0, 0, 0,
+                                 b"".join(b"2:%02d" % i for i in range(65)))),
+    # untag.lua: the batch, then tag names
+    Call("untag", "no batch", body=()),
+    Call("untag", "no tags", body=(500,)),
+    Call("untag", "batch 0", body=(0, b"t1")),
+    Call("untag", "batch x", body=("x", b"t1")),
+    Call("untag", "an empty tag", body=(500, b"t1", b"")),
+    Call("untag", "a tag of 257 bytes", body=(500, b"t" * 257)),
     # delete.lua: (id, expected_version) pairs
     Call("delete", "no pairs", body=()),
     Call("delete", "odd arguments", body=(b"e",)),
@@ -360,9 +380,9 @@ GAPS: list[Call] = [
     Call("touch", "hits past 2^53", body=touch_body(k2=records((b"e", TOO_BIG)))),
     Call("lease", "lease ttl inf", body=(b"absent", b"token", "inf")),
     Call("lease", "lease ttl 1e20", body=(b"absent", b"token", "1e20")),
-    Call("put", "ttl_ms inf", body=(b"new", b"payload", "inf", b"", 0, 0, 0, 0)),
-    Call("put", "ttl_ms 1e20", body=(b"new", b"payload", "1e20", b"", 0, 0, 0, 0)),
-    Call("put", "ttl_ms past 2^53", body=(b"new", b"payload", TOO_BIG, b"", 0, 0, 0, 0)),
+    Call("put", "ttl_ms inf", body=(b"new", b"payload", "inf", b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "ttl_ms 1e20", body=(b"new", b"payload", "1e20", b"", 0, 0, 0, 0, 0, b"")),
+    Call("put", "ttl_ms past 2^53", body=(b"new", b"payload", TOO_BIG, b"", 0, 0, 0, 0, 0, b"")),
     Call("delete", "expected_version 1e20", body=(b"e", "1e20")),
     Call("flush", "batch inf", body=("inf", 0, 0)),
     Call("flush", "now 1e20", body=(1, "1e20", 0)),
@@ -463,8 +483,8 @@ def test_data_removed_behind_the_scripts_back_is_never_served_and_the_first_scri
 
 # Where each shard script's ARGV names entry ids (after the 7-number header; touch.lua: in its triples, see
 # touch_ids; flush.lua: none).
-ID_POSITIONS = {"touch": slice(0, 0), "put": slice(7, None, 8), "delete": slice(7, None, 2),
-                "lease": slice(7, 8), "flush": slice(0, 0)}
+ID_POSITIONS = {"touch": slice(0, 0), "put": slice(7, None, 10), "delete": slice(7, None, 2),
+                "lease": slice(7, 8), "flush": slice(0, 0), "untag": slice(0, 0)}
 
 
 def as_bytes(value: Any) -> bytes:
@@ -592,6 +612,8 @@ def test_every_script_call_of_a_varied_workload_stays_in_one_slot(make_cache: Ma
     flush_scripts(raw)  # every script call now goes EVALSHA -> NOSCRIPT -> EVAL
     reader.get_many([*keys, "after"])
     reader.flush_bookkeeping()
+    writer.put_many({b"\x00{bin2}": 1, "{tag}": 2}, tags=["t{1}", b"\x00}"])
+    assert writer.invalidate_tags("t{1}") == 2
     writer.put_many({b"\x00{bin2}": 1, "{tag}": 2})
     writer.delete(b"\x00{bin2}")
     writer.get_metrics()

@@ -17,6 +17,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from victor_rcache import MultiLevelCache
 
 CALL_TIMEOUT = 30.0  # seconds a worker may take to answer one call
@@ -80,6 +82,20 @@ class _Records(logging.Handler):
                              "message": record.getMessage()})
 
 
+def _cached_select(cache: MultiLevelCache, url: str, counter: str) -> Callable[[str], list[str]]:
+    """A decorated function of the workers (test_decorator.py): counts its runs in Redis, takes a while.
+    Its key is the default one, built the same way in every worker."""
+    client: Any = (redis.RedisCluster if cache.config.cluster else redis.Redis).from_url(url)
+
+    @cache.cached(ttl=60)
+    def select(query: str) -> list[str]:
+        client.incr(counter)
+        time.sleep(0.3)  # the expensive part: the other workers' calls arrive meanwhile
+        return [query, "file"]
+
+    return select
+
+
 def _serve(conn: Any, url: str, namespace: str, settings: dict[str, Any]) -> None:
     """The child's loop: build the cache, then answer calls until "close"."""
     records = _Records()
@@ -96,6 +112,9 @@ def _serve(conn: Any, url: str, namespace: str, settings: dict[str, Any]) -> Non
         "get": cache.get,
         "get_many": cache.get_many,
         "put": lambda key, value, ttl=None: cache.put(key, value, ttl=ttl),
+        "put_tagged": lambda key, value, tags: cache.put(key, value, tags=tags),
+        "invalidate_tags": cache.invalidate_tags,
+        "cached_select": lambda counter, query: _cached_select(cache, url, counter)(query),
         "delete": cache.delete,
         "invalidate": cache.invalidate,
         "get_or_set": lambda key, value: cache.get_or_set(key, lambda: value),

@@ -8,7 +8,9 @@ from .aio import AsyncMultiLevelCache
 from .cache import MultiLevelCache
 from .codec import Codec, MsgpackCodec, PickleCodec
 from .config import CacheConfig
+from .decorator import AsyncCachedFunction, CachedFunction
 from .errors import (
+    CacheClosedError,
     CacheError,
     CacheUnavailableError,
     ConfigurationError,
@@ -30,17 +32,21 @@ from .prediction import (
     cached_selection,
     get_tool_selection_cache,
 )
+from .tiers import Uncached
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaptiveLRUCache",
+    "AsyncCachedFunction",
     "AsyncMultiLevelCache",
     "AsyncPredictiveCacheWarmer",
     "AsyncToolSelectionCache",
+    "CacheClosedError",
     "CacheConfig",
     "CacheError",
     "CacheUnavailableError",
+    "CachedFunction",
     "Codec",
     "ConfigurationError",
     "InvalidArgumentError",
@@ -55,6 +61,7 @@ __all__ = [
     "SerializationError",
     "ToolSelectionCache",
     "ToolSelectionConfig",
+    "Uncached",
     "ValueTooLargeError",
     "WarmerConfig",
     "__version__",

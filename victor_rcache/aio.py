@@ -7,13 +7,13 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 from redis.exceptions import RedisError
 
-from .cache import CacheBase, SyncIO
+from .cache import CLOSED, CacheBase, SyncIO, release_resources, release_when_collected
 from .coherence import FillWatch
 from .config import CacheConfig, redact
 from .connection import (
@@ -27,33 +27,90 @@ from .connection import (
     send_alone_async,
     send_packed_async,
 )
+from .decorator import AsyncCachedFunction, KeySpec, TagSpec
+from .errors import CacheClosedError
 from .metrics import Timing
 from .resilience import Resilience, raise_transient
 from .scripts import pack
 from .stampede import Flights
-from .tiers import MISS, Batch, Instruction, Loaded, Pause, Reads, Refresh, Scope, Step, Wait, WaitFill, feed, queue
+from .tiers import (
+    MISS,
+    Batch,
+    FillLater,
+    Instruction,
+    Loaded,
+    Pause,
+    Pending,
+    Reads,
+    Refresh,
+    Scope,
+    Step,
+    Wait,
+    WaitFill,
+    Write,
+    feed,
+    queue,
+)
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 log = logging.getLogger("victor_rcache")
 
 
 class AsyncMultiLevelCache(CacheBase):
-    """The coroutine version of :class:`~victor_rcache.MultiLevelCache`; every method is awaited.
+    """The coroutine version of :class:`~victor_rcache.MultiLevelCache`; every method is awaited (so is
+    ``get_metrics``, which may read Redis).
 
-    ``get_or_set`` accepts a coroutine function or a plain function as the loader.
+    ``get_or_set`` accepts a coroutine function or a plain function as the loader. The cache may be used
+    from any event loop, one after another (each ``asyncio.run``) or at once in several threads: each
+    loop gets a redis.asyncio client of its own, since a client's connections belong to the loop that
+    made them. (A client passed as ``client=`` is used as it is: it must suit every loop it is used in.)
     """
 
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
                  client: AsyncClient | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
         self._owns_client = client is None
-        self.client: AsyncClient = client if client is not None else async_client(self.config)
+        self._client: AsyncClient = client if client is not None else async_client(self.config)
+        self._client_loop: asyncio.AbstractEventLoop | None = None  # the loop self._client belongs to
+        self._loop_clients: dict[asyncio.AbstractEventLoop, AsyncClient] = {}  # other loops running at once
+        self._closed = False
         self._flights: Flights[asyncio.Future[bytes]] = Flights(lambda: asyncio.get_running_loop().create_future())
         self._refreshing: set[asyncio.Task[Any]] = set()
-        self._start_coherence(self.client)
+        self._start_coherence(self._client)
         # Bookkeeping goes out from a thread, which needs a sync client (and a breaker) of its own.
         self._bookkeeping_io = SyncIO(self.config, self._core, Resilience(self.config, name=redact(self.config.url)))
         self._start_bookkeeping(self._bookkeeping_io)
+        self._finalizer = release_when_collected(self, [self._bookkeeping_io])
+
+    @property
+    def client(self) -> AsyncClient:
+        """The redis.asyncio client of the running event loop (or the one passed as ``client=``)."""
+        if not self._owns_client:
+            return self._client
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._client  # outside any loop: it connects in the first loop that uses it
+        if loop is self._client_loop:
+            return self._client
+        return self._client_of(loop)
+
+    def _client_of(self, loop: asyncio.AbstractEventLoop) -> AsyncClient:
+        if self._client_loop is None or self._client_loop.is_closed():
+            if self._client_loop is not None:  # its loop has ended, and its connections with it
+                self._client = async_client(self.config)
+            self._client_loop = loop
+            return self._client
+        self._loop_clients = {lp: c for lp, c in self._loop_clients.items() if not lp.is_closed()}
+        client = self._loop_clients.get(loop)
+        if client is None:
+            client = self._loop_clients[loop] = async_client(self.config)
+        return client
+
+    def _flight_key(self, entry_id: bytes) -> Hashable:
+        return id(asyncio.get_running_loop()), entry_id  # a flight's future belongs to its loop
 
     async def _drive(self, step: Step[T], loader: Callable[[], Any] | None = None) -> T:
         instruction, result = feed(step, None)
@@ -77,13 +134,19 @@ class AsyncMultiLevelCache(CacheBase):
         if isinstance(instruction, Wait):
             return await asyncio.shield(instruction.future)
         assert loader is not None, "only get_or_set asks for the loader"
-        started = time.perf_counter()
-        value = loader()
-        if inspect.isawaitable(value):
-            value = await value
-        return Loaded(value, time.perf_counter() - started)
+        if instruction.timeout is None:
+            return await _run_loader(loader)
+        job = asyncio.get_running_loop().create_task(_run_loader(loader))
+        try:
+            await asyncio.wait((job,), timeout=instruction.timeout)
+        except BaseException:  # cancelled while waiting: so is the loader
+            job.cancel()
+            raise
+        return job.result() if job.done() else Pending(job)
 
     async def _send(self, batch: Batch) -> list[Any] | RedisError:
+        if self._closed:
+            raise CacheClosedError(CLOSED)
         refused = self._resilience.refused()  # the circuit is open: no I/O, no timeout to pay
         if refused is not None:
             return refused
@@ -128,22 +191,45 @@ class AsyncMultiLevelCache(CacheBase):
         with self._timing("get_many"):
             return await self._drive(self._core.get_many(keys))
 
-    async def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None) -> Any:
+    async def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None, *,
+                         tags: Iterable[str | bytes] = (), fail_safe: bool | None = None) -> Any:
+        """:meth:`MultiLevelCache.get_or_set`, awaited. A coroutine function's loader is awaited; a plain
+        function runs in a thread (``asyncio.to_thread``), so a slow loader never blocks the event loop."""
         if self._observer is None:
-            return await self._get_or_set(key, loader, ttl, None)
-        with self._timing("get_or_set") as timing:
-            return await self._get_or_set(key, loader, ttl, timing)
+            return await self._get_or_set(key, loader, ttl, self._core.write_options(ttl, tags, fail_safe), None)
+        with self._timing("get_or_set") as timing:  # (a bad ttl or tag is an observed error too)
+            return await self._get_or_set(key, loader, ttl, self._core.write_options(ttl, tags, fail_safe), timing)
 
-    async def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None,
+    async def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None, write: Write,
                           timing: Timing | None) -> Any:
-        got = self._core.get_or_set_from_l1(key, ttl)  # an L1 hit needs no flight and no generator
+        got = self._core.get_or_set_from_l1(key, ttl, write)  # an L1 hit needs no flight and no generator
         if got is None:
-            got = await self._drive(self._flight(key, ttl), loader)
+            got = await self._drive(self._flight(key, ttl, write), loader)
         if timing is not None:
             timing.outcome = got.source
         if got.refresh is not None:
             self._refresh_in_background(got.refresh, loader)
+        if got.fill_later is not None:
+            self._fill_in_background(got.fill_later)
         return got.value
+
+    def _fill_in_background(self, job: FillLater) -> None:
+        """Finish a fill whose loader (a task) outlived fail-safe's soft timeout, once it is done."""
+        loader_task: asyncio.Task[Loaded] = job.job
+
+        def finish(done: asyncio.Task[Loaded]) -> None:
+            outcome: Loaded | BaseException = (asyncio.CancelledError() if done.cancelled()
+                                               else done.exception() or done.result())
+            self._background(self._drive(self._core.fill_later(job, outcome)))
+
+        self._refreshing.add(loader_task)
+        loader_task.add_done_callback(self._refreshing.discard)
+        loader_task.add_done_callback(finish)
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     def _refresh_in_background(self, job: Refresh, loader: Callable[[], Any]) -> None:
         async def run() -> None:
@@ -153,17 +239,17 @@ class AsyncMultiLevelCache(CacheBase):
                 log.exception("early refresh of %r failed", job.key,
                               extra=self._core.log_fields("refresh_failed", "refresh"))
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._refreshing.add(task)
-        task.add_done_callback(self._refreshing.discard)
+        self._background(run())
 
-    async def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> None:
+    async def put(self, key: str | bytes, value: Any, ttl: float | None = None, *,
+                  tags: Iterable[str | bytes] = ()) -> None:
         with self._timing("put"):
-            await self._drive(self._core.put(key, value, ttl))
+            await self._drive(self._core.put(key, value, ttl, tags))
 
-    async def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> None:
+    async def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None, *,
+                       tags: Iterable[str | bytes] = ()) -> None:
         with self._timing("put_many"):
-            await self._drive(self._core.put_many(mapping, ttl))
+            await self._drive(self._core.put_many(mapping, ttl, tags))
 
     async def delete(self, key: str | bytes) -> bool:
         with self._timing("delete"):
@@ -173,6 +259,19 @@ class AsyncMultiLevelCache(CacheBase):
         with self._timing("invalidate"):
             await self._drive(self._core.invalidate(key))
 
+    def cached(self, ttl: float | None = None, *, key: KeySpec = None, tags: TagSpec = (),
+               cache_if: Callable[[R], bool] | None = None,
+               fail_safe: bool | None = None) -> Callable[[Callable[P, Awaitable[R]]], AsyncCachedFunction[P, R]]:
+        """:meth:`MultiLevelCache.cached` for coroutine functions."""
+        def decorate(fn: Callable[P, Awaitable[R]]) -> AsyncCachedFunction[P, R]:
+            return AsyncCachedFunction(fn, self, ttl, key, tags, cache_if, fail_safe)
+
+        return decorate
+
+    async def invalidate_tags(self, *tags: str | bytes) -> int:
+        with self._timing("invalidate_tags"):
+            return await self._drive(self._core.invalidate_tags(tags))
+
     async def get_metrics(self, scope: Scope = "process") -> dict[str, Any]:
         return await self._drive(self._core.metrics(scope))
 
@@ -181,13 +280,18 @@ class AsyncMultiLevelCache(CacheBase):
         await asyncio.to_thread(self._flusher.flush)
 
     async def close(self) -> None:
+        """:meth:`MultiLevelCache.close`; the connections closed are those of the running loop (a loop
+        that has ended took its own connections with it)."""
+        if self._closed:
+            return
+        self._finalizer.detach()
         for task in list(self._refreshing):
             task.cancel()
-        await asyncio.to_thread(self._flusher.close)
-        self._bookkeeping_io.close()
-        self._core.coherence.close()
+        await asyncio.to_thread(release_resources, self._flusher, self._core, [self._bookkeeping_io])
+        self._closed = True
         if self._owns_client:
-            await self.client.aclose()
+            client = self.client
+            await client.aclose()
 
     async def __aenter__(self) -> AsyncMultiLevelCache:
         return self
@@ -195,6 +299,19 @@ class AsyncMultiLevelCache(CacheBase):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+async def _run_loader(loader: Callable[[], Any]) -> Loaded:
+    """Run a loader, timed: a coroutine function is awaited; a plain function runs in a thread (a slow one
+    must not block the event loop), and what it returns is awaited if it is awaitable."""
+    started = time.perf_counter()
+    if inspect.iscoroutinefunction(loader):
+        value = await loader()
+    else:
+        value = await asyncio.to_thread(loader)
+        if inspect.isawaitable(value):
+            value = await value
+    return Loaded(value, time.perf_counter() - started)
 
 
 async def _woken(watch: FillWatch, seconds: float) -> None:

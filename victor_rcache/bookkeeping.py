@@ -20,8 +20,11 @@ its buffered touches (never a value). A batch that fails is dropped and counted:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,6 +260,7 @@ class Flusher:
     def start(self) -> Flusher:
         self._started = True
         self._thread.start()
+        _RUNNING.add(self)
         return self
 
     def wake(self) -> None:
@@ -270,6 +274,7 @@ class Flusher:
         """Send what waits and stop the thread (idempotent)."""
         if self._stop.is_set():
             return
+        _RUNNING.discard(self)
         self._stop.set()
         self._event.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -305,3 +310,15 @@ class Flusher:
         self._init_state()
         if was_running:
             self._thread.start()
+
+
+# A process that exits without closing its caches still sends their buffered bookkeeping (a worker's
+# one cache usually lives as long as the process). Not on os._exit (a forked worker's end): nothing runs.
+_RUNNING: weakref.WeakSet[Flusher] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for flusher in list(_RUNNING):
+        with contextlib.suppress(Exception):  # Redis may be gone by now: bookkeeping only is lost
+            flusher.close()

@@ -7,11 +7,14 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 from redis.exceptions import RedisError
 
@@ -33,7 +36,8 @@ from .connection import (
     subscriber_connections,
     sync_client,
 )
-from .errors import ConfigurationError, InvalidArgumentError
+from .decorator import CachedFunction, KeySpec, TagSpec
+from .errors import CacheClosedError, ConfigurationError, InvalidArgumentError
 from .metrics import NO_TIMING, Observer, Timing
 from .resilience import Resilience, raise_transient
 from .scripts import pack
@@ -41,10 +45,12 @@ from .stampede import Flights, LeaderGone
 from .tiers import (
     MISS,
     Batch,
+    FillLater,
     Got,
     Instruction,
     Loaded,
     Pause,
+    Pending,
     Reads,
     Refresh,
     Scope,
@@ -52,11 +58,14 @@ from .tiers import (
     TierCore,
     Wait,
     WaitFill,
+    Write,
     feed,
     queue,
 )
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 log = logging.getLogger("victor_rcache")
 
 
@@ -127,12 +136,12 @@ class CacheBase:
 
         self._flusher = Flusher(core.book, send).start()
 
-    def _flight(self, key: str | bytes, ttl: float | None) -> Step[Got]:
+    def _flight(self, key: str | bytes, ttl: float | None, write: Write) -> Step[Got]:
         """get_or_set after an L1 miss, once per process: the first concurrent caller for ``key`` leads
         (runs the core's get_or_set); the others wait for its payload (:class:`Wait`) and decode their
-        own copy, or try again if the leader was interrupted."""
+        own copy (or share a value that could not be encoded), or try again if the leader was interrupted."""
         flights = self._flights
-        flight = self._core.space.ref(key).id
+        flight = self._flight_key(self._core.space.ref(key).id)
         while True:
             future, leader = flights.join(flight)
             if leader:
@@ -141,11 +150,16 @@ class CacheBase:
                 payload = yield Wait(future)
             except LeaderGone:
                 continue  # the leader was interrupted: try again, perhaps as the leader
+            if isinstance(payload, Got):  # a value the leader could not encode: shared as it is
+                return Got(payload.value, None, source="coalesced")
             return Got(self._core.envelope.unwrap(payload), payload, source="coalesced")
         with flights.lead(flight, future) as done:
-            got = yield from self._core.get_or_set(key, ttl, l1_checked=True)
-            done(got.payload)
+            got = yield from self._core.get_or_set(key, ttl, l1_checked=True, write=write)
+            done(got.payload if got.payload is not None else got)
         return got
+
+    def _flight_key(self, entry_id: bytes) -> Hashable:
+        return entry_id
 
     @classmethod
     def from_env(cls: type[T], **overrides: Any) -> T:
@@ -155,6 +169,40 @@ class CacheBase:
     @property
     def namespace(self) -> str:
         return self.config.namespace
+
+
+CLOSED = "this cache was closed; build a new one (close() ends a cache's life: keep one cache per worker)"
+
+
+def release_resources(flusher: Flusher, core: TierCore, ios: list[SyncIO]) -> None:
+    """What close() does: send the buffered bookkeeping, stop the threads, close the connections; from
+    then on every call that needs Redis raises CacheClosedError, and L1 serves nothing."""
+    if ios and ios[0].closed:
+        return  # closed already
+    flusher.close()
+    core.coherence.close()
+    core.l1.trusted = False
+    core.l1.clear()
+    for io in ios:
+        io.closed = True
+        io.close()
+
+
+def release_when_collected(cache: CacheBase, ios: list[SyncIO]) -> weakref.finalize:  # type: ignore[type-arg]
+    """Releases an unclosed cache's thread and connections when it is garbage-collected, with a
+    ResourceWarning (a cache built per request and never closed would leak them). Not at exit: a worker's
+    one cache lives until then, and its bookkeeping is sent by bookkeeping's exit hook."""
+    name = f"{type(cache).__name__}(namespace={cache.config.namespace!r})"
+    finalizer = weakref.finalize(cache, _release_collected, name, cache._flusher, cache._core, ios)
+    finalizer.atexit = False
+    return finalizer
+
+
+def _release_collected(name: str, flusher: Flusher, core: TierCore, ios: list[SyncIO]) -> None:
+    warnings.warn(f"{name} was garbage-collected without close(); its thread and connections are released now. "
+                  "Call close() (or use `with`/`async with`), and keep one cache per worker", ResourceWarning,
+                  stacklevel=1)
+    release_resources(flusher, core, ios)
 
 
 def _call_loader(loader: Callable[[], Any]) -> Loaded | BaseException:
@@ -181,6 +229,27 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+def _call_loader_within(loader: Callable[[], Any], timeout: float) -> Loaded | BaseException | Pending:
+    """Fail-safe's soft timeout: the loader runs in a thread of its own; after ``timeout`` seconds the
+    core gets :class:`Pending` (the thread goes on, and its outcome finishes the fill)."""
+    job: Future[Loaded] = Future()
+
+    def run() -> None:
+        outcome = _call_loader(loader)
+        if isinstance(outcome, BaseException):
+            job.set_exception(outcome)
+        else:
+            job.set_result(outcome)
+
+    threading.Thread(target=run, name="victor-rcache-loader", daemon=True).start()
+    try:
+        return job.result(timeout)
+    except FuturesTimeoutError:
+        return Pending(job)
+    except BaseException as exc:  # the loader's own exception, handed to the core
+        return exc
+
+
 class SyncIO:
     """Does a core operation's I/O on a sync redis-py client: each instruction it yields, its outcome fed back.
 
@@ -195,6 +264,7 @@ class SyncIO:
         self.core = core
         self.resilience = resilience
         self.owns_client = client is None
+        self.closed = False  # set by the cache's close(): every round trip raises CacheClosedError then
         self.stale_client = False  # make self.client (again) before the next round trip
         self.client: SyncClient = client if client is not None else self._first_client()
         forksafe.register(self)
@@ -242,11 +312,15 @@ class SyncIO:
         if isinstance(instruction, Wait):
             return instruction.future.result()
         assert loader is not None, "only get_or_set asks for the loader"
+        if instruction.timeout is not None:
+            return _call_loader_within(loader, instruction.timeout)
         return _call_loader(loader)
 
     def send(self, batch: Batch) -> list[Any] | RedisError:
         """One round trip: the replies (errors Redis answered in place), or the RedisError that stopped it.
         A batch of plain reads (tiers.Reads) goes out as its packed bytes on a standalone client."""
+        if self.closed:
+            raise CacheClosedError(CLOSED)
         resilience = self.resilience
         refused = resilience.refused()  # the circuit is open: no I/O, no timeout to pay
         if refused is not None:
@@ -304,6 +378,7 @@ class MultiLevelCache(CacheBase):
         self._flights: Flights[Future[bytes]] = Flights(Future)
         self._start_coherence(self.client)
         self._start_bookkeeping(self._io)
+        self._finalizer = release_when_collected(self, [self._io])
 
     @property
     def client(self) -> SyncClient:
@@ -347,28 +422,46 @@ class MultiLevelCache(CacheBase):
         with self._timing("get_many"):
             return self._drive(self._core.get_many(keys))
 
-    def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None) -> Any:
+    def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None, *,
+                   tags: Iterable[str | bytes] = (), fail_safe: bool | None = None) -> Any:
         """The value under ``key``; on a miss ``loader()`` computes it once per process and once per fleet.
 
         Concurrent callers in this process wait for the first one; other processes wait for the
         worker holding the fill lease. A loader exception reaches every waiting caller and nothing
-        is cached. ``loader`` may be a plain function or return an awaitable (run with asyncio.run).
+        is cached; with ``fail_safe`` (default: the setting) the value the key had past its ttl is
+        served instead, within ``fail_safe_grace`` (docs/fail-safe.md). A loader returning
+        ``Uncached(value)`` hands ``value`` back without caching it. ``tags`` go with the value written.
+        ``loader`` may be a plain function or return an awaitable (run with asyncio.run).
         """
         if self._observer is None:
-            return self._get_or_set(key, loader, ttl, None)
-        with self._timing("get_or_set") as timing:
-            return self._get_or_set(key, loader, ttl, timing)
+            return self._get_or_set(key, loader, ttl, self._core.write_options(ttl, tags, fail_safe), None)
+        with self._timing("get_or_set") as timing:  # (a bad ttl or tag is an observed error too)
+            return self._get_or_set(key, loader, ttl, self._core.write_options(ttl, tags, fail_safe), timing)
 
-    def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None,
+    def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None, write: Write,
                     timing: Timing | None) -> Any:
-        got = self._core.get_or_set_from_l1(key, ttl)  # an L1 hit needs no flight and no generator
+        got = self._core.get_or_set_from_l1(key, ttl, write)  # an L1 hit needs no flight and no generator
         if got is None:
-            got = self._drive(self._flight(key, ttl), loader)
+            got = self._drive(self._flight(key, ttl, write), loader)
         if timing is not None:
             timing.outcome = got.source
         if got.refresh is not None:
             self._refresh_in_background(got.refresh, loader)
+        if got.fill_later is not None:
+            self._fill_in_background(got.fill_later)
         return got.value
+
+    def _fill_in_background(self, job: FillLater) -> None:
+        """Finish a fill whose loader outlived fail-safe's soft timeout, in the loader's thread, once done."""
+        def finish(done: Future[Loaded]) -> None:
+            failed = done.exception()
+            try:
+                self._drive(self._core.fill_later(job, failed if failed is not None else done.result()))
+            except Exception:  # nobody waits for it: it must not raise into a thread
+                log.exception("the background fill of %r failed", job.ref.key[:100],
+                              extra=self._core.log_fields("fill_failed", "get_or_set"))
+
+        job.job.add_done_callback(finish)
 
     def _refresh_in_background(self, job: Refresh, loader: Callable[[], Any]) -> None:
         def run() -> None:
@@ -380,15 +473,17 @@ class MultiLevelCache(CacheBase):
 
         threading.Thread(target=run, name="victor-rcache-refresh", daemon=True).start()
 
-    def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> None:
-        """Store ``value`` in L2 and this process's L1; ``ttl`` (seconds) bounds its life in every tier."""
+    def put(self, key: str | bytes, value: Any, ttl: float | None = None, *, tags: Iterable[str | bytes] = ()) -> None:
+        """Store ``value`` in L2 and this process's L1; ``ttl`` (seconds) bounds its life in every tier;
+        ``tags`` are names :meth:`invalidate_tags` removes it by."""
         with self._timing("put"):
-            self._drive(self._core.put(key, value, ttl))
+            self._drive(self._core.put(key, value, ttl, tags))
 
-    def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> None:
+    def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None, *,
+                 tags: Iterable[str | bytes] = ()) -> None:
         """Store several values in one round trip; all are validated before any is written."""
         with self._timing("put_many"):
-            self._drive(self._core.put_many(mapping, ttl))
+            self._drive(self._core.put_many(mapping, ttl, tags))
 
     def delete(self, key: str | bytes) -> bool:
         """Remove ``key`` from every tier and every process's L1; True if some tier held it."""
@@ -399,6 +494,24 @@ class MultiLevelCache(CacheBase):
         """Remove ``key``, or with no argument every entry of the namespace (in bounded batches)."""
         with self._timing("invalidate"):
             self._drive(self._core.invalidate(key))
+
+    def cached(self, ttl: float | None = None, *, key: KeySpec = None, tags: TagSpec = (),
+               cache_if: Callable[[R], bool] | None = None,
+               fail_safe: bool | None = None) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
+        """Decorate a function so its results are cached, with get_or_set's promises (once per process,
+        once per fleet); keys come from its arguments (docs/decorator.md). ``tags`` and ``key`` may be
+        templates of the arguments (``"tenant:{tenant}"``) or callables; ``cache_if(result)`` False
+        returns a result without caching it; the function gains ``.key(...)`` and ``.invalidate(...)``."""
+        def decorate(fn: Callable[P, R]) -> CachedFunction[P, R]:
+            return CachedFunction(fn, self, ttl, key, tags, cache_if, fail_safe)
+
+        return decorate
+
+    def invalidate_tags(self, *tags: str | bytes) -> int:
+        """Remove every entry carrying any of ``tags``, from every tier and every process's L1; returns how
+        many entries were removed (docs/tags.md)."""
+        with self._timing("invalidate_tags"):
+            return self._drive(self._core.invalidate_tags(tags))
 
     def get_metrics(self, scope: Scope = "process") -> dict[str, Any]:
         """Per-tier hits, misses, hit rates, movements and sizes, for this process or the whole fleet."""
@@ -412,10 +525,10 @@ class MultiLevelCache(CacheBase):
         self._flusher.flush()
 
     def close(self) -> None:
-        """Send this process's buffered bookkeeping, stop listening and close the connections the cache made."""
-        self._flusher.close()
-        self._core.coherence.close()
-        self._io.close()
+        """Send this process's buffered bookkeeping, stop listening and close the connections the cache made.
+        The cache cannot be used after this (CacheClosedError); closing again does nothing."""
+        self._finalizer.detach()
+        release_resources(self._flusher, self._core, [self._io])
 
     def __enter__(self) -> MultiLevelCache:
         return self

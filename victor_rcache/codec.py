@@ -108,6 +108,8 @@ class Codec(Protocol):
 def _pack_tuple(obj: Any) -> Any:
     if type(obj) is tuple:
         return msgpack.ExtType(_TUPLE_EXT, _packer(list(obj)))
+    if type(obj) is int:  # msgpack hands over the ints it cannot hold
+        raise OverflowError(f"{obj} does not fit in 64 bits")
     raise TypeError(f"cannot serialize {type(obj).__name__!r}")
 
 
@@ -168,7 +170,12 @@ class MsgpackCodec:
             )
         try:
             return _packer(value)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except OverflowError as exc:
+            raise SerializationError(
+                f"an integer outside msgpack's range (-2**63 to 2**64 - 1) cannot be encoded ({exc}); store it as "
+                "a str (str(n), int(s) on the way back), or pass codec= a Codec that handles it"
+            ) from exc
+        except (TypeError, ValueError) as exc:
             raise SerializationError(
                 f"cannot encode a value of type {type(value).__name__} with msgpack ({exc}); "
                 "convert it to plain data (dict, list, str, int, float, bytes, None) "

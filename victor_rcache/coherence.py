@@ -129,6 +129,7 @@ class InvalidationListener:
                  clock: Callable[[], float] | None = None, namespace: str | None = None) -> None:
         self._connect = connect
         self.channel = channel
+        self._channel_text = channel.decode("utf-8", "backslashreplace")  # (for log messages)
         self.namespace = namespace
         self.l1 = l1
         self._clock = clock or l1.clock  # the reading L1 compares its copies' request times with
@@ -261,7 +262,7 @@ class InvalidationListener:
                 self.l1.invalidate(entry_id, version)
                 self._wake(entry_id)
         except ValueError as exc:  # a message we cannot read: be safe
-            log.warning("unreadable invalidation on %r (%s); clearing L1", self.channel, exc,
+            log.warning("unreadable invalidation on %r (%s); clearing L1", self._channel_text, exc,
                         extra=self._fields("invalidation_unreadable", error=str(exc)))
             self._clear_l1()
             self._wake(None)
@@ -280,7 +281,7 @@ class InvalidationListener:
         self._wake(None)  # waiting get_or_set calls look in Redis, then poll
         if was_healthy:
             log.warning("invalidation channel %r lost (%s); L1 flushed and bypassed until it is back",
-                        self.channel, why, extra=self._fields("invalidation_channel_lost", error=why))
+                        self._channel_text, why, extra=self._fields("invalidation_channel_lost", error=why))
         self._clear_l1()
         self.flushes += 1
         self._drop_connection()
@@ -315,7 +316,7 @@ class InvalidationListener:
         self._set_healthy(True)
         self._last_seen = self._last_ping = time.monotonic()
         if self.subscriptions > 1:
-            log.warning("invalidation channel %r is back; L1 trusted again", self.channel,
+            log.warning("invalidation channel %r is back; L1 trusted again", self._channel_text,
                         extra=self._fields("invalidation_channel_back"))
 
     # ------------------------------------------------------------------------ the thread
@@ -324,7 +325,7 @@ class InvalidationListener:
         try:
             self._listen()
         except Exception:  # never expected; but with nobody applying invalidations L1 must not be trusted
-            log.exception("the invalidation listener on %r stopped; L1 is bypassed from now on", self.channel,
+            log.exception("the invalidation listener on %r stopped; L1 is bypassed from now on", self._channel_text,
                           extra=self._fields("invalidation_listener_failed"))
         finally:
             self._set_healthy(False)
@@ -343,9 +344,9 @@ class InvalidationListener:
                     if refused and not self._warned:  # would stay so: say how to fix it, once
                         self._warned = True
                         log.warning("cannot subscribe to %r: %s. L1 is bypassed until it can; grant the channel "
-                                    "and SUBSCRIBE (README section 'Security')", self.channel, exc,
+                                    "and SUBSCRIBE (README section 'Security')", self._channel_text, exc,
                                     extra=self._fields("invalidation_subscribe_refused", error=str(exc)))
-                    log.debug("cannot subscribe to %r yet: %s", self.channel, exc)
+                    log.debug("cannot subscribe to %r yet: %s", self._channel_text, exc)
                     self._first_try.set()
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, RECONNECT_MAX)
@@ -384,8 +385,10 @@ class InvalidationListener:
                 self._lost(f"ping failed: {exc}")
 
     def _after_fork(self) -> None:
-        # The child shares the parent's socket: never read or close it here; start afresh.
+        # The child shares the parent's socket: never read or close it here; start afresh. Its first
+        # subscription is its own first, not one "back" after a loss.
         was_running = self._started and not self._stop.is_set()
+        self.subscriptions = 0
         self._clear_l1()
         self._init_state()
         if was_running:

@@ -89,6 +89,13 @@ class CacheConfig:
     is decoded once and shared by all later hits, which is faster; values from L1 are shared, do not
     mutate them (as with cachetools or functools.lru_cache)."""
     lease_ttl: float = 30.0
+    fail_safe: bool = False
+    """True: when a get_or_set loader raises, serve the last value the key had, for up to
+    ``fail_safe_grace`` seconds past its ttl (docs/fail-safe.md); entries are kept that much longer."""
+    fail_safe_grace: float = 300.0
+    fail_safe_timeout: float | None = None
+    """With fail-safe on and a stale value at hand, a loader still running after this many seconds is
+    left to finish (and fill) in the background while the caller gets the stale value (None: wait)."""
     early_refresh: bool = False
     early_refresh_beta: float = 1.0
     lua_shebang: bool = True
@@ -120,8 +127,13 @@ class CacheConfig:
         for name in ("l1_ttl", "l2_ttl", "l3_ttl"):
             if getattr(self, name) is not None:
                 check_ttl(getattr(self, name), name, ConfigurationError)
-        for name in ("socket_timeout", "connect_timeout", "lease_ttl", "early_refresh_beta", "breaker_cooldown"):
+        for name in ("socket_timeout", "connect_timeout", "lease_ttl", "early_refresh_beta", "breaker_cooldown",
+                     "fail_safe_grace"):
             check_ttl(getattr(self, name), name, ConfigurationError)
+        if not isinstance(self.fail_safe, bool):
+            raise ConfigurationError(f"fail_safe={self.fail_safe!r} must be True or False")
+        if self.fail_safe_timeout is not None:
+            check_ttl(self.fail_safe_timeout, "fail_safe_timeout", ConfigurationError)
         if not isinstance(self.codec, Codec):
             raise ConfigurationError("codec must have a name and encode()/decode() methods (see victor_rcache.Codec)")
         if self.signing_key is not None and (not isinstance(self.signing_key, bytes) or len(self.signing_key) < 16):

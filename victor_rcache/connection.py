@@ -16,6 +16,7 @@ import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
@@ -76,6 +77,11 @@ def _options(config: CacheConfig) -> dict[str, Any]:
             f"Redis URL {redact(url)!r} must start with redis://, rediss:// (TLS) or unix://, "
             "e.g. redis://localhost:6379/0"
         )
+    if url.startswith(("redis://", "rediss://")):
+        path = urlsplit(url).path.strip("/")
+        if path and not path.isdigit():  # redis-py would ignore it and use database 0
+            raise ConfigurationError(f"Redis URL {redact(url)!r}: the database after the port must be a number, "
+                                     f"not {path!r}; use e.g. redis://localhost:6379/0")
     return {"socket_timeout": config.socket_timeout, "socket_connect_timeout": config.connect_timeout,
             "decode_responses": False}
 

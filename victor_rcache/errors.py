@@ -38,3 +38,7 @@ class ValueTooLargeError(CacheError, ValueError):
 
 class CacheUnavailableError(CacheError):
     """Redis could not serve the call (with ``fail_open=False``; fail-open callers never see it)."""
+
+
+class CacheClosedError(CacheError, RuntimeError):
+    """The cache was used after ``close()``: build a new one (``close()`` ends a cache's life)."""

@@ -16,6 +16,8 @@ over all its masters::
     <ns>:{s<i>.<salt>}:ghost     ZSET  entry id -> when L3 overflow evicted it (sizing evidence)
     <ns>:{s<i>.<salt>}:e:<id>    HASH  one entry: v payload, ver, t tier, n hits, x expiry, k key, d, w
     <ns>:{s<i>.<salt>}:lease:<id>  STRING  the token of the process computing a missing value
+    <ns>:{s<i>.<salt>}:tags      HASH  entry id -> its tags ("<length>:<name>" each), tagged entries only
+    <ns>:{s<i>.<salt>}:tag:<name>  SET  ids of the shard's entries tagged <name>
 
 An entry id is the key itself (UTF-8 for ``str``), readable in ``redis-cli``; keys over 1 KiB, or
 starting with ``#``, are stored as ``#`` + SHA-256 hex, with the original key kept in field ``k``.
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .errors import ConfigurationError, InvalidKeyError
+from .errors import ConfigurationError, InvalidArgumentError, InvalidKeyError
 from .scripts import pack
 
 MAX_RAW_KEY_BYTES = 1024
@@ -54,6 +57,47 @@ def key_bytes(key: str | bytes) -> bytes:
     if not raw:
         raise InvalidKeyError("a key must not be empty; use a descriptive non-empty key")
     return raw
+
+
+MAX_TAGS = 64  # per entry (lua/includes/shard.lua checks the same bounds)
+MAX_TAG_BYTES = 256
+
+
+def tag_names(tags: Iterable[str | bytes] | str | bytes) -> tuple[bytes, ...]:
+    """Validated tag names (str as UTF-8), in order, without repeats; raises InvalidArgumentError."""
+    if isinstance(tags, (str, bytes)):
+        tags = (tags,)  # one tag, not its characters
+    names: dict[bytes, None] = {}
+    for tag in tags:
+        if not isinstance(tag, (str, bytes)):
+            raise InvalidArgumentError(f"a tag must be str or bytes, not {type(tag).__name__}; convert it with str()")
+        try:
+            name = tag.encode("utf-8") if isinstance(tag, str) else tag
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(f"tag {tag!r} is not valid Unicode ({exc.reason}); pass bytes instead") from exc
+        if not 1 <= len(name) <= MAX_TAG_BYTES:
+            raise InvalidArgumentError(f"tag {tag!r} must be 1 to {MAX_TAG_BYTES} bytes; use a short name such as "
+                                       "'tenant:42' or 'model:gpt-4o'")
+        names[name] = None
+    if len(names) > MAX_TAGS:
+        raise InvalidArgumentError(f"{len(names)} tags on one entry; at most {MAX_TAGS} are allowed")
+    return tuple(names)
+
+
+def encode_tags(names: tuple[bytes, ...]) -> bytes:
+    """``(b"a", b"bc")`` -> ``b"1:a2:bc"``: how put.lua receives an entry's tags and the shard keeps them."""
+    return b"".join(b"%d:%s" % (len(name), name) for name in names)
+
+
+def decode_tags(encoded: bytes) -> list[bytes]:
+    """The inverse of :func:`encode_tags` (for the CLI); raises ValueError on a malformed record."""
+    names, pos = [], 0
+    while pos < len(encoded):
+        colon = encoded.index(b":", pos)
+        end = colon + 1 + int(encoded[pos:colon])
+        names.append(encoded[colon + 1:end])
+        pos = end
+    return names
 
 
 class EntryRef(NamedTuple):
@@ -84,17 +128,22 @@ class ShardKeys:
     stats: bytes
     fence: bytes
     ghost: bytes
+    tags: bytes
 
     @property
     def keys(self) -> list[bytes]:
-        """Every index and counter key of the shard (not its entries and leases)."""
-        return [self.l2, self.l3, self.exp, self.size, self.stats, self.fence, self.ghost]
+        """Every index and counter key of the shard (not its entries, leases and tag sets)."""
+        return [self.l2, self.l3, self.exp, self.size, self.stats, self.fence, self.ghost, self.tags]
 
     def entry(self, entry_id: bytes) -> bytes:
         return self.l2[:-2] + b"e:" + entry_id
 
     def lease(self, entry_id: bytes) -> bytes:
         return self.l2[:-2] + b"lease:" + entry_id
+
+    def tag(self, name: bytes) -> bytes:
+        """The set of the shard's entry ids tagged ``name``."""
+        return self.l2[:-2] + b"tag:" + name
 
 
 def _shard_tag(index: int, shards: int) -> str:
@@ -135,7 +184,7 @@ class KeySpace:
         out = []
         for i in range(self.shards):
             base = self.prefix + b"{" + _shard_tag(i, self.shards).encode() + b"}:"
-            names = (b"l2", b"l3", b"exp", b"size", b"stats", b"fence", b"ghost")
+            names = (b"l2", b"l3", b"exp", b"size", b"stats", b"fence", b"ghost", b"tags")
             out.append(ShardKeys(i, *(base + name for name in names)))
         return tuple(out)
 

@@ -25,18 +25,21 @@ log = logging.getLogger("victor_rcache")
 
 COUNTERS = ("gets", "l1_hits", "l2_hits", "l3_hits", "misses", "l1_fills", "promotions", "demotions",
             "evictions", "expirations", "puts", "redis_errors", "decode_errors", "script_reloads",
-            "loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors")
-STAMPEDE = ("loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors")
+            "loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors", "fail_safe_served", "uncached")
+# get_or_set's counters: loader runs, waits for another worker's fill, fills refused, early refreshes, values
+# served past their ttl by fail-safe, values returned without being cached (Uncached, or not storable)
+STAMPEDE = ("loads", "lease_waits", "fills_refused", "refreshes", "refresh_errors", "fail_safe_served", "uncached")
 SOURCES = {1: "l1", 2: "l2", 3: "l3"}  # the outcome of a lookup a tier served (else "miss")
 
 
 class Observer(Protocol):
     """Receives the latency of every public cache call (see :meth:`~victor_rcache.MultiLevelCache.set_observer`).
 
-    ``operation``: get, get_many, get_or_set, put, put_many, delete, invalidate. ``outcome``: for
-    get and get_or_set the tier that served the value (``"l1"``, ``"l2"``, ``"l3"``) or ``"miss"``
-    (for get_or_set: this call ran the loader; ``"coalesced"``: it waited for a concurrent call of
-    this process that did); ``"ok"`` for the other operations; ``"error"`` whenever the call raised.
+    ``operation``: get, get_many, get_or_set, put, put_many, delete, invalidate, invalidate_tags.
+    ``outcome``: for get and get_or_set the tier that served the value (``"l1"``, ``"l2"``, ``"l3"``)
+    or ``"miss"`` (for get_or_set: this call ran the loader; ``"coalesced"``: it waited for a
+    concurrent call of this process that did; ``"stale"``: fail-safe served a value past its ttl);
+    ``"ok"`` for the other operations; ``"error"`` whenever the call raised.
     Called in the caller's thread (or task) right after the call; it must be quick and thread-safe.
     """
 

@@ -87,6 +87,7 @@ class Scripts:
         self.put = Script.load("put", folder, shebang)
         self.delete = Script.load("delete", folder, shebang)
         self.flush = Script.load("flush", folder, shebang)
+        self.untag = Script.load("untag", folder, shebang)
         self.release = Script.load("release", folder, shebang)
         self.lease = Script.load("lease", folder, shebang)
         self.sizing = Script.load("sizing", folder, shebang)
@@ -94,8 +95,8 @@ class Scripts:
         self.predict = Script.load("predict", folder, shebang)
 
     def all(self) -> tuple[Script, ...]:
-        return (self.touch, self.put, self.delete, self.flush, self.release, self.lease, self.sizing, self.record,
-                self.predict)
+        return (self.touch, self.put, self.delete, self.flush, self.untag, self.release, self.lease, self.sizing,
+                self.record, self.predict)
 
 
 def needs_reload(reply: object) -> bool:

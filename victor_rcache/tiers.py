@@ -45,9 +45,16 @@ from .bookkeeping import COUNTED, EXPIRING, FILLED, PREWARMED, Bookkeeping, Shar
 from .codec import FORMAT_VERSION, Envelope, copier
 from .coherence import Coherence, FillWatch, NoCoherence
 from .config import MAX_TTL_SECONDS, CacheConfig, check_ttl, redact
-from .errors import CacheUnavailableError, ConfigurationError, InvalidArgumentError, ValueTooLargeError
+from .errors import (
+    CacheError,
+    CacheUnavailableError,
+    ConfigurationError,
+    InvalidArgumentError,
+    SerializationError,
+    ValueTooLargeError,
+)
 from .fleet_sizing import FleetSizing, run_safely
-from .keys import EntryRef, KeySpace
+from .keys import EntryRef, KeySpace, encode_tags, tag_names
 from .l1 import NOT_DECODED, NOT_SHARED, L1Entry, LocalCache
 from .metrics import SOURCES, Counters, Timing, build_metrics, fleet_tally
 from .scripts import Command, ScriptCall, Scripts, needs_reload, pack
@@ -72,6 +79,7 @@ Prewarmed = Literal["completed", "cached", "busy", "refused", "failed"]
 log = logging.getLogger("victor_rcache")
 
 FLUSH_BATCH = 500  # entries one flush.lua call removes: bounded work per call
+UNTAG_BATCH = 500  # entries one untag.lua call removes (the same bound)
 CHECKS_INTERVAL = 1.0  # seconds between two touch.lua batches of a shard that check types and permissions
 LEASE_ATTEMPTS = 3  # times get_or_set waits for another worker's fill before computing itself
 # While it waits, it looks in Redis after these intervals (seconds, growing): announcements wake it at
@@ -85,7 +93,7 @@ RELOAD_PAUSE = 0.002  # seconds a call first waits while another call reloads it
 _scripts: dict[bool, Scripts] = {}
 MISS: Any = object()  # what TierCore.get_from_l1 and TierCore.took return when they have no value
 # The fields a Redis read asks of an entry (see lua/includes/shard.lua), in this order.
-READ_FIELDS = (b"v", b"ver", b"t", b"n", b"x", b"d", b"w", b"e")
+READ_FIELDS = (b"v", b"ver", b"t", b"n", b"x", b"d", b"w", b"e", b"z")
 
 
 def feed(step: Step[T], outcome: Any) -> tuple[Instruction | None, T | None]:
@@ -137,7 +145,20 @@ class Pause:
 
 @dataclass(frozen=True)
 class Load:
-    """Instruction to a front end: run the caller's loader now and send back :class:`Loaded`."""
+    """Instruction to a front end: run the caller's loader now and send back :class:`Loaded`. With a
+    ``timeout`` (fail-safe's soft timeout), a loader still running after it is left to finish in the
+    background: send back :class:`Pending` instead."""
+
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A front end's answer to ``Load(timeout)`` when the loader outlived it: ``job`` is the running loader
+    (a ``concurrent.futures.Future`` or an asyncio task), whose outcome the front end passes to
+    :meth:`TierCore.fill_later` once it has one."""
+
+    job: Any
 
 
 @dataclass(frozen=True)
@@ -164,12 +185,57 @@ class Loaded:
 
 
 @dataclass(frozen=True)
+class Uncached:
+    """What a loader returns to hand ``value`` to its caller without caching it (an error page, an empty
+    result, anything worth computing again next time): ``return Uncached(value)``. The fill lease is
+    given back; callers waiting in this process get the value too, other workers compute their own."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Write:
+    """How a value is written, as put.lua takes it: its absolute ttl, its fail-safe grace (ms) and its
+    tags (keys.encode_tags); ``fail_safe``: a failing loader of this get_or_set falls back on a stale value."""
+
+    ttl_ms: int = 0
+    grace_ms: int = 0
+    tags: bytes = b""
+    fail_safe: bool = False
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A value a read found past its ttl but inside its fail-safe grace (the writer's, field ``z``): its
+    value, payload and the end of its ttl (ms)."""
+
+    value: Any
+    payload: bytes
+    expired_ms: int
+    kept_ms: int  # when Redis removes it
+
+
+@dataclass(frozen=True)
 class Refresh:
     """A value worth recomputing early (XFetch): what the background refresh needs."""
 
     key: str | bytes
     version: int
     ttl: float | None
+    write: Write = Write()
+
+
+@dataclass(frozen=True)
+class FillLater:
+    """A fill whose loader outlived fail-safe's soft timeout (the caller got the stale value): what
+    :meth:`TierCore.fill_later` needs once the loader is done."""
+
+    ref: EntryRef
+    write: Write
+    since_ms: int
+    lease: bytes | None
+    token: str
+    job: Any
 
 
 @dataclass(frozen=True)
@@ -178,10 +244,12 @@ class Got:
     and, when early refresh picked this hit, the refresh to run in the background."""
 
     value: Any
-    payload: bytes
+    payload: bytes | None  # None: a value that could not be encoded (returned, not cached)
     refresh: Refresh | None = None
     source: str = "miss"  # the tier that served it ("l1", "l2", "l3"), "miss" (the loader computed it),
-    # or "coalesced" (another call of this process computed or found it)
+    # "stale" (fail-safe: the loader failed, a value past its ttl was served) or "coalesced" (another
+    # call of this process computed or found it)
+    fill_later: FillLater | None = None  # fail-safe's soft timeout: the fill to finish in the background
 
 
 @dataclass
@@ -192,6 +260,7 @@ class Fetched:
     payloads: dict[bytes, bytes] = field(default_factory=dict)
     hits: dict[bytes, tuple[int, float | None, float]] = field(default_factory=dict)  # version, ttl_left, cost
     tiers: dict[bytes, int] = field(default_factory=dict)  # id -> the tier that served it (1: L1 fallback)
+    stale: dict[bytes, Stale] = field(default_factory=dict)  # values past their ttl, kept for fail-safe
     failed: bool = False
 
     def source(self, entry_id: bytes) -> str:
@@ -281,6 +350,7 @@ class TierCore:
         self._reported_l1_evictions = 0
         self._refreshing: set[bytes] = set()  # ids this process is refreshing early right now
         self._checked_at: dict[int, float] = {}  # shard -> when a touch.lua batch last checked (see _checks_due)
+        self._writes: dict[float | None, Write] = {}  # ttl -> the Write of a call without tags (write_options)
         self._script_gen: dict[str, int] = {}  # script name -> reloads done (see run_scripts)
         self._reloading: set[str] = set()  # scripts whose reload is on its way to Redis
         forksafe.register(self)
@@ -394,7 +464,7 @@ class TierCore:
             else:
                 self.book.miss(ref.shard, ref.id)
             return MISS
-        _, ver, tier, hits, expiry_ms, cost_ms, prewarmed, step = reply
+        _, ver, tier, hits, expiry_ms, cost_ms, prewarmed, step, kept_ms = reply
         try:
             # Plain digits only, as the scripts write them: int() would also take " 7", "+7" or "1_0".
             if not (ver.isdigit() and (expiry_ms is None or expiry_ms.isdigit())
@@ -411,8 +481,11 @@ class TierCore:
         now = self.server_time.now_ms()
         ttl_left = None
         if expiry is not None:
-            if now is not None and now >= expiry:  # Redis expires it any moment (a test clock: now)
+            if now is not None and now >= expiry:  # past its ttl: kept only for fail-safe, or expiring now
                 self.book.miss(ref.shard, ref.id)
+                kept = int(kept_ms) if kept_ms is not None and kept_ms.isdigit() else 0
+                if out is not None and now < kept:  # inside its fail-safe grace (field z)
+                    out.stale[ref.id] = Stale(value, payload, expiry, kept)
                 return MISS
             ttl_left = None if now is None else (expiry - now) / 1000
         in_l2 = tier != b"3"
@@ -559,12 +632,15 @@ class TierCore:
 
     # ----------------------------------------------------------------- writes
 
-    def put(self, key: str | bytes, value: Any, ttl: float | None = None) -> Step[None]:
-        """Write ``value`` to L2 and to this process's L1; ``ttl`` is its absolute life in seconds."""
+    def put(self, key: str | bytes, value: Any, ttl: float | None = None,
+            tags: Iterable[str | bytes] = ()) -> Step[None]:
+        """Write ``value`` to L2 and to this process's L1; ``ttl`` is its absolute life in seconds, ``tags``
+        the names :meth:`invalidate_tags` removes it by."""
         self.space.ref(key)  # the key first: an unhashable one is an InvalidKeyError, not a TypeError
-        yield from self.put_many({key: value}, ttl)
+        yield from self.put_many({key: value}, ttl, tags)
 
-    def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None) -> Step[None]:
+    def put_many(self, mapping: Mapping[Any, Any], ttl: float | None = None,
+                 tags: Iterable[str | bytes] = ()) -> Step[None]:
         """Write several values; everything is validated and encoded before anything is written.
 
         Once Redis confirms, this process's L1 holds the new values; every other process is told to drop
@@ -572,7 +648,8 @@ class TierCore:
         L1 that a later read would trust: the values are kept aside, served only while Redis cannot be
         asked (fail-open), and forgotten as soon as Redis answers for the key.
         """
-        ttl_ms = self._ttl_ms(ttl)
+        write = self.write_options(ttl, tags)
+        ttl_ms = write.ttl_ms
         prepared: dict[bytes, tuple[EntryRef, bytes]] = {}
         for key, value in mapping.items():
             ref = self.space.ref(key)
@@ -581,7 +658,7 @@ class TierCore:
             return
         groups = _by_shard([ref for ref, _ in prepared.values()])
         calls = [self._shard_call(self.scripts.put, shard,
-                                  [x for ref in rs for x in self._put_items(ref, prepared[ref.id][1], ttl_ms)])
+                                  [x for ref in rs for x in self._put_items(ref, prepared[ref.id][1], write)])
                  for shard, rs in groups.items()]
         sent_at = self.since()
         ttl_s = _seconds(ttl_ms)
@@ -602,11 +679,30 @@ class TierCore:
             for ref, version in zip(rs, reply[1:], strict=True):
                 self.l1.set(ref.id, prepared[ref.id][1], version, ttl_s, since=sent_at, shard=ref.shard)
 
-    def _put_items(self, ref: EntryRef, payload: bytes, ttl_ms: int, since_ms: int = 0, expect: int = 0,
+    def _put_items(self, ref: EntryRef, payload: bytes, write: Write, since_ms: int = 0, expect: int = 0,
                    cost: float = 0.0, prewarm: bool = False) -> list[bytes | int]:
-        """One put.lua group: id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms, prewarm."""
-        return [ref.id, payload, ttl_ms, ref.key if ref.hashed else b"", since_ms, expect, round(cost * 1000),
-                int(prewarm)]
+        """One put.lua group: id, payload, ttl_ms, key, since_ms, expect_ver, cost_ms, prewarm, grace_ms, tags."""
+        return [ref.id, payload, write.ttl_ms, ref.key if ref.hashed else b"", since_ms, expect, round(cost * 1000),
+                int(prewarm), write.grace_ms, write.tags]
+
+    def write_options(self, ttl: float | None, tags: Iterable[str | bytes] = (),
+                      fail_safe: bool | None = None) -> Write:
+        """A validated :class:`Write`: with fail-safe on (the setting, or this call's ``fail_safe``), a value
+        with a ttl is kept ``fail_safe_grace`` past it."""
+        plain = fail_safe is None and tags == ()
+        if plain:  # the common call: one Write per ttl, made once (get_or_set's L1 hits pay a dict lookup)
+            known = self._writes.get(ttl)
+            if known is not None:
+                return known
+        ttl_ms = self._ttl_ms(ttl)
+        safe = self.config.fail_safe if fail_safe is None else bool(fail_safe)
+        grace_ms = round(self.config.fail_safe_grace * 1000) if safe and ttl_ms else 0
+        write = Write(ttl_ms, grace_ms, encode_tags(tag_names(tags)), safe)
+        if plain and isinstance(ttl, (int, float, type(None))):
+            if len(self._writes) >= 64:
+                self._writes.clear()
+            self._writes[ttl] = write
+        return write
 
     def _ttl_ms(self, ttl: float | None) -> int:
         """A validated ttl in whole ms (0 = none); L1 uses exactly what Redis gets."""
@@ -657,25 +753,50 @@ class TierCore:
             self.redis_failed("invalidate", exc)
         self.l1.clear(at=self.since())  # reads that raced with the flush must not store old values
 
+    def invalidate_tags(self, tags: Iterable[str | bytes]) -> Step[int]:
+        """Remove every entry carrying any of ``tags`` (untag.lua on every shard, again while entries are
+        left, UNTAG_BATCH per call); each removal is announced to every L1. Returns the entries removed."""
+        names = tag_names(tags)
+        if not names:
+            raise InvalidArgumentError("invalidate_tags needs at least one tag, e.g. invalidate_tags('tenant:42')")
+        removed = 0
+        try:
+            yield from self.ready()
+            pending = list(range(len(self.space.shard_keys)))
+            while pending:
+                calls = [self._shard_call(self.scripts.untag, s, [UNTAG_BATCH, *names]) for s in pending]
+                sent = time.monotonic()
+                replies = yield from self.run_scripts(calls)
+                for reply in replies:
+                    self._count_events(reply[0], sent)
+                    removed += int(reply[1])
+                    for entry_id, version in zip(reply[3::2], reply[4::2], strict=True):
+                        self.l1.invalidate(entry_id, int(version))  # this process's own copies: now
+                pending = [s for s, reply in zip(pending, replies, strict=True) if int(reply[2]) > 0]
+        except RedisError as exc:
+            self.redis_failed("invalidate_tags", exc)
+        return removed
+
     # ------------------------------------------------- compute once per fleet
 
-    def get_or_set_from_l1(self, key: str | bytes, ttl: float | None = None) -> Got | None:
+    def get_or_set_from_l1(self, key: str | bytes, ttl: float | None = None, write: Write | None = None) -> Got | None:
         """The first step of :meth:`get_or_set`, plain code (no I/O): an L1 hit (with the early refresh
         it may ask for), or None. A miss is not counted here: the front end then runs
         ``get_or_set(key, ttl, l1_checked=True)`` as the flight's leader (which counts the request), or
         waits for the leader (a coalesced call, not a request of its own)."""
-        self._ttl_ms(ttl)  # a bad ttl is refused whatever L1 holds
-        return self._got_from_l1(key, self.space.ref(key), ttl)
+        write = write or self.write_options(ttl)  # a bad ttl or tag is refused whatever L1 holds
+        return self._got_from_l1(key, self.space.ref(key), ttl, write)
 
-    def _got_from_l1(self, key: str | bytes, ref: EntryRef, ttl: float | None) -> Got | None:
+    def _got_from_l1(self, key: str | bytes, ref: EntryRef, ttl: float | None, write: Write) -> Got | None:
         entry = self.l1.serve(ref.id) if self.coherence.trusted() else None
         if entry is None:
             return None
         ttl_left = None if entry.expires_at is None else entry.expires_at - self.l1.clock()
         return Got(self._l1_value(entry), entry.payload,
-                   self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl), "l1")
+                   self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl, write), "l1")
 
-    def get_or_set(self, key: str | bytes, ttl: float | None = None, l1_checked: bool = False) -> Step[Got]:
+    def get_or_set(self, key: str | bytes, ttl: float | None = None, l1_checked: bool = False,
+                   write: Write | None = None) -> Step[Got]:
         """The value under ``key``; on a miss, the caller's loader computes it once for the fleet.
 
         Yields :class:`Load` when this process must compute. After a plain read misses, lease.lua looks
@@ -683,15 +804,17 @@ class TierCore:
         two); another process's lease makes this one wait (``Pause``) until the value appears or the
         lease ends, then read or take over. A fill is refused inside put.lua if the key changed after
         the miss. ``l1_checked``: :meth:`get_or_set_from_l1` has just missed; go straight to Redis.
+        ``write``: the fill's ttl, tags and fail-safe (:meth:`write_options`; default: ``ttl`` alone).
         """
-        ttl_ms = self._ttl_ms(ttl)
+        write = write or self.write_options(ttl)
         ref = self.space.ref(key)
         if not l1_checked:
-            got = self._got_from_l1(key, ref, ttl)
+            got = self._got_from_l1(key, ref, ttl, write)
             if got is not None:
                 return got
         token, lease = "", self.space.lease_key(ref)  # the token once it is needed (a hit never does)
         held, foreign, since, pttl = False, False, 0, -2
+        stale: Stale | None = None  # the latest value seen past its ttl (fail-safe falls back on it)
         try:
             for attempt in range(LEASE_ATTEMPTS + 1):  # a first lookup, then one after each wait
                 if attempt and pttl == -1 and not foreign:
@@ -702,7 +825,8 @@ class TierCore:
                     self.counters.add(lease_waits=1)
                     yield from self._wait_for_fill(ref, lease)  # the value appeared, or the lease ended
                 found = yield from self._fetch([ref])
-                got = self._got(key, ref, found, ttl)
+                got = self._got(key, ref, found, ttl, write)
+                stale = found.stale.get(ref.id, stale)
                 if got is not None or found.failed:
                     break
                 token = token or uuid.uuid4().hex
@@ -710,7 +834,7 @@ class TierCore:
                 if looked.reply is not None:  # filled since the read: a hit after all
                     found = Fetched()
                     self.took(ref, looked.reply, self.since(), found)
-                    got = self._got(key, ref, found, ttl)
+                    got = self._got(key, ref, found, ttl, write)
                     if got is not None:
                         break
                     # Not a value the cache wrote (took counted it): remove that very version, take the lease.
@@ -723,12 +847,12 @@ class TierCore:
                     break
         except RedisError as exc:  # Redis failed while we waited: one timeout paid is enough
             self.redis_failed("get_or_set", exc)
-            return (yield from self._compute_locally(ref, ttl_ms))  # a lease we hold expires by itself
+            return (yield from self._compute_locally(ref, write.ttl_ms))  # a lease we hold expires by itself
         if got is not None:
             return got
         if found.failed:
-            return (yield from self._compute_locally(ref, ttl_ms))
-        return (yield from self._compute_and_fill(ref, ttl_ms, since, lease if held else None, token))
+            return (yield from self._compute_locally(ref, write.ttl_ms))
+        return (yield from self._compute_and_fill(ref, write, since, lease if held else None, token, stale))
 
     def _lease(self, ref: EntryRef, token: str, disregard: bytes | None = None) -> Step[Looked]:
         """lease.lua for ``ref``: the entry if it is live now, else the fill lease, tried. ``disregard``: the
@@ -748,13 +872,13 @@ class TierCore:
         self.l1.hold_unconfirmed(ref.id, payload, _seconds(ttl_ms), shard=ref.shard)
         return Got(loaded.value, payload)
 
-    def _got(self, key: str | bytes, ref: EntryRef, found: Fetched, ttl: float | None) -> Got | None:
+    def _got(self, key: str | bytes, ref: EntryRef, found: Fetched, ttl: float | None, write: Write) -> Got | None:
         if ref.id not in found.values:
             return None
         refresh = None
         if ref.id in found.hits:
             version, ttl_left, cost = found.hits[ref.id]
-            refresh = self._refresh_if_due(key, version, ttl_left, cost, ttl)
+            refresh = self._refresh_if_due(key, version, ttl_left, cost, ttl, write)
         return Got(found.values[ref.id], found.payloads[ref.id], refresh, found.source(ref.id))
 
     def _wait_for_fill(self, ref: EntryRef, lease: bytes) -> Step[bool]:
@@ -788,45 +912,133 @@ class TierCore:
                 self.coherence.unwatch(ref.id, watch)
 
     def _load(self) -> Step[Loaded]:
+        loaded = yield from self._load_within(None)
+        assert isinstance(loaded, Loaded)
+        return loaded
+
+    def _load_within(self, timeout: float | None) -> Step[Loaded | Pending]:
+        """Have the front end run the loader: its :class:`Loaded`, or with a ``timeout`` :class:`Pending`."""
         self.counters.add(loads=1)  # every run of a loader, whether it succeeds or not
-        loaded = yield Load()
-        if not isinstance(loaded, Loaded):
+        loaded = yield Load(timeout)
+        if not isinstance(loaded, (Loaded, Pending)) or (timeout is None and isinstance(loaded, Pending)):
             raise TypeError(f"a front end sent {type(loaded).__name__} for Load")
         return loaded
 
-    def _compute_and_fill(self, ref: EntryRef, ttl_ms: int, since_ms: int, lease: bytes | None,
-                          token: str) -> Step[Got]:
-        """Run the loader, then fill (refused if the key changed since the miss) and release the lease."""
+    def _compute_and_fill(self, ref: EntryRef, write: Write, since_ms: int, lease: bytes | None, token: str,
+                          stale: Stale | None = None) -> Step[Got]:
+        """Run the loader, then fill (refused if the key changed since the miss) and release the lease.
+
+        Fail-safe (``write.fail_safe``): a loader that raises makes the call serve the value the key had
+        past its ttl, if Redis still keeps it (see :meth:`_fall_back`); with ``fail_safe_timeout`` and
+        such a value at hand, a loader still running after the timeout is left to fill in the
+        background (:meth:`fill_later`) and the caller gets the stale value now."""
+        timeout = self.config.fail_safe_timeout if write.fail_safe and stale is not None else None
         try:
-            loaded = yield from self._load()
-            payload = self._encode(ref, loaded.value)
+            loaded = yield from self._load_within(timeout)
         except GeneratorExit:
             raise
-        except BaseException:  # a failed, cancelled or interrupted loader gives the lease back at once
+        except BaseException as exc:  # a failed, cancelled or interrupted loader gives the lease back at once
             if lease is not None:
                 yield from self._release(lease, token)
+            if write.fail_safe and isinstance(exc, Exception):
+                got = yield from self._fall_back(ref, stale, exc)
+                if got is not None:
+                    return got
             raise
+        if isinstance(loaded, Pending):
+            assert stale is not None
+            self._served_stale(ref, stale, f"its loader is still running after fail_safe_timeout="
+                                            f"{self.config.fail_safe_timeout} s and will fill it in the background")
+            return Got(stale.value, stale.payload, source="stale",
+                       fill_later=FillLater(ref, write, since_ms, lease, token, loaded.job))
+        return (yield from self._fill(ref, write, since_ms, lease, token, loaded))
+
+    def _fill(self, ref: EntryRef, write: Write, since_ms: int, lease: bytes | None, token: str,
+              loaded: Loaded) -> Step[Got]:
+        """Write what the loader computed (a fill, with the lease released in the same round trip). A value
+        the loader marked :class:`Uncached`, or one that cannot be stored (too large, not encodable: with
+        ``fail_open`` the caller still gets it, and the reason is logged), only gives the lease back."""
+        value, uncached = loaded.value, isinstance(loaded.value, Uncached)
+        if uncached:
+            value = value.value
+        try:
+            payload: bytes | None = self._encode(ref, value)
+        except (SerializationError, ValueTooLargeError) as exc:
+            if lease is not None:
+                yield from self._release(lease, token)
+            if not self.config.fail_open:
+                raise
+            log.warning("the value computed for %r is returned but not cached: %s", ref.key[:100], exc,
+                        extra=self.log_fields("value_not_cached", "get_or_set", key=_text(ref.key), error=str(exc)))
+            uncached, payload = True, None
+        if uncached:
+            self.counters.add(uncached=1)
+            if lease is not None and payload is not None:
+                yield from self._release(lease, token)
+            return Got(value, payload)
+        assert payload is not None
         calls = [self._shard_call(self.scripts.put, ref.shard,
-                                  self._put_items(ref, payload, ttl_ms, since_ms=since_ms, cost=loaded.seconds))]
+                                  self._put_items(ref, payload, write, since_ms=since_ms, cost=loaded.seconds))]
         if lease is not None:
             calls.append(ScriptCall(self.scripts.release, (lease,), (token,)))
         sent_at = self.since()
+        ttl_s = _seconds(write.ttl_ms)
         try:
             sent = time.monotonic()
             replies = yield from self.run_scripts(calls)
         except RedisError as exc:
             self.redis_failed("get_or_set", exc)
-            self.l1.hold_unconfirmed(ref.id, payload, _seconds(ttl_ms), since=sent_at, shard=ref.shard)
-            return Got(loaded.value, payload)
+            self.l1.hold_unconfirmed(ref.id, payload, ttl_s, since=sent_at, shard=ref.shard)
+            return Got(value, payload)
         self._count_events(replies[0][0], sent)
         version = replies[0][1]
         if version:
             self.counters.add(puts=1)
-            self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds,
-                        shard=ref.shard)
+            self.l1.set(ref.id, payload, version, ttl_s, since=sent_at, cost=loaded.seconds, shard=ref.shard)
         else:
             self.counters.add(fills_refused=1)
-        return Got(loaded.value, payload)
+        return Got(value, payload)
+
+    def _fall_back(self, ref: EntryRef, stale: Stale | None, exc: Exception) -> Step[Got | None]:
+        """Fail-safe after the loader raised: look again (a value written meanwhile wins; a key deleted
+        meanwhile has nothing to serve), then serve the value past its ttl that Redis keeps for its grace,
+        if any. When Redis cannot answer, the stale value this call saw is served while its grace lasts.
+        None: nothing to serve."""
+        found = yield from self._fetch([ref])
+        if ref.id in found.values:
+            return Got(found.values[ref.id], found.payloads[ref.id], source=found.source(ref.id))
+        latest = found.stale.get(ref.id)
+        if found.failed and latest is None and stale is not None:
+            now = self.server_time.now_ms()
+            latest = stale if now is not None and now < stale.kept_ms else None
+        if latest is None:
+            return None
+        self._served_stale(ref, latest, f"its loader raised {type(exc).__name__}: {exc}")
+        return Got(latest.value, latest.payload, source="stale")
+
+    def _served_stale(self, ref: EntryRef, stale: Stale, why: str) -> None:
+        self.counters.add(fail_safe_served=1)
+        now = self.server_time.now_ms()
+        ago = "" if now is None else f" {max(0.0, (now - stale.expired_ms) / 1000):.1f} s ago"
+        log.warning("serving the value of %r that expired%s (fail-safe): %s", ref.key[:100], ago, why,
+                    extra=self.log_fields("fail_safe_served", "get_or_set", key=_text(ref.key), error=why))
+
+    def fill_later(self, job: FillLater, outcome: Loaded | BaseException) -> Step[None]:
+        """Finish a fill whose loader outlived fail-safe's soft timeout (the front end runs this in the
+        background once the loader is done): write its value, or give the lease back if it failed.
+        Nothing is raised: nobody waits for it."""
+        try:
+            if isinstance(outcome, BaseException):
+                if job.lease is not None:
+                    yield from self._release(job.lease, job.token)
+                log.warning("the background fill of %r failed: %s", job.ref.key[:100], outcome,
+                            extra=self.log_fields("fill_failed", "get_or_set", key=_text(job.ref.key),
+                                                  error=str(outcome)))
+                return
+            yield from self._fill(job.ref, job.write, job.since_ms, job.lease, job.token, outcome)
+        except CacheError as exc:
+            log.warning("the background fill of %r failed: %s", job.ref.key[:100], exc,
+                        extra=self.log_fields("fill_failed", "get_or_set", key=_text(job.ref.key), error=str(exc)))
 
     def _release(self, lease: bytes, token: str) -> Step[None]:
         try:
@@ -835,7 +1047,7 @@ class TierCore:
             log.debug("could not release the fill lease %r (it expires by itself): %s", lease, exc)
 
     def _refresh_if_due(self, key: str | bytes, version: int, ttl_left: float | None, cost: float,
-                        ttl: float | None) -> Refresh | None:
+                        ttl: float | None, write: Write) -> Refresh | None:
         if not self.config.early_refresh or not version or ttl is None:
             return None  # without a ttl in this call there is nothing to refresh ahead of
         if not refresh_early(ttl_left, cost, self.config.early_refresh_beta):
@@ -845,7 +1057,7 @@ class TierCore:
             if entry_id in self._refreshing:
                 return None
             self._refreshing.add(entry_id)
-        return Refresh(key, version, ttl)
+        return Refresh(key, version, ttl, write)
 
     def refresh(self, job: Refresh) -> Step[bool]:
         """Recompute a value before it expires, if no other worker is doing it (run in the background).
@@ -885,12 +1097,12 @@ class TierCore:
                             extra=self.log_fields("refresh_failed", "refresh", key=_text(ref.key), error=str(exc)))
                 self.counters.add(refresh_errors=1)
                 return False
-            ttl_ms = self._ttl_ms(job.ttl)
+            ttl_ms = job.write.ttl_ms
             sent_at = self.since()
             sent = time.monotonic()
             replies = yield from self.run_scripts([
                 self._shard_call(self.scripts.put, ref.shard,
-                                 self._put_items(ref, payload, ttl_ms, expect=job.version, cost=loaded.seconds)),
+                                 self._put_items(ref, payload, job.write, expect=job.version, cost=loaded.seconds)),
                 ScriptCall(self.scripts.release, (lease,), (token,))])
         except RedisError as exc:
             log.warning("early refresh of %r could not reach Redis: %s", ref.key[:100], exc,
@@ -967,8 +1179,8 @@ class TierCore:
                      extra=self.log_fields("prewarm_failed", "prewarm", key=_text(ref.key), error=str(exc)))
             return "failed"
         calls = [self._shard_call(self.scripts.put, ref.shard,
-                                  self._put_items(ref, payload, ttl_ms, since_ms=since_ms, cost=loaded.seconds,
-                                                  prewarm=True)),
+                                  self._put_items(ref, payload, self.write_options(_seconds(ttl_ms)),
+                                                  since_ms=since_ms, cost=loaded.seconds, prewarm=True)),
                  ScriptCall(self.scripts.release, (lease,), (token,))]
         try:
             sent = time.monotonic()

@@ -9,7 +9,7 @@
 
     <ns>:{<tag>}:l2      ZSET  entry id -> last touch (ms; see stamp())
     <ns>:{<tag>}:l3      ZSET  entry id -> last touch (ms)
-    <ns>:{<tag>}:exp     ZSET  entry id -> absolute expiry (ms); entries with a ttl only
+    <ns>:{<tag>}:exp     ZSET  entry id -> absolute expiry (ms; z if set); entries with a ttl only
     <ns>:{<tag>}:size    HASH  entry id -> payload bytes, for every indexed entry: the byte totals
                                stay exact when Redis drops an entry's data itself
     <ns>:{<tag>}:stats   HASH  the shard's fleet counters, byte totals (l2_bytes, l3_bytes), the
@@ -23,10 +23,22 @@
                                hits since it entered its tier (counted up to promote_after), x
                                absolute expiry (ms, absent: none), k the original key (when <id> is
                                its hash), d how long the value took to compute (ms), w = 1 while
-                               prewarmed and not read yet, e the idle step its expiry was set in.
-                               Its Redis expiry is the entry's removal deadline: its absolute expiry,
-                               or the end of its idle time, whichever comes first (see deadline()).
+                               prewarmed and not read yet, e the idle step its expiry was set in,
+                               z when it is removed if later than x (fail-safe, below).
+                               Its Redis expiry is the entry's removal deadline: its absolute expiry
+                               (z if set), or the end of its idle time, whichever comes first (see
+                               deadline()).
     <ns>:{<tag>}:lease:<id>  STRING  the token of the process computing a missing value
+    <ns>:{<tag>}:tags    HASH  entry id -> its tags, each "<length>:<name>" (tagged entries only)
+    <ns>:{<tag>}:tag:<name>  SET  the ids of the shard's entries tagged <name>
+
+  Tags are kept with their entries: whatever removes or rewrites an entry removes its tag records
+  (untag()), so a tag's sets hold only entries the indexes hold. A shard that never held a tagged
+  entry pays one EXISTS per call that removes or rewrites entries.
+
+  Fail-safe: an entry written with a grace period (put.lua's grace_ms) is served until `x`, its
+  absolute expiry, and kept until `z` = x + grace (its `exp` record and its Redis expiry are `z`), so
+  a get_or_set whose loader fails can fall back on it; nothing serves it past `x` otherwise.
 
   A read of a hit is a plain HMGET of the entry (no script): Redis's own key expiry makes a value
   past its deadline unreadable at once, and the reader's process reports the hit later, in a batch
@@ -62,6 +74,7 @@ local l2_key = KEYS[1]
 local base = string.sub(l2_key or '', 1, -3)          -- '<ns>:{<tag>}:'
 local l3_key, exp_key, size_key = base .. 'l3', base .. 'exp', base .. 'size'
 local stats_key, fence_key, ghost_key = base .. 'stats', base .. 'fence', base .. 'ghost'
+local tags_key = base .. 'tags'
 local channel = string.sub(base, 1, (string.find(base, ':{', 1, true) or 0)) .. 'inval'
 
 -- The common ARGV as numbers, and `now` from the server's TIME when ARGV[1] is 0. Only plain decimal
@@ -103,9 +116,9 @@ end
 local SHARD_COMMANDS = {'type', 'time', 'exists', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del',
                         'zadd', 'zrem', 'zscore', 'zmscore', 'zcard', 'zcount', 'zrange', 'zrangebyscore',
                         'zremrangebyscore', 'zremrangebyrank', 'pexpire', 'pexpireat', 'persist', 'set', 'pttl',
-                        'hstrlen', 'hlen', 'hkeys', 'hexists'}
+                        'hstrlen', 'hlen', 'hkeys', 'hexists', 'sadd', 'srem', 'scard', 'srandmember'}
 local SHARD_TYPES = {{l2_key, 'zset'}, {l3_key, 'zset'}, {exp_key, 'zset'}, {size_key, 'hash'},
-                     {stats_key, 'hash'}, {fence_key, 'zset'}, {ghost_key, 'zset'}}
+                     {stats_key, 'hash'}, {fence_key, 'zset'}, {ghost_key, 'zset'}, {tags_key, 'hash'}}
 
 -- The shard's own keys must have their types: a key overwritten by hand with another type would make
 -- the script fail midway, after some of its writes. (Entry keys are checked as they are read.)
@@ -282,6 +295,60 @@ local function take_size(id)
   return size
 end
 
+-- Tags. An entry's tags travel as one string, each tag "<length>:<name>" (a name may hold any byte).
+local MAX_TAGS, MAX_TAG_BYTES = 64, 256
+local function tag_key(name) return base .. 'tag:' .. name end
+
+-- The names in an encoded tag string, or nil when it is malformed (empty names, too many or too long).
+local function parse_tags(s)
+  local names, pos = {}, 1
+  while pos <= string.len(s) do
+    local colon = string.find(s, ':', pos, true)
+    local len = colon and colon - pos <= 3 and string.match(string.sub(s, pos, colon - 1), '^%d+$')
+        and tonumber(string.sub(s, pos, colon - 1))
+    if not len or len < 1 or len > MAX_TAG_BYTES or colon + len > string.len(s) then return nil end
+    names[#names + 1] = string.sub(s, colon + 1, colon + len)
+    pos = colon + len + 1
+  end
+  if #names > MAX_TAGS then return nil end
+  return names
+end
+
+-- An error message if a tag's set is a key of another type (written by hand), else nil.
+local function check_tag_types(names)
+  for _, name in ipairs(names) do
+    local actual = redis.call('TYPE', tag_key(name)).ok
+    if actual ~= 'set' and actual ~= 'none' then
+      return 'VRC_WRONGTYPE ' .. tag_key(name) .. ' holds a ' .. actual .. ', not a set: it was written outside '
+          .. 'the cache; delete that key (its tag loses only its index)'
+    end
+  end
+  return nil
+end
+
+local tagged = nil                   -- the shard holds tagged entries (nil: not looked up yet)
+local function has_tags()
+  if tagged == nil then tagged = redis.call('EXISTS', tags_key) == 1 end
+  return tagged
+end
+
+-- Removes an entry's tag records (before it is removed or rewritten). A tag's set written by hand with
+-- another type is skipped (pcall): it indexes nothing the cache wrote.
+local function untag(id)
+  if not has_tags() then return end
+  local encoded = redis.call('HGET', tags_key, id)
+  if not encoded then return end
+  for _, name in ipairs(parse_tags(encoded) or {}) do redis.pcall('SREM', tag_key(name), id) end
+  redis.call('HDEL', tags_key, id)
+end
+
+-- Records an entry's tags (`names`, parsed from `encoded`; their sets' types checked by the caller).
+local function tag(id, encoded, names)
+  for _, name in ipairs(names) do redis.call('SADD', tag_key(name), id) end
+  redis.call('HSET', tags_key, id, encoded)
+  tagged = true
+end
+
 -- Removes an entry from every index and deletes its data. `tier` is 2, 3 or nil (not indexed);
 -- `why` is 'deleted', 'evicted', 'idle', 'expired', 'vanished' (Redis dropped its data) or 'corrupt'.
 -- Every removal fences fills: a delete those that started up to now; any other removal is not a
@@ -293,6 +360,7 @@ local function drop(id, tier, why, ended)
   elseif tier == 3 then redis.call('ZREM', l3_key, id); bytes3 = bytes3 - size end
   redis.call('ZREM', exp_key, id)
   redis.call('DEL', entry_key(id))
+  untag(id)
   if why == 'deleted' then fence(id, now) else fence(id, math.min(ended or now, now) - 1) end
   if why == 'evicted' then
     redis.call('ZADD', ghost_key, now, id)
@@ -307,12 +375,12 @@ end
 -- and its deadline becomes L3's. An entry whose data is gone is removed instead.
 local function into_l3(id, score)
   local ek = entry_key(id)
-  local f = read_fields(ek, 'ver', 'x')
+  local f = read_fields(ek, 'ver')
   if not (f and f[1]) then
     drop(id, 2, 'vanished')
     return
   end
-  local expiry = tonumber(f[2])
+  local expiry = tonumber(redis.call('ZSCORE', exp_key, id))  -- when it is removed (z with a grace)
   if expiry and now + 1 >= expiry then            -- its end is (all but) here: it goes, rather than moves
     drop(id, 2, 'expired', expiry)
     return
@@ -428,6 +496,7 @@ local function recount()
           redis.call('ZREM', key, id)
           redis.call('ZREM', exp_key, id)
           redis.call('HDEL', size_key, id)
+          untag(id)
         else
           if size == nil then
             size = tonumber((redis.pcall('HSTRLEN', ek, 'v'))) or 0

@@ -19,7 +19,7 @@ This module holds ``main``, the argument parser and the error handling; the comm
 - ``stats.py``: ``stats`` (and ``stats --watch``)
 - ``entries.py``: ``inspect``, ``top``, ``keys``
 - ``predict.py``: ``predict``
-- ``admin.py``: ``delete``, ``flush``
+- ``admin.py``: ``delete``, ``invalidate --tag``, ``flush``
 - ``doctor.py``: ``doctor``
 - here: ``demo`` (it only forwards its arguments to ``victor_rcache.demo``)
 - ``common.py``: what they share (Context, opening the cache, node helpers, formatting)
@@ -41,7 +41,7 @@ from ..bookkeeping import WINDOW
 from ..config import CacheConfig, redact
 from ..connection import IO_ERRORS
 from ..errors import CacheError, ConfigurationError, InvalidArgumentError
-from .admin import cmd_delete, cmd_flush
+from .admin import cmd_delete, cmd_flush, cmd_invalidate
 from .common import FAILED, INTERRUPTED, USAGE, Context, Exit, open_cache, redis_problem
 from .doctor import cmd_doctor
 from .entries import cmd_inspect, cmd_keys, cmd_top
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=0.0, help="drop predictions below this (default 0)")
     p = add("delete", cmd_delete, "remove one key from every tier and every worker's L1")
     p.add_argument("key")
+    p = add("invalidate", cmd_invalidate, "remove every entry carrying a tag, from every tier and every worker's L1")
+    p.add_argument("--tag", action="append", required=True, metavar="NAME",
+                   help="a tag (repeat for several: an entry carrying any of them goes)")
     p = add("flush", cmd_flush, "remove every entry of the namespace (asks first; the prediction model is kept)")
     p.add_argument("--yes", action="store_true", help="do not ask")
     p = add("doctor", cmd_doctor, "check connectivity, server version, cluster state, ACL permissions, scripts, "

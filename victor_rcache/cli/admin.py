@@ -1,4 +1,5 @@
-"""``delete`` and ``flush``: the commands that remove entries (from every tier and every worker's L1)."""
+"""``delete``, ``invalidate --tag`` and ``flush``: the commands that remove entries (from every tier and every
+worker's L1)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ def cmd_delete(ctx: Context) -> int:
     shown = _show(_text(key), 200)
     ctx.emit({"key": _text(key), "deleted": deleted},
              lambda: [f"deleted {shown!r}" if deleted else f"{shown!r} was not cached: nothing deleted"])
+    return OK
+
+
+def cmd_invalidate(ctx: Context) -> int:
+    """``invalidate --tag NAME ...``: remove every entry carrying any of the tags."""
+    tags = list(ctx.args.tag)
+    removed = ctx.cache.invalidate_tags(*tags)
+    shown = ", ".join(repr(_show(t, 80)) for t in tags)
+    ctx.emit({"tags": tags, "removed": removed},
+             lambda: [f"removed {removed} entr{'y' if removed == 1 else 'ies'} tagged {shown} from every tier; "
+                      "every worker's L1 told"])
     return OK
 
 

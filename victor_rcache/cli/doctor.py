@@ -80,7 +80,8 @@ PROBE_ARGS: dict[str, tuple[str, ...]] = {
     "zrangebyscore": ("K", "0", "1"), "zremrangebyscore": ("K", "0", "1"), "zremrangebyrank": ("K", "0", "1"),
     "lrange": ("K", "0", "1"), "ltrim": ("K", "0", "1"), "lpush": ("K", "v"), "pexpire": ("K", "1"),
     "pexpireat": ("K", "1"), "set": ("K", "v"), "zunionstore": ("K", "1", "K"), "eval": ("return 1", "1", "K"),
-    "evalsha": ("0" * 40, "1", "K"), "time": (), "ping": (),
+    "evalsha": ("0" * 40, "1", "K"), "time": (), "ping": (), "sadd": ("K", "m"), "srem": ("K", "m"), "scard": ("K",),
+    "srandmember": ("K", "1"),
 }
 
 

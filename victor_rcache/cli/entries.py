@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..keys import ShardKeys
+from ..keys import ShardKeys, decode_tags
 from .common import (
     FAILED,
     OK,
@@ -49,8 +49,9 @@ def read_entry(ctx: Context, key: bytes) -> tuple[dict[str, Any], Any]:
     pipe.zscore(sk.l2, ref.id)
     pipe.zscore(sk.l3, ref.id)
     pipe.hgetall(entry_key)
+    pipe.hget(sk.tags, ref.id)
     pipe.time()
-    s2, s3, fields, now_reply = pipe.execute()
+    s2, s3, fields, tags, now_reply = pipe.execute()
     now = _ms(now_reply)
     f = {_text(k): v for k, v in fields.items()}
     original = f.get("k") or ref.key
@@ -63,7 +64,9 @@ def read_entry(ctx: Context, key: bytes) -> tuple[dict[str, Any], Any]:
         out["reason"] = "not in L2 or L3" if s2 is None and s3 is None else "index entry without data"
         return out, None
     if expiry is not None and expiry <= now:
-        out["reason"] = "expired (Redis removes it at once)"
+        kept = _int(f.get("z"))
+        out["reason"] = ("expired (Redis removes it at once)" if kept is None or kept <= now else
+                         f"past its ttl; kept for fail-safe {round((kept - now) / 1000, 3)} s more")
         return out, None
     # The tier a read reports is field `t` (b"3": L3, else L2), which mirrors the index; the index
     # member may be missing (evicted by an allkeys-* policy) until the next reported hit re-indexes it.
@@ -73,7 +76,8 @@ def read_entry(ctx: Context, key: bytes) -> tuple[dict[str, Any], Any]:
     out.update(cached=True, tier=tier, hits=_int(f.get("n")) or 0, version=_int(f.get("ver")), size=len(f["v"]),
                last_used_ms=score, idle_seconds=None if score is None else round(max(0.0, now - score) / 1000, 3),
                expires_at_ms=expiry, ttl_seconds=None if expiry is None else round((expiry - now) / 1000, 3),
-               cost_ms=_int(f.get("d")), prewarmed=f.get("w") == b"1")
+               cost_ms=_int(f.get("d")), prewarmed=f.get("w") == b"1",
+               tags=_tags(tags))
     try:
         value = ctx.cache._core.envelope.unwrap(f["v"])
     except Exception as exc:  # whatever the codec raises: show it instead of the value
@@ -81,6 +85,13 @@ def read_entry(ctx: Context, key: bytes) -> tuple[dict[str, Any], Any]:
         return out, None
     out.update(value=jsonable(value), value_repr=repr(value), value_type=type(value).__name__, decode_error=None)
     return out, value
+
+
+def _tags(record: bytes | None) -> list[str]:
+    try:
+        return [_text(t) for t in decode_tags(record or b"")]
+    except ValueError:
+        return [f"(unreadable tags record {_show(_text(record or b''), 80)!r})"]
 
 
 def inspect_lines(e: dict[str, Any], value: Any) -> list[str]:
@@ -98,6 +109,7 @@ def inspect_lines(e: dict[str, Any], value: Any) -> list[str]:
             ("version", e["version"]), ("size", f"{fmt_bytes(e['size'])}{cost}"),
             ("idle", f"{fmt_seconds(e['idle_seconds'])} since its last use"), ("ttl", ttl),
             ("prewarmed", "yes, not hit yet" if e["prewarmed"] else "no"),
+            ("tags", ", ".join(_show(t, 80) for t in e["tags"]) or "none"),
             ("value", shown.replace("\n", "\n" + " " * 11))]
     return [f"{name:<9}  {text}" for name, text in rows]
 

@@ -92,6 +92,8 @@ SPEC: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("fills_refused", "counter", NS, "Fills refused because the key changed since the miss"),
     ("refreshes", "counter", NS, "Early (XFetch) refreshes stored"),
     ("refresh_errors", "counter", NS, "Early refreshes whose loader failed"),
+    ("fail_safe_served", "counter", NS, "get_or_set calls answered with a value past its ttl (fail-safe)"),
+    ("uncached", "counter", NS, "Values get_or_set returned without caching them (Uncached, or not storable)"),
     ("prediction_accuracy", "gauge", ("namespace", "scope"), "Share of checked predictions that came true "
                                                              "(scope: process, or fleet from Redis)"),
     ("predictions_made", "counter", NS, "Predictions this process made"),

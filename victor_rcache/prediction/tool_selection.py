@@ -72,6 +72,10 @@ class ToolSelectionConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     clock: Callable[[], float] = time.time  # wall clock: record timestamps and the rl key's hour bucket
     hit_tracking: int = 10_000  # entries whose per-process hit count is remembered (LRU)
+    fail_safe: bool = True
+    """A selection whose function raises (the model API rate-limited or down) is answered with the last
+    selection made for the query, for up to the cache's ``fail_safe_grace`` past its ttl
+    (docs/fail-safe.md). False: the exception reaches the caller."""
 
     def __post_init__(self) -> None:
         if set(self.namespaces) != set(NAMESPACES):
@@ -85,7 +89,7 @@ class ToolSelectionConfig:
         """The core settings of one namespace's cache: ``<base>-<namespace>`` with its sizes."""
         s = self.namespaces[namespace]
         return replace(self.cache, namespace=f"{self.base}-{namespace}", l1_size=s.l1_size,
-                       l2_size=s.l2_size, l3_size=s.l3_size)
+                       l2_size=s.l2_size, l3_size=s.l3_size, fail_safe=self.fail_safe)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ToolSelectionConfig:

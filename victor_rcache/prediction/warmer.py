@@ -168,6 +168,17 @@ class PredictiveCacheWarmer(_WarmerBase):
         """Forget the fleet's model (every worker of the namespace starts learning afresh)."""
         self.cache._drive(self._core.clear())
 
+    def prewarm(self, prediction: Prediction, selection_fn: SelectionFn, min_confidence: float | None = None,
+                ttl: float | None = None) -> PrewarmReport:
+        """:meth:`prewarm_predictions` for sync code: runs it to the end and returns its report. (It runs an
+        event loop of its own; inside a running event loop, await ``prewarm_predictions`` instead.)"""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.prewarm_predictions(prediction, selection_fn, min_confidence, ttl))
+        raise InvalidArgumentError("PredictiveCacheWarmer.prewarm() blocks until done: inside a running event loop, "
+                                   "await warmer.prewarm_predictions(...) instead")
+
     async def _prewarm(self, step: Step[Prewarmed], loader: Callable[[], Any]) -> Prewarmed:
         result: Prewarmed = await asyncio.to_thread(self.cache._drive, step, loader)
         return result
