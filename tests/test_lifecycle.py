@@ -8,7 +8,8 @@ around it that a new user meets first (docs/api.md, "Lifecycle").
 - a value the loader computed that cannot be stored is returned uncached (fail-open), and ``Uncached``;
 - the sync warmer prewarms without asyncio;
 - a URL's database must be a number; an integer msgpack cannot hold gets a message that says so;
-- a forked child's first subscription logs no "channel is back" warning.
+- a forked child's first subscription logs no "channel is back" warning;
+- a process that exits without closing its cache still sends the bookkeeping it buffered.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import asyncio
 import gc
 import logging
 import multiprocessing as mp
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -228,3 +231,22 @@ def test_a_forked_child_logs_no_warning_for_its_first_subscription(make_cache: M
     trusted, records = out.get(timeout=5)
     assert trusted
     assert [r for r in records if r.startswith(("WARNING", "INFO"))] == []
+
+
+EXITING_WORKER = """
+import sys
+from victor_rcache import MultiLevelCache, bookkeeping
+bookkeeping.WINDOW, bookkeeping.BATCH = 3600.0, 10**9  # nothing goes out before the exit
+cache = MultiLevelCache(sys.argv[1], namespace=sys.argv[2], cluster=sys.argv[3] == "1", shards=1,
+                        promote_after=10**9)
+assert cache.get("k") == "v"  # a Redis hit: its bookkeeping waits in the buffer
+"""
+
+
+def test_a_process_exiting_without_close_still_sends_its_bookkeeping(make_cache: Make, backend: Backend,
+                                                                    raw: Client, namespace: str) -> None:
+    make_cache(shards=1).put("k", "v")
+    done = subprocess.run([sys.executable, "-c", EXITING_WORKER, backend.url, namespace, str(int(backend.cluster))],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert raw.hget(KeySpace(namespace, 1).shard_keys[0].stats, "l2_hits") == b"1"
