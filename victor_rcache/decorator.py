@@ -120,34 +120,25 @@ def _check_result(keep: Callable[[Any], bool] | None, value: Any) -> Any:
     return value if keep is None or keep(value) else Uncached(value)
 
 
-class CachedFunction(Generic[P, R]):
-    """A function whose results ``cache`` keeps (made by ``MultiLevelCache.cached``)."""
+class _Cached(Generic[P, R]):
+    """What both kinds of cached function share: the checks, the key builder, binding as a method."""
 
-    def __init__(self, fn: Callable[P, R], cache: _Backend, ttl: float | None, key: KeySpec, tags: TagSpec,
+    _coroutines: bool  # which kind of function this wrapper takes
+
+    def __init__(self, fn: Callable[P, Any], cache: _Backend, ttl: float | None, key: KeySpec, tags: TagSpec,
                  cache_if: Callable[[R], bool] | None, fail_safe: bool | None) -> None:
-        if inspect.iscoroutinefunction(fn):
-            raise InvalidArgumentError(f"{fn.__qualname__} is a coroutine function: decorate it with "
-                                       "AsyncMultiLevelCache.cached")
+        if inspect.iscoroutinefunction(fn) != self._coroutines:
+            kind, use = (("is not a coroutine function", "MultiLevelCache.cached (or make it async def)")
+                         if self._coroutines else ("is a coroutine function", "AsyncMultiLevelCache.cached"))
+            raise InvalidArgumentError(f"{fn.__qualname__} {kind}: decorate it with {use}")
         self._fn, self._cache, self._ttl = fn, cache, ttl
         self._keys = _Keys(fn, key, tags)
         self._keep, self._fail_safe = cache_if, fail_safe
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        keys = self._keys
-        value: R = self._cache.get_or_set(
-            keys.key(args, kwargs), lambda: _check_result(self._keep, self._fn(*args, **kwargs)), self._ttl,
-            tags=keys.tags(args, kwargs), fail_safe=self._fail_safe)
-        return value
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # (a callable object, not a function)
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str | bytes:
         """The cache key of this call."""
         return self._keys.key(args, kwargs)
-
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Forget this call's result, in every tier and every process; True if some tier held it."""
-        deleted: bool = self._cache.delete(self._keys.key(args, kwargs))
-        return deleted
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         """As a method: the call, ``key`` and ``invalidate`` bound to ``instance``."""
@@ -156,18 +147,28 @@ class CachedFunction(Generic[P, R]):
         return _Bound(self, instance)
 
 
-class AsyncCachedFunction(Generic[P, R]):
+class CachedFunction(_Cached[P, R]):
+    """A function whose results ``cache`` keeps (made by ``MultiLevelCache.cached``)."""
+
+    _coroutines = False
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        keys = self._keys
+        value: R = self._cache.get_or_set(
+            keys.key(args, kwargs), lambda: _check_result(self._keep, self._fn(*args, **kwargs)), self._ttl,
+            tags=keys.tags(args, kwargs), fail_safe=self._fail_safe)
+        return value
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Forget this call's result, in every tier and every process; True if some tier held it."""
+        deleted: bool = self._cache.delete(self._keys.key(args, kwargs))
+        return deleted
+
+
+class AsyncCachedFunction(_Cached[P, R]):
     """A coroutine function whose results ``cache`` keeps (made by ``AsyncMultiLevelCache.cached``)."""
 
-    def __init__(self, fn: Callable[P, Any], cache: _Backend, ttl: float | None, key: KeySpec, tags: TagSpec,
-                 cache_if: Callable[[R], bool] | None, fail_safe: bool | None) -> None:
-        if not inspect.iscoroutinefunction(fn):
-            raise InvalidArgumentError(f"{fn.__qualname__} is not a coroutine function: decorate it with "
-                                       "MultiLevelCache.cached (or make it async def)")
-        self._fn, self._cache, self._ttl = fn, cache, ttl
-        self._keys = _Keys(fn, key, tags)
-        self._keep, self._fail_safe = cache_if, fail_safe
-        functools.update_wrapper(self, fn)
+    _coroutines = True
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         keys = self._keys
@@ -179,25 +180,16 @@ class AsyncCachedFunction(Generic[P, R]):
                                                 tags=keys.tags(args, kwargs), fail_safe=self._fail_safe)
         return value
 
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> str | bytes:
-        """The cache key of this call."""
-        return self._keys.key(args, kwargs)
-
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Forget this call's result, in every tier and every process; True if some tier held it."""
         deleted: bool = await self._cache.delete(self._keys.key(args, kwargs))
         return deleted
 
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return _Bound(self, instance)
-
 
 class _Bound:
     """A cached method looked up on an instance: calls, ``key`` and ``invalidate`` get the instance first."""
 
-    def __init__(self, cached: CachedFunction[Any, Any] | AsyncCachedFunction[Any, Any], instance: object) -> None:
+    def __init__(self, cached: Any, instance: object) -> None:  # (a CachedFunction or an AsyncCachedFunction)
         self._cached, self._instance = cached, instance
         functools.update_wrapper(self, cached)
 
@@ -205,7 +197,8 @@ class _Bound:
         return self._cached(self._instance, *args, **kwargs)
 
     def key(self, *args: Any, **kwargs: Any) -> str | bytes:
-        return self._cached.key(self._instance, *args, **kwargs)
+        key: str | bytes = self._cached.key(self._instance, *args, **kwargs)
+        return key
 
     def invalidate(self, *args: Any, **kwargs: Any) -> Any:
         return self._cached.invalidate(self._instance, *args, **kwargs)

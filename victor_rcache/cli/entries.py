@@ -10,10 +10,11 @@ from __future__ import annotations
 import fnmatch
 import pprint
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..keys import ShardKeys, decode_tags
+from ..keys import KeySpace, ShardKeys, decode_tags
 from .common import (
     FAILED,
     OK,
@@ -196,10 +197,19 @@ def cmd_keys(ctx: Context) -> int:
     """``keys PATTERN``: the entries whose key matches a Redis glob, with their tier."""
     space = ctx.space
     pattern = key_arg(ctx.args.pattern)
+    rows = list(scan_entries(ctx.cache.client, space, pattern))
+    rows.sort(key=lambda r: (r["key"], r["id"]))
+    ctx.emit({"namespace": space.namespace, "pattern": _text(pattern), "entries": rows}, lambda: keys_lines(rows))
+    return OK
+
+
+def scan_entries(client: Any, space: KeySpace, pattern: bytes) -> Iterator[dict[str, Any]]:
+    """The entries of ``space`` whose entry id matches the Redis glob ``pattern`` (a hashed key's id is
+    ``#<sha256>``), unsorted: SCAN on every master, then their fields in one pipeline per master. Each
+    is ``{"key", "id", "tier", "shard"}``, ``key`` the original key (field ``k`` for a hashed id)."""
     by_tag = {sk.l2[len(space.prefix) + 1:-4]: sk for sk in space.shard_keys}
     match = glob_escape(space.prefix) + b"{*}:e:" + pattern
-    rows: list[dict[str, Any]] = []
-    for _, node in primaries(ctx.cache.client):
+    for _, node in primaries(client):
         found: list[tuple[ShardKeys, bytes]] = []
         for name in node.scan_iter(match=match, count=1000):
             tag, _, entry_id = name[len(space.prefix) + 1:].partition(b"}:e:")
@@ -213,10 +223,7 @@ def cmd_keys(ctx: Context) -> int:
             if original is None and t is None and version is None:
                 continue  # its deadline passed between SCAN and now: Redis dropped it
             tier = {b"2": "l2", b"3": "l3"}.get(t)
-            rows.append({"key": _text(original or entry_id), "id": _text(entry_id), "tier": tier, "shard": sk.index})
-    rows.sort(key=lambda r: (r["key"], r["id"]))
-    ctx.emit({"namespace": space.namespace, "pattern": _text(pattern), "entries": rows}, lambda: keys_lines(rows))
-    return OK
+            yield {"key": _text(original or entry_id), "id": _text(entry_id), "tier": tier, "shard": sk.index}
 
 
 def keys_lines(rows: list[dict[str, Any]]) -> list[str]:
