@@ -240,6 +240,9 @@ def replay(learner: Learner, chain: MarkovChain, requests: Iterable[Request], *,
     """Record every request; first (when ``check``) predict it from its session's previous query."""
     trace = Trace()
     names = [query_name(i) for i in range(chain.size)]
+    # A background warmer's answers lag its records by a round: replaying one request after another,
+    # each waits for its record's round, so the model is measured, not the lag.
+    flush = getattr(learner, "flush", None)
     for r in requests:
         if check and r.previous is not None:
             predicted = learner.predict_next_queries(names[r.previous], top_k=top_k, min_confidence=0.0,
@@ -248,6 +251,8 @@ def replay(learner: Learner, chain: MarkovChain, requests: Iterable[Request], *,
             trace.oracle.append(r.query in chain.oracle(r.previous, top_k))
             trace.requests.append(r.index)
         learner.record_query(names[r.query], session=r.session)
+        if flush is not None:
+            flush()
         trace.recorded += 1
         trace.transitions += r.previous is not None
     return trace

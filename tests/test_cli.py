@@ -123,7 +123,7 @@ def seeded(make_cache: Make) -> Seeded:
         assert reader.get("read the file") == {"tools": ["read", "search"]}
     assert reader.get("forecast") == {"rain": 0.2}
     assert reader.get("never cached") is None
-    warmer = PredictiveCacheWarmer(writer)
+    warmer = PredictiveCacheWarmer(writer, background=False)  # each record in Redis when it returns
     for _ in range(3):
         for query, tools in (("read the file", ["read"]), ("analyze code", ["grep"]), ("write tests", ["edit"])):
             warmer.record_query(query, tools, session="s1")
@@ -404,7 +404,7 @@ def test_doctor_passes_on_a_healthy_server(backend: Backend, namespace: str, see
         "connectivity": "ok", "server version": "ok", "cluster state": "ok", "ACL permissions": "ok",
         "scripts": "ok", "memory policy": "ok", "namespace config": "ok"}
     checks = {c["check"]: c for c in report["checks"]}
-    assert checks["scripts"]["result"].startswith("all 10 scripts load")
+    assert checks["scripts"]["result"].startswith("all 11 scripts load")
     human = on(backend, namespace, "doctor")
     assert human.returncode == 0, human.stdout
     assert human.stdout.rstrip().endswith("all checks passed")
@@ -415,7 +415,7 @@ def test_doctor_checks_the_scripts_and_commands_the_cache_uses(make_cache: Make)
     those it sends itself, among them the HMGET of a Redis hit."""
     cache = make_cache()
     assert [s.name for s in default_scripts().all()] == ["touch", "put", "delete", "flush", "untag", "release",
-                                                         "lease", "sizing", "record", "predict"]
+                                                         "lease", "sizing", "record", "predict", "view"]
     probed = {p.args[0] for p in acl_probes(Context(argparse.Namespace(json=True), cache))}
     assert {"evalsha", "eval", "hmget", "set", "pttl", "exists", "del", "hsetnx", "hgetall", "publish",
             "subscribe"} <= probed  # sent by the library itself

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "victor_rcache"
 
 LAYERS: dict[str, int] = {
     # 0: foundations
-    "errors": 0, "forksafe": 0, "scripts": 0,
+    "errors": 0, "forksafe": 0, "scripts": 0, "periodic": 0,
     # 1: values, keys and tools with no cache in them
     "codec": 1, "keys": 1, "adaptive": 1, "metrics": 1, "local_redis": 1,
     # 2: settings

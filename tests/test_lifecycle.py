@@ -172,7 +172,7 @@ def test_a_loader_returning_uncached_hands_the_value_back_without_caching_it(mak
 
 def test_the_sync_warmer_prewarms_without_asyncio(make_cache: Make) -> None:
     cache = make_cache()
-    warmer = PredictiveCacheWarmer(cache)
+    warmer = PredictiveCacheWarmer(cache, background=False)
     for _ in range(3):
         warmer.record_query("open the file", session="s1")
         warmer.record_query("read the file", session="s1")

@@ -44,9 +44,11 @@ Make = Callable[..., MultiLevelCache]
 Arg = bytes | int | str
 MISS = "<miss>"
 
-SCRIPT_NAMES = ("touch", "put", "delete", "flush", "untag", "release", "lease", "sizing", "record", "predict")
+SCRIPT_NAMES = ("touch", "put", "delete", "flush", "untag", "release", "lease", "sizing", "record", "predict",
+                "view")
 SHARD_SCRIPTS = ("touch", "put", "delete", "flush", "untag", "lease")  # the scripts that include includes/shard.lua
 ALLOW_OOM = ("delete", "flush", "untag")  # they only remove: they must run when Redis is out of memory
+NO_WRITES = ("view",)  # read only: they run whatever the memory, and stopping midway leaves nothing half-done
 
 
 def script_named(name: str) -> Script:
@@ -80,7 +82,8 @@ def test_every_script_opens_with_a_header_documenting_keys_argv_and_reply() -> N
         text = path.read_text("utf-8")
         # Redis refuses a script that may write before it runs when it is out of memory, unless it says
         # allow-oom: only the scripts that remove (and so free memory) may say so.
-        shebang = "#!lua flags=allow-oom" if path.stem in ALLOW_OOM else "#!lua"
+        shebang = ("#!lua flags=allow-oom" if path.stem in ALLOW_OOM else "#!lua flags=no-writes"
+                   if path.stem in NO_WRITES else "#!lua")
         assert text.startswith(shebang + "\n--[["), f"{path.name} does not open with {shebang} and a --[[ ... ]] header"
         header = text[: text.index("]]")]
         for needle in ("KEYS[", "ARGV[", "Reply"):
@@ -104,7 +107,9 @@ def test_scripts_registry_loads_every_script_with_includes_expanded(raw: Client)
         for include in re.findall(rb'@include "(includes/[\w.]+)"', on_disk):
             pasted = expanded(lua_dir() / include.decode())
             assert pasted in script.source, f"{script.name}: {include.decode()} was not pasted in"
-        assert acl in script.source or script.name == "release", f"{script.name} does not check ACL permissions"
+        # (A script that writes checks first what it may run; release and the read-only ones need not.)
+        assert acl in script.source or script.name in ("release", *NO_WRITES), \
+            f"{script.name} does not check ACL permissions"
         # Redis compiles the expanded source and agrees on its SHA1 (what EVALSHA is sent with).
         assert raw.script_load(script.source) == script.sha  # type: ignore[arg-type]
     assert {s.name for s in scripts.all() if prelude in s.source} == set(SHARD_SCRIPTS)
@@ -748,8 +753,8 @@ def _declared(script: Script, table: str) -> set[str]:
 
 
 # release.lua runs GET and DEL on the lease key alone (nothing to leave half-done); sizing.lua checks its
-# three commands inline, before its first write.
-@pytest.mark.parametrize("script_name", [name for name in SCRIPT_NAMES if name not in ("release", "sizing")])
+# three commands inline, before its first write; a read-only script writes nothing to leave half-done.
+@pytest.mark.parametrize("script_name", [name for name in SCRIPT_NAMES if name not in ("release", "sizing", *NO_WRITES)])
 def test_every_command_a_script_runs_is_checked_before_its_first_write(script_name: str) -> None:
     """A command denied midway would fail the call after some writes: each is checked up front."""
     script = getattr(Scripts(), script_name)

@@ -4,7 +4,9 @@ a real Redis, standalone and cluster.
 What Redis holds is read with redis-py under the key layout documented in lua/includes/model.lua, built
 here independently of ``ModelKeys``; expected confidences are recomputed from those sorted sets. Round
 trips are measured like tests/test_round_trips.py (its ``measure`` and ``counting_client`` are reused).
-Prewarming and multi-process tests are elsewhere (tests/test_prewarm.py).
+Prewarming and multi-process tests are elsewhere (tests/test_prewarm.py). The warmers here run with
+``background=False``: each call is the round trip it names, so what it did is in Redis when it returns.
+The background mode, built on the same scripts, is tested in tests/test_model_background.py.
 
 Some tests are regressions of library bugs they found (now fixed).
 """
@@ -15,6 +17,7 @@ import asyncio
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import pytest
@@ -22,16 +25,16 @@ import redis
 
 from victor_rcache import (
     AsyncMultiLevelCache,
-    AsyncPredictiveCacheWarmer,
     CacheError,
     CacheUnavailableError,
     ConfigurationError,
     InvalidArgumentError,
     MultiLevelCache,
     Prediction,
-    PredictiveCacheWarmer,
     WarmerConfig,
 )
+from victor_rcache import AsyncPredictiveCacheWarmer as AsyncBackgroundWarmer
+from victor_rcache import PredictiveCacheWarmer as BackgroundWarmer
 from victor_rcache.local_redis import free_port
 from victor_rcache.tiers import default_scripts
 
@@ -42,6 +45,9 @@ Make = Callable[..., MultiLevelCache]
 MakeAsync = Callable[..., AsyncMultiLevelCache]
 
 counting_client = round_trips.counting_client  # the fixture, shared with tests/test_round_trips.py
+
+PredictiveCacheWarmer = partial(BackgroundWarmer, background=False)
+AsyncPredictiveCacheWarmer = partial(AsyncBackgroundWarmer, background=False)
 
 MIDNIGHT_UTC = 86400.0 * 19_700  # 2023-12-09 00:00:00 UTC
 DEAD = f"redis://127.0.0.1:{free_port()}/0"

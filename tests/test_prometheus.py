@@ -321,16 +321,21 @@ def test_prediction_accuracy_and_prewarm_counts(make_cache: Make, namespace: str
     cache = make_cache()
     warmer = PredictiveCacheWarmer(cache, clock=lambda: HOUR_6)
     register(cache, registry=registry, warmer=warmer)
+
+    def record(query: str, session: str) -> None:  # and wait for its round: the next answer knows it
+        warmer.record_query(query, session=session)
+        warmer.flush()
+
     for session in ("t0", "t1", "t2", "t3", "t4"):
-        warmer.record_query("A", session=session)
-        warmer.record_query("B", session=session)
-    warmer.record_query("A", session="u")
+        record("A", session)
+        record("B", session)
+    record("A", "u")
     assert warmer.predict_next_queries("A", session="u").queries == ["B"]
-    warmer.record_query("B", session="u")  # predicted: correct
+    record("B", "u")  # predicted: correct
     assert warmer.predict_next_queries("B", session="u").queries == []
-    warmer.record_query("A", session="u")
+    record("A", "u")
     assert warmer.predict_next_queries("A", session="u").queries == ["B"]
-    warmer.record_query("Z", session="u")  # not predicted: wrong
+    record("Z", "u")  # not predicted: wrong
     prediction = Prediction("A", queries=["B"], confidences=[0.9], tools=[[]], parts=[(0.9, 0.9, 0.9)])
     report = asyncio.run(warmer.prewarm_predictions(prediction, lambda q: f"result of {q}"))
     assert report.completed == 1

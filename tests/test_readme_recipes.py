@@ -63,6 +63,7 @@ def test_the_model_recipes_answer_with_what_the_model_learned(server: LocalRedis
             for query, tools in (("read the file", ["read"]), ("analyze code", ["read", "search"]),
                                  ("write tests", ["write"])):
                 warmer.record_query(query, tools, session="agent-7")
+        warmer.flush()  # the model thread sends records within refresh_interval; now, here
         commands = recipes("What the model believes, with `redis-cli`")
         assert len(commands) == 6
         answers = [run(server, argv) for argv in commands]
@@ -124,6 +125,7 @@ def test_the_inspecting_recipes_answer_each_operator_question(tmp_path: Path) ->
         for session, second in (("a1", "analyze code"), ("a2", "analyze code"), ("a3", "write tests")):
             warmer.record_query("read the file", ["read_file"], session=session)
             warmer.record_query(second, ["search"], session=session)
+        warmer.flush()
         metrics = writer.get_metrics()
 
         started, release = threading.Event(), threading.Event()

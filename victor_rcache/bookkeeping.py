@@ -20,11 +20,8 @@ its buffered touches (never a value). A batch that fails is dropped and counted:
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ from typing import Any
 
 from . import forksafe
 from .metrics import Counters
+from .periodic import Periodic
 
 WINDOW = 0.1  # seconds: the longest a reported hit waits before it is sent
 COUNTS_INTERVAL = 1.0  # seconds: how often L1 counters go alone, when no batch carries them
@@ -231,7 +229,7 @@ def _add(counts: dict[str, int], name: str, n: int) -> None:
     counts[name] = counts.get(name, 0) + n
 
 
-class Flusher:
+class Flusher(Periodic):
     """The thread that sends one cache's bookkeeping (one per cache; it never runs a caller's code).
 
     ``send(batches)`` does the I/O: one touch.lua call per batch, in one round trip; it must not raise
@@ -240,85 +238,31 @@ class Flusher:
     (``close()``, process exit, tests that look at Redis).
     """
 
-    FORK_ORDER = 1  # after the locks of the objects it uses are fresh (see forksafe)
-
     def __init__(self, book: Bookkeeping, send: Callable[[list[ShardBatch]], None]) -> None:
         self.book = book
         self._send = send
         book.wake = self.wake
-        self._started = False
-        self._init_state()
-        forksafe.register(self)
+        self._counts_sent = book.clock()
+        super().__init__("victor-rcache-bookkeeping", self._send_due, self._until_due, self._count_error)
 
-    def _init_state(self) -> None:
-        self._counts_sent = self.book.clock()
-        self._event = threading.Event()
-        self._stop = threading.Event()
-        self._sending = threading.Lock()  # one sender at a time: batches of a shard go out in order
-        self._thread = threading.Thread(target=self._run, name="victor-rcache-bookkeeping", daemon=True)
+    def _until_due(self) -> float:
+        wait = self.book.next_due()
+        return WINDOW if wait is None else wait
 
-    def start(self) -> Flusher:
-        self._started = True
-        self._thread.start()
-        _RUNNING.add(self)
-        return self
+    def _count_error(self, exc: BaseException) -> None:
+        self.book.dropped += 1
 
-    def wake(self) -> None:
-        self._event.set()
-
-    def flush(self) -> None:
-        """Collect and send everything waiting, now, in this thread."""
-        self._round(force=True)
-
-    def close(self) -> None:
-        """Send what waits and stop the thread (idempotent)."""
-        if self._stop.is_set():
-            return
-        _RUNNING.discard(self)
-        self._stop.set()
-        self._event.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        self.flush()
-
-    def _round(self, force: bool) -> None:
-        with self._sending:
-            self.book.collect()
-            batches = self.book.due(force)
-            now = self.book.clock()
-            # L1 hits cost Redis nothing, so a process serving only from L1 has no batch to carry its L1
-            # counters: they go alone, at most once per COUNTS_INTERVAL (and when forced).
-            counts_due = force or now - self._counts_sent >= COUNTS_INTERVAL
-            if batches or (counts_due and self.book.unreported()):
-                self._counts_sent = now
-                self._send(batches)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            wait = self.book.next_due()
-            self._event.wait(WINDOW if wait is None else max(wait, 0.001))
-            self._event.clear()
-            if self._stop.is_set():
-                break
-            try:
-                self._round(force=False)
-            except Exception:  # never expected (send does not raise); the thread must not die of it
-                self.book.dropped += 1
+    def _send_due(self, force: bool) -> None:
+        self.book.collect()
+        batches = self.book.due(force)
+        now = self.book.clock()
+        # L1 hits cost Redis nothing, so a process serving only from L1 has no batch to carry its L1
+        # counters: they go alone, at most once per COUNTS_INTERVAL (and when forced).
+        counts_due = force or now - self._counts_sent >= COUNTS_INTERVAL
+        if batches or (counts_due and self.book.unreported()):
+            self._counts_sent = now
+            self._send(batches)
 
     def _after_fork(self) -> None:
-        was_running = self._started and not self._stop.is_set()
-        self._init_state()
-        if was_running:
-            self._thread.start()
-
-
-# A process that exits without closing its caches still sends their buffered bookkeeping (a worker's
-# one cache usually lives as long as the process). Not on os._exit (a forked worker's end): nothing runs.
-_RUNNING: weakref.WeakSet[Flusher] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    for flusher in list(_RUNNING):
-        with contextlib.suppress(Exception):  # Redis may be gone by now: bookkeeping only is lost
-            flusher.close()
+        self._counts_sent = self.book.clock()
+        super()._after_fork()

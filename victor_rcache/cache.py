@@ -135,6 +135,7 @@ class CacheBase:
                 log.debug("bookkeeping dropped: %s", exc, extra=core.log_fields("bookkeeping_dropped", "touch"))
 
         self._flusher = Flusher(core.book, send).start()
+        self._background_io = io  # what the warmers' model threads send through, too
 
     def _flight(self, key: str | bytes, ttl: float | None, write: Write) -> Step[Got]:
         """get_or_set after an L1 miss, once per process: the first concurrent caller for ``key`` leads
@@ -179,6 +180,8 @@ def release_resources(flusher: Flusher, core: TierCore, ios: list[SyncIO]) -> No
     then on every call that needs Redis raises CacheClosedError, and L1 serves nothing."""
     if ios and ios[0].closed:
         return  # closed already
+    for companion in list(core.companions):  # a warmer's last records go out before the connections close
+        companion.close()
     flusher.close()
     core.coherence.close()
     core.l1.trusted = False

@@ -93,10 +93,11 @@ class Scripts:
         self.sizing = Script.load("sizing", folder, shebang)
         self.record = Script.load("record", folder, shebang)
         self.predict = Script.load("predict", folder, shebang)
+        self.view = Script.load("view", folder, shebang)
 
     def all(self) -> tuple[Script, ...]:
         return (self.touch, self.put, self.delete, self.flush, self.untag, self.release, self.lease, self.sizing,
-                self.record, self.predict)
+                self.record, self.predict, self.view)
 
 
 def needs_reload(reply: object) -> bool:

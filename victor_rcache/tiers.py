@@ -34,9 +34,9 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, NamedTuple, TypeVar, Union
 
 from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 
@@ -270,6 +270,15 @@ class Fetched:
 
 
 
+class Claim(NamedTuple):
+    """A prewarm's fill lease, taken: what fill_prewarm needs to compute and store the value."""
+
+    ref: EntryRef
+    ttl_ms: int
+    since: int  # the server's clock when the lease was taken (ms)
+    lease: bytes
+    token: str
+
 
 @dataclass(frozen=True)
 class Looked:
@@ -322,6 +331,8 @@ class TierCore:
         self._refs = self.space.refs  # located keys (see get_from_l1)
         self._serve = self.l1.serve
         self.coherence: Coherence = coherence or NoCoherence()  # (also makes get_from_l1: see its setter)
+        # Threads of this cache's warmers (their model's background rounds): closed when the cache closes.
+        self.companions: list[Any] = []
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
         self.counters = Counters(served=lambda: self.l1.hits)  # L1 hits are counted by L1 itself
         self.book = Bookkeeping(self.counters)
@@ -1148,22 +1159,53 @@ class TierCore:
         key is written or deleted meanwhile, and it does not go into this process's L1: the first
         Redis hit of a prewarmed entry counts it ``prewarm_useful``, fleet-wide.
         """
+        claim = (yield from self.claim_prewarms([key], ttl))[0]
+        if isinstance(claim, str):
+            return claim
+        return (yield from self.fill_prewarm(claim))
+
+    def claim_prewarms(self, keys: Sequence[str | bytes], ttl: float | None = None) -> Step[list[Claim | Prewarmed]]:
+        """The first half of :meth:`prewarm` for many keys in one round trip (lease.lua per key): for each,
+        ``cached`` (in L1 or Redis), ``busy`` (another worker computes it), ``failed`` (Redis failed), or
+        the :class:`Claim` of its fill lease, which :meth:`fill_prewarm` (or :meth:`release_claim`) uses."""
         ttl_ms = self._ttl_ms(ttl)
-        ref = self.space.ref(key)
-        if self.l1.peek(ref.id) is not None:
-            return "cached"
-        token, lease = uuid.uuid4().hex, self.space.lease_key(ref)
+        out: list[Claim | Prewarmed] = []
+        todo: list[tuple[int, EntryRef, str]] = []
+        for key in keys:
+            ref = self.space.ref(key)
+            if self.l1.peek(ref.id) is not None:
+                out.append("cached")
+            else:
+                todo.append((len(out), ref, uuid.uuid4().hex))
+                out.append("failed")
+        if not todo:
+            return out
+        calls = [self._shard_call(self.scripts.lease, ref.shard, [ref.id, token, self._lease_ms])
+                 for _, ref, token in todo]
         try:
             yield from self.ready()
-            looked = yield from self._lease(ref, token)
+            sent = time.monotonic()
+            replies = yield from self.run_scripts(calls)
         except RedisError as exc:
             self.redis_failed("prewarm", exc)
-            return "failed"
-        if looked.reply is not None:
-            return "cached"
-        if not looked.taken:
-            return "busy"
-        return (yield from self._prewarm_fill(ref, ttl_ms, looked.since, lease, token))
+            return out
+        for (i, ref, token), reply in zip(todo, replies, strict=True):
+            self.server_time.observe(int(reply[3]), sent)
+            if reply[0] == 1:
+                out[i] = "cached"
+            elif not reply[1]:
+                out[i] = "busy"
+            else:
+                out[i] = Claim(ref, ttl_ms, int(reply[3]), self.space.lease_key(ref), token)
+        return out
+
+    def fill_prewarm(self, claim: Claim) -> Step[Prewarmed]:
+        """Compute (the loader) and store a claimed prewarm; the lease is released either way."""
+        return (yield from self._prewarm_fill(claim.ref, claim.ttl_ms, claim.since, claim.lease, claim.token))
+
+    def release_claim(self, claim: Claim) -> Step[None]:
+        """Give a claimed prewarm's lease back without computing it."""
+        yield from self._release(claim.lease, claim.token)
 
     def _prewarm_fill(self, ref: EntryRef, ttl_ms: int, since_ms: int, lease: bytes, token: str) -> Step[Prewarmed]:
         try:
@@ -1351,7 +1393,9 @@ class TierCore:
                 yield Pause(RELOAD_PAUSE * 2 ** attempt)  # another call is reloading them right now
             waiting = [i for i in missing if i not in reload]
             sent.update(self._script_generations([calls[i] for i in waiting], waiting))
-            order = reload + waiting  # reloads first: waiters on the same server then find the script
+            # In the batch's order (later calls may depend on earlier ones: a model round reads what its
+            # records wrote); a script's reload is its first missing call, so its later calls find it.
+            order = sorted(reload + waiting)
             try:
                 again = yield [calls[i].eval() if i in reload else calls[i].evalsha() for i in order]
             finally:

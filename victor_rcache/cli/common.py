@@ -56,10 +56,11 @@ class Context:
         return redact(self.cache.config.url)
 
     def warmer(self) -> PredictiveCacheWarmer:
-        """The shared model's front end (a prewarm timeout that fits any lease_ttl: the CLI never prewarms)."""
+        """The shared model's front end: every question asked of Redis as it is now (no background view), and
+        a prewarm timeout that fits any lease_ttl (the CLI never prewarms)."""
         if self._warmer is None:
             timeout = min(10.0, self.cache.config.lease_ttl)
-            self._warmer = PredictiveCacheWarmer(self.cache, prewarm_timeout=timeout)
+            self._warmer = PredictiveCacheWarmer(self.cache, prewarm_timeout=timeout, background=False)
         return self._warmer
 
     def emit(self, data: Any, lines: Callable[[], list[str]]) -> None:

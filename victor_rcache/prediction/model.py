@@ -29,7 +29,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
 
@@ -67,6 +67,16 @@ class WarmerConfig:
     prewarm_ttl: float | None = None  # ttl of prewarmed entries (None = the tiers' idle ttls only)
     key_fn: Callable[[str | bytes], str | bytes] | None = None  # query -> cache key (None = the query)
     clock: Callable[[], float] = time.time  # wall clock, for the hour of day (UTC)
+    # Off the caller's path (background.py): records queued and sent by a thread, predictions scored from
+    # this process's view of the model. False: every record_query and predict_next_queries is a round trip.
+    background: bool = True
+    refresh_interval: float = 0.05  # seconds: a round of records and view reads at least this often
+    view_max_age: float = 1.0  # seconds: an answer uses only pattern sets read at most this long ago
+    record_queue: int = 10_000  # records waiting to be sent; more are dropped (counted)
+    view_size: int = 4096  # pattern sets this process keeps copies of (least recently used dropped)
+    history_bytes: int = 4 * 1024 * 1024  # bytes of session histories this process keeps (oldest dropped)
+    prewarm_top_k: int = 3  # predicted queries an automatic prediction considers
+    prewarm_budget: float = 1.5  # automatic prewarming: most selections per useful prewarm (miss saved)
 
     def __post_init__(self) -> None:
         def need(ok: bool, problem: str) -> None:
@@ -84,6 +94,19 @@ class WarmerConfig:
         whole("hour_size", 1, 100_000)
         whole("max_queries", 0, 10_000_000)
         whole("prewarm_concurrency", 1, 1000)
+        whole("record_queue", 1, 10_000_000)
+        whole("view_size", 1, 10_000_000)
+        whole("history_bytes", 1024, 1 << 40)
+        whole("prewarm_top_k", 1, MAX_TOP_K)
+        need(isinstance(self.background, bool), f"background={self.background!r} must be True or False")
+        need(_finite(self.refresh_interval) and 0.001 <= self.refresh_interval <= 60,
+             f"refresh_interval={self.refresh_interval!r} must be a number of seconds from 0.001 to 60")
+        need(_finite(self.view_max_age) and self.refresh_interval <= self.view_max_age <= 3600,
+             f"view_max_age={self.view_max_age!r} must be a number of seconds from refresh_interval "
+             f"({self.refresh_interval!r}) to 3600")
+        need(_finite(self.prewarm_budget) and self.prewarm_budget > 0,
+             f"prewarm_budget={self.prewarm_budget!r} must be a positive number (selections per useful "
+             "prewarm; 1.5 = at most 1.5 selections for each prewarmed entry that is then read)")
         need(len(self.weights) == 3 and all(_finite(w) and w >= 0 for w in self.weights) and sum(self.weights) > 0,
              f"weights={self.weights!r} must be three non-negative numbers (transition, n-gram, hour), not all 0")
         for name in ("half_life", "hour_half_life"):
@@ -136,6 +159,38 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.queries)
+
+
+class Distribution(NamedTuple):
+    """A pattern set as this process read it: member -> decayed count (in Redis's order), and their sum."""
+
+    counts: dict[bytes, float]
+    total: float
+
+
+def score_next(transition: Distribution | None, ngrams: Sequence[Distribution | None], hour: Distribution | None,
+               weights: tuple[float, float, float], top_k: int,
+               min_confidence: float) -> list[tuple[bytes, float, float, float, float]]:
+    """predict.lua's scoring, in the process (lua/predict.lua states the formula): rows of (query,
+    confidence, p_transition, p_ngram, p_hour), best first, ties by query. ``ngrams`` longest last; the
+    longest with any observation is used, else the transition."""
+    empty = Distribution({}, 0.0)
+    t = transition or empty
+    n = next((d for d in reversed(ngrams) if d is not None and d.total > 0), t)
+    h = hour or empty
+    w_t, w_n, w_h = weights
+
+    def p(d: Distribution, q: bytes) -> float:
+        return d.counts.get(q, 0.0) / d.total if d.total > 0 else 0.0
+
+    rows = []
+    for q in {**t.counts, **n.counts, **h.counts}:
+        pt, pn, ph = p(t, q), p(n, q), p(h, q)
+        conf = w_t * pt + w_n * pn + w_h * ph
+        if conf >= min_confidence and conf > 0:
+            rows.append((q, conf, pt, pn, ph))
+    rows.sort(key=lambda r: (-r[1], r[0]))
+    return rows[:top_k]
 
 
 def _name(query: bytes) -> bytes:
@@ -209,6 +264,38 @@ def _tools_json(tools: Iterable[Any] | None) -> str:
         raise InvalidArgumentError(f"tools must be JSON-serializable (names or small dicts): {exc}") from None
 
 
+class PrewarmBudget:
+    """What automatic prewarming may spend: a selection is allowed while the fleet's prewarms stay within
+    ``ratio`` selections per useful prewarm (one whose entry was then read: a miss saved), after a first
+    ``allowance`` to learn from. The fleet's counts come from the shards' stats (read by the model
+    thread every few seconds); prewarms reserved since the last read count too. Predictions are ranked by
+    the model's confidence, so what the budget allows is what the model is surest of."""
+
+    def __init__(self, ratio: float, allowance: int = 20) -> None:
+        self.ratio = ratio
+        self.allowance = allowance
+        self.completed = 0  # the fleet's prewarms computed, as last read
+        self.useful = 0  # the fleet's prewarms read at least once, as last read
+        self.reserved = 0  # this process's prewarms reserved since that read
+        self._lock = threading.Lock()
+
+    def reserve(self) -> bool:
+        with self._lock:
+            if self.completed + self.reserved + 1 > self.ratio * self.useful + self.allowance:
+                return False
+            self.reserved += 1
+            return True
+
+    def refund(self) -> None:
+        """A reserved prewarm that computed nothing (the value was there, or another worker had it)."""
+        with self._lock:
+            self.reserved = max(0, self.reserved - 1)
+
+    def update(self, completed: int, useful: int) -> None:
+        with self._lock:
+            self.completed, self.useful, self.reserved = completed, useful, 0
+
+
 class PredictionCore:
     """The model's operations as I/O-free steps, on the tiers' script runner and failure policy."""
 
@@ -220,6 +307,7 @@ class PredictionCore:
         self._decay = repr(decay_for(config.half_life))
         self._hour_decay = repr(decay_for(config.hour_half_life))
         self._max_queries = config.max_queries or config.max_patterns
+        self.budget = PrewarmBudget(config.prewarm_budget)
         self._init_state()
         forksafe.register(self)
 
@@ -235,26 +323,38 @@ class PredictionCore:
 
     # ------------------------------------------------------------------ record
 
-    def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None) -> Step[int]:
-        """Learn that ``query`` came next in ``session``. Returns the verdict on the prediction made
-        for it: 1 predicted, 0 not, -1 none was pending (or Redis failed)."""
+    def record_args(self, query: str | bytes, tools: Iterable[Any] | None,
+                    session: str | bytes | None) -> tuple[bytes, str, bytes, bytes]:
+        """A record's checked arguments (raises InvalidArgumentError): query, tools JSON, session, hour set."""
         q = _query_bytes(query)
         s = self._session(session)
         tools_json = _tools_json(tools)
-        hour = self.keys.hour(time.gmtime(self.config.clock()).tm_hour)
+        return q, tools_json, s, self.keys.hour(time.gmtime(self.config.clock()).tm_hour)
+
+    def record_call(self, q: bytes, tools_json: str, s: bytes, hour: bytes, hist: list[bytes],
+                    doomed: list[bytes]) -> ScriptCall:
+        """The record.lua call for one record made on ``hist`` (the session's history as Redis holds it)."""
         c = self.config
+        contexts = self.keys.contexts(hist, c.ngram_size)
+        keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.evicted,
+                self.keys.hist(s), self.keys.pred(s), hour, *contexts, *doomed)
+        args: tuple[bytes | int | str, ...] = (
+            q, tools_json, _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors,
+            self._decay, self._hour_decay, c.hour_size, self._max_queries, _ms(c.pattern_ttl),
+            len(contexts), len(hist), *hist)
+        return ScriptCall(self.tiers.scripts.record, keys, args)
+
+    def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None) -> Step[int]:
+        """Learn that ``query`` came next in ``session``, in one round trip. Returns the verdict on the
+        prediction made for it: 1 predicted, 0 not, -1 none was pending (or Redis failed)."""
+        q, tools_json, s, hour = self.record_args(query, tools, session)
+        keep = self.config.ngram_size - 1
         for _ in range(HISTORY_RETRIES):
             hist = self._history(s)
-            contexts = self.keys.contexts(hist, c.ngram_size)
             doomed = self._take_doomed()
-            keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.evicted,
-                    self.keys.hist(s), self.keys.pred(s), hour, *contexts, *doomed)
-            args: tuple[bytes | int | str, ...] = (
-                q, tools_json, _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors,
-                self._decay, self._hour_decay, c.hour_size, self._max_queries, _ms(c.pattern_ttl),
-                len(contexts), len(hist), *hist)
+            call = self.record_call(q, tools_json, s, hour, hist, doomed)
             try:
-                reply = (yield from self.tiers.run_scripts([ScriptCall(self.tiers.scripts.record, keys, args)]))[0]
+                reply = (yield from self.tiers.run_scripts([call]))[0]
             except RedisError as exc:
                 self._give_back_doomed(doomed)
                 self.tiers.redis_failed("record_query", exc)
@@ -264,10 +364,9 @@ class PredictionCore:
                 self._give_back_doomed(doomed)
                 self.counters.add(history_resyncs=1)
                 continue
-            verdict, pending = int(reply[1]), reply[2]
-            self._remember(s, ([q, *hist])[: c.ngram_size - 1])
-            with self._lock:  # the fleet's evicted patterns: this process deletes them with its next call
-                self._doomed = [self.keys.prefix + name for name in pending]
+            verdict = int(reply[1])
+            self._remember(s, ([q, *hist])[:keep])
+            self._set_doomed(reply[2])
             self.counters.add(records=1, **({"verdicts": 1, "correct": int(verdict == 1)} if verdict >= 0 else {}))
             return verdict
         self.counters.add(record_conflicts=1)  # the session is being advanced elsewhere right now
@@ -275,17 +374,22 @@ class PredictionCore:
 
     # ----------------------------------------------------------------- predict
 
-    def predict(self, current_query: str | bytes, top_k: int, min_confidence: float,
-                session: str | bytes | None, remember: bool = True) -> Step[Prediction]:
-        """The ``top_k`` likeliest next queries with confidence >= ``min_confidence``, best first.
-
-        ``remember=False`` only looks (an operator's question): nothing is written, nothing judged."""
+    def predict_args(self, current_query: str | bytes, top_k: int, min_confidence: float,
+                     session: str | bytes | None) -> tuple[bytes, bytes]:
+        """A prediction's checked arguments (raises InvalidArgumentError): the current query, the session."""
         cur = _query_bytes(current_query, "current_query")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgumentError(f"top_k={top_k!r} must be a whole number from 1 to {MAX_TOP_K}")
         if not _finite(min_confidence) or not 0 <= min_confidence <= 1:
             raise InvalidArgumentError(f"min_confidence={min_confidence!r} must be a number from 0 to 1")
-        s = self._session(session)
+        return cur, self._session(session)
+
+    def predict(self, current_query: str | bytes, top_k: int, min_confidence: float,
+                session: str | bytes | None, remember: bool = True) -> Step[Prediction]:
+        """The ``top_k`` likeliest next queries with confidence >= ``min_confidence``, best first.
+
+        ``remember=False`` only looks (an operator's question): nothing is written, nothing judged."""
+        cur, s = self.predict_args(current_query, top_k, min_confidence, session)
         c = self.config
         hour = self.keys.hour(time.gmtime(c.clock()).tm_hour)
         empty = Prediction(current_query, session=session)
@@ -434,6 +538,11 @@ class PredictionCore:
         with self._lock:
             doomed, self._doomed = self._doomed, []
             return doomed
+
+    def _set_doomed(self, pending: Sequence[bytes]) -> None:
+        """The fleet's evicted patterns record.lua named: this process deletes them with its next record."""
+        with self._lock:
+            self._doomed = [self.keys.prefix + name for name in pending]
 
     def _give_back_doomed(self, doomed: list[bytes]) -> None:
         with self._lock:

@@ -1,0 +1,389 @@
+"""The prediction model off the caller's path: queries recorded in the background, predictions answered
+from the process's view of the model.
+
+::
+
+    caller (any thread or task)               the model thread of this warmer (model.py does the I/O-free part)
+    ───────────────────────────               ──────────────────────────────────────────────────────────────
+    record_query(q, tools, session)           every refresh_interval (or at once when RECORDS_WAKE wait):
+      validate; queue it (bounded: dropped       one round trip: record.lua for each queued record, in
+      and counted when full); the session's      order, and view.lua for the pattern sets in use
+      history and the verdict on its last      the view: the sets read replace the process's copies
+      prediction, here and now                 the sessions recorded since the last round: predicted
+    predict_next_queries(cur, session)           from the view (skipped when the session's state has
+      scored from the view (never waits); a      not changed), handed to the warmer's prewarming
+      set missing or older than one window
+      is read by the next round
+
+So a request pays a queue append and a dictionary look-up; Redis runs one pipeline per window and
+process instead of two scripts per request. What it costs in meaning (docs/prediction.md): the fleet
+learns a query one window plus a round trip after it is recorded, an answer is from the model as it
+stood at most one window (plus a round trip) before, and the first question about a pattern set this
+process has not read yet is answered without it (empty, or from the other parts of the formula).
+A round that fails is dropped and counted: the model misses those observations, a value is never
+affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from .. import forksafe
+from ..errors import CacheError
+from ..periodic import Periodic
+from ..scripts import ScriptCall
+from ..tiers import Step
+from .model import HISTORY_RETRIES, Distribution, Prediction, PredictionCore, score_next
+
+RECORDS_WAKE = 64  # queued records that start a round at once
+MAX_RECORDS = 256  # records one round carries; more wait for the next
+MAX_SETS = 512  # pattern sets one round reads (view.lua's limit)
+COUNTERS_INTERVAL = 1.0  # seconds: how often the fleet's counters get this process's verdicts, and the
+# prewarm budget the fleet's prewarm counts
+
+
+@dataclass(frozen=True)
+class QueuedRecord:
+    query: bytes
+    tools_json: str
+    session: bytes
+    hour: bytes  # the hour set of when it was recorded
+    tries: int = 0
+
+
+@dataclass
+class SessionState:
+    """What this process knows of one session: its history (newest first, as recorded here), the
+    prediction waiting for its next query, and the history its last automatic prediction was made for."""
+
+    history: list[bytes]
+    pending: tuple[bytes, frozenset[bytes]] | None = None  # (made after, predicted queries)
+    predicted_for: tuple[bytes, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds (the queries), for the byte bound on sessions."""
+        pending = 0 if self.pending is None else len(self.pending[0]) + sum(map(len, self.pending[1]))
+        return sum(map(len, self.history)) + pending + 64
+
+
+class LocalView:
+    """This process's copies of the pattern sets it asks about, each read at a known time (monotonic).
+
+    A copy older than ``max_age`` is not used; one missing, or past half that age, is *wanted*: the next
+    round reads it, so a set in steady use is always answered from. Bounded by ``size`` sets (least
+    recently used dropped) and the tools of their members.
+    """
+
+    def __init__(self, size: int, max_age: float) -> None:
+        self.size = size
+        self.max_age = max_age
+        self._sets: OrderedDict[bytes, tuple[float, Distribution]] = OrderedDict()
+        self._tools: dict[bytes, Any] = {}  # member -> its tools JSON (None: none recorded)
+        self._wanted: dict[bytes, None] = {}  # insertion-ordered set
+
+    def lookup(self, key: bytes, now: float) -> Distribution | None:
+        found = self._sets.get(key)
+        age = self.max_age if found is None else now - found[0]
+        if age >= self.max_age / 2:
+            self._wanted[key] = None
+        if found is None or age >= self.max_age:
+            return None
+        self._sets.move_to_end(key)
+        return found[1]
+
+    def has(self, key: bytes) -> bool:
+        return key in self._sets
+
+    def take_wanted(self, limit: int) -> list[bytes]:
+        keys = list(self._wanted)[:limit]
+        for key in keys:
+            del self._wanted[key]
+        return keys
+
+    def tools(self, member: bytes) -> list[Any]:
+        raw = self._tools.get(member)
+        return json.loads(raw) if raw else []
+
+    def store(self, keys: Sequence[bytes], sets: Sequence[Sequence[bytes]], tools: Sequence[Any],
+              read_at: float) -> None:
+        for key, flat in zip(keys, sets, strict=True):
+            counts = {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
+            self._sets[key] = (read_at, Distribution(counts, sum(counts.values())))
+            self._sets.move_to_end(key)
+        while len(self._sets) > self.size:
+            self._sets.popitem(last=False)
+        for i in range(0, len(tools), 2):
+            self._tools[tools[i]] = tools[i + 1] or None
+        if len(self._tools) > 64 * self.size:  # members of sets long gone: start again (re-read with them)
+            self._tools.clear()
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+
+class ModelSync:
+    """One warmer's background side: the record queue, the sessions, the view, and the thread.
+
+    ``drive`` runs a step through a sync client (the cache's bookkeeping I/O: the thread cannot use an
+    asyncio client); ``on_predictions`` receives the automatic predictions of a round (the warmer's
+    prewarming), from the thread. It must not block for long.
+    """
+
+    def __init__(self, core: PredictionCore, drive: Callable[[Step[Any]], Any],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.core = core
+        self.config = core.config
+        self._drive_step = drive
+        self.clock = clock
+        self.on_predictions: Callable[[list[Prediction]], None] | None = None
+        self._init_state()
+        forksafe.register(self)
+        self.thread = Periodic("victor-rcache-model", self._round, lambda: self.config.refresh_interval,
+                               self._count_error)
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[QueuedRecord] = deque()
+        self._sessions: OrderedDict[bytes, SessionState] = OrderedDict()
+        self._session_bytes = 0
+        self._recorded: dict[bytes, None] = {}  # sessions recorded since the last round
+        self.view = LocalView(self.config.view_size, self.config.view_max_age)
+        self._verdicts = [0, 0]  # predictions judged, correct: not yet in the fleet's counters
+        self._counted_at = self.clock()
+
+    def _after_fork(self) -> None:
+        self._init_state()  # the parent's queue is the parent's to send
+
+    def start(self) -> ModelSync:
+        self.thread.start()
+        return self
+
+    def flush(self) -> None:
+        """Send every queued record and read every wanted set, now, from this thread."""
+        self.thread.flush()
+        while self._queue:  # more than one round's worth waits
+            self.thread.flush()
+
+    def close(self) -> None:
+        self.thread.close()
+
+    # ------------------------------------------------------------------- the caller's side
+
+    def record(self, query: bytes, tools_json: str, session: bytes, hour: bytes) -> None:
+        """Queue one record; advance the session here and judge its pending prediction."""
+        keep = self.config.ngram_size - 1
+        counters = self.core.counters
+        with self._lock:
+            if len(self._queue) >= self.config.record_queue:
+                counters.add(records_dropped=1)  # Redis is slow or gone: the model misses it, nobody waits
+            else:
+                self._queue.append(QueuedRecord(query, tools_json, session, hour))
+            state = self._session(session)
+            if state.pending is not None:
+                made_after, predicted = state.pending
+                # As record.lua: a prediction made after this very query, before it was recorded, waits.
+                if made_after != query or (state.history and made_after == state.history[0]):
+                    correct = int(query in predicted)
+                    self._verdicts[0] += 1
+                    self._verdicts[1] += correct
+                    counters.add(verdicts=1, correct=correct)
+                    state.pending = None
+            self._resize(session, state, [query, *state.history][:keep])
+            self._recorded[session] = None  # its next prediction needs its new state's sets: read them
+            waiting = len(self._queue)
+        if waiting >= RECORDS_WAKE:
+            self.thread.wake()
+
+    def predict(self, current: bytes, top_k: int, min_confidence: float, session: bytes,
+                remember: bool) -> Prediction:
+        """Score the next queries from the view (no I/O); see PredictionCore.predict for the arguments.
+        The prediction's ``current_query`` and ``session`` are the raw ones: the core shows the caller's."""
+        c = self.config
+        keys = self.core.keys
+        now = self.clock()
+        with self._lock:
+            state = self._sessions.get(session)
+            history = list(state.history) if state is not None else []
+            sequence = history if history and history[0] == current else [current, *history][: c.ngram_size - 1]
+            contexts = keys.contexts(sequence, c.ngram_size)
+            hour = keys.hour(time.gmtime(c.clock()).tm_hour)
+            found = [self.view.lookup(k, now) for k in (*contexts, hour)]
+            rows = score_next(found[0], found[1:-1], found[-1], c.normalized_weights, top_k, min_confidence)
+            prediction = Prediction(
+                _text(current), queries=[_text(r[0]) for r in rows],
+                confidences=[r[1] for r in rows], tools=[self.view.tools(r[0]) for r in rows],
+                parts=[(r[2], r[3], r[4]) for r in rows], session=_text(session))
+            if remember:
+                state = self._session(session)
+                state.pending = (current, frozenset(r[0] for r in rows)) if rows else None
+                self._resize(session, state, state.history)
+        if remember:
+            self.core.counters.add(predictions=1)
+        if len(self.view._wanted) >= RECORDS_WAKE:
+            self.thread.wake()
+        return prediction
+
+    def pending(self) -> int:
+        """Records queued and not yet sent (for tests and metrics)."""
+        return len(self._queue)
+
+    def _session(self, session: bytes) -> SessionState:
+        state = self._sessions.get(session)
+        if state is None:
+            state = self._sessions[session] = SessionState([])
+            self._session_bytes += state.size + len(session)
+        self._sessions.move_to_end(session)
+        return state
+
+    def _resize(self, session: bytes, state: SessionState, history: list[bytes]) -> None:
+        """Set a session's history, keeping every session this process remembers within history_bytes."""
+        before = state.size
+        state.history = history
+        self._session_bytes += state.size - before
+        while self._session_bytes > self.config.history_bytes and len(self._sessions) > 1:
+            name, gone = self._sessions.popitem(last=False)
+            self._session_bytes -= gone.size + len(name)
+            self._recorded.pop(name, None)
+
+    # ------------------------------------------------------------------- the thread's side
+
+    def _count_error(self, exc: BaseException) -> None:
+        self.core.counters.add(model_rounds_failed=1)
+
+    def _round(self, force: bool) -> None:
+        with self._lock:
+            records = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_RECORDS))]
+            recorded = list(self._recorded)
+            self._recorded.clear()
+            # The next prediction of a session just recorded is about its new state: read those sets now.
+            now = self.clock()
+            for session in recorded:
+                state = self._sessions.get(session)
+                if state is not None and state.history:
+                    for key in self.core.keys.contexts(state.history, self.config.ngram_size):
+                        self.view.lookup(key, now)  # wanted when missing or half its age
+            if recorded:
+                self.view.lookup(self.core.keys.hour(time.gmtime(self.config.clock()).tm_hour), now)
+            wanted = self.view.take_wanted(MAX_SETS)
+            verdicts, budget = None, False
+            if force or self.clock() - self._counted_at >= COUNTERS_INTERVAL:
+                self._counted_at = self.clock()
+                if any(self._verdicts):
+                    verdicts, self._verdicts = self._verdicts, [0, 0]
+                budget = self.on_predictions is not None
+        if records or wanted or verdicts or budget:
+            try:
+                self._drive_step(self._send(records, wanted, verdicts, budget))
+            except Exception as exc:  # the records are dropped (the model misses them), never retried
+                self.core.counters.add(model_rounds_failed=1, records_failed=len(records))
+                if isinstance(exc, RedisError):
+                    with contextlib.suppress(CacheError):  # a fail-closed cache raises: the thread only counts
+                        self.core.tiers.redis_failed("record_query", exc)
+        if recorded and self.on_predictions is not None:
+            self._predict_for(recorded)
+
+    def _send(self, records: list[QueuedRecord], wanted: list[bytes], verdicts: list[int] | None,
+              budget: bool) -> Step[None]:
+        """One round trip: the records (record.lua each, in order) and the view's sets (view.lua); once
+        every COUNTERS_INTERVAL a second: the verdicts, and the fleet's prewarm counts for the budget."""
+        core = self.core
+        scripts = core.tiers.scripts
+        calls: list[ScriptCall] = []
+        histories: dict[bytes, list[bytes]] = {}  # each session's history as this round leaves it
+        changed: dict[bytes, None] = {}  # pattern sets the records update
+        for n, rec in enumerate(records):
+            history = histories.get(rec.session)
+            if history is None:
+                history = core._history(rec.session)
+            call = core.record_call(rec.query, rec.tools_json, rec.session, rec.hour, history,
+                                    core._take_doomed() if n == 0 else [])
+            calls.append(call)
+            histories[rec.session] = [rec.query, *history][: self.config.ngram_size - 1]
+            changed.update(dict.fromkeys(call.keys[7:8 + int(call.args[11])]))  # the hour set, the contexts
+        # This process's copies of the sets its records change are read again after them, in the same
+        # round trip: what a process recorded, its next answers know.
+        with self._lock:
+            changed = {key: None for key in changed if self.view.has(key) and key not in wanted}
+        wanted = wanted + list(changed)[: MAX_SETS - len(wanted)]
+        if wanted:
+            calls.append(ScriptCall(scripts.view, (core.keys.tools, *wanted), (1,)))
+        read_at = self.clock()
+        if calls:
+            replies = yield from core.tiers.run_scripts(calls)
+            self._apply(records, replies[: len(records)])
+            if wanted:
+                sets, tools = replies[-1]
+                with self._lock:
+                    self.view.store(wanted, sets, tools, read_at)
+        batch: list[tuple[Any, ...]] = []
+        if verdicts:
+            batch += [("HINCRBY", core.keys.stats, "predictions_total", verdicts[0]),
+                      ("HINCRBY", core.keys.stats, "predictions_correct", verdicts[1])]
+        counts_from = len(batch)
+        if budget:
+            batch += [("HMGET", shard.stats, "prewarmed", "prewarm_useful") for shard in core.tiers.space.shard_keys]
+        if batch:
+            replies = yield batch
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            if budget:
+                counts = replies[counts_from:]
+                core.budget.update(sum(int(r[0] or 0) for r in counts), sum(int(r[1] or 0) for r in counts))
+
+    def _apply(self, records: list[QueuedRecord], replies: list[Any]) -> None:
+        core = self.core
+        again: list[QueuedRecord] = []
+        done = 0
+        for rec, reply in zip(records, replies, strict=True):
+            if reply[0] == 0:  # the session was advanced by another process: resend on its history
+                core._remember(rec.session, list(reply[1]))
+                if rec.tries + 1 < HISTORY_RETRIES:
+                    again.append(QueuedRecord(rec.query, rec.tools_json, rec.session, rec.hour, rec.tries + 1))
+                else:
+                    core.counters.add(record_conflicts=1)
+                continue
+            history = core._history(rec.session)
+            core._remember(rec.session, [rec.query, *history][: self.config.ngram_size - 1])
+            core._set_doomed(reply[2])
+            done += 1
+        core.counters.add(records=done, **({"history_resyncs": len(again)} if again else {}))
+        if again:
+            with self._lock:
+                self._queue.extendleft(reversed(again))
+
+    def _predict_for(self, sessions: list[bytes]) -> None:
+        """The round's automatic predictions: one per session whose state changed since its last."""
+        c = self.config
+        out = []
+        for session in sessions:
+            with self._lock:
+                state = self._sessions.get(session)
+                if state is None or not state.history or state.predicted_for == tuple(state.history):
+                    if state is not None:
+                        self.core.counters.add(predictions_skipped=1)
+                    continue
+                state.predicted_for = tuple(state.history)
+                current = state.history[0]
+            prediction = self.predict(current, c.prewarm_top_k, c.prewarm_min_confidence, session, True)
+            if prediction.queries:
+                out.append(prediction)
+        if out and self.on_predictions is not None:
+            self.on_predictions(out)
+
+
+def _text(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
