@@ -3,7 +3,11 @@
 They hold no logic of their own: the model's steps (model.py, lua/record.lua, predict.lua) and
 the tiers' prewarm step run through the cache's front end, sync or async; only how a step is driven
 differs. ``prewarm_predictions`` is a coroutine in both (as in the in-process design it replaces):
-the sync warmer runs each prewarm in a worker thread.
+the sync warmer runs each prewarm in a worker thread, and ``prewarm`` runs it for sync callers.
+
+A warmer drives a :class:`~victor_rcache.MultiLevelCache` (or its async twin), or a tool-selection
+cache: then its model and prewarms are those of the cache's ``query`` namespace, and a prewarm stores
+selection records under the query keys real requests use.
 """
 
 from __future__ import annotations
@@ -11,18 +15,24 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..aio import AsyncMultiLevelCache
 from ..cache import MultiLevelCache
-from ..errors import CacheError, ConfigurationError, InvalidArgumentError
+from ..errors import CacheError, CacheUnavailableError, ConfigurationError, InvalidArgumentError
 from ..tiers import Prewarmed, Step
-from .model import Prediction, PredictionCore, WarmerConfig
+from . import tool_selection as _tools  # a cycle (it imports this module): its names are looked up when used
+from .model import PREWARM_OUTCOMES, Prediction, PredictionCore, WarmerConfig
+
+if TYPE_CHECKING:
+    from .tool_selection import AsyncToolSelectionCache, ToolSelectionCache
 
 SelectionFn = Callable[[Any], Any]  # query -> result (or an awaitable of it)
+Store = Callable[[Any, float], Any]  # (value, milliseconds its selection took) -> what the cache stores
 
 
 @dataclass(frozen=True)
@@ -35,26 +45,60 @@ class PrewarmReport:
     refused: int = 0  # written or deleted by someone else meanwhile: the fill was dropped
     failed: int = 0  # the selection raised or timed out, or Redis failed
     below_threshold: int = 0  # confidence under prewarm_min_confidence: not considered
+    no_tools: int = 0  # no selection function, and no tools recorded for the query: nothing to store
+    other_registry: int = 0  # no selection function, and its tools were recorded under another tools hash
 
     @property
     def skipped(self) -> int:
-        return self.cached + self.busy + self.refused
+        return self.cached + self.busy + self.refused + self.no_tools + self.other_registry
 
 
-def _selection_loader(selection_fn: SelectionFn, query: Any, timeout: float) -> Callable[[], Any]:
-    """A loader (awaitable, run by either front end) calling ``selection_fn(query)`` within ``timeout``.
+@dataclass(frozen=True)
+class _Target:
+    """Where and what one ``prewarm_predictions`` call stores."""
+
+    key: Callable[[Any], str | bytes]  # query -> the key a real request uses
+    registry: str | None  # the tools hash recorded tools must carry to be stored (None: recorded without one)
+    store: Store  # a selected value -> the value stored (itself, or a tool-selection record)
+    ttl: float | None  # the entries' absolute ttl
+
+
+def _as_is(value: Any, selection_ms: float) -> Any:
+    return value
+
+
+def _recorded(prediction: Prediction, i: int) -> tuple[list[Any], str | None]:
+    """The tools recorded for the prediction's i-th query and the tools hash recorded with them."""
+    tools = prediction.tools[i] if i < len(prediction.tools) else []
+    registry = prediction.tools_hashes[i] if i < len(prediction.tools_hashes) else None
+    return list(tools or []), registry
+
+
+def _stored_loader(store: Store, value: Any) -> Callable[[], Any]:
+    """A loader storing a value known in advance (a query's recorded tools)."""
+    async def run() -> Any:
+        return store(value, 0.0)
+
+    return run
+
+
+def _selection_loader(selection_fn: SelectionFn, query: Any, timeout: float, store: Store = _as_is
+                      ) -> Callable[[], Any]:
+    """A loader (awaitable, run by either front end) calling ``selection_fn(query)`` within ``timeout``,
+    its result stored as ``store`` makes it.
 
     A plain function runs in a worker thread: on timeout it is abandoned (it finishes in the
     background and its result is dropped); a coroutine function is cancelled.
     """
     async def run() -> Any:
+        started = time.perf_counter()
         if inspect.iscoroutinefunction(selection_fn):
             result = await asyncio.wait_for(selection_fn(query), timeout)
         else:
             result = await asyncio.wait_for(asyncio.wrap_future(_in_daemon_thread(selection_fn, query)), timeout)
         if inspect.isawaitable(result):
             result = await asyncio.wait_for(result, timeout)
-        return result
+        return store(result, (time.perf_counter() - started) * 1000.0)
 
     return run
 
@@ -77,8 +121,12 @@ def _in_daemon_thread(fn: SelectionFn, query: Any) -> Future[Any]:
 
 
 class _WarmerBase:
+    _asynchronous = False
+    tool_selection: Any  # the tool-selection cache the warmer was given, if any
+
     def __init__(self, cache: Any, max_patterns: int, ngram_size: int, config: WarmerConfig | None,
                  settings: dict[str, Any]) -> None:
+        cache = self._accept(cache)
         try:
             base = config or WarmerConfig()
             self.config = replace(base, max_patterns=max_patterns if config is None else base.max_patterns,
@@ -88,45 +136,127 @@ class _WarmerBase:
         self.cache = cache
         self._core = PredictionCore(cache._core, self.config)
 
+    def _accept(self, cache: Any) -> Any:
+        """The fleet cache this warmer drives: ``cache`` itself, or a tool-selection cache's ``query``
+        namespace (the tool-selection cache is then kept as ``tool_selection``)."""
+        sync: tuple[type[Any], type[Any]] = (MultiLevelCache, _tools.ToolSelectionCache)
+        asynchronous: tuple[type[Any], type[Any]] = (AsyncMultiLevelCache, _tools.AsyncToolSelectionCache)
+        plain, tools = asynchronous if self._asynchronous else sync
+        self.tool_selection = None
+        if isinstance(cache, tools):
+            self.tool_selection = cache
+            return cache.cache("query")
+        if isinstance(cache, plain):
+            return cache
+        if self._asynchronous:
+            raise ConfigurationError(f"cache must be an AsyncMultiLevelCache or an AsyncToolSelectionCache, not "
+                                     f"{type(cache).__name__}; use PredictiveCacheWarmer with a MultiLevelCache or "
+                                     "a ToolSelectionCache")
+        raise ConfigurationError(f"cache must be a MultiLevelCache or a ToolSelectionCache, not "
+                                 f"{type(cache).__name__}; use AsyncPredictiveCacheWarmer with an AsyncMultiLevelCache "
+                                 "or an AsyncToolSelectionCache")
+
     async def _prewarm(self, step: Step[Prewarmed], loader: Callable[[], Any]) -> Prewarmed:
         raise NotImplementedError
 
     async def _report(self, outcomes: dict[str, int]) -> None:
         raise NotImplementedError
 
-    async def prewarm_predictions(self, prediction: Prediction, selection_fn: SelectionFn,
-                                  min_confidence: float | None = None, ttl: float | None = None) -> PrewarmReport:
-        """Compute and store the predicted queries' results before anyone asks, once per fleet.
+    async def _fleet_tools_hash(self) -> str | None:
+        raise NotImplementedError
+
+    async def _target(self, tools_hash: str | None, key_config: Mapping[str, Any] | None,
+                      ttl: float | None) -> _Target:
+        """Keys, registry, stored form and ttl of one prewarm call (the fleet's tools hash: one round trip)."""
+        c = self.config
+        tc = self.tool_selection
+        if tc is None:
+            return _Target(c.key_fn or (lambda q: q), tools_hash, _as_is, ttl or c.prewarm_ttl)
+        # By default the registry the fleet registered, else none: that of requests made without tools.
+        registry = tools_hash if tools_hash is not None else (await self._fleet_tools_hash() or _tools.tools_hash(None))
+        settings = dict(key_config or {})
+        entry_ttl = tc._ttl("query", ttl or c.prewarm_ttl)
+
+        def key(query: Any) -> str | bytes:
+            return _tools.query_key_of_hash(query, registry, **settings)
+
+        def store(value: Any, selection_ms: float) -> Any:  # the record a real request stores
+            return tc._record(value, _tools.selected_tools(value), "query", entry_ttl, None, selection_ms)
+
+        return _Target(c.key_fn or key, registry, store, entry_ttl)
+
+    async def prewarm_predictions(self, prediction: Prediction, selection_fn: SelectionFn | None = None,
+                                  min_confidence: float | None = None, ttl: float | None = None, *,
+                                  tools_hash: str | None = None,
+                                  key_config: Mapping[str, Any] | None = None) -> PrewarmReport:
+        """Store the predicted queries' results before anyone asks, once per fleet.
 
         Each query at or above ``min_confidence`` (default ``prewarm_min_confidence``) that is not
-        cached is computed with ``selection_fn(query)`` (sync or async; at most
-        ``prewarm_concurrency`` at once, each within ``prewarm_timeout``) and stored under
-        ``key_fn(query)``, the key a real request uses. A query another worker is computing is
-        skipped. Exceptions of ``selection_fn`` are counted (``failed``), never raised.
+        cached is stored under the key a real request uses: ``key_fn(query)`` (default: the query
+        itself), or over a tool-selection cache the query key made from the registry hash and
+        ``key_config`` (the selector settings real requests pass; ``{"selector": name}`` for
+        ``cached_selection``'s entries), as ``query_key(query, tools, **key_config)`` makes it.
+
+        With ``selection_fn`` (sync or async; at most ``prewarm_concurrency`` at once, each within
+        ``prewarm_timeout``) the value is ``selection_fn(query)``. Without one, the value is the tools
+        the fleet recorded for the query (``prediction.tools``), as a real request's selection would
+        have stored them: the tool list itself, or over a tool-selection cache the selection record
+        whose value is that list. Recorded tools are used only if they were recorded with the
+        registry hash this call prewarms for: ``tools_hash``; by default, over a tool-selection cache
+        the fleet's registered one (``stored_tools_hash()``, else ``"none"``), over any other cache
+        none (only tools recorded without a hash). Queries without recorded tools are skipped as
+        ``no_tools``, those recorded under another hash as ``other_registry``.
+
+        A query another worker is computing is skipped. Exceptions of ``selection_fn`` are counted
+        (``failed``), never raised. Over a tool-selection cache the entries live for ``ttl`` (else
+        ``prewarm_ttl``, else the ``query`` namespace's ttl).
         """
         if not isinstance(prediction, Prediction):
             raise InvalidArgumentError(f"prediction must be what predict_next_queries returned, not "
                                        f"{type(prediction).__name__}")
-        if not callable(selection_fn):
-            raise InvalidArgumentError("selection_fn must be a function of the query (sync or async)")
+        if selection_fn is not None and not callable(selection_fn):
+            raise InvalidArgumentError("selection_fn must be a function of the query (sync or async), or None to "
+                                       "store the tools recorded for it")
+        if tools_hash is not None and (not isinstance(tools_hash, str) or not tools_hash):
+            raise InvalidArgumentError(f"tools_hash={tools_hash!r} must be a non-empty str (tools_hash(registry))")
+        if key_config is not None and self.tool_selection is None:
+            raise InvalidArgumentError("key_config makes tool-selection query keys: give the warmer a tool-selection "
+                                       "cache, or name the keys with key_fn")
+        if key_config is not None and not isinstance(key_config, Mapping):
+            raise InvalidArgumentError(f"key_config must be a mapping of selector settings (as query_key takes them), "
+                                       f"not {type(key_config).__name__}")
         c = self.config
         threshold = c.prewarm_min_confidence if min_confidence is None else min_confidence
-        key_fn = c.key_fn or (lambda q: q)
-        wanted = [q for q, conf in zip(prediction.queries, prediction.confidences, strict=True) if conf >= threshold]
+        wanted = [(i, q) for i, (q, conf) in enumerate(zip(prediction.queries, prediction.confidences, strict=True))
+                  if conf >= threshold]
+        outcomes = dict.fromkeys(PREWARM_OUTCOMES, 0)
+        try:
+            target = await self._target(tools_hash, key_config, ttl) if wanted else None
+        except CacheUnavailableError:  # the fleet's tools hash could not be read (a fail-closed cache)
+            target, outcomes["failed"] = None, len(wanted)
         gate = asyncio.Semaphore(c.prewarm_concurrency)
+        # A selection may not outlive its fill lease, or another worker would compute it again.
+        timeout = min(c.prewarm_timeout, self.cache.config.lease_ttl)
 
-        async def one(query: Any) -> Prewarmed:
+        async def one(i: int, query: Any, target: _Target) -> str:
+            if selection_fn is None:
+                tools, registry = _recorded(prediction, i)
+                if not tools:
+                    return "no_tools"
+                if registry != target.registry:
+                    return "other_registry"
+                loader = _stored_loader(target.store, tools)
+            else:
+                loader = _selection_loader(selection_fn, query, timeout, target.store)
             async with gate:
-                # A selection may not outlive its fill lease, or another worker would compute it again.
-                loader = _selection_loader(selection_fn, query, min(c.prewarm_timeout, self.cache.config.lease_ttl))
                 try:
-                    return await self._prewarm(self.cache._core.prewarm(key_fn(query), ttl or c.prewarm_ttl), loader)
+                    return await self._prewarm(self.cache._core.prewarm(target.key(query), target.ttl), loader)
                 except CacheError:  # a bad key from key_fn, or Redis failing a fail-closed cache
                     return "failed"
 
-        outcomes = {k: 0 for k in ("completed", "cached", "busy", "refused", "failed")}
-        for outcome in await asyncio.gather(*(one(q) for q in wanted)):
-            outcomes[outcome] += 1
+        if target is not None:
+            for outcome in await asyncio.gather(*(one(i, q, target) for i, q in wanted)):
+                outcomes[outcome] += 1
         await self._report(outcomes)
         return PrewarmReport(**outcomes, below_threshold=len(prediction.queries) - len(wanted))
 
@@ -135,22 +265,26 @@ class PredictiveCacheWarmer(_WarmerBase):
     """Learns which query a session asks next from the whole fleet's traffic, and prewarms it.
 
     ``PredictiveCacheWarmer(cache, max_patterns=500, ngram_size=3, **settings)``; the settings are
-    described in :class:`~victor_rcache.prediction.model.WarmerConfig`.
+    described in :class:`~victor_rcache.prediction.model.WarmerConfig`. ``cache`` is a
+    :class:`~victor_rcache.MultiLevelCache`, or a :class:`~victor_rcache.ToolSelectionCache` (the
+    warmer then learns and prewarms its ``query`` namespace; ``cache`` is that namespace's cache and
+    ``tool_selection`` the tool-selection cache).
     """
 
     cache: MultiLevelCache
+    tool_selection: ToolSelectionCache | None
 
-    def __init__(self, cache: MultiLevelCache, max_patterns: int = 500, ngram_size: int = 3, *,
+    def __init__(self, cache: MultiLevelCache | ToolSelectionCache, max_patterns: int = 500, ngram_size: int = 3, *,
                  config: WarmerConfig | None = None, **settings: Any) -> None:
-        if not isinstance(cache, MultiLevelCache):
-            raise ConfigurationError(f"cache must be a MultiLevelCache, not {type(cache).__name__}; use "
-                                     "AsyncPredictiveCacheWarmer with an AsyncMultiLevelCache")
         super().__init__(cache, max_patterns, ngram_size, config, settings)
 
     def record_query(self, query: str | bytes, tools: Iterable[Any] | None = None,
-                     session: str | bytes | None = None) -> None:
-        """Learn that ``query`` (which used ``tools``) came next in ``session`` (one round trip)."""
-        self.cache._drive(self._core.record(query, tools, session))
+                     session: str | bytes | None = None, *, tools_hash: str | None = None) -> None:
+        """Learn that ``query`` (which used ``tools``) came next in ``session`` (one round trip).
+
+        ``tools_hash`` (``tools_hash(registry)``) names the tool registry ``tools`` were selected from:
+        a prewarm without a selection function uses them only for that registry."""
+        self.cache._drive(self._core.record(query, tools, session, tools_hash))
 
     def predict_next_queries(self, current_query: str | bytes, top_k: int = 5, min_confidence: float = 0.2,
                              session: str | bytes | None = None, remember: bool = True) -> Prediction:
@@ -168,14 +302,16 @@ class PredictiveCacheWarmer(_WarmerBase):
         """Forget the fleet's model (every worker of the namespace starts learning afresh)."""
         self.cache._drive(self._core.clear())
 
-    def prewarm(self, prediction: Prediction, selection_fn: SelectionFn, min_confidence: float | None = None,
-                ttl: float | None = None) -> PrewarmReport:
+    def prewarm(self, prediction: Prediction, selection_fn: SelectionFn | None = None,
+                min_confidence: float | None = None, ttl: float | None = None, *, tools_hash: str | None = None,
+                key_config: Mapping[str, Any] | None = None) -> PrewarmReport:
         """:meth:`prewarm_predictions` for sync code: runs it to the end and returns its report. (It runs an
         event loop of its own; inside a running event loop, await ``prewarm_predictions`` instead.)"""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.prewarm_predictions(prediction, selection_fn, min_confidence, ttl))
+            return asyncio.run(self.prewarm_predictions(prediction, selection_fn, min_confidence, ttl,
+                                                        tools_hash=tools_hash, key_config=key_config))
         raise InvalidArgumentError("PredictiveCacheWarmer.prewarm() blocks until done: inside a running event loop, "
                                    "await warmer.prewarm_predictions(...) instead")
 
@@ -186,22 +322,26 @@ class PredictiveCacheWarmer(_WarmerBase):
     async def _report(self, outcomes: dict[str, int]) -> None:
         await asyncio.to_thread(self.cache._drive, self._core.report_prewarm(outcomes))
 
+    async def _fleet_tools_hash(self) -> str | None:
+        assert self.tool_selection is not None
+        return await asyncio.to_thread(self.tool_selection.stored_tools_hash)
+
 
 class AsyncPredictiveCacheWarmer(_WarmerBase):
-    """The coroutine version of :class:`PredictiveCacheWarmer`, for an :class:`AsyncMultiLevelCache`."""
+    """The coroutine version of :class:`PredictiveCacheWarmer`, for an :class:`AsyncMultiLevelCache` or an
+    :class:`~victor_rcache.AsyncToolSelectionCache`."""
 
+    _asynchronous = True
     cache: AsyncMultiLevelCache
+    tool_selection: AsyncToolSelectionCache | None
 
-    def __init__(self, cache: AsyncMultiLevelCache, max_patterns: int = 500, ngram_size: int = 3, *,
-                 config: WarmerConfig | None = None, **settings: Any) -> None:
-        if not isinstance(cache, AsyncMultiLevelCache):
-            raise ConfigurationError(f"cache must be an AsyncMultiLevelCache, not {type(cache).__name__}; use "
-                                     "PredictiveCacheWarmer with a MultiLevelCache")
+    def __init__(self, cache: AsyncMultiLevelCache | AsyncToolSelectionCache, max_patterns: int = 500,
+                 ngram_size: int = 3, *, config: WarmerConfig | None = None, **settings: Any) -> None:
         super().__init__(cache, max_patterns, ngram_size, config, settings)
 
     async def record_query(self, query: str | bytes, tools: Iterable[Any] | None = None,
-                           session: str | bytes | None = None) -> None:
-        await self.cache._drive(self._core.record(query, tools, session))
+                           session: str | bytes | None = None, *, tools_hash: str | None = None) -> None:
+        await self.cache._drive(self._core.record(query, tools, session, tools_hash))
 
     async def predict_next_queries(self, current_query: str | bytes, top_k: int = 5, min_confidence: float = 0.2,
                                    session: str | bytes | None = None, remember: bool = True) -> Prediction:
@@ -222,3 +362,7 @@ class AsyncPredictiveCacheWarmer(_WarmerBase):
 
     async def _report(self, outcomes: dict[str, int]) -> None:
         await self.cache._drive(self._core.report_prewarm(outcomes))
+
+    async def _fleet_tools_hash(self) -> str | None:
+        assert self.tool_selection is not None
+        return await self.tool_selection.stored_tools_hash()
