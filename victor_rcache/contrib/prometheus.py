@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ..aio import AsyncMultiLevelCache
 from ..cache import CacheBase, MultiLevelCache
 from ..errors import CacheError, ConfigurationError
+from ..prediction.model import PREWARM_OUTCOMES
 from ..prediction.warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ DEFAULT_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 TIERS = ("l1", "l2", "l3")
-PREWARM_OUTCOMES = ("completed", "cached", "busy", "refused", "failed")
 
 NS, TIER = ("namespace",), ("namespace", "tier")
 # name (without victor_rcache_ and _total), type, labels, help

@@ -27,7 +27,6 @@ affected.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections import OrderedDict, deque
@@ -42,7 +41,7 @@ from ..errors import CacheError
 from ..periodic import Periodic
 from ..scripts import ScriptCall
 from ..tiers import Step
-from .model import HISTORY_RETRIES, Distribution, Prediction, PredictionCore, score_next
+from .model import HISTORY_RETRIES, Distribution, Prediction, PredictionCore, stored_tools, score_next
 
 RECORDS_WAKE = 64  # queued records that start a round at once
 MAX_RECORDS = 256  # records one round carries; more wait for the next
@@ -110,9 +109,9 @@ class LocalView:
             del self._wanted[key]
         return keys
 
-    def tools(self, member: bytes) -> list[Any]:
-        raw = self._tools.get(member)
-        return json.loads(raw) if raw else []
+    def tools(self, member: bytes) -> tuple[list[Any], str | None]:
+        """The tools recorded for a member, and the registry hash recorded with them."""
+        return stored_tools(self._tools.get(member))
 
     def store(self, keys: Sequence[bytes], sets: Sequence[Sequence[bytes]], tools: Sequence[Any],
               read_at: float) -> None:
@@ -219,9 +218,10 @@ class ModelSync:
             hour = keys.hour(time.gmtime(c.clock()).tm_hour)
             found = [self.view.lookup(k, now) for k in (*contexts, hour)]
             rows = score_next(found[0], found[1:-1], found[-1], c.normalized_weights, top_k, min_confidence)
+            tools = [self.view.tools(r[0]) for r in rows]
             prediction = Prediction(
                 _text(current), queries=[_text(r[0]) for r in rows],
-                confidences=[r[1] for r in rows], tools=[self.view.tools(r[0]) for r in rows],
+                confidences=[r[1] for r in rows], tools=[t for t, _ in tools], tools_hashes=[h for _, h in tools],
                 parts=[(r[2], r[3], r[4]) for r in rows], session=_text(session))
             if remember:
                 state = self._session(session)

@@ -45,6 +45,9 @@ MAX_NGRAM = 8  # longest n-gram (the scripts accept histories up to 64)
 MAX_TOP_K = 1000
 SESSIONS_REMEMBERED = 10_000  # session histories this process keeps locally (LRU): saves a round trip
 HISTORY_RETRIES = 3  # a session advanced by another process meanwhile: derive the keys again, resend
+# What a prewarm does with a predicted query above the threshold; the fleet counts the skipped ones together.
+PREWARM_SKIPPED = ("cached", "busy", "refused", "no_tools", "other_registry")
+PREWARM_OUTCOMES = ("completed", "cached", "busy", "refused", "failed", "no_tools", "other_registry", "over_budget")
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,9 @@ class Prediction:
 
     ``confidences[i]`` is the model's estimate of the probability that ``queries[i]`` comes next
     (weighted transition, n-gram and hour-of-day probabilities); ``parts[i]`` holds those three
-    probabilities; ``tools[i]`` the tools the query's latest selection used.
+    probabilities; ``tools[i]`` the tools the query's latest selection used, and ``tools_hashes[i]``
+    the hash of the tool registry they were selected from, when ``record_query`` was given one (else
+    None; a missing entry counts as None).
     """
 
     current_query: str | bytes
@@ -151,6 +156,7 @@ class Prediction:
     tools: list[list[Any]] = field(default_factory=list)
     parts: list[tuple[float, float, float]] = field(default_factory=list)
     session: str | bytes | None = None
+    tools_hashes: list[str | None] = field(default_factory=list)
 
     @property
     def total_confidence(self) -> float:
@@ -252,14 +258,22 @@ def _text(raw: bytes) -> str | bytes:
         return raw
 
 
-def _tools_json(tools: Iterable[Any] | None) -> str:
+def _tools_json(tools: Iterable[Any] | None, tools_hash: str | None = None) -> str:
+    """What record.lua stores for a query's tools: their JSON list, or with a registry hash the object
+    ``{"tools": [...], "tools_hash": "..."}`` ('' = keep what is stored)."""
+    if tools_hash is not None and (not isinstance(tools_hash, str) or not tools_hash):
+        raise InvalidArgumentError(f"tools_hash={tools_hash!r} must be a non-empty str (tools_hash(registry))")
     if tools is None:
+        if tools_hash is not None:
+            raise InvalidArgumentError("tools_hash names the registry the tools came from: pass the tools too")
         return ""
     if isinstance(tools, (str, bytes)):
         raise InvalidArgumentError(f"tools must be a list of tool names, not a single {type(tools).__name__}: "
                                    "pass [name]")
     try:
-        return json.dumps(list(tools), separators=(",", ":"))
+        listed = list(tools)
+        stored: Any = listed if tools_hash is None else {"tools": listed, "tools_hash": tools_hash}
+        return json.dumps(stored, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"tools must be JSON-serializable (names or small dicts): {exc}") from None
 
@@ -296,6 +310,16 @@ class PrewarmBudget:
             self.completed, self.useful, self.reserved = completed, useful, 0
 
 
+def stored_tools(raw: Any) -> tuple[list[Any], str | None]:
+    """A query's stored tools and the registry hash recorded with them (see :func:`_tools_json`)."""
+    if not raw:
+        return [], None
+    stored = json.loads(raw)
+    if isinstance(stored, dict):
+        return list(stored.get("tools") or []), stored.get("tools_hash")
+    return stored, None
+
+
 class PredictionCore:
     """The model's operations as I/O-free steps, on the tiers' script runner and failure policy."""
 
@@ -323,12 +347,13 @@ class PredictionCore:
 
     # ------------------------------------------------------------------ record
 
-    def record_args(self, query: str | bytes, tools: Iterable[Any] | None,
-                    session: str | bytes | None) -> tuple[bytes, str, bytes, bytes]:
-        """A record's checked arguments (raises InvalidArgumentError): query, tools JSON, session, hour set."""
+    def record_args(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None,
+                    tools_hash: str | None = None) -> tuple[bytes, str, bytes, bytes]:
+        """A record's checked arguments (raises InvalidArgumentError): query, tools JSON (with the registry
+        hash ``tools_hash`` if given), session, hour set."""
         q = _query_bytes(query)
         s = self._session(session)
-        tools_json = _tools_json(tools)
+        tools_json = _tools_json(tools, tools_hash)
         return q, tools_json, s, self.keys.hour(time.gmtime(self.config.clock()).tm_hour)
 
     def record_call(self, q: bytes, tools_json: str, s: bytes, hour: bytes, hist: list[bytes],
@@ -344,10 +369,12 @@ class PredictionCore:
             len(contexts), len(hist), *hist)
         return ScriptCall(self.tiers.scripts.record, keys, args)
 
-    def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None) -> Step[int]:
-        """Learn that ``query`` came next in ``session``, in one round trip. Returns the verdict on the
-        prediction made for it: 1 predicted, 0 not, -1 none was pending (or Redis failed)."""
-        q, tools_json, s, hour = self.record_args(query, tools, session)
+    def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None,
+               tools_hash: str | None = None) -> Step[int]:
+        """Learn that ``query`` came next in ``session`` (its ``tools``, from the registry whose hash is
+        ``tools_hash`` if given), in one round trip. Returns the verdict on the prediction made for it:
+        1 predicted, 0 not, -1 none was pending (or Redis failed)."""
+        q, tools_json, s, hour = self.record_args(query, tools, session, tools_hash)
         keep = self.config.ngram_size - 1
         for _ in range(HISTORY_RETRIES):
             hist = self._history(s)
@@ -413,13 +440,15 @@ class PredictionCore:
             rows = reply[1:]
             if remember:
                 self.counters.add(predictions=1)
+            stored = [stored_tools(r[5]) for r in rows]
             return Prediction(
                 current_query,
                 queries=[_text(r[0]) for r in rows],
                 confidences=[float(r[1]) for r in rows],
-                tools=[json.loads(r[5]) if r[5] else [] for r in rows],
+                tools=[tools for tools, _ in stored],
                 parts=[(float(r[2]), float(r[3]), float(r[4])) for r in rows],
                 session=session,
+                tools_hashes=[h for _, h in stored],
             )
         return empty
 
@@ -470,16 +499,16 @@ class PredictionCore:
             "prewarming": {
                 "completed": f.get("prewarm_completed", 0), "useful": f.get("prewarm_useful", 0),
                 "skipped": f.get("prewarm_skipped", 0), "failed": f.get("prewarm_failed", 0),
-                "process": {k: local.get(f"prewarm_{k}", 0) for k in ("completed", "cached", "busy", "refused",
-                                                                      "failed")},
+                "process": {k: local.get(f"prewarm_{k}", 0) for k in PREWARM_OUTCOMES},
             },
             "available": fleet is not None,
         }
 
     def report_prewarm(self, outcomes: dict[str, int]) -> Step[None]:
-        """Count a prewarm round's outcomes in this process and fleet-wide (skipped = cached, busy or refused)."""
+        """Count a prewarm round's outcomes in this process and fleet-wide (skipped = cached, busy, refused,
+        or no usable recorded tools)."""
         self.counters.add(**{f"prewarm_{k}": n for k, n in outcomes.items() if n})
-        skipped = outcomes.get("cached", 0) + outcomes.get("busy", 0) + outcomes.get("refused", 0)
+        skipped = sum(outcomes.get(k, 0) for k in PREWARM_SKIPPED)
         batch = [("HINCRBY", self.keys.stats, name, n)
                  for name, n in (("prewarm_skipped", skipped), ("prewarm_failed", outcomes.get("failed", 0))) if n]
         if not batch:

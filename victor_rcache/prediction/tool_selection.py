@@ -204,8 +204,15 @@ def tools_hash(tools: Any) -> str:
 def query_key(query: str, tools: Any = None, *, model: Any = None, threshold: Any = None,
               max_tools: Any = None, **config: Any) -> str:
     """``q:`` + canonical JSON of [normalized query, tools hash, selector config]."""
+    return query_key_of_hash(query, tools_hash(tools), model=model, threshold=threshold, max_tools=max_tools,
+                             **config)
+
+
+def query_key_of_hash(query: str, registry_hash: str, /, *, model: Any = None, threshold: Any = None,
+                      max_tools: Any = None, **config: Any) -> str:
+    """:func:`query_key` from the registry's hash (:func:`~victor_rcache.prediction.tools_hash`), not the registry."""
     settings = {"model": model, "threshold": threshold, "max_tools": max_tools, **config}
-    return "q:" + canonical([normalize_query(query), tools_hash(tools), settings])
+    return "q:" + canonical([normalize_query(query), registry_hash, settings])
 
 
 def context_key(messages: Iterable[Any], pending_actions: Iterable[Any] | None = None) -> str:
@@ -807,8 +814,10 @@ def cached_selection(selector: Selector, *, cache: ToolSelectionCache | AsyncToo
     """Serve ``selector(query, tools=None, **config)`` from the fleet cache (once per fleet on a miss).
 
     The wrapper takes ``(query, tools=None, *, session=None, **config)`` and returns the selection.
-    With ``warmer``, each query is recorded into the fleet's prediction model; with ``prewarm=True``
-    the session's predicted next queries are computed in the background (never blocking the call).
+    With ``warmer``, each query is recorded into the fleet's prediction model (with the registry's
+    :func:`~victor_rcache.prediction.tools_hash` when the selection is the list of tool names, so a
+    prewarm without a selection function may store it); with ``prewarm=True`` the session's
+    predicted next queries are computed in the background (never blocking the call).
     ``cache`` defaults to this process's instance; ``key_fn(query, tools, **config)`` overrides the key.
     """
     if namespace not in NAMESPACES:
@@ -831,7 +840,8 @@ def _sync_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | N
     @functools.wraps(selector)
     def wrapper(query: str, tools: Any = None, *, session: str | None = None, **config: Any) -> Any:
         cache = given or get_tool_selection_cache()
-        cache._sync_tools(tools, tools_hash(tools))
+        current = tools_hash(tools)
+        cache._sync_tools(tools, current)
 
         def compute() -> dict[str, Any]:
             started = time.perf_counter()
@@ -839,7 +849,7 @@ def _sync_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | N
 
         found = cache.get_or_compute(make_key(query, tools, **config), compute, namespace, ttl)
         if warmer is not None:
-            _record_sync(warmer, query, found.tools, session)
+            _record_sync(warmer, query, found.tools, session, _recorded_registry(found, current))
             if prewarm:
                 _prewarm_sync(cache, warmer, selector, query, tools, config, session, make_key, namespace, ttl)
         return found.value
@@ -847,9 +857,18 @@ def _sync_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | N
     return wrapper
 
 
-def _record_sync(warmer: PredictiveCacheWarmer, query: str, tools: list[str], session: str | None) -> None:
+def _recorded_registry(found: CachedSelection, current: str) -> str | None:
+    """The tools hash recorded with a selection's tools: the registry's when the tools are the selection
+    itself (a prewarm storing them stores what the selector returned); None when they only summarize it
+    (a dict), so that only a selection function prewarms it."""
+    value = found.value
+    return current if isinstance(value, (list, tuple)) and list(value) == found.tools else None
+
+
+def _record_sync(warmer: PredictiveCacheWarmer, query: str, tools: list[str], session: str | None,
+                 registry: str | None) -> None:
     try:
-        warmer.record_query(normalize_query(query), tools, session=session)
+        warmer.record_query(normalize_query(query), tools, session=session, tools_hash=registry)
     except CacheError:
         log.exception("recording %r into the prediction model failed", query)
 
@@ -902,7 +921,8 @@ def _async_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | 
     @functools.wraps(selector)
     async def wrapper(query: str, tools: Any = None, *, session: str | None = None, **config: Any) -> Any:
         cache = given or get_async_tool_selection_cache()
-        await cache._sync_tools(tools, tools_hash(tools))
+        current = tools_hash(tools)
+        await cache._sync_tools(tools, current)
 
         async def compute() -> dict[str, Any]:
             started = time.perf_counter()
@@ -911,7 +931,8 @@ def _async_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | 
         found = await cache.get_or_compute(make_key(query, tools, **config), compute, namespace, ttl)
         if warmer is not None:
             try:
-                await warmer.record_query(normalize_query(query), found.tools, session=session)
+                await warmer.record_query(normalize_query(query), found.tools, session=session,
+                                          tools_hash=_recorded_registry(found, current))
             except CacheError:
                 log.exception("recording %r into the prediction model failed", query)
             if prewarm:
@@ -960,6 +981,7 @@ __all__ = [
     "get_tool_selection_cache",
     "normalize_query",
     "query_key",
+    "query_key_of_hash",
     "reset_tool_selection_cache",
     "rl_key",
     "tools_hash",
