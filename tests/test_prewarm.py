@@ -320,7 +320,7 @@ def test_an_entry_already_cached_is_not_computed_again(front: str, kind: str, ma
     assert not any(lease_held(raw, space, k) for k in ("theirs", "mine", "new"))
     assert (stats["completed"], stats["skipped"]) == (1, 2)
     assert stats["process"] == {"completed": 1, "cached": 2, "busy": 0, "refused": 0, "failed": 0, "no_tools": 0,
-                                "other_registry": 0}
+                                "other_registry": 0, "over_budget": 0}
 
 
 @front_and_kind
@@ -607,7 +607,8 @@ def test_prewarm_counters_per_process_and_fleet_wide(front: str, make_cache: Mak
     fleet = {"completed": 2, "useful": 1, "skipped": 5, "failed": 1}
     for stats in (sa, sb, sc):
         assert {k: stats["prewarming"][k] for k in fleet} == fleet
-    none = dict.fromkeys(("completed", "cached", "busy", "refused", "failed", "no_tools", "other_registry"), 0)
+    none = dict.fromkeys(("completed", "cached", "busy", "refused", "failed", "no_tools", "other_registry",
+                          "over_budget"), 0)
     assert sa["prewarming"]["process"] == {**none, "completed": 2, "cached": 1, "failed": 1}
     assert sb["prewarming"]["process"] == {**none, "cached": 2, "busy": 1, "refused": 1}
     assert sc["prewarming"]["process"] == none

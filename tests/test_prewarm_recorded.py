@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
 
-from victor_rcache import (
-    AsyncMultiLevelCache,
-    AsyncPredictiveCacheWarmer,
-    MultiLevelCache,
-    Prediction,
-    PredictiveCacheWarmer,
-    PrewarmReport,
-)
+from victor_rcache import AsyncMultiLevelCache, MultiLevelCache, Prediction, PrewarmReport
+from victor_rcache import AsyncPredictiveCacheWarmer as AsyncBackgroundWarmer
+from victor_rcache import PredictiveCacheWarmer as BackgroundWarmer
 from victor_rcache.errors import ConfigurationError, InvalidArgumentError
 from victor_rcache.prediction.tool_selection import (
     NAMESPACES,
@@ -50,12 +46,17 @@ TOOLS = [
 ]
 OLD_TOOLS = TOOLS[:2]  # the registry before a deploy added "write"
 NOW, OLD = tools_hash(TOOLS), tools_hash(OLD_TOOLS)
-OUTCOMES = ("completed", "cached", "busy", "refused", "failed", "no_tools", "other_registry")
+OUTCOMES = ("completed", "cached", "busy", "refused", "failed", "no_tools", "other_registry", "over_budget")
 # Transitions only: a prediction after a query is what followed it, not also every query of this hour.
 TRANSITIONS: dict[str, Any] = {"weights": (1.0, 0.0, 0.0)}
 
 Make = Callable[..., MultiLevelCache]
 MakeAsync = Callable[..., AsyncMultiLevelCache]
+
+# Each record and prediction a round trip (what the model holds is what the test set up); prewarming from
+# the background rounds is tested in tests/test_model_background.py.
+PredictiveCacheWarmer = partial(BackgroundWarmer, background=False)
+AsyncPredictiveCacheWarmer = partial(AsyncBackgroundWarmer, background=False)
 
 
 def select_by_name(query: str, tools: Any = None, **config: Any) -> list[str]:

@@ -350,6 +350,7 @@ def test_cached_selection_records_queries_and_prewarms(make_tools: Callable[...,
     for session in ("s1", "s2", "s3"):
         wrapped("read the file", TOOLS, session=session)
         wrapped("Search the code", TOOLS, session=session)
+    warmer.flush()  # the records reach Redis, and the warmer's view of what follows them
     p = warmer.predict_next_queries("read the file", session="probe", remember=False)
     assert p.queries[:1] == ["search the code"]  # recorded, normalized
     assert tc.wait_for_prewarms(LIVENESS)  # none of the earlier prewarms may refill after the flush

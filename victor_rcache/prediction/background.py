@@ -27,6 +27,7 @@ affected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections import OrderedDict, deque
@@ -41,7 +42,7 @@ from ..errors import CacheError
 from ..periodic import Periodic
 from ..scripts import ScriptCall
 from ..tiers import Step
-from .model import HISTORY_RETRIES, Distribution, Prediction, PredictionCore, stored_tools, score_next
+from .model import HISTORY_RETRIES, Distribution, Prediction, PredictionCore, score_next, stored_tools
 
 RECORDS_WAKE = 64  # queued records that start a round at once
 MAX_RECORDS = 256  # records one round carries; more wait for the next
@@ -56,6 +57,7 @@ class QueuedRecord:
     tools_json: str
     session: bytes
     hour: bytes  # the hour set of when it was recorded
+    after: tuple[bytes, ...]  # the session's history with it (the state predictions after it start from)
     tries: int = 0
 
 
@@ -67,6 +69,7 @@ class SessionState:
     history: list[bytes]
     pending: tuple[bytes, frozenset[bytes]] | None = None  # (made after, predicted queries)
     predicted_for: tuple[bytes, ...] | None = None
+    plan: Any = None  # how its predictions are prewarmed, if its records said (the warmer's PrewarmPlan)
 
     @property
     def size(self) -> int:
@@ -134,8 +137,9 @@ class ModelSync:
     """One warmer's background side: the record queue, the sessions, the view, and the thread.
 
     ``drive`` runs a step through a sync client (the cache's bookkeeping I/O: the thread cannot use an
-    asyncio client); ``on_predictions`` receives the automatic predictions of a round (the warmer's
-    prewarming), from the thread. It must not block for long.
+    asyncio client); ``on_predictions`` receives the automatic predictions of a round, each with its
+    session's plan (the warmer's prewarming), from the thread; it must not block for long. A session is
+    predicted after a round that recorded it when ``auto`` is set, or when its records carried a plan.
     """
 
     def __init__(self, core: PredictionCore, drive: Callable[[Step[Any]], Any],
@@ -144,7 +148,8 @@ class ModelSync:
         self.config = core.config
         self._drive_step = drive
         self.clock = clock
-        self.on_predictions: Callable[[list[Prediction]], None] | None = None
+        self.on_predictions: Callable[[list[tuple[Prediction, Any]]], None] | None = None
+        self.auto = False
         self._init_state()
         forksafe.register(self)
         self.thread = Periodic("victor-rcache-model", self._round, lambda: self.config.refresh_interval,
@@ -178,16 +183,20 @@ class ModelSync:
 
     # ------------------------------------------------------------------- the caller's side
 
-    def record(self, query: bytes, tools_json: str, session: bytes, hour: bytes) -> None:
-        """Queue one record; advance the session here and judge its pending prediction."""
+    def record(self, query: bytes, tools_json: str, session: bytes, hour: bytes, plan: Any = None) -> None:
+        """Queue one record; advance the session here and judge its pending prediction. ``plan``: how the
+        session's next predictions are prewarmed (kept until another record brings another)."""
         keep = self.config.ngram_size - 1
         counters = self.core.counters
         with self._lock:
+            state = self._session(session)
+            after = [query, *state.history][:keep]
             if len(self._queue) >= self.config.record_queue:
                 counters.add(records_dropped=1)  # Redis is slow or gone: the model misses it, nobody waits
             else:
-                self._queue.append(QueuedRecord(query, tools_json, session, hour))
-            state = self._session(session)
+                self._queue.append(QueuedRecord(query, tools_json, session, hour, tuple(after)))
+            if plan is not None:
+                state.plan = plan
             if state.pending is not None:
                 made_after, predicted = state.pending
                 # As record.lua: a prediction made after this very query, before it was recorded, waits.
@@ -197,8 +206,8 @@ class ModelSync:
                     self._verdicts[1] += correct
                     counters.add(verdicts=1, correct=correct)
                     state.pending = None
-            self._resize(session, state, [query, *state.history][:keep])
-            self._recorded[session] = None  # its next prediction needs its new state's sets: read them
+            self._resize(session, state, after)
+            self._recorded[session] = None
             waiting = len(self._queue)
         if waiting >= RECORDS_WAKE:
             self.thread.wake()
@@ -265,14 +274,13 @@ class ModelSync:
             records = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_RECORDS))]
             recorded = list(self._recorded)
             self._recorded.clear()
-            # The next prediction of a session just recorded is about its new state: read those sets now.
+            # A prediction after a query just recorded starts from the session's state with it: read the
+            # sets of each such state in this round (when missing or half their age), so they are there.
             now = self.clock()
-            for session in recorded:
-                state = self._sessions.get(session)
-                if state is not None and state.history:
-                    for key in self.core.keys.contexts(state.history, self.config.ngram_size):
-                        self.view.lookup(key, now)  # wanted when missing or half its age
-            if recorded:
+            for rec in records:
+                for key in self.core.keys.contexts(rec.after, self.config.ngram_size):
+                    self.view.lookup(key, now)
+            if records:
                 self.view.lookup(self.core.keys.hour(time.gmtime(self.config.clock()).tm_hour), now)
             wanted = self.view.take_wanted(MAX_SETS)
             verdicts, budget = None, False
@@ -349,7 +357,7 @@ class ModelSync:
             if reply[0] == 0:  # the session was advanced by another process: resend on its history
                 core._remember(rec.session, list(reply[1]))
                 if rec.tries + 1 < HISTORY_RETRIES:
-                    again.append(QueuedRecord(rec.query, rec.tools_json, rec.session, rec.hour, rec.tries + 1))
+                    again.append(dataclasses.replace(rec, tries=rec.tries + 1))
                 else:
                     core.counters.add(record_conflicts=1)
                 continue
@@ -369,15 +377,16 @@ class ModelSync:
         for session in sessions:
             with self._lock:
                 state = self._sessions.get(session)
-                if state is None or not state.history or state.predicted_for == tuple(state.history):
-                    if state is not None:
-                        self.core.counters.add(predictions_skipped=1)
+                if state is None or not state.history or not (self.auto or state.plan is not None):
+                    continue
+                if state.predicted_for == tuple(state.history):  # nothing new since its last prediction
+                    self.core.counters.add(predictions_skipped=1)
                     continue
                 state.predicted_for = tuple(state.history)
-                current = state.history[0]
+                current, plan = state.history[0], state.plan
             prediction = self.predict(current, c.prewarm_top_k, c.prewarm_min_confidence, session, True)
             if prediction.queries:
-                out.append(prediction)
+                out.append((prediction, plan))
         if out and self.on_predictions is not None:
             self.on_predictions(out)
 

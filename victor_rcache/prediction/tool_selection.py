@@ -31,14 +31,20 @@ from ..aio import AsyncMultiLevelCache
 from ..cache import MultiLevelCache
 from ..config import ENV_PREFIX, CacheConfig, check_ttl
 from ..errors import CacheError, CacheUnavailableError, ConfigurationError, InvalidArgumentError
-from .warmer import AsyncPredictiveCacheWarmer, PredictiveCacheWarmer
+from .warmer import (
+    AsyncPredictiveCacheWarmer,
+    PredictiveCacheWarmer,
+    PrewarmPlan,
+    PrewarmTarget,
+    SelectionFn,
+    store_as_is,
+)
 
 log = logging.getLogger("victor_rcache")
 
 NAMESPACES = ("query", "context", "rl")
 TOOLS_ENV_PREFIX = ENV_PREFIX + "TOOLS_"
 CONTEXT_MESSAGES = 3  # a context key covers the last 3 messages
-PREWARM_SLOTS = 2  # background prewarms one process runs at once; more are skipped
 SYNCED_HASHES = 64  # tool sets one process remembers having registered in Redis
 _MISS = object()
 
@@ -384,6 +390,7 @@ class _ToolCacheBase:
         self._synced: OrderedDict[str, None] = OrderedDict()  # hashes registered (bounded): each once
         self.prewarm = {"scheduled": 0, "skipped": 0, "failed": 0, "completed": 0}
         self._prewarm_lock = threading.Lock()  # background threads count too
+        self._warmers: weakref.WeakSet[Any] = weakref.WeakSet()  # those prewarming for cached_selection here
 
     @property
     def tools_key(self) -> str:
@@ -439,8 +446,14 @@ class _ToolCacheBase:
             while len(self._synced) > SYNCED_HASHES:
                 self._synced.popitem(last=False)
 
-    def _prewarm_done(self, report: Any) -> None:
-        self._count_prewarm(completed=report.completed, failed=report.failed)
+    def _prewarm_done(self, outcome: Any) -> None:
+        """A background prewarm's end (a PrewarmPlan's ``done``): its report, or "dropped"/"failed"."""
+        if outcome == "dropped":
+            self._count_prewarm(skipped=1)
+        elif outcome == "failed":
+            self._count_prewarm(scheduled=1, failed=1)
+        else:
+            self._count_prewarm(scheduled=1, completed=outcome.completed, failed=outcome.failed)
 
     def _count_prewarm(self, **deltas: int) -> None:
         with self._prewarm_lock:
@@ -475,8 +488,6 @@ class ToolSelectionCache(_ToolCacheBase):
     def __init__(self, config: ToolSelectionConfig | None = None, *,
                  caches: Mapping[str, MultiLevelCache] | None = None) -> None:
         super().__init__(config, caches, lambda c: MultiLevelCache(config=c))
-        self._prewarm_slots = threading.BoundedSemaphore(PREWARM_SLOTS)
-        self._prewarm_threads: set[threading.Thread] = set()
 
     def cache(self, namespace: str = "query") -> MultiLevelCache:
         """The underlying fleet cache of a namespace (e.g. for a ``PredictiveCacheWarmer``)."""
@@ -587,11 +598,13 @@ class ToolSelectionCache(_ToolCacheBase):
         return self._stats({ns: self.caches[ns].get_metrics() for ns in NAMESPACES}, self.stored_tools_hash())
 
     def wait_for_prewarms(self, timeout: float | None = None) -> bool:
-        """Wait for this cache's background prewarms to finish; False if some still run at ``timeout``."""
+        """Wait for the background prewarms of ``cached_selection(prewarm=True)`` over this cache (their
+        warmers' queued records are sent first); False if some still run at ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in list(self._prewarm_threads):
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._prewarm_threads)
+        done = True
+        for warmer in list(self._warmers):
+            done &= warmer.wait_for_prewarms(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return done
 
     def close(self, wait: float = 5.0) -> None:
         """Wait up to ``wait`` seconds for background prewarms, then close the caches."""
@@ -615,7 +628,6 @@ class AsyncToolSelectionCache(_ToolCacheBase):
     def __init__(self, config: ToolSelectionConfig | None = None, *,
                  caches: Mapping[str, AsyncMultiLevelCache] | None = None) -> None:
         super().__init__(config, caches, lambda c: AsyncMultiLevelCache(config=c))
-        self._prewarm_tasks: set[asyncio.Task[Any]] = set()
 
     def cache(self, namespace: str = "query") -> AsyncMultiLevelCache:
         return self.caches[self._namespace(namespace)]
@@ -710,16 +722,18 @@ class AsyncToolSelectionCache(_ToolCacheBase):
         return self._stats(underlying, await self.stored_tools_hash())
 
     async def wait_for_prewarms(self, timeout: float | None = None) -> bool:
-        """Wait for this cache's prewarm tasks to finish; False if some still run at ``timeout``."""
-        if self._prewarm_tasks:
-            await asyncio.wait(list(self._prewarm_tasks), timeout=timeout)
-        return not self._prewarm_tasks or all(t.done() for t in self._prewarm_tasks)
+        """:meth:`ToolSelectionCache.wait_for_prewarms`, for prewarm tasks on this event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = True
+        for warmer in list(self._warmers):
+            done &= await warmer.wait_for_prewarms(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return done
 
     async def close(self, wait: float = 5.0) -> None:
         """Wait up to ``wait`` seconds for prewarm tasks (then cancel them), then close the caches."""
         await self.wait_for_prewarms(wait)
-        for task in list(self._prewarm_tasks):
-            task.cancel()
+        for warmer in list(self._warmers):
+            warmer.cancel_prewarms()
         for cache in self.caches.values():
             await cache.close()
 
@@ -830,6 +844,24 @@ def cached_selection(selector: Selector, *, cache: ToolSelectionCache | AsyncToo
     return _sync_wrapper(selector, cache, namespace, ttl, make_key, warmer, prewarm)
 
 
+def _plan(cache: Any, warmer: Any, tools: Any, config: dict[str, Any], make_key: KeyFn, namespace: str,
+          ttl: float | None, select: SelectionFn) -> PrewarmPlan:
+    """How the warmer prewarms what follows this call's query: computed by the selector with this call's
+    tools and settings, stored as a selection record under the key a request with them uses."""
+    cache._warmers.add(warmer)
+    target = PrewarmTarget(lambda q: make_key(q, tools, **config), None, store_as_is, cache._ttl(namespace, ttl))
+    return PrewarmPlan(select, target, cache._prewarm_done)
+
+
+def _check_prewarm(cache: Any, warmer: Any, namespace: str) -> None:
+    if warmer.cache is not cache.cache(namespace):
+        raise ConfigurationError(f"prewarm=True stores into the warmer's cache: give cached_selection a warmer over "
+                                 f"this tool-selection cache (or its {namespace!r} namespace)")
+    if not warmer.config.background:
+        raise ConfigurationError("prewarm=True prewarms after the warmer's background rounds: the warmer needs "
+                                 "background=True")
+
+
 def _sync_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | None, make_key: KeyFn,
                   warmer: Any, prewarm: bool) -> Callable[..., Any]:
     if given is not None and not isinstance(given, ToolSelectionCache):
@@ -849,9 +881,22 @@ def _sync_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | N
 
         found = cache.get_or_compute(make_key(query, tools, **config), compute, namespace, ttl)
         if warmer is not None:
-            _record_sync(warmer, query, found.tools, session, _recorded_registry(found, current))
+            plan = None
             if prewarm:
-                _prewarm_sync(cache, warmer, selector, query, tools, config, session, make_key, namespace, ttl)
+                _check_prewarm(cache, warmer, namespace)
+
+                def select(q: Any) -> dict[str, Any]:
+                    started = time.perf_counter()
+                    return _timed_record(selector(q, tools, **config), started, cache, namespace, ttl)
+
+                plan = _plan(cache, warmer, tools, config, make_key, namespace, ttl, select)
+            try:
+                if not warmer._record_now(normalize_query(query), found.tools, session,
+                                          _recorded_registry(found, current), plan):
+                    warmer.record_query(normalize_query(query), found.tools, session=session,
+                                        tools_hash=_recorded_registry(found, current))
+            except CacheError:
+                log.exception("recording %r into the prediction model failed", query)
         return found.value
 
     return wrapper
@@ -863,52 +908,6 @@ def _recorded_registry(found: CachedSelection, current: str) -> str | None:
     (a dict), so that only a selection function prewarms it."""
     value = found.value
     return current if isinstance(value, (list, tuple)) and list(value) == found.tools else None
-
-
-def _record_sync(warmer: PredictiveCacheWarmer, query: str, tools: list[str], session: str | None,
-                 registry: str | None) -> None:
-    try:
-        warmer.record_query(normalize_query(query), tools, session=session, tools_hash=registry)
-    except CacheError:
-        log.exception("recording %r into the prediction model failed", query)
-
-
-def _prewarm_helper(kind: Any, cache: Any, warmer: Any, make_key: KeyFn, tools: Any, config: dict[str, Any]) -> Any:
-    """A warmer like ``warmer`` that stores prewarmed results under the keys real requests use, and
-    counts its outcomes in ``warmer``'s counters."""
-    helper = kind(cache, config=replace(warmer.config, key_fn=lambda q: make_key(q, tools, **config)))
-    helper._core.counters = warmer._core.counters
-    return helper
-
-
-def _prewarm_sync(cache: ToolSelectionCache, warmer: PredictiveCacheWarmer, selector: Selector, query: str,
-                  tools: Any, config: dict[str, Any], session: str | None, make_key: KeyFn, namespace: str,
-                  ttl: float | None) -> None:
-    """Predict and prewarm in a daemon thread; skipped when PREWARM_SLOTS are busy."""
-    if not cache._prewarm_slots.acquire(blocking=False):
-        cache._count_prewarm(skipped=1)
-        return
-    cache._count_prewarm(scheduled=1)
-    helper = _prewarm_helper(PredictiveCacheWarmer, cache.cache(namespace), warmer, make_key, tools, config)
-
-    def select(q: Any) -> dict[str, Any]:
-        started = time.perf_counter()
-        return _timed_record(selector(q, tools, **config), started, cache, namespace, ttl)
-
-    def run() -> None:
-        try:
-            p = warmer.predict_next_queries(normalize_query(query), session=session)
-            cache._prewarm_done(asyncio.run(helper.prewarm_predictions(p, select, ttl=cache._ttl(namespace, ttl))))
-        except Exception:  # a background prewarm must never take the worker down
-            cache._count_prewarm(failed=1)
-            log.exception("prewarming after %r failed", query)
-        finally:
-            cache._prewarm_threads.discard(threading.current_thread())
-            cache._prewarm_slots.release()
-
-    thread = threading.Thread(target=run, name="victor-rcache-tool-prewarm", daemon=True)
-    cache._prewarm_threads.add(thread)
-    thread.start()
 
 
 def _async_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | None, make_key: KeyFn,
@@ -930,43 +929,27 @@ def _async_wrapper(selector: Selector, given: Any, namespace: str, ttl: float | 
 
         found = await cache.get_or_compute(make_key(query, tools, **config), compute, namespace, ttl)
         if warmer is not None:
+            plan = None
+            if prewarm:
+                _check_prewarm(cache, warmer, namespace)
+
+                async def select(q: Any) -> dict[str, Any]:
+                    started = time.perf_counter()
+                    return _timed_record(await selector(q, tools, **config), started, cache, namespace, ttl)
+
+                plan = _plan(cache, warmer, tools, config, make_key, namespace, ttl, select)
             try:
-                await warmer.record_query(normalize_query(query), found.tools, session=session,
-                                          tools_hash=_recorded_registry(found, current))
+                if warmer._record_now(normalize_query(query), found.tools, session,
+                                      _recorded_registry(found, current), plan):
+                    warmer._loop = asyncio.get_running_loop()  # where its background prewarms run
+                else:
+                    await warmer.record_query(normalize_query(query), found.tools, session=session,
+                                              tools_hash=_recorded_registry(found, current))
             except CacheError:
                 log.exception("recording %r into the prediction model failed", query)
-            if prewarm:
-                _prewarm_async(cache, warmer, selector, query, tools, config, session, make_key, namespace, ttl)
         return found.value
 
     return wrapper
-
-
-def _prewarm_async(cache: AsyncToolSelectionCache, warmer: AsyncPredictiveCacheWarmer, selector: Selector,
-                   query: str, tools: Any, config: dict[str, Any], session: str | None, make_key: KeyFn,
-                   namespace: str, ttl: float | None) -> None:
-    """Predict and prewarm in a task; skipped when PREWARM_SLOTS tasks are running."""
-    if len(cache._prewarm_tasks) >= PREWARM_SLOTS:
-        cache._count_prewarm(skipped=1)
-        return
-    cache._count_prewarm(scheduled=1)
-    helper = _prewarm_helper(AsyncPredictiveCacheWarmer, cache.cache(namespace), warmer, make_key, tools, config)
-
-    async def select(q: Any) -> dict[str, Any]:
-        started = time.perf_counter()
-        return _timed_record(await selector(q, tools, **config), started, cache, namespace, ttl)
-
-    async def run() -> None:
-        try:
-            p = await warmer.predict_next_queries(normalize_query(query), session=session)
-            cache._prewarm_done(await helper.prewarm_predictions(p, select, ttl=cache._ttl(namespace, ttl)))
-        except Exception:
-            cache._count_prewarm(failed=1)
-            log.exception("prewarming after %r failed", query)
-
-    task = asyncio.get_running_loop().create_task(run())
-    cache._prewarm_tasks.add(task)
-    task.add_done_callback(cache._prewarm_tasks.discard)
 
 
 __all__ = [

@@ -61,7 +61,7 @@ class PrewarmReport:
 
 
 @dataclass(frozen=True)
-class _Target:
+class PrewarmTarget:
     """Where and what one ``prewarm_predictions`` call stores."""
 
     key: Callable[[Any], str | bytes]  # query -> the key a real request uses
@@ -70,7 +70,18 @@ class _Target:
     ttl: float | None  # the entries' absolute ttl
 
 
-def _as_is(value: Any, selection_ms: float) -> Any:
+@dataclass(frozen=True)
+class PrewarmPlan:
+    """How a session's predictions are prewarmed, given with its records (``cached_selection``'s): the
+    selection function (None: the recorded tools), where and what to store, and ``done``, told the
+    report, or ``"dropped"``/``"failed"``."""
+
+    select: SelectionFn | None
+    target: PrewarmTarget
+    done: Callable[[PrewarmReport | str], None]
+
+
+def store_as_is(value: Any, selection_ms: float) -> Any:
     return value
 
 
@@ -89,7 +100,7 @@ def _stored_loader(store: Store, value: Any) -> Callable[[], Any]:
     return run
 
 
-def _selection_loader(selection_fn: SelectionFn, query: Any, timeout: float, store: Store = _as_is
+def _selection_loader(selection_fn: SelectionFn, query: Any, timeout: float, store: Store = store_as_is
                       ) -> Callable[[], Any]:
     """A loader (awaitable, run by either front end) calling ``selection_fn(query)`` within ``timeout``,
     its result stored as ``store`` makes it.
@@ -153,20 +164,40 @@ class _WarmerBase:
         self._sync: ModelSync | None = None
         if self.config.background:
             self._sync = ModelSync(self._core, cache._background_io.drive)
-            if automatic:
-                self._sync.on_predictions = self._prewarm_in_background
+            self._sync.auto = automatic
+            self._sync.on_predictions = self._prewarm_in_background
             cache._core.companions.append(self._sync.start())
 
-    def _prewarm_in_background(self, predictions: list[Prediction]) -> None:
+    def _prewarm_in_background(self, predictions: list[tuple[Prediction, PrewarmPlan | None]]) -> None:
         raise NotImplementedError
 
     def _record_now(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None,
-                    tools_hash: str | None) -> bool:
-        """Queue a record (background mode): True; or False, and the caller sends it in a round trip."""
+                    tools_hash: str | None, plan: PrewarmPlan | None = None) -> bool:
+        """Queue a record (background mode): True; or False, and the caller sends it in a round trip.
+        ``plan``: prewarm the session's predictions so (``cached_selection``)."""
         if self._sync is None:
             return False
-        self._sync.record(*self._core.record_args(query, tools, session, tools_hash))
+        self._sync.record(*self._core.record_args(query, tools, session, tools_hash), plan=plan)
         return True
+
+    async def _prewarm_planned(self, prediction: Prediction, plan: PrewarmPlan | None) -> None:
+        """One automatic prewarm (budgeted): with the session's plan, else the warmer's ``prewarm=``."""
+        try:
+            if plan is None:
+                await self._prewarm_ranked(prediction, self._select, None, None, None, None, budgeted=True)
+            else:
+                plan.done(await self._prewarm_ranked(prediction, plan.select, None, None, None, None, budgeted=True,
+                                                     target=plan.target))
+        except Exception:  # a background prewarm must never take anything down
+            self._core.counters.add(prewarm_failed=1)
+            if plan is not None:
+                plan.done("failed")
+            log.exception("prewarming after %r failed", prediction.current_query)
+
+    def _dropped(self, plan: PrewarmPlan | None) -> None:
+        self._core.counters.add(prewarm_dropped=1)  # no slot free: this prediction is not prewarmed
+        if plan is not None:
+            plan.done("dropped")
 
     def _predict_here(self, current_query: str | bytes, top_k: int, min_confidence: float,
                       session: str | bytes | None, remember: bool) -> Prediction | None:
@@ -210,12 +241,12 @@ class _WarmerBase:
         raise NotImplementedError
 
     async def _target(self, tools_hash: str | None, key_config: Mapping[str, Any] | None,
-                      ttl: float | None) -> _Target:
+                      ttl: float | None) -> PrewarmTarget:
         """Keys, registry, stored form and ttl of one prewarm call (the fleet's tools hash: one round trip)."""
         c = self.config
         tc = self.tool_selection
         if tc is None:
-            return _Target(c.key_fn or (lambda q: q), tools_hash, _as_is, ttl or c.prewarm_ttl)
+            return PrewarmTarget(c.key_fn or (lambda q: q), tools_hash, store_as_is, ttl or c.prewarm_ttl)
         # By default the registry the fleet registered, else none: that of requests made without tools.
         registry = tools_hash if tools_hash is not None else (await self._fleet_tools_hash() or _tools.tools_hash(None))
         settings = dict(key_config or {})
@@ -227,7 +258,7 @@ class _WarmerBase:
         def store(value: Any, selection_ms: float) -> Any:  # the record a real request stores
             return tc._record(value, _tools.selected_tools(value), "query", entry_ttl, None, selection_ms)
 
-        return _Target(c.key_fn or key, registry, store, entry_ttl)
+        return PrewarmTarget(c.key_fn or key, registry, store, entry_ttl)
 
     async def prewarm_predictions(self, prediction: Prediction, selection_fn: SelectionFn | None = None,
                                   min_confidence: float | None = None, ttl: float | None = None, *,
@@ -262,7 +293,8 @@ class _WarmerBase:
 
     async def _prewarm_ranked(self, prediction: Prediction, selection_fn: SelectionFn | None,
                               min_confidence: float | None, ttl: float | None, tools_hash: str | None,
-                              key_config: Mapping[str, Any] | None, budgeted: bool) -> PrewarmReport:
+                              key_config: Mapping[str, Any] | None, budgeted: bool,
+                              target: PrewarmTarget | None = None) -> PrewarmReport:
         if not isinstance(prediction, Prediction):
             raise InvalidArgumentError(f"prediction must be what predict_next_queries returned, not "
                                        f"{type(prediction).__name__}")
@@ -283,7 +315,8 @@ class _WarmerBase:
                         key=lambda i: -prediction.confidences[i])  # most confident first: the budget's order
         outcomes = dict.fromkeys(PREWARM_OUTCOMES, 0)
         try:
-            target = await self._target(tools_hash, key_config, ttl) if wanted else None
+            if target is None and wanted:
+                target = await self._target(tools_hash, key_config, ttl)
         except CacheUnavailableError:  # the fleet's tools hash could not be read (a fail-closed cache)
             target, outcomes["failed"] = None, len(wanted)
         # A selection may not outlive its fill lease, or another worker would compute it again.
@@ -358,6 +391,7 @@ class PredictiveCacheWarmer(_WarmerBase):
     def __init__(self, cache: MultiLevelCache | ToolSelectionCache, max_patterns: int = 500, ngram_size: int = 3, *,
                  config: WarmerConfig | None = None, prewarm: Prewarm = None, **settings: Any) -> None:
         self._slots = threading.BoundedSemaphore(PREWARM_SLOTS)
+        self._threads: set[threading.Thread] = set()
         super().__init__(cache, max_patterns, ngram_size, config, prewarm, settings)
 
     def record_query(self, query: str | bytes, tools: Iterable[Any] | None = None,
@@ -411,21 +445,30 @@ class PredictiveCacheWarmer(_WarmerBase):
         raise InvalidArgumentError("PredictiveCacheWarmer.prewarm() blocks until done: inside a running event loop, "
                                    "await warmer.prewarm_predictions(...) instead")
 
-    def _prewarm_in_background(self, predictions: list[Prediction]) -> None:
-        for prediction in predictions:
-            if not self._slots.acquire(blocking=False):
-                self._core.counters.add(prewarm_dropped=1)  # every slot busy: this prediction is not prewarmed
-                continue
-            threading.Thread(target=self._prewarm_one, args=(prediction,), daemon=True,
-                             name="victor-rcache-prewarm").start()
+    def wait_for_prewarms(self, timeout: float | None = None) -> bool:
+        """Send the queued records (their sessions' automatic prewarms start), then wait for the background
+        prewarms; False if some still run at ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.flush()
+        for thread in list(self._threads):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
-    def _prewarm_one(self, prediction: Prediction) -> None:
+    def _prewarm_in_background(self, predictions: list[tuple[Prediction, PrewarmPlan | None]]) -> None:
+        for prediction, plan in predictions:
+            if not self._slots.acquire(blocking=False):
+                self._dropped(plan)
+                continue
+            thread = threading.Thread(target=self._prewarm_one, args=(prediction, plan), daemon=True,
+                                      name="victor-rcache-prewarm")
+            self._threads.add(thread)
+            thread.start()
+
+    def _prewarm_one(self, prediction: Prediction, plan: PrewarmPlan | None) -> None:
         try:
-            asyncio.run(self._prewarm_ranked(prediction, self._select, None, None, None, None, budgeted=True))
-        except Exception:  # a background prewarm must never take anything down
-            self._core.counters.add(prewarm_failed=1)
-            log.exception("prewarming after %r failed", prediction.current_query)
+            asyncio.run(self._prewarm_planned(prediction, plan))
         finally:
+            self._threads.discard(threading.current_thread())
             self._slots.release()
 
     async def _claim(self, keys: list[Any], ttl: float | None) -> list[Claim | Prewarmed]:
@@ -458,8 +501,7 @@ class AsyncPredictiveCacheWarmer(_WarmerBase):
                  ngram_size: int = 3, *, config: WarmerConfig | None = None, prewarm: Prewarm = None,
                  **settings: Any) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._running = 0
-        self._running_lock = threading.Lock()
+        self._running: set[Future[None]] = set()  # background prewarms on self._loop
         super().__init__(cache, max_patterns, ngram_size, config, prewarm, settings)
 
     async def record_query(self, query: str | bytes, tools: Iterable[Any] | None = None,
@@ -491,33 +533,33 @@ class AsyncPredictiveCacheWarmer(_WarmerBase):
     async def clear_patterns(self) -> None:
         await self.cache._drive(self._core.clear())
 
-    def _prewarm_in_background(self, predictions: list[Prediction]) -> None:
+    async def wait_for_prewarms(self, timeout: float | None = None) -> bool:
+        """:meth:`PredictiveCacheWarmer.wait_for_prewarms`, for prewarms running on this event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self.flush()
+        running = [asyncio.wrap_future(f) for f in list(self._running)]
+        if running:
+            await asyncio.wait(running, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(not f.done() for f in self._running)
+
+    def cancel_prewarms(self) -> None:
+        """Cancel the background prewarms still running (a closing tool-selection cache's last step)."""
+        for future in list(self._running):
+            future.cancel()
+
+    def _prewarm_in_background(self, predictions: list[tuple[Prediction, PrewarmPlan | None]]) -> None:
         loop = self._loop
-        for prediction in predictions:
-            with self._running_lock:
-                full = self._running >= self.config.prewarm_concurrency
-                self._running += not full
+        for prediction, plan in predictions:
+            if len(self._running) >= self.config.prewarm_concurrency or loop is None:
+                self._dropped(plan)
+                continue
             try:
-                if full or loop is None:
-                    raise RuntimeError("no slot, or no event loop recorded yet")
-                asyncio.run_coroutine_threadsafe(self._prewarm_one(prediction), loop)
-            except RuntimeError:  # every slot busy, or the loop closed: this prediction is not prewarmed
-                self._core.counters.add(prewarm_dropped=1)
-                if not full:
-                    self._done_one()
-
-    def _done_one(self) -> None:
-        with self._running_lock:
-            self._running -= 1
-
-    async def _prewarm_one(self, prediction: Prediction) -> None:
-        try:
-            await self._prewarm_ranked(prediction, self._select, None, None, None, None, budgeted=True)
-        except Exception:  # a background prewarm must never take anything down
-            self._core.counters.add(prewarm_failed=1)
-            log.exception("prewarming after %r failed", prediction.current_query)
-        finally:
-            self._done_one()
+                future = asyncio.run_coroutine_threadsafe(self._prewarm_planned(prediction, plan), loop)
+            except RuntimeError:  # the loop is closed
+                self._dropped(plan)
+                continue
+            self._running.add(future)
+            future.add_done_callback(self._running.discard)
 
     async def _claim(self, keys: list[Any], ttl: float | None) -> list[Claim | Prewarmed]:
         result: list[Claim | Prewarmed] = await self.cache._drive(self.cache._core.claim_prewarms(keys, ttl))
