@@ -805,13 +805,13 @@ def walk(chain: dict[int, tuple[list[int], list[float]]], rng: random.Random, le
     return [f"state-{s}" for s in out]
 
 
-def record_worker(backend: Backend, namespace: str, sessions: list[tuple[str, list[str]]], start: Any,
-                  results: Any) -> None:
+def record_worker(backend: Backend, namespace: str, sessions: list[tuple[str, list[str]]], background: bool,
+                  start: Any, results: Any) -> None:
     out: dict[str, Any] = {"pid": os.getpid()}
     try:
         cache = MultiLevelCache(backend.url, namespace=namespace, fail_open=False, cluster=backend.cluster, **TIERS)
         try:
-            warmer = PredictiveCacheWarmer(cache, clock=fixed_clock)
+            warmer = BackgroundWarmer(cache, clock=fixed_clock, background=background)
             start.wait(WAIT)  # the fleet's four processes record at the same time
             for session, queries in sessions:
                 for q in queries:
@@ -825,9 +825,11 @@ def record_worker(backend: Backend, namespace: str, sessions: list[tuple[str, li
     results.put(out)
 
 
-def test_four_processes_learn_together(backend: Backend, namespace: str, make_cache: Make) -> None:
+@pytest.mark.parametrize("background", [False, True], ids=["round-trips", "background"])
+def test_four_processes_learn_together(backend: Backend, namespace: str, make_cache: Make, background: bool) -> None:
     """Four processes each recording N/4 observations (disjoint sessions) predict as well as one
-    process that recorded all N, and clearly better than one that recorded only its N/4."""
+    process that recorded all N, and clearly better than one that recorded only its N/4: with each
+    record a round trip, and with records sent by the model thread (the default)."""
     chain = markov_chain(seed=1)
     rng = random.Random(101)
     per_process = OBSERVATIONS // FLEET // SESSION_LENGTH
@@ -836,9 +838,9 @@ def test_four_processes_learn_together(backend: Backend, namespace: str, make_ca
     fleet_ns, alone_ns, all_ns = f"{namespace}-fleet", f"{namespace}-alone", f"{namespace}-all"
     jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
     start = mp.get_context("spawn").Barrier(FLEET + 2)
-    jobs += [(record_worker, (backend, fleet_ns, quarter, start)) for quarter in quarters]
-    jobs.append((record_worker, (backend, alone_ns, quarters[0], start)))
-    jobs.append((record_worker, (backend, all_ns, [s for quarter in quarters for s in quarter], start)))
+    jobs += [(record_worker, (backend, fleet_ns, quarter, background, start)) for quarter in quarters]
+    jobs.append((record_worker, (backend, alone_ns, quarters[0], background, start)))
+    jobs.append((record_worker, (backend, all_ns, [s for quarter in quarters for s in quarter], background, start)))
     results = run_processes(jobs)
     recorded = {ns: sum(r["records"] for r in results if r["namespace"] == ns) for ns in (fleet_ns, alone_ns, all_ns)}
     assert recorded == {fleet_ns: OBSERVATIONS, alone_ns: OBSERVATIONS // FLEET, all_ns: OBSERVATIONS}

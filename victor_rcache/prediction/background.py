@@ -164,6 +164,7 @@ class ModelSync:
         self.view = LocalView(self.config.view_size, self.config.view_max_age)
         self._verdicts = [0, 0]  # predictions judged, correct: not yet in the fleet's counters
         self._counted_at = self.clock()
+        self._planned = False  # some record brought a prewarm plan: the budget needs the fleet's counts
 
     def _after_fork(self) -> None:
         self._init_state()  # the parent's queue is the parent's to send
@@ -197,6 +198,7 @@ class ModelSync:
                 self._queue.append(QueuedRecord(query, tools_json, session, hour, tuple(after)))
             if plan is not None:
                 state.plan = plan
+                self._planned = True
             if state.pending is not None:
                 made_after, predicted = state.pending
                 # As record.lua: a prediction made after this very query, before it was recorded, waits.
@@ -288,7 +290,7 @@ class ModelSync:
                 self._counted_at = self.clock()
                 if any(self._verdicts):
                     verdicts, self._verdicts = self._verdicts, [0, 0]
-                budget = self.on_predictions is not None
+                budget = self.auto or self._planned
         if records or wanted or verdicts or budget:
             try:
                 self._drive_step(self._send(records, wanted, verdicts, budget))

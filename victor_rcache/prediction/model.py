@@ -104,9 +104,9 @@ class WarmerConfig:
         need(isinstance(self.background, bool), f"background={self.background!r} must be True or False")
         need(_finite(self.refresh_interval) and 0.001 <= self.refresh_interval <= 60,
              f"refresh_interval={self.refresh_interval!r} must be a number of seconds from 0.001 to 60")
-        need(_finite(self.view_max_age) and self.refresh_interval <= self.view_max_age <= 3600,
-             f"view_max_age={self.view_max_age!r} must be a number of seconds from refresh_interval "
-             f"({self.refresh_interval!r}) to 3600")
+        # (A view_max_age under twice refresh_interval leaves answers without copies between rounds.)
+        need(_finite(self.view_max_age) and 0.01 <= self.view_max_age <= 3600,
+             f"view_max_age={self.view_max_age!r} must be a number of seconds from 0.01 to 3600")
         need(_finite(self.prewarm_budget) and self.prewarm_budget > 0,
              f"prewarm_budget={self.prewarm_budget!r} must be a positive number (selections per useful "
              "prewarm; 1.5 = at most 1.5 selections for each prewarmed entry that is then read)")
