@@ -16,7 +16,8 @@ the tool" for ``--think-ms``. Configurations:
   entries stand for memory).
 * ``fleet``: ``AsyncMultiLevelCache.get_or_set`` (L1 per process, L2/L3 in Redis).
 * ``fleet+prewarm``: as ``fleet``, plus ``AsyncPredictiveCacheWarmer``: record every read, predict
-  the session's next query, ``prewarm_predictions`` in a background task.
+  the session's next query, ``prewarm_predictions`` in a background task (all in ``prewarm_step``, the
+  one place that calls the warmer); a read's latency includes the part of that its caller awaits.
 * ``fleet+adaptive``: as ``fleet`` with ``adaptive_l1=True`` and a 1 s ``l1_adjustment_interval``.
 * ``cashews``: cashews' Redis backend with its client-side cache (``client_side=True``, as its docs
   recommend) of ``l1_size`` entries (the fleet's L1: the same local memory), over RESP2 (under
@@ -51,7 +52,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
@@ -107,6 +108,7 @@ class FleetSettings:
     join_reads: int = 100
     adaptive_interval: float = 1.0
     top_k: int = 2
+    ttl: float | None = None  # every value's own ttl in seconds (get_or_set, put, prewarm); None: none
 
 
 def zipf_chain(seed: int, universe: int, zipf_s: float) -> MarkovChain:
@@ -178,13 +180,31 @@ def answer(query: str, version: int = 0) -> dict[str, Any]:
     return {"query": query, "tools": [TOOLS[i] for i in ranked], "v": version}
 
 
+# --------------------------------------------------------------------------- the prewarm path, in one place
+
+async def prewarm_step(warmer: AsyncPredictiveCacheWarmer, session: str, query: str, value: Any, top_k: int,
+                       ttl: float | None, select: Callable[[str], Any],
+                       spawn: Callable[[Coroutine[Any, Any, Any]], None]) -> None:
+    """What ``fleet+prewarm`` does for every read, after the read answered it, in the request (awaited by
+    its caller): learn that ``session`` asked ``query`` (whose answer used ``value["tools"]``), predict the
+    session's ``top_k`` likeliest next queries, and prewarm them (``select`` computes one; values stored
+    with ``ttl``) in a background task handed to ``spawn``. The only code that calls the warmer: the fleet
+    and prewarm benchmarks follow the library's prewarm API by changing this function alone."""
+    await warmer.record_query(query, value["tools"], session=session)
+    prediction = await warmer.predict_next_queries(query, top_k=top_k, session=session)
+    if prediction.queries:
+        spawn(warmer.prewarm_predictions(prediction, select, ttl=ttl))
+
+
 # --------------------------------------------------------------------------- one worker, one configuration
 
 @dataclass
 class Report:
     config: str
     index: int
-    latencies: list[float] = field(default_factory=list)  # seconds per read
+    latencies: list[float] = field(default_factory=list)  # seconds per read (with the prewarm path's foreground)
+    learn_seconds: float = 0.0  # of them, the time spent in prewarm_step (awaited by the request)
+    stamps: list[tuple[float, str, bool]] = field(default_factory=list)  # (time.monotonic(), query, is_write)
     reads: int = 0
     writes: int = 0
     hits: int = 0  # reads answered without a selection call of their own
@@ -207,14 +227,22 @@ class Runner:
         self.cache: Any = None
         self.warmer: AsyncPredictiveCacheWarmer | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.counting = threading.Lock()  # background selections run in threads of their own
 
     def select(self, query: str) -> dict[str, Any]:
         busy(self.rounds)
         return answer(query)
 
     def background_select(self, query: str) -> dict[str, Any]:  # runs in the warmer's thread
-        self.report.background_calls += 1
+        with self.counting:
+            self.report.background_calls += 1
         return self.select(query)
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in a background task; ``close`` waits for it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def open(self) -> None:
         s, c = self.settings, self.config
@@ -284,7 +312,7 @@ class Runner:
             if value is None:
                 value = self.cache[query] = loader()
         elif c in FLEET_CONFIGS:
-            value = await self.cache.get_or_set(query, loader)
+            value = await self.cache.get_or_set(query, loader, self.settings.ttl)
         elif c == "cashews":
             async def aloader() -> Any:
                 return loader()
@@ -302,23 +330,16 @@ class Runner:
         if c == "cachetools":
             self.cache[query] = value
         elif c in FLEET_CONFIGS:
-            await self.cache.put(query, value)
+            await self.cache.put(query, value, self.settings.ttl)
         elif c == "cashews":
             await self.cache.set(f"{self.ns}:{query}", value)
         elif c == "aiocache":
             await self.cache.set(query, value)
 
     async def learn(self, session: str, query: str, value: Any) -> None:
-        if self.warmer is None:
-            return
-        await self.warmer.record_query(query, value["tools"], session=session)
-        prediction = await self.warmer.predict_next_queries(query, top_k=self.settings.top_k, session=session)
-        if prediction.queries:
-            assert self.warmer is not None
-            task = asyncio.get_running_loop().create_task(
-                self.warmer.prewarm_predictions(prediction, self.background_select))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        if self.warmer is not None:
+            await prewarm_step(self.warmer, session, query, value, self.settings.top_k, self.settings.ttl,
+                               self.background_select, self.spawn)
 
     async def run(self, stream: Iterator[tuple[str, str, bool]], reads: int | None,
                   progress: Callable[[int], None] | None = None) -> Report:
@@ -329,19 +350,22 @@ class Runner:
         done = 0
         while (r.reads < reads) if reads is not None else (done < self.settings.requests):
             session, query, is_write = next(stream)
+            r.stamps.append((time.monotonic(), query, is_write))
             if is_write:
                 r.writes += 1
                 await self.write(query, answer(query, version=done + 1))
             else:
                 t0 = time.perf_counter()
                 value, computed = await self.read(session, query)
-                r.latencies.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                await self.learn(session, query, value)  # the request's caller awaits this part too
+                t2 = time.perf_counter()
+                r.latencies.append(t2 - t0)
+                r.learn_seconds += t2 - t1
                 r.reads += 1
                 r.hits += not computed
                 r.wrong += not (isinstance(value, dict) and value.get("query") == query)
-                resume = time.perf_counter() + think
-                await self.learn(session, query, value)
-                await asyncio.sleep(max(0.0, resume - time.perf_counter()))
+                await asyncio.sleep(think)  # the agent runs its tool
             done += 1
             if progress is not None and done % 50 == 0:
                 progress(done)
@@ -383,18 +407,19 @@ def worker_main(index: int, commands: Queue[Any], barrier: Barrier, results: Que
 
 
 class Pool:
-    """``n`` fleet workers plus one joining worker, started once, reused for every configuration."""
+    """``n`` fleet workers plus one joining worker (unless ``joiner=False``), started once, reused for every
+    configuration."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, joiner: bool = True) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.n = n
         self.results: Queue[Any] = ctx.Queue()
         self.barrier = ctx.Barrier(n + 1)
-        self.commands: list[Queue[Any]] = [ctx.Queue() for _ in range(n + 1)]
+        self.commands: list[Queue[Any]] = [ctx.Queue() for _ in range(n + joiner)]
         self.procs: list[SpawnProcess] = [
             ctx.Process(target=worker_main, args=(i, self.commands[i], self.barrier, self.results),
                         name=f"vrc-fleet-w{i}", daemon=True)
-            for i in range(n + 1)]
+            for i in range(n + joiner)]
         for p in self.procs:
             p.start()
 
@@ -415,14 +440,22 @@ class Pool:
         return sorted(out, key=lambda r: r.index)
 
     def run(self, settings: FleetSettings, config: str) -> tuple[list[Report], Report]:
+        fleet = self.run_fleet(settings, config)
+        self.commands[self.n].put((settings, config, True))  # the fleet is warm: a new worker joins
+        joined = self._collect(1)[0]
+        return fleet, joined
+
+    def run_fleet(self, settings: FleetSettings, config: str,
+                  released: Callable[[], None] | None = None) -> list[Report]:
+        """The ``n`` workers' reports, each worker's cache closed (its bookkeeping sent) before it reports;
+        ``released`` is called when the workers, their caches open, are released to serve their streams."""
         for i in range(self.n):
             self.commands[i].put((settings, config, False))
         with contextlib.suppress(threading.BrokenBarrierError):
             self.barrier.wait(START_TIMEOUT)
-        fleet = self._collect(self.n)
-        self.commands[self.n].put((settings, config, True))  # the fleet is warm: a new worker joins
-        joined = self._collect(1)[0]
-        return fleet, joined
+        if released is not None:
+            released()
+        return self._collect(self.n)
 
     def stop(self) -> None:
         for c in self.commands:
