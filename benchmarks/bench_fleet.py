@@ -15,8 +15,10 @@ the tool" for ``--think-ms``. Configurations:
   entries: the fleet cache's L1 plus this process's share of L2 + L3 (values are the same size, so
   entries stand for memory).
 * ``fleet``: ``AsyncMultiLevelCache.get_or_set`` (L1 per process, L2/L3 in Redis).
-* ``fleet+prewarm``: as ``fleet``, plus ``AsyncPredictiveCacheWarmer``: record every read, predict
-  the session's next query, ``prewarm_predictions`` in a background task.
+* ``fleet+prewarm``: as ``fleet``, plus ``AsyncPredictiveCacheWarmer(prewarm=...)``: every read is
+  recorded (``prewarm_step``, the one place that calls the warmer on a request); the warmer's model
+  thread predicts each session after the round that sent its record and prewarms what is predicted
+  and missing, in the background, within its budget. A read's latency includes the record.
 * ``fleet+adaptive``: as ``fleet`` with ``adaptive_l1=True`` and a 1 s ``l1_adjustment_interval``.
 * ``cashews``: cashews' Redis backend with its client-side cache (``client_side=True``, as its docs
   recommend) of ``l1_size`` entries (the fleet's L1: the same local memory), over RESP2 (under
@@ -107,6 +109,7 @@ class FleetSettings:
     join_reads: int = 100
     adaptive_interval: float = 1.0
     top_k: int = 2
+    ttl: float | None = None  # every value's own ttl in seconds (get_or_set, put, prewarm); None: none
 
 
 def zipf_chain(seed: int, universe: int, zipf_s: float) -> MarkovChain:
@@ -178,13 +181,27 @@ def answer(query: str, version: int = 0) -> dict[str, Any]:
     return {"query": query, "tools": [TOOLS[i] for i in ranked], "v": version}
 
 
+# --------------------------------------------------------------------------- the prewarm path, in one place
+
+async def prewarm_step(warmer: AsyncPredictiveCacheWarmer, session: str, query: str, value: Any) -> None:
+    """What ``fleet+prewarm`` does for every read, after the read answered it, in the request (awaited by
+    its caller): learn that ``session`` asked ``query`` (whose answer used ``value["tools"]``). The warmer
+    was built with ``prewarm=`` (see ``Runner.open``): its model thread sends the record, predicts the
+    session's likeliest next queries after the round and prewarms what is missing, in the background,
+    within its budget. The only code that calls the warmer on a request: the fleet and prewarm benchmarks
+    follow the library's prewarm API by changing this function (and the warmer's construction) alone."""
+    await warmer.record_query(query, value["tools"], session=session)
+
+
 # --------------------------------------------------------------------------- one worker, one configuration
 
 @dataclass
 class Report:
     config: str
     index: int
-    latencies: list[float] = field(default_factory=list)  # seconds per read
+    latencies: list[float] = field(default_factory=list)  # seconds per read (with the prewarm path's foreground)
+    learn_seconds: float = 0.0  # of them, the time spent in prewarm_step (awaited by the request)
+    stamps: list[tuple[float, str, bool]] = field(default_factory=list)  # (time.monotonic(), query, is_write)
     reads: int = 0
     writes: int = 0
     hits: int = 0  # reads answered without a selection call of their own
@@ -206,15 +223,17 @@ class Runner:
         self.ns = f"{settings.namespace}-{config.replace('+', '-')}"
         self.cache: Any = None
         self.warmer: AsyncPredictiveCacheWarmer | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.counting = threading.Lock()  # background selections run in threads of their own
 
     def select(self, query: str) -> dict[str, Any]:
         busy(self.rounds)
         return answer(query)
 
     def background_select(self, query: str) -> dict[str, Any]:  # runs in the warmer's thread
-        self.report.background_calls += 1
+        with self.counting:
+            self.report.background_calls += 1
         return self.select(query)
+
 
     async def open(self) -> None:
         s, c = self.settings, self.config
@@ -231,7 +250,8 @@ class Runner:
                                               fail_open=False, **extra)
             await self.cache.client.ping()
             if c == "fleet+prewarm":
-                self.warmer = AsyncPredictiveCacheWarmer(self.cache)
+                self.warmer = AsyncPredictiveCacheWarmer(self.cache, prewarm=self.background_select,
+                                                         prewarm_top_k=s.top_k, prewarm_ttl=s.ttl)
         elif c == "cashews":
             from cashews import Cache  # noqa: PLC0415
             from cashews.backends.memory import Memory  # noqa: PLC0415
@@ -255,7 +275,8 @@ class Runner:
             await self.cache.exists("ping")
 
     async def close(self) -> None:
-        await asyncio.gather(*self.tasks)
+        if self.warmer is not None:
+            await self.warmer.wait_for_prewarms(30.0)
         if self.config in FLEET_CONFIGS:
             metrics = await self.cache.get_metrics()
             self.report.counts = counts(metrics)
@@ -284,7 +305,7 @@ class Runner:
             if value is None:
                 value = self.cache[query] = loader()
         elif c in FLEET_CONFIGS:
-            value = await self.cache.get_or_set(query, loader)
+            value = await self.cache.get_or_set(query, loader, self.settings.ttl)
         elif c == "cashews":
             async def aloader() -> Any:
                 return loader()
@@ -302,23 +323,15 @@ class Runner:
         if c == "cachetools":
             self.cache[query] = value
         elif c in FLEET_CONFIGS:
-            await self.cache.put(query, value)
+            await self.cache.put(query, value, self.settings.ttl)
         elif c == "cashews":
             await self.cache.set(f"{self.ns}:{query}", value)
         elif c == "aiocache":
             await self.cache.set(query, value)
 
     async def learn(self, session: str, query: str, value: Any) -> None:
-        if self.warmer is None:
-            return
-        await self.warmer.record_query(query, value["tools"], session=session)
-        prediction = await self.warmer.predict_next_queries(query, top_k=self.settings.top_k, session=session)
-        if prediction.queries:
-            assert self.warmer is not None
-            task = asyncio.get_running_loop().create_task(
-                self.warmer.prewarm_predictions(prediction, self.background_select))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        if self.warmer is not None:
+            await prewarm_step(self.warmer, session, query, value)
 
     async def run(self, stream: Iterator[tuple[str, str, bool]], reads: int | None,
                   progress: Callable[[int], None] | None = None) -> Report:
@@ -329,19 +342,22 @@ class Runner:
         done = 0
         while (r.reads < reads) if reads is not None else (done < self.settings.requests):
             session, query, is_write = next(stream)
+            r.stamps.append((time.monotonic(), query, is_write))
             if is_write:
                 r.writes += 1
                 await self.write(query, answer(query, version=done + 1))
             else:
                 t0 = time.perf_counter()
                 value, computed = await self.read(session, query)
-                r.latencies.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                await self.learn(session, query, value)  # the request's caller awaits this part too
+                t2 = time.perf_counter()
+                r.latencies.append(t2 - t0)
+                r.learn_seconds += t2 - t1
                 r.reads += 1
                 r.hits += not computed
                 r.wrong += not (isinstance(value, dict) and value.get("query") == query)
-                resume = time.perf_counter() + think
-                await self.learn(session, query, value)
-                await asyncio.sleep(max(0.0, resume - time.perf_counter()))
+                await asyncio.sleep(think)  # the agent runs its tool
             done += 1
             if progress is not None and done % 50 == 0:
                 progress(done)
@@ -383,18 +399,19 @@ def worker_main(index: int, commands: Queue[Any], barrier: Barrier, results: Que
 
 
 class Pool:
-    """``n`` fleet workers plus one joining worker, started once, reused for every configuration."""
+    """``n`` fleet workers plus one joining worker (unless ``joiner=False``), started once, reused for every
+    configuration."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, joiner: bool = True) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.n = n
         self.results: Queue[Any] = ctx.Queue()
         self.barrier = ctx.Barrier(n + 1)
-        self.commands: list[Queue[Any]] = [ctx.Queue() for _ in range(n + 1)]
+        self.commands: list[Queue[Any]] = [ctx.Queue() for _ in range(n + joiner)]
         self.procs: list[SpawnProcess] = [
             ctx.Process(target=worker_main, args=(i, self.commands[i], self.barrier, self.results),
                         name=f"vrc-fleet-w{i}", daemon=True)
-            for i in range(n + 1)]
+            for i in range(n + joiner)]
         for p in self.procs:
             p.start()
 
@@ -415,14 +432,22 @@ class Pool:
         return sorted(out, key=lambda r: r.index)
 
     def run(self, settings: FleetSettings, config: str) -> tuple[list[Report], Report]:
+        fleet = self.run_fleet(settings, config)
+        self.commands[self.n].put((settings, config, True))  # the fleet is warm: a new worker joins
+        joined = self._collect(1)[0]
+        return fleet, joined
+
+    def run_fleet(self, settings: FleetSettings, config: str,
+                  released: Callable[[], None] | None = None) -> list[Report]:
+        """The ``n`` workers' reports, each worker's cache closed (its bookkeeping sent) before it reports;
+        ``released`` is called when the workers, their caches open, are released to serve their streams."""
         for i in range(self.n):
             self.commands[i].put((settings, config, False))
         with contextlib.suppress(threading.BrokenBarrierError):
             self.barrier.wait(START_TIMEOUT)
-        fleet = self._collect(self.n)
-        self.commands[self.n].put((settings, config, True))  # the fleet is warm: a new worker joins
-        joined = self._collect(1)[0]
-        return fleet, joined
+        if released is not None:
+            released()
+        return self._collect(self.n)
 
     def stop(self) -> None:
         for c in self.commands:

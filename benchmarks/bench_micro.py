@@ -10,6 +10,9 @@
   (benchmarks/bench_parallel.py);
 * round trips per operation, counted on the client (connection checkouts of the calling thread), with
   what Redis ran for them (``INFO commandstats`` and ``SLOWLOG``);
+* what the prediction model costs the caller with everything cached: ``get`` (an L1 hit) +
+  ``record_query`` + ``predict_next_queries`` of the sync ``PredictiveCacheWarmer`` over a
+  ``MultiLevelCache``, minus the ``get`` alone, against a Redis round trip (``PING``) in the same run;
 * Redis CPU per Redis hit, all bookkeeping in: the server time of the hit's ``HMGET`` plus its share of the
   ``touch.lua`` calls that carry the hits' bookkeeping, against a minimal Lua LRU touch of the same
   entries, at three namespace sizes, for a uniform and a Zipf key choice; ``put.lua`` alongside;
@@ -43,14 +46,14 @@ from benchmarks.bench_parallel import parallel_hits
 from benchmarks.bench_prediction import make_warmer
 from benchmarks.bench_tiers import BATCH, VALUE, Case, check, measure, p99, push_to_l3, quiet_gc
 from benchmarks.figures import Progress, figure, noop
-from benchmarks.workloads import query_name
-from victor_rcache import AsyncMultiLevelCache, CacheConfig, MultiLevelCache
+from benchmarks.workloads import MarkovChain, SessionWalker, query_name
+from victor_rcache import AsyncMultiLevelCache, CacheConfig, MultiLevelCache, PredictiveCacheWarmer
 from victor_rcache.connection import async_client, sync_client
 from victor_rcache.demo import clear_namespaces, zipf_cum_weights
 from victor_rcache.keys import KeySpace
 
 # What ``--config`` may select in this group.
-FIGURES = ("l1", "l2", "l3", "get_many", "parallel", "round_trips", "redis_cpu", "memory", "publish")
+FIGURES = ("l1", "l2", "l3", "get_many", "parallel", "round_trips", "learn", "redis_cpu", "memory", "publish")
 HARNESS_COMMANDS = {"CONFIG", "INFO", "SLOWLOG", "SCRIPT", "PUBSUB"}  # what the counting itself sends
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro")
 DEFAULTS = CacheConfig()  # the cache's defaults, for the sizes a figure must raise
@@ -426,15 +429,18 @@ def round_trips(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
             warmer.record_query(query_name(q), session="seed")
         session = iter(range(10**9))
         one = ("value", "==", 1.0)
+        none = ("value", "==", 0.0)
         ops: list[tuple[str, str, Callable[[int], object], tuple[str, str, float] | None]] = [
             ("get", "get (L2 hit, cold L1)", lambda i: cache.get(f"g{i}"), one),
             ("put", "put", lambda i: cache.put(f"p{i}", VALUE), one),
             ("get_many(100)", "get_many(100) (L2 hits, cold L1)", lambda i: cache.get_many(many[i]), one),
             ("get_or_set", "get_or_set miss", lambda i: cache.get_or_set(f"o{i}", lambda: VALUE), None),
-            ("record_query", "record_query",
-             lambda i: warmer.record_query(query_name(next(session) % 5), session="s"), one),
-            ("predict_next_queries", "predict_next_queries",
-             lambda i: warmer.predict_next_queries(query_name(i % 5), top_k=5), one),
+            # Off the caller's path: queued, and scored from the view; the model thread's rounds (one round
+            # trip each, every refresh_interval) are no round trip of the call.
+            ("record_query", "record_query (queued for the model thread)",
+             lambda i: warmer.record_query(query_name(next(session) % 5), session="s"), none),
+            ("predict_next_queries", "predict_next_queries (from the process's view)",
+             lambda i: warmer.predict_next_queries(query_name(i % 5), top_k=5), none),
         ]
         with counting(admin):
             for fid, name, fn, bound in ops:
@@ -450,6 +456,69 @@ def round_trips(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
     clear_namespaces(url, [ns])
     admin.close()
     return out
+
+
+# ------------------------------------------------------------------ the prediction model's cost to its caller
+
+
+LEARN_QUERIES = 50  # the queries the figure's sessions walk, all cached in the reader's L1
+LEARN_TOP_K = 2  # what the fleet's prewarm path asks for (bench_fleet.FleetSettings.top_k)
+LEARN_BOUND = 0.15  # the model's calls may add at most this share of a Redis round trip to an L1 hit
+FLOOR_PING = "floor: PING"
+GET_ALONE = "get, L1 hit"
+GET_AND_MODEL = "get + record_query + predict_next_queries, L1 hit"
+
+
+def learn_cost(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
+    """What ``record_query`` + ``predict_next_queries`` add to a request whose ``get`` is an L1 hit, against
+    a Redis round trip. The sync ``PredictiveCacheWarmer`` over a ``MultiLevelCache`` (every setting the
+    library's default); agent sessions (4 interleaved) walk a Markov chain over LEARN_QUERIES queries this
+    instance put (so every get is an L1 hit, which the cache's counters confirm); the model has seen 500
+    of the requests first, so predictions name queries. The same requests are timed with the get alone, and
+    PING on a client made from the cache's connection settings, in interleaved rounds; the figure is the
+    difference of the medians over the PING median."""
+    n = sizes.samples + sizes.warmup
+    chain = MarkovChain.random(seed=11, queries=LEARN_QUERIES)
+    requests = list(SessionWalker(seed=11, queries=LEARN_QUERIES, concurrent=4).walk(chain, n))
+    names = [query_name(r.query) for r in requests]
+    sessions = [r.session for r in requests]
+    ns = f"{prefix}-learn"
+    with ExitStack() as stack:
+        cache = stack.enter_context(MultiLevelCache(url, namespace=ns, fail_open=False))
+        raw = stack.enter_context(sync_client(CacheConfig(redis_url=url)))
+        warmer = PredictiveCacheWarmer(cache)
+        cache.put_many({query_name(q): {**VALUE, "query": query_name(q)} for q in range(LEARN_QUERIES)})
+        for i in range(min(n, 500)):
+            warmer.record_query(names[i], VALUE["tools"], session=sessions[i])
+
+        def get(i: int) -> object:
+            return cache.get(names[i])
+
+        def get_and_model(i: int) -> object:
+            value = cache.get(names[i])
+            warmer.record_query(names[i], value["tools"], session=sessions[i])
+            return warmer.predict_next_queries(names[i], top_k=LEARN_TOP_K, session=sessions[i])
+
+        cases = [Case(FLOOR_PING, lambda i: raw.ping()), Case(GET_ALONE, get),
+                 Case(GET_AND_MODEL, get_and_model, floor=GET_ALONE)]
+        measure(cases, sizes.samples, sizes.warmup, sizes.rounds)
+        check(cache, "l1", 2 * n, "get, L1 hit (the learn figure)")
+        warmer.clear_patterns()
+    clear_namespaces(url, [ns])
+    by = {c.name: _stats(c.times) for c in cases}
+    means = {c.name: statistics.fmean(c.times) for c in cases}
+    alone, both, ping = (by[k]["median_us"] for k in (GET_ALONE, GET_AND_MODEL, FLOOR_PING))
+    return [figure(
+        "learn:caller", "the caller's cost of record_query + predict_next_queries after an L1 hit (get + both, "
+        "minus get alone) / a Redis round trip", value=both - alone, unit="us",
+        floor="a Redis round trip: redis-py PING, same run", floor_value=ping, bound=("ratio", "<=", LEARN_BOUND),
+        get_alone=by[GET_ALONE], get_and_model=by[GET_AND_MODEL], ping=by[FLOOR_PING],
+        mean_us={"get_alone": means[GET_ALONE], "get_and_model": means[GET_AND_MODEL], "ping": means[FLOOR_PING]},
+        workload=f"sync PredictiveCacheWarmer over a MultiLevelCache (library defaults); {LEARN_QUERIES} queries "
+                 f"this instance put (every get an L1 hit); 4 interleaved agent sessions walking a Markov chain "
+                 f"over them; record_query(query, tools, session) then predict_next_queries(query, top_k="
+                 f"{LEARN_TOP_K}, session); the model saw 500 requests first; medians of {sizes.samples} calls "
+                 "each, interleaved rounds")]
 
 
 # ------------------------------------------------------------------ Redis CPU and memory vs namespace size
@@ -786,6 +855,9 @@ def run_micro(url: str, mode: str, figures: list[str] | None, progress: Progress
     if "round_trips" in want:
         progress(f"micro: round trips per operation ({sizes.reps} calls each)")
         out += round_trips(url, sizes, prefix)
+    if "learn" in want:
+        progress(f"micro: the prediction model's cost to its caller after an L1 hit, {sizes.samples} samples per case")
+        out += learn_cost(url, sizes, prefix)
     if want & {"redis_cpu", "memory"}:
         progress(f"micro: Redis CPU and memory at {', '.join(f'{n:,}' for n in sizes.namespace_sizes)} entries")
         out += scaling(url, sizes, prefix, want, progress)

@@ -1,6 +1,6 @@
 """The benchmark harness: ``python -m benchmarks run`` then ``python -m benchmarks report``.
 
-    python -m benchmarks run --group micro|fleet|all [--config NAME ...] [--quick|--tiny] [--repeat N]
+    python -m benchmarks run --group micro|fleet|prewarm|all [--config NAME ...] [--quick|--tiny] [--repeat N]
                              [--url URL] [--out benchmarks/results/latest.json]
     python -m benchmarks report [--format markdown|json] [--in FILE] [--plot out.png]
 
@@ -11,7 +11,8 @@ passes only if it passed in every run), then the workloads and the fleet's own t
 the latency distributions of L1, L2 and L3 hits against their floors and the fleet's configurations as
 hit rate against mean latency. Without ``--url`` a private redis-server is started on a free port
 (LocalRedisServer) and stopped at the end. The micro group is benchmarks/bench_micro.py (with
-bench_parallel.py); the fleet group is ``run_fleet`` of benchmarks/bench_fleet.py.
+bench_parallel.py); the fleet group is ``run_fleet`` of benchmarks/bench_fleet.py; the prewarm group
+(where prewarming pays and where it does not) is ``run_prewarm`` of benchmarks/bench_prewarm.py.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from typing import Any
 
 from benchmarks import facts
 from benchmarks.bench_micro import FIGURES, TIMER_CASE, run_micro
+from benchmarks.bench_prewarm import WORKLOADS, run_prewarm
 from benchmarks.figures import judged
 from victor_rcache.local_redis import LocalRedisServer
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-GROUPS = ("micro", "fleet")
+GROUPS = ("micro", "fleet", "prewarm")
 # The fleet group per mode: process counts, selection costs (ms), requests per worker. Every mode runs
 # N = 4 at both costs (the fleet figures); the full run adds N = 1 and 2 to the fleet's table and plot.
 FLEET_RUNS = {"full": ((1, 2, 4), (5.0, 0.17), 1500), "quick": ((4,), (5.0, 0.17), 400),
@@ -55,12 +57,19 @@ def load_fleet() -> tuple[Any, str]:
     return bench_fleet, ""
 
 
+def split_configs(configs: list[str]) -> tuple[list[str] | None, list[str] | None, list[str] | None]:
+    """``--config`` names as (micro figures, prewarm workloads, fleet configurations), each None if none."""
+    micro = [c for c in configs if c in FIGURES]
+    prewarm = [c for c in configs if c in WORKLOADS]
+    fleet = [c for c in configs if c not in FIGURES and c not in WORKLOADS]
+    return micro or None, prewarm or None, fleet or None
+
+
 def run_groups(url: str, groups: tuple[str, ...], mode: str, configs: list[str],
                progress: Callable[[str], None]) -> dict[str, Any]:
     """One run of the selected groups: {group: {..., "figures": [...], "skipped": {...}}}."""
     out: dict[str, Any] = {}
-    micro_figures = [c for c in configs if c in FIGURES] or None
-    fleet_configs = [c for c in configs if c not in FIGURES] or None
+    micro_figures, prewarm_workloads, fleet_configs = split_configs(configs)
     if "micro" in groups and (micro_figures or not configs):
         out["micro"] = run_micro(url, mode, micro_figures, progress)
     if "fleet" in groups and (fleet_configs or not configs):
@@ -76,6 +85,8 @@ def run_groups(url: str, groups: tuple[str, ...], mode: str, configs: list[str],
             figures, missing = bench_fleet.fleet_figures(fleet["results"], fleet["settings"])
             out["fleet"] = {**fleet, "figures": figures, "skipped": {**fleet["skipped"], **missing},
                             "seconds": round(time.perf_counter() - started, 1)}
+    if "prewarm" in groups and (prewarm_workloads or not configs):
+        out["prewarm"] = run_prewarm(url, mode, prewarm_workloads, progress)
     return out
 
 
@@ -86,6 +97,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     configs: list[str] = args.config or []
     if configs and groups == ("micro",) and not any(c in FIGURES for c in configs):
         print(f"--config {configs}: the micro group has figures {', '.join(FIGURES)}", file=sys.stderr)
+        return 2
+    if configs and groups == ("prewarm",) and not any(c in WORKLOADS for c in configs):
+        print(f"--config {configs}: the prewarm group has workloads {', '.join(WORKLOADS)}", file=sys.stderr)
         return 2
     if args.repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)
@@ -244,6 +258,13 @@ def markdown(result: dict[str, Any]) -> str:
                   table({**fleet, "skipped": {k: v for k, v in fleet["skipped"].items() if k in FLEET_NAMES}}), "```",
                   "", "Settings: " + ", ".join(f"{k}={_num(v)}" for k, v in (fleet.get("settings") or {}).items()
                                               if k not in ("namespace", "processes", "cost_ms"))]
+    prewarm = runs[-1].get("groups", {}).get("prewarm")
+    if prewarm and prewarm.get("results"):
+        from benchmarks.bench_prewarm import table as prewarm_table  # noqa: PLC0415 - the group's own table
+
+        lines += ["", f"## Prewarming: where it pays (last run, {prewarm.get('seconds', '?')} s)", "", "```",
+                  prewarm_table(prewarm), "```", "",
+                  "Settings: " + ", ".join(f"{k}={_num(v)}" for k, v in (prewarm.get("settings") or {}).items())]
     if not any(run.get("groups") for run in runs):
         lines += ["", "No group was run."]
     return "\n".join(lines).rstrip() + "\n"
@@ -264,6 +285,9 @@ CDF_PANELS = (
                          ("floor: redis.asyncio GET + msgpack.unpackb", "floor: asyncio GET + unpack"))),
     ("L3 hit, cold L1", (("L3 hit", "MultiLevelCache.get"), ("floor: GET + msgpack.unpackb", "floor: GET + unpack"))),
 )
+
+
+MARGIN_CAP = 1000.0  # the targets panel's bars: measured / limit within 1/MARGIN_CAP .. MARGIN_CAP
 
 
 def plot(result: dict[str, Any], path: str) -> str:
@@ -342,10 +366,11 @@ def plot(result: dict[str, Any], path: str) -> str:
             _, op, limit = f["bound"]
 
             def margin(x: float, op: str = op, limit: float = limit) -> float:
-                # <= 1 passes: the measured number over its limit (the limit over it, for "at least" targets)
-                if op in (">=", ">"):
-                    return limit / x if x else float("inf")
-                return x / limit if limit else x
+                # <= 1 passes: the measured number over its limit (the limit over it, for "at least" targets);
+                # kept within 1e-3..1e3 for the log scale (a hit rate gain of 0 or less, a negative extra cost)
+                at_least = op in (">=", ">")
+                m = (limit / x if x > 0 else MARGIN_CAP) if at_least else (x / limit if limit else x)
+                return min(max(m, 1 / MARGIN_CAP), MARGIN_CAP)
 
             mid = margin(judged(f) or 0.0)
             lo, hi = sorted(margin(x) for x in (f["spread"] or (judged(f), judged(f))))
@@ -391,11 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run benchmark groups and write the results file")
     r.add_argument("--group", choices=(*GROUPS, "all"), default="all")
     r.add_argument("--config", action="append", metavar="NAME",
-                   help=f"only these (repeatable): micro figures {', '.join(FIGURES)}, or fleet configurations "
+                   help=f"only these (repeatable): micro figures {', '.join(FIGURES)}, fleet configurations "
                         "none (alias baseline), cachetools (per-process), fleet, fleet+prewarm (predictive), "
-                        "fleet+adaptive (adaptive), cashews, aiocache")
+                        f"fleet+adaptive (adaptive), cashews, aiocache, or prewarm workloads {', '.join(WORKLOADS)}")
     size = r.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller samples and namespaces; the fleet at N = 4 only")
+    size.add_argument("--quick", action="store_true",
+                      help="smaller samples and namespaces; the fleet at N = 4 only; fewer prewarm requests")
     size.add_argument("--tiny", action="store_true", help="a smoke run: every figure, too small to mean anything")
     r.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the selected groups N times (default 1); the report shows each figure's spread")

@@ -1,6 +1,7 @@
-"""Smoke test of the benchmark harness (``python -m benchmarks``): the micro group in its tiny mode
-writes every figure to the results file, and the report renders it; the report's verdicts and spreads
-over several runs, and the fleet's figures, on made-up results. Nothing here is timed."""
+"""Smoke test of the benchmark harness (``python -m benchmarks``): the micro and prewarm groups in their
+tiny mode write every figure to the results file, and the report renders it; the report's verdicts and
+spreads over several runs, the fleet's figures and the prewarm verdicts, on made-up results. Nothing here
+is timed."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_micro_tiny_run_and_report(redis_url: str, tmp_path: Path,
     figures = {f["id"]: f for f in micro["figures"]}
     expected = {"l1", "l1:shared", "l2", "l2:async", "l3", "get_many", "parallel:4p", "memory",
                 "publish@1", "publish@4", "publish@16", "rt:get", "rt:put", "rt:get_many(100)", "rt:get_or_set",
-                "rt:record_query", "rt:predict_next_queries", *cpu_ids(SIZES["tiny"])}
+                "rt:record_query", "rt:predict_next_queries", "learn:caller", *cpu_ids(SIZES["tiny"])}
     assert expected == figures.keys()
     for f in figures.values():
         assert {"figure", "value", "unit", "floor", "floor_value", "ratio", "target", "pass"} <= f.keys()
@@ -39,6 +40,7 @@ def test_micro_tiny_run_and_report(redis_url: str, tmp_path: Path,
         assert f["floor_value"] > 0, f  # every figure has a floor measured in the run
     assert figures["rt:get"]["detail"]["slowlog_agrees"]
     assert figures["rt:get"]["value"] == figures["rt:get_many(100)"]["value"] == 1  # one round trip each
+    assert figures["learn:caller"]["bound"] == ["ratio", "<=", 0.15]
     assert {"L1 hit (per call)", "L2 hit", "L2 hit (async)", "L3 hit", "floor: GET + msgpack.unpackb"} \
         <= micro["samples"].keys()
 
@@ -50,6 +52,60 @@ def test_micro_tiny_run_and_report(redis_url: str, tmp_path: Path,
     assert "round trips per op: get_many(100)" in text
     assert harness.main(["report", "--format", "json", "--in", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["mode"] == "tiny"
+
+
+@pytest.mark.standalone_only(reason="Redis CPU is one server's INFO cpu; the fleet's workers take one URL")
+def test_prewarm_tiny_run_and_report(redis_url: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "latest.json"
+    assert harness.main(["run", "--group", "prewarm", "--tiny", "--url", redis_url, "--out", str(out)]) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    prewarm = run["groups"]["prewarm"]
+    rows = {(r["workload"], r["config"]): r for r in prewarm["results"]}
+    assert rows.keys() == {(w, c) for w in ("steady", "ttl", "evicting") for c in ("fleet", "fleet+prewarm")}
+    for r in rows.values():
+        assert r["reads"] + r["writes"] == 2 * 16  # tiny: 2 processes x 16 requests
+        assert r["wrong"] == 0
+        assert r["redis_cpu_gross_us_per_request"] > 0
+    assert rows["steady", "fleet"]["background_selections"] == 0
+    assert rows["steady", "fleet"]["learn_ms"] < 0.1 < rows["steady", "fleet"]["mean_ms"]  # no prewarm path
+    ttl = rows["ttl", "fleet"]
+    assert ttl["ttl_ms"] == pytest.approx(0.5 * ttl["ttl_from_revisit_ms"], abs=1)
+    assert ttl["ttl_from_revisit_ms"] == pytest.approx(rows["steady", "fleet"]["revisit_ms"])
+    _, l2, l3 = rows["evicting", "fleet"]["sizes"]
+    assert l2 + l3 == max(2 * 16, round(0.25 * rows["evicting", "fleet"]["distinct_queries"]))  # 2 slots per shard
+    ids = {f["id"] for f in prewarm["figures"]}
+    assert ids == {"prewarm:steady@5ms:mean", "prewarm:steady@5ms:redis_cpu"} | {
+        f"prewarm:{w}@5ms:{what}" for w in ("ttl", "evicting") for what in ("mean", "hit_rate", "background")}
+    capsys.readouterr()
+    assert harness.main(["report", "--in", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "## Prewarming: where it pays" in text
+    assert "(`prewarm:ttl@5ms:background`)" in text
+
+
+def test_prewarm_verdicts_from_made_up_rows() -> None:
+    from benchmarks.bench_prewarm import figures_of
+
+    def row(workload: str, config: str, hit_rate: float, mean: float, cpu: float, fg: int, bg: int) -> dict[str, Any]:
+        return {"workload": workload, "config": config, "processes": 4, "cost_ms": 5.0, "hit_rate": hit_rate,
+                "mean_ms": mean, "p99_ms": 3 * mean, "redis_cpu_us_per_request": cpu, "selections": fg,
+                "background_selections": bg, "sizes": [100, 300, 600], "reads": 900, "writes": 100,
+                "think_ms": 20.0, "ttl_ms": 50.0, "ttl_from_revisit_ms": 100.0, "distinct_queries": 250}
+
+    rows = [row("steady", "fleet", 0.9, 1.0, 100.0, 100, 0), row("steady", "fleet+prewarm", 0.9, 1.04, 140.0, 100, 0),
+            row("ttl", "fleet", 0.3, 5.0, 150.0, 700, 0), row("ttl", "fleet+prewarm", 0.45, 3.9, 200.0, 550, 200),
+            row("evicting", "fleet", 0.5, 4.0, 150.0, 500, 0),
+            row("evicting", "fleet+prewarm", 0.48, 3.0, 200.0, 520, 300)]
+    verdicts = {f["id"]: f["pass"] for f in figures_of(rows)}
+    assert verdicts == {
+        "prewarm:steady@5ms:mean": True, "prewarm:steady@5ms:redis_cpu": False,  # 1.4x the Redis CPU
+        "prewarm:ttl@5ms:mean": True, "prewarm:ttl@5ms:hit_rate": True,  # 0.78x, +15 points
+        "prewarm:ttl@5ms:background": True,  # 200 background selections for 150 misses saved
+        "prewarm:evicting@5ms:mean": True, "prewarm:evicting@5ms:hit_rate": False,
+        "prewarm:evicting@5ms:background": False}  # misses went up: none saved
+    [saved] = [f for f in figures_of(rows) if f["id"] == "prewarm:ttl@5ms:background"]
+    assert (saved["value"], saved["floor_value"], saved["ratio"]) == (200, 150, pytest.approx(4 / 3))
 
 
 def _results(*runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -754,7 +754,8 @@ def _declared(script: Script, table: str) -> set[str]:
 
 # release.lua runs GET and DEL on the lease key alone (nothing to leave half-done); sizing.lua checks its
 # three commands inline, before its first write; a read-only script writes nothing to leave half-done.
-@pytest.mark.parametrize("script_name", [name for name in SCRIPT_NAMES if name not in ("release", "sizing", *NO_WRITES)])
+@pytest.mark.parametrize("script_name",
+                         [name for name in SCRIPT_NAMES if name not in ("release", "sizing", *NO_WRITES)])
 def test_every_command_a_script_runs_is_checked_before_its_first_write(script_name: str) -> None:
     """A command denied midway would fail the call after some writes: each is checked up front."""
     script = getattr(Scripts(), script_name)

@@ -71,12 +71,12 @@ def train(warmer: PredictiveCacheWarmer) -> None:
 
 
 @pytest.fixture
-def quiet(make_cache: Make) -> Iterator[Callable[..., PredictiveCacheWarmer]]:
+def quiet(make_cache: Make) -> Callable[..., PredictiveCacheWarmer]:
     """Background warmers whose thread sleeps for the test: every round is a flush() the test makes."""
     def build(cache: MultiLevelCache | None = None, **settings: Any) -> PredictiveCacheWarmer:
         return PredictiveCacheWarmer(cache or make_cache(), clock=noon, refresh_interval=QUIET, **settings)
 
-    yield build
+    return build
 
 
 # ------------------------------------------------------------------------ 1. off the caller's path
@@ -95,9 +95,11 @@ def test_record_and_predict_make_no_round_trip_and_a_flush_sends_them(
             for query in walk:
                 warmer.record_query(query, ["t"], session="s")
                 warmer.predict_next_queries(query, session="s")
-    assert m.round_trips == 0 and m.sent == []
+    assert m.round_trips == 0
+    assert m.sent == []
     assert raw.hget(stats, "records") is None  # nothing reached Redis
-    assert warmer._sync is not None and warmer._sync.pending() == 12
+    assert warmer._sync is not None
+    assert warmer._sync.pending() == 12
     with round_trips.measure(raw, trips) as m:
         warmer.flush()
     assert m.round_trips == 1  # every record and the view's reads: one pipeline
@@ -176,7 +178,8 @@ def test_close_sends_the_queued_records(quiet: Callable[..., PredictiveCacheWarm
         warmer.record_query(query, session="s")
     cache.close()
     assert raw.hget(ModelKeys(namespace).stats, "records") == b"3"
-    assert warmer._sync is not None and warmer._sync.thread.closed
+    assert warmer._sync is not None
+    assert warmer._sync.thread.closed
 
 
 def test_redis_down_never_reaches_a_caller() -> None:
@@ -187,7 +190,8 @@ def test_redis_down_never_reaches_a_caller() -> None:
             assert warmer.predict_next_queries(query, session="s").queries == []
         warmer.flush()
         counts = warmer._core.counters.snapshot()
-        assert counts["model_rounds_failed"] >= 1 and counts["records_failed"] == 3
+        assert counts["model_rounds_failed"] >= 1
+        assert counts["records_failed"] == 3
         assert counts.get("records", 0) == 0
 
 
@@ -310,7 +314,8 @@ def test_the_budget_allows_ratio_selections_per_useful_prewarm() -> None:
     budget = PrewarmBudget(1.5, allowance=2)
     assert [budget.reserve() for _ in range(3)] == [True, True, False]
     budget.refund()
-    assert budget.reserve() and not budget.reserve()
+    assert budget.reserve()
+    assert not budget.reserve()
     budget.update(completed=10, useful=8)  # the fleet's prewarms as read: 10 <= 1.5 * 8 + 2 = 14
     assert [budget.reserve() for _ in range(5)] == [True, True, True, True, False]
     budget.update(completed=40, useful=10)  # mostly wasted: nothing more until reads catch up
