@@ -38,6 +38,7 @@ nitpick_ignore_regex = [
     ("py:class", r"~?[PR]"),  # the decorator's ParamSpec and result type, as autodoc spells them
     ("py:obj", r"typing\.~?[PR]"),
     ("py:class", r"_Backend|KeySpec|TagSpec"),  # victor_rcache.decorator's protocol and aliases
+    ("py:class", r"Prewarm|SelectionFn"),  # victor_rcache.prediction.warmer's aliases (a function, or True)
 ]
 
 
