@@ -27,13 +27,12 @@ affected.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
 
@@ -45,14 +44,15 @@ from ..tiers import Step
 from .model import HISTORY_RETRIES, Distribution, Prediction, PredictionCore, score_next, stored_tools
 
 RECORDS_WAKE = 64  # queued records that start a round at once
+NO_TOOLS: tuple[list[Any], None] = ([], None)
+CONTEXTS_MEMO = 4096  # sequences whose pattern-set names a process remembers
 MAX_RECORDS = 256  # records one round carries; more wait for the next
 MAX_SETS = 512  # pattern sets one round reads (view.lua's limit)
 COUNTERS_INTERVAL = 1.0  # seconds: how often the fleet's counters get this process's verdicts, and the
 # prewarm budget the fleet's prewarm counts
 
 
-@dataclass(frozen=True)
-class QueuedRecord:
+class QueuedRecord(NamedTuple):
     query: bytes
     tools_json: str
     session: bytes
@@ -73,9 +73,9 @@ class SessionState:
 
     @property
     def size(self) -> int:
-        """Bytes it holds (the queries), for the byte bound on sessions."""
-        pending = 0 if self.pending is None else len(self.pending[0]) + sum(map(len, self.pending[1]))
-        return sum(map(len, self.history)) + pending + 64
+        """Bytes its history holds (and a fixed share for the rest: a pending prediction's queries are
+        bounded like any query), for the byte bound on sessions."""
+        return sum(map(len, self.history)) + 128
 
 
 class LocalView:
@@ -90,7 +90,7 @@ class LocalView:
         self.size = size
         self.max_age = max_age
         self._sets: OrderedDict[bytes, tuple[float, Distribution]] = OrderedDict()
-        self._tools: dict[bytes, Any] = {}  # member -> its tools JSON (None: none recorded)
+        self._tools: dict[bytes, tuple[list[Any], str | None]] = {}  # member -> its tools, their registry hash
         self._wanted: dict[bytes, None] = {}  # insertion-ordered set
 
     def lookup(self, key: bytes, now: float) -> Distribution | None:
@@ -114,18 +114,17 @@ class LocalView:
 
     def tools(self, member: bytes) -> tuple[list[Any], str | None]:
         """The tools recorded for a member, and the registry hash recorded with them."""
-        return stored_tools(self._tools.get(member))
+        return self._tools.get(member, NO_TOOLS)
 
     def store(self, keys: Sequence[bytes], sets: Sequence[Sequence[bytes]], tools: Sequence[Any],
               read_at: float) -> None:
         for key, flat in zip(keys, sets, strict=True):
-            counts = {flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)}
-            self._sets[key] = (read_at, Distribution(counts, sum(counts.values())))
+            self._sets[key] = (read_at, Distribution.of(flat))
             self._sets.move_to_end(key)
         while len(self._sets) > self.size:
             self._sets.popitem(last=False)
         for i in range(0, len(tools), 2):
-            self._tools[tools[i]] = tools[i + 1] or None
+            self._tools[tools[i]] = stored_tools(tools[i + 1])
         if len(self._tools) > 64 * self.size:  # members of sets long gone: start again (re-read with them)
             self._tools.clear()
 
@@ -159,6 +158,7 @@ class ModelSync:
         self._lock = threading.Lock()
         self._queue: deque[QueuedRecord] = deque()
         self._sessions: OrderedDict[bytes, SessionState] = OrderedDict()
+        self._contexts: dict[tuple[bytes, ...], list[bytes]] = {}
         self._session_bytes = 0
         self._recorded: dict[bytes, None] = {}  # sessions recorded since the last round
         self.view = LocalView(self.config.view_size, self.config.view_max_age)
@@ -214,35 +214,51 @@ class ModelSync:
         if waiting >= RECORDS_WAKE:
             self.thread.wake()
 
-    def predict(self, current: bytes, top_k: int, min_confidence: float, session: bytes,
-                remember: bool) -> Prediction:
+    def predict(self, current: bytes, top_k: int, min_confidence: float, session: bytes, remember: bool,
+                shown: tuple[Any, Any] | None = None) -> Prediction:
         """Score the next queries from the view (no I/O); see PredictionCore.predict for the arguments.
-        The prediction's ``current_query`` and ``session`` are the raw ones: the core shows the caller's."""
+        ``shown``: the current query and session as the caller gave them (default: decoded from bytes)."""
         c = self.config
-        keys = self.core.keys
         now = self.clock()
         with self._lock:
             state = self._sessions.get(session)
-            history = list(state.history) if state is not None else []
-            sequence = history if history and history[0] == current else [current, *history][: c.ngram_size - 1]
-            contexts = keys.contexts(sequence, c.ngram_size)
-            hour = keys.hour(time.gmtime(c.clock()).tm_hour)
-            found = [self.view.lookup(k, now) for k in (*contexts, hour)]
-            rows = score_next(found[0], found[1:-1], found[-1], c.normalized_weights, top_k, min_confidence)
-            tools = [self.view.tools(r[0]) for r in rows]
-            prediction = Prediction(
-                _text(current), queries=[_text(r[0]) for r in rows],
-                confidences=[r[1] for r in rows], tools=[t for t, _ in tools], tools_hashes=[h for _, h in tools],
-                parts=[(r[2], r[3], r[4]) for r in rows], session=_text(session))
+            history = state.history if state is not None else ()
+            contexts = self._contexts_after(current, history)
+            view = self.view
+            found = [view.lookup(k, now) for k in contexts]
+            hour = view.lookup(self.core.keys.hour_at(c.clock()), now)
+            rows = score_next(found[0], found[1:], hour, c.normalized_weights, top_k, min_confidence)
+            tools = [view.tools(r[0]) for r in rows]
             if remember:
-                state = self._session(session)
+                if state is None:
+                    state = self._session(session)
                 state.pending = (current, frozenset(r[0] for r in rows)) if rows else None
-                self._resize(session, state, state.history)
+            wake = len(view._wanted) >= RECORDS_WAKE
         if remember:
             self.core.counters.add(predictions=1)
-        if len(self.view._wanted) >= RECORDS_WAKE:
+        if wake:
             self.thread.wake()
+        query, named = shown if shown is not None else (_text(current), _text(session))
+        prediction = Prediction(query, session=named)
+        for (q, conf, pt, pn, ph), (listed, registry) in zip(rows, tools, strict=True):
+            prediction.queries.append(_text(q))
+            prediction.confidences.append(conf)
+            prediction.parts.append((pt, pn, ph))
+            prediction.tools.append(list(listed))
+            prediction.tools_hashes.append(registry)
         return prediction
+
+    def _contexts_after(self, current: bytes, history: Sequence[bytes]) -> list[bytes]:
+        """The pattern sets a prediction after ``current`` reads, in a session with ``history`` (newest
+        first), remembered: the same few sequences recur on every request."""
+        keep = self.config.ngram_size - 1
+        sequence = tuple(history) if history and history[0] == current else (current, *history[: keep - 1])
+        found = self._contexts.get(sequence)
+        if found is None:
+            if len(self._contexts) >= CONTEXTS_MEMO:
+                self._contexts.clear()
+            found = self._contexts[sequence] = self.core.keys.contexts(sequence, self.config.ngram_size)
+        return found
 
     def pending(self) -> int:
         """Records queued and not yet sent (for tests and metrics)."""
@@ -283,7 +299,7 @@ class ModelSync:
                 for key in self.core.keys.contexts(rec.after, self.config.ngram_size):
                     self.view.lookup(key, now)
             if records:
-                self.view.lookup(self.core.keys.hour(time.gmtime(self.config.clock()).tm_hour), now)
+                self.view.lookup(self.core.keys.hour_at(self.config.clock()), now)
             wanted = self.view.take_wanted(MAX_SETS)
             verdicts, budget = None, False
             if force or self.clock() - self._counted_at >= COUNTERS_INTERVAL:
@@ -359,7 +375,7 @@ class ModelSync:
             if reply[0] == 0:  # the session was advanced by another process: resend on its history
                 core._remember(rec.session, list(reply[1]))
                 if rec.tries + 1 < HISTORY_RETRIES:
-                    again.append(dataclasses.replace(rec, tries=rec.tries + 1))
+                    again.append(rec._replace(tries=rec.tries + 1))
                 else:
                     core.counters.add(record_conflicts=1)
                 continue

@@ -20,6 +20,7 @@ since this one last saw it).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from ..tiers import Step, TierCore
 MAX_NGRAM = 8  # longest n-gram (the scripts accept histories up to 64)
 MAX_TOP_K = 1000
 SESSIONS_REMEMBERED = 10_000  # session histories this process keeps locally (LRU): saves a round trip
+TOOLS_MEMO = 1024  # tool lists whose JSON a process remembers
 HISTORY_RETRIES = 3  # a session advanced by another process meanwhile: derive the keys again, resend
 # What a prewarm does with a predicted query above the threshold; the fleet counts the skipped ones together.
 PREWARM_SKIPPED = ("cached", "busy", "refused", "no_tools", "other_registry")
@@ -168,10 +170,26 @@ class Prediction:
 
 
 class Distribution(NamedTuple):
-    """A pattern set as this process read it: member -> decayed count (in Redis's order), and their sum."""
+    """A pattern set as this process read it: each member's probability (its decayed count over the
+    set's total, as predict.lua computes it), and the members, likeliest first."""
 
-    counts: dict[bytes, float]
-    total: float
+    probs: dict[bytes, float]
+    ranked: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, flat: Sequence[bytes]) -> Distribution:
+        """From ZRANGE ... WITHSCORES's flat reply (member, count, ...; lowest first)."""
+        members, counts = flat[0::2], [float(c) for c in flat[1::2]]
+        total = 0.0
+        for c in counts:  # in Redis's order, one addition at a time: the float predict.lua gets
+            total += c
+        if total <= 0:
+            return cls({}, ())
+        probs = {m: c / total for m, c in zip(members, counts, strict=True)}
+        return cls(probs, tuple(sorted(probs, key=probs.__getitem__, reverse=True)))
+
+
+EMPTY = Distribution({}, ())
 
 
 def score_next(transition: Distribution | None, ngrams: Sequence[Distribution | None], hour: Distribution | None,
@@ -179,24 +197,33 @@ def score_next(transition: Distribution | None, ngrams: Sequence[Distribution | 
                min_confidence: float) -> list[tuple[bytes, float, float, float, float]]:
     """predict.lua's scoring, in the process (lua/predict.lua states the formula): rows of (query,
     confidence, p_transition, p_ngram, p_hour), best first, ties by query. ``ngrams`` longest last; the
-    longest with any observation is used, else the transition."""
-    empty = Distribution({}, 0.0)
-    t = transition or empty
-    n = next((d for d in reversed(ngrams) if d is not None and d.total > 0), t)
-    h = hour or empty
+    longest with any observation is used, else the transition.
+
+    The same numbers as the script's, in less work: a query seen only in the hour set scores
+    ``w_h * p_hour``, so of those only the likeliest (``top_k`` of them, with their ties) can be among
+    the best."""
+    t = transition or EMPTY
+    n = next((d for d in reversed(ngrams) if d is not None and d.probs), t)
+    h = hour or EMPTY
     w_t, w_n, w_h = weights
-
-    def p(d: Distribution, q: bytes) -> float:
-        return d.counts.get(q, 0.0) / d.total if d.total > 0 else 0.0
-
-    rows = []
-    for q in {**t.counts, **n.counts, **h.counts}:
-        pt, pn, ph = p(t, q), p(n, q), p(h, q)
-        conf = w_t * pt + w_n * pn + w_h * ph
-        if conf >= min_confidence and conf > 0:
-            rows.append((q, conf, pt, pn, ph))
-    rows.sort(key=lambda r: (-r[1], r[0]))
-    return rows[:top_k]
+    tp, np_, hp = t.probs, n.probs, h.probs
+    tg, ng, hg = tp.get, np_.get, hp.get
+    # (conf, query) for every query seen after the current one; the same operations, in the same order,
+    # as the script's, so the same floats.
+    scored = [(w_t * tg(q, 0.0) + w_n * ng(q, 0.0) + w_h * hg(q, 0.0), q) for q in tp.keys() | np_.keys()]
+    taken, last = 0, -1.0
+    for q in h.ranked:
+        ph = hp[q]
+        if w_h * ph < min_confidence:  # the hour part alone can reach no further
+            break
+        if q in tp or q in np_:
+            continue
+        if taken >= top_k and ph < last:
+            break
+        scored.append((w_t * 0.0 + w_n * 0.0 + w_h * ph, q))
+        taken, last = taken + 1, ph
+    best = heapq.nsmallest(top_k, ((-conf, q) for conf, q in scored if conf >= min_confidence and conf > 0))
+    return [(q, -neg, tg(q, 0.0), ng(q, 0.0), hg(q, 0.0)) for neg, q in best]
 
 
 def _name(query: bytes) -> bytes:
@@ -216,6 +243,7 @@ class ModelKeys:
         self.evicted = self.prefix + b"evicted"
         self.queries = self.prefix + b"queries"
         self.tools = self.prefix + b"tools"
+        self._hours = [self.hour(h) for h in range(24)]
 
     def next(self, query: bytes) -> bytes:
         return self.prefix + b"next:" + _name(query)
@@ -225,6 +253,10 @@ class ModelKeys:
 
     def hour(self, hour: int) -> bytes:
         return self.prefix + b"hour:%02d" % hour
+
+    def hour_at(self, wall_clock: float) -> bytes:
+        """The hour set of a moment (seconds since the epoch): its UTC hour's."""
+        return self._hours[int(wall_clock // 3600) % 24]
 
     def hist(self, session: bytes) -> bytes:
         return self.prefix + b"hist:" + _name(session)
@@ -332,6 +364,7 @@ class PredictionCore:
         self._hour_decay = repr(decay_for(config.hour_half_life))
         self._max_queries = config.max_queries or config.max_patterns
         self.budget = PrewarmBudget(config.prewarm_budget)
+        self._tools_memo: dict[tuple[tuple[str, ...], str | None], str] = {}
         self._init_state()
         forksafe.register(self)
 
@@ -353,8 +386,20 @@ class PredictionCore:
         hash ``tools_hash`` if given), session, hour set."""
         q = _query_bytes(query)
         s = self._session(session)
-        tools_json = _tools_json(tools, tools_hash)
-        return q, tools_json, s, self.keys.hour(time.gmtime(self.config.clock()).tm_hour)
+        return q, self._tools_json(tools, tools_hash), s, self.keys.hour_at(self.config.clock())
+
+    def _tools_json(self, tools: Iterable[Any] | None, tools_hash: str | None) -> str:
+        """_tools_json, remembered for tool lists of names (an agent's few tool sets recur on every record)."""
+        if not isinstance(tools, (list, tuple)) or not all(isinstance(t, str) for t in tools):
+            return _tools_json(tools, tools_hash)
+        memo = (tuple(tools), tools_hash)
+        found = self._tools_memo.get(memo)
+        if found is None:
+            found = _tools_json(tools, tools_hash)
+            if len(self._tools_memo) >= TOOLS_MEMO:
+                self._tools_memo.clear()
+            self._tools_memo[memo] = found
+        return found
 
     def record_call(self, q: bytes, tools_json: str, s: bytes, hour: bytes, hist: list[bytes],
                     doomed: list[bytes]) -> ScriptCall:
@@ -418,7 +463,7 @@ class PredictionCore:
         ``remember=False`` only looks (an operator's question): nothing is written, nothing judged."""
         cur, s = self.predict_args(current_query, top_k, min_confidence, session)
         c = self.config
-        hour = self.keys.hour(time.gmtime(c.clock()).tm_hour)
+        hour = self.keys.hour_at(c.clock())
         empty = Prediction(current_query, session=session)
         for _ in range(HISTORY_RETRIES):
             hist = self._history(s)

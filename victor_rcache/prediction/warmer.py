@@ -13,7 +13,6 @@ selection records under the query keys real requests use.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 import threading
@@ -205,8 +204,7 @@ class _WarmerBase:
         if self._sync is None:
             return None
         cur, s = self._core.predict_args(current_query, top_k, min_confidence, session)
-        found = self._sync.predict(cur, top_k, min_confidence, s, remember)
-        return dataclasses.replace(found, current_query=current_query, session=session)
+        return self._sync.predict(cur, top_k, min_confidence, s, remember, (current_query, session))
 
     def _accept(self, cache: Any) -> Any:
         """The fleet cache this warmer drives: ``cache`` itself, or a tool-selection cache's ``query``
