@@ -4,7 +4,9 @@ a real Redis, standalone and cluster.
 What Redis holds is read with redis-py under the key layout documented in lua/includes/model.lua, built
 here independently of ``ModelKeys``; expected confidences are recomputed from those sorted sets. Round
 trips are measured like tests/test_round_trips.py (its ``measure`` and ``counting_client`` are reused).
-Prewarming and multi-process tests are elsewhere (tests/test_prewarm.py). The warmers here run with
+Prewarming and multi-process tests are elsewhere (tests/test_prewarm.py). Admission (record.lua's frequency
+sketch, read back here with the documented layout) and the byte bounds are section 8b; the long-tail
+acceptance run with several processes is tests/test_prediction_longtail.py. The warmers here run with
 ``background=False``: each call is the round trip it names, so what it did is in Redis when it returns.
 The background mode, built on the same scripts, is tested in tests/test_model_background.py.
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -39,7 +43,7 @@ from victor_rcache.local_redis import free_port
 from victor_rcache.tiers import default_scripts
 
 from . import test_round_trips as round_trips
-from .helpers import Client, server_of
+from .helpers import Backend, Client, server_of
 
 Make = Callable[..., MultiLevelCache]
 MakeAsync = Callable[..., AsyncMultiLevelCache]
@@ -85,6 +89,27 @@ def is_pattern(name: bytes) -> bool:
     return name.startswith((b"next:", b"ngram:"))
 
 
+SKETCHES = (b"sketch:0", b"sketch:1")  # the admission sketches of the even and odd epochs
+SKETCH_ROWS = 4
+
+
+def sketch_shape(max_patterns: int = 500, max_queries: int = 0, ngram_size: int = 3) -> tuple[int, int]:
+    """(counters per row, records per epoch) as docs/prediction.md states them: an epoch is 10 records per
+    slot of the larger bounded list; a row has the power of two (at least 64) at or above an epoch's
+    records times ngram_size."""
+    epoch = 10 * max(max_patterns, max_queries or max_patterns)
+    width = 64
+    while width < epoch * ngram_size:
+        width *= 2
+    return width, epoch
+
+
+def sketch_cells(item: bytes, width: int) -> list[int]:
+    """The item's counter in each row: row r takes hex digits 8r..8r+7 of SHA1(item), modulo the width."""
+    sha = hashlib.sha1(item).hexdigest()
+    return [r * width + int(sha[8 * r:8 * r + 8], 16) % width for r in range(SKETCH_ROWS)]
+
+
 class Model:
     """What Redis holds for one namespace's model (every key shares the hash tag {<ns>.model})."""
 
@@ -115,6 +140,17 @@ class Model:
 
     def stats(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.server.hgetall(self.key(b"stats")).items()}
+
+    def estimate(self, item: bytes, width: int) -> int:
+        """The admission sketch's estimate of an item (a pattern name, or b"q:" + query): the least over
+        the rows of the row's counters in both sketches (u4 counters, read with BITFIELD GET)."""
+        cells = sketch_cells(item, width)
+        sums = [0] * SKETCH_ROWS
+        for sketch in SKETCHES:
+            got = self.server.execute_command(
+                "BITFIELD", self.key(sketch), *[a for i in cells for a in ("GET", "u4", f"#{i}")])
+            sums = [a + b for a, b in zip(sums, got, strict=True)]
+        return min(sums)
 
     def contents(self) -> dict[bytes, Any]:
         """Every key's value (read by type), e.g. to compare two namespaces."""
@@ -224,9 +260,16 @@ def test_the_model_keys_are_exactly_the_documented_ones_and_long_queries_are_has
     assert model.names() == {
         b"stats": "hash", b"patterns": "zset", b"queries": "zset", b"tools": "hash", b"hour:07": "zset",
         b"hist:s1": "list", b"hist:" + name_of(long_session): "list", b"pred:s1": "hash", b"pred:s2": "hash",
+        b"sketch:0": "string",  # the admission sketch of epoch 0 (the odd epochs' is made at tick 5000)
         **dict.fromkeys(patterns, "zset"),
     }
     assert all(len(name) < 200 for name in model.names())  # the long query and session only hashed
+    width, _ = sketch_shape()
+    assert width == 16384
+    assert model.server.strlen(model.key(b"sketch:0")) == SKETCH_ROWS * width // 2  # u4 counters: its full size
+    assert model.estimate(next_name("A"), width) == 1
+    assert model.estimate(b"q:A", width) == 2  # the query, twice; b"q:" + the query itself, even a long one
+    assert model.estimate(b"q:" + long_query.encode(), width) == 1
 
     assert model.registry() == patterns
     lq = long_query.encode()
@@ -242,7 +285,8 @@ def test_the_model_keys_are_exactly_the_documented_ones_and_long_queries_are_has
     assert model.server.lrange(model.key(b"hist:" + name_of(long_session)), 0, -1) == [b"B"]
     assert model.server.hgetall(model.key(b"pred:s1")) == {b"for": b"A", b"q:B": b"1"}
     assert model.server.hgetall(model.key(b"pred:s2")) == {b"for": b"B", b"q:" + lq: b"1"}
-    assert (model.stats()["records"], model.stats()["tick"]) == (5, 5)
+    assert {k: model.stats()[k] for k in ("records", "tick", "sketch_epoch")} == {
+        "records": 5, "tick": 5, "sketch_epoch": 0}
 
     assert after_a.queries == ["B"]
     assert after_b.queries == [long_query]  # predictions carry the query itself
@@ -525,6 +569,10 @@ def test_successors_per_pattern_are_bounded_keeping_the_newest(make_cache: Make,
 
 
 def test_hour_sets_and_tools_are_bounded(make_cache: Make, raw: Client, namespace: str) -> None:
+    """An hour set keeps its highest counts (the query just seen always). Tools are kept for max_queries
+    queries: once the list is full a new query gets in only if the admission sketch rates it above the
+    least recently recorded one (which then goes with its tools), so queries asked once never push out
+    the others."""
     warmer = PredictiveCacheWarmer(make_cache(), hour_size=8, max_queries=10, clock=at_hour(14))
     for i in range(30):
         warmer.record_query(f"q{i:02d}", [f"tool{i}"], session=f"s{i % 3}")
@@ -532,23 +580,40 @@ def test_hour_sets_and_tools_are_bounded(make_cache: Make, raw: Client, namespac
     hour = model.zset(b"hour:14")
     assert len(hour) == 8
     assert b"q29" in hour
-    latest = {f"q{i:02d}".encode() for i in range(20, 30)}
-    assert set(model.zset(b"queries")) == latest
-    assert set(model.server.hgetall(model.key(b"tools"))) == latest
+    first = {f"q{i:02d}".encode() for i in range(10)}
+    assert set(model.zset(b"queries")) == first  # the other 20, each seen once, tie with what they would evict
+    assert set(model.server.hgetall(model.key(b"tools"))) == first
+    assert model.stats()["queries_rejected"] == 20
+
+    warmer.record_query("q25", ["again"], session="s9")  # seen twice now: rated 2, over q00's 1
+    queries = model.zset(b"queries")
+    assert set(queries) == first - {b"q00"} | {b"q25"}
+    assert max(queries, key=queries.__getitem__) == b"q25"
+    tools = model.server.hgetall(model.key(b"tools"))
+    assert (b"q00" in tools, tools[b"q25"]) == (False, b'["again"]')
+    assert model.stats()["queries_rejected"] == 20
 
 
 def test_pattern_keys_are_bounded_and_memory_is_flat_on_an_endless_stream(make_cache: Make, raw: Client,
                                                                           namespace: str) -> None:
-    """At most max_patterns registered patterns. Evicted ones are noted in `evicted` and their keys
-    deleted by the next call of any worker, so with one process: pattern keys = registered + the
-    names pending deletion <= max_patterns + (ngram_size - 1), a call evicting at most as many as it
-    registers."""
+    """At most max_patterns registered patterns, and no key for a pattern admission refused. Evicted ones
+    are noted in `evicted` and their keys deleted by the next call of any worker, so with one process:
+    pattern keys = registered + the names pending deletion <= max_patterns + (ngram_size - 1), a call
+    evicting at most as many as it registers. The sketches have a fixed size.
+
+    On a stream of queries each asked once, every pattern is seen once: a new one ties with the one it
+    would evict and is refused (unless other patterns raised all four of its counters: a few per cent,
+    late in an epoch), until the registered ones age out of the sketch, two epochs after they were
+    counted; then newcomers replace them."""
     max_patterns, ngram_size = 50, 3
+    width, epoch = sketch_shape(max_patterns, 0, ngram_size)
+    assert (width, epoch) == (2048, 500)
     warmer = PredictiveCacheWarmer(make_cache(), max_patterns=max_patterns, ngram_size=ngram_size,
                                    clock=at_hour(15))
     model = Model(raw, namespace)
     sizes: dict[int, tuple[int, int, int]] = {}
-    for i in range(20 * max_patterns):
+    registries: dict[int, set[bytes]] = {}
+    for i in range(6 * epoch):
         warmer.record_query(f"query {i:06d}", ["tool"], session="stream")
         if (i + 1) % max_patterns:
             continue
@@ -558,22 +623,32 @@ def test_pattern_keys_are_bounded_and_memory_is_flat_on_an_endless_stream(make_c
         assert model.server.zcard(model.key(b"patterns")) == max_patterns
         assert set(model.zset(b"evicted")) == pending  # what this process deletes with its next call
         assert patterns == model.registry() | pending
-        assert len(pending) == ngram_size - 1
-        assert len(patterns) == max_patterns + ngram_size - 1
+        assert len(pending) <= ngram_size - 1
         for name in names:
             if is_pattern(name) or name.startswith((b"hour:", b"hist:")):
                 assert model.server.pttl(model.key(name)) > 0, name
-        members = sum(model.server.zcard(model.key(n)) for n, kind in names.items() if kind == "zset")
-        memory = sum(model.server.memory_usage(model.key(n), samples=0) or 0 for n in names)
-        sizes[i + 1] = (len(names), members, memory)
+        for sketch in SKETCHES:
+            assert model.server.strlen(model.key(sketch)) in (0, SKETCH_ROWS * width // 2)  # absent or full size
+        settled = {n: kind for n, kind in names.items() if n not in pending and n != b"evicted"}
+        members = sum(model.server.zcard(model.key(n)) for n, kind in settled.items() if kind == "zset")
+        memory = sum(model.server.memory_usage(model.key(n), samples=0) or 0 for n in settled)
+        sizes[i + 1] = (len(settled), members, memory)
+        registries[i + 1] = model.registry()
 
     assert {n for n in model.names() if not is_pattern(n)} == {
-        b"stats", b"patterns", b"evicted", b"queries", b"tools", b"hour:15", b"hist:stream"}
-    keys5, members5, memory5 = sizes[5 * max_patterns]
-    keys20, members20, memory20 = sizes[20 * max_patterns]
-    assert (keys20, members20) == (keys5, members5)
-    assert memory20 <= memory5 * 1.02  # flat (allocator rounding aside)
-    assert len({s[:2] for n, s in sizes.items() if n >= 3 * max_patterns}) == 1
+        b"stats", b"patterns", b"evicted", b"queries", b"tools", b"hour:15", b"hist:stream", *SKETCHES}
+    assert len({s[:2] for n, s in sizes.items() if n >= 2 * epoch}) == 1
+    memories = [s[2] for n, s in sizes.items() if n >= 2 * epoch]
+    # Flat: allocator rounding aside, and the ticks the small sets hold as scores gaining a digit.
+    assert max(memories) <= min(memories) * 1.05
+    # Mostly refused, not churned: of the ~2 new patterns per record, at most a few per cent got in.
+    stats = model.stats()
+    assert stats["patterns_rejected"] > 0.9 * 2 * 6 * epoch
+    kept = registries[max_patterns]
+    assert len(kept & registries[2 * epoch - 50]) >= max_patterns // 2
+    # Epoch 2: the first ones' counts have left the sketch (rated 0), so newcomers (rated 1) replace them.
+    assert len(kept & registries[2 * epoch + 50]) < len(kept & registries[2 * epoch - 50])
+    assert (stats["sketch_epoch"], stats["sketch_width"], stats["sketch_records"]) == (6, width, epoch)
 
 
 def test_evicted_pattern_keys_are_deleted_at_most_64_per_call(make_cache: Make, raw: Client, namespace: str) -> None:
@@ -584,17 +659,177 @@ def test_evicted_pattern_keys_are_deleted_at_most_64_per_call(make_cache: Make, 
     model = Model(raw, namespace)
     assert len(model.pattern_names()) == 149 + 148
 
-    small = PredictiveCacheWarmer(cache, max_patterns=20, clock=at_hour(16))  # a smaller limit from now on
+    # A smaller limit from now on. Its sketch has another shape: the sketches start afresh, so the old
+    # patterns are rated 0 and this warmer's new ones (rated 1) may replace them.
+    small = PredictiveCacheWarmer(cache, max_patterns=20, clock=at_hour(16))
     pending = 0
     for i in range(10):
         small.record_query(f"new {i:03d}", session="new")
-        contexts = min(i, 2)  # brand-new patterns this call registered (and so evicted)
-        pending = (149 + 148 - 20 if i == 0 else pending - min(64, pending) + contexts)
-        assert model.server.zcard(model.key(b"evicted")) == pending
+        left = pending - min(64, pending)  # this call deleted 64 of those pending
+        pending = model.server.zcard(model.key(b"evicted"))
+        if i == 0:
+            assert pending == 149 + 148 - 20
+            assert (model.stats()["sketch_width"], model.stats()["sketch_records"]) == (1024, 200)
+        else:
+            assert left <= pending <= left + min(i, 2)  # at most one eviction per pattern it registered
         assert len(small._core._doomed) == min(64, pending)  # deleted with its next call
         assert model.server.zcard(model.key(b"patterns")) == 20
         assert len(model.pattern_names()) == 20 + pending
-    assert pending == 2
+    assert pending <= 2
+
+
+# ---------------------------------------------------------------------- 8b. admission and bytes
+
+
+def redis_cli(backend: Backend, *argv: str) -> str:
+    """One command through the real ``redis-cli`` (``-c`` follows a cluster's redirections), its raw output."""
+    done = subprocess.run(["redis-cli", "-u", backend.url, "-c", *argv], capture_output=True, text=True, check=False,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
+def test_a_full_registry_admits_a_new_pattern_only_if_seen_more_often_than_the_one_it_would_evict(
+        make_cache: Make, raw: Client, namespace: str, backend: Backend) -> None:
+    """record.lua's admission, step by step, each estimate read back from the sketch keys with the
+    documented layout. max_queries=5000 makes the sketch wide (no collisions among these few items)
+    and its epochs long (nothing ages here)."""
+    warmer = PredictiveCacheWarmer(make_cache(), max_patterns=4, ngram_size=2, max_queries=5000, clock=at_hour(10))
+    width, epoch = sketch_shape(4, 5000, 2)
+    assert (width, epoch) == (131072, 50000)
+    model = Model(raw, namespace)
+    for k in range(3):
+        recorded(warmer, f"k{k}", "K", "L")  # next:K, seen 3 times
+    recorded(warmer, "fill", "p1", "p2", "p3", "p4")  # next:p1 .. next:p3: the registry is full
+    full = {next_name("K"), next_name("p1"), next_name("p2"), next_name("p3")}
+    assert model.registry() == full
+    assert model.estimate(next_name("K"), width) == 3  # the least recently updated: the victim
+
+    # A pattern seen once (rated 1 < 3) is refused: no key, nothing evicted, the refusal counted.
+    before = model.snapshot()
+    warmer.record_query("p5", session="fill")  # next:p4
+    assert model.estimate(next_name("p4"), width) == 1
+    assert next_name("p4") not in model.names()
+    assert model.registry() == full
+    assert b"evicted" not in model.names()
+    assert model.stats()["patterns_rejected"] == 1
+    changed = {n for n in model.snapshot() if model.snapshot()[n] != before.get(n)}
+    assert changed == {b"stats", b"sketch:0", b"queries", b"hour:10", b"hist:fill"}  # counted, not stored
+
+    # Seen as often as the victim (3 = 3): still refused, a tie keeps the incumbent.
+    for k in range(3):
+        recorded(warmer, f"f{k}", "F", "G")
+        assert model.estimate(next_name("F"), width) == k + 1
+        assert model.registry() == full
+    assert model.stats()["patterns_rejected"] == 4
+    # Seen once more (4 > 3): admitted with this observation; the victim goes.
+    recorded(warmer, "f3", "F", "G")
+    assert model.registry() == full - {next_name("K")} | {next_name("F")}
+    assert model.zset(next_name("F")) == {b"G": 1.0}  # the refused observations were only counted
+    assert set(model.zset(b"evicted")) == {next_name("K")}
+    assert next_name("K") in model.names()  # deleted by the next call (any worker's)
+    warmer.record_query("anything", session="later")
+    assert next_name("K") not in model.names()
+    assert b"evicted" not in model.names()
+
+    # The sketches, as redis-cli shows them: strings of 4 rows of `width` u4 counters, their size fixed.
+    sketch = model.key(b"sketch:0").decode()
+    assert redis_cli(backend, "TYPE", sketch) == "string"
+    assert int(redis_cli(backend, "STRLEN", sketch)) == SKETCH_ROWS * width // 2 == 262144
+    first_row = sketch_cells(next_name("F"), width)[0]
+    assert redis_cli(backend, "BITFIELD", sketch, "GET", "u4", f"#{first_row}") == "4"
+    assert b"sketch:1" not in model.names()  # the odd epochs' is made at tick 50000
+    for i in range(20):
+        warmer.record_query(f"more {i}", session=f"more {i % 3}")
+    assert int(redis_cli(backend, "STRLEN", sketch)) == 262144
+
+
+def test_a_pattern_unused_for_two_epochs_loses_its_place_to_a_newcomer(make_cache: Make, raw: Client,
+                                                                      namespace: str) -> None:
+    warmer = PredictiveCacheWarmer(make_cache(), max_patterns=4, ngram_size=2, clock=at_hour(10))
+    width, epoch = sketch_shape(4, 0, 2)
+    assert (width, epoch) == (128, 40)
+    model = Model(raw, namespace)
+    for k in range(3):
+        recorded(warmer, f"k{k}", "K", "L")
+    recorded(warmer, "fill", "p1", "p2", "p3", "p4", "p5")
+    full = {next_name("K"), next_name("p1"), next_name("p2"), next_name("p3")}
+    assert model.registry() == full  # next:p4 refused: rated 1, next:K 3
+    assert model.stats()["patterns_rejected"] == 1
+
+    for i in range(2 * epoch):  # records without a previous query: they count only their query
+        warmer.record_query(f"idle {i}", session=f"idle {i}")
+    stats = model.stats()
+    assert stats["tick"] == 91
+    assert stats["sketch_epoch"] == 2  # epoch 0's sketch (with next:K's counts) was deleted at tick 80
+    assert model.estimate(next_name("K"), width) == 0
+
+    recorded(warmer, "new", "N", "M")  # seen once, but rated above next:K's 0
+    assert model.registry() == full - {next_name("K")} | {next_name("N")}
+    assert model.stats()["patterns_rejected"] == 1
+
+
+def test_a_1_mib_query_is_refused_before_any_io_and_nothing_is_written(
+        counting_client: tuple[Client, round_trips.RoundTrips], make_cache: Make, raw: Client) -> None:
+    client, trips = counting_client
+    warmer = PredictiveCacheWarmer(make_cache(client=client), clock=at_hour(13))
+    recorded(warmer, "s", "A", "B")
+    model = Model(raw, warmer.cache.namespace)
+    before = model.snapshot()
+    huge = "x" * (1 << 20)
+    with round_trips.measure(raw, trips) as m:
+        with pytest.raises(InvalidArgumentError) as caught:
+            warmer.record_query(huge, ["read"], session="s")
+        message = str(caught.value)
+        for call in (lambda: warmer.record_query("C", session=huge),
+                     lambda: warmer.predict_next_queries(huge, session="s"),
+                     lambda: warmer.predict_next_queries("A", session=huge)):
+            with pytest.raises(InvalidArgumentError, match="over max_query_bytes=4096"):
+                call()
+    assert m.round_trips == 0
+    assert model.snapshot() == before
+    assert "query is 1048576 bytes, over max_query_bytes=4096" in message
+    assert "pass a shorter query" in message
+    assert "WarmerConfig(max_query_bytes=...)" in message
+    assert warmer._core.counters.snapshot().get("records") == 2
+
+    warmer.record_query("y" * 4096, session="s")  # the limit itself is fine
+    assert b"y" * 4096 in model.zset(b"queries")
+    roomy = PredictiveCacheWarmer(make_cache(client=client), max_query_bytes=1 << 20, clock=at_hour(13))
+    roomy.record_query(huge, session="roomy")  # raised, the limit holds up to 1 MiB
+    assert huge.encode() in model.zset(b"queries")
+
+
+def test_the_session_histories_a_process_keeps_are_bounded_by_bytes(make_cache: Make, raw: Client,
+                                                                     namespace: str) -> None:
+    limit = 20_000
+    warmer = PredictiveCacheWarmer(make_cache(), history_bytes=limit, clock=at_hour(14))
+    core = warmer._core
+
+    def query(session: int, step: int) -> str:
+        return f"session {session} step {step} " + "q" * 3000
+
+    for step in range(2):
+        for session in range(10):
+            warmer.record_query(query(session, step), session=f"s{session}")
+            assert core._history_size <= limit
+            assert core._history_size == sum(cost for _, cost in core._histories.values())
+    # Each history holds two 3 KB queries: about 6.2 KB with the session's name, so three fit.
+    assert list(core._histories) == [b"s7", b"s8", b"s9"]
+    assert core.counters.snapshot().get("history_resyncs", 0) == 10  # step 1 found s0..s9 forgotten locally
+
+    warmer.record_query(query(0, 2), session="s0")  # forgotten here, kept in Redis: one resync, the right keys
+    model = Model(raw, namespace)
+    assert model.zset(next_name(query(0, 1))) == {query(0, 2).encode(): 1.0}
+    assert model.zset(ngram_name(query(0, 0), query(0, 1))) == {query(0, 2).encode(): 1.0}
+
+    nothing = PredictiveCacheWarmer(make_cache(), history_bytes=0, clock=at_hour(14))  # only the latest kept
+    recorded(nothing, "t1", "X", "Y")
+    recorded(nothing, "t2", "X", "Z")
+    recorded(nothing, "t1", "W")
+    assert list(nothing._core._histories) == [b"t1"]
+    assert model.zset(next_name("Y")) == {b"W": 1.0}
 
 
 # ------------------------------------------------------------------------------ 9. decay and drift
@@ -697,6 +932,11 @@ def offline() -> Iterator[PredictiveCacheWarmer]:
     (lambda w: w.predict_next_queries("q", min_confidence=1.5), "min_confidence=1.5"),
     (lambda w: w.predict_next_queries("q", min_confidence=math.nan), "min_confidence=nan"),
     (lambda w: w.predict_next_queries("q", session=b""), "session must not be empty"),
+    (lambda w: w.record_query("x" * (1 << 20)), r"query is 1048576 bytes, over max_query_bytes=4096"),
+    (lambda w: w.record_query("q", session="s" * 4097), r"session is 4097 bytes, over max_query_bytes=4096"),
+    (lambda w: w.record_query("é" * 2049), r"query is 4098 bytes"),  # counted in UTF-8 bytes
+    (lambda w: w.predict_next_queries("x" * 4097), r"current_query is 4097 bytes, over max_query_bytes"),
+    (lambda w: w.predict_next_queries("q", session=b"s" * 4097), r"session is 4097 bytes"),
 ])
 def test_bad_arguments_are_refused_before_any_io(offline: PredictiveCacheWarmer,
                                                  call: Callable[[PredictiveCacheWarmer], Any], problem: str) -> None:
@@ -711,6 +951,8 @@ def test_bad_arguments_are_refused_before_any_io(offline: PredictiveCacheWarmer,
     ({"max_patterns": 0}, "max_patterns=0"), ({"max_patterns": True}, "max_patterns=True"),
     ({"max_successors": 0}, "max_successors=0"), ({"hour_size": 0}, "hour_size=0"),
     ({"max_queries": -1}, "max_queries=-1"),
+    ({"max_query_bytes": 0}, "max_query_bytes=0"), ({"max_query_bytes": 1 << 21}, "max_query_bytes=2097152"),
+    ({"max_query_bytes": 4096.0}, "max_query_bytes=4096.0"), ({"history_bytes": -1}, "history_bytes=-1"),
     ({"weights": (0.0, 0.0, 0.0)}, "not all 0"), ({"weights": (0.7, -0.1, 0.4)}, "non-negative"),
     ({"weights": (1.0, 1.0)}, "three"), ({"weights": (1.0, math.inf, 0.0)}, "weights"),
     ({"half_life": 0}, "half_life=0"), ({"half_life": -8}, "half_life=-8"), ({"half_life": math.nan}, "half_life"),
@@ -730,6 +972,7 @@ def test_bad_settings_are_configuration_errors(settings: dict[str, Any], problem
 WRONG_TYPED = [  # (model key written by hand as a string, the call that finds it)
     pytest.param(b"patterns", "record", id="patterns-record"),
     pytest.param(b"tools", "record", id="tools-record"),
+    pytest.param(b"sketch:0", "record", id="sketch-record"),  # the admission sketch is a string of counters
     pytest.param(b"stats", "predict", id="stats-predict"),
     pytest.param(b"tools", "predict", id="tools-predict"),
     pytest.param(next_name("C"), "record", id="next-record"),  # the context of s's next query
@@ -748,7 +991,11 @@ def test_a_model_key_of_the_wrong_type_is_refused_before_any_write(
     warmer.record_query("C", session="s")
     model = Model(raw, namespace)
     model.server.delete(model.key(name))
-    model.server.set(model.key(name), b"written by hand")
+    kind = "list" if name in SKETCHES else "string"  # a sketch is a string: a list is its wrong type
+    if kind == "list":
+        model.server.rpush(model.key(name), b"written by hand")
+    else:
+        model.server.set(model.key(name), b"written by hand")
     before = model.snapshot()
 
     def act() -> Any:
@@ -763,7 +1010,7 @@ def test_a_model_key_of_the_wrong_type_is_refused_before_any_write(
         with pytest.raises(CacheUnavailableError) as caught:
             act()
         message = str(caught.value)
-        assert f"VRC_WRONGTYPE {model.key(name).decode()} is a string" in message
+        assert f"VRC_WRONGTYPE {model.key(name).decode()} is a {kind}" in message
         assert "Delete the key named above" in message
     assert model.snapshot() == before
 
@@ -778,10 +1025,11 @@ def test_the_scripts_refuse_bad_arguments_before_the_first_write(make_cache: Mak
     model = Model(raw, namespace)
     record, predict = default_scripts().record.source, default_scripts().predict.source
     common = [model.key(n) for n in (b"stats", b"patterns", b"queries", b"tools", b"evicted", b"hist:s", b"pred:s")]
-    record_keys = [*common, model.key(hour_name(20)), model.key(next_name("A")), model.key(ngram_name("Z", "A"))]
+    record_keys = [*common, model.key(hour_name(20)), *map(model.key, SKETCHES), model.key(next_name("A")),
+                   model.key(ngram_name("Z", "A"))]
     # query, tools, session ttl, kept, max_patterns, max_successors, decay, hour decay, hour size,
-    # max_queries, pattern ttl, c, h, history
-    record_args: list[Any] = ["B", "", 60000, 2, 100, 10, "0.9", "0.99", 10, 100, 60000, 2, 2, "A", "Z"]
+    # max_queries, pattern ttl, sketch width, sketch epoch, c, h, history
+    record_args: list[Any] = ["B", "", 60000, 2, 100, 10, "0.9", "0.99", 10, 100, 60000, 256, 1000, 2, 2, "A", "Z"]
     predict_keys = [model.key(n) for n in (b"stats", b"tools", b"hist:s", b"pred:s", hour_name(20), next_name("A"),
                                            ngram_name("Z", "A"))]
     # top_k, remember, session ttl, min_confidence, w_t, w_n, w_h, current, kept, h, history
@@ -798,12 +1046,17 @@ def test_the_scripts_refuse_bad_arguments_before_the_first_write(make_cache: Mak
         (record, record_keys, bad_record(6, "nan")),
         (record, record_keys, bad_record(6, "1.5")),
         (record, record_keys, bad_record(0, "")),  # empty query
-        (record, record_keys, bad_record(12, 1)),  # h = 1, two history entries given
-        (record, record_keys, bad_record(12, 3)),  # h = 3 > kept = 2 (and ARGV too short)
-        (record, record_keys, bad_record(11, 3)),  # c = 3 context keys, two given
+        (record, record_keys, bad_record(14, 1)),  # h = 1, two history entries given
+        (record, record_keys, bad_record(14, 3)),  # h = 3 > kept = 2 (and ARGV too short)
+        (record, record_keys, bad_record(13, 3)),  # c = 3 context keys, two given
         (record, record_keys, bad_record(4, 0)),  # max_patterns 0
         (record, record_keys, bad_record(2, "1.5")),  # a ttl that is not whole
+        (record, record_keys, bad_record(11, 0)),  # sketch width 0
+        (record, record_keys, bad_record(11, 2**26 + 1)),  # a sketch BITFIELD could not address
+        (record, record_keys, bad_record(11, "256.5")),
+        (record, record_keys, bad_record(12, 0)),  # an epoch of no records
         (record, record_keys[:6], record_args),  # a required key missing
+        (record, record_keys[:9], [*record_args[:13], 0, 0]),  # a sketch key missing (no contexts, no history)
         (predict, predict_keys, bad_predict(0, 0)),  # top_k 0
         (predict, predict_keys, bad_predict(0, 1001)),
         (predict, predict_keys, bad_predict(1, 2)),  # remember is 0 or 1
@@ -934,7 +1187,9 @@ def test_clear_patterns_also_removes_evicted_pattern_keys_pending_deletion(make_
     warmer = PredictiveCacheWarmer(make_cache(), max_patterns=5, ngram_size=3, clock=at_hour(23))
     for i in range(20):
         warmer.record_query(f"q{i:03d}", session="s")
-    assert len(warmer._core._doomed) == 2  # evicted by the last call, to be deleted by the next
+    recorded(warmer, "x1", "X", "Y")  # next:X counted once: refused
+    recorded(warmer, "x2", "X", "Y")  # twice: admitted, the least recently updated pattern evicted
+    assert len(warmer._core._doomed) == 1  # evicted by the last call, to be deleted by the next
     warmer.clear_patterns()
     model = Model(raw, namespace)
     assert model.pattern_names() == set()

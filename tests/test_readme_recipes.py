@@ -56,7 +56,8 @@ def run(server: LocalRedisServer, argv: list[str]) -> str:
     return done.stdout
 
 
-def test_the_model_recipes_answer_with_what_the_model_learned(server: LocalRedisServer) -> None:
+def test_the_model_recipes_answer_with_what_the_model_learned(server: LocalRedisServer, tmp_path: Path) -> None:
+    section = "What the model believes, with `redis-cli`"
     with MultiLevelCache(server.url, namespace="tools", fail_open=False) as cache:
         warmer = PredictiveCacheWarmer(cache, clock=lambda: AT_14_UTC)
         for _ in range(3):
@@ -64,15 +65,22 @@ def test_the_model_recipes_answer_with_what_the_model_learned(server: LocalRedis
                                  ("write tests", ["write"])):
                 warmer.record_query(query, tools, session="agent-7")
         warmer.flush()  # the model thread sends records within refresh_interval; now, here
-        commands = recipes("What the model believes, with `redis-cli`")
-        assert len(commands) == 6
+        commands = recipes(section)
+        assert len(commands) == 7
         answers = [run(server, argv) for argv in commands]
+        # The sketch's estimate is a shell loop (hashing with sha1sum): run verbatim in sh.
+        [loop] = [line for line in sh_lines(section) if not line.startswith("redis-cli")]
+        done = subprocess.run(["sh", "-c", loop], env=pointed_at(server, tmp_path), capture_output=True, text=True,
+                              check=False, timeout=60)
+        assert done.returncode == 0, done.stderr
     assert answers[0].split("\n")[0] == "analyze code"  # what follows "read the file"
     assert answers[1].split("\n")[0] == "write tests"  # after "read the file", "analyze code"
     assert {"read the file", "analyze code", "write tests"} <= set(answers[2].split("\n"))
     assert answers[3].strip() == '["read","search"]'
     assert "records" in answers[4].split("\n")
     assert int(answers[5]) > 0
+    assert int(answers[6]) == 4 * 16384 // 2  # 4 rows of 16,384 4-bit counters, from the first record on
+    assert done.stdout.strip() == "3"  # "read the file" was followed three times
 
 
 # --------------------------------------------------------------------------- "Inspecting with redis-cli"

@@ -4,12 +4,18 @@
   Every key of a namespace's model shares the hash tag {<ns>.model}, so each script call touches one
   hash slot. With P = <ns>:{<ns>.model}: the keys are
 
-    P stats            HASH  fleet counters: records, predictions_total, predictions_correct, tick
+    P stats            HASH  fleet counters: records, predictions_total, predictions_correct, tick;
+                             patterns_rejected, queries_rejected (what admission kept out); the
+                             sketches' sketch_epoch, sketch_width and sketch_records (records per epoch)
     P patterns         ZSET  member = pattern name (a key name without P), score = tick of its last update
                              (minus 1e15 for n-gram sets: evicted before any transition set)
+    P sketch:0         STRING  count-min sketch of the even epochs: 4 rows of `width` u4 counters (row r,
+                             column j is counter r * width + j, BITFIELD's u4 #index); fixed size
+    P sketch:1         STRING  the same for the odd epochs (see record.lua, "Admission")
     P evicted          ZSET  pattern names dropped from `patterns` whose keys are still to be deleted
                              (by the next record call of any worker; score = tick of the eviction)
-    P queries          ZSET  member = query, score = tick it was last recorded (bounds `tools`)
+    P queries          ZSET  member = query, score = tick it was last recorded (bounds `tools`; admitted
+                             like pattern sets)
     P tools            HASH  query -> JSON list of the tools its latest selection used
     P next:<q>         ZSET  member = a query that followed q, score = decayed count  (transition, 2-gram)
     P ngram:<ctx>      ZSET  the same after a session's last n-1 queries (n >= 3); <ctx> is each query
@@ -31,9 +37,9 @@
 
 local P = string.sub(KEYS[1], 1, -6)   -- KEYS[1] is always P .. 'stats'
 -- Every command the model scripts run (see includes/acl.lua).
-local MODEL_COMMANDS = {'type', 'del', 'hget', 'hset', 'hdel', 'hincrby', 'lrange', 'lpush', 'ltrim',
+local MODEL_COMMANDS = {'type', 'del', 'hget', 'hmget', 'hset', 'hdel', 'hincrby', 'lrange', 'lpush', 'ltrim',
                         'pexpire', 'hexists', 'zadd', 'zrem', 'zincrby', 'zunionstore', 'zrange', 'zcard',
-                        'zscore', 'zremrangebyscore', 'zremrangebyrank'}
+                        'zscore', 'zremrangebyscore', 'zremrangebyrank', 'bitfield'}
 local MIN_COUNT = 0.001                -- decayed counts below this are dropped
 
 local function arg_number(i, lo, hi)

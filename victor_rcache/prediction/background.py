@@ -335,7 +335,7 @@ class ModelSync:
                                     core._take_doomed() if n == 0 else [])
             calls.append(call)
             histories[rec.session] = [rec.query, *history][: self.config.ngram_size - 1]
-            changed.update(dict.fromkeys(call.keys[7:8 + int(call.args[11])]))  # the hour set, the contexts
+            changed.update(dict.fromkeys(core.changed_by(call)))
         # This process's copies of the sets its records change are read again after them, in the same
         # round trip: what a process recorded, its next answers know.
         with self._lock:

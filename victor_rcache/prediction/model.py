@@ -12,9 +12,14 @@
 
 The model lives in Redis sorted sets under ``<ns>:{<ns>.model}:`` (one hash slot: every script call
 is cluster-safe), counts decay per observation, and every set is bounded (``lua/includes/model.lua``
-lists the keys). Like the tiers, this module does no I/O: its operations are generator steps the
-cache's front end runs (one round trip each; a second when another process advanced the session
-since this one last saw it).
+lists the keys); once the pattern registry (or the tools' query list) is full, a new pattern set (or
+query) is admitted only if a fleet-wide frequency sketch rates it above what it would evict (see
+``lua/record.lua``). Queries and sessions are bounded in bytes (``max_query_bytes``), and so is this
+process's cache of session histories (``history_bytes``).
+
+Like the tiers, this module does no I/O: its operations are generator steps the cache's front end
+runs (one round trip each; a second when another process advanced the session since this one last
+saw it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import heapq
 import json
 import math
 import os
+import sys
 import threading
 import time
 import uuid
@@ -44,7 +50,15 @@ from ..tiers import Step, TierCore
 
 MAX_NGRAM = 8  # longest n-gram (the scripts accept histories up to 64)
 MAX_TOP_K = 1000
-SESSIONS_REMEMBERED = 10_000  # session histories this process keeps locally (LRU): saves a round trip
+SESSIONS_REMEMBERED = 10_000  # session histories this process keeps locally (LRU, also bounded by history_bytes)
+# The admission sketch (lua/record.lua, docs/prediction.md#admission-and-bytes): an epoch lasts SKETCH_EPOCH_PER_SLOT
+# records per slot of the larger of the two bounded lists (TinyLFU's sample of 10 accesses per entry), so an estimate
+# covers the last 10 to 20 records per slot: long enough to see a pattern that deserves a slot recur. A row has a
+# counter per item an epoch counts (ngram_size per record), rounded up to a power of two: both epochs together put
+# at most about 2 increments on a counter, and the conservative update keeps most one-offs at an estimate of 1.
+SKETCH_ROWS = 4  # fixed in lua/record.lua
+SKETCH_EPOCH_PER_SLOT = 10
+MAX_SKETCH_WIDTH = 1 << 24  # counters per row: 32 MiB per sketch at most
 TOOLS_MEMO = 1024  # tool lists whose JSON a process remembers
 HISTORY_RETRIES = 3  # a session advanced by another process meanwhile: derive the keys again, resend
 # What a prewarm does with a predicted query above the threshold; the fleet counts the skipped ones together.
@@ -56,7 +70,7 @@ PREWARM_OUTCOMES = ("completed", "cached", "busy", "refused", "failed", "no_tool
 class WarmerConfig:
     """Settings of the prediction model and prewarming (every worker of a namespace should agree)."""
 
-    max_patterns: int = 500  # pattern sets (transitions and n-gram contexts) kept, least recently updated dropped
+    max_patterns: int = 500  # pattern sets (transitions and n-gram contexts) kept; once full, frequency admits
     ngram_size: int = 3  # longest n-gram: contexts of the last 1 .. ngram_size-1 queries
     max_successors: int = 20  # queries kept per pattern set
     weights: tuple[float, float, float] = (0.6, 0.3, 0.1)  # transition, n-gram, hour of day
@@ -64,6 +78,8 @@ class WarmerConfig:
     hour_half_life: float = 1000.0  # the same for an hour's counts
     hour_size: int = 64  # queries kept per hour set
     max_queries: int = 0  # queries whose tools are kept (0 = max_patterns)
+    max_query_bytes: int = 4096  # longest query (and session) accepted, in bytes (UTF-8 for str)
+    history_bytes: int = 4 << 20  # bytes of session histories this process keeps locally (saves round trips)
     session_ttl: float = 1800.0  # seconds a session's history and pending prediction are kept after use
     pattern_ttl: float = 30 * 86400.0  # seconds a pattern set not updated at all survives (a safety net)
     prewarm_min_confidence: float = 0.2  # predictions below this are not prewarmed
@@ -79,7 +95,6 @@ class WarmerConfig:
     view_max_age: float = 1.0  # seconds: an answer uses only pattern sets read at most this long ago
     record_queue: int = 10_000  # records waiting to be sent; more are dropped (counted)
     view_size: int = 4096  # pattern sets this process keeps copies of (least recently used dropped)
-    history_bytes: int = 4 * 1024 * 1024  # bytes of session histories this process keeps (oldest dropped)
     prewarm_top_k: int = 3  # predicted queries an automatic prediction considers
     prewarm_budget: float = 1.5  # automatic prewarming: most selections per useful prewarm (miss saved)
 
@@ -98,10 +113,11 @@ class WarmerConfig:
         whole("max_successors", 1, 100_000)
         whole("hour_size", 1, 100_000)
         whole("max_queries", 0, 10_000_000)
+        whole("max_query_bytes", 1, 1 << 20)
+        whole("history_bytes", 0, 1 << 40)
         whole("prewarm_concurrency", 1, 1000)
         whole("record_queue", 1, 10_000_000)
         whole("view_size", 1, 10_000_000)
-        whole("history_bytes", 1024, 1 << 40)
         whole("prewarm_top_k", 1, MAX_TOP_K)
         need(isinstance(self.background, bool), f"background={self.background!r} must be True or False")
         need(_finite(self.refresh_interval) and 0.001 <= self.refresh_interval <= 60,
@@ -134,6 +150,16 @@ class WarmerConfig:
 
 def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def sketch_size(config: WarmerConfig) -> tuple[int, int]:
+    """The admission sketch's counters per row and its epoch in records, from the settings (every worker of a
+    namespace derives the same ones from the same settings). Each of its two sketches takes
+    ``SKETCH_ROWS * width / 2`` bytes."""
+    slots = max(config.max_patterns, config.max_queries or config.max_patterns)
+    epoch = SKETCH_EPOCH_PER_SLOT * slots
+    width = 1 << max(6, (epoch * config.ngram_size - 1).bit_length())
+    return min(width, MAX_SKETCH_WIDTH), epoch
 
 
 def decay_for(half_life: float) -> float:
@@ -244,6 +270,7 @@ class ModelKeys:
         self.queries = self.prefix + b"queries"
         self.tools = self.prefix + b"tools"
         self._hours = [self.hour(h) for h in range(24)]
+        self.sketches = (self.prefix + b"sketch:0", self.prefix + b"sketch:1")  # even and odd epochs
 
     def next(self, query: bytes) -> bytes:
         return self.prefix + b"next:" + _name(query)
@@ -281,6 +308,20 @@ def _query_bytes(query: str | bytes, what: str = "query") -> bytes:
         return key_bytes(query)
     except InvalidKeyError as exc:
         raise InvalidArgumentError(str(exc).replace("key", what, 1)) from None
+
+
+def _bounded(raw: bytes, limit: int, what: str) -> bytes:
+    if len(raw) > limit:
+        raise InvalidArgumentError(
+            f"{what} is {len(raw)} bytes, over max_query_bytes={limit}: the model keeps queries in several keys "
+            f"and every worker's memory, so pass a shorter {what} (e.g. a summary, or a digest of a long one), "
+            f"or raise WarmerConfig(max_query_bytes=...)")
+    return raw
+
+
+def _history_cost(session: bytes, hist: list[bytes]) -> int:
+    """What a remembered history holds in memory: the session name and queries, as Python objects."""
+    return sys.getsizeof(session) + sys.getsizeof(hist) + sum(sys.getsizeof(q) for q in hist)
 
 
 def _text(raw: bytes) -> str | bytes:
@@ -365,12 +406,14 @@ class PredictionCore:
         self._max_queries = config.max_queries or config.max_patterns
         self.budget = PrewarmBudget(config.prewarm_budget)
         self._tools_memo: dict[tuple[tuple[str, ...], str | None], str] = {}
+        self._sketch_width, self._sketch_epoch = sketch_size(config)
         self._init_state()
         forksafe.register(self)
 
     def _init_state(self) -> None:
         self._lock = threading.Lock()
-        self._histories: OrderedDict[bytes, list[bytes]] = OrderedDict()
+        self._histories: OrderedDict[bytes, tuple[list[bytes], int]] = OrderedDict()  # -> (history, its cost)
+        self._history_size = 0  # the costs' sum (bounded by history_bytes)
         self._doomed: list[bytes] = []  # evicted pattern keys still to delete
         self._pid = os.getpid()
         self._own_session = f"process:{os.getpid()}:{uuid.uuid4().hex[:12]}".encode()
@@ -384,7 +427,7 @@ class PredictionCore:
                     tools_hash: str | None = None) -> tuple[bytes, str, bytes, bytes]:
         """A record's checked arguments (raises InvalidArgumentError): query, tools JSON (with the registry
         hash ``tools_hash`` if given), session, hour set."""
-        q = _query_bytes(query)
+        q = _bounded(_query_bytes(query), self.config.max_query_bytes, "query")
         s = self._session(session)
         return q, self._tools_json(tools, tools_hash), s, self.keys.hour_at(self.config.clock())
 
@@ -407,12 +450,18 @@ class PredictionCore:
         c = self.config
         contexts = self.keys.contexts(hist, c.ngram_size)
         keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.evicted,
-                self.keys.hist(s), self.keys.pred(s), hour, *contexts, *doomed)
+                self.keys.hist(s), self.keys.pred(s), hour, *self.keys.sketches, *contexts, *doomed)
         args: tuple[bytes | int | str, ...] = (
             q, tools_json, _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors,
             self._decay, self._hour_decay, c.hour_size, self._max_queries, _ms(c.pattern_ttl),
-            len(contexts), len(hist), *hist)
+            self._sketch_width, self._sketch_epoch, len(contexts), len(hist), *hist)
         return ScriptCall(self.tiers.scripts.record, keys, args)
+
+    @staticmethod
+    def changed_by(call: ScriptCall) -> tuple[bytes, ...]:
+        """The pattern sets a record.lua call updates: its hour set and its contexts."""
+        contexts = int(call.args[13])
+        return (call.keys[7], *call.keys[10:10 + contexts])
 
     def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None,
                tools_hash: str | None = None) -> Step[int]:
@@ -449,7 +498,7 @@ class PredictionCore:
     def predict_args(self, current_query: str | bytes, top_k: int, min_confidence: float,
                      session: str | bytes | None) -> tuple[bytes, bytes]:
         """A prediction's checked arguments (raises InvalidArgumentError): the current query, the session."""
-        cur = _query_bytes(current_query, "current_query")
+        cur = _bounded(_query_bytes(current_query, "current_query"), self.config.max_query_bytes, "current_query")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgumentError(f"top_k={top_k!r} must be a whole number from 1 to {MAX_TOP_K}")
         if not _finite(min_confidence) or not 0 <= min_confidence <= 1:
@@ -533,7 +582,8 @@ class PredictionCore:
         return {
             "patterns": {"total": patterns, "max_patterns": self.config.max_patterns, "queries": queries,
                          "max_queries": self._max_queries, "max_successors": self.config.max_successors,
-                         "ngram_size": self.config.ngram_size},
+                         "ngram_size": self.config.ngram_size, "rejected": f.get("patterns_rejected", 0),
+                         "queries_rejected": f.get("queries_rejected", 0)},
             "records": {"total": f.get("records", 0), "process": local.get("records", 0)},
             "predictions": {
                 "total": total, "correct": correct, "accuracy": correct / total if total else 0.0,
@@ -566,10 +616,11 @@ class PredictionCore:
             self.tiers.redis_failed("prewarm_predictions", exc)
 
     def clear(self) -> Step[None]:
-        """Forget what the fleet learned: pattern sets, hour sets, tools. Counters are kept (like the cache's
-        metrics, they are the fleet's history); session histories expire by themselves."""
+        """Forget what the fleet learned: pattern sets, hour sets, tools, the admission sketches. Counters are
+        kept (like the cache's metrics, they are the fleet's history); session histories expire by themselves."""
         with self._lock:
             self._histories.clear()
+            self._history_size = 0
             self._doomed.clear()
         try:
             names = yield [("ZRANGE", self.keys.patterns, 0, -1), ("ZRANGE", self.keys.evicted, 0, -1)]
@@ -578,7 +629,7 @@ class PredictionCore:
                     raise reply
             keys = [self.keys.prefix + n for n in names[0] + names[1]]
             keys += [self.keys.hour(h) for h in range(24)]
-            keys += [self.keys.tools, self.keys.queries, self.keys.patterns, self.keys.evicted]
+            keys += [self.keys.tools, self.keys.queries, self.keys.patterns, self.keys.evicted, *self.keys.sketches]
             for i in range(0, len(keys), 500):  # one hash slot: multi-key DEL is cluster-safe
                 for reply in (yield [("DEL", *keys[i:i + 500])]):
                     if isinstance(reply, Exception):
@@ -591,22 +642,30 @@ class PredictionCore:
     def _session(self, session: str | bytes | None) -> bytes:
         if session is None:
             return self._own_session  # a process without sessions: its own sequence is one session
-        return _query_bytes(session, "session")
+        return _bounded(_query_bytes(session, "session"), self.config.max_query_bytes, "session")
 
     def _history(self, session: bytes) -> list[bytes]:
         with self._lock:
-            hist = self._histories.get(session)
-            if hist is None:
+            kept = self._histories.get(session)
+            if kept is None:
                 return []
             self._histories.move_to_end(session)
-            return list(hist)
+            return list(kept[0])
 
     def _remember(self, session: bytes, hist: list[bytes]) -> None:
+        """Keep ``hist`` as the session's history; drop the least recently used others while over
+        SESSIONS_REMEMBERED or ``history_bytes``. The newest is always kept: a resync's retry needs it."""
+        cost = _history_cost(session, hist)
+        limit = self.config.history_bytes
         with self._lock:
-            self._histories[session] = hist
-            self._histories.move_to_end(session)
-            while len(self._histories) > SESSIONS_REMEMBERED:
-                self._histories.popitem(last=False)
+            old = self._histories.pop(session, None)
+            if old is not None:
+                self._history_size -= old[1]
+            self._histories[session] = (hist, cost)
+            self._history_size += cost
+            while len(self._histories) > 1 and (len(self._histories) > SESSIONS_REMEMBERED
+                                                or self._history_size > limit):
+                self._history_size -= self._histories.popitem(last=False)[1][1]
 
     def _take_doomed(self) -> list[bytes]:
         with self._lock:
