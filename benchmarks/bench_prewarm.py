@@ -71,8 +71,9 @@ from typing import Any
 import redis
 
 from benchmarks import facts
-from benchmarks.bench_fleet import SHARDS, FleetSettings, Pool, Report, calibrate, request_stream
+from benchmarks.bench_fleet import SHARDS, FleetSettings, Pool, Report, answer, calibrate, request_stream
 from benchmarks.figures import Progress, figure, noop
+from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
 from victor_rcache.demo import clear_namespaces, percentile
 from victor_rcache.local_redis import LocalRedisServer
 
@@ -95,6 +96,7 @@ class Mode:
     processes: int
     requests: dict[float, int]  # selection cost (ms) -> requests per worker; the costs run, in order
     idle_seconds: float = 1.0  # how long the idle server's CPU rate is measured, before and after the group
+    train_requests: int = 8000  # earlier requests the prewarming fleet's model learned from (train_model)
 
     def requests_at(self, cost: float) -> int:
         """Requests per worker at ``cost`` (a cost the mode does not list: its smallest count)."""
@@ -104,7 +106,7 @@ class Mode:
 # Requests per worker so that a configuration run takes 10-25 s on 2 vCPUs (a full run: about 4 minutes,
 # see benchmarks/README.md); tiny is the smoke run of tests/test_benchmarks_harness.py, meaningless.
 MODES = {"full": Mode(4, {5.0: 400, 50.0: 160}), "quick": Mode(4, {5.0: 120, 50.0: 40}),
-         "tiny": Mode(2, {5.0: 16}, idle_seconds=0.2)}
+         "tiny": Mode(2, {5.0: 16}, idle_seconds=0.2, train_requests=200)}
 
 
 def think_ms(cost_ms: float) -> float:
@@ -152,6 +154,25 @@ def revisit_gaps(reports: list[Report]) -> list[float]:
             gaps.append(t - last[query])
         last[query] = t
     return gaps
+
+
+# --------------------------------------------------------------------------- a fleet that has been running
+
+TRAIN_WORKERS = range(100, 104)  # stream indexes of the earlier traffic: other sessions than the measured ones
+
+
+def train_model(settings: FleetSettings, namespace: str, requests: int) -> None:
+    """Record ``requests`` earlier requests of the same workload (same chain, other sessions) into the model of
+    ``namespace``, and nothing into its cache: prewarming is measured in a fleet that has been running, whose
+    model knows the workload, while every cache starts cold (``fleet`` has nothing a model could give it)."""
+    per_stream = requests // len(TRAIN_WORKERS)
+    with MultiLevelCache(settings.url, namespace=namespace, coherence=False, fail_open=False) as cache:
+        warmer = PredictiveCacheWarmer(cache)
+        for worker in TRAIN_WORKERS:
+            for session, query, is_write in itertools.islice(request_stream(settings, worker), per_stream):
+                if not is_write:
+                    warmer.record_query(query, answer(query)["tools"], session=session)
+        warmer.flush()
 
 
 # --------------------------------------------------------------------------- Redis CPU
@@ -356,6 +377,8 @@ def run_prewarm(url: str, mode: str = "full", workloads: Sequence[str] | None = 
                     name = f"{settings.namespace}-{config.replace('+', '-')}"
                     namespaces.append(name)
                     clear_namespaces(url, [name])  # cold, model included
+                    if config == "fleet+prewarm":
+                        train_model(settings, name, m.train_requests)
                     reports, used, wall = measured_run(pool, cpu, settings, config)
                     row = summarize(workload, config, settings, reports, used, wall, extra)
                     rows.append(row)

@@ -210,8 +210,10 @@ class ModelSync:
                     state.pending = None
             self._resize(session, state, after)
             self._recorded[session] = None
-            waiting = len(self._queue)
-        if waiting >= RECORDS_WAKE:
+            # A session prewarmed automatically is predicted right after its record's round: that round
+            # starts now, so the prewarm can land before the session's next request (an agent's think time).
+            now = len(self._queue) >= RECORDS_WAKE or self.auto or state.plan is not None
+        if now:
             self.thread.wake()
 
     def predict(self, current: bytes, top_k: int, min_confidence: float, session: bytes, remember: bool,
