@@ -90,6 +90,7 @@ def test_record_and_predict_make_no_round_trip_and_a_flush_sends_them(
     warmer = quiet(cache)
     stats = ModelKeys(namespace).stats
     cache.get("warm")  # the client's connection made, the namespace's settings agreed
+    warmer.get_statistics()  # and one to the model's node (on a cluster, another one)
     with round_trips.measure(raw, trips) as m:
         for walk in WALKS[:3]:
             for query in walk:
@@ -284,12 +285,12 @@ def test_async_automatic_prewarming_runs_on_the_recording_loop(make_async_cache:
         return f"tools for {query}"
 
     async def scenario() -> tuple[Any, Any]:
-        cache = make_async_cache()
-        warmer = AsyncPredictiveCacheWarmer(cache, clock=noon, refresh_interval=QUIET, prewarm=select,
-                                            prewarm_min_confidence=0.3)
-        await warmer.record_query("open", session="s")
-        assert await warmer.wait_for_prewarms(WAIT)
-        return await cache.get("read"), asyncio.get_running_loop()
+        async with make_async_cache() as cache:
+            warmer = AsyncPredictiveCacheWarmer(cache, clock=noon, refresh_interval=QUIET, prewarm=select,
+                                                prewarm_min_confidence=0.3)
+            await warmer.record_query("open", session="s")
+            assert await warmer.wait_for_prewarms(WAIT)
+            return await cache.get("read"), asyncio.get_running_loop()
 
     value, loop = asyncio.run(scenario())
     assert value == "tools for read"
