@@ -92,6 +92,7 @@ class LocalView:
         self._sets: OrderedDict[bytes, tuple[float, Distribution]] = OrderedDict()
         self._tools: dict[bytes, tuple[list[Any], str | None]] = {}  # member -> its tools, their registry hash
         self._wanted: dict[bytes, None] = {}  # insertion-ordered set
+        self._tools_wanted: dict[bytes, None] = {}  # members whose tools the view does not have
 
     def lookup(self, key: bytes, now: float) -> Distribution | None:
         found = self._sets.get(key)
@@ -112,15 +113,28 @@ class LocalView:
             del self._wanted[key]
         return keys
 
+    def take_tools_wanted(self, limit: int) -> list[bytes]:
+        members = list(self._tools_wanted)[:limit]
+        for member in members:
+            del self._tools_wanted[member]
+        return members
+
+    def store_tools(self, members: Sequence[bytes], raw: Sequence[Any]) -> None:
+        for member, stored in zip(members, raw, strict=True):
+            self._tools[member] = stored_tools(stored)
+
     def tools(self, member: bytes) -> tuple[list[Any], str | None]:
         """The tools recorded for a member, and the registry hash recorded with them."""
         return self._tools.get(member, NO_TOOLS)
 
     def store(self, keys: Sequence[bytes], sets: Sequence[Sequence[bytes]], tools: Sequence[Any],
-              read_at: float) -> None:
+              read_at: float, with_tools: bool = True) -> None:
         for key, flat in zip(keys, sets, strict=True):
-            self._sets[key] = (read_at, Distribution.of(flat))
+            found = Distribution.of(flat)
+            self._sets[key] = (read_at, found)
             self._sets.move_to_end(key)
+            if not with_tools:  # read again, without tools: those of members new to the view come next round
+                self._tools_wanted.update(dict.fromkeys(m for m in found.probs if m not in self._tools))
         while len(self._sets) > self.size:
             self._sets.popitem(last=False)
         for i in range(0, len(tools), 2):
@@ -339,21 +353,30 @@ class ModelSync:
             histories[rec.session] = [rec.query, *history][: self.config.ngram_size - 1]
             changed.update(dict.fromkeys(core.changed_by(call)))
         # This process's copies of the sets its records change are read again after them, in the same
-        # round trip: what a process recorded, its next answers know.
+        # round trip: what a process recorded, its next answers know. Sets read for the first time come
+        # with their members' tools; sets read again without (a member new to the view gets its tools
+        # with the round's counters, below).
         with self._lock:
-            changed = {key: None for key in changed if self.view.has(key) and key not in wanted}
-        wanted = wanted + list(changed)[: MAX_SETS - len(wanted)]
-        if wanted:
-            calls.append(ScriptCall(scripts.view, (core.keys.tools, *wanted), (1,)))
+            first = [key for key in wanted if not self.view.has(key)]
+            again = [key for key in dict.fromkeys([*wanted, *changed]) if self.view.has(key)]
+            again = again[: MAX_SETS - len(first)]
+            tools_wanted = self.view.take_tools_wanted(MAX_SETS)
+        for keys, with_tools in ((first, 1), (again, 0)):
+            if keys:
+                calls.append(ScriptCall(scripts.view, (core.keys.tools, *keys), (with_tools,)))
         read_at = self.clock()
         if calls:
             replies = yield from core.tiers.run_scripts(calls)
             self._apply(records, replies[: len(records)])
-            if wanted:
-                sets, tools = replies[-1]
-                with self._lock:
-                    self.view.store(wanted, sets, tools, read_at)
+            views = iter(replies[len(records):])
+            with self._lock:
+                for keys, with_tools in ((first, True), (again, False)):
+                    if keys:
+                        sets, tools = next(views)
+                        self.view.store(keys, sets, tools, read_at, with_tools)
         batch: list[tuple[Any, ...]] = []
+        if tools_wanted:
+            batch.append(("HMGET", core.keys.tools, *tools_wanted))
         if verdicts:
             batch += [("HINCRBY", core.keys.stats, "predictions_total", verdicts[0]),
                       ("HINCRBY", core.keys.stats, "predictions_correct", verdicts[1])]
@@ -365,6 +388,9 @@ class ModelSync:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
+            if tools_wanted:
+                with self._lock:
+                    self.view.store_tools(tools_wanted, replies[0])
             if budget:
                 counts = replies[counts_from:]
                 core.budget.update(sum(int(r[0] or 0) for r in counts), sum(int(r[1] or 0) for r in counts))

@@ -459,9 +459,9 @@ class PredictionCore:
 
     @staticmethod
     def changed_by(call: ScriptCall) -> tuple[bytes, ...]:
-        """The pattern sets a record.lua call updates: its hour set and its contexts."""
+        """The context sets a record.lua call updates (its hour set changes too, slowly: not named)."""
         contexts = int(call.args[13])
-        return (call.keys[7], *call.keys[10:10 + contexts])
+        return call.keys[10:10 + contexts]
 
     def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None,
                tools_hash: str | None = None) -> Step[int]:
