@@ -679,15 +679,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    server = None if args.url else LocalRedisServer().start()
+    return run_and_print(args.url, args.json, table, lambda url: run_fleet(
+        url, args.quick, args.configs, say, args.processes, args.costs, args.requests, args.sizes, args.promote_after))
+
+
+def run_and_print(url: str | None, as_json: bool, table: Callable[[dict[str, Any]], str],
+                  run: Callable[[str], dict[str, Any]]) -> int:
+    """A benchmark run as a script: on ``url``, else a private redis-server; its result as JSON or a table."""
+    server = None if url else LocalRedisServer().start()
     try:
-        url = args.url or server.url  # type: ignore[union-attr]
-        result = run_fleet(url, args.quick, args.configs, say, args.processes, args.costs, args.requests, args.sizes,
-                           args.promote_after)
+        result = run(url or server.url)  # type: ignore[union-attr]
     finally:
         if server is not None:
             server.stop()
-    if args.json:
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
         f = result["facts"]

@@ -60,7 +60,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import statistics
 import time
@@ -71,11 +70,19 @@ from typing import Any
 import redis
 
 from benchmarks import facts
-from benchmarks.bench_fleet import SHARDS, FleetSettings, Pool, Report, answer, calibrate, request_stream
+from benchmarks.bench_fleet import (
+    SHARDS,
+    FleetSettings,
+    Pool,
+    Report,
+    answer,
+    calibrate,
+    request_stream,
+    run_and_print,
+)
 from benchmarks.figures import Progress, figure, noop
 from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
 from victor_rcache.demo import clear_namespaces, percentile
-from victor_rcache.local_redis import LocalRedisServer
 
 WORKLOADS = ("steady", "ttl", "evicting")
 CONFIGS = ("fleet", "fleet+prewarm")
@@ -431,21 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    server = None if args.url else LocalRedisServer().start()
-    try:
-        url = args.url or server.url  # type: ignore[union-attr]
-        result = run_prewarm(url, mode, args.workloads, say, args.costs, args.requests, args.think_ms)
-    finally:
-        if server is not None:
-            server.stop()
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        f = result["facts"]
-        print(f"{f['date']}; nproc {f['nproc']}, load {f['load_average']}; Python {f['python']}, "
-              f"redis-server {f['redis_server']}; {result['seconds']} s")
-        print(table(result))
-    return 0
+    return run_and_print(args.url, args.json, table, lambda url: run_prewarm(
+        url, mode, args.workloads, say, args.costs, args.requests, args.think_ms))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import random
 import threading
 import time
@@ -54,6 +53,7 @@ from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
 
 from .helpers import Backend, Client, guard_slots, server_of
 from .test_prediction import SKETCH_ROWS, SKETCHES, is_pattern, sketch_shape
+from .test_stampede import collect
 
 pytestmark = pytest.mark.standalone_only(
     reason="admission does not depend on the backend (the model's keys share one hash slot and the scripts are the "
@@ -169,7 +169,6 @@ def run(backend: Backend, raw: Client, namespace: str) -> Iterator[Run]:
              for w in range(WORKERS)]
     for p in procs:
         p.start()
-    out: list[dict[str, Any]] = []
     try:
         try:
             middle.wait(timeout=DEADLINE)  # every worker has recorded half its share and waits
@@ -178,16 +177,7 @@ def run(backend: Backend, raw: Client, namespace: str) -> Iterator[Run]:
         except threading.BrokenBarrierError:
             halfway = None  # a worker failed: its error is in the results
         deadline = time.monotonic() + DEADLINE
-        while len(out) < WORKERS:
-            left = deadline - time.monotonic()
-            assert left > 0, f"only {len(out)} of {WORKERS} workers reported within {DEADLINE} s"
-            try:
-                out.append(results.get(timeout=min(left, 1.0)))
-            except queue.Empty:
-                dead = [(p.pid, p.exitcode) for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"worker(s) died without reporting: {dead}"
-        errors = [r["error"] for r in out if "error" in r]
-        assert not errors, "a worker raised:\n" + "\n".join(errors)
+        out = collect(results, procs, WORKERS, DEADLINE)
         assert halfway is not None
         for p in procs:
             p.join(timeout=max(0.1, deadline - time.monotonic()))

@@ -262,13 +262,13 @@ def lease_taker(backend: Backend, namespace: str, key: str, lease_ttl: float, re
     _report(results, body)
 
 
-def collect(results: Any, procs: list[Any], count: int) -> list[Result]:
-    """``count`` reports from the queue within the deadline; fail if a worker died or raised."""
+def collect(results: Any, procs: list[Any], count: int, within: float = DEADLINE) -> list[Result]:
+    """``count`` reports from the queue within ``within`` seconds; fail if a worker died or raised."""
     out: list[Result] = []
-    deadline = time.monotonic() + DEADLINE
+    deadline = time.monotonic() + within
     while len(out) < count:
         left = deadline - time.monotonic()
-        assert left > 0, f"only {len(out)} of {count} workers reported within {DEADLINE}s"
+        assert left > 0, f"only {len(out)} of {count} workers reported within {within}s"
         try:
             out.append(results.get(timeout=min(left, 1.0)))
         except queue.Empty:
