@@ -70,12 +70,9 @@ class SessionState:
     pending: tuple[bytes, frozenset[bytes]] | None = None  # (made after, predicted queries)
     predicted_for: tuple[bytes, ...] | None = None
     plan: Any = None  # how its predictions are prewarmed, if its records said (the warmer's PrewarmPlan)
-
-    @property
-    def size(self) -> int:
-        """Bytes its history holds (and a fixed share for the rest: a pending prediction's queries are
-        bounded like any query), for the byte bound on sessions."""
-        return sum(map(len, self.history)) + 128
+    # Bytes its history holds, and a fixed share for the rest (a pending prediction's queries are bounded
+    # like any query): what the byte bound on sessions counts.
+    size: int = 128
 
 
 class LocalView:
@@ -119,26 +116,27 @@ class LocalView:
             del self._tools_wanted[member]
         return members
 
-    def store_tools(self, members: Sequence[bytes], raw: Sequence[Any]) -> None:
-        for member, stored in zip(members, raw, strict=True):
-            self._tools[member] = stored_tools(stored)
+    def store_tools(self, tools: dict[bytes, tuple[list[Any], str | None]]) -> None:
+        self._tools.update(tools)
 
     def tools(self, member: bytes) -> tuple[list[Any], str | None]:
         """The tools recorded for a member, and the registry hash recorded with them."""
         return self._tools.get(member, NO_TOOLS)
 
-    def store(self, keys: Sequence[bytes], sets: Sequence[Sequence[bytes]], tools: Sequence[Any],
-              read_at: float, with_tools: bool = True) -> None:
-        for key, flat in zip(keys, sets, strict=True):
-            found = Distribution.of(flat)
+    def store(self, keys: Sequence[bytes], sets: Sequence[Distribution],
+              tools: dict[bytes, tuple[list[Any], str | None]] | None, read_at: float) -> None:
+        """Sets read at ``read_at`` (parsed by the caller, outside the lock a caller's question takes), and
+        the tools of their members (None: read again without them; members new to the view get theirs
+        with the next round)."""
+        for key, found in zip(keys, sets, strict=True):
             self._sets[key] = (read_at, found)
             self._sets.move_to_end(key)
-            if not with_tools:  # read again, without tools: those of members new to the view come next round
+            if tools is None:
                 self._tools_wanted.update(dict.fromkeys(m for m in found.probs if m not in self._tools))
         while len(self._sets) > self.size:
             self._sets.popitem(last=False)
-        for i in range(0, len(tools), 2):
-            self._tools[tools[i]] = stored_tools(tools[i + 1])
+        if tools:
+            self._tools.update(tools)
         if len(self._tools) > 64 * self.size:  # members of sets long gone: start again (re-read with them)
             self._tools.clear()
 
@@ -255,14 +253,9 @@ class ModelSync:
         if wake:
             self.thread.wake()
         query, named = shown if shown is not None else (_text(current), _text(session))
-        prediction = Prediction(query, session=named)
-        for (q, conf, pt, pn, ph), (listed, registry) in zip(rows, tools, strict=True):
-            prediction.queries.append(_text(q))
-            prediction.confidences.append(conf)
-            prediction.parts.append((pt, pn, ph))
-            prediction.tools.append(list(listed))
-            prediction.tools_hashes.append(registry)
-        return prediction
+        return Prediction(query, queries=[_text(r[0]) for r in rows], confidences=[r[1] for r in rows],
+                          tools=[list(listed) for listed, _ in tools], parts=[(r[2], r[3], r[4]) for r in rows],
+                          session=named, tools_hashes=[registry for _, registry in tools])
 
     def _contexts_after(self, current: bytes, history: Sequence[bytes]) -> list[bytes]:
         """The pattern sets a prediction after ``current`` reads, in a session with ``history`` (newest
@@ -290,9 +283,9 @@ class ModelSync:
 
     def _resize(self, session: bytes, state: SessionState, history: list[bytes]) -> None:
         """Set a session's history, keeping every session this process remembers within history_bytes."""
-        before = state.size
-        state.history = history
-        self._session_bytes += state.size - before
+        size = sum(map(len, history)) + 128
+        self._session_bytes += size - state.size
+        state.history, state.size = history, size
         while self._session_bytes > self.config.history_bytes and len(self._sessions) > 1:
             name, gone = self._sessions.popitem(last=False)
             self._session_bytes -= gone.size + len(name)
@@ -369,11 +362,15 @@ class ModelSync:
             replies = yield from core.tiers.run_scripts(calls)
             self._apply(records, replies[: len(records)])
             views = iter(replies[len(records):])
+            parsed = []  # parsed here: a caller's question waits for the lock, not for this
+            for keys, with_tools in ((first, True), (again, False)):
+                if keys:
+                    sets, tools = next(views)
+                    decoded = {tools[i]: stored_tools(tools[i + 1]) for i in range(0, len(tools), 2)}
+                    parsed.append((keys, [Distribution.of(flat) for flat in sets], decoded if with_tools else None))
             with self._lock:
-                for keys, with_tools in ((first, True), (again, False)):
-                    if keys:
-                        sets, tools = next(views)
-                        self.view.store(keys, sets, tools, read_at, with_tools)
+                for keys, distributions, known in parsed:
+                    self.view.store(keys, distributions, known, read_at)
         batch: list[tuple[Any, ...]] = []
         if tools_wanted:
             batch.append(("HMGET", core.keys.tools, *tools_wanted))
@@ -389,8 +386,9 @@ class ModelSync:
                 if isinstance(reply, Exception):
                     raise reply
             if tools_wanted:
+                decoded = {m: stored_tools(raw) for m, raw in zip(tools_wanted, replies[0], strict=True)}
                 with self._lock:
-                    self.view.store_tools(tools_wanted, replies[0])
+                    self.view.store_tools(decoded)
             if budget:
                 counts = replies[counts_from:]
                 core.budget.update(sum(int(r[0] or 0) for r in counts), sum(int(r[1] or 0) for r in counts))

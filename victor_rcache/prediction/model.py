@@ -25,7 +25,6 @@ saw it).
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import math
 import os
@@ -229,7 +228,11 @@ def score_next(transition: Distribution | None, ngrams: Sequence[Distribution | 
     ``w_h * p_hour``, so of those only the likeliest (``top_k`` of them, with their ties) can be among
     the best."""
     t = transition or EMPTY
-    n = next((d for d in reversed(ngrams) if d is not None and d.probs), t)
+    n = t
+    for d in reversed(ngrams):
+        if d is not None and d.probs:
+            n = d
+            break
     h = hour or EMPTY
     w_t, w_n, w_h = weights
     tp, np_, hp = t.probs, n.probs, h.probs
@@ -248,7 +251,7 @@ def score_next(transition: Distribution | None, ngrams: Sequence[Distribution | 
             break
         scored.append((w_t * 0.0 + w_n * 0.0 + w_h * ph, q))
         taken, last = taken + 1, ph
-    best = heapq.nsmallest(top_k, ((-conf, q) for conf, q in scored if conf >= min_confidence and conf > 0))
+    best = sorted([(-conf, q) for conf, q in scored if conf >= min_confidence and conf > 0])[:top_k]
     return [(q, -neg, tg(q, 0.0), ng(q, 0.0), hg(q, 0.0)) for neg, q in best]
 
 
