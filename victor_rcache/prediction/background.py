@@ -169,6 +169,7 @@ class ModelSync:
     def _init_state(self) -> None:
         self._lock = threading.Lock()
         self._queue: deque[QueuedRecord] = deque()
+        self._sending = 0  # records taken by the round in progress (rounds take turns)
         self._sessions: OrderedDict[bytes, SessionState] = OrderedDict()
         self._contexts: dict[tuple[bytes, ...], list[bytes]] = {}
         self._session_bytes = 0
@@ -186,10 +187,11 @@ class ModelSync:
         return self
 
     def flush(self) -> None:
-        """Send every queued record and read every wanted set, now, from this thread."""
+        """Send every queued record and read every wanted set, now, from this thread; when it returns, no
+        record queued before the call is waiting or on its way (a round of the thread's own included)."""
         self.thread.flush()
-        while self._queue:  # more than one round's worth waits
-            self.thread.flush()
+        while self._queue or self._sending:  # more than a round's worth, or the thread's round in flight
+            self.thread.flush()  # (rounds take turns: this one starts once that one is done)
 
     def close(self) -> None:
         self.thread.close()
@@ -301,6 +303,7 @@ class ModelSync:
             records = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_RECORDS))]
             recorded = list(self._recorded)
             self._recorded.clear()
+            self._sending = len(records) + len(recorded)
             # A prediction after a query just recorded starts from the session's state with it: read the
             # sets of each such state in this round (when missing or half their age), so they are there.
             now = self.clock()
@@ -316,16 +319,19 @@ class ModelSync:
                 if any(self._verdicts):
                     verdicts, self._verdicts = self._verdicts, [0, 0]
                 budget = self.auto or self._planned
-        if records or wanted or verdicts or budget:
-            try:
-                self._drive_step(self._send(records, wanted, verdicts, budget))
-            except Exception as exc:  # the records are dropped (the model misses them), never retried
-                self.core.counters.add(model_rounds_failed=1, records_failed=len(records))
-                if isinstance(exc, RedisError):
-                    with contextlib.suppress(CacheError):  # a fail-closed cache raises: the thread only counts
-                        self.core.tiers.redis_failed("record_query", exc)
-        if recorded and self.on_predictions is not None:
-            self._predict_for(recorded)
+        try:
+            if records or wanted or verdicts or budget:
+                try:
+                    self._drive_step(self._send(records, wanted, verdicts, budget))
+                except Exception as exc:  # the records are dropped (the model misses them), never retried
+                    self.core.counters.add(model_rounds_failed=1, records_failed=len(records))
+                    if isinstance(exc, RedisError):
+                        with contextlib.suppress(CacheError):  # a fail-closed cache raises: the thread counts
+                            self.core.tiers.redis_failed("record_query", exc)
+            if recorded and self.on_predictions is not None:
+                self._predict_for(recorded)
+        finally:
+            self._sending = 0  # (after the predictions: a flush returns once their prewarms have started)
 
     def _send(self, records: list[QueuedRecord], wanted: list[bytes], verdicts: list[int] | None,
               budget: bool) -> Step[None]:
