@@ -675,12 +675,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     return run_and_print(args.url, args.json, table, lambda url: run_fleet(
         url, args.quick, args.configs, say, args.processes, args.costs, args.requests, args.sizes, args.promote_after))
+
+
+def say(msg: str) -> None:
+    """Progress, to stderr (stdout holds the result)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run_and_print(url: str | None, as_json: bool, table: Callable[[dict[str, Any]], str],

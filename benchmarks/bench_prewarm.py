@@ -79,6 +79,7 @@ from benchmarks.bench_fleet import (
     calibrate,
     request_stream,
     run_and_print,
+    say,
 )
 from benchmarks.figures import Progress, figure, noop
 from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
@@ -433,10 +434,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     return run_and_print(args.url, args.json, table, lambda url: run_prewarm(
         url, mode, args.workloads, say, args.costs, args.requests, args.think_ms))

@@ -19,7 +19,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import sys
 import time
 import warnings
@@ -33,7 +32,7 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 from victor_rcache import MultiLevelCache
 from victor_rcache.contrib.langchain import FleetByteStore, FleetLLMCache
-from victor_rcache.local_redis import LocalRedisServer
+from victor_rcache.local_redis import redis_url
 
 QUESTION = "What is the capital of France?"
 # The fake models' answers, in turn; each is asked once, so the second is never given (but makes their
@@ -152,11 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--namespace", default="langchain-example",
                         help="namespace prefix (its -llm and -embeddings namespaces are emptied first)")
     args = parser.parse_args(argv)
-    url = args.url or os.environ.get("VICTOR_RCACHE_URL") or os.environ.get("REDIS_URL")
-    with ExitStack() as stack:
-        if url is None:
-            url = stack.enter_context(LocalRedisServer()).url
-            print(f"no Redis URL given: started a private redis-server at {url}")
+    with redis_url(args.url) as url:
         run(url, args.namespace)
     return 0
 

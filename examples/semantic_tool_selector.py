@@ -21,11 +21,10 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from typing import Any
 
 from victor_rcache import PredictiveCacheWarmer
-from victor_rcache.local_redis import LocalRedisServer
+from victor_rcache.local_redis import redis_url
 from victor_rcache.prediction.tool_selection import (
     ToolSelectionCache,
     ToolSelectionConfig,
@@ -139,11 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", help="Redis URL (default: VICTOR_RCACHE_URL, REDIS_URL, else a private server)")
     parser.add_argument("--fallback", action="store_true", help="use the keyword-overlap selector")
     args = parser.parse_args(argv)
-    url = args.url or os.environ.get("VICTOR_RCACHE_URL") or os.environ.get("REDIS_URL")
-    with ExitStack() as stack:
-        if url is None:
-            url = stack.enter_context(LocalRedisServer()).url
-            print(f"no Redis URL given: started a private redis-server at {url}")
+    with redis_url(args.url) as url:
         run(url, args.fallback)
     return 0
 

@@ -84,39 +84,35 @@ class TestFleetLLMCacheAsyncFallback(AsyncCacheTestSuite):
         return FleetLLMCache(make_cache())
 
 
-class TestFleetByteStoreSync(BaseStoreSyncTests[bytes]):
-    @pytest.fixture
-    def kv_store(self, make_cache: Make) -> FleetByteStore:
-        return FleetByteStore(make_cache())
+class _ThreeBytes:
+    """The three values the standard store suites write: bytes, what a FleetByteStore holds."""
 
     @pytest.fixture
     def three_values(self) -> tuple[bytes, bytes, bytes]:
         return THREE
 
 
+class TestFleetByteStoreSync(_ThreeBytes, BaseStoreSyncTests[bytes]):
+    @pytest.fixture
+    def kv_store(self, make_cache: Make) -> FleetByteStore:
+        return FleetByteStore(make_cache())
+
+
 @pytest.mark.asyncio
-class TestFleetByteStoreAsync(BaseStoreAsyncTests[bytes]):
+class TestFleetByteStoreAsync(_ThreeBytes, BaseStoreAsyncTests[bytes]):
     @pytest_asyncio.fixture
     async def kv_store(self, make_cache: Make, make_async_cache: MakeAsync) -> AsyncIterator[FleetByteStore]:
         async with make_async_cache() as async_cache:
             yield FleetByteStore(make_cache(), async_cache)
 
-    @pytest.fixture
-    def three_values(self) -> tuple[bytes, bytes, bytes]:
-        return THREE
-
 
 @pytest.mark.asyncio
-class TestFleetByteStoreAsyncFallback(BaseStoreAsyncTests[bytes]):
+class TestFleetByteStoreAsyncFallback(_ThreeBytes, BaseStoreAsyncTests[bytes]):
     """No async cache: BaseStore's default runs the sync methods in a thread."""
 
     @pytest.fixture
     def kv_store(self, make_cache: Make) -> FleetByteStore:
         return FleetByteStore(make_cache())
-
-    @pytest.fixture
-    def three_values(self) -> tuple[bytes, bytes, bytes]:
-        return THREE
 
 
 # ---------------------------------------------------------------------------------- the LLM cache

@@ -5,11 +5,14 @@ It keeps nothing on disk and never touches a Redis you already run on 6379.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -222,3 +225,16 @@ class LocalRedisCluster:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+@contextmanager
+def redis_url(url: str | None = None) -> Iterator[str]:
+    """The Redis to use for an example or a demo: ``url``, else ``VICTOR_RCACHE_URL``, else ``REDIS_URL``,
+    else a private redis-server started for the block (and said so), stopped at its end."""
+    url = url or os.environ.get("VICTOR_RCACHE_URL") or os.environ.get("REDIS_URL")
+    if url is not None:
+        yield url
+        return
+    with LocalRedisServer() as server:
+        print(f"no Redis URL given: started a private redis-server at {server.url}")
+        yield server.url
