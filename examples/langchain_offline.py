@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--namespace", default="langchain-example",
                         help="namespace prefix (its -llm and -embeddings namespaces are emptied first)")
     args = parser.parse_args(argv)
-    with redis_url(args.url) as url:
+    with redis_url(args.url, say=print) as url:
         run(url, args.namespace)
     return 0
 

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", help="Redis URL (default: VICTOR_RCACHE_URL, REDIS_URL, else a private server)")
     parser.add_argument("--fallback", action="store_true", help="use the keyword-overlap selector")
     args = parser.parse_args(argv)
-    with redis_url(args.url) as url:
+    with redis_url(args.url, say=print) as url:
         run(url, args.fallback)
     return 0
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -228,13 +228,14 @@ class LocalRedisCluster:
 
 
 @contextmanager
-def redis_url(url: str | None = None) -> Iterator[str]:
+def redis_url(url: str | None = None, say: Callable[[str], object] | None = None) -> Iterator[str]:
     """The Redis to use for an example or a demo: ``url``, else ``VICTOR_RCACHE_URL``, else ``REDIS_URL``,
-    else a private redis-server started for the block (and said so), stopped at its end."""
+    else a private redis-server started for the block (``say`` is told so), stopped at its end."""
     url = url or os.environ.get("VICTOR_RCACHE_URL") or os.environ.get("REDIS_URL")
     if url is not None:
         yield url
         return
     with LocalRedisServer() as server:
-        print(f"no Redis URL given: started a private redis-server at {server.url}")
+        if say is not None:
+            say(f"no Redis URL given: started a private redis-server at {server.url}")
         yield server.url
