@@ -164,19 +164,21 @@ class FakeSubscriber:
     def __init__(self) -> None:
         self._sock, self._peer = socket.socketpair()
         self.reads_by: set[str] = set()
+        self._replies: list[Any] = []
 
     def connect(self) -> None:
         return None
 
     def send_command(self, *args: Any) -> None:
-        return None
+        if args[0] == "SUBSCRIBE":
+            self._replies.append([b"subscribe", args[1], 1])
 
     def read_response(self, push_request: bool = False) -> Any:
-        return [b"subscribe", b"ns:inval", 1]
+        return self._replies.pop(0)
 
     def can_read(self, timeout: float = 0) -> bool:
         self.reads_by.add(threading.current_thread().name)
-        return False
+        return bool(self._replies)
 
     def disconnect(self) -> None:
         self._sock.close()
@@ -207,7 +209,7 @@ def test_a_listener_thread_that_dies_leaves_l1_untrusted(caplog: pytest.LogCaptu
         def broken() -> None:
             raise RuntimeError("a bug in the listener")
 
-        listener._keep_alive = broken  # type: ignore[method-assign]
+        listener.subscriber._keep_alive = broken  # type: ignore[method-assign]
         wait_until(lambda: not listener._thread.is_alive(), "the listener thread ending")
         assert not listener.trusted(), "L1 is still trusted with nobody applying invalidations"
         assert "invalidation_listener_failed" in {getattr(r, "event", None) for r in caplog.records}

@@ -43,7 +43,7 @@ from .helpers import Backend, Client
 
 Make = Callable[..., MultiLevelCache]
 MakeAsync = Callable[..., AsyncMultiLevelCache]
-THREADS = ("victor-rcache-bookkeeping", "victor-rcache-invalidation")
+THREADS = ("victor-rcache-background", "victor-rcache-invalidation")  # one each per process
 
 
 def cache_threads() -> int:

@@ -20,21 +20,23 @@ from redis.exceptions import RedisError
 
 from . import forksafe
 from .bookkeeping import Flusher, ShardBatch
-from .coherence import InvalidationListener
+from .coherence import listen
 from .config import CacheConfig, redact
 from .connection import (
     IO_ERRORS,
     SCRIPT_CALLS,
     SyncClient,
+    acquire_sync_client,
     as_redis_error,
     cluster_nodes,
+    connection_key,
     goes_alone,
     is_cluster,
     pipeline,
+    release_sync_client,
     send_alone,
     send_packed,
     subscriber_connections,
-    sync_client,
 )
 from .decorator import CachedFunction, KeySpec, TagSpec
 from .errors import CacheClosedError, ConfigurationError, InvalidArgumentError
@@ -117,11 +119,14 @@ class CacheBase:
 
     def _start_coherence(self, client: Any) -> None:
         """Subscribe to the namespace's invalidations (waits up to connect_timeout for the first try)."""
-        if self.config.coherence:
-            connect = subscriber_connections(self.config, cluster_nodes(client))
-            listener = InvalidationListener(connect, self._core.space.channel, self._core.l1, clock=self._core.since,
-                                            namespace=self.config.namespace)
-            self._core.coherence = listener.start(wait=self.config.connect_timeout)
+        if self.config.coherence:  # on the process's one subscriber for this Redis, shared by its caches
+            config = self.config
+
+            def connect() -> Any:
+                return subscriber_connections(config, cluster_nodes(client))
+
+            self._core.coherence = listen(connection_key(config), connect, self._core.space.channel, self._core.l1,
+                                          config.connect_timeout, clock=self._core.since, namespace=config.namespace)
 
     def _start_bookkeeping(self, io: SyncIO) -> None:
         """Send this cache's buffered hits and misses from a thread of its own, through ``io``."""
@@ -274,7 +279,7 @@ class SyncIO:
 
     def _first_client(self) -> SyncClient:
         try:
-            return sync_client(self.config)
+            return acquire_sync_client(self.config)  # the process's client for this Redis, shared
         except IO_ERRORS as exc:  # a cluster client reads the topology at once, and Redis is down
             self.core.redis_failed("connect", as_redis_error(exc))  # raises when failing closed
             self.stale_client = True  # fail open: made on a later call, once a node answers
@@ -283,7 +288,7 @@ class SyncIO:
     def _after_fork(self) -> None:
         # redis-py 8.1 resets a connection pool in a forked child under the pool's lock, which another
         # parent thread may have held at fork(): the child would hang. A client we made is replaced
-        # (lazily: a cluster client's constructor does I/O) instead.
+        # (lazily: a cluster client's constructor does I/O) by the child's own shared one instead.
         self.stale_client = self.stale_client or self.owns_client
 
     def drive(self, step: Step[T], loader: Callable[[], Any] | None = None,
@@ -330,7 +335,7 @@ class SyncIO:
             return refused
         try:
             if self.stale_client:
-                self.client, self.stale_client = sync_client(self.config), False
+                self.client, self.stale_client = acquire_sync_client(self.config), False
             client, started = self.client, resilience.clock()
             # The first attempt is plain code; tenacity is engaged only once it has failed, so a batch that
             # succeeds at once builds nothing.
@@ -348,8 +353,8 @@ class SyncIO:
         return resilience.settle(replies)
 
     def close(self) -> None:
-        if self.owns_client and self.client is not None:
-            self.client.close()
+        if self.owns_client and self.client is not None and not self.stale_client:
+            release_sync_client(self.config, self.client)  # the last cache out closes it
 
 
 def _attempt(client: SyncClient, batch: Batch) -> list[Any]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -29,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from . import forksafe
 from .config import CacheConfig, redact
 from .errors import ConfigurationError
 from .resilience import raise_transient
@@ -317,3 +320,172 @@ def subscriber_connections(config: CacheConfig,
         return pool.connection_class(**{**pool.connection_kwargs, "host": host, "port": port})
 
     return connect
+
+
+# ------------------------------------------------------------------ what the caches of one process share
+
+# Caches of one process on the same Redis with the same connection settings share one command client
+# (one connection pool), one invalidation subscriber and one background thread, so a process holds a
+# fixed number of connections and threads whatever the number of namespaces (docs/design.md, "Connections
+# and threads per process").
+
+_background = threading.local()  # .active: this thread does background work (bookkeeping, the model)
+
+
+def mark_background_thread() -> None:
+    """The calling thread sends only background work: its checkouts from a :class:`SharedPool` never
+    grow the pool while the caller's threads hold every connection (see there)."""
+    _background.active = True
+
+
+BACKGROUND_WAIT = 1.0  # seconds a background checkout waits for an idle connection before opening one
+
+
+class SharedPool(redis.ConnectionPool):
+    """The connection pool the sync caches of one process share, which background work does not grow.
+
+    redis-py's pool opens a new connection whenever a checkout finds none idle. A single-threaded worker
+    holds its one connection for each round trip; were the background thread (bookkeeping, the model) to
+    check one out meanwhile, the pool would open a second connection that the worker never needed. So:
+
+    * a background checkout (:func:`mark_background_thread`) takes an idle connection, or waits for one
+      to come back, for up to BACKGROUND_WAIT seconds (then opens one: the caller's threads keep every
+      connection busy, and a pool that size is theirs anyway);
+    * a caller's checkout that finds none idle while the background holds one waits for it (one round
+      trip), up to the socket timeout, instead of opening one.
+
+    Both decisions are made under the pool's own lock, together with the checkout: no checkout can take
+    the connection another was just promised. Only waits take more than that one lock.
+    """
+
+    def reset(self) -> None:
+        super().reset()
+        self._held_in_background: set[Any] = set()  # connections a background thread has checked out
+        self._waiting = 0  # checkouts waiting for a connection to come back
+
+    def _gate(self) -> threading.Condition:
+        # redis-py makes the pool's lock anew in a forked child: the condition follows it.
+        lock = self._lock
+        gate = getattr(self, "_gate_cond", None)
+        if gate is None or getattr(self, "_gate_lock", None) is not lock:
+            gate = self._gate_cond = threading.Condition(lock)
+            self._gate_lock = lock
+        return gate
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        background = getattr(_background, "active", False)
+        if not background and not self._held_in_background:  # the hot path: redis-py's own checkout
+            return super().get_connection(*args, **kwargs)
+        self._checkpid()
+        timeout = BACKGROUND_WAIT if background else (self.connection_kwargs.get("socket_timeout") or 1.0)
+        deadline = time.monotonic() + timeout
+        gate = self._gate()
+        with gate:
+            while not self._available_connections and self._created_connections > 0:
+                if not background and not self._held_in_background:
+                    break  # the caller's own threads hold them all: open one, as redis-py would
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._waiting += 1
+                try:
+                    gate.wait(left)
+                finally:
+                    self._waiting -= 1
+            try:
+                connection = self._available_connections.pop()
+            except IndexError:
+                connection = self.make_connection()
+            self._in_use_connections.add(connection)
+            if background:
+                self._held_in_background.add(connection)
+        try:
+            self._ready(connection)
+        except BaseException:
+            self.release(connection)
+            raise
+        return connection
+
+    def _ready(self, connection: Any) -> None:
+        """What redis-py's checkout does after taking a connection: connect it, and make sure no stale
+        reply waits on it."""
+        ensure = getattr(super(), "ensure_connection", None)  # redis-py >= 5.1
+        if ensure is not None:
+            ensure(connection)
+            return
+        connection.connect()
+        try:
+            if connection.can_read():
+                raise RedisConnectionError("Connection has data")
+        except (RedisConnectionError, OSError):
+            connection.disconnect()
+            connection.connect()
+            if connection.can_read():
+                raise RedisConnectionError("Connection not ready") from None
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if self._held_in_background or self._waiting:
+            with self._gate():
+                self._held_in_background.discard(connection)
+                self._gate().notify_all()
+
+
+def connection_key(config: CacheConfig) -> tuple[Any, ...]:
+    """What two caches must agree on to share connections: the URL (credentials included) and the
+    connection settings."""
+    return (config.url, config.cluster, config.socket_timeout, config.connect_timeout)
+
+
+class _Shared:
+    """The process's shared command clients, by :func:`connection_key`, each with its number of users."""
+
+    FORK_ORDER = 0  # before the objects that acquire again in the child
+
+    def __init__(self) -> None:
+        self._after_fork()
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
+        # The parent's clients stay the parent's: a child makes its own (their sockets are the parent's).
+        self.lock = threading.Lock()
+        self.clients: dict[tuple[Any, ...], list[Any]] = {}  # key -> [client, users]
+
+
+_SHARED = _Shared()
+
+
+def acquire_sync_client(config: CacheConfig) -> SyncClient:
+    """The process's command client for ``config``'s Redis, made on first use; give it back with
+    :func:`release_sync_client`. Raises what :func:`sync_client` raises (nothing is kept then)."""
+    key = connection_key(config)
+    with _SHARED.lock:
+        entry = _SHARED.clients.get(key)
+        if entry is None:
+            entry = _SHARED.clients[key] = [_shared_sync_client(config), 0]
+        entry[1] += 1
+        client: SyncClient = entry[0]
+        return client
+
+
+def release_sync_client(config: CacheConfig, client: SyncClient) -> None:
+    """One user less of ``client``; the last one out closes it (a client of a parent process: nothing)."""
+    key = connection_key(config)
+    with _SHARED.lock:
+        entry = _SHARED.clients.get(key)
+        if entry is None or entry[0] is not client:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _SHARED.clients[key]
+    client.close()
+
+
+def _shared_sync_client(config: CacheConfig) -> SyncClient:
+    if config.cluster:  # (its nodes' pools are redis-py's own: see docs/cluster.md)
+        return sync_client(config)
+    pool: SharedPool = _checked(SharedPool.from_url, config, Retry(NoBackoff(), 0))
+    client = redis.Redis(connection_pool=pool)  # what redis.Redis.from_url does, with this pool
+    client.auto_close_connection_pool = True
+    return client
