@@ -349,8 +349,8 @@ class SharedPool(redis.ConnectionPool):
     check one out meanwhile, the pool would open a second connection that the worker never needed. So:
 
     * a background checkout (:func:`mark_background_thread`) takes an idle connection, or waits for one
-      to come back, for up to BACKGROUND_WAIT seconds (then opens one: the caller's threads keep every
-      connection busy, and a pool that size is theirs anyway);
+      to come back (a caller's release hands it over directly), for up to BACKGROUND_WAIT seconds (then
+      opens one: the caller's threads keep every connection busy, and a pool that size is theirs anyway);
     * a caller's checkout that finds none idle while the background holds one waits for it (one round
       trip), up to the socket timeout, instead of opening one.
 
@@ -361,7 +361,9 @@ class SharedPool(redis.ConnectionPool):
     def reset(self) -> None:
         super().reset()
         self._held_in_background: set[Any] = set()  # connections a background thread has checked out
-        self._waiting = 0  # checkouts waiting for a connection to come back
+        self._handed: list[Any] = []  # connections released straight to a waiting background checkout
+        self._waiting = 0  # callers' checkouts waiting for a background thread's connection to come back
+        self._background_waiting = 0  # background checkouts waiting for an idle connection
 
     def _gate(self) -> threading.Condition:
         # redis-py makes the pool's lock anew in a forked child: the condition follows it.
@@ -380,25 +382,38 @@ class SharedPool(redis.ConnectionPool):
         timeout = BACKGROUND_WAIT if background else (self.connection_kwargs.get("socket_timeout") or 1.0)
         deadline = time.monotonic() + timeout
         gate = self._gate()
+        connection = None
         with gate:
-            while not self._available_connections and self._created_connections > 0:
+            while True:
+                if background and self._handed:  # a caller released it to us (in use, held in background)
+                    connection = self._handed.pop()
+                    break
+                if self._available_connections or self._created_connections == 0:
+                    break
                 if not background and not self._held_in_background:
                     break  # the caller's own threads hold them all: open one, as redis-py would
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._waiting += 1
+                if background:
+                    self._background_waiting += 1
+                else:
+                    self._waiting += 1
                 try:
                     gate.wait(left)
                 finally:
-                    self._waiting -= 1
-            try:
-                connection = self._available_connections.pop()
-            except IndexError:
-                connection = self.make_connection()
-            self._in_use_connections.add(connection)
-            if background:
-                self._held_in_background.add(connection)
+                    if background:
+                        self._background_waiting -= 1
+                    else:
+                        self._waiting -= 1
+            if connection is None:
+                try:
+                    connection = self._available_connections.pop()
+                except IndexError:
+                    connection = self.make_connection()
+                self._in_use_connections.add(connection)
+                if background:
+                    self._held_in_background.add(connection)
         try:
             self._ready(connection)
         except BaseException:
@@ -425,10 +440,18 @@ class SharedPool(redis.ConnectionPool):
 
     def release(self, connection: Any) -> None:
         super().release(connection)
-        if self._held_in_background or self._waiting:
-            with self._gate():
+        if self._held_in_background or self._waiting or self._background_waiting:
+            gate = self._gate()
+            with gate:
                 self._held_in_background.discard(connection)
-                self._gate().notify_all()
+                # A waiting background checkout gets it now: a caller in a loop would otherwise take it
+                # back before the woken thread runs, again and again (it then waits, one round trip).
+                if self._background_waiting and not self._handed and connection in self._available_connections:
+                    self._available_connections.remove(connection)
+                    self._in_use_connections.add(connection)
+                    self._held_in_background.add(connection)
+                    self._handed.append(connection)
+                gate.notify_all()
 
 
 def connection_key(config: CacheConfig) -> tuple[Any, ...]:
