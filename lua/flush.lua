@@ -2,8 +2,9 @@
 --[[
   flush.lua: remove up to `batch` entries of one shard; called repeatedly by invalidate() until the
   shard is empty, so clearing a huge namespace never blocks Redis for long. Every call publishes
-  "*<shard> <version>" on <ns>:inval (every process drops its L1 copies of this shard older than
-  that version) and marks the shard flushed, so a fill that started before the flush is refused.
+  "*<shard> <version>" on the shard's channel <ns>:{<tag>}:inval (SPUBLISH: every process drops its
+  L1 copies of this shard older than that version) and marks the shard flushed, so a fill that
+  started before the flush is refused.
 
   Runs when Redis is out of memory (flag allow-oom): it only removes, and clearing a namespace is how
   an operator frees a full Redis.
@@ -68,5 +69,5 @@ end
 local version = next_version()
 -- Entries written before this version are invalid (touch.lua will not adopt one Redis left unindexed).
 redis.call('HSET', stats_key, 'flushed_ver', version)
-redis.call('PUBLISH', channel, '*' .. ARGV[3] .. ' ' .. string.format('%d', version))
+redis.call('SPUBLISH', channel, '*' .. ARGV[3] .. ' ' .. string.format('%d', version))
 return left

@@ -27,7 +27,7 @@
                              refused before anything is written
 
   A previous entry under the same id, in L2 or L3, is replaced, and so are its tags. Every entry written is announced on
-  <ns>:inval with its new version (always: no process may keep serving an older copy, whether or not
+  <ns>:{<tag>}:inval with its new version (always: no process may keep serving an older copy, whether or not
   Redis remembers that one exists). The entry's Redis expiry is its deadline (includes/shard.lua).
 
   Reply: { {promotions, demotions, evictions, expirations, now_ms}, version_1, version_2, ... }

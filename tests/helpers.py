@@ -246,10 +246,11 @@ def server_ms(raw: Client) -> int:
 
 
 def subscribers(raw: Client, channel: bytes) -> int:
-    """PUBSUB NUMSUB of ``channel`` over every server (a subscriber may sit on any cluster node)."""
+    """PUBSUB SHARDNUMSUB of the shard channel ``channel`` over every server (on a cluster only the
+    master owning its slot should count any)."""
     total = 0
     for server in servers(raw):
-        [(name, count)] = server.pubsub_numsub(channel)
+        [(name, count)] = server.pubsub_shardnumsub(channel)
         assert name == channel
         total += int(count)
     return total

@@ -17,12 +17,12 @@
   of any bytes.
 * Closing twice is harmless; a holder drops its copy of an entry evicted long ago once it is rewritten.
 
-Messages are observed with a raw redis-py subscriber on ``<ns>:inval`` that also listens on a private
-fence channel: Redis delivers one connection's messages in publish order, so publishing a fence and
-reading until it arrives yields exactly what was published before, with no timing involved. On a
-cluster a message published on one master reaches the tap's node over that master's bus link, in
-order with the master's other messages but not with other masters' ones: so a fence is published on
-every master, and the tap reads until all of them have arrived. The only timing assertion is the
+Messages are observed with a raw redis-py subscriber on the namespace's shard channels
+``<ns>:{<tag>}:inval`` (sharded pub/sub), each with a private fence channel of the same hash tag:
+Redis delivers one connection's messages in publish order, so publishing a shard's fence and reading
+until it arrives yields exactly what that shard published before, with no timing involved. On a
+cluster each shard's channel lives on the master owning its slot; the tap holds one connection per
+master, and reads until every fence has arrived. The only timing assertion is the
 acceptance's 100 ms bound; every other wait polls a condition against a generous deadline.
 
 Every test here runs on both backends. On a cluster the server commands (CLIENT LIST/KILL, PUBSUB
@@ -53,7 +53,17 @@ from victor_rcache.keys import KeySpace
 from victor_rcache.l1 import LocalCache
 from victor_rcache.tiers import feed
 
-from .helpers import Backend, Client, FakeClock, check_invariants, guard_slots, server_at, servers, subscribers
+from .helpers import (
+    Backend,
+    Client,
+    FakeClock,
+    check_invariants,
+    guard_slots,
+    server_at,
+    server_of,
+    servers,
+    subscribers,
+)
 
 Make = Callable[..., MultiLevelCache]
 Flush = Callable[[], None]
@@ -95,46 +105,62 @@ def redis_version_of(raw: Client, cache: MultiLevelCache, key: str | bytes) -> i
 
 
 class ChannelTap:
-    """A raw subscriber on ``<ns>:inval`` and a private fence channel, on one connection."""
+    """A raw subscriber on the namespace's shard channels ``<ns>:{<tag>}:inval`` (those of every shard
+    count a test may use), each with a private fence channel of the same hash tag, so on the same node
+    and the same connection."""
 
     def __init__(self, raw: Client, namespace: str) -> None:
         self.raw = raw
-        self.channel = f"{namespace}:inval".encode()
-        self.fence = f"{namespace}:test-fence-{uuid.uuid4().hex}".encode()
-        self.pubsub = raw.pubsub()
-        self.pubsub.subscribe(self.channel, self.fence)
+        run = uuid.uuid4().hex
+        self.channels = sorted({c for n in range(1, 17) for c in KeySpace(namespace, n).channels})
+        self.fences = {channel: channel[:-len(b"inval")] + f"test-fence-{run}".encode() for channel in self.channels}
+        # One pubsub per master, holding the channels (and fences) of that master's slots.
+        self.taps: dict[str, tuple[Any, list[bytes]]] = {}
+        for channel in self.channels:
+            server = server_of(raw, channel)
+            name = repr(server.connection_pool.connection_kwargs.get("port"))
+            if name not in self.taps:
+                self.taps[name] = (server.pubsub(), [])
+            pubsub, fences = self.taps[name]
+            pubsub.ssubscribe(channel)  # one channel per SSUBSCRIBE: on a cluster they must share a slot
+            pubsub.ssubscribe(self.fences[channel])
+            fences.append(self.fences[channel])
+        wanted = set(self.channels) | set(self.fences.values())
         confirmed: set[bytes] = set()
         deadline = time.monotonic() + LIVENESS
-        while confirmed != {self.channel, self.fence}:  # subscribed before anything under test runs
-            assert time.monotonic() < deadline, "the tap's SUBSCRIBE was not confirmed"
-            msg = self.pubsub.get_message(timeout=0.5)
-            if msg is not None and msg["type"] == "subscribe":
-                confirmed.add(msg["channel"])
+        while confirmed != wanted:  # subscribed before anything under test runs
+            assert time.monotonic() < deadline, "the tap's SSUBSCRIBE was not confirmed"
+            for pubsub, _ in self.taps.values():
+                msg = pubsub.get_sharded_message(timeout=0.01)
+                if msg is not None and msg["type"] == "ssubscribe":
+                    confirmed.add(msg["channel"])
 
     def collect(self) -> list[bytes]:
-        """Every message published on ``<ns>:inval`` since the last collect, in order (on a cluster:
-        in order per master, the master whose shard's script published it)."""
-        tokens = {uuid.uuid4().hex.encode() for _ in servers(self.raw, replicas=False)}
-        receivers = sum(master.publish(self.fence, token)
-                        for master, token in zip(servers(self.raw, replicas=False), tokens, strict=True))
-        assert receivers == 1, f"{receivers} subscribers of the fence heard on the masters, expected the tap only"
+        """Every message published on the shard channels since the last collect, in order per shard (each
+        shard's fence is published after whatever its shard published, and read from the same connection)."""
         out: list[bytes] = []
-        deadline = time.monotonic() + LIVENESS
-        while True:
-            assert time.monotonic() < deadline, f"the fence never arrived from every master; got {out!r} so far"
-            msg = self.pubsub.get_message(timeout=0.5)
-            if msg is None or msg["type"] != "message":
-                continue
-            if msg["channel"] == self.fence:
-                tokens.discard(msg["data"])
-                if not tokens:
-                    return out
-                continue
-            assert msg["channel"] == self.channel
-            out.append(msg["data"])
+        for pubsub, fences in self.taps.values():
+            tokens = {}
+            for fence in fences:
+                token = uuid.uuid4().hex.encode()
+                assert server_of(self.raw, fence).spublish(fence, token) == 1, "the fence has one subscriber: the tap"
+                tokens[fence] = token
+            deadline = time.monotonic() + LIVENESS
+            while tokens:
+                assert time.monotonic() < deadline, f"the fences never all arrived; got {out!r} so far"
+                msg = pubsub.get_sharded_message(timeout=0.5)
+                if msg is None or msg["type"] != "smessage":
+                    continue
+                if msg["channel"] in tokens:
+                    assert tokens.pop(msg["channel"]) == msg["data"]
+                    continue
+                assert msg["channel"] in self.fences, msg
+                out.append(msg["data"])
+        return out
 
     def close(self) -> None:
-        self.pubsub.close()
+        for pubsub, _ in self.taps.values():
+            pubsub.close()
 
 
 @pytest.fixture
@@ -335,8 +361,8 @@ def test_invalidate_in_process_a_reaches_process_bs_l1_within_100_ms(fleet: tupl
 
 
 def subscriber_client(raw: Client, cache: MultiLevelCache) -> tuple[redis.Redis, dict[str, str]]:
-    """The server ``cache``'s subscriber connection is on (on a cluster: any node, replicas included)
-    and that connection's CLIENT LIST entry there (with the server's address as ``node``), found by
+    """The server ``cache``'s (first shard's) subscriber connection is on (on a cluster: the master owning
+    the channel's slot) and that connection's CLIENT LIST entry there (with the server's address as ``node``), found by
     its local address."""
     conn = cache._core.coherence._conn  # type: ignore[attr-defined]
     assert conn is not None, "the cache has no subscriber connection"
@@ -345,7 +371,7 @@ def subscriber_client(raw: Client, cache: MultiLevelCache) -> tuple[redis.Redis,
     mine = [c for c in server.client_list() if c["addr"] == f"{host}:{port}"]
     assert len(mine) == 1, f"no single client at {host}:{port} on {conn.host}:{conn.port}: {mine}"
     client: dict[str, str] = {**mine[0], "node": f"{conn.host}:{conn.port}"}
-    assert (client["sub"], "P" in client["flags"]) == ("1", True), f"not a subscriber: {client}"
+    assert int(client["ssub"]) > 0 and "P" in client["flags"], f"not a subscriber of shard channels: {client}"
     return server, client
 
 
@@ -360,7 +386,7 @@ def test_killing_the_subscriber_connection_flushes_l1_at_once(make_cache: Make, 
         a.put(k, old)
         assert b.get(k) == old
         assert held(b, k)
-    channel = f"{namespace}:inval".encode()
+    channel = KeySpace(namespace, b.config.shards).channels[0]  # (any shard's)
     assert subscribers(raw, channel) == 1  # A and B are caches of one process: they share one subscription
 
     # Change the values in Redis behind every cache's back: no script runs, nothing is published.
@@ -413,7 +439,7 @@ def acl_user(raw: Client, backend: Backend, namespace: str) -> Iterator[tuple[st
 
 def test_l1_is_bypassed_while_the_subscription_is_down_and_flushed_when_it_is_back(
         make_cache: Make, raw: Client, namespace: str, acl_user: tuple[str, str], backend: Backend) -> None:
-    """B's user may no longer SUBSCRIBE, so after CLIENT KILL its channel stays down until the test
+    """B's user may no longer SSUBSCRIBE, so after CLIENT KILL its channels stay down until the test
     allows it again: a deterministic window in which L1 must not be served, and after which the
     copies B filled while down (one is made stale behind its back) must be gone."""
     user, url = acl_user
@@ -430,7 +456,7 @@ def test_l1_is_bypassed_while_the_subscription_is_down_and_flushed_when_it_is_ba
         server, victim = subscriber_client(raw, b)
         assert victim["user"] == user
         for node in servers(raw):  # the live subscription is not affected
-            node.execute_command("ACL", "SETUSER", user, "-subscribe")
+            node.execute_command("ACL", "SETUSER", user, "-ssubscribe")
         assert b.get_metrics()["coherence"]["channel"] == "up"
 
         raw.hset(entry_key(b, "k"), "v", envelope.wrap(two))  # no publish
@@ -440,7 +466,7 @@ def test_l1_is_bypassed_while_the_subscription_is_down_and_flushed_when_it_is_ba
         wait_until(lambda: flushes(b) > flushed, "B's listener noticing the kill")
         assert b.get("k") == two, "B served its L1 copy after its subscriber connection was killed"
         m = b.get_metrics()
-        assert m["coherence"]["channel"] == "down"  # SUBSCRIBE is refused now
+        assert m["coherence"]["channel"] == "down"  # SSUBSCRIBE is refused now
         l1_hits = m["l1"]["hits"]
         for _ in range(3):  # down: every read goes to Redis, though each one copies the value into L1
             assert b.get("k") == two
@@ -449,7 +475,7 @@ def test_l1_is_bypassed_while_the_subscription_is_down_and_flushed_when_it_is_ba
 
         raw.hset(entry_key(b, "k"), "v", envelope.wrap(three))  # B's copy made while down is stale now
         for node in servers(raw):
-            node.execute_command("ACL", "SETUSER", user, "+subscribe")
+            node.execute_command("ACL", "SETUSER", user, "+ssubscribe")
         wait_until(lambda: b.get_metrics()["coherence"]["channel"] == "up", "B's resubscription")
         assert b.get("k") == three, "a copy filled while the channel was down survived the resubscription"
         l1_hits = b.get_metrics()["l1"]["hits"]
@@ -461,7 +487,7 @@ def test_l1_is_bypassed_while_the_subscription_is_down_and_flushed_when_it_is_ba
 
 def test_close_ends_the_subscription(make_cache: Make, raw: Client, namespace: str) -> None:
     cache = make_cache()
-    channel = f"{namespace}:inval".encode()
+    channel = KeySpace(namespace, cache.config.shards).channels[0]
     assert subscribers(raw, channel) == 1
     cache.close()
     wait_until(lambda: subscribers(raw, channel) == 0, "the subscriber connection closing")
@@ -640,7 +666,8 @@ def test_an_unreadable_message_clears_l1(make_cache: Make, raw: Client, namespac
     holder.put("u", 1)
     wait_until(lambda: holder.get_metrics()["coherence"]["invalidations"] == 1, "the holder hearing its own put")
     assert held(holder, "u"), "its own put's announcement leaves its copy of that very version"
-    raw.publish(f"{namespace}:inval", b"garbage without a length")
+    channel = KeySpace(namespace, holder.config.shards).channels[0]
+    server_of(raw, channel).spublish(channel, b"garbage without a length")
     wait_until(lambda: holder.get_metrics()["coherence"]["invalidations"] == 2, "the holder reading the message")
     assert len(holder._core.l1) == 0
     assert holder.get_metrics()["coherence"]["channel"] == "up"

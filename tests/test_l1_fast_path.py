@@ -158,7 +158,7 @@ def test_an_l1_copy_decodes_without_a_second_check(signing_key: bytes | None) ->
 
 
 class FakeSubscriber:
-    """A subscribed connection whose socket never has data: SUBSCRIBE is confirmed, then silence.
+    """A subscribed connection whose socket never has data: SSUBSCRIBE is confirmed, then silence.
     Any other use than the listener thread's is recorded."""
 
     def __init__(self) -> None:
@@ -170,8 +170,8 @@ class FakeSubscriber:
         return None
 
     def send_command(self, *args: Any) -> None:
-        if args[0] == "SUBSCRIBE":
-            self._replies.append([b"subscribe", args[1], 1])
+        if args[0] == "SSUBSCRIBE":
+            self._replies.append([b"ssubscribe", args[1], 1])
 
     def read_response(self, push_request: bool = False) -> Any:
         return self._replies.pop(0)
@@ -187,7 +187,7 @@ class FakeSubscriber:
 
 def test_trusted_is_a_flag_read_no_io_and_no_lock() -> None:
     conn = FakeSubscriber()
-    listener = InvalidationListener(lambda: conn, b"ns:inval", LocalCache(10, None, FakeClock())).start(wait=LIVENESS)
+    listener = InvalidationListener(lambda _node: conn, b"ns:inval", LocalCache(10, None, FakeClock())).start(wait=LIVENESS)
     try:
         wait_until(listener.trusted, "the subscription")
         with listener._lock:  # the thread is busy: a reader neither waits nor gives up on L1
@@ -202,7 +202,7 @@ def test_trusted_is_a_flag_read_no_io_and_no_lock() -> None:
 
 def test_a_listener_thread_that_dies_leaves_l1_untrusted(caplog: pytest.LogCaptureFixture) -> None:
     conn = FakeSubscriber()
-    listener = InvalidationListener(lambda: conn, b"ns:inval", LocalCache(10, None, FakeClock())).start(wait=LIVENESS)
+    listener = InvalidationListener(lambda _node: conn, b"ns:inval", LocalCache(10, None, FakeClock())).start(wait=LIVENESS)
     try:
         wait_until(listener.trusted, "the subscription")
 

@@ -25,6 +25,7 @@ from .config import CacheConfig, redact
 from .connection import (
     IO_ERRORS,
     SCRIPT_CALLS,
+    SubscriberRoutes,
     SyncClient,
     acquire_sync_client,
     as_redis_error,
@@ -36,7 +37,6 @@ from .connection import (
     release_sync_client,
     send_alone,
     send_packed,
-    subscriber_connections,
 )
 from .decorator import CachedFunction, KeySpec, TagSpec
 from .errors import CacheClosedError, ConfigurationError, InvalidArgumentError
@@ -122,10 +122,10 @@ class CacheBase:
         if self.config.coherence:  # on the process's one subscriber for this Redis, shared by its caches
             config = self.config
 
-            def connect() -> Any:
-                return subscriber_connections(config, cluster_nodes(client))
+            def routes() -> SubscriberRoutes:
+                return SubscriberRoutes(config, cluster_nodes(client))
 
-            self._core.coherence = listen(connection_key(config), connect, self._core.space.channel, self._core.l1,
+            self._core.coherence = listen(connection_key(config), routes, self._core.space.channels, self._core.l1,
                                           config.connect_timeout, clock=self._core.since, namespace=config.namespace)
 
     def _start_bookkeeping(self, io: SyncIO) -> None:

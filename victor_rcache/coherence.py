@@ -37,12 +37,13 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
 
 from . import forksafe
+from .connection import Address, SubscriberRoutes
 from .l1 import LocalCache
 
 log = logging.getLogger("victor_rcache")
@@ -130,12 +131,16 @@ class NoCoherence:
 
 class InvalidationListener:
     """Keeps one namespace's ``l1`` coherent with the fleet: what a :class:`Subscriber` hears on the
-    namespace's channel is applied here. The process's caches on one Redis share one subscriber
-    (:func:`listen`); a listener built with its own ``connect`` gets a subscriber of its own."""
+    namespace's channels (one per shard) is applied here. The process's caches on one Redis share one
+    subscriber (:func:`listen`); a listener built with its own ``connect`` gets a subscriber of its own.
+
+    L1 is trusted while every one of its channels is subscribed: a channel lost (its connection, its
+    node, its slot moved) distrusts and flushes the whole namespace's L1 until all are back.
+    """
 
     FORK_ORDER = 1  # after L1 and the other locks are fresh (see forksafe)
 
-    def __init__(self, connect: Callable[[], Any] | None, channel: bytes, l1: LocalCache,
+    def __init__(self, connect: Callable[[Address], Any] | None, channels: bytes | tuple[bytes, ...], l1: LocalCache,
                  clock: Callable[[], float] | None = None, namespace: str | None = None,
                  subscriber: Subscriber | None = None) -> None:
         if subscriber is None:
@@ -143,8 +148,11 @@ class InvalidationListener:
                 raise ValueError("a listener needs a subscriber or a connection factory")
             subscriber = Subscriber(connect)
         self.subscriber = subscriber
-        self.channel = channel
-        self._channel_text = channel.decode("utf-8", "backslashreplace")  # (for log messages)
+        self.channels = (channels,) if isinstance(channels, bytes) else tuple(channels)
+        self.channel = self.channels[0]
+        # (for log messages: the namespace's channels, by the first one's name)
+        self._channel_text = self.channel.decode("utf-8", "backslashreplace") + (
+            f" (+{len(self.channels) - 1} more)" if len(self.channels) > 1 else "")
         self.namespace = namespace
         self.l1 = l1
         self._clock = clock or l1.clock  # the reading L1 compares its copies' request times with
@@ -157,6 +165,7 @@ class InvalidationListener:
 
     def _init_state(self) -> None:
         self._set_healthy(False)
+        self._missing = set(self.channels)  # channels not subscribed now (the subscriber's lock held)
         self._stop = threading.Event()
         self._first_try = threading.Event()
         self._warned = False
@@ -181,7 +190,8 @@ class InvalidationListener:
 
     @property
     def _conn(self) -> Any:
-        return self.subscriber._conn
+        """The connection carrying this namespace's first channel (None while it has none)."""
+        return self.subscriber.connection_of(self.channel)
 
     def _set_healthy(self, healthy: bool) -> None:
         # L1 holds its own copy of the flag, which its hit path reads (see LocalCache.trusted).
@@ -193,12 +203,12 @@ class InvalidationListener:
         return self._healthy
 
     def trusted(self) -> bool:
-        """True if L1 may be served: the channel is up and nothing was lost (no I/O, no lock: the
+        """True if L1 may be served: the channels are up and nothing was lost (no I/O, no lock: the
         thread applies messages as they arrive)."""
         return self._healthy
 
     def watch(self, entry_id: bytes) -> FillWatch | None:
-        """A watch set when a message names ``entry_id`` (see :class:`FillWatch`); None while the channel
+        """A watch set when a message names ``entry_id`` (see :class:`FillWatch`); None while a channel
         is down (messages may be lost: the caller polls)."""
         if not self._healthy:
             return None
@@ -238,8 +248,8 @@ class InvalidationListener:
         self.subscriber.catch_up()
 
     def close(self) -> None:
-        """Stop listening (idempotent): the channel is unsubscribed; the last listener of a subscriber
-        closes its connection and stops its thread."""
+        """Stop listening (idempotent): its channels are unsubscribed; the last listener of a subscriber
+        closes its connections and stops its thread."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -276,7 +286,9 @@ class InvalidationListener:
     def _clear_l1(self) -> None:
         self.l1.clear(at=self._clock())
 
-    def _lost(self, why: str) -> None:
+    def _lost(self, why: str, channels: Iterable[bytes] | None = None) -> None:
+        """Messages on ``channels`` (None: all) may have been missed: distrust and flush L1."""
+        self._missing.update(self.channels if channels is None else channels)
         was_healthy = self._healthy
         self._set_healthy(False)  # first: readers stop trusting L1 at once
         self._wake(None)  # waiting get_or_set calls look in Redis, then poll
@@ -286,11 +298,12 @@ class InvalidationListener:
         self._clear_l1()
         self.flushes += 1
 
-    def _installed(self) -> None:
-        """The server confirmed the subscription: from now on every message is heard."""
-        if self._stop.is_set():
+    def _subscribed(self, channel: bytes) -> None:
+        """The server confirmed ``channel``: once every channel is, every message is heard from now on."""
+        self._missing.discard(channel)
+        if self._missing or self._healthy or self._stop.is_set():
             return
-        self._clear_l1()  # whatever happened before this subscription was not heard
+        self._clear_l1()  # whatever happened before these subscriptions was not heard
         self.flushes += 1
         self.subscriptions += 1
         self._set_healthy(True)
@@ -300,13 +313,13 @@ class InvalidationListener:
                         extra=self._fields("invalidation_channel_back"))
 
     def _cannot_subscribe(self, exc: BaseException) -> None:
-        """Redis is down, or refuses the channel: L1 stays bypassed; the subscriber tries again later."""
+        """Redis is down, or refuses a channel: L1 stays bypassed; the subscriber tries again later."""
         text = str(exc)
         refused = "NOPERM" in text or "permission" in text or "no permissions" in text
         if refused and not self._warned:  # would stay so: say how to fix it, once
             self._warned = True
-            log.warning("cannot subscribe to %r: %s. L1 is bypassed until it can; grant the channel "
-                        "and SUBSCRIBE (README section 'Security')", self._channel_text, exc,
+            log.warning("cannot subscribe to %r: %s. L1 is bypassed until it can; grant the channels "
+                        "and SSUBSCRIBE (README section 'Security')", self._channel_text, exc,
                         extra=self._fields("invalidation_subscribe_refused", error=text))
         log.debug("cannot subscribe to %r yet: %s", self._channel_text, exc)
         self._first_try.set()
@@ -322,42 +335,68 @@ class InvalidationListener:
             self._stop.set()
 
 
-class Subscriber:
-    """One subscribed connection and the thread that waits on it, for any number of channels; each
-    channel's messages go to its listeners.
+class _Link:
+    """One subscribed connection (to one node, on a cluster) and the channels routed to it."""
 
-    * the thread waits on the socket (``select``) and applies each message as soon as it arrives; it
-      pings the server every second and reconnects;
-    * a channel is trusted once the server confirms its SUBSCRIBE; a channel the server refuses (ACL)
-      is asked for again, with a growing pause, while the others go on;
-    * when the connection breaks or goes silent, every listener it served distrusts and flushes its
-      L1, until its channel is confirmed on a new connection;
-    * a listener that closes unsubscribes its channel (if no other listener of this process wants it);
-      the last one out closes the connection and stops the thread.
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.conn: Any = None  # a redis-py Connection (its API is untyped)
+        self.channels: set[bytes] = set()  # the channels this node is to carry
+        self.confirmed: set[bytes] = set()  # those the server confirmed on this connection
+        self.pending: deque[bytes] = deque()  # channels of the SSUBSCRIBEs sent, in order, unanswered
+        self.retry: dict[bytes, float] = {}  # a refused channel -> when to ask again (monotonic)
+        self.refusals: dict[bytes, float] = {}  # a refused channel -> its current pause, seconds
+        self.last_seen = self.last_ping = time.monotonic()
+        self.backoff = 0.05  # the pause before the next connection attempt after a failed one
+        self.next_try = 0.0  # no connection attempt before this (monotonic)
+
+
+class Subscriber:
+    """The subscribed connections and the one thread that waits on them, for any number of channels;
+    each channel's messages go to its listeners.
+
+    Invalidations use sharded pub/sub: the scripts SPUBLISH on the shard's channel, which lives in the
+    shard's hash slot. On a standalone Redis one connection carries every channel; on a cluster each
+    channel is subscribed (SSUBSCRIBE) on the master owning its slot, one connection per master, and
+    the subscriber follows the cluster: a connection lost (a failover), a channel the server drops
+    (its slot moved away: Redis sends ``sunsubscribe``) or refuses with MOVED make it read the slot
+    map again and subscribe the channel where it lives now. Meanwhile the listeners of those channels
+    distrust their L1 (see :class:`InvalidationListener`).
+
+    * the thread waits on the sockets (``select``) and applies each message as soon as it arrives; it
+      pings each server every second and reconnects;
+    * a channel the server refuses (ACL) is asked for again, with a growing pause, while others go on;
+    * a listener that closes unsubscribes its channels (those no other listener of this process wants);
+      the last one out closes the connections and stops the thread.
 
     Every socket write and read happens with ``_lock`` held; ``select`` waits without it.
     """
 
     FORK_ORDER = 2  # after the listeners are fresh (see forksafe)
 
-    def __init__(self, connect: Callable[[], Any], key: Any = None) -> None:
+    def __init__(self, connect: Callable[[Address], Any], key: Any = None, routes: SubscriberRoutes | None = None
+                 ) -> None:
         self._connect = connect
+        self.routes = routes  # where each channel lives (None: every channel on the one server)
         self.key = key  # its key in the process's registry (None: a private one)
         self._channels: dict[bytes, list[InvalidationListener]] = {}
         self.shut = False  # its last listener has gone: never used again
         self._init_state()
         forksafe.register(self)
 
+    @property
+    def sharded(self) -> bool:
+        return self.routes is not None and self.routes.sharded
+
     def _init_state(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the thread's select()
+        self._wake_r, self._wake_w = socket.socketpair()  # closing wakes the thread's select()
         self._lock = threading.Lock()
-        self._conn: Any = None  # a redis-py Connection (its API is untyped)
+        self._links: dict[Address, _Link] = {}
+        self._where: dict[bytes, _Link] = {}  # channel -> the link it is routed to
         self._stop = threading.Event()
-        self._confirmed: set[bytes] = set()  # channels subscribed on this connection
-        self._pending: deque[bytes] = deque()  # channels of the SUBSCRIBEs sent, in order, unanswered
-        self._retry: dict[bytes, float] = {}  # a refused channel -> when to ask again (monotonic)
-        self._refusals: dict[bytes, float] = {}  # a refused channel -> its current pause, seconds
-        self._last_seen = self._last_ping = time.monotonic()
+        self._reroute = self.sharded  # read the slot map before subscribing anything
+        self._routed_at = 0.0  # when the slot map was last read (monotonic)
+        self._route_backoff = 0.05
         self._running = False
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
 
@@ -365,20 +404,32 @@ class Subscriber:
     def channels(self) -> list[bytes]:
         return list(self._channels)
 
+    def connection_of(self, channel: bytes) -> Any:
+        link = self._where.get(channel)
+        return None if link is None else link.conn
+
+    def links(self) -> dict[Address, int]:
+        """Each connected node and how many channels it carries (for the CLI and the tests)."""
+        with self._lock:
+            return {link.address: len(link.confirmed) for link in self._links.values() if link.conn is not None}
+
     def catch_up(self) -> None:
         with self._lock:
-            self._drain()
+            for link in list(self._links.values()):
+                self._drain(link)
 
     # ------------------------------------------------------ listeners come and go (registry lock held)
 
     def _add(self, listener: InvalidationListener) -> None:
         with self._lock:
-            listeners = self._channels.setdefault(listener.channel, [])
-            listeners.append(listener)
-            if listener.channel in self._confirmed:  # another listener of this process has it already
-                listener._installed()
-            elif len(listeners) == 1 and self._conn is not None:
-                self._send_subscribe(listener.channel)
+            for channel in listener.channels:
+                listeners = self._channels.setdefault(channel, [])
+                listeners.append(listener)
+                link = self._where.get(channel)
+                if link is not None and channel in link.confirmed:  # another listener of this process has it
+                    listener._subscribed(channel)
+                elif len(listeners) == 1:
+                    self._route(channel)
             if not self._running:
                 self._running = True
                 self._thread.start()
@@ -387,20 +438,13 @@ class Subscriber:
     def _remove(self, listener: InvalidationListener) -> bool:
         """Take ``listener`` out; True if it was the last one (the caller then closes this subscriber)."""
         with self._lock:
-            listeners = self._channels.get(listener.channel, [])
-            if listener in listeners:
-                listeners.remove(listener)
-            if not listeners and listener.channel in self._channels:
-                channel = listener.channel
-                del self._channels[channel]
-                self._retry.pop(channel, None)
-                self._refusals.pop(channel, None)
-                if self._conn is not None and (channel in self._confirmed or channel in self._pending):
-                    self._confirmed.discard(channel)
-                    try:
-                        self._conn.send_command("UNSUBSCRIBE", channel)
-                    except Exception as exc:  # the connection is failing: the thread notices
-                        log.debug("unsubscribing %r: %s", channel, exc)
+            for channel in listener.channels:
+                listeners = self._channels.get(channel, [])
+                if listener in listeners:
+                    listeners.remove(listener)
+                if not listeners and channel in self._channels:
+                    del self._channels[channel]
+                    self._unroute(channel)
             return not self._channels
 
     def _close(self) -> None:
@@ -409,7 +453,10 @@ class Subscriber:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._lock:
-            self._drop_connection()
+            for link in self._links.values():
+                self._drop_connection(link)
+            self._links.clear()
+            self._where.clear()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -419,113 +466,184 @@ class Subscriber:
 
     # ------------------------------------------------------------------ internals (lock held)
 
-    def _listeners(self) -> list[InvalidationListener]:
-        return [listener for listeners in self._channels.values() for listener in listeners]
-
-    def _send_subscribe(self, channel: bytes) -> None:
-        # One channel per SUBSCRIBE: an error reply (an ACL refusal) then names the channel it is about.
-        try:
-            self._conn.send_command("SUBSCRIBE", channel)
-        except Exception as exc:  # a failed write is a lost connection
-            self._lost(f"subscribe failed: {exc}")
+    def _route(self, channel: bytes) -> None:
+        """Send ``channel`` to the link of the node that carries it (subscribed at once if connected)."""
+        address = self.routes.owner(channel) if self.routes is not None else None
+        if self.sharded and address is None:  # no slot map yet, or the slot has no master now
+            self._reroute = True
             return
-        self._pending.append(channel)
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _Link(address)
+        link.channels.add(channel)
+        self._where[channel] = link
+        if link.conn is not None:
+            self._send_subscribe(link, channel)
 
-    def _drain(self) -> None:
-        conn = self._conn
+    def _unroute(self, channel: bytes) -> None:
+        link = self._where.pop(channel, None)
+        if link is None:
+            return
+        link.channels.discard(channel)
+        link.retry.pop(channel, None)
+        link.refusals.pop(channel, None)
+        if link.conn is not None and (channel in link.confirmed or channel in link.pending):
+            link.confirmed.discard(channel)
+            try:
+                link.conn.send_command("SUNSUBSCRIBE", channel)
+            except Exception as exc:  # the connection is failing: the thread notices
+                log.debug("unsubscribing %r: %s", channel, exc)
+
+    def _listeners_of(self, channels: Iterable[bytes]) -> dict[InvalidationListener, list[bytes]]:
+        out: dict[InvalidationListener, list[bytes]] = {}
+        for channel in channels:
+            for listener in self._channels.get(channel, ()):
+                out.setdefault(listener, []).append(channel)
+        return out
+
+    def _send_subscribe(self, link: _Link, channel: bytes) -> None:
+        # One channel per SSUBSCRIBE: an error reply (an ACL refusal, MOVED) then names the channel it is
+        # about (and on a cluster the channels of one call must share a slot anyway).
+        try:
+            link.conn.send_command("SSUBSCRIBE", channel)
+        except Exception as exc:  # a failed write is a lost connection
+            self._lost(link, f"subscribe failed: {exc}")
+            return
+        link.pending.append(channel)
+
+    def _drain(self, link: _Link) -> None:
+        conn = link.conn
         if conn is None:
             return
         try:
             while conn.can_read(timeout=0):
                 try:
                     reply = conn.read_response(push_request=True)  # redis-py would hand it to a push hook
-                except ResponseError as exc:  # an answered SUBSCRIBE refused: the connection is fine
-                    self._refused(exc)
+                except ResponseError as exc:  # an answered SSUBSCRIBE refused: the connection is fine
+                    self._refused(link, exc)
                     continue
-                self._handle(reply)
+                self._handle(link, reply)
+                if link.conn is None:
+                    return
         except Exception as exc:  # any failure of the socket or the reply means messages may be lost
-            self._lost(f"subscriber connection failed: {exc}")
+            self._lost(link, f"subscriber connection failed: {exc}")
 
-    def _handle(self, reply: Any) -> None:
-        self._last_seen = time.monotonic()
+    def _handle(self, link: _Link, reply: Any) -> None:
+        link.last_seen = time.monotonic()
         if not isinstance(reply, list) or not reply:
             return
         kind = reply[0]
-        if kind == b"message" and len(reply) == 3:
+        if kind in (b"smessage", b"message") and len(reply) == 3:
             for listener in self._channels.get(reply[1], ()):
                 listener._message(reply[2])
-        elif kind == b"subscribe" and len(reply) >= 2:
+        elif kind == b"ssubscribe" and len(reply) >= 2:
             channel = reply[1]
             with contextlib.suppress(ValueError):
-                self._pending.remove(channel)
-            self._refusals.pop(channel, None)
-            listeners = self._channels.get(channel)
-            if listeners is None:  # its listeners left meanwhile
-                self._conn.send_command("UNSUBSCRIBE", channel)
+                link.pending.remove(channel)
+            link.refusals.pop(channel, None)
+            if channel not in link.channels:  # its listeners left (or it was routed elsewhere) meanwhile
+                link.conn.send_command("SUNSUBSCRIBE", channel)
                 return
-            self._confirmed.add(channel)
-            for listener in listeners:
-                if not listener.healthy:
-                    listener._installed()
+            link.confirmed.add(channel)
+            for listener in self._channels.get(channel, ()):
+                listener._subscribed(channel)
+        elif kind == b"sunsubscribe" and len(reply) >= 2 and reply[1] in link.confirmed:
+            # Not asked for: the server dropped the channel (its slot moved to another master, or this
+            # node became a replica). Messages may be published where we do not listen: distrust, move.
+            channel = reply[1]
+            link.confirmed.discard(channel)
+            for listener, channels in self._listeners_of([channel]).items():
+                listener._lost("the channel's slot moved", channels)
+            self._unroute(channel)
+            self._reroute = True
 
-    def _refused(self, exc: ResponseError) -> None:
-        if not self._pending:
+    def _refused(self, link: _Link, exc: ResponseError) -> None:
+        if not link.pending:
             log.debug("unexpected error reply on the subscriber connection: %s", exc)
             return
-        channel = self._pending.popleft()
-        pause = self._refusals.get(channel, 0.025) * 2
-        self._refusals[channel] = min(pause, RECONNECT_MAX)
-        self._retry[channel] = time.monotonic() + self._refusals[channel]
+        channel = link.pending.popleft()
+        if str(exc).startswith(("MOVED", "ASK")):  # the slot map changed: read it again, route again
+            self._unroute(channel)
+            self._reroute = True
+            return
+        pause = link.refusals.get(channel, 0.025) * 2
+        link.refusals[channel] = min(pause, RECONNECT_MAX)
+        link.retry[channel] = time.monotonic() + link.refusals[channel]
         for listener in self._channels.get(channel, ()):
             listener._cannot_subscribe(exc)
 
-    def _ask_again(self) -> None:
-        """SUBSCRIBE again the refused channels whose pause is over."""
-        if not self._retry or self._conn is None:
+    def _ask_again(self, link: _Link) -> None:
+        """SSUBSCRIBE again the refused channels whose pause is over."""
+        if not link.retry or link.conn is None:
             return
         now = time.monotonic()
-        for channel, at in list(self._retry.items()):
+        for channel, at in list(link.retry.items()):
             if at <= now:
-                del self._retry[channel]
-                if channel in self._channels:
-                    self._send_subscribe(channel)
+                del link.retry[channel]
+                if channel in link.channels:
+                    self._send_subscribe(link, channel)
 
-    def _lost(self, why: str) -> None:
-        for listener in self._listeners():
-            listener._lost(why)
-        self._drop_connection()
+    def _lost(self, link: _Link, why: str) -> None:
+        for listener, channels in self._listeners_of(link.channels).items():
+            listener._lost(why, channels)
+        self._drop_connection(link)
+        if self.sharded:  # the node may be gone for good (a failover): ask the cluster where its slots are
+            self._reroute = True
 
-    def _drop_connection(self) -> None:
-        self._confirmed.clear()
-        self._pending.clear()
-        self._retry.clear()
-        if self._conn is not None:
+    def _drop_connection(self, link: _Link) -> None:
+        link.confirmed.clear()
+        link.pending.clear()
+        link.retry.clear()
+        if link.conn is not None:
             try:
-                self._conn.disconnect()
+                link.conn.disconnect()
             except Exception as exc:  # closing a broken socket may fail too; it is gone either way
                 log.debug("closing the subscriber connection: %s", exc)
-            self._conn = None
+            link.conn = None
 
-    def _install(self, conn: Any) -> None:
-        """A new connection: SUBSCRIBE every channel on it (each is trusted once confirmed)."""
-        self._conn = conn
-        self._last_seen = self._last_ping = time.monotonic()
-        for channel in self._channels:
-            self._send_subscribe(channel)
+    def _install(self, link: _Link, conn: Any) -> None:
+        """A new connection: SSUBSCRIBE each of the link's channels on it (trusted once confirmed)."""
+        link.conn = conn
+        link.backoff = 0.05
+        link.last_seen = link.last_ping = time.monotonic()
+        for channel in sorted(link.channels):
+            self._send_subscribe(link, channel)
 
-    def _keep_alive(self) -> None:
-        if self._conn is None:
+    def _keep_alive(self, link: _Link) -> None:
+        if link.conn is None:
             return
         now = time.monotonic()
-        if now - self._last_seen > SILENCE:
-            self._lost(f"no reply for {SILENCE:.0f} s")
+        if now - link.last_seen > SILENCE:
+            self._lost(link, f"no reply for {SILENCE:.0f} s")
             return
-        if now - self._last_ping >= PING_INTERVAL:
-            self._last_ping = now
+        if now - link.last_ping >= PING_INTERVAL:
+            link.last_ping = now
             try:
-                self._conn.send_command("PING")
+                link.conn.send_command("PING")
             except Exception as exc:  # a failed write is a lost connection
-                self._lost(f"ping failed: {exc}")
+                self._lost(link, f"ping failed: {exc}")
+
+    def _apply_routes(self) -> None:
+        """Route every channel to the master that owns its slot now; a channel that moves is lost until
+        it is confirmed there (its listeners distrust L1 meanwhile)."""
+        assert self.routes is not None
+        moved: list[bytes] = []
+        for channel in list(self._channels):
+            link = self._where.get(channel)
+            owner = self.routes.owner(channel)
+            if link is not None and link.address == owner:
+                continue
+            if link is not None:
+                if channel in link.confirmed:
+                    moved.append(channel)
+                self._unroute(channel)
+            self._route(channel)
+        for listener, channels in self._listeners_of(moved).items():
+            listener._lost("the channel's slot moved", channels)
+        for address, link in list(self._links.items()):
+            if not link.channels:  # a node that carries nothing now (a former master, say)
+                self._drop_connection(link)
+                del self._links[address]
 
     # ------------------------------------------------------------------------ the thread
 
@@ -533,64 +651,99 @@ class Subscriber:
         try:
             self._listen()
         except Exception:  # never expected; but with nobody applying invalidations L1 must not be trusted
-            for listener in self._listeners():
+            with self._lock:
+                listeners = {listener for group in self._channels.values() for listener in group}
+            for listener in listeners:
                 log.exception("the invalidation listener on %r stopped; L1 is bypassed from now on",
                               listener._channel_text, extra=listener._fields("invalidation_listener_failed"))
         finally:
-            for listener in self._listeners():
-                listener._set_healthy(False)
+            for group in list(self._channels.values()):
+                for listener in group:
+                    listener._set_healthy(False)
+
+    def _refresh_routes(self) -> None:
+        """Read the slot map (network I/O: without the lock), then route by it."""
+        assert self.routes is not None
+        now = time.monotonic()
+        if not self._reroute and now - self._routed_at < ROUTES_INTERVAL:
+            return
+        if self._reroute and now - self._routed_at < self._route_backoff:
+            return  # (a cluster in the middle of a failover: not every few ms)
+        self._routed_at = now
+        try:
+            self.routes.refresh()
+        except Exception as exc:  # no node answers: try again later, the channels stay lost meanwhile
+            self._route_backoff = min(self._route_backoff * 2, RECONNECT_MAX)
+            with self._lock:
+                for listener in {listener for group in self._channels.values() for listener in group}:
+                    listener._cannot_subscribe(exc)
+            return
+        self._route_backoff = 0.05
+        with self._lock:
+            self._reroute = False
+            self._apply_routes()
 
     def _listen(self) -> None:
-        backoff = 0.05
         while not self._stop.is_set():
-            if self._conn is None:
+            if self.sharded:
+                self._refresh_routes()
+            with self._lock:
+                idle = [link for link in self._links.values()
+                        if link.conn is None and link.channels and link.next_try <= time.monotonic()]
+            for link in idle:
                 try:
-                    conn = self._connect()  # outside the lock: closing never waits for the network
+                    conn = self._connect(link.address)  # outside the lock: closing never waits for the network
                     conn.connect()
                 except Exception as exc:  # Redis down or refusing: try again later, L1 stays bypassed
                     with self._lock:
-                        for listener in self._listeners():
+                        for listener in self._listeners_of(link.channels):
                             listener._cannot_subscribe(exc)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, RECONNECT_MAX)
+                        link.next_try = time.monotonic() + link.backoff
+                        link.backoff = min(link.backoff * 2, RECONNECT_MAX)
+                        if self.sharded:
+                            self._reroute = True
                     continue
                 with self._lock:
-                    if self._stop.is_set():  # closed while we were connecting
+                    if self._stop.is_set() or self._links.get(link.address) is not link:  # closed, or gone
                         conn.disconnect()
-                        return
-                    self._install(conn)
-                backoff = 0.05
-            # Drain before waiting: a reply read together with the last one (SUBSCRIBE's, say) may sit
+                        continue
+                    self._install(link, conn)
+            # Drain before waiting: a reply read together with the last one (SSUBSCRIBE's, say) may sit
             # in redis-py's buffer, where select() cannot see it. After a drain nothing complete is left.
             with self._lock:
-                self._drain()
-                self._ask_again()
-                self._keep_alive()
+                for link in list(self._links.values()):
+                    self._drain(link)
+                    self._ask_again(link)
+                    self._keep_alive(link)
             self._wait_for_data()
 
     def _wait_for_data(self) -> None:
-        conn = self._conn
-        sock = getattr(conn, "_sock", None)
-        if sock is None:
-            self._stop.wait(0.05)
-            return
+        socks = [sock for link in list(self._links.values())
+                 if (sock := getattr(link.conn, "_sock", None)) is not None]
+        wait = PING_INTERVAL / 4
+        if not socks or any(link.conn is None and link.channels for link in list(self._links.values())):
+            wait = 0.05  # a connection to make (after its pause): do not sleep past it
         try:
-            readable, _, _ = select.select([sock, self._wake_r], [], [], PING_INTERVAL / 4)
+            readable, _, _ = select.select([*socks, self._wake_r], [], [], wait)
             if self._wake_r in readable:
                 self._wake_r.recv(64)
-        except (OSError, ValueError):  # the socket was closed under us; the next drain notices
+        except (OSError, ValueError):  # a socket was closed under us; the next drain notices
             self._stop.wait(0.01)
 
     def _after_fork(self) -> None:
-        # The child shares the parent's socket: never read or close it here; start afresh, for the
+        # The child shares the parent's sockets: never read or close them here; start afresh, for the
         # listeners it still has.
+        channels = list(self._channels)
         self._init_state()
+        for channel in channels:
+            self._route(channel)
         if self._channels and not self.shut:
             self._running = True
             self._thread.start()
 
 
 THREAD_NAME = "victor-rcache-invalidation"
+ROUTES_INTERVAL = 10.0  # seconds: the slot map is read again at least this often on a cluster
 
 
 class _Registry:
@@ -610,15 +763,17 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-def listen(key: Any, connect: Callable[[], Callable[[], Any]], channel: bytes, l1: LocalCache, wait: float,
-           clock: Callable[[], float] | None = None, namespace: str | None = None) -> InvalidationListener:
-    """A started listener of ``channel`` on the process's subscriber for ``key`` (the connection
-    settings), made on first use with the connection factory ``connect()`` returns."""
+def listen(key: Any, routes: Callable[[], SubscriberRoutes], channels: tuple[bytes, ...], l1: LocalCache,
+           wait: float, clock: Callable[[], float] | None = None,
+           namespace: str | None = None) -> InvalidationListener:
+    """A started listener of ``channels`` on the process's subscriber for ``key`` (the connection
+    settings), made on first use with the routes ``routes()`` returns."""
     with _REGISTRY.lock:
         subscriber = _REGISTRY.subscribers.get(key)
         if subscriber is None or subscriber.shut:
-            subscriber = _REGISTRY.subscribers[key] = Subscriber(connect(), key)
-    listener = InvalidationListener(None, channel, l1, clock=clock, namespace=namespace, subscriber=subscriber)
+            found = routes()
+            subscriber = _REGISTRY.subscribers[key] = Subscriber(found.connect, key, found)
+    listener = InvalidationListener(None, channels, l1, clock=clock, namespace=namespace, subscriber=subscriber)
     return listener.start(wait)
 
 
@@ -629,11 +784,10 @@ def _attach(listener: InvalidationListener) -> None:
             key = subscriber.key
             found = _REGISTRY.subscribers.get(key) if key is not None else None
             if found is None or found.shut:
-                found = Subscriber(subscriber._connect, key)
+                found = Subscriber(subscriber._connect, key, subscriber.routes)
                 if key is not None:
                     _REGISTRY.subscribers[key] = found
-            subscriber = found
-            listener.subscriber = subscriber
+            subscriber = listener.subscriber = found
         subscriber._add(listener)
 
 

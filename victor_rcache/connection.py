@@ -10,6 +10,7 @@ error Redis answered standing in place of the reply.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import inspect
 import itertools
@@ -26,6 +27,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -296,30 +298,83 @@ def async_client(config: CacheConfig) -> AsyncClient:
 
 
 def cluster_nodes(client: Any) -> Callable[[], list[tuple[str, int]]] | None:
-    """For a cluster client, the nodes it knows (the subscriber may use any: PUBLISH reaches all)."""
+    """For a cluster client, the nodes it knows (where the subscriber may ask for the slot map)."""
     if not isinstance(client, (RedisCluster, AsyncRedisCluster)):
         return None
     return lambda: [(str(node.host), int(node.port)) for node in client.get_nodes()]
 
 
-def subscriber_connections(config: CacheConfig,
-                           nodes: Callable[[], list[tuple[str, int]]] | None = None) -> Callable[[], Any]:
-    """A factory of fresh, unpooled connections for the invalidation subscriber.
+Address: TypeAlias = "tuple[str, int] | None"  # a node; None: the URL's server
 
-    On a cluster each new connection goes to the next known node in turn, so losing one node
-    (a failover) moves the subscription elsewhere instead of retrying a dead address.
+
+class SubscriberRoutes:
+    """Where the invalidation subscriber connects: fresh, unpooled connections for each node it needs.
+
+    On a standalone Redis every channel is on the URL's server (``sharded`` is False). On a cluster
+    (``sharded``) a shard's channel lives in its hash slot, on the master that owns the slot:
+    :meth:`refresh` reads the slot map (``CLUSTER SLOTS``) from a node that answers, and :meth:`owner`
+    says which master to subscribe a channel on.
     """
-    pool: redis.ConnectionPool = _checked(redis.ConnectionPool.from_url, config, Retry(NoBackoff(), 0))
-    if nodes is None:
-        return pool.make_connection
-    turn = itertools.count()
 
-    def connect() -> Any:
-        known = nodes() or [(pool.connection_kwargs["host"], pool.connection_kwargs["port"])]
-        host, port = known[next(turn) % len(known)]
-        return pool.connection_class(**{**pool.connection_kwargs, "host": host, "port": port})
+    def __init__(self, config: CacheConfig, nodes: Callable[[], list[tuple[str, int]]] | None = None) -> None:
+        self._pool: redis.ConnectionPool = _checked(redis.ConnectionPool.from_url, config, Retry(NoBackoff(), 0))
+        self._nodes = nodes
+        self.sharded = config.cluster or nodes is not None
+        self._starts: list[int] = []  # first slot of each range of the slot map, ascending
+        self._owners: list[tuple[int, tuple[str, int]]] = []  # (last slot, master) of each range
+        self._turn = itertools.count()
 
-    return connect
+    def connect(self, address: Address) -> Any:
+        """A new connection (not yet connected) to ``address``."""
+        kwargs = self._pool.connection_kwargs
+        if address is None:
+            return self._pool.make_connection()
+        return self._pool.connection_class(**{**kwargs, "host": address[0], "port": address[1]})
+
+    def _seeds(self) -> list[tuple[str, int]]:
+        kwargs = self._pool.connection_kwargs
+        known = list(self._nodes()) if self._nodes is not None else []
+        known += [address for _, address in self._owners]
+        if "host" in kwargs:
+            known.append((str(kwargs["host"]), int(kwargs.get("port", 6379))))
+        seeds = list(dict.fromkeys(known))
+        start = next(self._turn) % len(seeds) if seeds else 0  # a node that failed is not asked first again
+        return seeds[start:] + seeds[:start]
+
+    def refresh(self) -> None:
+        """Read the slot map from the first node that answers (raises the last failure if none does)."""
+        failure: Exception = RedisConnectionError("no cluster node known")
+        for address in self._seeds():
+            conn = self.connect(address)
+            try:
+                conn.connect()
+                conn.send_command("CLUSTER", "SLOTS")
+                reply = conn.read_response()
+            except Exception as exc:  # that node is down or refuses: ask the next one
+                failure = exc
+                continue
+            finally:
+                conn.disconnect()
+            ranges = sorted((int(r[0]), int(r[1]), _node_address(r[2], address)) for r in reply)
+            self._starts = [start for start, _, _ in ranges]
+            self._owners = [(end, node) for _, end, node in ranges]
+            return
+        raise failure
+
+    def owner(self, channel: bytes) -> Address:
+        """The master that owns ``channel``'s slot (None on a standalone Redis, or a slot no one owns)."""
+        if not self.sharded:
+            return None
+        slot = key_slot(channel)
+        at = bisect.bisect_right(self._starts, slot) - 1
+        if at < 0 or slot > self._owners[at][0]:
+            return None
+        return self._owners[at][1]
+
+
+def _node_address(node: list[Any], asked: tuple[str, int]) -> tuple[str, int]:
+    host = node[0].decode() if isinstance(node[0], bytes) else str(node[0])
+    return (host or asked[0], int(node[1]))  # an empty host: the node we asked
 
 
 # ------------------------------------------------------------------ what the caches of one process share

@@ -6,7 +6,7 @@ shards' tags are chosen to fall in evenly spaced slot ranges, so Redis Cluster s
 over all its masters::
 
     <ns>:config                  HASH  fleet-wide settings every worker checks (shards, format)
-    <ns>:inval                   pub/sub channel of invalidations (not a key)
+    <ns>:{s<i>.<salt>}:inval     the shard's invalidation channel, sharded pub/sub (not a key)
     <ns>:{s<i>.<salt>}:l2        ZSET  L2 index: entry id -> last touch (ms)
     <ns>:{s<i>.<salt>}:l3        ZSET  L3 index: entry id -> last touch (ms)
     <ns>:{s<i>.<salt>}:exp       ZSET  entry id -> absolute expiry (ms), entries with a ttl only
@@ -141,6 +141,11 @@ class ShardKeys:
     def lease(self, entry_id: bytes) -> bytes:
         return self.l2[:-2] + b"lease:" + entry_id
 
+    @property
+    def channel(self) -> bytes:
+        """The shard's invalidation channel (sharded pub/sub): its hash tag puts it in the shard's slot."""
+        return self.l2[:-2] + b"inval"
+
     def tag(self, name: bytes) -> bytes:
         """The set of the shard's entry ids tagged ``name``."""
         return self.l2[:-2] + b"tag:" + name
@@ -177,7 +182,12 @@ class KeySpace:
         self.refs_bytes = 0
         self.prefix = namespace.encode() + b":"
         self.config = self.prefix + b"config"
-        self.channel = self.prefix + b"inval"
+        self.channel = self.prefix + b"inval"  # the broadcast channel of releases before sharded pub/sub
+
+    @cached_property
+    def channels(self) -> tuple[bytes, ...]:
+        """The shards' invalidation channels, by shard index (the scripts SPUBLISH on them)."""
+        return tuple(keys.channel for keys in self.shard_keys)
 
     @cached_property
     def shard_keys(self) -> tuple[ShardKeys, ...]:

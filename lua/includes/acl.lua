@@ -28,8 +28,8 @@ local function check_commands(commands, key, channel)
           .. ', which the cache needs: grant the ACL rule set in the README section Security'
     end
   end
-  if channel and not redis.acl_check_cmd('publish', channel, 'x') then
-    return 'VRC_NOPERM the Redis user may not publish on ' .. channel
+  if channel and not redis.acl_check_cmd('spublish', channel, 'x') then
+    return 'VRC_NOPERM the Redis user may not SPUBLISH on ' .. channel
         .. ': grant the ACL rule set in the README section Security'
   end
   return nil

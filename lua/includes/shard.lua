@@ -47,9 +47,11 @@
   every script treats that as a removal the moment it meets it, and sweeps find the rest.
 
   Invalidation: every write that changes or removes a value (put.lua, delete.lua, flush.lua)
-  publishes on <ns>:inval, always, whether or not Redis remembers that some process holds a copy:
-  one line per entry, "<length of id>:<id> <version>\n", or "*<shard> <version>" for a flushed
-  shard. Every process drops its L1 copies older than the version. Moves between tiers, expiry and
+  publishes on the shard's channel <ns>:{<tag>}:inval with SPUBLISH (sharded pub/sub), always,
+  whether or not Redis remembers that some process holds a copy: one line per entry,
+  "<length of id>:<id> <version>\n", or "*<shard> <version>" for a flushed shard. The channel has the
+  shard's hash tag, so on a Redis Cluster it lives in the shard's slot: only the shard's master (and
+  its replicas) carry the message, not every node of the cluster as PUBLISH would. Every process drops its L1 copies older than the version. Moves between tiers, expiry and
   evictions publish nothing: they do not change a value, and every L1 copy carries its own deadline.
 
   Common ARGV (HEAD of them, every script but flush.lua):
@@ -75,7 +77,7 @@ local base = string.sub(l2_key or '', 1, -3)          -- '<ns>:{<tag>}:'
 local l3_key, exp_key, size_key = base .. 'l3', base .. 'exp', base .. 'size'
 local stats_key, fence_key, ghost_key = base .. 'stats', base .. 'fence', base .. 'ghost'
 local tags_key = base .. 'tags'
-local channel = string.sub(base, 1, (string.find(base, ':{', 1, true) or 0)) .. 'inval'
+local channel = base .. 'inval'        -- the shard's invalidation channel (sharded pub/sub, same slot)
 
 -- The common ARGV as numbers, and `now` from the server's TIME when ARGV[1] is 0. Only plain decimal
 -- digits are accepted (no sign, exponent, hex, spaces, inf or nan, all of which tonumber takes), at
@@ -112,7 +114,7 @@ local function arg_int(i, min)
   return v
 end
 
--- Every command the shard scripts run (see includes/acl.lua); PUBLISH is checked with the channel.
+-- Every command the shard scripts run (see includes/acl.lua); SPUBLISH is checked with the channel.
 local SHARD_COMMANDS = {'type', 'time', 'exists', 'hget', 'hmget', 'hset', 'hsetnx', 'hincrby', 'hdel', 'del',
                         'zadd', 'zrem', 'zscore', 'zmscore', 'zcard', 'zcount', 'zrange', 'zrangebyscore',
                         'zremrangebyscore', 'zremrangebyrank', 'pexpire', 'pexpireat', 'persist', 'set', 'pttl',
@@ -536,6 +538,6 @@ local function finish(extra)
     end
   end
   if drifted or (check_totals and needs_recount()) then recount() end
-  if #changed > 0 then redis.call('PUBLISH', channel, table.concat(changed)) end
+  if #changed > 0 then redis.call('SPUBLISH', channel, table.concat(changed)) end
   return {ev.promotions, ev.demotions, ev.evictions, ev.expirations, now}
 end
