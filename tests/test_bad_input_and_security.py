@@ -805,7 +805,7 @@ def test_the_documented_tls_url_serves_the_cache_and_its_subscriber(
         own = admin.client_id()
         clients = [c for c in admin.client_list() if int(str(c["id"])) != own]
         assert {int(str(c["laddr"]).rsplit(":", 1)[1]) for c in clients} == {tls_port}, "a connection bypassed TLS"
-        assert sum(int(c["ssub"]) > 0 for c in clients) == 1, "the subscriber (shared by both caches) is on the TLS port"
+        assert sum(int(c["ssub"]) > 0 for c in clients) == 1, "the subscriber (both caches') is on the TLS port"
 
     # Certificates are verified: without the CA the connection is refused, with a clear error or a miss.
     untrusted = f"rediss://127.0.0.1:{tls_port}/0"

@@ -371,7 +371,8 @@ def subscriber_client(raw: Client, cache: MultiLevelCache) -> tuple[redis.Redis,
     mine = [c for c in server.client_list() if c["addr"] == f"{host}:{port}"]
     assert len(mine) == 1, f"no single client at {host}:{port} on {conn.host}:{conn.port}: {mine}"
     client: dict[str, str] = {**mine[0], "node": f"{conn.host}:{conn.port}"}
-    assert int(client["ssub"]) > 0 and "P" in client["flags"], f"not a subscriber of shard channels: {client}"
+    assert int(client["ssub"]) > 0, f"not a subscriber of shard channels: {client}"
+    assert "P" in client["flags"], f"not a subscriber: {client}"
     return server, client
 
 

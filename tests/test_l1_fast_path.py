@@ -187,7 +187,8 @@ class FakeSubscriber:
 
 def test_trusted_is_a_flag_read_no_io_and_no_lock() -> None:
     conn = FakeSubscriber()
-    listener = InvalidationListener(lambda _node: conn, b"ns:inval", LocalCache(10, None, FakeClock())).start(wait=LIVENESS)
+    listener = InvalidationListener(lambda _node: conn, b"ns:inval", LocalCache(10, None, FakeClock()))
+    listener.start(wait=LIVENESS)
     try:
         wait_until(listener.trusted, "the subscription")
         with listener._lock:  # the thread is busy: a reader neither waits nor gives up on L1
@@ -202,7 +203,8 @@ def test_trusted_is_a_flag_read_no_io_and_no_lock() -> None:
 
 def test_a_listener_thread_that_dies_leaves_l1_untrusted(caplog: pytest.LogCaptureFixture) -> None:
     conn = FakeSubscriber()
-    listener = InvalidationListener(lambda _node: conn, b"ns:inval", LocalCache(10, None, FakeClock())).start(wait=LIVENESS)
+    listener = InvalidationListener(lambda _node: conn, b"ns:inval", LocalCache(10, None, FakeClock()))
+    listener.start(wait=LIVENESS)
     try:
         wait_until(listener.trusted, "the subscription")
 
