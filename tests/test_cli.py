@@ -33,7 +33,7 @@ from victor_rcache.local_redis import LocalRedisServer, free_port
 from victor_rcache.prediction.model import ModelKeys
 from victor_rcache.tiers import default_scripts
 
-from .helpers import Backend, Client, server_of
+from .helpers import Backend, Client, server_of, servers
 from .test_bad_input_and_security import set_documented_user
 
 CLI = Path(sys.executable).with_name("victor-rcache")
@@ -402,12 +402,43 @@ def test_doctor_passes_on_a_healthy_server(backend: Backend, namespace: str, see
     assert report["ok"] is True
     assert {c["check"]: c["status"] for c in report["checks"]} == {
         "connectivity": "ok", "server version": "ok", "cluster state": "ok", "ACL permissions": "ok",
-        "scripts": "ok", "memory policy": "ok", "namespace config": "ok"}
+        "pub/sub mode": "ok", "scripts": "ok", "memory policy": "ok", "namespace config": "ok"}
     checks = {c["check"]: c for c in report["checks"]}
     assert checks["scripts"]["result"].startswith("all 11 scripts load")
     human = on(backend, namespace, "doctor")
     assert human.returncode == 0, human.stdout
     assert human.stdout.rstrip().endswith("all checks passed")
+
+
+def test_doctor_reports_sharded_pubsub_and_warns_about_broadcast_subscribers(backend: Backend, raw: Client,
+                                                                            namespace: str, make_cache: Make) -> None:
+    """This release's processes subscribe each shard's channel; a subscriber of the broadcast channel
+    ``<ns>:inval`` is a process of an earlier release, which hears none of this release's writes."""
+    cache = make_cache()
+    report = as_json(on(backend, namespace, "doctor", "--json"))
+    pubsub = {c["check"]: c for c in report["checks"]}["pub/sub mode"]
+    assert pubsub["status"] == "ok", pubsub
+    assert pubsub["details"]["mode"] == "sharded"
+    assert pubsub["result"].startswith(f"sharded: SPUBLISH/SSUBSCRIBE on 16 shard channels {namespace}:{{*}}:inval")
+    assert sum(pubsub["details"]["shard_subscriptions"].values()) == len(cache._core.space.channels)
+
+    old = servers(raw)[-1].pubsub()  # an earlier release's subscriber (on a cluster: on a replica, say)
+    old.subscribe(f"{namespace}:inval")
+    try:
+        confirmed = old.get_message(timeout=10.0)  # (waits for the reply, up to a generous deadline)
+        assert confirmed is not None
+        assert confirmed["type"] == "subscribe", confirmed
+        done = on(backend, namespace, "doctor", "--json")
+        assert done.returncode == 0, done.stdout  # a warning, not a failure
+        pubsub = {c["check"]: c for c in json.loads(done.stdout)["checks"]}["pub/sub mode"]
+        assert pubsub["status"] == "warn", pubsub
+        assert f"1 subscriber(s) of the broadcast channel {namespace}:inval" in pubsub["result"]
+        assert ("Redis Cluster" in pubsub["result"]) == backend.cluster
+        assert "upgrade every worker" in pubsub["fix"]
+        human = on(backend, namespace, "doctor")
+        assert "WARN  pub/sub mode" in human.stdout
+    finally:
+        old.close()
 
 
 def test_doctor_checks_the_scripts_and_commands_the_cache_uses(make_cache: Make) -> None:
@@ -417,8 +448,12 @@ def test_doctor_checks_the_scripts_and_commands_the_cache_uses(make_cache: Make)
     assert [s.name for s in default_scripts().all()] == ["touch", "put", "delete", "flush", "untag", "release",
                                                          "lease", "sizing", "record", "predict", "view"]
     probed = {p.args[0] for p in acl_probes(Context(argparse.Namespace(json=True), cache))}
-    assert {"evalsha", "eval", "hmget", "set", "pttl", "exists", "del", "hsetnx", "hgetall", "publish",
-            "subscribe"} <= probed  # sent by the library itself
+    probes = acl_probes(Context(argparse.Namespace(json=True), cache))
+    assert {"evalsha", "eval", "hmget", "set", "pttl", "exists", "del", "hsetnx", "hgetall", "spublish",
+            "ssubscribe", "sunsubscribe"} <= probed  # sent by the library itself
+    on_channels = {(p.args[0], p.target) for p in probes if p.args[0] in ("spublish", "ssubscribe", "sunsubscribe")}
+    assert on_channels == {(name, channel.decode()) for name in ("spublish", "ssubscribe", "sunsubscribe")
+                           for channel in cache._core.space.channels}, "every shard channel is probed"
     for script in default_scripts().all():
         used = {m.decode().lower() for m in re.findall(rb"redis\.p?call\('(\w+)'", script.source)}
         assert used <= probed, (script.name, used - probed)

@@ -1,5 +1,6 @@
 """``doctor``: check what the cache needs of Redis (connectivity, server version, cluster state, ACL
-permissions, scripts, memory policy, the namespace's settings) and print a fix for each problem."""
+permissions, the pub/sub mode of invalidations, scripts, memory policy, the namespace's settings) and
+print a fix for each problem."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from redis.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from ..codec import FORMAT_VERSION
@@ -51,8 +53,11 @@ class Check:
 
 
 SECURITY_FIX = "grant the ACL rule set in the README section 'Security'"
-DOCTOR_CHECKS = ("connectivity", "server version", "cluster state", "ACL permissions", "scripts", "memory policy",
-                 "namespace config")
+DOCTOR_CHECKS = ("connectivity", "server version", "cluster state", "ACL permissions", "pub/sub mode", "scripts",
+                 "memory policy", "namespace config")
+# The pub/sub commands the cache sends, checked on each shard's channel: the scripts SPUBLISH, the subscriber
+# SSUBSCRIBEs (and SUNSUBSCRIBEs a closed cache's channels).
+CHANNEL_COMMANDS = ("spublish", "ssubscribe", "sunsubscribe")
 ACL_PROBE = """
 if not redis.acl_check_cmd then return -1 end
 local denied, invalid, i, n = {}, {}, 1, 1
@@ -96,7 +101,7 @@ class Probe:
 def acl_probes(ctx: Context) -> list[Probe]:
     """Every command the cache sends, with a key of the namespace it uses (or its channel)."""
     space, model = ctx.space, ModelKeys(ctx.cache.namespace)
-    shard, channel = space.shard_keys[0], _text(space.channel)
+    shard = space.shard_keys[0]
     keyed: dict[str, set[str]] = {}
     for script in default_scripts(ctx.cache.config.lua_shebang).all():
         key = _text(model.stats if script.name in ("record", "predict") else shard.stats)
@@ -106,12 +111,14 @@ def acl_probes(ctx: Context) -> list[Probe]:
         keyed.setdefault(name, set()).add(_text(space.config if name in ("hsetnx", "hgetall") else shard.stats))
     probes = []
     for name in sorted(keyed):
-        if name == "publish":
+        if name in CHANNEL_COMMANDS:  # checked on every shard's channel, below
             continue
         template = PROBE_ARGS.get(name, ("K",))
         for key in sorted(keyed[name]) if "K" in template else [""]:
             probes.append(Probe((name, *(key if a == "K" else a for a in template)), key))
-    probes += [Probe(("publish", channel, "x"), channel), Probe(("subscribe", channel), channel)]
+    for channel in map(_text, space.channels):  # sharded pub/sub: one channel per shard
+        probes += [Probe(("spublish", channel, "x"), channel), Probe(("ssubscribe", channel), channel),
+                   Probe(("sunsubscribe", channel), channel)]
     probes.append(Probe(("client", "setinfo", "lib-name", "redis-py"), ""))  # Redis >= 7.2 only, else invalid
     if ctx.cache.config.cluster:
         probes += [Probe(("cluster", "slots"), ""), Probe(("cluster", "shards"), ""), Probe(("command",), "")]
@@ -154,7 +161,7 @@ def explain_denials(probes: list[Probe], denied: set[int]) -> tuple[list[str], l
         probe = probes[i]
         name = "|".join(probe.args[:2]) if probe.args[0] in ("client", "cluster") else probe.args[0]
         if probe.target and probe.target not in usable:
-            targets.add(("&" if probe.args[0] in ("publish", "subscribe") else "~") + probe.target)
+            targets.add(("&" if probe.args[0] in CHANNEL_COMMANDS else "~") + probe.target)
         else:
             commands.add("+" + name)
     return sorted(commands), sorted(targets)
@@ -181,14 +188,61 @@ def check_acl(ctx: Context, nodes: list[tuple[str, Any]]) -> Check:
     count = len({p.args[0] for p in probes})
     if not denied:
         return Check("ACL permissions", "ok", f"user {user} may run the {count} commands the cache needs, on "
-                     f"{ctx.cache.namespace}:* and channel {_text(ctx.space.channel)} (checked with {how})")
+                     f"{ctx.cache.namespace}:* and its {len(ctx.space.channels)} shard channels "
+                     f"{shard_channels(ctx)} (checked with {how})")
     problems = ([f"missing {' '.join(commands)}"] if commands else []) + (
         [f"may not use {' '.join(targets)}"] if targets else [])
-    grant = " ".join(commands + ([f"~{ctx.cache.namespace}:*", f"&{_text(ctx.space.channel)}"] if targets else []))
+    grant = " ".join(commands + ([f"~{ctx.cache.namespace}:*", f"&{shard_channels(ctx)}"] if targets else []))
     return Check("ACL permissions", "fail", f"user {user}: {'; '.join(problems)}",
                  f"ACL SETUSER {user} {grant}; or {SECURITY_FIX}",
                  {"missing_commands": commands, "denied": targets,
                   "denied_calls": [" ".join(probes[i].args) for i in sorted(denied)]})
+
+
+def shard_channels(ctx: Context) -> str:
+    """The namespace's shard channels as one ACL channel pattern: ``<ns>:{*}:inval``."""
+    return f"{ctx.cache.namespace}:{{*}}:inval"
+
+
+def every_node(client: Any, masters: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """(name, client) of every node, replicas included (a standalone server: itself)."""
+    if not isinstance(client, RedisCluster):
+        return masters
+    cluster: Any = client
+    return [(str(node.name), cluster.get_redis_connection(node)) for node in cluster.get_nodes()]
+
+
+def check_pubsub(ctx: Context, nodes: list[tuple[str, Any]]) -> Check:
+    """Which pub/sub the namespace's invalidations use, and who listens: this release's processes subscribe
+    each shard's channel (sharded pub/sub); a subscriber of the broadcast channel ``<ns>:inval`` is a
+    process of an earlier release, which hears none of this release's writes (and, on a cluster, has every
+    write of its own copied to every node)."""
+    space = ctx.space
+    sharded: dict[str, int] = {}
+    broadcast: dict[str, int] = {}
+    for name, node in nodes:
+        subscribed = sum(_int(n) or 0 for _, n in node.pubsub_shardnumsub(*space.channels))
+        if subscribed:
+            sharded[name] = subscribed
+    for name, node in every_node(ctx.cache.client, nodes):  # an old subscriber may sit on a replica too
+        old = sum(_int(n) or 0 for _, n in node.pubsub_numsub(space.channel))
+        if old:
+            broadcast[name] = old
+    mode = f"sharded: SPUBLISH/SSUBSCRIBE on {len(space.channels)} shard channels {shard_channels(ctx)}"
+    listening = (f"{sum(sharded.values())} shard-channel subscriptions" if sharded else "no subscriber right now")
+    where = "" if len(nodes) == 1 else f" on {len(sharded)} of {len(nodes)} masters"
+    details = {"mode": "sharded", "channels": [_text(c) for c in space.channels], "shard_subscriptions": sharded,
+               "broadcast_subscribers": broadcast, "broadcast_channel": _text(space.channel)}
+    if broadcast:
+        count = sum(broadcast.values())
+        cluster = " on a Redis Cluster, where the broadcast channel copies each of their writes to every node" \
+            if ctx.cache.config.cluster else ""
+        return Check("pub/sub mode", "warn", f"{mode}; but {count} subscriber(s) of the broadcast channel "
+                     f"{_text(space.channel)}{cluster}: processes of an earlier release, which do not hear this "
+                     "release's writes (their L1 copies stay stale up to l1_ttl)",
+                     "upgrade every worker of the namespace to this release (or run them with coherence=False "
+                     "until then)", details)
+    return Check("pub/sub mode", "ok", f"{mode}; {listening}{where}", details=details)
 
 
 def check_connectivity(nodes: list[tuple[str, Any]]) -> Check:
@@ -339,6 +393,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         checks += [guarded("server version", lambda: check_version(nodes)),
                    guarded("cluster state", lambda: check_cluster(ctx, nodes)),
                    guarded("ACL permissions", lambda: check_acl(ctx, nodes)),
+                   guarded("pub/sub mode", lambda: check_pubsub(ctx, nodes)),
                    guarded("scripts", lambda: check_scripts(ctx, nodes)),
                    guarded("memory policy", lambda: check_memory(nodes)),
                    guarded("namespace config", lambda: check_namespace(ctx))]
