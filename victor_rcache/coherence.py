@@ -1,11 +1,13 @@
 """Fleet coherence: every process drops its L1 copy of a value another process changed.
 
-The scripts publish on ``<ns>:inval`` whenever they really change a value (see
-``lua/includes/shard.lua``): one line ``<length of id>:<id> <version>`` per changed entry, or
-``*<shard> <version>`` when a shard is flushed. An :class:`InvalidationListener` per cache applies
-those messages to its L1; the caches of one process on one Redis (same URL and connection settings)
-share one :class:`Subscriber`: one subscribed connection and one thread for all their channels, which
-hands each channel's messages to that namespace's listener:
+The scripts publish on the shard's channel ``<ns>:{<tag>}:inval`` (sharded pub/sub: SPUBLISH)
+whenever they really change a value (see ``lua/includes/shard.lua``): one line
+``<length of id>:<id> <version>`` per changed entry, or ``*<shard> <version>`` when a shard is
+flushed. An :class:`InvalidationListener` per cache applies those messages to its L1; the caches of
+one process on one Redis (same URL and connection settings) share one :class:`Subscriber`: one
+subscribed connection (one per master on a cluster, where each shard's channel lives on the master
+owning its slot) and one thread for all their channels, which hands each channel's messages to that
+namespace's listener:
 
 * a background thread waits on the socket (``select``) and applies each message as soon as it
   arrives (within a thread switch, well inside the fleet's 100 ms bound); it also pings the server

@@ -15,7 +15,7 @@
       │     past its deadline                        (LRU stamps, counts, promotion: bookkeeping.py)
       │ miss
       ▼
-    loader ─ get_or_set: once per process ─▶ lease.lua, then put.lua: ─▶ <ns>:inval: every other
+    loader ─ get_or_set: once per process ─▶ lease.lua, then put.lua: ─▶ SPUBLISH: every other
              (single-flight), once per fleet   L2 + this L1 (refused if     process drops its older
              (the fill lease in Redis)          the key changed since)      L1 copy (every write says so)
 
