@@ -513,7 +513,7 @@ def test_bad_settings_and_unreachable_redis_give_a_message_and_an_exit_code() ->
     report = cli("--url", down, "doctor", "--json")
     assert report.returncode == 1
     statuses = [c["status"] for c in json.loads(report.stdout)["checks"]]
-    assert statuses == ["fail"] + ["skip"] * 6
+    assert statuses == ["fail"] + ["skip"] * 7
 
 
 def test_demo_hands_its_arguments_to_the_fleet_demo() -> None:

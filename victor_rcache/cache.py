@@ -210,7 +210,10 @@ def _release_collected(name: str, flusher: Flusher, core: TierCore, ios: list[Sy
     warnings.warn(f"{name} was garbage-collected without close(); its thread and connections are released now. "
                   "Call close() (or use `with`/`async with`), and keep one cache per worker", ResourceWarning,
                   stacklevel=1)
-    release_resources(flusher, core, ios)
+    # Not in this thread: a collection runs in whichever thread allocates, which may be one holding a lock
+    # the release takes (the shared subscriber's or background thread's own, a pool's, an L1's).
+    threading.Thread(target=release_resources, args=(flusher, core, ios), name="victor-rcache-release",
+                     daemon=True).start()
 
 
 def _call_loader(loader: Callable[[], Any]) -> Loaded | BaseException:
