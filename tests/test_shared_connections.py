@@ -11,14 +11,16 @@ The parent checks those sockets against the server's CLIENT LIST. Closing every 
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
+import threading
 import traceback
 from typing import Any
 
 import pytest
 
-from victor_rcache import MultiLevelCache
+from victor_rcache import AsyncMultiLevelCache, MultiLevelCache
 from victor_rcache.prediction import ToolSelectionCache, ToolSelectionConfig
 
 from .helpers import Backend, Client
@@ -51,8 +53,6 @@ def own_sockets_to(port: int) -> list[int]:
 
 
 def threads_by_name() -> dict[str, int]:
-    import threading
-
     names: dict[str, int] = {}
     for thread in threading.enumerate():
         if thread.name.startswith("victor-rcache"):
@@ -119,3 +119,25 @@ def test_a_process_with_eight_namespaces_holds_two_connections_and_one_listener_
         worker.join(DEADLINE)
         if worker.is_alive():
             worker.kill()
+
+
+def test_async_caches_share_the_listener_and_background_threads(backend: Backend, namespace: str) -> None:
+    """An asyncio process holds one listener thread and one background thread for all its caches too
+    (each async cache still has a redis.asyncio client of its own per event loop: docs/api.md)."""
+    before = threads_by_name()
+
+    async def scenario() -> dict[str, int]:
+        caches = [AsyncMultiLevelCache(backend.url, namespace=f"{namespace}-{i}", cluster=backend.cluster)
+                  for i in range(4)]
+        for n, cache in enumerate(caches):
+            await cache.put("k", n)
+            assert await cache.get("k") == n
+            await cache.get("missing")  # bookkeeping for the background thread
+        threads = threads_by_name()
+        for cache in caches:
+            await cache.close()
+        return threads
+
+    threads = asyncio.run(scenario())
+    for name in ("victor-rcache-invalidation", "victor-rcache-background"):  # (other tests' caches may hold one)
+        assert threads.get(name) == max(1, before.get(name, 0)), (name, before, threads)
