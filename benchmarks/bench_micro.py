@@ -17,8 +17,8 @@
   ``touch.lua`` calls that carry the hits' bookkeeping, against a minimal Lua LRU touch of the same
   entries, at three namespace sizes, for a uniform and a Zipf key choice; ``put.lua`` alongside;
 * Redis memory per entry against the payload;
-* the Redis CPU of announcing a write (the ``PUBLISH`` in ``put.lua``) with 1, 4 and 16 subscribers on
-  the namespace's channel, against the same with none.
+* the Redis CPU of announcing a write (the ``SPUBLISH`` in ``put.lua``) with 1, 4 and 16 subscribers of
+  the namespace's shard channels, against the same with none.
 
 Latency cases are timed by bench_tiers.py's machinery (``Case``, ``measure``: warm-up, then interleaved
 rounds with garbage collection off); sub-microsecond cases in batches of 100 calls for the figures, and
@@ -741,11 +741,12 @@ def scaling(url: str, sizes: Sizes, prefix: str, want: set[str], progress: Progr
     return out
 
 
-# ------------------------------------------------------------------ announcing a write: PUBLISH in put.lua
+# ------------------------------------------------------------------ announcing a write: SPUBLISH in put.lua
 
 
 def publish_cost(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
-    """cmdstat_publish usec_per_call while only puts run, with 0, 1, 4 and 16 subscribers of <ns>:inval."""
+    """cmdstat_spublish usec_per_call while only puts run, with 0, 1, 4 and 16 subscribers of the shard channels
+    <ns>:{<tag>}:inval (each subscriber listens to every shard, as a process's listener does)."""
     ns = f"{prefix}-pub"
     admin = redis.Redis.from_url(url)
     subscribers = [redis.Redis.from_url(url) for _ in range(max(SUBSCRIBERS))]
@@ -758,23 +759,24 @@ def publish_cost(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
     try:
         # No coherence: the writer's own listener would be one more subscriber.
         with MultiLevelCache(url, namespace=ns, coherence=False, fail_open=False) as cache:
-            channel = cache._core.space.channel
+            shard_channels = cache._core.space.channels
+            channel = shard_channels[0]  # (the one whose subscribers are counted: all have the same)
             cache.put_many(dict.fromkeys(keys, VALUE))
             cache.put(keys[0], VALUE)  # put.lua loaded
 
             def drain() -> None:  # subscribers read their messages, as a cache's listener does
                 for j in listening:
-                    while channels[j].get_message(timeout=0.0) is not None:
+                    while channels[j].get_sharded_message(timeout=0.0) is not None:
                         pass
 
             for r in range(rounds):
                 for k in SUBSCRIBERS if r % 2 == 0 else SUBSCRIBERS[::-1]:  # a trend hits every count alike
                     for j in range(len(channels)):
                         if j < k and j not in listening:
-                            channels[j].subscribe(channel)
+                            channels[j].ssubscribe(*shard_channels)  # (a standalone server: any slots at once)
                             listening.add(j)
                         elif j >= k and j in listening:
-                            channels[j].unsubscribe(channel)
+                            channels[j].sunsubscribe(*shard_channels)
                             listening.discard(j)
                     _wait_for_subscribers(admin, channel, k, drain)
                     admin.config_resetstat()
@@ -784,9 +786,9 @@ def publish_cost(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
                             drain()
                     stats: dict[str, Any] = admin.info("commandstats")
                     drain()
-                    pub, evalsha = stats.get("cmdstat_publish", {}), stats.get("cmdstat_evalsha", {})
+                    pub, evalsha = stats.get("cmdstat_spublish", {}), stats.get("cmdstat_evalsha", {})
                     if int(pub.get("calls", 0)) != per_round:
-                        raise RuntimeError(f"expected {per_round} PUBLISH calls (one per put), Redis counted {pub}")
+                        raise RuntimeError(f"expected {per_round} SPUBLISH calls (one per put), Redis counted {pub}")
                     t = totals[k]
                     t["publish_calls"] += int(pub["calls"])
                     t["publish_usec"] += float(pub["usec"])
@@ -802,13 +804,13 @@ def publish_cost(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
     per_call = {k: t["publish_usec"] / t["publish_calls"] for k, t in totals.items()}
     put_per_call = {k: t["put_usec"] / t["put_calls"] for k, t in totals.items() if t["put_calls"]}
     return [figure(
-        f"publish@{k}", f"Redis CPU of the PUBLISH in put.lua, {k} subscriber{'s' if k > 1 else ''} of <ns>:inval",
+        f"publish@{k}", f"Redis CPU of the SPUBLISH in put.lua, {k} subscriber{'s' if k > 1 else ''} of the shard",
         value=per_call[k], unit="us", floor="the same with no subscriber", floor_value=per_call[0],
         put_usec_per_call=put_per_call.get(k), put_usec_no_subscriber=put_per_call.get(0),
         share_of_put=per_call[k] / put_per_call[k] if put_per_call.get(k) else None,
         workload=f"{totals[k]['publish_calls']:,} puts rewriting 256 entries, in {rounds} rounds alternating the "
                  "subscriber counts; subscribers are plain redis-py connections reading their messages; "
-                 "cmdstat_publish usec_per_call while only puts run") for k in SUBSCRIBERS if k]
+                 "cmdstat_spublish usec_per_call while only puts run") for k in SUBSCRIBERS if k]
 
 
 def _wait_for_subscribers(admin: redis.Redis, channel: bytes, want: int, drain: Callable[[], None]) -> None:
@@ -816,7 +818,7 @@ def _wait_for_subscribers(admin: redis.Redis, channel: bytes, want: int, drain: 
     deadline = time.monotonic() + 10
     while True:
         drain()  # reads the (un)subscribe confirmations
-        got = int(dict(admin.pubsub_numsub(channel)).get(channel, 0))
+        got = int(dict(admin.pubsub_shardnumsub(channel)).get(channel, 0))
         if got == want:
             return
         if time.monotonic() > deadline:

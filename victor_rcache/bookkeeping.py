@@ -4,7 +4,7 @@ A Redis hit is one plain read of the entry (``HMGET``); the LRU stamp, the fleet
 promotion from L3 to L2, the entry's next idle deadline, and the fleet counters are applied later,
 by one ``touch.lua`` call per shard carrying every hit and miss of that shard since the last one::
 
-    reader (any thread or task)            the flusher thread of this cache
+    reader (any thread or task)            this cache's rounds, on the process's background thread
     ───────────────────────────            ────────────────────────────────
     events.append((kind, shard, id, x))    every WINDOW seconds, or at once when BATCH events wait:
       (a lock-free deque append)             collect(): events -> per-shard batches + process counters
@@ -230,10 +230,11 @@ def _add(counts: dict[str, int], name: str, n: int) -> None:
 
 
 class Flusher(Periodic):
-    """The thread that sends one cache's bookkeeping (one per cache; it never runs a caller's code).
+    """The rounds that send one cache's bookkeeping, on the process's one background thread (see
+    periodic.py; it never runs a caller's code).
 
     ``send(batches)`` does the I/O: one touch.lua call per batch, in one round trip; it must not raise
-    (a batch it cannot send is given up). The thread sleeps until the oldest batch is due or until
+    (a batch it cannot send is given up). A round is due when the oldest batch is, or at once after
     :meth:`wake` (BATCH events waiting); :meth:`flush` sends everything now, from the calling thread
     (``close()``, process exit, tests that look at Redis).
     """

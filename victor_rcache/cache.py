@@ -129,7 +129,7 @@ class CacheBase:
                                           config.connect_timeout, clock=self._core.since, namespace=config.namespace)
 
     def _start_bookkeeping(self, io: SyncIO) -> None:
-        """Send this cache's buffered hits and misses from a thread of its own, through ``io``."""
+        """Send this cache's buffered hits and misses in rounds of the process's background thread, through ``io``."""
         core = self._core
 
         def send(batches: list[ShardBatch]) -> None:
@@ -140,7 +140,7 @@ class CacheBase:
                 log.debug("bookkeeping dropped: %s", exc, extra=core.log_fields("bookkeeping_dropped", "touch"))
 
         self._flusher = Flusher(core.book, send).start()
-        self._background_io = io  # what the warmers' model threads send through, too
+        self._background_io = io  # what the warmers' model rounds send through, too
 
     def _flight(self, key: str | bytes, ttl: float | None, write: Write) -> Step[Got]:
         """get_or_set after an L1 miss, once per process: the first concurrent caller for ``key`` leads

@@ -36,6 +36,7 @@ from redis.retry import Retry
 from . import forksafe
 from .config import CacheConfig, redact
 from .errors import ConfigurationError
+from .periodic import in_background
 from .resilience import raise_transient
 from .scripts import Command
 
@@ -384,15 +385,6 @@ def _node_address(node: list[Any], asked: tuple[str, int]) -> tuple[str, int]:
 # fixed number of connections and threads whatever the number of namespaces (docs/design.md, "Connections
 # and threads per process").
 
-_background = threading.local()  # .active: this thread does background work (bookkeeping, the model)
-
-
-def mark_background_thread() -> None:
-    """The calling thread sends only background work: its checkouts from a :class:`SharedPool` never
-    grow the pool while the caller's threads hold every connection (see there)."""
-    _background.active = True
-
-
 BACKGROUND_WAIT = 1.0  # seconds a background checkout waits for an idle connection before opening one
 
 
@@ -403,9 +395,10 @@ class SharedPool(redis.ConnectionPool):
     holds its one connection for each round trip; were the background thread (bookkeeping, the model) to
     check one out meanwhile, the pool would open a second connection that the worker never needed. So:
 
-    * a background checkout (:func:`mark_background_thread`) takes an idle connection, or waits for one
-      to come back (a caller's release hands it over directly), for up to BACKGROUND_WAIT seconds (then
-      opens one: the caller's threads keep every connection busy, and a pool that size is theirs anyway);
+    * a background checkout (from the process's background thread, see periodic.py) takes an idle
+      connection, or waits for one to come back (a caller's release hands it over directly), for up
+      to BACKGROUND_WAIT seconds (then opens one: the caller's threads keep every connection busy,
+      and a pool that size is theirs anyway);
     * a caller's checkout that finds none idle while the background holds one waits for it (one round
       trip), up to the socket timeout, instead of opening one.
 
@@ -430,7 +423,7 @@ class SharedPool(redis.ConnectionPool):
         return gate
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        background = getattr(_background, "active", False)
+        background = in_background()
         if not background and not self._held_in_background:  # the hot path: redis-py's own checkout
             return super().get_connection(*args, **kwargs)
         self._checkpid()

@@ -22,11 +22,17 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from . import forksafe
-from .connection import mark_background_thread
 
 P = TypeVar("P", bound="Periodic")
 
 THREAD_NAME = "victor-rcache-background"
+
+_background = threading.local()  # .active: this thread runs rounds (see connection.SharedPool)
+
+
+def in_background() -> bool:
+    """Is the calling thread the background thread? (Its checkouts from a shared pool never grow it.)"""
+    return bool(getattr(_background, "active", False))
 
 
 class Periodic:
@@ -138,7 +144,7 @@ class _Scheduler:
         self._event.set()
 
     def _run(self) -> None:
-        mark_background_thread()  # its checkouts never grow a shared pool (see connection.SharedPool)
+        _background.active = True  # its checkouts never grow a shared pool (see connection.SharedPool)
         while True:
             with self._lock:
                 if not self._jobs:

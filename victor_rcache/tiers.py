@@ -1262,7 +1262,7 @@ class TierCore:
         return 1
 
     def touch(self, batches: list[ShardBatch]) -> Step[None]:
-        """Send buffered bookkeeping (the flusher thread runs this): one touch.lua call per shard, one round
+        """Send buffered bookkeeping (the bookkeeping rounds run this): one touch.lua call per shard, one round
         trip. A failure drops the batches (bookkeeping only) and gives the L1 counters back."""
         calls = self.touch_calls(batches)
         if not calls:

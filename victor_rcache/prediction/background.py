@@ -3,7 +3,7 @@ from the process's view of the model.
 
 ::
 
-    caller (any thread or task)               the model thread of this warmer (model.py does the I/O-free part)
+    caller (any thread or task)               this warmer's rounds, on the process's background thread (periodic.py)
     ───────────────────────────               ──────────────────────────────────────────────────────────────
     record_query(q, tools, session)           every refresh_interval (or at once when RECORDS_WAKE wait):
       validate; queue it (bounded: dropped       one round trip: record.lua for each queued record, in
@@ -145,7 +145,8 @@ class LocalView:
 
 
 class ModelSync:
-    """One warmer's background side: the record queue, the sessions, the view, and the thread.
+    """One warmer's background side: the record queue, the sessions, the view, and its rounds (run by the
+    process's one background thread, with every cache's bookkeeping).
 
     ``drive`` runs a step through a sync client (the cache's bookkeeping I/O: the thread cannot use an
     asyncio client); ``on_predictions`` receives the automatic predictions of a round, each with its
