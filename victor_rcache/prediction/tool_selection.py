@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import forksafe
 from ..aio import AsyncMultiLevelCache
-from ..cache import MultiLevelCache
+from ..cache import MultiLevelCache, release_resources
 from ..config import ENV_PREFIX, CacheConfig, check_ttl
 from ..errors import CacheError, CacheUnavailableError, ConfigurationError, InvalidArgumentError
 from .warmer import (
@@ -367,11 +367,12 @@ def _build_all(config: ToolSelectionConfig, build: Callable[[CacheConfig], Any])
         for ns in NAMESPACES:
             built[ns] = build(config.cache_config(ns))
     except BaseException:
-        for cache in built.values():  # stop their invalidation listeners (threads), drop their clients
+        for cache in built.values():  # give back their shares of the process's subscriber, thread and pool
             if isinstance(cache, MultiLevelCache):
                 cache.close()
-            else:  # an async cache: nothing has run on its loop yet; its listener is a thread
-                cache._core.coherence.close()
+            else:  # an async cache: nothing has run on its loop yet; the rest is sync (threads, a sync pool)
+                cache._finalizer.detach()
+                release_resources(cache._flusher, cache._core, [cache._bookkeeping_io])
         raise
     return built
 
