@@ -361,9 +361,9 @@ def test_invalidate_in_process_a_reaches_process_bs_l1_within_100_ms(fleet: tupl
 
 
 def subscriber_client(raw: Client, cache: MultiLevelCache) -> tuple[redis.Redis, dict[str, str]]:
-    """The server ``cache``'s (first shard's) subscriber connection is on (on a cluster: the master owning
-    the channel's slot) and that connection's CLIENT LIST entry there (with the server's address as ``node``), found by
-    its local address."""
+    """The server ``cache``'s (first shard's) subscriber connection is on (on a cluster: the master
+    owning the channel's slot) and that connection's CLIENT LIST entry there (with the server's address
+    as ``node``), found by its local address."""
     conn = cache._core.coherence._conn  # type: ignore[attr-defined]
     assert conn is not None, "the cache has no subscriber connection"
     server = server_at(raw, conn.host, conn.port)
@@ -422,6 +422,41 @@ def test_killing_the_subscriber_connection_flushes_l1_at_once(make_cache: Make, 
     wait_until(lambda: b.get(keys[0]) == "after", "B hearing an invalidation on its new subscription")
     flush_all()  # B's hits reach the indexes with its bookkeeping
     check_invariants(raw, namespace, b.config.shards, b.config.l2_size, b.config.l3_size)
+
+
+def test_namespaces_sharing_a_subscriber_each_lose_it_and_closing_one_keeps_the_other(
+        make_cache: Make, raw: Client, namespace: str) -> None:
+    """Two namespaces of one process share the subscriber: killing its connection flushes and bypasses both
+    L1s until each has its own channels back; closing one cache unsubscribes its channels only, and the
+    other namespace goes on hearing its writes."""
+    a = make_cache(namespace=f"{namespace}-a", promote_after=1)
+    b = make_cache(namespace=f"{namespace}-b", promote_after=1)
+    writer_b = make_cache(namespace=f"{namespace}-b")
+    assert a._core.coherence.subscriber is b._core.coherence.subscriber  # type: ignore[attr-defined]
+    a.put("k", "v1")
+    writer_b.put("k", "v1")
+    for cache in (a, b):
+        assert cache.get("k") == "v1"
+        assert held(cache, "k")
+    before = {cache: flushes(cache) for cache in (a, b)}
+    server, victim = subscriber_client(raw, a)
+    assert server.client_kill_filter(_id=victim["id"]) == 1
+    wait_until(lambda: all(flushes(cache) > before[cache] for cache in (a, b)), "both namespaces flushing L1")
+    assert not held(a, "k")
+    assert not held(b, "k")
+    wait_until(lambda: all(c.get_metrics()["coherence"]["channel"] == "up" for c in (a, b)), "both channels back")
+
+    channel_a, channel_b = a._core.space.channels[0], b._core.space.channels[0]
+    assert (subscribers(raw, channel_a), subscribers(raw, channel_b)) == (1, 1)
+    a.close()
+    wait_until(lambda: subscribers(raw, channel_a) == 0, "A's channels unsubscribed")
+    assert subscribers(raw, channel_b) == 1, "closing A unsubscribed B's channels too"
+    assert b.get_metrics()["coherence"]["channel"] == "up"
+    assert b.get("k") == "v1"
+    assert held(b, "k")
+    writer_b.put("k", "v2")
+    wait_until(lambda: not held(b, "k"), "B hearing a write after A closed")
+    assert b.get("k") == "v2"
 
 
 @pytest.fixture
