@@ -378,5 +378,24 @@ def test_prewarm_predictions_looks_every_query_up_in_one_round_trip(
     with round_trips.measure(raw, trips) as m:
         report = warmer.prewarm(prediction, lambda q: q)
     assert report.cached == 3
-    assert m.round_trips == 2  # the three look-ups (lease.lua each) in one pipeline, then the counters
-    assert m.evalsha_calls == 3
+    assert m.round_trips == 2  # the three look-ups in one pipeline, then the counters
+    assert m.sent == ["HMGET"] * 3 + ["HINCRBY"]  # plain reads: what is cached costs no script
+
+
+@pytest.mark.standalone_only(reason="counts sends: a cluster pipeline sends once per node it reaches")
+def test_prewarm_claims_a_lease_only_for_what_redis_does_not_hold(
+        counting_client: tuple[Client, round_trips.RoundTrips], make_cache: Make, raw: Client) -> None:
+    client, trips = counting_client
+    make_cache().put_many({"a": 1, "b": 2})  # by another worker; c is nowhere
+    cache = make_cache(client=client)
+    cache.get("warm")
+    cache.flush_bookkeeping()
+    warmer = PredictiveCacheWarmer(cache, background=False)
+    prediction = Prediction("x", queries=["a", "b", "c"], confidences=[0.5, 0.4, 0.3], tools=[[], [], []],
+                            parts=[(0.5, 0.5, 0.5)] * 3)
+    with round_trips.measure(raw, trips) as m:
+        report = warmer.prewarm(prediction, lambda q: f"computed {q}")
+    assert (report.cached, report.completed) == (2, 1)
+    assert m.sent[:4] == ["HMGET"] * 3 + ["EVALSHA"]  # the look-ups, then one lease: c's
+    assert m.evalsha_calls == 1 + 2  # c's lease, then its fill (put.lua and release.lua)
+    assert make_cache().get("c") == "computed c"

@@ -1165,9 +1165,12 @@ class TierCore:
         return (yield from self.fill_prewarm(claim))
 
     def claim_prewarms(self, keys: Sequence[str | bytes], ttl: float | None = None) -> Step[list[Claim | Prewarmed]]:
-        """The first half of :meth:`prewarm` for many keys in one round trip (lease.lua per key): for each,
-        ``cached`` (in L1 or Redis), ``busy`` (another worker computes it), ``failed`` (Redis failed), or
-        the :class:`Claim` of its fill lease, which :meth:`fill_prewarm` (or :meth:`release_claim`) uses."""
+        """The first half of :meth:`prewarm` for many keys: for each, ``cached`` (in L1 or Redis), ``busy``
+        (another worker computes it), ``failed`` (Redis failed), or the :class:`Claim` of its fill lease,
+        which :meth:`fill_prewarm` (or :meth:`release_claim`) uses. One round trip of plain reads finds
+        what Redis holds (a prediction usually is cached: it costs a read, not a script, and counts as no
+        request); a second, of lease.lua calls, claims the rest. With an injected clock only the scripts
+        can tell an entry idle past its ttls by that clock: every key goes to lease.lua."""
         ttl_ms = self._ttl_ms(ttl)
         out: list[Claim | Prewarmed] = []
         todo: list[tuple[int, EntryRef, str]] = []
@@ -1178,6 +1181,29 @@ class TierCore:
             else:
                 todo.append((len(out), ref, uuid.uuid4().hex))
                 out.append("failed")
+        if not todo or self.config.clock is not None:  # (an injected clock: only the scripts know its idle expiry)
+            return (yield from self._lease_prewarms(out, todo, ttl_ms))
+        try:
+            yield from self.ready()
+            reads = Reads(("HMGET", ref.entry, b"ver", b"x") for _, ref, _ in todo)
+            reads.packed = [pack(c) for c in reads]
+            held = yield reads
+        except RedisError as exc:
+            self.redis_failed("prewarm", exc)
+            return out
+        now = self.server_time.now_ms()
+        missing = []
+        for item, reply in zip(todo, held, strict=True):
+            if isinstance(reply, list) and reply[0] is not None and (
+                    reply[1] is None or (now is not None and reply[1].isdigit() and now < int(reply[1]))):
+                out[item[0]] = "cached"  # fresh in Redis (an entry past its ttl, or odd, goes to lease.lua)
+            else:
+                missing.append(item)
+        return (yield from self._lease_prewarms(out, missing, ttl_ms))
+
+    def _lease_prewarms(self, out: list[Claim | Prewarmed], todo: list[tuple[int, EntryRef, str]],
+                        ttl_ms: int) -> Step[list[Claim | Prewarmed]]:
+        """claim_prewarms' second round trip: a fill lease for each of ``todo`` (lease.lua each)."""
         if not todo:
             return out
         calls = [self._shard_call(self.scripts.lease, ref.shard, [ref.id, token, self._lease_ms])
