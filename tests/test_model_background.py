@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from victor_rcache import (
     AsyncMultiLevelCache,
@@ -41,6 +42,7 @@ from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import free_port
 from victor_rcache.prediction.background import MAX_RECORDS
 from victor_rcache.prediction.model import ModelKeys, PrewarmBudget
+from victor_rcache.tiers import default_scripts
 
 from . import test_round_trips as round_trips
 from .helpers import Client, FakeClock
@@ -399,3 +401,17 @@ def test_prewarm_claims_a_lease_only_for_what_redis_does_not_hold(
     assert m.sent[:4] == ["HMGET"] * 3 + ["EVALSHA"]  # the look-ups, then one lease: c's
     assert m.evalsha_calls == 1 + 2  # c's lease, then its fill (put.lua and release.lua)
     assert make_cache().get("c") == "computed c"
+
+
+def test_the_view_script_names_a_key_of_the_wrong_type(raw: Client, namespace: str) -> None:
+    """view.lua reads without checking every key's type first; a key of another type still gets its
+    VRC_WRONGTYPE error naming it (and nothing is written: the script cannot write)."""
+    keys = ModelKeys(namespace)
+    good, bad = keys.next(b"A"), keys.next(b"B")
+    raw.zadd(good, {b"B": 1.0})
+    raw.set(bad, b"written by hand")
+    view = default_scripts().view.source
+    assert raw.eval(view, 2, keys.tools, good, 1) == [[[b"B", b"1"]], [b"B", None]]
+    for key_list, name in (((keys.tools, good, bad), bad), ((bad, good), bad)):
+        with pytest.raises(redis.ResponseError, match=f"^VRC_WRONGTYPE {name.decode()} is a string"):
+            raw.eval(view, len(key_list), *key_list, 1)
