@@ -29,10 +29,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import forksafe
 from .adaptive import SegmentedLRU, Sizer, SizingRule
+
+if TYPE_CHECKING:
+    from .replicas import VersionFence
 
 log = logging.getLogger("victor_rcache")
 
@@ -79,6 +82,9 @@ class LocalCache:
         self.unconfirmed: OrderedDict[bytes, L1Entry] = OrderedDict()  # writes Redis did not confirm
         self._cleared_at = float("-inf")
         self._lock = threading.Lock()
+        # With read_from_replicas: hears every version announced to this L1 (replicas.py), before L1 drops
+        # its copy, so a read racing the drop already finds the fence raised.
+        self.fence: VersionFence | None = None
         if self._sizer is None:
             self.serve = self._plain_serve()  # type: ignore[method-assign,assignment]
         forksafe.register(self)
@@ -260,6 +266,8 @@ class LocalCache:
 
     def invalidate(self, key: bytes, version: int) -> bool:
         """Another process wrote ``version`` of ``key``: drop an older copy; True if one was dropped."""
+        if self.fence is not None:
+            self.fence.saw(key, version)
         with self._lock:
             self.unconfirmed.pop(key, None)
             if version > self._floors.get(key, 0):
@@ -274,6 +282,8 @@ class LocalCache:
 
     def invalidate_shard(self, shard: int, version: int) -> int:
         """Shard ``shard`` was flushed at ``version``: drop its older copies; returns how many."""
+        if self.fence is not None:
+            self.fence.flushed(shard, version)
         with self._lock:
             self._shard_floors[shard] = max(version, self._shard_floors.get(shard, 0))
             stale = [k for k, e in self._data.items() if e.shard in (shard, -1) and e.version < version]

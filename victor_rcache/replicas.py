@@ -1,0 +1,266 @@
+"""Reads from replicas (``read_from_replicas=True``), made safe by a version fence.
+
+A plain read of a hit (an ``HMGET`` of the entry, no script) may be served by a replica: a standalone
+master's replicas (``replica_urls``) or, on a cluster, the replicas of the master that owns the
+entry's slot (connections in ``READONLY`` mode). Everything that writes, and everything that decides
+(scripts: puts, deletes, leases, the bookkeeping flushes), goes to the masters.
+
+A replica lags its master. The **version fence** keeps that lag from ever showing: this process never
+serves a version older than one it has seen announced (an invalidation), written itself, or read on a
+master. It is made of three facts:
+
+* every version comes from the shard's counter (``seq`` in the shard's ``stats`` hash, raised by the
+  script that writes, in the same atomic step as the write), so a replica whose ``seq`` is at least
+  ``v`` has applied every write of that shard up to version ``v``;
+* a replica read asks the shard's ``seq`` *before* the entries (one round trip: ``HGET`` then the
+  ``HMGET`` s), so what it answers about the entries is at least as new as that ``seq``;
+* :class:`VersionFence` remembers, per entry, the highest version this process knows of.
+
+A reply is trusted when the replica has applied that version (``seq >= needed``), or, for a hit, when the
+entry it holds is at least that new (``ver >= needed``). Anything else is read again on the master in one
+more round trip (counted ``fenced``). A miss is trusted by the first rule only: a replica that has not
+applied a write this process knows of cannot tell a missing entry from one it has not received yet.
+
+**The bound.** The fence remembers at most ``capacity`` entries (``FENCE_ENTRIES``, 65,536 by default:
+a few MiB at most). When it is full, the entry recorded longest ago is forgotten, and its version raises
+its shard's **floor**: every later read of that shard needs ``seq >=`` the floor, or a hit at least that
+new. Because the forgotten entries are the oldest ones, replicas have almost always applied them
+already, so forgetting costs nothing but in the rare case where more than ``capacity`` writes happen
+within one replication lag. An entry stored under a hashed id (keys over 1 KiB or starting with ``#``)
+has no shard that can be told from its id: when one of those is forgotten, its version raises the
+floor of every *hashed* entry instead. A flush of a shard (``invalidate()``) raises the shard's floor
+to the flush's version.
+
+A replica that fails (down, timing out, refusing) never fails a call: the read goes to the master, and
+a breaker per replica keeps it off limits for ``breaker_cooldown`` after ``breaker_threshold``
+failures in a row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import zlib
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Any
+
+import redis
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from . import forksafe
+from .config import CacheConfig, redact
+from .connection import IO_ERRORS, _checked, as_redis_error, send_packed
+from .resilience import CircuitBreaker, CircuitOpenError
+from .scripts import Command
+
+FENCE_ENTRIES = 65_536  # entries the fence remembers exactly; see the module docstring for what happens beyond
+HASHED = b"#"  # the first byte of a hashed entry id (keys.py)
+
+
+class VersionFence:
+    """The highest version this process knows of, per entry (bounded), and per-shard floors.
+
+    Thread-safe: the invalidation listener's thread records what it hears, callers record their own writes
+    and master reads, and readers ask :meth:`needed` without taking the lock (one dict lookup and one list
+    index, each atomic under the GIL: a record racing a lookup is as if it came just after it)."""
+
+    def __init__(self, shards: int, capacity: int = FENCE_ENTRIES) -> None:
+        self.shards = shards
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # id -> (version, shard or -1)
+        self._floors = [0] * shards  # per shard: flushes, and the versions of entries forgotten
+        self._hashed_floor = 0  # versions of forgotten hashed entries whose shard was not known
+        self.forgotten = 0  # entries forgotten to stay within capacity
+        self._lock = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # (what the parent saw stays true: versions only grow)
+
+    def _shard_of(self, entry_id: bytes) -> int:
+        """The shard of an entry id, when the id tells it (a hashed id does not: -1)."""
+        return -1 if entry_id.startswith(HASHED) else zlib.crc32(entry_id) % self.shards
+
+    def saw(self, entry_id: bytes, version: int, shard: int = -1) -> None:
+        """This process learnt that ``entry_id`` has ``version`` (announced, written or read on a master)."""
+        if shard < 0:
+            shard = self._shard_of(entry_id)
+        with self._lock:
+            known = self._seen.get(entry_id)
+            if known is not None and known[0] >= version:
+                return
+            self._seen[entry_id] = (version, shard if shard >= 0 else (known[1] if known else -1))
+            self._seen.move_to_end(entry_id)
+            while len(self._seen) > self.capacity:
+                _, (old, old_shard) = self._seen.popitem(last=False)
+                self.forgotten += 1
+                if old_shard >= 0:
+                    self._floors[old_shard] = max(self._floors[old_shard], old)
+                else:
+                    self._hashed_floor = max(self._hashed_floor, old)
+
+    def flushed(self, shard: int, version: int) -> None:
+        """Shard ``shard`` was flushed at ``version``: every entry of it needs that version at least."""
+        if 0 <= shard < self.shards:
+            with self._lock:
+                self._floors[shard] = max(self._floors[shard], version)
+
+    def needed(self, entry_id: bytes, shard: int) -> int:
+        """The version a replica must have applied (or the entry must have) for a read of it to be trusted."""
+        known = self._seen.get(entry_id)
+        need = self._floors[shard]
+        if known is not None and known[0] > need:
+            need = known[0]
+        if self._hashed_floor > need and entry_id.startswith(HASHED):
+            need = self._hashed_floor
+        return need
+
+    def trusts(self, entry_id: bytes, shard: int, applied: int, version: int | None) -> bool:
+        """May a replica's answer be served? ``applied``: the shard's ``seq`` the replica answered first;
+        ``version``: the entry's version it answered (None: a miss)."""
+        need = self.needed(entry_id, shard)
+        return need <= applied or (version is not None and version >= need)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class ReplicaReads(list[Command]):
+    """A batch of plain reads for a replica: per shard, ``HGET <stats> seq`` and then the shard's HMGETs.
+    ``groups``: (start, end) of each shard's commands; ``packed``: each command packed (standalone)."""
+
+    groups: list[tuple[int, int]]
+    packed: list[bytes]
+
+
+class ReplicaReader:
+    """Sends :class:`ReplicaReads` to a replica (sync I/O), never raising for a replica's failure: the
+    core then reads the master. Standalone: the ``replica_urls`` in turn, each behind its own breaker.
+    Cluster: a client in ``READONLY`` mode, and for each shard of a batch one replica of the slot's master
+    (all the shard's commands go to the same one, which the fence needs)."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.urls = list(config.replica_urls)
+        self._turn = itertools.count()
+        self._clients: list[redis.Redis | None] = [None] * len(self.urls)
+        self._cluster: RedisCluster | None = None
+        self._refresh = False  # re-read the cluster's slot map before the next batch
+        names = [redact(url) for url in self.urls] or [f"replicas of {redact(config.url)}"]
+        self.breakers = [CircuitBreaker(config.breaker_threshold, config.breaker_cooldown, name=name,
+                                        namespace=config.namespace) for name in names]
+        self.reads = 0  # batches a replica answered
+        self.failures = 0  # batches a replica failed (the master answered them)
+        self.closed = False
+        self._lock = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork(self) -> None:
+        # The parent's connections must not be shared: the child makes its own on its first read.
+        self._lock = threading.Lock()
+        self._clients = [None] * len(self.urls)
+        self._cluster = None
+
+    def send(self, batch: ReplicaReads) -> list[Any] | RedisError:
+        """One round trip to one replica (per node, on a cluster): the replies, or the RedisError that stopped
+        it (an open breaker included: no I/O then)."""
+        n = len(self.breakers)
+        first = next(self._turn)
+        for i in ((first + k) % n for k in range(n)):  # the next replica whose breaker lets it be asked
+            if self.breakers[i].allow():
+                return self._guarded(i, batch)
+        return CircuitOpenError("the circuit breaker of every replica is open; reading the master meanwhile")
+
+    def _guarded(self, i: int, batch: ReplicaReads) -> list[Any] | RedisError:
+        """One try on replica ``i`` (the cluster's replicas: 0), its outcome told to its breaker."""
+        breaker = self.breakers[i]
+        try:
+            replies = self._send_cluster(batch) if self.config.cluster else send_packed(self._client(i), batch.packed)
+        except IO_ERRORS as exc:
+            breaker.failure()
+            self.failures += 1
+            self._refresh = True
+            return as_redis_error(exc)
+        except BaseException:
+            breaker.abandon()
+            raise
+        breaker.success()
+        self.reads += 1
+        return replies
+
+    def _client(self, i: int) -> redis.Redis:
+        client = self._clients[i]
+        if client is None:
+            with self._lock:
+                client = self._clients[i]
+                if client is None:
+                    client = self._clients[i] = _checked(redis.Redis.from_url, self._settings(self.urls[i]),
+                                                         Retry(NoBackoff(), 0))
+        return client
+
+    def _settings(self, url: str) -> CacheConfig:
+        """The cache's connection settings for one replica's URL."""
+        return replace(self.config, redis_url=url, read_from_replicas=False, replica_urls=(), cluster=False)
+
+    def _cluster_client(self) -> RedisCluster:
+        client = self._cluster
+        if client is None:
+            with self._lock:
+                client = self._cluster
+                if client is None:
+                    client = self._cluster = _checked(RedisCluster.from_url, self.config, Retry(NoBackoff(), 0),
+                                                      **_readonly_options())
+                    self._refresh = False
+        elif self._refresh:  # a replica failed: the cluster may have moved on (failover, slots moved)
+            self._refresh = False
+            client.nodes_manager.initialize()
+        return client
+
+    def _send_cluster(self, batch: ReplicaReads) -> list[Any]:
+        client: Any = self._cluster_client()  # (redis-py's cluster client is untyped)
+        turn = next(self._turn)
+        plans: dict[str, tuple[Any, list[int]]] = {}  # node name -> (node, the batch's indexes it answers)
+        for start, end in batch.groups:
+            nodes = client.nodes_manager.slots_cache.get(client.keyslot(batch[start][1]))
+            if not nodes:
+                raise RedisError(f"no node of the cluster serves the slot of {batch[start][1]!r}")
+            replicas = nodes[1:] or nodes  # a master without replicas answers for its own slots
+            node = replicas[turn % len(replicas)]
+            plans.setdefault(node.name, (node, []))[1].extend(range(start, end))
+        replies: list[Any] = [None] * len(batch)
+        for node, indexes in plans.values():
+            pipe: Any = client.get_redis_connection(node).pipeline(transaction=False)
+            for i in indexes:
+                pipe.execute_command(*batch[i])
+            for i, reply in zip(indexes, pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        return replies
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"reads": self.reads, "failures": self.failures,
+                "breakers": {b.name: b.snapshot()["state"] for b in self.breakers}}
+
+    def close(self) -> None:
+        self.closed = True
+        clients: list[Any] = [c for c in self._clients if c is not None]
+        if self._cluster is not None:
+            clients.append(self._cluster)
+        self._clients = [None] * len(self.urls)
+        self._cluster = None
+        for client in clients:
+            client.close()
+
+
+def _readonly_options() -> dict[str, Any]:
+    """A cluster client whose node connections are in READONLY mode (so replicas answer reads of their
+    master's slots). redis-py >= 5.1 says so with a replicas-only load balancing strategy (it deprecates
+    ``read_from_replicas``); older releases with ``read_from_replicas``. Nodes are picked here, not by it."""
+    strategies = getattr(redis.cluster, "LoadBalancingStrategy", None)
+    if strategies is None:
+        return {"read_from_replicas": True}
+    return {"load_balancing_strategy": strategies.ROUND_ROBIN_REPLICAS}
