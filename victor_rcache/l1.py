@@ -82,8 +82,8 @@ class LocalCache:
         self.unconfirmed: OrderedDict[bytes, L1Entry] = OrderedDict()  # writes Redis did not confirm
         self._cleared_at = float("-inf")
         self._lock = threading.Lock()
-        # With read_from_replicas: hears every version announced to this L1 (replicas.py), before L1 drops
-        # its copy, so a read racing the drop already finds the fence raised.
+        # With read_from_replicas: hears every version announced to this L1 (replicas.py), once L1 has dropped
+        # older copies, so whoever sees the fence raised finds no older copy here.
         self.fence: VersionFence | None = None
         if self._sizer is None:
             self.serve = self._plain_serve()  # type: ignore[method-assign,assignment]
@@ -266,8 +266,6 @@ class LocalCache:
 
     def invalidate(self, key: bytes, version: int) -> bool:
         """Another process wrote ``version`` of ``key``: drop an older copy; True if one was dropped."""
-        if self.fence is not None:
-            self.fence.saw(key, version)
         with self._lock:
             self.unconfirmed.pop(key, None)
             if version > self._floors.get(key, 0):
@@ -276,14 +274,13 @@ class LocalCache:
                 if len(self._floors) > FLOORS:
                     self._floors.popitem(last=False)
             current = self._data.peek(key)
-            if current is not None and current.version < version:
-                return self._remove(key)
-            return False
+            dropped = current is not None and current.version < version and self._remove(key)
+        if self.fence is not None:  # after the drop: once the fence shows the version, no older copy is here
+            self.fence.saw(key, version)
+        return dropped
 
     def invalidate_shard(self, shard: int, version: int) -> int:
         """Shard ``shard`` was flushed at ``version``: drop its older copies; returns how many."""
-        if self.fence is not None:
-            self.fence.flushed(shard, version)
         with self._lock:
             self._shard_floors[shard] = max(version, self._shard_floors.get(shard, 0))
             stale = [k for k, e in self._data.items() if e.shard in (shard, -1) and e.version < version]
@@ -291,7 +288,9 @@ class LocalCache:
                 self._remove(key)
             for key in [k for k, e in self.unconfirmed.items() if e.shard in (shard, -1)]:
                 del self.unconfirmed[key]
-            return len(stale)
+        if self.fence is not None:  # (after the drop, as in invalidate)
+            self.fence.flushed(shard, version)
+        return len(stale)
 
     def pop(self, key: bytes) -> bool:
         """Drop ``key``'s copy; True if there was one."""

@@ -1,0 +1,316 @@
+"""Reads from replicas behind the version fence (docs/replicas.md, victor_rcache/replicas.py).
+
+Real servers only: a standalone master with a replica that gets the master's stream through
+tests/lag_proxy.py (each chunk held 20-50 ms, or held back entirely while a test needs a replica known
+to be behind), and the session's test cluster (3 masters, one replica each).
+
+* Settings: every wrong combination is a ConfigurationError naming the fix.
+* The fence alone (no Redis): what it trusts, its bound, and the floors its evictions raise.
+* A replica known to be behind: a hit it holds too old, and a miss of an entry it has not received, are
+  both read again on the master; get_or_set never runs its loader because a replica lagged.
+* The acceptance run: another OS process writes 10,000 increasing values while this process reads
+  through a lagging replica. Every value read is at least as new as the newest version the reader knew
+  of when it asked, reads never go back in time, and the replica served the hits (its INFO commandstats).
+* A replica that is down never fails a call: reads fall back to the master.
+* Cluster: reads go to the masters' replicas (their commandstats), and the fence holds under another
+  process's writes. Lag is not injected there: a cluster's replicas replicate over the cluster's own
+  links, which a proxy cannot sit in without rewriting the addresses the nodes announce.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from victor_rcache import CacheConfig, ConfigurationError, MultiLevelCache
+from victor_rcache.local_redis import LocalRedisServer
+from victor_rcache.replicas import VersionFence
+
+from .lag_proxy import LagProxy
+from .workers import eventually
+
+WRITES = 10_000
+KEYS = [f"item{i}" for i in range(64)]
+DEADLINE = 120.0  # seconds the writer may take (it fails the test, never hangs it)
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("settings", "says"), [
+    ({"replica_urls": ["redis://r:6379/0"]}, "read_from_replicas is not"),
+    ({"read_from_replicas": True}, "needs replicas"),
+    ({"read_from_replicas": True, "cluster": True, "replica_urls": ["redis://r:6379/0"]}, "standalone Redis"),
+    ({"read_from_replicas": True, "replica_urls": ["http://r:6379"]}, "must be a Redis URL"),
+    ({"read_from_replicas": True, "replica_urls": 6379}, "must be a list of Redis URLs"),
+    ({"read_from_replicas": "yes", "cluster": True}, "must be True or False"),
+])
+def test_replica_settings_are_checked(settings: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigurationError, match=says):
+        CacheConfig(**settings)
+
+
+def test_replica_settings_from_the_environment() -> None:
+    config = CacheConfig.from_env({"VICTOR_RCACHE_READ_FROM_REPLICAS": "1",
+                                   "VICTOR_RCACHE_REPLICA_URLS": "redis://a:1/0, redis://b:2/0"})
+    assert config.read_from_replicas and config.replica_urls == ("redis://a:1/0", "redis://b:2/0")
+    assert CacheConfig(read_from_replicas=True, cluster=True).replica_urls == ()
+
+
+# ------------------------------------------------------------------------------------------- the fence
+
+
+def test_fence_trusts_a_replica_that_applied_what_it_knows() -> None:
+    fence = VersionFence(shards=4)
+    fence.saw(b"a", 500, shard=1)
+    assert fence.needed(b"a", 1) == 500 and fence.needed(b"b", 1) == 0
+    assert fence.trusts(b"a", 1, applied=500, version=None)  # the replica has applied 500: even a miss
+    assert not fence.trusts(b"a", 1, applied=499, version=None)  # behind: a miss says nothing
+    assert fence.trusts(b"a", 1, applied=0, version=500)  # behind, but holds the entry that new
+    assert not fence.trusts(b"a", 1, applied=499, version=499)
+    fence.saw(b"a", 400, shard=1)  # an older version learnt late lowers nothing
+    assert fence.needed(b"a", 1) == 500
+    fence.flushed(1, 700)
+    assert fence.needed(b"b", 1) == 700 and fence.needed(b"b", 2) == 0
+
+
+def test_fence_is_bounded_and_forgetting_raises_the_shard_floor() -> None:
+    fence = VersionFence(shards=2, capacity=3)
+    for i, version in enumerate((10, 20, 30, 40)):
+        fence.saw(b"k%d" % i, version, shard=i % 2)
+    assert len(fence) == 3 and fence.forgotten == 1
+    # k0 (shard 0, version 10) was forgotten: every entry of shard 0 now needs 10, shard 1 nothing new.
+    assert fence.needed(b"other", 0) == 10 and fence.needed(b"other", 1) == 0
+    assert fence.needed(b"k2", 0) == 30
+    # A hashed id's shard cannot be told from the id: forgetting one raises the floor of hashed ids.
+    fence = VersionFence(shards=2, capacity=1)
+    fence.saw(b"#" + b"f" * 64, 50)
+    fence.saw(b"#" + b"e" * 64, 60)
+    assert fence.needed(b"#" + b"0" * 64, 1) == 50 and fence.needed(b"plain", 1) == 0
+
+
+# --------------------------------------------------------------------------------------- the servers
+
+
+class Replicated:
+    """A master, a lag proxy and a replica of the master through the proxy."""
+
+    def __init__(self) -> None:
+        self.master = LocalRedisServer(extra_args=("--repl-diskless-sync-delay", "0")).start()
+        self.proxy = LagProxy(self.master.port)
+        self.replica = LocalRedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.proxy.port))).start()
+        self.client = redis.Redis(port=self.replica.port)
+        eventually(self.in_sync, "the replica is in sync with its master")
+
+    def in_sync(self) -> bool:
+        info = self.client.info("replication")
+        if info.get("master_link_status") != "up":
+            return False
+        master = redis.Redis(port=self.master.port)
+        try:
+            return int(master.info("replication")["master_repl_offset"]) == int(info["slave_repl_offset"])
+        finally:
+            master.close()
+
+    def hmgets(self) -> int:
+        return int(self.client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+    def close(self) -> None:
+        self.client.close()
+        self.replica.stop()
+        self.proxy.close()
+        self.master.stop()
+
+
+@pytest.fixture
+def replicated() -> Iterator[Replicated]:
+    servers = Replicated()
+    yield servers
+    servers.close()
+
+
+def _reader(servers: Replicated, namespace: str, **settings: Any) -> MultiLevelCache:
+    settings = {"namespace": namespace, "fail_open": False, "read_from_replicas": True,
+                "replica_urls": [servers.replica.url], **settings}
+    return MultiLevelCache(servers.master.url, **settings)
+
+
+def _heard(cache: MultiLevelCache, key: str, version: int) -> None:
+    """Wait until ``cache``'s fence knows ``version`` of ``key`` (its listener applied the announcement)."""
+    core, ref = cache._core, cache._core.space.ref(key)
+    assert core.fence is not None
+    eventually(lambda: core.fence is not None and core.fence.needed(ref.id, ref.shard) >= version,
+               f"the reader heard of version {version} of {key!r}")
+
+
+def _version(cache: MultiLevelCache, key: str) -> int:
+    entry = cache._core.l1.peek(cache._core.space.ref(key).id)
+    assert entry is not None
+    return entry.version
+
+
+def test_a_replica_behind_is_not_trusted(replicated: Replicated, namespace: str) -> None:
+    with MultiLevelCache(replicated.master.url, namespace=namespace, fail_open=False) as writer, \
+            _reader(replicated, namespace, l1_size=1) as reader:
+        writer.put("old", 1)
+        eventually(replicated.in_sync, "the replica got the first write")
+        assert reader.get("old") == 1  # from the replica, which has it
+        replicated.proxy.hold()  # the replica gets nothing more until released
+        writer.put("old", 2)
+        writer.put("new", "fresh")
+        _heard(reader, "old", _version(writer, "old"))
+        _heard(reader, "new", _version(writer, "new"))
+        fenced = reader._core.fenced
+        assert reader.get("old") == 2  # the replica's 1 is older than the announced version: the master's
+        assert reader.get("new") == "fresh"  # the replica's miss is not trusted either
+        assert reader.get_many(["old", "new"]) == {"old": 2, "new": "fresh"}
+        assert reader.get_or_set("new", lambda: pytest.fail("a lagging replica made the loader run")) == "fresh"
+        assert reader._core.fenced >= fenced + 4
+        replicated.proxy.release()
+        eventually(replicated.in_sync, "the replica caught up")
+        served = replicated.hmgets()
+        assert reader.get("new") == "fresh" and replicated.hmgets() > served  # served by the caught-up replica
+
+
+def test_a_replica_down_falls_back_to_the_master(replicated: Replicated, namespace: str) -> None:
+    with _reader(replicated, namespace, l1_size=1) as reader:
+        reader.put("k", "v")
+        reader.put("other", "w")
+        replicated.replica.stop()
+        for _ in range(20):  # every read answered (fail_open=False: a replica's failure would raise)
+            assert reader.get("k") == "v" and reader.get("other") == "w"
+        state = reader.get_metrics()["health"]["replicas"]
+        assert state["failures"] >= 1 and state["fallbacks"] >= 1
+        assert "open" in state["breakers"].values()  # the breaker keeps the dead replica off limits
+
+
+# ------------------------------------------------------------------------- the acceptance run, lagging
+
+
+def write_increasing(url: str, namespace: str, start: Any, results: Any) -> None:
+    """(A child process.) Write 0, 1, 2, ... to the keys in turn; report each write's version."""
+    out: dict[str, Any] = {"pid": os.getpid()}
+    try:
+        with MultiLevelCache(url, namespace=namespace, fail_open=False, l1_size=len(KEYS)) as cache:
+            start.wait(DEADLINE)
+            versions = []
+            for n in range(WRITES):
+                key = KEYS[n % len(KEYS)]
+                cache.put(key, n)
+                versions.append((key, n, _version(cache, key)))
+            out["versions"] = versions
+    except BaseException:
+        out["error"] = traceback.format_exc()
+    results.put(out)
+
+
+def test_no_read_is_older_than_a_version_seen_under_lag(replicated: Replicated, namespace: str) -> None:
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    writer = ctx.Process(target=write_increasing, args=(replicated.master.url, namespace, start, results), daemon=True)
+    writer.start()
+    rng = random.Random(7)
+    observed: list[tuple[str, int, Any]] = []  # (key, the version the reader knew of before asking, value)
+    with _reader(replicated, namespace, l1_size=8) as reader:
+        core = reader._core
+        fence = core.fence
+        assert fence is not None
+        start.set()
+        while writer.is_alive() and results.empty():
+            key = rng.choice(KEYS)
+            ref = core.space.ref(key)
+            knew = fence.needed(ref.id, ref.shard)
+            observed.append((key, knew, reader.get(key)))
+        out = results.get(timeout=DEADLINE)
+        writer.join(timeout=10)
+        state = reader.get_metrics()["health"]["replicas"]
+    assert "error" not in out, out.get("error")
+    version_of = {(key, n): version for key, n, version in out["versions"]}
+    assert len(version_of) == WRITES
+    last: dict[str, int] = {}
+    for key, knew, value in observed:
+        if value is None:
+            assert knew == 0, f"{key!r} read as missing after version {knew} was known"
+            continue
+        assert version_of[key, value] >= knew, f"{key!r} read at {value}, older than version {knew} known"
+        assert value >= last.get(key, -1), f"{key!r} went back in time: {value} after {last[key]}"
+        last[key] = value
+    # The run did what it is for: many reads, served by the replica, and its lag was met and fenced off.
+    assert len(observed) > 1000
+    assert state["reads"] > 0 and replicated.hmgets() > 0
+    assert state["fenced"] > 0
+
+
+# ----------------------------------------------------------------------------------------- cluster
+
+
+def write_some(url: str, namespace: str, start: Any, results: Any) -> None:
+    """(A child process.) Write increasing values to the keys on the cluster; report each write's version."""
+    out: dict[str, Any] = {"pid": os.getpid()}
+    try:
+        with MultiLevelCache(url, namespace=namespace, fail_open=False, cluster=True, l1_size=len(KEYS)) as cache:
+            start.wait(DEADLINE)
+            out["versions"] = []
+            for n in range(WRITES // 5):
+                key = KEYS[n % len(KEYS)]
+                cache.put(key, n)
+                out["versions"].append((key, n, _version(cache, key)))
+    except BaseException:
+        out["error"] = traceback.format_exc()
+    results.put(out)
+
+
+def _replica_hmgets(cluster_url: str) -> int:
+    client = redis.RedisCluster.from_url(cluster_url)
+    try:
+        total = 0
+        for node in client.get_replicas():
+            stats = client.get_redis_connection(node).info("commandstats")
+            total += int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+        return total
+    finally:
+        client.close()
+
+
+def test_cluster_reads_from_the_masters_replicas(cluster_url: str, namespace: str) -> None:
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    writer = ctx.Process(target=write_some, args=(cluster_url, namespace, start, results), daemon=True)
+    writer.start()
+    before = _replica_hmgets(cluster_url)
+    rng = random.Random(11)
+    observed: list[tuple[str, int, Any]] = []
+    with MultiLevelCache(cluster_url, namespace=namespace, fail_open=False, cluster=True, read_from_replicas=True,
+                         l1_size=8) as reader:
+        core = reader._core
+        fence = core.fence
+        assert fence is not None
+        start.set()
+        while writer.is_alive() and results.empty():
+            key = rng.choice(KEYS)
+            ref = core.space.ref(key)
+            knew = fence.needed(ref.id, ref.shard)
+            observed.append((key, knew, reader.get(key)))
+        out = results.get(timeout=DEADLINE)
+        writer.join(timeout=10)
+        found = reader.get_many(KEYS)
+        state = reader.get_metrics()["health"]["replicas"]
+    assert "error" not in out, out.get("error")
+    version_of = {(key, n): version for key, n, version in out["versions"]}
+    last: dict[str, int] = {}
+    for key, knew, value in observed:
+        if value is None:
+            assert knew == 0, f"{key!r} read as missing after version {knew} was known"
+            continue
+        assert version_of[key, value] >= knew, f"{key!r} read at {value}, older than version {knew} known"
+        assert value >= last.get(key, -1), f"{key!r} went back in time: {value} after {last[key]}"
+        last[key] = value
+    assert len(found) == len(KEYS)  # a get_many over every master's slots, through their replicas
+    assert state["reads"] > 0 and _replica_hmgets(cluster_url) > before
