@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import replace
@@ -58,6 +59,7 @@ from .connection import IO_ERRORS, _checked, as_redis_error, send_packed
 from .resilience import CircuitBreaker, CircuitOpenError
 from .scripts import Command
 
+SLOT_MAP_AGE = 5.0  # seconds: a slot map that showed a master without replicas is read again after this long
 FENCE_ENTRIES = 65_536  # entries the fence remembers exactly; see the module docstring for what happens beyond
 HASHED = b"#"  # the first byte of a hashed entry id (keys.py)
 
@@ -151,6 +153,7 @@ class ReplicaReader:
         self._clients: list[redis.Redis | None] = [None] * len(self.urls)
         self._cluster: RedisCluster | None = None
         self._refresh = False  # re-read the cluster's slot map before the next batch
+        self._map_read_at = 0.0  # when the cluster's slot map was last read (time.monotonic())
         names = [redact(url) for url in self.urls] or [f"replicas of {redact(config.url)}"]
         self.breakers = [CircuitBreaker(config.breaker_threshold, config.breaker_cooldown, name=name,
                                         namespace=config.namespace) for name in names]
@@ -215,9 +218,9 @@ class ReplicaReader:
                 if client is None:
                     client = self._cluster = _checked(RedisCluster.from_url, self.config, Retry(NoBackoff(), 0),
                                                       **_readonly_options())
-                    self._refresh = False
+                    self._refresh, self._map_read_at = False, time.monotonic()
         elif self._refresh:  # a replica failed: the cluster may have moved on (failover, slots moved)
-            self._refresh = False
+            self._refresh, self._map_read_at = False, time.monotonic()
             client.nodes_manager.initialize()
         return client
 
@@ -230,6 +233,10 @@ class ReplicaReader:
             if not nodes:
                 raise RedisError(f"no node of the cluster serves the slot of {batch[start][1]!r}")
             replicas = nodes[1:] or nodes  # a master without replicas answers for its own slots
+            if len(nodes) < 2 and time.monotonic() - self._map_read_at > SLOT_MAP_AGE:
+                # Redis lists a replica in CLUSTER SLOTS only once it has replicated something, and a replica
+                # may have been added since: look again now and then.
+                self._refresh = True
             node = replicas[turn % len(replicas)]
             plans.setdefault(node.name, (node, []))[1].extend(range(start, end))
         replies: list[Any] = [None] * len(batch)
