@@ -19,6 +19,7 @@ to be behind), and the session's test cluster (3 masters, one replica each).
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import random
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 import redis
 
-from victor_rcache import CacheConfig, ConfigurationError, MultiLevelCache
+from victor_rcache import AsyncMultiLevelCache, CacheConfig, ConfigurationError, MultiLevelCache
 from victor_rcache.local_redis import LocalRedisServer
 from victor_rcache.replicas import VersionFence
 
@@ -200,6 +201,36 @@ def test_a_replica_down_falls_back_to_the_master(replicated: Replicated, namespa
         assert "open" in state["breakers"].values()  # the breaker keeps the dead replica off limits
 
 
+def test_async_reads_take_the_same_fence(replicated: Replicated, namespace: str) -> None:
+    with MultiLevelCache(replicated.master.url, namespace=namespace, fail_open=False) as writer:
+        writer.put("old", 1)
+        eventually(replicated.in_sync, "the replica got the first write")
+
+        async def run() -> None:
+            async with AsyncMultiLevelCache(replicated.master.url, namespace=namespace, fail_open=False, l1_size=1,
+                                            read_from_replicas=True, replica_urls=[replicated.replica.url]) as reader:
+                served = replicated.hmgets()
+                assert await reader.get("old") == 1
+                assert replicated.hmgets() > served  # the replica served it
+                replicated.proxy.hold()
+                writer.put("old", 2)
+                writer.put("new", "fresh")
+                core, ref = reader._core, reader._core.space.ref("new")
+                assert core.fence is not None
+                # (Announcements are applied in order: once "new" is heard, so is "old", written before it.)
+                await asyncio.to_thread(eventually, lambda: core.fence is not None and core.fence.needed(
+                    ref.id, ref.shard) >= _version(writer, "new"), "the reader heard of the write")
+                assert await reader.get("old") == 2
+                assert await reader.get_many(["old", "new"]) == {"old": 2, "new": "fresh"}
+                assert core.fenced >= 3
+                replicated.proxy.release()
+                replicated.replica.stop()  # down: the master answers, nothing raises (fail_open=False)
+                assert await reader.get("new") == "fresh"
+                assert (await reader.get_metrics())["health"]["replicas"]["failures"] >= 1
+
+        asyncio.run(run())
+
+
 # ------------------------------------------------------------------------- the acceptance run, lagging
 
 
@@ -335,4 +366,17 @@ def test_cluster_reads_from_the_masters_replicas(cluster_url: str, namespace: st
         last[key] = value
     assert len(found) == len(KEYS)  # a get_many over every master's slots, through their replicas
     assert state["reads"] > 0
+    assert _replica_hmgets(cluster_url) > before
+
+    async def read_async() -> dict[str, Any]:
+        async with AsyncMultiLevelCache(cluster_url, namespace=namespace, fail_open=False, cluster=True,
+                                        read_from_replicas=True, l1_size=1) as reader:
+            found = await reader.get_many(KEYS)
+            assert (await reader.get_metrics())["health"]["replicas"]["reads"] > 0
+            return found
+
+    before = _replica_hmgets(cluster_url)
+    found = asyncio.run(read_async())  # (a fresh reader has heard of nothing yet: any value written will do)
+    assert all((key, value) in version_of for key, value in found.items())
+    assert found.keys() == set(KEYS)
     assert _replica_hmgets(cluster_url) > before

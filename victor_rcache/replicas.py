@@ -38,26 +38,29 @@ failures in a row.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.cluster
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from . import forksafe
 from .config import CacheConfig, redact
-from .connection import IO_ERRORS, _checked, as_redis_error, send_packed
+from .connection import IO_ERRORS, _checked, as_redis_error, async_client, send_packed, send_packed_async
 from .resilience import CircuitBreaker, CircuitOpenError
-from .scripts import Command
+from .scripts import Command, pack
 
 SLOT_MAP_AGE = 5.0  # seconds: a slot map that showed a master without replicas is read again after this long
 FENCE_ENTRIES = 65_536  # entries the fence remembers exactly; see the module docstring for what happens beyond
@@ -140,18 +143,14 @@ class ReplicaReads(list[Command]):
     packed: list[bytes]
 
 
-class ReplicaReader:
-    """Sends :class:`ReplicaReads` to a replica (sync I/O), never raising for a replica's failure: the
-    core then reads the master. Standalone: the ``replica_urls`` in turn, each behind its own breaker.
-    Cluster: a client in ``READONLY`` mode, and for each shard of a batch one replica of the slot's master
-    (all the shard's commands go to the same one, which the fence needs)."""
+class _Routing:
+    """What the sync and async readers share: the replicas' breakers and counters, the turn, and which node
+    of a cluster answers which commands of a batch. The readers only do the I/O."""
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.urls = list(config.replica_urls)
         self._turn = itertools.count()
-        self._clients: list[redis.Redis | None] = [None] * len(self.urls)
-        self._cluster: RedisCluster | None = None
         self._refresh = False  # re-read the cluster's slot map before the next batch
         self._map_read_at = 0.0  # when the cluster's slot map was last read (time.monotonic())
         names = [redact(url) for url in self.urls] or [f"replicas of {redact(config.url)}"]
@@ -160,6 +159,75 @@ class ReplicaReader:
         self.reads = 0  # batches a replica answered
         self.failures = 0  # batches a replica failed (the master answered them)
         self.closed = False
+
+    def _pick(self) -> int | None:
+        """The next replica whose breaker lets it be asked (a cluster's replicas share breaker 0), or None."""
+        n = len(self.breakers)
+        first = next(self._turn)
+        for i in ((first + k) % n for k in range(n)):
+            if self.breakers[i].allow():
+                return i
+        return None
+
+    def _settle(self, i: int, outcome: list[Any] | BaseException) -> list[Any] | RedisError:
+        """Tell breaker ``i`` how a try went; the replies, or the failure as a RedisError."""
+        breaker = self.breakers[i]
+        if isinstance(outcome, list):
+            breaker.success()
+            self.reads += 1
+            return outcome
+        if isinstance(outcome, IO_ERRORS):
+            breaker.failure()
+            self.failures += 1
+            self._refresh = True
+            return as_redis_error(outcome)
+        breaker.abandon()  # interrupted: no verdict on the replica
+        raise outcome
+
+    def _settings(self, url: str) -> CacheConfig:
+        """The cache's connection settings for one replica's URL."""
+        return replace(self.config, redis_url=url, read_from_replicas=False, replica_urls=(), cluster=False)
+
+    def _plan(self, batch: ReplicaReads, slots_cache: dict[int, list[Any]],
+              keyslot: Callable[[bytes], int]) -> list[tuple[Any, list[int]]]:
+        """For a cluster: each node to ask and the indexes of ``batch`` it answers. A shard's commands all go
+        to one replica of its slot's master (the fence compares its ``seq`` with its entries)."""
+        turn = next(self._turn)
+        plans: dict[str, tuple[Any, list[int]]] = {}
+        for start, end in batch.groups:
+            nodes = slots_cache.get(keyslot(batch[start][1]))
+            if not nodes:
+                raise RedisClusterException(f"no node of the cluster serves the slot of {batch[start][1]!r}")
+            replicas = nodes[1:] or nodes  # a master without replicas answers for its own slots
+            if len(nodes) < 2 and time.monotonic() - self._map_read_at > SLOT_MAP_AGE:
+                # Redis lists a replica in CLUSTER SLOTS only once it has replicated something, and a replica
+                # may have been added since: look again now and then.
+                self._refresh = True
+            node = replicas[turn % len(replicas)]
+            plans.setdefault(node.name, (node, []))[1].extend(range(start, end))
+        return list(plans.values())
+
+    def _map_due(self) -> bool:
+        """Is the slot map to be read again before this batch (a replica failed, or none was listed)?"""
+        if not self._refresh:
+            return False
+        self._refresh, self._map_read_at = False, time.monotonic()
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"reads": self.reads, "failures": self.failures,
+                "breakers": {b.name: b.snapshot()["state"] for b in self.breakers}}
+
+
+class ReplicaReader(_Routing):
+    """Sends :class:`ReplicaReads` to a replica (sync I/O), never raising for a replica's failure: the
+    core then reads the master. Standalone: the ``replica_urls`` in turn, each behind its own breaker.
+    Cluster: a client in ``READONLY`` mode, and for each shard of a batch one replica of the slot's master."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        super().__init__(config)
+        self._clients: list[redis.Redis | None] = [None] * len(self.urls)
+        self._cluster: RedisCluster | None = None
         self._lock = threading.Lock()
         forksafe.register(self)
 
@@ -172,29 +240,14 @@ class ReplicaReader:
     def send(self, batch: ReplicaReads) -> list[Any] | RedisError:
         """One round trip to one replica (per node, on a cluster): the replies, or the RedisError that stopped
         it (an open breaker included: no I/O then)."""
-        n = len(self.breakers)
-        first = next(self._turn)
-        for i in ((first + k) % n for k in range(n)):  # the next replica whose breaker lets it be asked
-            if self.breakers[i].allow():
-                return self._guarded(i, batch)
-        return CircuitOpenError("the circuit breaker of every replica is open; reading the master meanwhile")
-
-    def _guarded(self, i: int, batch: ReplicaReads) -> list[Any] | RedisError:
-        """One try on replica ``i`` (the cluster's replicas: 0), its outcome told to its breaker."""
-        breaker = self.breakers[i]
+        i = self._pick()
+        if i is None:
+            return CircuitOpenError("the circuit breaker of every replica is open; reading the master meanwhile")
         try:
             replies = self._send_cluster(batch) if self.config.cluster else send_packed(self._client(i), batch.packed)
-        except IO_ERRORS as exc:
-            breaker.failure()
-            self.failures += 1
-            self._refresh = True
-            return as_redis_error(exc)
-        except BaseException:
-            breaker.abandon()
-            raise
-        breaker.success()
-        self.reads += 1
-        return replies
+        except BaseException as exc:  # told to the breaker; what is not a Redis failure is raised again
+            return self._settle(i, exc)
+        return self._settle(i, replies)
 
     def _client(self, i: int) -> redis.Redis:
         client = self._clients[i]
@@ -206,11 +259,7 @@ class ReplicaReader:
                                                          Retry(NoBackoff(), 0))
         return client
 
-    def _settings(self, url: str) -> CacheConfig:
-        """The cache's connection settings for one replica's URL."""
-        return replace(self.config, redis_url=url, read_from_replicas=False, replica_urls=(), cluster=False)
-
-    def _cluster_client(self) -> RedisCluster:
+    def _cluster_client(self) -> Any:  # (redis-py's cluster client is untyped)
         client = self._cluster
         if client is None:
             with self._lock:
@@ -219,38 +268,20 @@ class ReplicaReader:
                     client = self._cluster = _checked(RedisCluster.from_url, self.config, Retry(NoBackoff(), 0),
                                                       **_readonly_options())
                     self._refresh, self._map_read_at = False, time.monotonic()
-        elif self._refresh:  # a replica failed: the cluster may have moved on (failover, slots moved)
-            self._refresh, self._map_read_at = False, time.monotonic()
+        elif self._map_due():  # the cluster may have moved on (failover, slots moved, replicas added)
             client.nodes_manager.initialize()
         return client
 
     def _send_cluster(self, batch: ReplicaReads) -> list[Any]:
-        client: Any = self._cluster_client()  # (redis-py's cluster client is untyped)
-        turn = next(self._turn)
-        plans: dict[str, tuple[Any, list[int]]] = {}  # node name -> (node, the batch's indexes it answers)
-        for start, end in batch.groups:
-            nodes = client.nodes_manager.slots_cache.get(client.keyslot(batch[start][1]))
-            if not nodes:
-                raise RedisError(f"no node of the cluster serves the slot of {batch[start][1]!r}")
-            replicas = nodes[1:] or nodes  # a master without replicas answers for its own slots
-            if len(nodes) < 2 and time.monotonic() - self._map_read_at > SLOT_MAP_AGE:
-                # Redis lists a replica in CLUSTER SLOTS only once it has replicated something, and a replica
-                # may have been added since: look again now and then.
-                self._refresh = True
-            node = replicas[turn % len(replicas)]
-            plans.setdefault(node.name, (node, []))[1].extend(range(start, end))
+        client = self._cluster_client()
         replies: list[Any] = [None] * len(batch)
-        for node, indexes in plans.values():
+        for node, indexes in self._plan(batch, client.nodes_manager.slots_cache, client.keyslot):
             pipe: Any = client.get_redis_connection(node).pipeline(transaction=False)
             for i in indexes:
                 pipe.execute_command(*batch[i])
             for i, reply in zip(indexes, pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         return replies
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"reads": self.reads, "failures": self.failures,
-                "breakers": {b.name: b.snapshot()["state"] for b in self.breakers}}
 
     def close(self) -> None:
         self.closed = True
@@ -261,6 +292,86 @@ class ReplicaReader:
         self._cluster = None
         for client in clients:
             client.close()
+
+
+READONLY = pack(("READONLY",))
+
+
+class AsyncReplicaReader(_Routing):
+    """:class:`ReplicaReader` for the asyncio front end. Each event loop gets clients of its own (a client's
+    connections belong to the loop that made them). On a cluster, a client of the cluster reads the slot map,
+    and each replica is read through a plain client of its own, the batch preceded by ``READONLY`` in the
+    same write (a replica answers reads of its master's slots only on a connection in that mode)."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        super().__init__(config)
+        self._loops: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}  # loop -> client name -> client
+
+    def _clients(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        clients = self._loops.get(loop)
+        if clients is None:
+            self._loops = {lp: c for lp, c in self._loops.items() if not lp.is_closed()}  # (ended loops' go)
+            clients = self._loops[loop] = {}
+        return clients
+
+    async def send(self, batch: ReplicaReads) -> list[Any] | RedisError:
+        """:meth:`ReplicaReader.send`, awaited."""
+        i = self._pick()
+        if i is None:
+            return CircuitOpenError("the circuit breaker of every replica is open; reading the master meanwhile")
+        try:
+            if self.config.cluster:
+                replies = await self._send_cluster(batch)
+            else:
+                replies = await send_packed_async(self._client(self.urls[i]), batch.packed)
+        except BaseException as exc:  # told to the breaker; what is not a Redis failure is raised again
+            return self._settle(i, exc)
+        return self._settle(i, replies)
+
+    def _client(self, url: str) -> Any:
+        clients = self._clients()
+        client = clients.get(url)
+        if client is None:
+            client = clients[url] = async_client(self._settings(url))
+        return client
+
+    async def _send_cluster(self, batch: ReplicaReads) -> list[Any]:
+        clients = self._clients()
+        cluster: Any = clients.get("")  # (the cluster client, under "": no URL is empty)
+        if cluster is None:
+            cluster = clients[""] = async_client(replace(self.config, read_from_replicas=False))
+            await cluster.initialize()
+            self._refresh, self._map_read_at = False, time.monotonic()
+        elif self._map_due():
+            await cluster.nodes_manager.initialize()
+        plan = self._plan(batch, cluster.nodes_manager.slots_cache, cluster.keyslot)
+        answers = await asyncio.gather(*(
+            send_packed_async(self._client(_node_url(self.config.url, node.host, node.port)),
+                              [READONLY, *(batch.packed[i] for i in indexes)])
+            for node, indexes in plan))
+        replies: list[Any] = [None] * len(batch)
+        for (_, indexes), answer in zip(plan, answers, strict=True):
+            if isinstance(answer[0], Exception):  # READONLY refused: not a node that serves reads
+                raise as_redis_error(answer[0])
+            for i, reply in zip(indexes, answer[1:], strict=True):
+                replies[i] = reply
+        return replies
+
+    async def close(self) -> None:
+        """Close the running loop's clients (an ended loop took its connections with it)."""
+        self.closed = True
+        clients = self._loops.pop(asyncio.get_running_loop(), {})
+        self._loops = {}
+        for client in clients.values():
+            await client.aclose()
+
+
+def _node_url(url: str, host: str, port: int) -> str:
+    """``url`` (its scheme, user, password and database) pointed at another node."""
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{auth}@{host}:{port}" if auth else f"{host}:{port}"))
 
 
 def _readonly_options() -> dict[str, Any]:
