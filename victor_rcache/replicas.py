@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 import zlib
@@ -63,6 +64,8 @@ from .resilience import CircuitBreaker, CircuitOpenError
 from .scripts import Command, pack
 
 SLOT_MAP_AGE = 5.0  # seconds: a slot map that showed a master without replicas is read again after this long
+log = logging.getLogger("victor_rcache")
+
 FENCE_ENTRIES = 65_536  # entries the fence remembers exactly; see the module docstring for what happens beyond
 HASHED = b"#"  # the first byte of a hashed entry id (keys.py)
 
@@ -176,12 +179,17 @@ class _Routing:
             breaker.success()
             self.reads += 1
             return outcome
-        if isinstance(outcome, IO_ERRORS):
+        if isinstance(outcome, Exception):  # whatever went wrong with a replica, the master answers instead
             breaker.failure()
             self.failures += 1
             self._refresh = True
+            if not isinstance(outcome, IO_ERRORS):
+                log.warning("reading replica %s failed unexpectedly (%s: %s); reading the master instead",
+                            breaker.name, type(outcome).__name__, outcome,
+                            extra={"event": "replica_failed", "namespace": self.config.namespace,
+                                   "redis_url": breaker.name, "error": str(outcome)})
             return as_redis_error(outcome)
-        breaker.abandon()  # interrupted: no verdict on the replica
+        breaker.abandon()  # interrupted (cancelled, KeyboardInterrupt): no verdict on the replica
         raise outcome
 
     def _settings(self, url: str) -> CacheConfig:
@@ -245,7 +253,7 @@ class ReplicaReader(_Routing):
             return CircuitOpenError("the circuit breaker of every replica is open; reading the master meanwhile")
         try:
             replies = self._send_cluster(batch) if self.config.cluster else send_packed(self._client(i), batch.packed)
-        except BaseException as exc:  # told to the breaker; what is not a Redis failure is raised again
+        except BaseException as exc:  # told to the breaker; only an interruption is raised again
             return self._settle(i, exc)
         return self._settle(i, replies)
 
@@ -325,7 +333,7 @@ class AsyncReplicaReader(_Routing):
                 replies = await self._send_cluster(batch)
             else:
                 replies = await send_packed_async(self._client(self.urls[i]), batch.packed)
-        except BaseException as exc:  # told to the breaker; what is not a Redis failure is raised again
+        except BaseException as exc:  # told to the breaker; only an interruption is raised again
             return self._settle(i, exc)
         return self._settle(i, replies)
 

@@ -571,7 +571,8 @@ class TierCore:
             sent_at = self.since()
             reads = Reads([("HMGET", r.entry, *READ_FIELDS) for r in refs])
             reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
-            replies = yield from self._plain_reads(refs, reads)
+            # (Without replicas, no generator in between: get_many and get_or_set's reads stay as they were.)
+            replies = (yield reads) if self.fence is None else (yield from self._plain_reads(refs, reads))
         except RedisError as exc:
             self.redis_failed("get", exc)
             found.update(self._fall_back_to_l1(refs).values)
@@ -619,7 +620,8 @@ class TierCore:
             sent_at = self.since()
             reads = Reads(self.read_command(r) for r in refs)
             reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
-            replies = yield from self._plain_reads(refs, reads)
+            # (Without replicas, no generator in between: get_many and get_or_set's reads stay as they were.)
+            replies = (yield reads) if self.fence is None else (yield from self._plain_reads(refs, reads))
         except RedisError as exc:
             self.redis_failed("get", exc)
             return self._fall_back_to_l1(refs)
@@ -641,9 +643,7 @@ class TierCore:
         replica that failed, comes from the master instead, in one more round trip. Replicas are not asked
         while the invalidation channel is down: the fence may be missing what it would have heard."""
         fence = self.fence
-        if fence is None:
-            plain: list[Any] = yield reads
-            return plain
+        assert fence is not None, "only with read_from_replicas"
         if self.replicas is None or not self._trusted():
             return (yield from self._master_reads(refs, reads))
         batch, positions = self._replica_batch(refs, reads)
