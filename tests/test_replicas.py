@@ -234,14 +234,14 @@ def test_async_reads_take_the_same_fence(replicated: Replicated, namespace: str)
 # ------------------------------------------------------------------------- the acceptance run, lagging
 
 
-def write_increasing(url: str, namespace: str, start: Any, results: Any) -> None:
+def write_increasing(url: str, namespace: str, cluster: bool, writes: int, start: Any, results: Any) -> None:
     """(A child process.) Write 0, 1, 2, ... to the keys in turn; report each write's version."""
     out: dict[str, Any] = {"pid": os.getpid()}
     try:
-        with MultiLevelCache(url, namespace=namespace, fail_open=False, l1_size=len(KEYS)) as cache:
+        with MultiLevelCache(url, namespace=namespace, fail_open=False, cluster=cluster, l1_size=len(KEYS)) as cache:
             start.wait(DEADLINE)
             versions = []
-            for n in range(WRITES):
+            for n in range(writes):
                 key = KEYS[n % len(KEYS)]
                 cache.put(key, n)
                 versions.append((key, n, _version(cache, key)))
@@ -251,29 +251,33 @@ def write_increasing(url: str, namespace: str, start: Any, results: Any) -> None
     results.put(out)
 
 
-def test_no_read_is_older_than_a_version_seen_under_lag(replicated: Replicated, namespace: str) -> None:
+def _read_while_another_process_writes(reader: MultiLevelCache, url: str, writes: int
+                                       ) -> tuple[list[tuple[str, int, Any]], dict[tuple[str, int], int]]:
+    """Read random keys with ``reader`` while a child process writes ``writes`` values. Returns what was read,
+    as (key, the version the reader knew of just before asking, value), and each written value's version."""
     ctx = mp.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
-    writer = ctx.Process(target=write_increasing, args=(replicated.master.url, namespace, start, results), daemon=True)
+    writer = ctx.Process(target=write_increasing, args=(url, reader.namespace, reader.config.cluster, writes, start,
+                                                        results), daemon=True)
     writer.start()
     rng = random.Random(7)
-    observed: list[tuple[str, int, Any]] = []  # (key, the version the reader knew of before asking, value)
-    with _reader(replicated, namespace, l1_size=8) as reader:
-        core = reader._core
-        fence = core.fence
-        assert fence is not None
-        start.set()
-        while writer.is_alive() and results.empty():
-            key = rng.choice(KEYS)
-            ref = core.space.ref(key)
-            knew = fence.needed(ref.id, ref.shard)
-            observed.append((key, knew, reader.get(key)))
-        out = results.get(timeout=DEADLINE)
-        writer.join(timeout=10)
-        state = reader.get_metrics()["health"]["replicas"]
+    observed: list[tuple[str, int, Any]] = []
+    core, fence = reader._core, reader._core.fence
+    assert fence is not None
+    start.set()
+    while writer.is_alive() and results.empty():
+        key = rng.choice(KEYS)
+        ref = core.space.ref(key)
+        knew = fence.needed(ref.id, ref.shard)
+        observed.append((key, knew, reader.get(key)))
+    out = results.get(timeout=DEADLINE)
+    writer.join(timeout=10)
     assert "error" not in out, out.get("error")
-    version_of = {(key, n): version for key, n, version in out["versions"]}
-    assert len(version_of) == WRITES
+    return observed, {(key, n): version for key, n, version in out["versions"]}
+
+
+def _check_reads(observed: list[tuple[str, int, Any]], version_of: dict[tuple[str, int], int]) -> None:
+    """No read older than a version known when it was asked; no key read going back in time."""
     last: dict[str, int] = {}
     for key, knew, value in observed:
         if value is None:
@@ -282,6 +286,14 @@ def test_no_read_is_older_than_a_version_seen_under_lag(replicated: Replicated, 
         assert version_of[key, value] >= knew, f"{key!r} read at {value}, older than version {knew} known"
         assert value >= last.get(key, -1), f"{key!r} went back in time: {value} after {last[key]}"
         last[key] = value
+
+
+def test_no_read_is_older_than_a_version_seen_under_lag(replicated: Replicated, namespace: str) -> None:
+    with _reader(replicated, namespace, l1_size=8) as reader:
+        observed, version_of = _read_while_another_process_writes(reader, replicated.master.url, WRITES)
+        state = reader.get_metrics()["health"]["replicas"]
+    assert len(version_of) == WRITES
+    _check_reads(observed, version_of)
     # The run did what it is for: many reads, served by the replica, and its lag was met and fenced off.
     assert len(observed) > 1000
     assert state["reads"] > 0
@@ -290,22 +302,6 @@ def test_no_read_is_older_than_a_version_seen_under_lag(replicated: Replicated, 
 
 
 # ----------------------------------------------------------------------------------------- cluster
-
-
-def write_some(url: str, namespace: str, start: Any, results: Any) -> None:
-    """(A child process.) Write increasing values to the keys on the cluster; report each write's version."""
-    out: dict[str, Any] = {"pid": os.getpid()}
-    try:
-        with MultiLevelCache(url, namespace=namespace, fail_open=False, cluster=True, l1_size=len(KEYS)) as cache:
-            start.wait(DEADLINE)
-            out["versions"] = []
-            for n in range(WRITES // 5):
-                key = KEYS[n % len(KEYS)]
-                cache.put(key, n)
-                out["versions"].append((key, n, _version(cache, key)))
-    except BaseException:
-        out["error"] = traceback.format_exc()
-    results.put(out)
 
 
 def _replica_hmgets(cluster_url: str) -> int:
@@ -334,36 +330,14 @@ def test_cluster_reads_from_the_masters_replicas(cluster_url: str, namespace: st
         first.put_many({key: -1 for key in KEYS})  # something for every master's replica to replicate
         initial = {(key, -1): _version(first, key) for key in KEYS}
     eventually(lambda: _replicas_listed(cluster_url), "the cluster lists its replicas")
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    writer = ctx.Process(target=write_some, args=(cluster_url, namespace, start, results), daemon=True)
-    writer.start()
     before = _replica_hmgets(cluster_url)
-    rng = random.Random(11)
-    observed: list[tuple[str, int, Any]] = []
     with MultiLevelCache(cluster_url, namespace=namespace, fail_open=False, cluster=True, read_from_replicas=True,
                          l1_size=8) as reader:
-        core = reader._core
-        fence = core.fence
-        assert fence is not None
-        start.set()
-        while writer.is_alive() and results.empty():
-            key = rng.choice(KEYS)
-            ref = core.space.ref(key)
-            knew = fence.needed(ref.id, ref.shard)
-            observed.append((key, knew, reader.get(key)))
-        out = results.get(timeout=DEADLINE)
-        writer.join(timeout=10)
+        observed, written = _read_while_another_process_writes(reader, cluster_url, WRITES // 5)
         found = reader.get_many(KEYS)
         state = reader.get_metrics()["health"]["replicas"]
-    assert "error" not in out, out.get("error")
-    version_of = {**initial, **{(key, n): version for key, n, version in out["versions"]}}
-    last: dict[str, int] = {}
-    for key, knew, value in observed:
-        assert value is not None, f"{key!r} read as missing"
-        assert version_of[key, value] >= knew, f"{key!r} read at {value}, older than version {knew} known"
-        assert value >= last.get(key, -1), f"{key!r} went back in time: {value} after {last[key]}"
-        last[key] = value
+    version_of = {**initial, **written}
+    _check_reads(observed, version_of)
     assert len(found) == len(KEYS)  # a get_many over every master's slots, through their replicas
     assert state["reads"] > 0
     assert _replica_hmgets(cluster_url) > before
