@@ -51,6 +51,7 @@ import multiprocessing
 import os
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -76,7 +77,9 @@ VALIDATION_THINK_MS = 18.0  # after each read: about 50 requests/s per worker (1
 TOLERANCE = 0.25  # the model's verdict: measured / predicted within 1 +- this
 MAXCLIENTS = 10_000  # Redis's default maxclients
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro")
+HARNESS_COMMANDS = ("info", "config", "client", "pubsub")  # what the counting itself sends
 RECORDS_PER_ROUND = 64  # the batched record variant: the model thread's RECORDS_WAKE
+MISS_SCRIPTS = 3  # script calls of a get_or_set miss: lease.lua, put.lua (the fill), release.lua
 
 
 @dataclass(frozen=True)
@@ -218,17 +221,22 @@ class Meter:
         c1, t1 = self.cpu.seconds(), time.perf_counter()
         stats: dict[str, Any] = self.admin.info("commandstats")
         scripts = sum(int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in SCRIPT_COMMANDS)
-        # The script calls' time (their inner commands included) and the top-level HMGETs (scripts run a few
-        # HMGETs of their own, counted here too: a slight overcount); not the I/O INFO cpu also counts.
-        command_usec = sum(float(stats.get(f"cmdstat_{n}", {}).get("usec", 0)) for n in (*SCRIPT_COMMANDS, "hmget"))
         gross = c1 - c0
         net = gross - self.idle * (t1 - t0)
-        return {"us": 1e6 * net / ops, "gross_us": 1e6 * gross / ops, "command_us": command_usec / ops,
+        return {"us": 1e6 * net / ops, "gross_us": 1e6 * gross / ops, "command_us": command_usec(stats) / ops,
                 "script_calls_per_op": scripts / ops, "ops": ops, "seconds": round(t1 - t0, 3)}
 
     def close(self) -> None:
         self.admin.close()
         self.cpu.close()
+
+
+def command_usec(stats: dict[str, Any]) -> float:
+    """The commands' own time (``INFO commandstats`` usec) but the counting's (INFO, CONFIG, CLIENT). A script's
+    inner commands are counted under their own names as well as inside its EVALSHA: counted twice, alike in the
+    per-op measurements and the fleet's, so the two compare."""
+    return sum(float(v.get("usec", 0)) for name, v in stats.items()
+               if name.removeprefix("cmdstat_").split("|")[0] not in HARNESS_COMMANDS)
 
 
 def slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -300,7 +308,7 @@ class Holders:
             raise RuntimeError(f"helper process {proc.pid} did not answer (exit code {proc.exitcode})")
 
     def stop(self) -> None:
-        for p, conn in self.procs:
+        for _, conn in self.procs:
             with contextlib.suppress(Exception):
                 conn.send("close")
         for p, _ in self.procs:
@@ -445,10 +453,9 @@ def fanout(meter: Meter, holders: Holders, sizes: Sizes) -> dict[str, Any]:
                 return sizes.ops
 
             rows[k] = {**meter.per_op(puts), "idle_us_per_second": 1e6 * idle}
-    base, per_sub = slope(list(rows), [r["us"] for r in rows.values()])
     idle_base, idle_per = slope(list(rows), [r["idle_us_per_second"] for r in rows.values()])
-    return {"per_subscriber_us": per_sub, "put_us_at_0": base, "idle_per_process_us_per_second": idle_per,
-            "idle_base_us_per_second": idle_base, "by_subscribers": {str(k): v for k, v in rows.items()}}
+    return {"idle_per_process_us_per_second": idle_per, "idle_base_us_per_second": idle_base,
+            "by_subscribers": {str(k): v for k, v in rows.items()}}
 
 
 def connections(url: str, admin: redis.Redis, namespace: str) -> dict[str, Any]:
@@ -508,11 +515,7 @@ def model_rounds(meter: Meter, url: str, namespace: str, sizes: Sizes) -> dict[s
         single, many = meter.per_op(one_per_round), meter.per_op(batched)
         predict_ = meter.per_op(predictions)
         warmer.clear_patterns()
-    per_round_records = RECORDS_PER_ROUND
-    # single = round + record; many = round / 64 + record
-    model_round = (single["us"] - many["us"]) / (1 - 1 / per_round_records)
-    return {"round_us": model_round, "record_us": single["us"] - model_round, "one_per_round": single,
-            "batched": many, "predict": predict_}
+    return {"one_per_round": single, "batched": many, "predict": predict_}
 
 
 def memory(admin: redis.Redis, url: str, namespace: str, patterns_ns: str, sizes: Sizes) -> dict[str, Any]:
@@ -542,26 +545,34 @@ def memory(admin: redis.Redis, url: str, namespace: str, patterns_ns: str, sizes
             "records": sizes.patterns}
 
 
-def costs_of(m: dict[str, Any]) -> Costs:
-    """The model's inputs from :func:`measure_costs`' measurements. The fixed cost of a touch.lua call is the
-    L2 pair's difference (one event per call against many); each operation's cost is given without its calls."""
-    def minus_calls(case: dict[str, Any], call: float) -> float:
-        return float(case["us"] - call * case["script_calls_per_op"])
+def costs_of(m: dict[str, Any], key: str = "us") -> Costs:
+    """The model's inputs from :func:`measure_costs`' measurements: Redis CPU (``key="us"``), or the commands' own
+    time (``"command_us"``, the cross-check). The fixed cost of a touch.lua call is the L2 pair's difference (one
+    event per call against many); each operation's cost is given without its share of the calls."""
+    def minus_calls(case: dict[str, Any], call: float, own: float = 0.0) -> float:
+        return float(case[key] - call * max(0.0, case["script_calls_per_op"] - own))
 
     b, one = m["l2_batched"], m["l2_one_per_call"]
     # one = op + call x 1 (one call per hit); b = op + call x (calls per hit, batched)
-    call = (one["us"] - b["us"]) / max(1e-9, 1.0 - b["script_calls_per_op"])
-    # get_or_set's miss: 2 script calls of its own (lease.lua, put.lua) besides the touch.lua calls
-    miss = m["miss"]["us"] - call * max(0.0, m["miss"]["script_calls_per_op"] - 2.0)
-    return Costs(l2_hit=minus_calls(b, call), l3_hit=minus_calls(m["l3_batched"], call), miss=miss,
-                 put=m["fanout"]["put_us_at_0"], touch_call=call, per_subscriber=m["fanout"]["per_subscriber_us"],
-                 idle_per_process=max(0.0, m["fanout"]["idle_per_process_us_per_second"]),
-                 record=m["model"]["record_us"], model_round=m["model"]["round_us"])
+    call = (one[key] - b[key]) / max(1e-9, 1.0 - b["script_calls_per_op"])
+    rows = m["fanout"]["by_subscribers"]
+    put, per_subscriber = slope([float(k) for k in rows], [r[key] for r in rows.values()])
+    idle = max(0.0, m["fanout"]["idle_per_process_us_per_second"]) if key == "us" else 0.0
+    single, batched = m["model"]["one_per_round"], m["model"]["batched"]
+    # single = round + record; batched = round / 64 + record
+    model_round = (single[key] - batched[key]) / (1 - 1 / RECORDS_PER_ROUND)
+    # get_or_set's miss: 3 script calls of its own (lease.lua, then put.lua and release.lua in one round trip)
+    # besides its share of the touch.lua calls
+    return Costs(l2_hit=minus_calls(b, call), l3_hit=minus_calls(m["l3_batched"], call),
+                 miss=minus_calls(m["miss"], call, MISS_SCRIPTS), put=put, touch_call=call,
+                 per_subscriber=per_subscriber, idle_per_process=idle, record=single[key] - model_round,
+                 model_round=model_round)
 
 
 # --------------------------------------------------------------------------- the validation
 
-def validate(url: str, costs: Costs, sizes: Sizes, prefix: str, progress: Progress) -> dict[str, Any]:
+def validate(url: str, costs: Costs, command_costs: Costs, sizes: Sizes, prefix: str,
+             progress: Progress) -> dict[str, Any]:
     """bench_fleet's workload with many thinking processes: Redis CPU measured against the model's prediction
     from the run's own mix and rates."""
     n = sizes.validation_workers
@@ -572,14 +583,29 @@ def validate(url: str, costs: Costs, sizes: Sizes, prefix: str, progress: Progre
     progress(f"capacity: validation, {n} worker processes x {sizes.validation_requests} requests, think "
              f"{VALIDATION_THINK_MS:g} ms after each read")
     pool = Pool(n, joiner=False)
+    admin = redis.Redis.from_url(url)
+    peak = [0]
+    done = threading.Event()
+
+    def sample_connections() -> None:  # the most connections the fleet held at once, sampled
+        with redis.Redis.from_url(url) as watcher:
+            while not done.wait(0.25):
+                peak[0] = max(peak[0], int(watcher.info("clients")["connected_clients"]))
+
+    watcher = threading.Thread(target=sample_connections, daemon=True)
     try:
         clear_namespaces(url, [f"{settings.namespace}-fleet"])
+        admin.config_resetstat()  # the workers' caches are opened (a few commands) inside the count
+        watcher.start()
         reports, used, wall = measured_run(pool, cpu, settings, "fleet")
+        stats: dict[str, Any] = admin.info("commandstats")
     finally:
+        done.set()
         pool.stop()
         with contextlib.suppress(Exception):
             clear_namespaces(url, [f"{settings.namespace}-fleet"])
         cpu.close()
+        admin.close()
     got = {k: sum(r.counts.get(k, 0) for r in reports) for k in ("gets", "l1", "l2", "l3", "misses")}
     reads = got["gets"]
     writes = sum(r.writes for r in reports)
@@ -590,12 +616,25 @@ def validate(url: str, costs: Costs, sizes: Sizes, prefix: str, progress: Progre
               miss=1.0 - (got["l1"] + got["l2"] + got["l3"]) / reads, write_share=writes / requests)
     model = predict(costs, n, rps, mix)
     measured = (used - idle * wall) / wall * 1e6  # µs of Redis CPU per second, the idle server's less
+    command_model = predict(command_costs, n, rps, mix)
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()
+             if name.removeprefix("cmdstat_") in ("evalsha", "publish")}
+    misses = got["misses"]
+    # What the model counts, in the commands Redis counts: a script call per write, three per miss, one per
+    # touch.lua call; a PUBLISH (run by the scripts) per write and per miss's fill.
+    expected = {"publish": writes + misses,
+                "evalsha": round(writes + MISS_SCRIPTS * misses + model["touch_calls_per_second"] * wall)}
     return {"workers": n, "requests": requests, "reads": reads, "writes": writes, "wall_seconds": wall,
             "rps_per_worker": rps, "mix": asdict(mix), "counts": got, "think_ms": VALIDATION_THINK_MS,
             "measured_us_per_second": measured, "measured_gross_us_per_second": used / wall * 1e6,
             "predicted_us_per_second": model["us_per_second"], "ratio": measured / model["us_per_second"],
             "measured_us_per_request": measured / (requests / wall), "prediction": model,
-            "idle_us_per_second": 1e6 * idle, "wrong": sum(r.wrong for r in reports)}
+            "idle_us_per_second": 1e6 * idle, "wrong": sum(r.wrong for r in reports),
+            "commands": calls, "commands_expected": expected,
+            "measured_command_us_per_second": command_usec(stats) / wall,
+            "predicted_command_us_per_second": command_model["us_per_second"],
+            "command_prediction": command_model, "peak_connections": peak[0],
+            "connections_per_process": peak[0] / n}
 
 
 # --------------------------------------------------------------------------- the group
@@ -650,7 +689,12 @@ def table(result: dict[str, Any]) -> str:
         lines += [f"validation: {v['workers']} processes x {v['rps_per_worker']:.1f} req/s, mix "
                   + ", ".join(f"{k} {x:.3f}" for k, x in v["mix"].items())
                   + f": measured {v['measured_us_per_second']:.0f} µs/s, predicted {v['predicted_us_per_second']:.0f}"
-                  f" µs/s, ratio {v['ratio']:.2f}"]
+                  f" µs/s, ratio {v['ratio']:.2f}",
+                  "  commands Redis counted / the model's: " + ", ".join(
+                      f"{k} {v['commands'].get(k, 0):,} / {x:,}" for k, x in v["commands_expected"].items()),
+                  f"  the commands' own time (commandstats): measured {v['measured_command_us_per_second']:.0f} µs/s, "
+                  f"predicted {v['predicted_command_us_per_second']:.0f} µs/s",
+                  f"  peak connections {v['peak_connections']} ({v['connections_per_process']:.2f} per process)"]
     lines += ["", f"{'workers':>7} {'req/s/w':>7} {'writes':>6} {'req/s':>8} {'µs/req':>7} {'CPU share':>9} masters"]
     for r in result["table"]:
         lines.append(f"{r['workers']:>7} {r['rps_per_worker']:>7g} {100 * r['write_share']:>5g}% "
@@ -665,13 +709,14 @@ def run_capacity(url: str, mode: str = "full", progress: Progress = noop) -> dic
     prefix = f"vrccap{random.getrandbits(24):06x}"
     started = time.perf_counter()
     measured = measure_costs(url, sizes, prefix, progress)
-    costs = costs_of(measured)
+    costs, command_costs = costs_of(measured), costs_of(measured, "command_us")
     progress("capacity: " + ", ".join(f"{k} {v:.1f}" for k, v in asdict(costs).items()))
-    validation = validate(url, costs, sizes, prefix, progress)
+    validation = validate(url, costs, command_costs, sizes, prefix, progress)
     progress(f"capacity: validation measured {validation['measured_us_per_second']:.0f} µs/s, predicted "
              f"{validation['predicted_us_per_second']:.0f} µs/s (ratio {validation['ratio']:.2f})")
     return {"group": "capacity", "mode": mode, "facts": facts.machine_facts(url), "sizes": asdict(sizes),
-            "measured": measured, "costs": asdict(costs), "table": capacity_table(costs),
+            "measured": measured, "costs": asdict(costs), "command_costs": asdict(command_costs),
+            "table": capacity_table(costs),
             "validation": validation, "figures": figures_of(costs, measured, validation), "skipped": {},
             "seconds": round(time.perf_counter() - started, 1)}
 
