@@ -53,10 +53,10 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import redis
@@ -71,6 +71,7 @@ from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
 from victor_rcache.bookkeeping import COUNTS_INTERVAL, WINDOW
 from victor_rcache.demo import clear_namespaces
 
+T = TypeVar("T")
 SUBSCRIBERS = (0, 1, 4, 16)  # subscribed processes for the fan-out slope
 VALIDATION_WORKERS = 24
 VALIDATION_THINK_MS = 18.0  # after each read: about 50 requests/s per worker (1 in 10 a write, no think)
@@ -91,12 +92,13 @@ class Sizes:
     patterns: int  # queries walked for the memory per pattern
     validation_workers: int
     validation_requests: int  # per worker
+    gap: float = 0.001  # seconds between two operations of a per-op case (see GAP)
 
 
 SIZES = {
-    "full": Sizes(3000, 1.0, 20_000, 1500, 3000, VALIDATION_WORKERS, 800),
+    "full": Sizes(2000, 1.0, 20_000, 1000, 3000, VALIDATION_WORKERS, 800),
     "quick": Sizes(1000, 0.5, 5000, 500, 1000, VALIDATION_WORKERS, 400),
-    "tiny": Sizes(60, 0.1, 200, 40, 60, 2, 20),  # the smoke test: every figure, no meaning
+    "tiny": Sizes(60, 0.1, 200, 40, 60, 2, 20, gap=0.0),  # the smoke test: every figure, no meaning
 }
 
 
@@ -207,7 +209,8 @@ def capacity_table(costs: Costs, mix: Mix = Mix(), ceiling: float = 0.6) -> list
 class Meter:
     """Redis CPU per operation: INFO cpu over a run, less the idle server's rate, with commandstats alongside."""
 
-    def __init__(self, url: str, idle_seconds: float) -> None:
+    def __init__(self, url: str, idle_seconds: float, gap: float = 0.0) -> None:
+        self.gap = gap
         self.admin = redis.Redis.from_url(url)
         self.cpu = RedisCPU(url)
         self.idle_seconds = idle_seconds
@@ -224,7 +227,15 @@ class Meter:
         gross = c1 - c0
         net = gross - self.idle * (t1 - t0)
         return {"us": 1e6 * net / ops, "gross_us": 1e6 * gross / ops, "command_us": command_usec(stats) / ops,
-                "script_calls_per_op": scripts / ops, "ops": ops, "seconds": round(t1 - t0, 3)}
+                "script_calls_per_op": scripts / ops, "ops": ops, "seconds": round(t1 - t0, 3),
+                "commands": per_command(stats)}
+
+    def paced(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, ``gap`` seconds apart: the operations reach Redis spaced as a fleet's do, not back to back."""
+        for item in items:
+            yield item
+            if self.gap:
+                time.sleep(self.gap)
 
     def close(self) -> None:
         self.admin.close()
@@ -237,6 +248,12 @@ def command_usec(stats: dict[str, Any]) -> float:
     per-op measurements and the fleet's, so the two compare."""
     return sum(float(v.get("usec", 0)) for name, v in stats.items()
                if name.removeprefix("cmdstat_").split("|")[0] not in HARNESS_COMMANDS)
+
+
+def per_command(stats: dict[str, Any]) -> dict[str, list[float]]:
+    """{command: [calls, usec]} of an ``INFO commandstats`` reply, the counting's own commands left out."""
+    return {name.removeprefix("cmdstat_"): [int(v["calls"]), float(v["usec"])] for name, v in stats.items()
+            if name.removeprefix("cmdstat_").split("|")[0] not in HARNESS_COMMANDS}
 
 
 def slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -340,13 +357,13 @@ def _touch_pair(meter: Meter, reader: MultiLevelCache, keys: list[str]) -> tuple
     reader.flush_bookkeeping()
 
     def batched() -> int:
-        for k in keys[:half]:
+        for k in meter.paced(keys[:half]):
             reader.get(k)
         reader.flush_bookkeeping()
         return half
 
     def one_per_call() -> int:
-        for k in keys[half:]:
+        for k in meter.paced(keys[half:]):
             reader.get(k)
             reader.flush_bookkeeping()
         return len(keys) - half
@@ -356,7 +373,7 @@ def _touch_pair(meter: Meter, reader: MultiLevelCache, keys: list[str]) -> tuple
 
 def measure_costs(url: str, sizes: Sizes, prefix: str, progress: Progress) -> dict[str, Any]:
     """Every per-op cost (µs of Redis CPU), memory per entry and per pattern, connections per process."""
-    meter = Meter(url, sizes.idle_seconds)
+    meter = Meter(url, sizes.idle_seconds, sizes.gap)
     admin = meter.admin
     n = sizes.ops
     out: dict[str, Any] = {"idle_us_per_second": 1e6 * meter.idle}
@@ -368,7 +385,7 @@ def measure_costs(url: str, sizes: Sizes, prefix: str, progress: Progress) -> di
         payload = msgpack.packb(VALUE, use_bin_type=True)
         raw_keys = [f"{prefix}-raw-{i}" for i in range(n)]
         admin.mset(dict.fromkeys(raw_keys, payload))
-        out["get_floor"] = meter.per_op(lambda: sum(1 for k in raw_keys if admin.get(k) is not None))
+        out["get_floor"] = meter.per_op(lambda: sum(1 for k in meter.paced(raw_keys) if admin.get(k) is not None))
         admin.delete(*raw_keys)
 
         progress(f"capacity: L2 and L3 hits, misses, puts ({n} operations each)")
@@ -390,13 +407,13 @@ def measure_costs(url: str, sizes: Sizes, prefix: str, progress: Progress) -> di
             cache.get_or_set("warm", lambda: VALUE)  # lease.lua and put.lua loaded
 
             def gets() -> int:
-                for i in range(n):
+                for i in meter.paced(range(n)):
                     cache.get(f"absent-{i}")
                 cache.flush_bookkeeping()
                 return n
 
             def fills() -> int:
-                for i in range(n):
+                for i in meter.paced(range(n)):
                     cache.get_or_set(f"m{i}", lambda: VALUE)
                 cache.flush_bookkeeping()
                 return n
@@ -407,12 +424,12 @@ def measure_costs(url: str, sizes: Sizes, prefix: str, progress: Progress) -> di
             cache.put("warm", VALUE)
 
             def new_puts() -> int:
-                for i in range(n):
+                for i in meter.paced(range(n)):
                     cache.put(f"p{i}", VALUE)
                 return n
 
             def rewrites() -> int:
-                for i in range(n):
+                for i in meter.paced(range(n)):
                     cache.put(f"p{i}", VALUE)
                 return n
 
@@ -448,7 +465,7 @@ def fanout(meter: Meter, holders: Holders, sizes: Sizes) -> dict[str, Any]:
             idle = meter.cpu.idle_rate(sizes.idle_seconds)
 
             def puts() -> int:
-                for i in range(sizes.ops):
+                for i in meter.paced(range(sizes.ops)):
                     cache.put(keys[i % len(keys)], VALUE)
                 return sizes.ops
 
@@ -493,13 +510,13 @@ def model_rounds(meter: Meter, url: str, namespace: str, sizes: Sizes) -> dict[s
         warmer.flush()
 
         def one_per_round() -> int:
-            for i, q in enumerate(queries[:sizes.records]):
+            for i, q in meter.paced(enumerate(queries[:sizes.records])):
                 warmer.record_query(q, VALUE["tools"], session=f"s{i // 8}")
                 warmer.flush()
             return sizes.records
 
         def batched() -> int:
-            for i, q in enumerate(queries[sizes.records:]):
+            for i, q in enumerate(queries[sizes.records:]):  # back to back: 64 records per round exactly
                 warmer.record_query(q, VALUE["tools"], session=f"t{i // 8}")
                 if i % RECORDS_PER_ROUND == RECORDS_PER_ROUND - 1:
                     warmer.flush()
@@ -507,7 +524,7 @@ def model_rounds(meter: Meter, url: str, namespace: str, sizes: Sizes) -> dict[s
             return sizes.records
 
         def predictions() -> int:
-            for i, q in enumerate(queries[:sizes.records]):
+            for i, q in meter.paced(enumerate(queries[:sizes.records])):
                 warmer.predict_next_queries(q, top_k=2, session=f"s{i // 8}")
             warmer.flush()
             return sizes.records
@@ -630,7 +647,7 @@ def validate(url: str, costs: Costs, command_costs: Costs, sizes: Sizes, prefix:
             "predicted_us_per_second": model["us_per_second"], "ratio": measured / model["us_per_second"],
             "measured_us_per_request": measured / (requests / wall), "prediction": model,
             "idle_us_per_second": 1e6 * idle, "wrong": sum(r.wrong for r in reports),
-            "commands": calls, "commands_expected": expected,
+            "commands": calls, "commands_expected": expected, "commandstats": per_command(stats),
             "measured_command_us_per_second": command_usec(stats) / wall,
             "predicted_command_us_per_second": command_model["us_per_second"],
             "command_prediction": command_model, "peak_connections": peak[0],
