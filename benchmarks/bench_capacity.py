@@ -92,13 +92,15 @@ class Sizes:
     patterns: int  # queries walked for the memory per pattern
     validation_workers: int
     validation_requests: int  # per worker
-    gap: float = 0.001  # seconds between two operations of a per-op case (see GAP)
+    gap: float = 0.001  # seconds between two operations of a per-op case (Meter.paced)
+    subscribers: tuple[int, ...] = SUBSCRIBERS
 
 
 SIZES = {
     "full": Sizes(2000, 1.0, 20_000, 1000, 3000, VALIDATION_WORKERS, 800),
     "quick": Sizes(1000, 0.5, 5000, 500, 1000, VALIDATION_WORKERS, 400),
-    "tiny": Sizes(60, 0.1, 200, 40, 60, 2, 20, gap=0.0),  # the smoke test: every figure, no meaning
+    # the smoke test: every figure, no meaning
+    "tiny": Sizes(60, 0.1, 200, 40, 60, 2, 20, gap=0.0, subscribers=(0, 1, 2)),
 }
 
 
@@ -436,7 +438,7 @@ def measure_costs(url: str, sizes: Sizes, prefix: str, progress: Progress) -> di
             out["put_new"] = meter.per_op(new_puts)
             out["put"] = meter.per_op(rewrites)
 
-        progress(f"capacity: fan-out of a write to {', '.join(map(str, SUBSCRIBERS))} subscribed processes")
+        progress(f"capacity: fan-out of a write to {', '.join(map(str, sizes.subscribers))} subscribed processes")
         out["fanout"] = fanout(meter, holders, sizes)
         progress("capacity: connections per process")
         out["connections"] = connections(url, admin, f"{prefix}-conn")
@@ -459,7 +461,7 @@ def fanout(meter: Meter, holders: Holders, sizes: Sizes) -> dict[str, Any]:
         channel = cache._core.space.channel
         keys = [f"f{i}" for i in range(256)]  # rewritten again and again: the namespace keeps its size
         cache.put_many(dict.fromkeys(keys, VALUE))
-        for k in SUBSCRIBERS:
+        for k in sizes.subscribers:
             holders.add(k - len(holders.procs))
             wait_for_subscribers(meter.admin, channel, k)
             idle = meter.cpu.idle_rate(sizes.idle_seconds)

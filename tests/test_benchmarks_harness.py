@@ -84,6 +84,32 @@ def test_prewarm_tiny_run_and_report(redis_url: str, tmp_path: Path,
     assert "(`prewarm:ttl@5ms:background`)" in text
 
 
+@pytest.mark.standalone_only(reason="Redis CPU is one server's INFO cpu; the fleet's workers take one URL")
+def test_capacity_tiny_run_and_report(redis_url: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "latest.json"
+    assert harness.main(["run", "--group", "capacity", "--tiny", "--url", redis_url, "--out", str(out)]) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    capacity = run["groups"]["capacity"]
+    assert {f["id"] for f in capacity["figures"]} == {
+        *(f"capacity:{k}" for k in ("l2_hit", "l3_hit", "miss", "put", "touch_call", "per_subscriber", "record",
+                                    "model_round", "memory_per_entry")), "capacity:model"}
+    v = capacity["validation"]
+    assert v["requests"] == 2 * 20  # tiny: 2 processes x 20 requests
+    assert v["wrong"] == 0
+    assert v["predicted_us_per_second"] > 0
+    assert v["measured_gross_us_per_second"] > 0
+    assert v["commands"]["publish"] >= v["writes"]  # every write announced
+    assert capacity["measured"]["connections"]["one cache, opened"] >= 1
+    assert len(capacity["table"]) == 18
+    capsys.readouterr()
+    assert harness.main(["report", "--in", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "## Capacity" in text
+    assert "(`capacity:model`)" in text
+    assert harness.main(["run", "--group", "capacity", "--config", "l2", "--tiny", "--url", redis_url]) == 2
+
+
 def test_prewarm_verdicts_from_made_up_rows() -> None:
     from benchmarks.bench_prewarm import figures_of
 
