@@ -379,7 +379,7 @@ def measure_costs(url: str, sizes: Sizes, prefix: str, progress: Progress) -> di
     admin = meter.admin
     n = sizes.ops
     out: dict[str, Any] = {"idle_us_per_second": 1e6 * meter.idle}
-    room = {"l2_size": 2 * n + 1000, "l3_size": 2 * n + 1000, "promote_after": 1, "fail_open": False}
+    room: dict[str, Any] = {"l2_size": 2 * n + 1000, "l3_size": 2 * n + 1000, "promote_after": 1, "fail_open": False}
     namespaces = [f"{prefix}-{x}" for x in ("get", "l2", "l3", "miss", "put", "pub", "model", "mem", "pat")]
     holders = Holders(url, f"{prefix}-pub")
     try:
@@ -399,7 +399,7 @@ def measure_costs(url: str, sizes: Sizes, prefix: str, progress: Progress) -> di
             out["l2_batched"], out["l2_one_per_call"] = _touch_pair(meter, reader, keys)
         # One L2 slot per shard: the q-keys end in L3; with promote_after 1 each first hit promotes its entry
         # (in its touch.lua event) and demotes another, as in a fleet whose L2 is full.
-        l3 = {**room, "l2_size": SHARDS}
+        l3: dict[str, Any] = {**room, "l2_size": SHARDS}
         with MultiLevelCache(url, namespace=namespaces[2], coherence=False, **l3) as writer:
             push_to_l3(writer, n)
         with MultiLevelCache(url, namespace=namespaces[2], coherence=False, **l3) as reader:
