@@ -125,10 +125,12 @@ class Costs:
 class Mix:
     """What a fleet's requests are: reads by where they are answered, and the share of writes."""
 
-    l1: float = 0.80
-    l2: float = 0.12
+    # The defaults: about the fleet workload's tiers at 2-4 processes (benchmarks/README.md: 70-74% L1, 9-18%
+    # L2, 83-89% hits), with a little L3.
+    l1: float = 0.70
+    l2: float = 0.17
     l3: float = 0.03
-    miss: float = 0.05
+    miss: float = 0.10
     write_share: float = 0.10  # of requests (a request is a read or a write)
     records_per_read: float = 0.0  # record_query calls per read (1 with the prediction model on every read)
 
