@@ -6,8 +6,11 @@
 Every cost is **Redis CPU**: the redis-server process's own CPU time (``INFO cpu``: ``used_cpu_user +
 used_cpu_sys``) over many operations by one process, less the idle server's CPU over as long (its rate
 measured first), per operation. It includes what ``INFO commandstats`` leaves out (reading the request,
-writing the reply, the event loop), so it is what fills a core; the commands' own time (``commandstats``
-usec of the script calls and the top-level ``HMGET``) is kept alongside as a cross-check. Measured:
+writing the reply, the event loop's wake-up), so it is what fills a core; the commands' own time
+(``commandstats`` usec, :func:`command_usec`) is kept alongside as a cross-check. The operations of a case
+are paced ``Sizes.gap`` (1 ms) apart, as a fleet's requests reach Redis: a request that finds the server
+idle costs more than one of a back-to-back stream, and costs taken back to back predicted only 0.66-0.85
+of the check's fleet. Measured:
 
 * a Redis hit from L2 and from L3, cold L1 (``MultiLevelCache.get`` of keys another instance wrote, each read
   once), a miss (``get_or_set`` of an absent key: the ``HMGET`` that misses, ``lease.lua``, the fill), a
@@ -19,11 +22,12 @@ usec of the script calls and the top-level ``HMGET``) is kept alongside as a cro
   operation's cost is given without it (the model adds the calls a given rate makes);
 * the invalidation fan-out: the same puts with 0, 1, 4 and 16 subscribed processes (each a process with a
   ``MultiLevelCache`` of the namespace, coherence on: its listener is the subscriber), the per-subscriber
-  slope by least squares; and the idle server's CPU with those processes connected (per process);
+  slope by least squares; and what an idle connected process costs: the commands it sends (its listener's
+  health-check PING, once a second), counted, at a PING's cost (their CPU is lost in the idle server's);
 * the prediction model's background rounds: ``record_query`` with a round (``flush()``) after each record and
   after every 64, so a round's fixed cost and a record's cost; ``predict_next_queries`` (answered from the
   process's view: its Redis cost is the view's reads, in rounds);
-* memory: ``used_memory`` delta per entry (the micro group's value: a tool-selection dict, 111 bytes of
+* memory: ``used_memory`` delta per entry (bench_tiers' ``VALUE``: a tool-selection dict, 111 bytes of
   msgpack) and per model pattern set (``get_statistics()["patterns"]["total"]``);
 * connections per process: ``CLIENT LIST`` entries of one process with one cache, after its first calls,
   with a warmer, and with a second cache.
@@ -34,6 +38,7 @@ of a request); :func:`capacity_table` tabulates it. The validation runs bench_fl
 mostly think (``think_ms`` after each read, so about 50 requests/s each), measures the server's CPU over the
 run as bench_prewarm does, and compares it with the model fed the same run's per-op costs and the run's
 own mix (the workers' tier counters, writes, rates): the verdict is measured / predicted within 0.75-1.25.
+The results and the table are in docs/capacity.md.
 """
 
 from __future__ import annotations
@@ -728,7 +733,9 @@ def table(result: dict[str, Any]) -> str:
                       f"{k} {v['commands'].get(k, 0):,} / {x:,}" for k, x in v["commands_expected"].items()),
                   f"  the commands' own time (commandstats): measured {v['measured_command_us_per_second']:.0f} µs/s, "
                   f"predicted {v['predicted_command_us_per_second']:.0f} µs/s",
-                  f"  peak connections {v['peak_connections']} ({v['connections_per_process']:.2f} per process)"]
+                  f"  peak connections {v['peak_connections']} ({v['connections_per_process']:.2f} per process: "
+                  f"maxclients {MAXCLIENTS:,} reached at {MAXCLIENTS / v['connections_per_process']:,.0f} "
+                  "processes per master)"]
     lines += ["", f"{'workers':>7} {'req/s/w':>7} {'writes':>6} {'req/s':>8} {'µs/req':>7} {'CPU share':>9} masters"]
     for r in result["table"]:
         lines.append(f"{r['workers']:>7} {r['rps_per_worker']:>7g} {100 * r['write_share']:>5g}% "
