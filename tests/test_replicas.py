@@ -1,20 +1,21 @@
 """Reads from replicas behind the version fence (docs/replicas.md, victor_rcache/replicas.py).
 
-Real servers only: a standalone master with a replica that gets the master's stream through
-tests/lag_proxy.py (each chunk held 20-50 ms, or held back entirely while a test needs a replica known
-to be behind), and the session's test cluster (3 masters, one replica each).
+Real servers only: a master with a replica that gets the master's stream through tests/lag_proxy.py (each
+chunk held 20-50 ms, or held back entirely while a test needs a replica known to be behind), standalone
+or on a cluster of its own (one master with every slot, announcing the proxy's port as its own, and its
+replica: see Replicated); and the session's test cluster (3 masters, one replica each), without lag.
 
 * Settings: every wrong combination is a ConfigurationError naming the fix.
 * The fence alone (no Redis): what it trusts, its bound, and the floors its evictions raise.
 * A replica known to be behind: a hit it holds too old, and a miss of an entry it has not received, are
   both read again on the master; get_or_set never runs its loader because a replica lagged.
-* The acceptance run: another OS process writes 10,000 increasing values while this process reads
-  through a lagging replica. Every value read is at least as new as the newest version the reader knew
-  of when it asked, reads never go back in time, and the replica served the hits (its INFO commandstats).
+* The acceptance run, standalone and on a cluster: another OS process writes 10,000 increasing values
+  while this process reads through a lagging replica. Every value read is at least as new as the newest
+  version the reader knew of when it asked, reads never go back in time, the replica served the hits (its
+  INFO commandstats), and its lag was met (reads fenced off to the master).
 * A replica that is down never fails a call: reads fall back to the master.
-* Cluster: reads go to the masters' replicas (their commandstats), and the fence holds under another
-  process's writes. Lag is not injected there: a cluster's replicas replicate over the cluster's own
-  links, which a proxy cannot sit in without rewriting the addresses the nodes announce.
+* Cluster of three masters: reads go to the masters' replicas (their commandstats), sync and asyncio, and
+  the fence holds under another process's writes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pytest
 import redis
 
 from victor_rcache import AsyncMultiLevelCache, CacheConfig, ConfigurationError, MultiLevelCache
-from victor_rcache.local_redis import LocalRedisServer
+from victor_rcache.local_redis import LocalRedisCluster, LocalRedisServer
 from victor_rcache.replicas import VersionFence
 
 from .lag_proxy import LagProxy
@@ -107,14 +108,54 @@ def test_fence_is_bounded_and_forgetting_raises_the_shard_floor() -> None:
 
 
 class Replicated:
-    """A master, a lag proxy and a replica of the master through the proxy."""
+    """A master, a lag proxy and a replica of the master through the proxy; ``url`` is the master's address
+    for clients.
 
-    def __init__(self) -> None:
-        self.master = LocalRedisServer(extra_args=("--repl-diskless-sync-delay", "0")).start()
-        self.proxy = LagProxy(self.master.port)
-        self.replica = LocalRedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.proxy.port))).start()
+    Standalone: the replica is started with ``--replicaof`` the proxy. Cluster: a cluster of its own, one
+    master holding every slot and its replica (set up by hand: ``redis-cli --cluster create`` wants three
+    masters). The master announces the proxy's port as its own (``cluster-announce-port``; its bus port
+    stays its own), and the replica meets it there, so it replicates through the proxy; the clients the
+    cluster sends to that port pass through it too, undelayed (the proxy delays replication connections
+    only)."""
+
+    def __init__(self, cluster: bool = False) -> None:
+        self.cluster = cluster
+        if not cluster:
+            self.master = LocalRedisServer(extra_args=("--repl-diskless-sync-delay", "0")).start()
+            self.proxy = LagProxy(self.master.port)
+            self.replica = LocalRedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.proxy.port))).start()
+            self.url = self.master.url
+        else:
+            self._nodes = LocalRedisCluster(masters=1, replicas=1)  # (its nodes' settings; started here)
+            self.master, self.replica = self._nodes.nodes
+            self.master.start()
+            self.proxy = LagProxy(self.master.port)
+            self.url = f"redis://127.0.0.1:{self.proxy.port}/0"
+            try:
+                self._replicate_through_the_proxy()
+            except BaseException:
+                self.proxy.close()
+                self._nodes.stop()
+                raise
         self.client = redis.Redis(port=self.replica.port)
         eventually(self.in_sync, "the replica is in sync with its master")
+
+    def _replicate_through_the_proxy(self) -> None:
+        self.replica.start()
+        bus = self.master.port + 10000  # (LocalRedisServer picks a cluster node's port with its bus port free)
+        with redis.Redis(port=self.master.port) as master, redis.Redis(port=self.replica.port) as replica:
+            master.config_set("cluster-announce-port", self.proxy.port)
+            master.config_set("cluster-announce-bus-port", bus)
+            master.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            master_id = master.execute_command("CLUSTER", "MYID").decode()
+            replica.execute_command("CLUSTER", "MEET", "127.0.0.1", self.proxy.port, bus)
+            eventually(lambda: master_id.encode() in replica.execute_command("CLUSTER", "NODES"),
+                       "the replica met the master")
+            replica.execute_command("CLUSTER", "REPLICATE", master_id)
+            self._nodes.wait_until_ok()
+            assert replica.info("replication")["master_port"] == self.proxy.port
+            master.set("replicated", 1)  # Redis lists a replica in CLUSTER SLOTS once it has replicated something
+        eventually(lambda: _replicas_listed(self.url), "the cluster lists its replica")
 
     def in_sync(self) -> bool:
         info = self.client.info("replication")
@@ -137,16 +178,17 @@ class Replicated:
 
 
 @pytest.fixture
-def replicated() -> Iterator[Replicated]:
-    servers = Replicated()
+def replicated(request: pytest.FixtureRequest) -> Iterator[Replicated]:
+    """Standalone servers; a cluster of its own where a test is parametrized so (indirect, "cluster")."""
+    servers = Replicated(cluster=getattr(request, "param", "standalone") == "cluster")
     yield servers
     servers.close()
 
 
 def _reader(servers: Replicated, namespace: str, **settings: Any) -> MultiLevelCache:
-    settings = {"namespace": namespace, "fail_open": False, "read_from_replicas": True,
-                "replica_urls": [servers.replica.url], **settings}
-    return MultiLevelCache(servers.master.url, **settings)
+    replicas = {"cluster": True} if servers.cluster else {"replica_urls": [servers.replica.url]}
+    settings = {"namespace": namespace, "fail_open": False, "read_from_replicas": True, **replicas, **settings}
+    return MultiLevelCache(servers.url, **settings)
 
 
 def _heard(cache: MultiLevelCache, key: str, version: int) -> None:
@@ -288,9 +330,10 @@ def _check_reads(observed: list[tuple[str, int, Any]], version_of: dict[tuple[st
         last[key] = value
 
 
+@pytest.mark.parametrize("replicated", ["standalone", "cluster"], indirect=True)
 def test_no_read_is_older_than_a_version_seen_under_lag(replicated: Replicated, namespace: str) -> None:
     with _reader(replicated, namespace, l1_size=8) as reader:
-        observed, version_of = _read_while_another_process_writes(reader, replicated.master.url, WRITES)
+        observed, version_of = _read_while_another_process_writes(reader, replicated.url, WRITES)
         state = reader.get_metrics()["health"]["replicas"]
     assert len(version_of) == WRITES
     _check_reads(observed, version_of)
@@ -298,6 +341,7 @@ def test_no_read_is_older_than_a_version_seen_under_lag(replicated: Replicated, 
     assert len(observed) > 1000
     assert state["reads"] > 0
     assert replicated.hmgets() > 0
+    assert replicated.proxy.replications >= 1  # the replica's stream came through the proxy, delayed
     assert state["fenced"] > 0
 
 
