@@ -1,6 +1,6 @@
 """The benchmark harness: ``python -m benchmarks run`` then ``python -m benchmarks report``.
 
-    python -m benchmarks run --group micro|fleet|prewarm|all [--config NAME ...] [--quick|--tiny] [--repeat N]
+    python -m benchmarks run --group micro|fleet|prewarm|capacity|all [--config NAME ...] [--quick|--tiny] [--repeat N]
                              [--url URL] [--out benchmarks/results/latest.json]
     python -m benchmarks report [--format markdown|json] [--in FILE] [--plot out.png]
 
@@ -12,7 +12,9 @@ the latency distributions of L1, L2 and L3 hits against their floors and the fle
 hit rate against mean latency. Without ``--url`` a private redis-server is started on a free port
 (LocalRedisServer) and stopped at the end. The micro group is benchmarks/bench_micro.py (with
 bench_parallel.py); the fleet group is ``run_fleet`` of benchmarks/bench_fleet.py; the prewarm group
-(where prewarming pays and where it does not) is ``run_prewarm`` of benchmarks/bench_prewarm.py.
+(where prewarming pays and where it does not) is ``run_prewarm`` of benchmarks/bench_prewarm.py; the
+capacity group (Redis CPU per operation, the capacity model and its check on a fleet) is ``run_capacity`` of
+benchmarks/bench_capacity.py.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import facts
+from benchmarks.bench_capacity import run_capacity
 from benchmarks.bench_micro import FIGURES, TIMER_CASE, run_micro
 from benchmarks.bench_prewarm import WORKLOADS, run_prewarm
 from benchmarks.figures import judged
 from victor_rcache.local_redis import LocalRedisServer
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-GROUPS = ("micro", "fleet", "prewarm")
+GROUPS = ("micro", "fleet", "prewarm", "capacity")
 # The fleet group per mode: process counts, selection costs (ms), requests per worker. Every mode runs
 # N = 4 at both costs (the fleet figures); the full run adds N = 1 and 2 to the fleet's table and plot.
 FLEET_RUNS = {"full": ((1, 2, 4), (5.0, 0.17), 1500), "quick": ((4,), (5.0, 0.17), 400),
@@ -87,6 +90,8 @@ def run_groups(url: str, groups: tuple[str, ...], mode: str, configs: list[str],
                             "seconds": round(time.perf_counter() - started, 1)}
     if "prewarm" in groups and (prewarm_workloads or not configs):
         out["prewarm"] = run_prewarm(url, mode, prewarm_workloads, progress)
+    if "capacity" in groups and not configs:  # it has no configurations: runs whole, or not at all
+        out["capacity"] = run_capacity(url, mode, progress)
     return out
 
 
@@ -100,6 +105,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     if configs and groups == ("prewarm",) and not any(c in WORKLOADS for c in configs):
         print(f"--config {configs}: the prewarm group has workloads {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    if configs and groups == ("capacity",):
+        print("--config: the capacity group has no configurations; run it without --config", file=sys.stderr)
         return 2
     if args.repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)
@@ -265,6 +273,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"## Prewarming: where it pays (last run, {prewarm.get('seconds', '?')} s)", "", "```",
                   prewarm_table(prewarm), "```", "",
                   "Settings: " + ", ".join(f"{k}={_num(v)}" for k, v in (prewarm.get("settings") or {}).items())]
+    capacity = runs[-1].get("groups", {}).get("capacity")
+    if capacity and capacity.get("costs"):
+        from benchmarks.bench_capacity import table as capacity_table  # noqa: PLC0415 - the group's own table
+
+        lines += ["", f"## Capacity: Redis CPU per operation, the model and its check (last run, "
+                  f"{capacity.get('seconds', '?')} s)", "", "```", capacity_table(capacity), "```"]
     if not any(run.get("groups") for run in runs):
         lines += ["", "No group was run."]
     return "\n".join(lines).rstrip() + "\n"

@@ -14,9 +14,10 @@
   KEYS[8]  P hour:<HH>        ZSET  the current UTC hour's counts
   KEYS[9]  P sketch:0         STRING  the frequency sketch of even epochs (see "Admission" below)
   KEYS[10] P sketch:1         STRING  the frequency sketch of odd epochs
-  KEYS[11 .. 10+c]            the context patterns the caller derived from the history it expects:
+  KEYS[11] P obs              HASH    observations of each pattern and hour set (see "Decay" below)
+  KEYS[12 .. 11+c]            the context patterns the caller derived from the history it expects:
                               P next:<previous query>, then P ngram:<...> for n = 3, 4, ... (c of them)
-  KEYS[11+c ..]               evicted patterns to delete now (names an earlier call returned, at most
+  KEYS[12+c ..]               evicted patterns to delete now (names an earlier call returned, at most
                               64): each is deleted only if it has not been registered again since
 
   ARGV[1]   query (non-empty bytes)
@@ -66,18 +67,28 @@
   a one-off, never a pattern seen more often. Counters are read only with the width and epoch length
   they were written with (kept in `stats`): a call with others (changed settings) starts afresh.
 
+  Decay, applied forward: the n-th observation of a set adds w = decay^(1-n) to the query's score (n
+  kept in `obs`), instead of first multiplying every score of the set by `decay` and adding 1. Each
+  score is then decay^(1-n) times the decayed count includes/model.lua defines (after one observation,
+  the same), so every ratio within a set, all a prediction reads, is the same, and an observation costs
+  one HINCRBY where the multiplication rewrote the whole set (a ZUNIONSTORE: most of this script's
+  time). Counts below MIN_COUNT are dropped as before (scores below MIN_COUNT * w). Before w outgrows
+  2^300 the set is scaled back to plain counts once, and n starts again. A set without an `obs` field
+  (no decay, or written before it) holds plain counts. A field goes when its set's key is deleted.
+
   Reply: {0, {stored history}}          the history differs from the expected one: nothing written;
                                         the caller derives the context keys again and retries
          {1, verdict, {pending names}}  recorded. verdict: -1 = nothing judged, 0 = the query was not
                                         predicted, 1 = it was. Pending names (at most 64, key names
                                         without P) are evicted patterns whose keys the caller deletes
-                                        with its next call (as KEYS[11+c..]); they also expire after
+                                        with its next call (as KEYS[12+c..]); they also expire after
                                         the pattern ttl.
 ]]
 -- @include "includes/model.lua"
 
 local stats_key, patterns_key, queries_key, tools_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local evicted_key, hist_key, pred_key, hour_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local obs_key = KEYS[11]
 local query, tools = ARGV[1], ARGV[2]
 local session_ttl, keep = arg_int(3, 1, 1e15), arg_int(4, 1, 64)
 local max_patterns, max_successors = arg_int(5, 1, 1e9), arg_int(6, 1, 1e6)
@@ -86,7 +97,7 @@ local hour_size, max_queries, pattern_ttl = arg_int(9, 1, 1e9), arg_int(10, 1, 1
 -- 2^26 counters per row keeps the last counter's bit offset (4 rows of 4 bits) under BITFIELD's 2^32.
 local width, epoch_records = arg_int(12, 1, 2^26), arg_int(13, 1, 1e15)
 local c, h = arg_int(14, 0, 64), arg_int(15, 0, 64)
-local FIRST = 11                      -- KEYS[FIRST .. FIRST+c-1]: the context patterns
+local FIRST = 12                      -- KEYS[FIRST .. FIRST+c-1]: the context patterns
 local NGRAM_RANK = 1e15               -- subtracted from an n-gram set's tick in `patterns` (see below)
 local ROWS, SATURATED = 4, 15         -- the sketch's rows, and the largest value of a u4 counter
 
@@ -96,7 +107,7 @@ if string.len(query) == 0 or not (session_ttl and keep and max_patterns and max_
   return redis.error_reply('VRC_BADARG record: empty query, or a count, ttl, decay or sketch size out of '
       .. 'range, or KEYS/ARGV lengths that do not match c and h')
 end
-local wrong = preflight({'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'hash', 'zset', 'string', 'string'})
+local wrong = preflight({'hash', 'zset', 'zset', 'hash', 'zset', 'list', 'hash', 'zset', 'string', 'string', 'hash'})
 if wrong then return redis.error_reply(wrong) end
 
 local same, stored = history_matches(hist_key, keep, 16, h)
@@ -119,64 +130,85 @@ if last_epoch ~= epoch or reshaped then
 end
 
 -- The sketch counters of an item, one per row: 32 bits of its SHA1 per row pick the column.
+local cell_memo = {}
 local function cells(item)
-  local sha, out = redis.sha1hex(item), {}
+  local out = cell_memo[item]
+  if out then return out end
+  local sha = redis.sha1hex(item)
+  out = {}
   for r = 0, ROWS - 1 do
     out[r + 1] = r * width + tonumber(string.sub(sha, 8 * r + 1, 8 * r + 8), 16) % width
   end
+  cell_memo[item] = out
   return out
 end
 
--- Each row's count over both epochs, and the item's estimate: the least of them.
-local function counts(at)
-  local get = {}
-  for r = 1, ROWS do
-    local n = #get
-    get[n + 1], get[n + 2], get[n + 3] = 'GET', 'u4', '#' .. at[r]
+-- The counters this call has read, by index: this epoch's (with this call's increments, which are
+-- written once, by write_counts) and the previous epoch's. Reading every item of the call at once
+-- takes two BITFIELD calls instead of two per item.
+local now_at, before_at, added, added_order = {}, {}, {}, {}
+local function load(items)
+  local get, order, asked = {}, {}, {}
+  for _, item in ipairs(items) do
+    for _, at in ipairs(cells(item)) do
+      if now_at[at] == nil and not asked[at] then
+        asked[at] = true
+        order[#order + 1] = at
+        local n = #get
+        get[n + 1], get[n + 2], get[n + 3] = 'GET', 'u4', '#' .. at
+      end
+    end
   end
+  if #order == 0 then return end
   local now, before = redis.call('BITFIELD', current, unpack(get)), redis.call('BITFIELD', previous, unpack(get))
-  local sums, least = {}, nil
-  for r = 1, ROWS do
-    sums[r] = now[r] + before[r]
-    if not least or sums[r] < least then least = sums[r] end
-  end
-  return sums, least, now
+  for i, at in ipairs(order) do now_at[at], before_at[at] = now[i], before[i] end
 end
 
--- An item's estimate, read once per call: a victim refusing this call's first pattern is usually
--- the one its second pattern meets (items counted in this call are never victims: see below).
-local rated = {}
-local function estimate(item)
-  if rated[item] == nil then
-    local _, least = counts(cells(item))
-    rated[item] = least
+-- Each row's count over both epochs, and the item's estimate: the least of them.
+local function counts(item)
+  load({item})
+  local at, sums, least = cells(item), {}, nil
+  for r = 1, ROWS do
+    sums[r] = now_at[at[r]] + before_at[at[r]]
+    if not least or sums[r] < least then least = sums[r] end
   end
-  return rated[item]
+  return at, sums, least
+end
+
+local function estimate(item)
+  local _, _, least = counts(item)
+  return least
 end
 
 -- One more observation of an item; returns its new estimate. Only the rows holding the least count
 -- are raised (a conservative update): the others already count it, with other items' observations.
--- The final INCRBY of 0 on the last counter makes the string its full, fixed size from the start.
 local function count(item)
-  rated[item] = nil
-  local at = cells(item)
-  local sums, least, now = counts(at)
-  local incr, after = {'OVERFLOW', 'SAT'}, nil
-  local function add(index, by)
-    local n = #incr
-    incr[n + 1], incr[n + 2], incr[n + 3], incr[n + 4] = 'INCRBY', 'u4', '#' .. index, by
-  end
+  local at, sums, least = counts(item)
+  local after = nil
   for r = 1, ROWS do
     local v = sums[r]
-    if v == least and now[r] < SATURATED then
-      add(at[r], 1)
+    if v == least and now_at[at[r]] < SATURATED then
+      now_at[at[r]] = now_at[at[r]] + 1
+      if not added[at[r]] then added_order[#added_order + 1] = at[r] end
+      added[at[r]] = (added[at[r]] or 0) + 1
       v = v + 1
     end
     if not after or v < after then after = v end
   end
-  add(ROWS * width - 1, 0)
-  redis.call('BITFIELD', current, unpack(incr))
   return after
+end
+
+-- This call's increments, in one BITFIELD. The final INCRBY of 0 on the last counter makes the string
+-- its full, fixed size from the start.
+local function write_counts()
+  local incr = {'OVERFLOW', 'SAT'}
+  for _, at in ipairs(added_order) do
+    local n = #incr
+    incr[n + 1], incr[n + 2], incr[n + 3], incr[n + 4] = 'INCRBY', 'u4', '#' .. at, added[at]
+  end
+  local n = #incr
+  incr[n + 1], incr[n + 2], incr[n + 3], incr[n + 4] = 'INCRBY', 'u4', '#' .. (ROWS * width - 1), 0
+  redis.call('BITFIELD', current, unpack(incr))
 end
 
 -- The verdict on the prediction pending for this session (see the header).
@@ -189,11 +221,23 @@ if made_after and (made_after ~= query or made_after == stored[1]) then
   if verdict == 1 then redis.call('HINCRBY', stats_key, 'predictions_correct', 1) end
 end
 
--- One observation of `member` in a decayed, bounded set; the member just seen always stays.
+-- One observation of `query` in a decayed, bounded set (forward decay: see "Decay" in the header); the
+-- member just seen always stays. %.17g: Lua would format a number with 14 digits only.
+local RESCALE = 300 * math.log(2)     -- w = decay^-n stays under 2^300
 local function observe(key, d, size)
-  if d < 1 then redis.call('ZUNIONSTORE', key, 1, key, 'WEIGHTS', d) end
-  redis.call('ZINCRBY', key, 1, query)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. MIN_COUNT)
+  local w = 1
+  if d < 1 then
+    local name = string.sub(key, #P + 1)
+    local n = redis.call('HINCRBY', obs_key, name, 1)
+    if (n - 1) * -math.log(d) > RESCALE then   -- back to plain counts (as after observation 1), then this one
+      redis.call('ZUNIONSTORE', key, 1, key, 'WEIGHTS', string.format('%.17g', d ^ (n - 2)))
+      redis.call('HSET', obs_key, name, 2)
+      n = 2
+    end
+    w = d ^ (1 - n)
+  end
+  redis.call('ZINCRBY', key, string.format('%.17g', w), query)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. string.format('%.17g', MIN_COUNT * w))
   local over = redis.call('ZCARD', key) - size
   while over > 0 do
     local lowest = redis.call('ZRANGE', key, 0, 1)
@@ -232,6 +276,12 @@ end
 local function beats(freq, victim, victim_freq)
   return victim ~= nil and freq > victim_freq
 end
+
+-- Every item this call counts, read at once: its context patterns, then its query.
+local items = {}
+for i = FIRST, FIRST - 1 + c do items[#items + 1] = string.sub(KEYS[i], #P + 1) end
+items[#items + 1] = 'q:' .. query
+load(items)
 
 local rejected = 0
 for i = FIRST, FIRST - 1 + c do
@@ -281,6 +331,7 @@ if listed then
 else
   redis.call('HINCRBY', stats_key, 'queries_rejected', 1)
 end
+write_counts()
 local over = redis.call('ZCARD', queries_key) - max_queries
 if over > 0 then                       -- max_queries was lowered: the least recently recorded go
   for _, q in ipairs(redis.call('ZRANGE', queries_key, 0, over - 1)) do redis.call('HDEL', tools_key, q) end
@@ -305,7 +356,10 @@ if over > 0 then
 end
 for i = FIRST + c, #KEYS do
   local name = string.sub(KEYS[i], #P + 1)
-  if not redis.call('ZSCORE', patterns_key, name) then redis.call('DEL', KEYS[i]) end
+  if not redis.call('ZSCORE', patterns_key, name) then
+    redis.call('DEL', KEYS[i])
+    redis.call('HDEL', obs_key, name)
+  end
   redis.call('ZREM', evicted_key, name)
 end
 

@@ -23,17 +23,17 @@ local with_tools = ARGV[1]
 if #KEYS < 1 or #KEYS > 513 or (with_tools ~= '0' and with_tools ~= '1') or #ARGV ~= 1 then
   return redis.error_reply('VRC_BADARG view: 1 to 513 keys (tools, then pattern sets) and ARGV[1] 0 or 1')
 end
-for i = 1, #KEYS do
+-- A key of the wrong type, named (no TYPE call per key first: this script writes nothing, so it may
+-- find out on the way, and a round reads many sets).
+local function wrong_type(i, want)
   local t = redis.call('TYPE', KEYS[i])['ok']
-  local want = i == 1 and 'hash' or 'zset'
-  if t ~= 'none' and t ~= want then
-    return redis.error_reply('VRC_WRONGTYPE ' .. KEYS[i] .. ' is a ' .. t .. ', the prediction model needs a ' .. want)
-  end
+  return redis.error_reply('VRC_WRONGTYPE ' .. KEYS[i] .. ' is a ' .. t .. ', the prediction model needs a ' .. want)
 end
 
 local sets, members, seen = {}, {}, {}
 for i = 2, #KEYS do
-  local flat = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  local flat = redis.pcall('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  if flat.err then return wrong_type(i, 'zset') end
   sets[#sets + 1] = flat
   for j = 1, #flat, 2 do
     if not seen[flat[j]] then
@@ -49,7 +49,8 @@ if with_tools == '1' and #members > 0 then
   for first = 1, #members, 1000 do
     local slice = {}
     for j = first, math.min(first + 999, #members) do slice[#slice + 1] = members[j] end
-    local got = redis.call('HMGET', tools_key, unpack(slice))
+    local got = redis.pcall('HMGET', tools_key, unpack(slice))
+    if got.err then return wrong_type(1, 'hash') end
     for j = 1, #slice do
       tools[#tools + 1] = slice[j]
       tools[#tools + 1] = got[j]

@@ -54,13 +54,25 @@ def test_micro_tiny_run_and_report(redis_url: str, tmp_path: Path,
     assert json.loads(capsys.readouterr().out)["mode"] == "tiny"
 
 
+def _tiny_run(group: str, redis_url: str, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A tiny run of ``group`` into a results file: the file, and the group's result in it."""
+    out = tmp_path / "latest.json"
+    assert harness.main(["run", "--group", group, "--tiny", "--url", redis_url, "--out", str(out)]) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    return out, run["groups"][group]
+
+
+def _report(out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The markdown report of the results file ``out``."""
+    capsys.readouterr()
+    assert harness.main(["report", "--in", str(out)]) == 0
+    return capsys.readouterr().out
+
+
 @pytest.mark.standalone_only(reason="Redis CPU is one server's INFO cpu; the fleet's workers take one URL")
 def test_prewarm_tiny_run_and_report(redis_url: str, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "latest.json"
-    assert harness.main(["run", "--group", "prewarm", "--tiny", "--url", redis_url, "--out", str(out)]) == 0
-    [run] = json.loads(out.read_text())["runs"]
-    prewarm = run["groups"]["prewarm"]
+    out, prewarm = _tiny_run("prewarm", redis_url, tmp_path)
     rows = {(r["workload"], r["config"]): r for r in prewarm["results"]}
     assert rows.keys() == {(w, c) for w in ("steady", "ttl", "evicting") for c in ("fleet", "fleet+prewarm")}
     for r in rows.values():
@@ -77,11 +89,30 @@ def test_prewarm_tiny_run_and_report(redis_url: str, tmp_path: Path,
     ids = {f["id"] for f in prewarm["figures"]}
     assert ids == {"prewarm:steady@5ms:mean", "prewarm:steady@5ms:redis_cpu"} | {
         f"prewarm:{w}@5ms:{what}" for w in ("ttl", "evicting") for what in ("mean", "hit_rate", "background")}
-    capsys.readouterr()
-    assert harness.main(["report", "--in", str(out)]) == 0
-    text = capsys.readouterr().out
+    text = _report(out, capsys)
     assert "## Prewarming: where it pays" in text
     assert "(`prewarm:ttl@5ms:background`)" in text
+
+
+@pytest.mark.standalone_only(reason="Redis CPU is one server's INFO cpu; the fleet's workers take one URL")
+def test_capacity_tiny_run_and_report(redis_url: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out, capacity = _tiny_run("capacity", redis_url, tmp_path)
+    assert {f["id"] for f in capacity["figures"]} == {
+        *(f"capacity:{k}" for k in ("l2_hit", "l3_hit", "miss", "put", "touch_call", "per_subscriber", "record",
+                                    "model_round", "memory_per_entry")), "capacity:model"}
+    v = capacity["validation"]
+    assert v["requests"] == 2 * 20  # tiny: 2 processes x 20 requests
+    assert v["wrong"] == 0
+    assert v["predicted_us_per_second"] > 0
+    assert v["measured_gross_us_per_second"] > 0
+    assert v["commands"]["spublish"] >= v["writes"]  # every write announced
+    assert capacity["measured"]["connections"]["one cache, opened"] >= 1
+    assert len(capacity["table"]) == 18
+    text = _report(out, capsys)
+    assert "## Capacity" in text
+    assert "(`capacity:model`)" in text
+    assert harness.main(["run", "--group", "capacity", "--config", "l2", "--tiny", "--url", redis_url]) == 2
 
 
 def test_prewarm_verdicts_from_made_up_rows() -> None:

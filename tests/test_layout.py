@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "config": 2,
     # 3: building blocks
     "l1": 3, "coherence": 3, "stampede": 3, "resilience": 3, "connection": 3, "fleet_sizing": 3, "bookkeeping": 3,
+    "replicas": 3,
     # 4: the tier core
     "tiers": 4,
     # 5: the front ends

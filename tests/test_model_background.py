@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from victor_rcache import (
     AsyncMultiLevelCache,
@@ -41,6 +42,7 @@ from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import free_port
 from victor_rcache.prediction.background import MAX_RECORDS
 from victor_rcache.prediction.model import ModelKeys, PrewarmBudget
+from victor_rcache.tiers import default_scripts
 
 from . import test_round_trips as round_trips
 from .helpers import Client, FakeClock
@@ -378,5 +380,38 @@ def test_prewarm_predictions_looks_every_query_up_in_one_round_trip(
     with round_trips.measure(raw, trips) as m:
         report = warmer.prewarm(prediction, lambda q: q)
     assert report.cached == 3
-    assert m.round_trips == 2  # the three look-ups (lease.lua each) in one pipeline, then the counters
-    assert m.evalsha_calls == 3
+    assert m.round_trips == 2  # the three look-ups in one pipeline, then the counters
+    assert m.sent == ["HMGET"] * 3 + ["HINCRBY"]  # plain reads: what is cached costs no script
+
+
+@pytest.mark.standalone_only(reason="counts sends: a cluster pipeline sends once per node it reaches")
+def test_prewarm_claims_a_lease_only_for_what_redis_does_not_hold(
+        counting_client: tuple[Client, round_trips.RoundTrips], make_cache: Make, raw: Client) -> None:
+    client, trips = counting_client
+    make_cache().put_many({"a": 1, "b": 2})  # by another worker; c is nowhere
+    cache = make_cache(client=client)
+    cache.get("warm")
+    cache.flush_bookkeeping()
+    warmer = PredictiveCacheWarmer(cache, background=False)
+    prediction = Prediction("x", queries=["a", "b", "c"], confidences=[0.5, 0.4, 0.3], tools=[[], [], []],
+                            parts=[(0.5, 0.5, 0.5)] * 3)
+    with round_trips.measure(raw, trips) as m:
+        report = warmer.prewarm(prediction, lambda q: f"computed {q}")
+    assert (report.cached, report.completed) == (2, 1)
+    assert m.sent[:4] == ["HMGET"] * 3 + ["EVALSHA"]  # the look-ups, then one lease: c's
+    assert m.evalsha_calls == 1 + 2  # c's lease, then its fill (put.lua and release.lua)
+    assert make_cache().get("c") == "computed c"
+
+
+def test_the_view_script_names_a_key_of_the_wrong_type(raw: Client, namespace: str) -> None:
+    """view.lua reads without checking every key's type first; a key of another type still gets its
+    VRC_WRONGTYPE error naming it (and nothing is written: the script cannot write)."""
+    keys = ModelKeys(namespace)
+    good, bad = keys.next(b"A"), keys.next(b"B")
+    raw.zadd(good, {b"B": 1.0})
+    raw.set(bad, b"written by hand")
+    view = default_scripts().view.source
+    assert raw.eval(view, 2, keys.tools, good, 1) == [[[b"B", b"1"]], [b"B", None]]
+    for key_list, name in (((keys.tools, good, bad), bad), ((bad, good), bad)):
+        with pytest.raises(redis.ResponseError, match=f"^VRC_WRONGTYPE {name.decode()} is a string"):
+            raw.eval(view, len(key_list), *key_list, 1)

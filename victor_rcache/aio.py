@@ -30,6 +30,7 @@ from .connection import (
 from .decorator import AsyncCachedFunction, KeySpec, TagSpec
 from .errors import CacheClosedError
 from .metrics import Timing
+from .replicas import AsyncReplicaReader, ReplicaReads
 from .resilience import Resilience, raise_transient
 from .scripts import pack
 from .stampede import Flights
@@ -78,6 +79,9 @@ class AsyncMultiLevelCache(CacheBase):
         self._closed = False
         self._flights: Flights[asyncio.Future[bytes]] = Flights(lambda: asyncio.get_running_loop().create_future())
         self._refreshing: set[asyncio.Task[Any]] = set()
+        # read_from_replicas: plain reads go to a replica (replicas.py); the core decides, per batch.
+        self._replicas = self._core.replicas = (AsyncReplicaReader(self.config) if self.config.read_from_replicas
+                                                else None)
         self._start_coherence(self._client)
         # Bookkeeping goes out from a thread, which needs a sync client (and a breaker) of its own.
         self._bookkeeping_io = SyncIO(self.config, self._core, Resilience(self.config, name=redact(self.config.url)))
@@ -147,6 +151,8 @@ class AsyncMultiLevelCache(CacheBase):
     async def _send(self, batch: Batch) -> list[Any] | RedisError:
         if self._closed:
             raise CacheClosedError(CLOSED)
+        if batch.__class__ is ReplicaReads and self._replicas is not None:
+            return await self._replicas.send(batch)
         refused = self._resilience.refused()  # the circuit is open: no I/O, no timeout to pay
         if refused is not None:
             return refused
@@ -177,7 +183,7 @@ class AsyncMultiLevelCache(CacheBase):
     async def _read(self, key: str | bytes, default: Any, trace: Timing | None = None) -> Any:
         """:meth:`MultiLevelCache._read`, awaited: one plain read after an L1 miss."""
         core = self._core
-        if not core.ready_done:
+        if not core.ready_done or core.replicas is not None:  # (replica reads take the fence's way)
             return await self._drive(core.get_from_redis(key, default, trace))
         ref = core.space.ref(key)
         sent_at = core.since()
@@ -289,6 +295,8 @@ class AsyncMultiLevelCache(CacheBase):
             task.cancel()
         await asyncio.to_thread(release_resources, self._flusher, self._core, [self._bookkeeping_io])
         self._closed = True
+        if self._replicas is not None:
+            await self._replicas.close()
         if self._owns_client:
             client = self.client
             await client.aclose()

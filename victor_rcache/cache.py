@@ -41,6 +41,7 @@ from .connection import (
 from .decorator import CachedFunction, KeySpec, TagSpec
 from .errors import CacheClosedError, ConfigurationError, InvalidArgumentError
 from .metrics import NO_TIMING, Observer, Timing
+from .replicas import ReplicaReader, ReplicaReads
 from .resilience import Resilience, raise_transient
 from .scripts import pack
 from .stampede import Flights, LeaderGone
@@ -386,6 +387,8 @@ class MultiLevelCache(CacheBase):
                  client: SyncClient | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
         self._io = SyncIO(self.config, self._core, self._resilience, client)
+        # read_from_replicas: plain reads go to a replica (replicas.py); the core decides, per batch.
+        self._replicas = self._core.replicas = ReplicaReader(self.config) if self.config.read_from_replicas else None
         self._flights: Flights[Future[bytes]] = Flights(Future)
         self._start_coherence(self.client)
         self._start_bookkeeping(self._io)
@@ -403,13 +406,15 @@ class MultiLevelCache(CacheBase):
         return self._io.do(instruction, loader, self._send)
 
     def _send(self, batch: Batch) -> list[Any] | RedisError:
+        if batch.__class__ is ReplicaReads and self._replicas is not None and not self._io.closed:
+            return self._replicas.send(batch)
         return self._io.send(batch)
 
     def _read(self, key: str | bytes, default: Any, trace: Timing | None = None) -> Any:
         """``get`` after an L1 miss: one plain read (the hot path: no generator), or the full way the first
         time (the namespace's settings not yet agreed with the fleet)."""
         core = self._core
-        if not core.ready_done:
+        if not core.ready_done or core.replicas is not None:  # (replica reads take the fence's way)
             return self._drive(core.get_from_redis(key, default, trace))
         ref = core.space.ref(key)
         sent_at = core.since()
@@ -540,6 +545,8 @@ class MultiLevelCache(CacheBase):
         The cache cannot be used after this (CacheClosedError); closing again does nothing."""
         self._finalizer.detach()
         release_resources(self._flusher, self._core, [self._io])
+        if self._replicas is not None:
+            self._replicas.close()
 
     def __enter__(self) -> MultiLevelCache:
         return self

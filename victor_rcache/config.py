@@ -81,6 +81,11 @@ class CacheConfig:
     breaker_threshold: int = 5
     breaker_cooldown: float = 1.0
     cluster: bool = False
+    read_from_replicas: bool = False
+    """True: plain reads of hits go to replicas (``replica_urls``, or on a cluster the masters' own replicas);
+    a version fence makes their lag invisible (docs/replicas.md). Writes, scripts and misses use the masters."""
+    replica_urls: tuple[str, ...] = ()
+    """Standalone only: the URLs of the master's replicas that serve reads (with ``read_from_replicas``)."""
     coherence: bool = True
     copy_on_read: bool = True
     """True: an L1 hit returns a freshly decoded copy of a mutable value (list, dict, a tuple holding
@@ -141,6 +146,36 @@ class CacheConfig:
                                      "every worker of the namespace needs the same key")
         if self.clock is not None and not callable(self.clock):
             raise ConfigurationError("clock must be a callable returning seconds, like time.monotonic")
+        self._check_replicas()
+
+    def _check_replicas(self) -> None:
+        """``read_from_replicas`` and ``replica_urls`` must describe where reads go, one way or the other."""
+        if not isinstance(self.read_from_replicas, bool):
+            raise ConfigurationError(f"read_from_replicas={self.read_from_replicas!r} must be True or False")
+        urls = self.replica_urls
+        if isinstance(urls, str):  # one URL given as a string, or the variable's comma-separated list
+            urls = tuple(u.strip() for u in urls.split(",") if u.strip())
+        elif isinstance(urls, (list, tuple)):
+            urls = tuple(urls)
+        else:
+            raise ConfigurationError(f"replica_urls={urls!r} must be a list of Redis URLs, "
+                                     "e.g. replica_urls=['redis://replica-1:6379/0']")
+        for url in urls:
+            if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+                shown = redact(url) if isinstance(url, str) else repr(url)
+                raise ConfigurationError(f"replica_urls: {shown!r} must be a Redis URL starting with redis://, "
+                                         "rediss:// or unix://, e.g. redis://replica-1:6379/0")
+        object.__setattr__(self, "replica_urls", urls)  # (frozen: the normalized tuple replaces what was given)
+        if urls and self.cluster:
+            raise ConfigurationError("replica_urls is for a standalone Redis; a cluster's replicas are found from "
+                                     "the cluster itself: drop replica_urls and keep read_from_replicas=True")
+        if urls and not self.read_from_replicas:
+            raise ConfigurationError("replica_urls is set but read_from_replicas is not; set read_from_replicas=True "
+                                     "to read from those replicas, or drop replica_urls")
+        if self.read_from_replicas and not urls and not self.cluster:
+            raise ConfigurationError("read_from_replicas=True needs replicas: give the master's replicas as "
+                                     "replica_urls=['redis://replica-1:6379/0', ...] (or use cluster=True, whose "
+                                     "masters' replicas serve reads)")
 
     @property
     def l1_sizing(self) -> SizingRule | None:

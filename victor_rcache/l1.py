@@ -29,10 +29,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import forksafe
 from .adaptive import SegmentedLRU, Sizer, SizingRule
+
+if TYPE_CHECKING:
+    from .replicas import VersionFence
 
 log = logging.getLogger("victor_rcache")
 
@@ -79,6 +82,9 @@ class LocalCache:
         self.unconfirmed: OrderedDict[bytes, L1Entry] = OrderedDict()  # writes Redis did not confirm
         self._cleared_at = float("-inf")
         self._lock = threading.Lock()
+        # With read_from_replicas: hears every version announced to this L1 (replicas.py), once L1 has dropped
+        # older copies, so whoever sees the fence raised finds no older copy here.
+        self.fence: VersionFence | None = None
         if self._sizer is None:
             self.serve = self._plain_serve()  # type: ignore[method-assign,assignment]
         forksafe.register(self)
@@ -268,9 +274,10 @@ class LocalCache:
                 if len(self._floors) > FLOORS:
                     self._floors.popitem(last=False)
             current = self._data.peek(key)
-            if current is not None and current.version < version:
-                return self._remove(key)
-            return False
+            dropped = current is not None and current.version < version and self._remove(key)
+        if self.fence is not None:  # after the drop: once the fence shows the version, no older copy is here
+            self.fence.saw(key, version)
+        return dropped
 
     def invalidate_shard(self, shard: int, version: int) -> int:
         """Shard ``shard`` was flushed at ``version``: drop its older copies; returns how many."""
@@ -281,7 +288,9 @@ class LocalCache:
                 self._remove(key)
             for key in [k for k, e in self.unconfirmed.items() if e.shard in (shard, -1)]:
                 del self.unconfirmed[key]
-            return len(stale)
+        if self.fence is not None:  # (after the drop, as in invalidate)
+            self.fence.flushed(shard, version)
+        return len(stale)
 
     def pop(self, key: bytes) -> bool:
         """Drop ``key``'s copy; True if there was one."""

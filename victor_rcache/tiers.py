@@ -57,6 +57,7 @@ from .fleet_sizing import FleetSizing, run_safely
 from .keys import EntryRef, KeySpace, encode_tags, tag_names
 from .l1 import NOT_DECODED, NOT_SHARED, L1Entry, LocalCache
 from .metrics import SOURCES, Counters, Timing, build_metrics, fleet_tally
+from .replicas import ReplicaReads, VersionFence
 from .scripts import Command, ScriptCall, Scripts, needs_reload, pack
 from .stampede import refresh_early
 
@@ -334,6 +335,13 @@ class TierCore:
         # Threads of this cache's warmers (their model's background rounds): closed when the cache closes.
         self.companions: list[Any] = []
         self.resilience: Any = None  # the front end's Resilience (breaker and retries), for metrics
+        # read_from_replicas: the fence (fed by L1's invalidations and by this process's writes and master
+        # reads), and the front end's ReplicaReader once it can send ReplicaReads (for metrics too).
+        self.fence = VersionFence(config.shards) if config.read_from_replicas else None
+        self.l1.fence = self.fence
+        self.replicas: Any = None
+        self.fenced = 0  # replica replies the fence did not trust: read again on the master
+        self.replica_fallbacks = 0  # replica batches that failed: read on the master instead
         self.counters = Counters(served=lambda: self.l1.hits)  # L1 hits are counted by L1 itself
         self.book = Bookkeeping(self.counters)
         self.book.unreported = lambda: (self.l1.hits, self.l1.evictions) != (self._reported_l1_hits,
@@ -563,7 +571,8 @@ class TierCore:
             sent_at = self.since()
             reads = Reads([("HMGET", r.entry, *READ_FIELDS) for r in refs])
             reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
-            replies = yield reads
+            # (Without replicas, no generator in between: get_many and get_or_set's reads stay as they were.)
+            replies = (yield reads) if self.fence is None else (yield from self._plain_reads(refs, reads))
         except RedisError as exc:
             self.redis_failed("get", exc)
             found.update(self._fall_back_to_l1(refs).values)
@@ -611,7 +620,8 @@ class TierCore:
             sent_at = self.since()
             reads = Reads(self.read_command(r) for r in refs)
             reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
-            replies = yield reads
+            # (Without replicas, no generator in between: get_many and get_or_set's reads stay as they were.)
+            replies = (yield reads) if self.fence is None else (yield from self._plain_reads(refs, reads))
         except RedisError as exc:
             self.redis_failed("get", exc)
             return self._fall_back_to_l1(refs)
@@ -626,6 +636,83 @@ class TierCore:
                 continue
             self.took(ref, reply, sent_at, out)
         return out
+
+    def _plain_reads(self, refs: list[EntryRef], reads: Reads) -> Step[list[Any]]:
+        """The replies to ``reads``, the plain reads of ``refs``: from the master, or with read_from_replicas
+        from a replica, fenced (see replicas.py). A reply the fence does not trust, and every reply of a
+        replica that failed, comes from the master instead, in one more round trip. Replicas are not asked
+        while the invalidation channel is down: the fence may be missing what it would have heard."""
+        fence = self.fence
+        assert fence is not None, "only with read_from_replicas"
+        if self.replicas is None or not self._trusted():
+            return (yield from self._master_reads(refs, reads))
+        batch, positions = self._replica_batch(refs, reads)
+        try:
+            answered = yield batch
+        except RedisError:  # the replica failed (its breaker counts it): the master answers, as without replicas
+            self.replica_fallbacks += 1
+            return (yield from self._master_reads(refs, reads))
+        replies: list[Any] = [None] * len(refs)
+        again: list[int] = []
+        for (start, end), places in zip(batch.groups, positions, strict=True):
+            seq = answered[start]
+            applied = int(seq) if isinstance(seq, bytes) and seq.isdigit() else 0
+            for i, reply in zip(places, answered[start + 1:end], strict=True):
+                if self._replica_trusted(fence, refs[i], applied, reply):
+                    replies[i] = reply
+                else:
+                    again.append(i)
+        if again:
+            self.fenced += len(again)
+            master = Reads(reads[i] for i in again)
+            master.packed = [reads.packed[i] for i in again]
+            for i, reply in zip(again, (yield from self._master_reads([refs[i] for i in again], master)),
+                                strict=True):
+                replies[i] = reply
+        return replies
+
+    def _master_reads(self, refs: list[EntryRef], reads: Reads) -> Step[list[Any]]:
+        """``reads`` on the master, with the fence told the versions found (see :meth:`saw_on_master`)."""
+        replies: list[Any] = yield reads
+        for ref, reply in zip(refs, replies, strict=True):
+            self.saw_on_master(ref, reply)
+        return replies
+
+    def _replica_batch(self, refs: list[EntryRef], reads: Reads) -> tuple[ReplicaReads, list[list[int]]]:
+        """``reads`` as a replica batch: per shard, its ``seq`` first (see replicas.py), then its entries; and
+        for each shard, the positions in ``refs`` its replies answer."""
+        by_shard: dict[int, list[int]] = {}
+        for i, ref in enumerate(refs):
+            by_shard.setdefault(ref.shard, []).append(i)
+        batch = ReplicaReads()
+        batch.groups, batch.packed = [], []
+        for shard, places in by_shard.items():
+            start = len(batch)
+            command: Command = ("HGET", self.space.shard_keys[shard].stats, b"seq")
+            batch.append(command)
+            batch.packed.append(pack(command))
+            batch.extend(reads[i] for i in places)
+            batch.packed.extend(reads.packed[i] for i in places)
+            batch.groups.append((start, len(batch)))
+        return batch, list(by_shard.values())
+
+    @staticmethod
+    def _replica_trusted(fence: VersionFence, ref: EntryRef, applied: int, reply: Any) -> bool:
+        """May a replica's reply to the plain read of ``ref`` be served (``applied``: the shard's seq it said)?"""
+        if isinstance(reply, Exception):
+            return False  # whatever it is, the master says what the entry really is
+        if reply[0] is None:
+            return fence.trusts(ref.id, ref.shard, applied, None)
+        ver = reply[1]
+        return isinstance(ver, bytes) and ver.isdigit() and fence.trusts(ref.id, ref.shard, applied, int(ver))
+
+    def saw_on_master(self, ref: EntryRef, reply: Any) -> None:
+        """A master's reply to a plain read of ``ref``: with the fence, its version counts as seen, so no later
+        replica read of this process serves an older one (reads in this process never go back in time)."""
+        if self.fence is not None and isinstance(reply, list) and reply[0] is not None:
+            ver = reply[1]
+            if isinstance(ver, bytes) and ver.isdigit():
+                self.fence.saw(ref.id, int(ver), ref.shard)
 
     def _fall_back_to_l1(self, refs: list[EntryRef]) -> Fetched:
         """Redis failed (fail-open): serve copies L1 holds but could not vouch for (an unconfirmed write's
@@ -688,6 +775,8 @@ class TierCore:
         for rs, reply in zip(groups.values(), replies, strict=True):
             self._count_events(reply[0], sent)
             for ref, version in zip(rs, reply[1:], strict=True):
+                if self.fence is not None:
+                    self.fence.saw(ref.id, version, ref.shard)
                 self.l1.set(ref.id, prepared[ref.id][1], version, ttl_s, since=sent_at, shard=ref.shard)
 
     def _put_items(self, ref: EntryRef, payload: bytes, write: Write, since_ms: int = 0, expect: int = 0,
@@ -760,6 +849,11 @@ class TierCore:
                 calls = [ScriptCall(self.scripts.flush, (shards[s].l2,), (FLUSH_BATCH, now_ms, s)) for s in pending]
                 left = yield from self.run_scripts(calls)
                 pending = [s for s, n in zip(pending, left, strict=True) if n > 0]
+            if self.fence is not None:  # this process's own flush, before its announcements come back
+                batch: Batch = [("HGET", sk.stats, "flushed_ver") for sk in shards]
+                for s, version in enumerate((yield batch)):
+                    if isinstance(version, bytes) and version.isdigit():
+                        self.fence.flushed(s, int(version))
         except RedisError as exc:
             self.redis_failed("invalidate", exc)
         self.l1.clear(at=self.since())  # reads that raced with the flush must not store old values
@@ -843,6 +937,7 @@ class TierCore:
                 token = token or uuid.uuid4().hex
                 looked = yield from self._lease(ref, token)
                 if looked.reply is not None:  # filled since the read: a hit after all
+                    self.saw_on_master(ref, looked.reply)
                     found = Fetched()
                     self.took(ref, looked.reply, self.since(), found)
                     got = self._got(key, ref, found, ttl, write)
@@ -1005,6 +1100,8 @@ class TierCore:
         version = replies[0][1]
         if version:
             self.counters.add(puts=1)
+            if self.fence is not None:
+                self.fence.saw(ref.id, version, ref.shard)
             self.l1.set(ref.id, payload, version, ttl_s, since=sent_at, cost=loaded.seconds, shard=ref.shard)
         else:
             self.counters.add(fills_refused=1)
@@ -1123,6 +1220,8 @@ class TierCore:
         version = replies[0][1]
         if version:
             self.counters.add(refreshes=1, puts=1)
+            if self.fence is not None:
+                self.fence.saw(ref.id, version, ref.shard)
             self.l1.set(ref.id, payload, version, _seconds(ttl_ms), since=sent_at, cost=loaded.seconds,
                         shard=ref.shard)
         return bool(version)
@@ -1165,9 +1264,12 @@ class TierCore:
         return (yield from self.fill_prewarm(claim))
 
     def claim_prewarms(self, keys: Sequence[str | bytes], ttl: float | None = None) -> Step[list[Claim | Prewarmed]]:
-        """The first half of :meth:`prewarm` for many keys in one round trip (lease.lua per key): for each,
-        ``cached`` (in L1 or Redis), ``busy`` (another worker computes it), ``failed`` (Redis failed), or
-        the :class:`Claim` of its fill lease, which :meth:`fill_prewarm` (or :meth:`release_claim`) uses."""
+        """The first half of :meth:`prewarm` for many keys: for each, ``cached`` (in L1 or Redis), ``busy``
+        (another worker computes it), ``failed`` (Redis failed), or the :class:`Claim` of its fill lease,
+        which :meth:`fill_prewarm` (or :meth:`release_claim`) uses. One round trip of plain reads finds
+        what Redis holds (a prediction usually is cached: it costs a read, not a script, and counts as no
+        request); a second, of lease.lua calls, claims the rest. With an injected clock only the scripts
+        can tell an entry idle past its ttls by that clock: every key goes to lease.lua."""
         ttl_ms = self._ttl_ms(ttl)
         out: list[Claim | Prewarmed] = []
         todo: list[tuple[int, EntryRef, str]] = []
@@ -1178,6 +1280,29 @@ class TierCore:
             else:
                 todo.append((len(out), ref, uuid.uuid4().hex))
                 out.append("failed")
+        if not todo or self.config.clock is not None:  # (an injected clock: only the scripts know its idle expiry)
+            return (yield from self._lease_prewarms(out, todo, ttl_ms))
+        try:
+            yield from self.ready()
+            reads = Reads(("HMGET", ref.entry, b"ver", b"x") for _, ref, _ in todo)
+            reads.packed = [pack(c) for c in reads]
+            held = yield reads
+        except RedisError as exc:
+            self.redis_failed("prewarm", exc)
+            return out
+        now = self.server_time.now_ms()
+        missing = []
+        for item, reply in zip(todo, held, strict=True):
+            if isinstance(reply, list) and reply[0] is not None and (
+                    reply[1] is None or (now is not None and reply[1].isdigit() and now < int(reply[1]))):
+                out[item[0]] = "cached"  # fresh in Redis (an entry past its ttl, or odd, goes to lease.lua)
+            else:
+                missing.append(item)
+        return (yield from self._lease_prewarms(out, missing, ttl_ms))
+
+    def _lease_prewarms(self, out: list[Claim | Prewarmed], todo: list[tuple[int, EntryRef, str]],
+                        ttl_ms: int) -> Step[list[Claim | Prewarmed]]:
+        """claim_prewarms' second round trip: a fill lease for each of ``todo`` (lease.lua each)."""
         if not todo:
             return out
         calls = [self._shard_call(self.scripts.lease, ref.shard, [ref.id, token, self._lease_ms])
@@ -1334,7 +1459,17 @@ class TierCore:
         if scope == "process":
             metrics["l1"]["adaptive"] = self.l1.adaptive_metrics() or {"enabled": False}
         metrics["health"]["fleet_sizing"] = self.sizing.state() if self.sizing else {"enabled": False}
+        metrics["health"]["replicas"] = self.replica_state()
         return metrics
+
+    def replica_state(self) -> dict[str, Any]:
+        """What reads from replicas did: batches replicas answered and failed, replies the fence sent to the
+        master, batches read on the master because a replica failed, entries the fence remembers."""
+        if self.fence is None:
+            return {"enabled": False}
+        reader = self.replicas.snapshot() if self.replicas is not None else {"reads": 0, "failures": 0}
+        return {"enabled": True, **reader, "fenced": self.fenced, "fallbacks": self.replica_fallbacks,
+                "fence_entries": len(self.fence), "fence_forgotten": self.fence.forgotten}
 
     def coherence_state(self) -> dict[str, Any]:
         """Whether L1 is kept coherent right now, and what the invalidation channel delivered."""

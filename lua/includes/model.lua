@@ -24,13 +24,15 @@
     P hist:<session>   LIST  the session's last ngram_size-1 queries, newest first (expires)
     P pred:<session>   HASH  the prediction pending for the session (expires): `for` = the query it was
                              made after, `q:<query>` = 1 for each predicted query
+    P obs              HASH  set name (pattern or hour) -> its observations n (forward decay's scale)
 
   Queries over 1 KiB (or starting with '#') appear in key names as '#' + SHA-256 hex of the query;
   members always hold the query itself.
 
   Counts decay: each observation of a pattern first multiplies all its counts by `decay`, then adds 1,
   so a count is an exponentially weighted number of recent observations and a changed workload
-  overtakes the old one within a bounded number of observations of that pattern.
+  overtakes the old one within a bounded number of observations of that pattern. record.lua applies
+  it forward: a set's scores are those counts times decay^(1-n), the same ratios (see its header).
 ]]
 
 -- @include "includes/acl.lua"

@@ -274,6 +274,7 @@ class ModelKeys:
         self.tools = self.prefix + b"tools"
         self._hours = [self.hour(h) for h in range(24)]
         self.sketches = (self.prefix + b"sketch:0", self.prefix + b"sketch:1")  # even and odd epochs
+        self.obs = self.prefix + b"obs"  # observations of each set: its forward decay's scale
 
     def next(self, query: bytes) -> bytes:
         return self.prefix + b"next:" + _name(query)
@@ -453,7 +454,7 @@ class PredictionCore:
         c = self.config
         contexts = self.keys.contexts(hist, c.ngram_size)
         keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.evicted,
-                self.keys.hist(s), self.keys.pred(s), hour, *self.keys.sketches, *contexts, *doomed)
+                self.keys.hist(s), self.keys.pred(s), hour, *self.keys.sketches, self.keys.obs, *contexts, *doomed)
         args: tuple[bytes | int | str, ...] = (
             q, tools_json, _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors,
             self._decay, self._hour_decay, c.hour_size, self._max_queries, _ms(c.pattern_ttl),
@@ -464,7 +465,7 @@ class PredictionCore:
     def changed_by(call: ScriptCall) -> tuple[bytes, ...]:
         """The context sets a record.lua call updates (its hour set changes too, slowly: not named)."""
         contexts = int(call.args[13])
-        return call.keys[10:10 + contexts]
+        return call.keys[11:11 + contexts]
 
     def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None,
                tools_hash: str | None = None) -> Step[int]:
@@ -632,7 +633,8 @@ class PredictionCore:
                     raise reply
             keys = [self.keys.prefix + n for n in names[0] + names[1]]
             keys += [self.keys.hour(h) for h in range(24)]
-            keys += [self.keys.tools, self.keys.queries, self.keys.patterns, self.keys.evicted, *self.keys.sketches]
+            keys += [self.keys.tools, self.keys.queries, self.keys.patterns, self.keys.evicted, *self.keys.sketches,
+                     self.keys.obs]
             for i in range(0, len(keys), 500):  # one hash slot: multi-key DEL is cluster-safe
                 for reply in (yield [("DEL", *keys[i:i + 500])]):
                     if isinstance(reply, Exception):
