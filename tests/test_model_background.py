@@ -201,7 +201,9 @@ def test_redis_down_never_reaches_a_caller() -> None:
 
 @pytest.mark.standalone_only(reason="points the one connection pool of a standalone client elsewhere")
 def test_a_fail_closed_cache_does_not_raise_from_the_model_thread(make_cache: Make) -> None:
-    cache = make_cache(fail_open=False)
+    # Settings no other cache of this process has: its pool (which a process's caches with the same settings
+    # share) is its own, with no connection to the good port that another cache opened already.
+    cache = make_cache(fail_open=False, socket_timeout=0.4999)
     warmer = PredictiveCacheWarmer(cache, refresh_interval=QUIET)
     cache._io.client.connection_pool.connection_kwargs["port"] = free_port()  # Redis gone from now on
     cache._io.client.connection_pool.disconnect()
