@@ -229,6 +229,31 @@ def test_a_replica_behind_is_not_trusted(replicated: Replicated, namespace: str)
         assert replicated.hmgets() > served
 
 
+def test_caches_of_a_process_share_their_connection_to_a_replica(replicated: Replicated, namespace: str) -> None:
+    """Like their masters' (docs/design.md, connections per process): the caches of one process reading
+    from one replica hold one connection to it between them, and the last one closed closes it."""
+    def connections() -> int:
+        return sum(1 for c in replicated.client.client_list() if c.get("cmd") not in ("client|list", "info"))
+
+    with _reader(replicated, namespace) as writer:
+        writer.put_many({"a": 1, "b": 2})
+    eventually(replicated.in_sync, "the replica has the entries")
+    before = connections()
+    first, second = _reader(replicated, namespace), _reader(replicated, f"{namespace}-2")
+    try:
+        assert first.get("a") == 1
+        assert second.get("b") is None
+        assert replicated.hmgets() > 0
+        assert connections() == before + 1
+        first.close()
+        assert second.get("a") is None  # (another namespace: a miss, still read on the replica)
+        assert connections() == before + 1
+    finally:
+        first.close()
+        second.close()
+    eventually(lambda: connections() == before, "the last cache out closed its replica connection")
+
+
 def test_a_replica_down_falls_back_to_the_master(replicated: Replicated, namespace: str) -> None:
     with _reader(replicated, namespace, l1_size=1) as reader:
         reader.put("k", "v")

@@ -47,7 +47,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -59,7 +59,16 @@ from redis.retry import Retry
 
 from . import forksafe
 from .config import CacheConfig, redact
-from .connection import IO_ERRORS, _checked, as_redis_error, async_client, send_packed, send_packed_async
+from .connection import (
+    IO_ERRORS,
+    _checked,
+    acquire_sync_client,
+    as_redis_error,
+    async_client,
+    release_sync_client,
+    send_packed,
+    send_packed_async,
+)
 from .resilience import CircuitBreaker, CircuitOpenError
 from .scripts import Command, pack
 
@@ -262,9 +271,8 @@ class ReplicaReader(_Routing):
         if client is None:
             with self._lock:
                 client = self._clients[i]
-                if client is None:
-                    client = self._clients[i] = _checked(redis.Redis.from_url, self._settings(self.urls[i]),
-                                                         Retry(NoBackoff(), 0))
+                if client is None:  # the process's client of that server, shared as the masters' are
+                    client = self._clients[i] = cast(redis.Redis, acquire_sync_client(self._settings(self.urls[i])))
         return client
 
     def _cluster_client(self) -> Any:  # (redis-py's cluster client is untyped)
@@ -293,13 +301,14 @@ class ReplicaReader(_Routing):
 
     def close(self) -> None:
         self.closed = True
-        clients: list[Any] = [c for c in self._clients if c is not None]
-        if self._cluster is not None:
-            clients.append(self._cluster)
+        shared, cluster = self._clients, self._cluster
         self._clients = [None] * len(self.urls)
         self._cluster = None
-        for client in clients:
-            client.close()
+        for url, client in zip(self.urls, shared, strict=True):
+            if client is not None:
+                release_sync_client(self._settings(url), client)
+        if cluster is not None:
+            cluster.close()
 
 
 READONLY = pack(("READONLY",))
