@@ -190,3 +190,55 @@ def test_a_shard_key_overwritten_by_hand_stops_batches_and_the_next_checked_batc
     raw.delete(shard.stats)
     assert read_and_report() == 2  # checked again, and applied
     assert stats(raw, namespace).get(b"l2_hits") == b"1"
+
+
+def _counts(cache: MultiLevelCache) -> dict[str, int]:
+    m = cache.get_metrics()
+    return {"gets": m["combined"]["gets"], "l1_hits": m["l1"]["hits"], "l2_hits": m["l2"]["hits"],
+            "misses": m["combined"]["total_misses"], "l1_fills": m["l1"]["promotions"],
+            "decode_errors": m["health"]["decode_errors"]}
+
+
+def test_one_get_many_decides_each_entry_as_a_get_of_it_does(make_cache: Make, raw: Client, namespace: str,
+                                                             clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_many reads its batch in one pass (TierCore.took_all) and get one key (the same code, a batch of
+    one): a hit, an entry past its absolute expiry, a hot entry (copied into L1), a field written by hand,
+    a key of another type and an absent key come out the same way, with the same counts, and the batch's
+    corrupt entries are reported for removal."""
+    monkeypatch.setattr(bookkeeping, "WINDOW", 3600.0)  # nothing is reported before the test flushes
+    settings: dict[str, Any] = {"shards": 1, "promote_after": 2, "clock": clock}
+    writer = make_cache(**settings)
+    writer.put_many({"hit": 1, "hot": 2, "corrupt": 3, "wrong": 4})
+    writer.put("expired", 5, ttl=5)
+    clock.advance(5.0)  # exactly at its expiry: no longer served
+    raw.hset(entry_key(namespace, "hot"), "n", "1")  # promote_after - 1 fleet hits: the next hit fills L1
+    raw.hset(entry_key(namespace, "corrupt"), "ver", "x7")
+    raw.delete(entry_key(namespace, "wrong"))
+    raw.set(entry_key(namespace, "wrong"), "a string")
+    keys = ["hit", "expired", "hot", "corrupt", "wrong", "absent"]
+    batch, single = make_cache(**settings), make_cache(**settings)
+    assert batch.get_many(keys) == {"hit": 1, "hot": 2}
+    assert {k: v for k in keys if (v := single.get(k, MISS)) != MISS} == {"hit": 1, "hot": 2}
+    expected = {"gets": 6, "l1_hits": 0, "l2_hits": 2, "misses": 4, "l1_fills": 1, "decode_errors": 2}
+    assert _counts(batch) == _counts(single) == expected
+    assert batch.get("hot") == 2
+    assert _counts(batch)["l1_hits"] == 1  # the copy the batch made
+    batch.flush_bookkeeping()
+    assert raw.exists(entry_key(namespace, "corrupt"), entry_key(namespace, "wrong")) == 0
+    assert raw.hget(entry_key(namespace, "hit"), "n") == b"1"
+
+
+def test_a_batch_of_reads_wakes_the_flusher_once_its_events_are_all_buffered(make_cache: Make,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hits of one get_many are buffered first, then the flusher is woken (if BATCH events wait): not in
+    the middle of the batch, where its thread would compete with the reader for the rest of it."""
+    monkeypatch.setattr(bookkeeping, "BATCH", 2)
+    monkeypatch.setattr(bookkeeping, "WINDOW", 3600.0)  # the flusher collects nothing meanwhile
+    writer = make_cache(shards=1)
+    writer.put_many({f"k{i}": i for i in range(5)})
+    reader = make_cache(shards=1, promote_after=10**9)
+    book = reader._core.book
+    woken: list[int] = []
+    book.wake = lambda: woken.append(len(book.events))
+    assert reader.get_many([f"k{i}" for i in range(5)]) == {f"k{i}": i for i in range(5)}
+    assert woken == [5]

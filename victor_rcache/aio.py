@@ -190,7 +190,7 @@ class AsyncMultiLevelCache(CacheBase):
         replies = await self._send(core.reads(ref))
         if isinstance(replies, RedisError):
             return core.read_failed(ref, replies, default, trace)
-        value = core.took(ref, replies[0], sent_at, trace=trace)
+        value = core.took_all((ref,), replies, sent_at, trace=trace)  # (took, without its call)
         return default if value is MISS else value
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:

@@ -33,8 +33,12 @@ from .periodic import Periodic
 
 WINDOW = 0.1  # seconds: the longest a reported hit waits before it is sent
 COUNTS_INTERVAL = 1.0  # seconds: how often L1 counters go alone, when no batch carries them
-BATCH = 64  # events waiting that wake the flusher at once
 MAX_IDS = 512  # distinct hits one touch.lua call carries (the script's limit is 1000)
+# Events waiting that wake the flusher at once, and events of a shard that make its batch due before its
+# window ends. As many as touch.lua's batch of distinct hits (MAX_IDS): a call's fixed cost is then shared
+# by many hits, and a process reading fast sends a few full calls per window, not one every few reads,
+# each holding the process's connection (and Redis) while its reader waits. The window still bounds the lag.
+BATCH = MAX_IDS
 
 # Event kinds (the first item of an event tuple).
 MISS, L2_HIT, L3_HIT, CORRUPT = 0, 2, 3, 5
@@ -132,21 +136,19 @@ class Bookkeeping:
 
     # ---------------------------------------------------------------- the caller's side (no lock)
 
-    def hit(self, tier: int, shard: int, entry_id: bytes, flags: int = 0) -> None:
-        """A Redis hit (``tier`` 2 or 3); ``flags``: FILLED, PREWARMED, COUNTED, EXPIRING."""
-        self.events.append((tier, shard, entry_id, flags))
-        self._maybe_wake()
-
     def miss(self, shard: int, entry_id: bytes) -> None:
         self.events.append((MISS, shard, entry_id, 0))
-        self._maybe_wake()
+        self.wake_if_due()
 
     def corrupt(self, shard: int, entry_id: bytes, seen_version: bytes) -> None:
         """A read found the entry unusable (counted as a miss and a decode error); touch.lua removes it."""
         self.events.append((CORRUPT, shard, entry_id, seen_version))
-        self._maybe_wake()
+        self.wake_if_due()
 
-    def _maybe_wake(self) -> None:
+    def wake_if_due(self) -> None:
+        """Wake the flusher if BATCH events wait. Redis hits are appended to :attr:`events` by the reader
+        itself, ``(tier, shard, id, flags)`` (tier 2 or 3; flags: FILLED, PREWARMED, COUNTED, EXPIRING), then
+        this is called once per batch of reads (TierCore.took_all), not once per hit."""
         if len(self.events) >= BATCH and not self._woken and self.wake is not None:
             self._woken = True
             self.wake()

@@ -421,7 +421,7 @@ class MultiLevelCache(CacheBase):
         replies = self._send(core.reads(ref))
         if isinstance(replies, RedisError):
             return core.read_failed(ref, replies, default, trace)
-        value = core.took(ref, replies[0], sent_at, trace=trace)
+        value = core.took_all((ref,), replies, sent_at, trace=trace)  # (took, without its call)
         return default if value is MISS else value
 
     def get(self, key: str | bytes, default: Any = None) -> Any:

@@ -182,8 +182,8 @@ class MsgpackCodec:
                 "or pass codec= a Codec that handles it"
             ) from exc
 
-    def decode(self, data: bytes) -> Any:
-        return _unpacker(data)
+    # The unpacker itself: one call less per decoded value (a get_many of 100 keys decodes 100).
+    decode = staticmethod(_unpacker)
 
 
 class PickleCodec:
@@ -213,6 +213,7 @@ class Envelope:
                 f"codec name {codec.name!r} must be 1-255 ASCII characters; give the codec a short name"
             )
         self.codec = codec
+        self._decode = codec.decode  # (bound once: every Redis hit decodes)
         self._key = signing_key
         version = FORMAT_VERSION if signing_key is None else SIGNED_FORMAT_VERSION
         self._header = bytes([version, len(name)]) + name
@@ -242,9 +243,10 @@ class Envelope:
         """Decode a payload; raises ValueError for a foreign, unsigned, forged or corrupt one."""
         if not payload.startswith(self._header):
             raise ValueError("payload has another format version or codec (or is not signed as expected)")
+        if self._key is None:
+            return self._decode(payload[self._body_at:])
         body = payload[len(self._header):]
-        if self._key is not None:
-            tag, body = body[:TAG_BYTES], body[TAG_BYTES:]
-            if not hmac.compare_digest(tag, self._tag(body)):
-                raise ValueError("payload signature does not match this worker's signing_key")
-        return self.codec.decode(body)
+        tag, body = body[:TAG_BYTES], body[TAG_BYTES:]
+        if not hmac.compare_digest(tag, self._tag(body)):
+            raise ValueError("payload signature does not match this worker's signing_key")
+        return self._decode(body)

@@ -221,18 +221,79 @@ def send_packed(client: redis.Redis, commands: list[bytes]) -> list[Any]:
     conn: Any = pool.get_connection("HMGET") if _NAMED_CHECKOUT else pool.get_connection()  # (untyped API)
     try:
         conn.send_packed_command([b"".join(commands)])  # one write, not one per command
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except ResponseError as exc:  # a whole reply was read: the connection is fine
-                replies.append(exc)
+        if len(commands) > 1 and _reads_at_once(conn):  # (one reply gains nothing worth the check)
+            replies = _read_replies(conn._parser, len(commands))
+        else:
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:  # a whole reply was read: the connection is fine
+                    replies.append(exc)
     except BaseException:  # a reply may be half read: the connection is not reusable
         conn.disconnect()
         raise
     finally:
         pool.release(conn)
     return raise_transient(replies)
+
+
+# The replies of a batch straight from the connection's hiredis reader (_read_replies), instead of one
+# Connection.read_response call each, whose own work (host text, error checks, the parser's call) costs
+# more than hiredis parsing the reply: a get_many of 100 keys reads 100 replies. Only where that call adds
+# nothing the batch needs: redis-py's hiredis parser (the same class and reader from 5.0.1 to 8.2), no
+# health check to schedule, no reply already taken (5.0's can_read keeps one); with RESP3, only where the
+# parser tells push messages from replies (hiredis >= 3.2) and "no whole reply yet" is a sentinel of its
+# own (RESP3 has a False reply). Anything else reads reply by reply.
+try:
+    _hiredis_parsers: Any = importlib.import_module("redis._parsers.hiredis")
+    _HIREDIS_PARSER: Any = _hiredis_parsers._HiredisParser if _hiredis_parsers.HIREDIS_AVAILABLE else None
+except (ImportError, AttributeError):
+    _HIREDIS_PARSER = None
+# What the reader answers for "not a whole reply yet": under redis-py 5.0, hiredis's default (False: RESP2
+# has no boolean reply, so False never stands for a reply there); later, a sentinel of redis-py's.
+_NOT_ENOUGH_DATA: Any = getattr(_hiredis_parsers, "NOT_ENOUGH_DATA", False) if _HIREDIS_PARSER else False
+
+
+def _reads_at_once(conn: Any) -> bool:
+    parser = getattr(conn, "_parser", None)
+    if (_HIREDIS_PARSER is None or parser.__class__ is not _HIREDIS_PARSER or conn.health_check_interval
+            or getattr(parser, "_next_response", False) is not False or getattr(parser, "_reader", None) is None):
+        return False
+    if conn.protocol in (2, "2"):
+        return True
+    return (conn.protocol in (3, "3") and _NOT_ENOUGH_DATA is not False
+            and getattr(parser, "_hiredis_PushNotificationType", None) is not None)
+
+
+def _read_replies(parser: Any, count: int) -> list[Any]:
+    """``count`` replies from a hiredis parser's reader (see _reads_at_once): an error Redis answered in
+    place, as :func:`send_packed` puts it; a push message handed to redis-py, as its parser does; a
+    connection error raised, as redis-py raises it (the caller then drops the connection)."""
+    reader = parser._reader
+    gets, fill, more = reader.gets, parser.read_from_socket, _NOT_ENOUGH_DATA
+    push = getattr(parser, "_hiredis_PushNotificationType", None) or ()  # (isinstance of () is False)
+    replies: list[Any] = []
+    append = replies.append
+    try:
+        while count:
+            reply = gets()
+            if reply is more:
+                fill()  # (raises redis-py's TimeoutError or ConnectionError)
+                continue
+            if reply.__class__ is not list:
+                if isinstance(push, type) and isinstance(reply, push):
+                    parser.handle_push_response(reply)  # not a reply: the one it came before follows
+                    continue
+                if isinstance(reply, RedisConnectionError):  # what redis-py's parser raises, not returns
+                    raise reply
+            elif reply and isinstance(reply[0], RedisConnectionError):
+                raise reply[0]
+            append(reply)
+            count -= 1
+    except OSError as exc:  # the socket itself failed, as Connection.read_response words it
+        raise RedisConnectionError(f"Error while reading from the socket: {exc.args}") from exc
+    return replies
 
 
 _NAMED_ASYNC_CHECKOUT = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters[

@@ -208,28 +208,45 @@ class KeySpace:
         found = self.refs.get(key) if key.__class__ is str or key.__class__ is bytes else None
         if found is not None:
             return found
-        if not isinstance(key, (str, bytes)):
-            key_bytes(key)  # raises the InvalidKeyError naming the type
-        ref = self._locate(key)
-        if len(ref.key) <= MAX_RAW_KEY_BYTES and (key.__class__ is str or key.__class__ is bytes):
-            if self.refs_bytes + len(ref.key) > REFS_BYTES:
-                self.refs.clear()  # all forgotten at once: cheaper than an LRU, and rare
-                self.refs_bytes = 0
-            self.refs[key] = ref
-            self.refs_bytes += len(ref.key)
-        return ref
+        return self.locate((key,))[0]
 
-    def _locate(self, key: str | bytes) -> EntryRef:
-        raw = key_bytes(key)
-        shard = zlib.crc32(raw) % self.shards
-        entry_id = raw
-        if len(raw) > MAX_RAW_KEY_BYTES or raw.startswith(_HASHED):
-            entry_id = _HASHED + hashlib.sha256(raw).hexdigest().encode()
-        entry = self._entry_prefixes[shard] + entry_id
-        read = None
-        if self._read_fields:  # the HMGET packed by hand: only the key's length and name vary
-            read = b"%s$%d\r\n%s\r\n%s" % (self._read_head, len(entry), entry, self._read_fields)
-        return EntryRef(raw, shard, entry_id, entry, read)
+    def locate(self, keys: Iterable[str | bytes]) -> list[EntryRef]:
+        """:meth:`ref` of each key, in order (raises InvalidKeyError at the first bad one). One loop over the
+        batch with what it uses bound once: get_many of keys never read before locates each of them, and
+        a call per key (ref, then the hashing and packing) cost more than the hashing itself."""
+        refs, get, out = self.refs, self.refs.get, []
+        prefixes, shards, head, fields = self._entry_prefixes, self.shards, self._read_head, self._read_fields
+        crc32, str_, bytes_, make = zlib.crc32, str, bytes, tuple.__new__  # (make: EntryRef without its __new__)
+        for key in keys:
+            kind = key.__class__
+            exact = kind is str_ or kind is bytes_  # (see ref: exact types only are remembered)
+            found = get(key) if exact else None
+            if found is not None:
+                out.append(found)
+                continue
+            if isinstance(key, str_) and key:  # (a str subclass too: key_bytes encodes it the same way)
+                try:
+                    raw = key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raw = key_bytes(key)  # raises the InvalidKeyError that says why
+            else:
+                raw = key if exact and key else key_bytes(key)  # (key_bytes: every other check)
+            shard = crc32(raw) % shards
+            entry_id = raw
+            if len(raw) > MAX_RAW_KEY_BYTES or raw[:1] == _HASHED:
+                entry_id = _HASHED + hashlib.sha256(raw).hexdigest().encode()
+            entry = prefixes[shard] + entry_id
+            # The HMGET packed by hand (when the space has read fields): only the key's length and name vary.
+            read = b"%s$%d\r\n%s\r\n%s" % (head, len(entry), entry, fields) if fields else None
+            ref = make(EntryRef, (raw, shard, entry_id, entry, read))
+            out.append(ref)
+            if exact and len(raw) <= MAX_RAW_KEY_BYTES:
+                if self.refs_bytes + len(raw) > REFS_BYTES:
+                    refs.clear()  # all forgotten at once: cheaper than an LRU, and rare
+                    self.refs_bytes = 0
+                refs[key] = ref
+                self.refs_bytes += len(raw)
+        return out
 
     @cached_property
     def _entry_prefixes(self) -> list[bytes]:

@@ -456,6 +456,13 @@ class TierCore:
         """The plain read of an entry: one HMGET, the only command a Redis hit costs."""
         return ("HMGET", ref.entry, *READ_FIELDS)
 
+    @staticmethod
+    def _reads(refs: list[EntryRef]) -> Reads:
+        """The plain reads of ``refs`` as one batch, packed too (KeySpace packs each entry's read once)."""
+        reads = Reads([("HMGET", r.entry, *READ_FIELDS) for r in refs])
+        reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]
+        return reads
+
     def reads(self, ref: EntryRef) -> Reads:
         """The plain read of ``ref`` as the batch a front end sends (packed too: see :class:`Reads`)."""
         reads = Reads((("HMGET", ref.entry, *READ_FIELDS),))
@@ -472,61 +479,84 @@ class TierCore:
         ``sent_at`` is :meth:`since` taken before the read was sent; ``trace`` (an observed call's
         timing) is told which tier served it.
         """
-        if trace is not None:
-            trace.outcome = "miss"  # until a hit says otherwise
-        if self.l1.unconfirmed:  # Redis answered for this key: a copy it never confirmed is not needed
-            self.l1.forget_unconfirmed(ref.id)
-        payload = None if isinstance(reply, Exception) else reply[0]
-        if payload is None:
-            if isinstance(reply, Exception):
-                self._corrupt(ref, b"", str(reply))
-            else:
-                self.book.miss(ref.shard, ref.id)
-            return MISS
-        _, ver, tier, hits, expiry_ms, cost_ms, prewarmed, step, kept_ms = reply
-        try:
-            # Plain digits only, as the scripts write them: int() would also take " 7", "+7" or "1_0".
-            if not (ver.isdigit() and (expiry_ms is None or expiry_ms.isdigit())
-                    and (cost_ms is None or cost_ms.isdigit()) and (hits is None or hits.isdigit())):
-                raise ValueError("a field that must be a whole number is not")
-            version = int(ver)
-            expiry = None if expiry_ms is None else int(expiry_ms)
-            cost = 0.0 if cost_ms is None else int(cost_ms) / 1000
-            count = 0 if hits is None else int(hits)
-            value = self.envelope.unwrap(payload)
-        except Exception as exc:  # fields written by hand, or a payload that does not decode: a miss
-            self._corrupt(ref, ver or b"", str(exc))
-            return MISS
+        return self.took_all((ref,), (reply,), sent_at, out, trace=trace)
+
+    def took_all(self, refs: Sequence[EntryRef], replies: Sequence[Any], sent_at: float, out: Fetched | None = None,
+                 found: dict[bytes, Any] | None = None, trace: Timing | None = None) -> Any:
+        """:meth:`took` of each plain read of one round trip (``replies[i]`` answers ``refs[i]``): the values
+        found go into ``found`` (by id) and ``out`` when given; returns the last one's value, or :data:`MISS`.
+
+        One implementation for one read and for a batch: a batch binds what it uses once, reads the
+        server's clock once (after every reply arrived, so an expiry is judged as late as per key, or
+        later: never too early to serve a value Redis no longer holds), and wakes the bookkeeping flusher
+        once at its end, not in the middle of the batch."""
+        l1, unwrap, book = self.l1, self.envelope.unwrap, self.book
+        unconfirmed, hit = l1.unconfirmed, book.events.append
+        fill_after, promote_after, idle_steps = self._fill_after, self._promote_after, self._idle_steps
         now = self.server_time.now_ms()
-        ttl_left = None
-        if expiry is not None:
-            if now is not None and now >= expiry:  # past its ttl: kept only for fail-safe, or expiring now
-                self.book.miss(ref.shard, ref.id)
-                kept = int(kept_ms) if kept_ms is not None and kept_ms.isdigit() else 0
-                if out is not None and now < kept:  # inside its fail-safe grace (field z)
-                    out.stale[ref.id] = Stale(value, payload, expiry, kept)
-                return MISS
-            ttl_left = None if now is None else (expiry - now) / 1000
-        in_l2 = tier != b"3"
-        flags = 0 if prewarmed is None else PREWARMED
-        # What the bookkeeping must do beyond the LRU stamp: count the hit while the count still decides
-        # something (an L1 copy at promote_after - 1 in L2, promotion at promote_after in L3), and move
-        # the entry's Redis expiry once its touch is a whole idle step past the one it was set from.
-        if count < (self._fill_after if in_l2 else self._promote_after):
-            flags |= COUNTED
-        idle_step = self._idle_steps[0 if in_l2 else 1]
-        if idle_step and (now is None or step is None or not step.isdigit() or int(now // idle_step) != int(step)):
-            flags |= EXPIRING
-        if (in_l2 and count >= self._fill_after and (expiry is None or ttl_left is not None)
-                and self.l1.set(ref.id, payload, version, ttl_left, since=sent_at, cost=cost, shard=ref.shard)):
-            flags |= FILLED
-        self.book.hit(2 if in_l2 else 3, ref.shard, ref.id, flags)
-        if trace is not None:
-            trace.outcome = "l2" if in_l2 else "l3"
-        if out is not None:
-            out.values[ref.id], out.payloads[ref.id] = value, payload
-            out.hits[ref.id] = (version, ttl_left, cost)
-            out.tiers[ref.id] = 2 if in_l2 else 3
+        value: Any = MISS
+        for ref, reply in zip(refs, replies, strict=True):
+            value = MISS
+            entry_id = ref.id
+            if trace is not None:
+                trace.outcome = "miss"  # until a hit says otherwise
+            if unconfirmed:  # Redis answered for this key: a copy it never confirmed is not needed
+                l1.forget_unconfirmed(entry_id)
+            payload = reply[0] if reply.__class__ is list or not isinstance(reply, Exception) else None
+            if payload is None:
+                if isinstance(reply, Exception):
+                    self._corrupt(ref, b"", str(reply))
+                else:
+                    book.miss(ref.shard, entry_id)
+                continue
+            _, ver, tier, hits, expiry_ms, cost_ms, prewarmed, step, kept_ms = reply
+            try:
+                # Plain digits only, as the scripts write them: int() would also take " 7", "+7" or "1_0".
+                if not (ver.isdigit() and (expiry_ms is None or expiry_ms.isdigit())
+                        and (cost_ms is None or cost_ms.isdigit()) and (hits is None or hits.isdigit())):
+                    raise ValueError("a field that must be a whole number is not")
+                version = int(ver)
+                expiry = None if expiry_ms is None else int(expiry_ms)
+                cost = 0.0 if cost_ms is None else int(cost_ms) / 1000
+                count = 0 if hits is None else int(hits)
+                got = unwrap(payload)
+            except Exception as exc:  # fields written by hand, or a payload that does not decode: a miss
+                self._corrupt(ref, ver or b"", str(exc))
+                continue
+            ttl_left = None
+            if expiry is not None:
+                if now is not None and now >= expiry:  # past its ttl: kept only for fail-safe, or expiring now
+                    book.miss(ref.shard, entry_id)
+                    kept = int(kept_ms) if kept_ms is not None and kept_ms.isdigit() else 0
+                    if out is not None and now < kept:  # inside its fail-safe grace (field z)
+                        out.stale[entry_id] = Stale(got, payload, expiry, kept)
+                    continue
+                ttl_left = None if now is None else (expiry - now) / 1000
+            in_l2 = tier != b"3"
+            flags = 0 if prewarmed is None else PREWARMED
+            # What the bookkeeping must do beyond the LRU stamp: count the hit while the count still decides
+            # something (an L1 copy at promote_after - 1 in L2, promotion at promote_after in L3), and move
+            # the entry's Redis expiry once its touch is a whole idle step past the one it was set from.
+            if count < (fill_after if in_l2 else promote_after):
+                flags |= COUNTED
+            idle_step = idle_steps[0 if in_l2 else 1]
+            if idle_step and (now is None or step is None or not step.isdigit()
+                              or int(now // idle_step) != int(step)):
+                flags |= EXPIRING
+            if (in_l2 and count >= fill_after and (expiry is None or ttl_left is not None)
+                    and l1.set(entry_id, payload, version, ttl_left, since=sent_at, cost=cost, shard=ref.shard)):
+                flags |= FILLED
+            hit((2 if in_l2 else 3, ref.shard, entry_id, flags))  # (see Bookkeeping.wake_if_due, called below)
+            value = got
+            if trace is not None:
+                trace.outcome = "l2" if in_l2 else "l3"
+            if found is not None:
+                found[entry_id] = got
+            if out is not None:
+                out.values[entry_id], out.payloads[entry_id] = got, payload
+                out.hits[entry_id] = (version, ttl_left, cost)
+                out.tiers[entry_id] = 2 if in_l2 else 3
+        book.wake_if_due()
         return value
 
     def _corrupt(self, ref: EntryRef, seen: bytes, why: str) -> None:
@@ -547,11 +577,12 @@ class TierCore:
     def get_many(self, keys: Iterable[str | bytes]) -> Step[dict[Any, Any]]:
         """The hits among ``keys``, keyed as given (every spelling asked for: ``"k"`` and ``b"k"`` are one
         key); one round trip for all keys L1 cannot serve."""
-        locate, serve = self.space.ref, self.l1.serve
-        located = [(key, locate(key)) for key in keys]  # every key checked before any I/O
+        keys = keys if isinstance(keys, (list, tuple)) else list(keys)
+        refs = self.space.locate(keys)  # every key checked before any I/O
+        serve = self.l1.serve
         found: dict[bytes, Any] = {}
         remote: dict[bytes, EntryRef] = {}
-        for _, ref in located:
+        for ref in refs:
             entry_id = ref.id
             if entry_id in found or entry_id in remote:
                 continue
@@ -562,30 +593,28 @@ class TierCore:
                 found[entry_id] = self._l1_value(entry)
         if remote:
             yield from self._read_many(list(remote.values()), found)
-        return {key: found[ref.id] for key, ref in located if ref.id in found}
+        return {key: found[ref.id] for key, ref in zip(keys, refs, strict=True) if ref.id in found}
 
     def _read_many(self, refs: list[EntryRef], found: dict[bytes, Any]) -> Step[None]:
         """:meth:`_fetch` for get_many, which needs the values alone: into ``found``, by id."""
         try:
             yield from self.ready()
             sent_at = self.since()
-            reads = Reads([("HMGET", r.entry, *READ_FIELDS) for r in refs])
-            reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
-            # (Without replicas, no generator in between: get_many and get_or_set's reads stay as they were.)
+            reads = self._reads(refs)
             replies = (yield reads) if self.fence is None else (yield from self._plain_reads(refs, reads))
         except RedisError as exc:
             self.redis_failed("get", exc)
             found.update(self._fall_back_to_l1(refs).values)
             return
-        took = self.took
+        if all(reply.__class__ is list for reply in replies):  # (the usual case: no error in the batch)
+            self.took_all(refs, replies, sent_at, found=found)
+            return
         for ref, reply in zip(refs, replies, strict=True):
-            if reply.__class__ is not list and isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
+            if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
                 self.redis_failed("get", reply)  # an error Redis answered for this key alone
                 found.update(self._fall_back_to_l1([ref]).values)
                 continue
-            value = took(ref, reply, sent_at)
-            if value is not MISS:
-                found[ref.id] = value
+            self.took_all((ref,), (reply,), sent_at, found=found)
 
     def _l1_value(self, entry: L1Entry) -> Any:
         """An L1 copy's value for one caller. The first hit decodes the payload and keeps the result on the
@@ -618,8 +647,7 @@ class TierCore:
         try:
             yield from self.ready()
             sent_at = self.since()
-            reads = Reads(self.read_command(r) for r in refs)
-            reads.packed = [r.read or pack(c) for r, c in zip(refs, reads, strict=True)]  # (KeySpace packs them)
+            reads = self._reads(refs)
             # (Without replicas, no generator in between: get_many and get_or_set's reads stay as they were.)
             replies = (yield reads) if self.fence is None else (yield from self._plain_reads(refs, reads))
         except RedisError as exc:
