@@ -84,3 +84,15 @@ def test_a_connection_that_fails_mid_batch_is_dropped_and_the_failure_raised(cli
     pool: Any = client.connection_pool
     assert all(conn._sock is None for conn in pool._available_connections), "the half-read connection is closed"
     assert send_packed(client, batch[:3])[2] is None  # a new connection, nothing left over from the old one
+
+
+@pytest.mark.parametrize("args", [
+    ("EVALSHA", b"f" * 40, 1, b"ns:{s0.1}:l2", "2", b"id", 1, "n", b"id", 1, "w", b"id", 0),
+    ("SET", "ключ", "значение", 1023, 1024, -1, 10**20, "", b"", "22"),
+    ("ECHO", True, 1.5, None),
+])
+def test_pack_matches_redis_py_s_own_encoding(args: tuple[Any, ...]) -> None:
+    """scripts.pack keeps some arguments packed in advance (small numbers, touch.lua's one-letter kinds):
+    every argument still packs as redis-py would send it, or as the repr of a type it would refuse."""
+    encodable = tuple(a if a.__class__ in (bytes, str, int, float) else repr(a) for a in args)
+    assert pack(args) == b"".join(redis.Connection().pack_command(*encodable))

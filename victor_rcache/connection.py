@@ -219,10 +219,11 @@ def send_packed(client: redis.Redis, commands: list[bytes]) -> list[Any]:
     send, read and release of redis-py's own pipeline, without encoding any argument."""
     pool = client.connection_pool
     conn: Any = pool.get_connection("HMGET") if _NAMED_CHECKOUT else pool.get_connection()  # (untyped API)
+    mixed = True  # (False: every reply is a list, so none is an error to look at)
     try:
         conn.send_packed_command([b"".join(commands)])  # one write, not one per command
         if len(commands) > 1 and _reads_at_once(conn):  # (one reply gains nothing worth the check)
-            replies = _read_replies(conn._parser, len(commands))
+            replies, mixed = _read_replies(conn._parser, len(commands))
         else:
             replies = []
             for _ in commands:
@@ -235,7 +236,7 @@ def send_packed(client: redis.Redis, commands: list[bytes]) -> list[Any]:
         raise
     finally:
         pool.release(conn)
-    return raise_transient(replies)
+    return raise_transient(replies) if mixed else replies
 
 
 # The replies of a batch straight from the connection's hiredis reader (_read_replies), instead of one
@@ -266,15 +267,17 @@ def _reads_at_once(conn: Any) -> bool:
             and getattr(parser, "_hiredis_PushNotificationType", None) is not None)
 
 
-def _read_replies(parser: Any, count: int) -> list[Any]:
-    """``count`` replies from a hiredis parser's reader (see _reads_at_once): an error Redis answered in
-    place, as :func:`send_packed` puts it; a push message handed to redis-py, as its parser does; a
-    connection error raised, as redis-py raises it (the caller then drops the connection)."""
+def _read_replies(parser: Any, count: int) -> tuple[list[Any], bool]:
+    """``count`` replies from a hiredis parser's reader (see _reads_at_once), and whether any is not a list:
+    an error Redis answered stays in place, as :func:`send_packed` puts it; a push message is handed to
+    redis-py, as its parser does; a connection error is raised, as redis-py raises it (the caller then
+    drops the connection)."""
     reader = parser._reader
     gets, fill, more = reader.gets, parser.read_from_socket, _NOT_ENOUGH_DATA
     push = getattr(parser, "_hiredis_PushNotificationType", None) or ()  # (isinstance of () is False)
     replies: list[Any] = []
     append = replies.append
+    others = False
     try:
         while count:
             reply = gets()
@@ -287,13 +290,14 @@ def _read_replies(parser: Any, count: int) -> list[Any]:
                     continue
                 if isinstance(reply, RedisConnectionError):  # what redis-py's parser raises, not returns
                     raise reply
+                others = True
             elif reply and isinstance(reply[0], RedisConnectionError):
                 raise reply[0]
             append(reply)
             count -= 1
     except OSError as exc:  # the socket itself failed, as Connection.read_response words it
         raise RedisConnectionError(f"Error while reading from the socket: {exc.args}") from exc
-    return replies
+    return replies, others
 
 
 _NAMED_ASYNC_CHECKOUT = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters[

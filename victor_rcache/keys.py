@@ -214,7 +214,7 @@ class KeySpace:
         """:meth:`ref` of each key, in order (raises InvalidKeyError at the first bad one). One loop over the
         batch with what it uses bound once: get_many of keys never read before locates each of them, and
         a call per key (ref, then the hashing and packing) cost more than the hashing itself."""
-        refs, get, out = self.refs, self.refs.get, []
+        refs, get, out, used = self.refs, self.refs.get, [], self.refs_bytes
         prefixes, shards, head, fields = self._entry_prefixes, self.shards, self._read_head, self._read_fields
         crc32, str_, bytes_, make = zlib.crc32, str, bytes, tuple.__new__  # (make: EntryRef without its __new__)
         for key in keys:
@@ -241,11 +241,12 @@ class KeySpace:
             ref = make(EntryRef, (raw, shard, entry_id, entry, read))
             out.append(ref)
             if exact and len(raw) <= MAX_RAW_KEY_BYTES:
-                if self.refs_bytes + len(raw) > REFS_BYTES:
+                used += len(raw)
+                if used > REFS_BYTES:
                     refs.clear()  # all forgotten at once: cheaper than an LRU, and rare
-                    self.refs_bytes = 0
+                    used = len(raw)
                 refs[key] = ref
-                self.refs_bytes += len(raw)
+        self.refs_bytes = used
         return out
 
     @cached_property

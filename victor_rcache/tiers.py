@@ -593,7 +593,8 @@ class TierCore:
                 found[entry_id] = self._l1_value(entry)
         if remote:
             yield from self._read_many(list(remote.values()), found)
-        return {key: found[ref.id] for key, ref in zip(keys, refs, strict=True) if ref.id in found}
+        get, miss = found.get, MISS
+        return {key: value for key, ref in zip(keys, refs, strict=True) if (value := get(ref.id, miss)) is not miss}
 
     def _read_many(self, refs: list[EntryRef], found: dict[bytes, Any]) -> Step[None]:
         """:meth:`_fetch` for get_many, which needs the values alone: into ``found``, by id."""
