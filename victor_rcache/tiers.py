@@ -494,6 +494,8 @@ class TierCore:
         unconfirmed, hit = l1.unconfirmed, book.events.append
         fill_after, promote_after, idle_steps = self._fill_after, self._promote_after, self._idle_steps
         now = self.server_time.now_ms()
+        # The idle step each tier's touch falls in now (one clock reading per batch, so once per batch too).
+        now_steps = tuple(None if now is None or not step else int(now // step) for step in idle_steps)
         value: Any = MISS
         for ref, reply in zip(refs, replies, strict=True):
             value = MISS
@@ -539,9 +541,9 @@ class TierCore:
             # the entry's Redis expiry once its touch is a whole idle step past the one it was set from.
             if count < (fill_after if in_l2 else promote_after):
                 flags |= COUNTED
-            idle_step = idle_steps[0 if in_l2 else 1]
-            if idle_step and (now is None or step is None or not step.isdigit()
-                              or int(now // idle_step) != int(step)):
+            tier_index = 0 if in_l2 else 1
+            if idle_steps[tier_index] and (now is None or step is None or not step.isdigit()
+                                           or now_steps[tier_index] != int(step)):
                 flags |= EXPIRING
             if (in_l2 and count >= fill_after and (expiry is None or ttl_left is not None)
                     and l1.set(entry_id, payload, version, ttl_left, since=sent_at, cost=cost, shard=ref.shard)):
