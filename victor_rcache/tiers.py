@@ -495,7 +495,9 @@ class TierCore:
         fill_after, promote_after, idle_steps = self._fill_after, self._promote_after, self._idle_steps
         now = self.server_time.now_ms()
         # The idle step each tier's touch falls in now (one clock reading per batch, so once per batch too).
-        now_steps = tuple(None if now is None or not step else int(now // step) for step in idle_steps)
+        step2, step3 = idle_steps
+        now_steps = (None if now is None or not step2 else int(now // step2),
+                     None if now is None or not step3 else int(now // step3))
         value: Any = MISS
         for ref, reply in zip(refs, replies, strict=True):
             value = MISS
