@@ -802,10 +802,16 @@ def publish_cost(url: str, sizes: Sizes, prefix: str) -> list[dict[str, Any]]:
         clear_namespaces(url, [ns])
         admin.close()
     per_call = {k: t["publish_usec"] / t["publish_calls"] for k, t in totals.items()}
+    # Redis adds each call's time in whole microseconds, and a SPUBLISH nobody hears takes well under one:
+    # few of them (a tiny run) may add up to 0. The floor is then what that sum can tell: under 1 µs in all.
+    floor_text, floor_value = "the same with no subscriber", per_call[0]
+    if floor_value <= 0:
+        floor_text = "the same with no subscriber (under commandstats' resolution: 1 µs over its calls)"
+        floor_value = 1.0 / max(1, totals[0]["publish_calls"])
     put_per_call = {k: t["put_usec"] / t["put_calls"] for k, t in totals.items() if t["put_calls"]}
     return [figure(
         f"publish@{k}", f"Redis CPU of the SPUBLISH in put.lua, {k} subscriber{'s' if k > 1 else ''} of the shard",
-        value=per_call[k], unit="us", floor="the same with no subscriber", floor_value=per_call[0],
+        value=per_call[k], unit="us", floor=floor_text, floor_value=floor_value,
         put_usec_per_call=put_per_call.get(k), put_usec_no_subscriber=put_per_call.get(0),
         share_of_put=per_call[k] / put_per_call[k] if put_per_call.get(k) else None,
         workload=f"{totals[k]['publish_calls']:,} puts rewriting 256 entries, in {rounds} rounds alternating the "
