@@ -74,7 +74,9 @@ from benchmarks.figures import Progress, figure, noop
 from benchmarks.workloads import query_name
 from victor_rcache import MultiLevelCache, PredictiveCacheWarmer
 from victor_rcache.bookkeeping import COUNTS_INTERVAL, WINDOW
+from victor_rcache.config import CacheConfig
 from victor_rcache.demo import clear_namespaces
+from victor_rcache.keys import KeySpace
 
 T = TypeVar("T")
 SUBSCRIBERS = (0, 1, 4, 16)  # subscribed processes for the fan-out slope
@@ -504,12 +506,13 @@ def connections(url: str, admin: redis.Redis, namespace: str) -> dict[str, Any]:
     p = ctx.Process(target=holder_main, args=(url, namespace, theirs), daemon=True)
     p.start()
     out: dict[str, Any] = {}
+    channel = KeySpace(namespace, CacheConfig().shards).channels[0]  # (the holder's caches have the default shards)
     try:
         for step, name in (("open", "one cache, opened"), ("use", "one cache, after get/put/get_or_set/flush"),
                            ("warmer", "one cache + a warmer, after a model round"), ("open", "two caches")):
             mine.send(step)
             Holders.step(mine, p)
-            time.sleep(0.2)  # the listener's subscription is made by its thread
+            wait_for_subscribers(admin, channel, 1)  # the listener's subscription is made by its thread
             out[name] = client_count(admin) - before
         mine.send("close")
         p.join(timeout=10)

@@ -51,7 +51,8 @@
   whether or not Redis remembers that some process holds a copy: one line per entry,
   "<length of id>:<id> <version>\n", or "*<shard> <version>" for a flushed shard. The channel has the
   shard's hash tag, so on a Redis Cluster it lives in the shard's slot: only the shard's master (and
-  its replicas) carry the message, not every node of the cluster as PUBLISH would. Every process drops its L1 copies older than the version. Moves between tiers, expiry and
+  its replicas) carry the message, not every node of the cluster as PUBLISH would. Every process
+  drops its L1 copies older than the version. Moves between tiers, expiry and
   evictions publish nothing: they do not change a value, and every L1 copy carries its own deadline.
 
   Common ARGV (HEAD of them, every script but flush.lua):
