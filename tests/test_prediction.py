@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
+import random
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -665,6 +667,66 @@ def test_pattern_keys_are_bounded_and_memory_is_flat_on_an_endless_stream(make_c
     assert (stats["sketch_epoch"], stats["sketch_width"], stats["sketch_records"]) == (6, width, epoch)
 
 
+def test_a_batch_of_records_writes_what_the_same_records_sent_one_by_one_write(
+        make_cache: Make, raw: Client, namespace: str) -> None:
+    """record.lua takes a round's records in one call, gathering the writes they share. With the
+    registry full (admission and eviction at work) and epochs rotating, 200 records from 3 sessions
+    leave exactly the same model (every key, score, tick and sketch counter) sent in batches of 8
+    as sent one per call."""
+    def core_of(ns: str) -> Any:
+        cache = make_cache(namespace=ns)
+        return PredictiveCacheWarmer(cache, max_patterns=12, max_successors=50, clock=at_hour(12))._core
+
+    one, batched = core_of(namespace), core_of(namespace + "b")
+    epoch = one._sketch_epoch
+    assert epoch % 8 == 0 and epoch < 200  # batches of 8 after a first of 7: an epoch starts with a batch
+    rng = random.Random(7)
+    stream = [(f"s{rng.randrange(3)}".encode(), (f"q{rng.randrange(15)}" if rng.random() < 0.7
+                                                else f"once{i}").encode()) for i in range(200)]
+    source = default_scripts().record.source
+
+    def send(core: Any, records: list[tuple[bytes, bytes]], histories: dict[bytes, list[bytes]]) -> list[Any]:
+        hour, batch = core.keys.hour_at(at_hour(12)()), []
+        for session, query in records:
+            history = histories.get(session, [])
+            batch.append((query, '["t"]', session, hour, history))
+            histories[session] = [query, *history][:2]
+        call = core.record_call(batch, [])
+        replies, _ = raw.eval(source, len(call.keys), *call.keys, *call.args)
+        return list(replies)
+
+    alone: dict[bytes, list[bytes]] = {}
+    assert all(send(one, [record], alone) == [[1, -1]] for record in stream)
+    together: dict[bytes, list[bytes]] = {}
+    for start, end in itertools.pairwise([0, *range(7, 200, 8), 200]):
+        assert send(batched, stream[start:end], together) == [[1, -1]] * (end - start)
+
+    a, b = Model(raw, namespace), Model(raw, namespace + "b")
+    assert a.stats()["patterns_rejected"] > 0 and a.zset(b"evicted")  # admission refused some, evicted others
+    assert a.stats()["sketch_epoch"] >= 1
+    assert a.contents() == b.contents()
+
+
+def test_a_record_whose_history_moved_on_is_sent_back_with_its_sessions_later_records_only(
+        make_cache: Make, raw: Client, namespace: str) -> None:
+    """In a batch, a record made on a history Redis no longer holds (another worker advanced the
+    session) writes nothing, nor do that session's later records in the batch, which expect it; the
+    other sessions' records are applied, each after the batch's earlier records of its session."""
+    core = PredictiveCacheWarmer(make_cache(), clock=at_hour(12))._core
+    hour = core.keys.hour_at(at_hour(12)())
+    batch = [(b"A", "", b"s1", hour, []), (b"X", "", b"s2", hour, [b"W"]), (b"B", "", b"s1", hour, [b"A"]),
+             (b"Y", "", b"s2", hour, [b"X", b"W"])]
+    call = core.record_call(batch, [])
+    replies, pending = raw.eval(default_scripts().record.source, len(call.keys), *call.keys, *call.args)
+    assert [replies, pending] == [[[1, -1], [0, []], [1, -1], [0, []]], []]
+    model = Model(raw, namespace)
+    assert model.server.lrange(model.key(b"hist:s1"), 0, -1) == [b"B", b"A"]
+    assert model.zset(next_name("A")) == {b"B": 1.0}
+    assert not model.server.exists(model.key(b"hist:s2"), model.key(next_name("W")), model.key(next_name("X")))
+    assert model.zset(b"queries").keys() == {b"A", b"B"}
+    assert model.stats()["records"] == 2
+
+
 def test_evicted_pattern_keys_are_deleted_at_most_64_per_call(make_cache: Make, raw: Client, namespace: str) -> None:
     cache = make_cache()
     big = PredictiveCacheWarmer(cache, max_patterns=1000, clock=at_hour(16))
@@ -1057,12 +1119,12 @@ def test_the_scripts_refuse_bad_arguments_before_the_first_write(make_cache: Mak
     recorded(warmer, "s", "Z", "A")
     model = Model(raw, namespace)
     record, predict = default_scripts().record.source, default_scripts().predict.source
-    common = [model.key(n) for n in (b"stats", b"patterns", b"queries", b"tools", b"evicted", b"hist:s", b"pred:s")]
-    record_keys = [*common, model.key(hour_name(20)), *map(model.key, SKETCHES), model.key(b"obs"),
+    fixed = [model.key(n) for n in (b"stats", b"patterns", b"queries", b"tools", b"evicted", *SKETCHES, b"obs")]
+    record_keys = [*fixed, model.key(b"hist:s"), model.key(b"pred:s"), model.key(hour_name(20)),
                    model.key(next_name("A")), model.key(ngram_name("Z", "A"))]
-    # query, tools, session ttl, kept, max_patterns, max_successors, decay, hour decay, hour size,
-    # max_queries, pattern ttl, sketch width, sketch epoch, c, h, history
-    record_args: list[Any] = ["B", "", 60000, 2, 100, 10, "0.9", "0.99", 10, 100, 60000, 256, 1000, 2, 2, "A", "Z"]
+    # session ttl, kept, max_patterns, max_successors, decay, hour decay, hour size, max_queries,
+    # pattern ttl, sketch width, sketch epoch, R records, D doomed; then the record: query, tools, c, h, history
+    record_args: list[Any] = [60000, 2, 100, 10, "0.9", "0.99", 10, 100, 60000, 256, 1000, 1, 0, "B", "", 2, 2, "A", "Z"]
     predict_keys = [model.key(n) for n in (b"stats", b"tools", b"hist:s", b"pred:s", hour_name(20), next_name("A"),
                                            ngram_name("Z", "A"))]
     # top_k, remember, session ttl, min_confidence, w_t, w_n, w_h, current, kept, h, history
@@ -1075,22 +1137,28 @@ def test_the_scripts_refuse_bad_arguments_before_the_first_write(make_cache: Mak
         return [*predict_args[:i], v, *predict_args[i + 1:]]
 
     bad_calls = [
-        (record, record_keys, bad_record(6, "-0.5")),  # negative decay
-        (record, record_keys, bad_record(6, "nan")),
-        (record, record_keys, bad_record(6, "1.5")),
-        (record, record_keys, bad_record(0, "")),  # empty query
-        (record, record_keys, bad_record(14, 1)),  # h = 1, two history entries given
-        (record, record_keys, bad_record(14, 3)),  # h = 3 > kept = 2 (and ARGV too short)
-        (record, record_keys, bad_record(13, 3)),  # c = 3 context keys, two given
-        (record, record_keys, bad_record(4, 0)),  # max_patterns 0
-        (record, record_keys, bad_record(2, "1.5")),  # a ttl that is not whole
-        (record, record_keys, bad_record(11, 0)),  # sketch width 0
-        (record, record_keys, bad_record(11, 2**26 + 1)),  # a sketch BITFIELD could not address
-        (record, record_keys, bad_record(11, "256.5")),
-        (record, record_keys, bad_record(12, 0)),  # an epoch of no records
-        (record, record_keys[:6], record_args),  # a required key missing
-        (record, record_keys[:9], [*record_args[:13], 0, 0]),  # a sketch key missing (no contexts, no history)
-        (record, record_keys[:10], [*record_args[:13], 0, 0]),  # the obs key missing
+        (record, record_keys, bad_record(4, "-0.5")),  # negative decay
+        (record, record_keys, bad_record(4, "nan")),
+        (record, record_keys, bad_record(4, "1.5")),
+        (record, record_keys, bad_record(13, "")),  # empty query
+        (record, record_keys, bad_record(16, 1)),  # h = 1, two history entries given
+        (record, record_keys, bad_record(16, 3)),  # h = 3 > kept = 2 (and ARGV too short)
+        (record, record_keys, bad_record(15, 3)),  # c = 3 context keys, two given
+        (record, record_keys, bad_record(15, "1.5")),
+        (record, record_keys, bad_record(2, 0)),  # max_patterns 0
+        (record, record_keys, bad_record(0, "1.5")),  # a ttl that is not whole
+        (record, record_keys, bad_record(9, 0)),  # sketch width 0
+        (record, record_keys, bad_record(9, 2**26 + 1)),  # a sketch BITFIELD could not address
+        (record, record_keys, bad_record(9, "256.5")),
+        (record, record_keys, bad_record(10, 0)),  # an epoch of no records
+        (record, record_keys, bad_record(11, 0)),  # no records
+        (record, record_keys, bad_record(11, 65)),  # more than a batch
+        (record, record_keys, bad_record(11, 2)),  # two records, one given
+        (record, record_keys, bad_record(12, 1)),  # an evicted pattern to delete, none given
+        (record, record_keys[:6], record_args),  # required keys missing
+        (record, record_keys[:-1], record_args),  # a context key missing
+        (record, [*record_keys, model.key(b"next:X")], record_args),  # a key too many
+        (record, record_keys[:10], [*record_args[:15], 0, 0]),  # no hour key (no contexts, no history)
         (predict, predict_keys, bad_predict(0, 0)),  # top_k 0
         (predict, predict_keys, bad_predict(0, 1001)),
         (predict, predict_keys, bad_predict(1, 2)),  # remember is 0 or 1
@@ -1108,7 +1176,7 @@ def test_the_scripts_refuse_bad_arguments_before_the_first_write(make_cache: Mak
         assert model.snapshot() == before, f"{caught.value} after writing: {keys} {args}"
 
     # The vectors were bad in the one place changed: unchanged, both are accepted.
-    assert raw.eval(record, len(record_keys), *record_keys, *record_args) == [1, -1, []]
+    assert raw.eval(record, len(record_keys), *record_keys, *record_args) == [[[1, -1]], []]
     assert model.zset(next_name("A")) == {b"B": 1.0}
     reply = raw.eval(predict, len(predict_keys), *predict_keys, *predict_args[:7], "B", 2, 2, "B", "A")
     assert reply[0] == 1

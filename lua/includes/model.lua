@@ -41,7 +41,7 @@ local P = string.sub(KEYS[1], 1, -6)   -- KEYS[1] is always P .. 'stats'
 -- Every command the model scripts run (see includes/acl.lua).
 local MODEL_COMMANDS = {'type', 'del', 'hget', 'hmget', 'hset', 'hdel', 'hincrby', 'lrange', 'lpush', 'ltrim',
                         'pexpire', 'hexists', 'zadd', 'zrem', 'zincrby', 'zunionstore', 'zrange', 'zcard',
-                        'zscore', 'zremrangebyscore', 'zremrangebyrank', 'bitfield'}
+                        'zscore', 'zmscore', 'zremrangebyscore', 'zremrangebyrank', 'bitfield'}
 local MIN_COUNT = 0.001                -- decayed counts below this are dropped
 
 local function arg_number(i, lo, hi)
@@ -61,9 +61,11 @@ end
 local function preflight(types)
   local denied = check_commands(MODEL_COMMANDS, KEYS[1], nil)
   if denied then return denied end
+  local checked = {}
   for i = 1, #KEYS do
     local want = types[i] or 'zset'
-    local t = redis.call('TYPE', KEYS[i])['ok']
+    local t = checked[KEYS[i]] or redis.call('TYPE', KEYS[i])['ok']
+    checked[KEYS[i]] = t
     if t ~= 'none' and t ~= want then
       return 'VRC_WRONGTYPE ' .. KEYS[i] .. ' is a ' .. t .. ', the prediction model needs a ' .. want
     end

@@ -41,7 +41,7 @@ from ..errors import CacheError
 from ..periodic import Periodic
 from ..scripts import ScriptCall
 from ..tiers import Step
-from .model import HISTORY_RETRIES, Distribution, Prediction, PredictionCore, score_next, stored_tools
+from .model import HISTORY_RETRIES, RECORD_BATCH, Distribution, Prediction, PredictionCore, score_next, stored_tools
 
 RECORDS_WAKE = 64  # queued records that start a round at once
 NO_TOOLS: tuple[list[Any], None] = ([], None)
@@ -343,15 +343,17 @@ class ModelSync:
         calls: list[ScriptCall] = []
         histories: dict[bytes, list[bytes]] = {}  # each session's history as this round leaves it
         changed: dict[bytes, None] = {}  # pattern sets the records update
-        for n, rec in enumerate(records):
+        recs: list[tuple[bytes, str, bytes, bytes, list[bytes]]] = []
+        for rec in records:
             history = histories.get(rec.session)
             if history is None:
                 history = core._history(rec.session)
-            call = core.record_call(rec.query, rec.tools_json, rec.session, rec.hour, history,
-                                    core._take_doomed() if n == 0 else [])
-            calls.append(call)
+            recs.append((rec.query, rec.tools_json, rec.session, rec.hour, history))
             histories[rec.session] = [rec.query, *history][: self.config.ngram_size - 1]
-            changed.update(dict.fromkeys(core.changed_by(call)))
+            changed.update(dict.fromkeys(core.keys.contexts(history, self.config.ngram_size)))
+        for start in range(0, len(recs), RECORD_BATCH):
+            calls.append(core.record_call(recs[start:start + RECORD_BATCH], core._take_doomed() if start == 0 else []))
+        record_calls = len(calls)
         # This process's copies of the sets its records change are read again after them, in the same
         # round trip: what a process recorded, its next answers know. Sets read for the first time come
         # with their members' tools; sets read again without (a member new to the view gets its tools
@@ -367,8 +369,8 @@ class ModelSync:
         read_at = self.clock()
         if calls:
             replies = yield from core.tiers.run_scripts(calls)
-            self._apply(records, replies[: len(records)])
-            views = iter(replies[len(records):])
+            self._apply(records, replies[:record_calls])
+            views = iter(replies[record_calls:])
             parsed = []  # parsed here: a caller's question waits for the lock, not for this
             for keys, with_tools in ((first, True), (again, False)):
                 if keys:
@@ -404,7 +406,10 @@ class ModelSync:
         core = self.core
         again: list[QueuedRecord] = []
         done = 0
-        for rec, reply in zip(records, replies, strict=True):
+        per_record = [reply for batch, _ in replies for reply in batch]
+        if replies:
+            core._set_doomed(replies[-1][1])
+        for rec, reply in zip(records, per_record, strict=True):
             if reply[0] == 0:  # the session was advanced by another process: resend on its history
                 core._remember(rec.session, list(reply[1]))
                 if rec.tries + 1 < HISTORY_RETRIES:
@@ -414,7 +419,6 @@ class ModelSync:
                 continue
             history = core._history(rec.session)
             core._remember(rec.session, [rec.query, *history][: self.config.ngram_size - 1])
-            core._set_doomed(reply[2])
             done += 1
         core.counters.add(records=done, **({"history_resyncs": len(again)} if again else {}))
         if again:

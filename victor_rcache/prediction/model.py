@@ -59,6 +59,7 @@ SKETCH_ROWS = 4  # fixed in lua/record.lua
 SKETCH_EPOCH_PER_SLOT = 10
 MAX_SKETCH_WIDTH = 1 << 24  # counters per row: 32 MiB per sketch at most
 TOOLS_MEMO = 1024  # tool lists whose JSON a process remembers
+RECORD_BATCH = 32  # records one record.lua call carries (a longer call would hold up other clients)
 HISTORY_RETRIES = 3  # a session advanced by another process meanwhile: derive the keys again, resend
 # What a prewarm does with a predicted query above the threshold; the fleet counts the skipped ones together.
 PREWARM_SKIPPED = ("cached", "busy", "refused", "no_tools", "other_registry")
@@ -448,24 +449,22 @@ class PredictionCore:
             self._tools_memo[memo] = found
         return found
 
-    def record_call(self, q: bytes, tools_json: str, s: bytes, hour: bytes, hist: list[bytes],
+    def record_call(self, records: Sequence[tuple[bytes, str, bytes, bytes, list[bytes]]],
                     doomed: list[bytes]) -> ScriptCall:
-        """The record.lua call for one record made on ``hist`` (the session's history as Redis holds it)."""
+        """One record.lua call for ``records`` (at most RECORD_BATCH), in order: each (query, tools JSON,
+        session, hour set, the session's history as Redis holds it before that record)."""
         c = self.config
-        contexts = self.keys.contexts(hist, c.ngram_size)
-        keys = (self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools, self.keys.evicted,
-                self.keys.hist(s), self.keys.pred(s), hour, *self.keys.sketches, self.keys.obs, *contexts, *doomed)
-        args: tuple[bytes | int | str, ...] = (
-            q, tools_json, _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors,
-            self._decay, self._hour_decay, c.hour_size, self._max_queries, _ms(c.pattern_ttl),
-            self._sketch_width, self._sketch_epoch, len(contexts), len(hist), *hist)
-        return ScriptCall(self.tiers.scripts.record, keys, args)
-
-    @staticmethod
-    def changed_by(call: ScriptCall) -> tuple[bytes, ...]:
-        """The context sets a record.lua call updates (its hour set changes too, slowly: not named)."""
-        contexts = int(call.args[13])
-        return call.keys[11:11 + contexts]
+        keys: list[bytes] = [self.keys.stats, self.keys.patterns, self.keys.queries, self.keys.tools,
+                             self.keys.evicted, *self.keys.sketches, self.keys.obs]
+        args: list[bytes | int | str] = [
+            _ms(c.session_ttl), c.ngram_size - 1, c.max_patterns, c.max_successors, self._decay, self._hour_decay,
+            c.hour_size, self._max_queries, _ms(c.pattern_ttl), self._sketch_width, self._sketch_epoch,
+            len(records), len(doomed)]
+        for q, tools_json, s, hour, hist in records:
+            contexts = self.keys.contexts(hist, c.ngram_size)
+            keys += [self.keys.hist(s), self.keys.pred(s), hour, *contexts]
+            args += [q, tools_json, len(contexts), len(hist), *hist]
+        return ScriptCall(self.tiers.scripts.record, (*keys, *doomed), tuple(args))
 
     def record(self, query: str | bytes, tools: Iterable[Any] | None, session: str | bytes | None,
                tools_hash: str | None = None) -> Step[int]:
@@ -477,21 +476,21 @@ class PredictionCore:
         for _ in range(HISTORY_RETRIES):
             hist = self._history(s)
             doomed = self._take_doomed()
-            call = self.record_call(q, tools_json, s, hour, hist, doomed)
+            call = self.record_call([(q, tools_json, s, hour, hist)], doomed)
             try:
-                reply = (yield from self.tiers.run_scripts([call]))[0]
+                replies, pending = (yield from self.tiers.run_scripts([call]))[0]
             except RedisError as exc:
                 self._give_back_doomed(doomed)
                 self.tiers.redis_failed("record_query", exc)
                 return -1
+            self._set_doomed(pending)
+            reply = replies[0]
             if reply[0] == 0:
                 self._remember(s, list(reply[1]))
-                self._give_back_doomed(doomed)
                 self.counters.add(history_resyncs=1)
                 continue
             verdict = int(reply[1])
             self._remember(s, ([q, *hist])[:keep])
-            self._set_doomed(reply[2])
             self.counters.add(records=1, **({"verdicts": 1, "correct": int(verdict == 1)} if verdict >= 0 else {}))
             return verdict
         self.counters.add(record_conflicts=1)  # the session is being advanced elsewhere right now
