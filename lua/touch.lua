@@ -19,10 +19,13 @@
                 gather sizing evidence (1 with adaptive_redis, else 0) and whether to check the shard's
                 key types and the ACL permissions first (1, else 0), separated by spaces:
                 "<l1_hits> <l1_evictions> <l1_fills> <l2_hits> <l3_hits> <misses> <evidence> <checks>"
-  ARGV[9..]     triples (kind, id, number), each id at most once per kind:
+  ARGV[9..]     triples (kind, id, number), each id at most once per kind (and in one of 2, 3, 2n and 3n,
+                and not in an n item if in a 2n or 3n one):
                   '2', id, hits   Redis hits on an entry the reader found in L2: stamped now
                   '3', id, hits   the same in L3; with evidence, a hit on one of L3's `step` least
                                   recently used entries counts tail_hits
+                  '2n', id, hits  a '2' item whose hits all count: the same as '2' and 'n' with that
+                  '3n', id, hits  number (a first hit's usual case: half the arguments); '3n' likewise
                   'n', id, hits   hits to add to the entry's fleet count `n`, with its '2' or '3' (if
                                   the tier still holds it); an L3 entry whose count reaches
                                   promote_after moves to L2
@@ -77,9 +80,12 @@ end
 local stamped = {{}, {}}                 -- per tier (index 1 = L2, 2 = L3): ids, then their hits
 local stamped_hits = {{}, {}}
 local counted, expiring, prewarmed, missed, corrupt = {}, {}, {}, {}, {}  -- counted: id -> hits
--- Per kind: its number's least and most value, and what to do with an item.
-local RANGES = {['2'] = {1, MAX_INT}, ['3'] = {1, MAX_INT}, n = {1, MAX_INT}, e = {2, 3}, w = {0, 0},
-                m = {1, MAX_INT}}
+-- Per kind: its number's least and most value, and what to do with an item. The kinds of hits first (most
+-- items are): the tier they stamp (index into `stamped`), and whether their hits count too.
+local STAMPS = {['2'] = 1, ['3'] = 2, ['2n'] = 1, ['3n'] = 2}
+local COUNTS_TOO = {['2n'] = true, ['3n'] = true}
+local RANGES = {['2'] = {1, MAX_INT}, ['3'] = {1, MAX_INT}, ['2n'] = {1, MAX_INT}, ['3n'] = {1, MAX_INT},
+                n = {1, MAX_INT}, e = {2, 3}, w = {0, 0}, m = {1, MAX_INT}}
 for i = HEAD + 2, #ARGV, 3 do
   local kind, id, s = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if id == '' then return redis.error_reply('VRC_BADARG touch: empty entry id') end
@@ -87,18 +93,19 @@ for i = HEAD + 2, #ARGV, 3 do
     corrupt[#corrupt + 1] = {id, s}
   else
     local range = RANGES[kind]
-    if not range then return redis.error_reply('VRC_BADARG touch: kind must be 2, 3, n, e, w, m or c') end
+    if not range then return redis.error_reply('VRC_BADARG touch: kind must be 2, 3, 2n, 3n, n, e, w, m or c') end
     -- A whole number in range (tonumber is enough: the value is only ever a count or a tier).
     local v = tonumber(s)
     if not v or v ~= math.floor(v) or v < range[1] or v > range[2] then
       return redis.error_reply('VRC_BADARG touch: a ' .. kind .. ' item needs a whole number from ' .. range[1]
           .. ' to ' .. range[2])
     end
-    if kind == '2' or kind == '3' then
-      local t = kind == '2' and 1 or 2
+    local t = STAMPS[kind]
+    if t then
       local ids = stamped[t]
       ids[#ids + 1] = id
       stamped_hits[t][#ids] = v
+      if COUNTS_TOO[kind] then counted[id] = v end
     elseif kind == 'n' then counted[id] = v
     elseif kind == 'e' then expiring[#expiring + 1] = id
     elseif kind == 'w' then prewarmed[#prewarmed + 1] = id
@@ -158,7 +165,10 @@ for t, key in ipairs({l2_key, l3_key}) do
       end
     end
     local args = {}
-    for j, id in ipairs(ids) do args[2 * j - 1], args[2 * j] = stamp(key), id end
+    -- stamp() for each, inline (a batch has hundreds): the same strictly increasing scores, 0.001 ms apart.
+    local first = stamp(key)
+    for j, id in ipairs(ids) do args[2 * j - 1], args[2 * j] = first + (j - 1) * 0.001, id end
+    newest[key] = args[2 * #ids - 1]
     local present = nil                  -- nil: every id is in the tier
     if redis.call('ZADD', key, 'XX', 'CH', unpack(args)) < #ids then
       present = redis.call('ZMSCORE', key, unpack(ids))

@@ -126,3 +126,29 @@ def test_a_forked_child_starts_with_an_empty_buffer(make_cache: Make) -> None:
     child.join(timeout=30)
     assert out.get(timeout=5) == 0, "the child would send the parent's hits a second time"
     assert cache._core.book.pending() == 2  # still the parent's to send
+
+
+def test_a_hit_whose_hits_all_count_goes_as_one_item_and_a_partly_counted_one_as_two() -> None:
+    """touch.lua's items: ``2n``/``3n`` (stamp and count, three arguments) when every hit of the batch counts,
+    as a first hit's do; a stamp and an ``n`` item when only some did (the reader saw the count rise)."""
+    from victor_rcache.bookkeeping import COUNTED, L2_HIT, L3_HIT, Bookkeeping
+    from victor_rcache.metrics import Counters
+
+    book = Bookkeeping(Counters(served=lambda: 0))
+    book.events.extend([(L2_HIT, 0, b"first", COUNTED), (L3_HIT, 0, b"cold", COUNTED),
+                        (L2_HIT, 0, b"warm", COUNTED), (L2_HIT, 0, b"warm", 0), (L2_HIT, 0, b"hot", 0)])
+    book.collect()
+    (batch,) = book.due(force=True)
+    items = batch.items()
+    assert [tuple(items[i:i + 3]) for i in range(0, len(items), 3)] == [
+        ("2n", b"first", 1), ("3n", b"cold", 1), ("2", b"warm", 2), ("2", b"hot", 1), ("n", b"warm", 1)]
+
+
+def test_batches_are_smaller_where_they_carry_fleet_sizing_evidence(make_cache: Make) -> None:
+    """A batch of a cache that sizes the fleet (adaptive_redis) is due at EVIDENCE_BATCH events: its tail hits
+    are ranked in an LRU order that lags by what is still buffered. Others wait for BATCH (fewer, cheaper calls)."""
+    from victor_rcache import bookkeeping
+
+    assert make_cache()._core.book.batch() == bookkeeping.BATCH
+    assert make_cache(adaptive_redis=True)._core.book.batch() == bookkeeping.EVIDENCE_BATCH
+    assert bookkeeping.EVIDENCE_BATCH < bookkeeping.BATCH

@@ -260,6 +260,9 @@ BAD_CALLS: list[Call] = [
     Call("touch", "hits 1.5", body=touch_body(k2=records((b"e", "1.5")))),
     Call("touch", "hits empty", body=touch_body(k3=records((b"e", b"")))),
     Call("touch", "count 0", body=touch_body(n=records((b"e", 0)))),
+    Call("touch", "counted L2 hits 0", body=touch_body(k2n=records((b"e", 0)))),
+    Call("touch", "counted L3 hits x", body=touch_body(k3n=records((b"e", "x")))),
+    Call("touch", "kind 4n", body=touch_body(k4n=records((b"e", 1)))),
     Call("touch", "expiry of tier 1", body=touch_body(e=records((b"e", 1)))),
     Call("touch", "expiry of tier 4", body=touch_body(e=records((b"e", 4)))),
     Call("touch", "prewarm mark 1", body=touch_body(w=records((b"e", 1)))),
@@ -763,3 +766,31 @@ def test_every_command_a_script_runs_is_checked_before_its_first_write(script_na
     used = {name.decode().lower() for name in re.findall(rb"redis\.p?call\('(\w+)'", script.source)}
     checked = _declared(script, table) | {"spublish"}  # SPUBLISH is checked with its channel
     assert used <= checked, f"{script_name}.lua runs {used - checked} without checking them first"
+
+
+def test_a_counted_hit_item_does_what_a_hit_and_a_count_item_do(make_cache: Make, raw: Client, namespace: str,
+                                                                 clock: FakeClock) -> None:
+    """touch.lua's ``2n``/``3n`` (what a batch sends for a hit whose hits all count, a first hit's usual case) is
+    ``2``/``3`` plus ``n`` with the same number, in half the arguments: the entry is stamped, its count raised,
+    and an L3 entry whose count reaches promote_after moves to L2."""
+    cache = make_cache(shards=1, l2_size=3, l3_size=10, promote_after=2, clock=clock, coherence=False)
+    for key in ("l3a", "l3b", "idle", "l2a", "l2b"):  # L2 holds three: the first two go down to L3
+        cache.put(key, key)
+        clock.advance(0.01)
+    shard = KeySpace(namespace, 1).shard_keys[0]
+    before = read_namespace(raw, namespace, 1).shards[0]
+    assert set(before.l3) == {b"l3a", b"l3b"}
+    clock.advance(1)
+    head = (clock.ms, 3, 10, 0, 0, 2, 300_000)
+    run_script(raw, script_named("touch"), [shard.l2], [*head, *touch_body(
+        "0 0 0 2 2 0 0 1", k2n=records((b"l2a", 1)), k2=records((b"l2b", 1)), n=records((b"l2b", 1)),
+        k3n=records((b"l3a", 2)), k3=records((b"l3b", 2)))])
+    after = read_namespace(raw, namespace, 1).shards[0]
+    assert after.l2[b"l2a"] > before.l2[b"l2a"]  # both stamped...
+    assert after.l2[b"l2b"] > before.l2[b"l2b"]
+    counts = {i: server_of(raw, shard.l2).hget(shard.entry(i), "n") for i in (b"l2a", b"l2b")}
+    assert counts == {b"l2a": b"1", b"l2b": b"1"}  # ...and both counted
+    assert b"l3a" in after.l2  # counted up to promote_after: promoted (the idle L2 entry made room)...
+    assert b"l3b" in after.l3  # ...where a hit only stamped is not
+    assert b"idle" in after.l3
+    check_invariants(raw, namespace, 1, 3, 10, now_ms=clock.ms)

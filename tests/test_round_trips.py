@@ -64,12 +64,13 @@ class RoundTrips:
 
 @pytest.fixture(autouse=True)
 def quiet_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bookkeeping thread sends a batch when it is a window old or holds BATCH events; either could
+    """The bookkeeping thread sends a batch when it is a window old or holds a batch of events; either could
     fall inside a measured window and be counted as the measured call's cost. Raised out of reach, they
     leave ``flush_bookkeeping()`` as the only sender, at the moment a test chooses. (Set before the
     test's caches are made: their threads then wait as long.)"""
     monkeypatch.setattr(bookkeeping, "WINDOW", 3600.0)
     monkeypatch.setattr(bookkeeping, "BATCH", 10**9)
+    monkeypatch.setattr(bookkeeping, "EVIDENCE_BATCH", 10**9)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ by one ``touch.lua`` call per shard carrying every hit and miss of that shard si
 
     reader (any thread or task)            this cache's rounds, on the process's background thread
     ───────────────────────────            ────────────────────────────────
-    events.append((kind, shard, id, x))    every WINDOW seconds, or at once when BATCH events wait:
+    events.append((kind, shard, id, x))    every WINDOW seconds, or at once when a batch's worth waits:
       (a lock-free deque append)             collect(): events -> per-shard batches + process counters
                                              due():     a batch per shard with work
                                              touch.lua per shard (one round trip), events counted
@@ -35,10 +35,14 @@ WINDOW = 0.1  # seconds: the longest a reported hit waits before it is sent
 COUNTS_INTERVAL = 1.0  # seconds: how often L1 counters go alone, when no batch carries them
 MAX_IDS = 512  # distinct hits one touch.lua call carries (the script's limit is 1000)
 # Events waiting that wake the flusher at once, and events of a shard that make its batch due before its
-# window ends. (512, a full touch.lua call, made get_many cheaper - fewer calls holding the process's
-# connection while the reader waits - but sizing evidence then came from an LRU order a window old and
-# the fleet-sizing test's L3 stopped growing: kept at 64 until sizing tolerates that lag.)
-BATCH = 64
+# window ends. Every touch.lua call pays a fixed cost (its prelude, the sweep check, the counters) and every
+# round one of this process's threads, so bigger batches cost Redis and the process less per event; the
+# window bounds the lag in time either way. A cache that gathers fleet-sizing evidence (adaptive_redis)
+# sends batches of EVIDENCE_BATCH: its tail hits are ranked in an LRU order that lags the reads by the
+# events still buffered, and at 512 (then the only size) the order was too stale for the evidence: the
+# fleet-sizing test's L3 stopped growing (failed 6 runs in 8).
+BATCH = 512
+EVIDENCE_BATCH = 64
 
 # Event kinds (the first item of an event tuple).
 MISS, L2_HIT, L3_HIT, CORRUPT = 0, 2, 3, 5
@@ -64,13 +68,21 @@ class ShardBatch:
     counts: dict[str, int] = field(default_factory=dict)  # fleet counters: l2_hits, l3_hits, misses, l1_fills
 
     def items(self) -> list[bytes | int | str]:
-        """touch.lua's triples (kind, id, number) after the counts."""
+        """touch.lua's triples (kind, id, number) after the counts. A hit whose hits all count (a first hit's
+        usual case) goes as one ``2n``/``3n`` item, not a ``2``/``3`` and an ``n`` (half the arguments)."""
         out: list[bytes | int | str] = []
-        tiers = self.tiers
+        tiers, counted = self.tiers, self.counted
+        partly: list[bytes] = []  # ids with fewer hits counted than stamped: an `n` item of their own
         for entry_id, n in self.hits.items():
+            k = counted.get(entry_id)
+            if k == n:
+                out += ["2n" if tiers[entry_id] == L2_HIT else "3n", entry_id, n]
+                continue
             out += ["2" if tiers[entry_id] == L2_HIT else "3", entry_id, n]
-        for entry_id, n in self.counted.items():
-            out += ["n", entry_id, n]
+            if k is not None:
+                partly.append(entry_id)
+        for entry_id in partly:
+            out += ["n", entry_id, counted[entry_id]]
         for entry_id, tier in self.expiring.items():
             out += ["e", entry_id, tier]
         for entry_id in self.prewarmed:
@@ -104,9 +116,9 @@ class ShardBatch:
         first.corrupt, first.counts = self.corrupt, self.counts
         return parts
 
-    def due(self, now: float) -> bool:
-        """Send it now: enough events to pay for a script call, or its oldest waited a window."""
-        return self.events >= BATCH or len(self.hits) >= MAX_IDS or now - self.started >= WINDOW
+    def due(self, now: float, batch: int) -> bool:
+        """Send it now: ``batch`` events (enough to pay for a script call), or its oldest waited a window."""
+        return self.events >= batch or len(self.hits) >= MAX_IDS or now - self.started >= WINDOW
 
 
 class Bookkeeping:
@@ -116,7 +128,10 @@ class Bookkeeping:
                  wake: Callable[[], None] | None = None) -> None:
         self.counters = counters
         self.clock = clock
-        self.wake = wake  # called (rarely: once per BATCH events) to wake the flusher early
+        self.wake = wake  # called (rarely: once per batch of events) to wake the flusher early
+        # Whether touch.lua gathers fleet-sizing evidence from this cache's batches (set by the core): they
+        # then go in batches of EVIDENCE_BATCH events, else BATCH (see there).
+        self.evidence = False
         # Whether counters kept elsewhere (the L1's hits and evictions) have news for Redis: set by the core.
         self.unreported: Callable[[], bool] = lambda: False
         self.dropped = 0  # batches that could not be sent (bookkeeping lost, never values)
@@ -145,11 +160,16 @@ class Bookkeeping:
         self.events.append((CORRUPT, shard, entry_id, seen_version))
         self.wake_if_due()
 
+    def batch(self) -> int:
+        """Events that make a batch due, and wake the flusher (read at call time: tests change the constants)."""
+        return EVIDENCE_BATCH if self.evidence else BATCH
+
     def wake_if_due(self) -> None:
-        """Wake the flusher if BATCH events wait. Redis hits are appended to :attr:`events` by the reader
+        """Wake the flusher if a batch's worth of events waits. Redis hits are appended to :attr:`events` by the reader
         itself, ``(tier, shard, id, flags)`` (tier 2 or 3; flags: FILLED, PREWARMED, COUNTED, EXPIRING), then
         this is called once per batch of reads (TierCore.took_all), not once per hit."""
-        if len(self.events) >= BATCH and not self._woken and self.wake is not None:
+        waiting = len(self.events)
+        if waiting >= (EVIDENCE_BATCH if self.evidence else BATCH) and not self._woken and self.wake is not None:
             self._woken = True
             self.wake()
 
@@ -204,7 +224,8 @@ class Bookkeeping:
         """The batches to send now (all of them with ``force``), taken out of the buffer."""
         now = self.clock()
         with self._lock:
-            batches = [b for b in self._pending.values() if force or b.due(now)]
+            size = self.batch()
+            batches = [b for b in self._pending.values() if force or b.due(now, size)]
             for batch in batches:
                 del self._pending[batch.shard]
         return [part for batch in batches for part in batch.split()]
@@ -237,7 +258,7 @@ class Flusher(Periodic):
 
     ``send(batches)`` does the I/O: one touch.lua call per batch, in one round trip; it must not raise
     (a batch it cannot send is given up). A round is due when the oldest batch is, or at once after
-    :meth:`wake` (BATCH events waiting); :meth:`flush` sends everything now, from the calling thread
+    :meth:`wake` (a batch's worth of events waiting); :meth:`flush` sends everything now, from the calling thread
     (``close()``, process exit, tests that look at Redis).
     """
 

@@ -28,10 +28,11 @@ def _packed_arg(raw: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
 
 
-# Small numbers and the one-letter kinds of touch.lua's items, packed once: a bookkeeping batch of 512 hits
-# sends six arguments per hit, four of them among these.
+# Small numbers and the kinds of touch.lua's items, packed once: a bookkeeping batch of 512 hits sends three
+# or six arguments per hit, two or four of them among these.
+_TOUCH_KINDS = ("2", "3", "2n", "3n", "n", "e", "w", "m", "c")
 _PACKED_SMALL: dict[int | str, bytes] = {**{n: _packed_arg(b"%d" % n) for n in range(1024)},
-                                         **{k: _packed_arg(k.encode()) for k in ("2", "3", "n", "e", "w", "m", "c")}}
+                                         **{k: _packed_arg(k.encode()) for k in _TOUCH_KINDS}}
 
 
 def pack(command: Command) -> bytes:

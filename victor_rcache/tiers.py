@@ -350,6 +350,7 @@ class TierCore:
         self._caps2 = split_capacity(config.l2_size, config.shards)
         self._caps3 = split_capacity(config.l3_size, config.shards)
         self.sizing = FleetSizing(config, self.space, self.scripts) if config.adaptive_redis else None
+        self.book.evidence = self.sizing is not None  # (its batches carry the evidence: smaller ones)
         self._idle_ms = tuple(0 if t is None else max(1, round(t * 1000)) for t in (config.l2_ttl, config.l3_ttl))
         # The idle steps the scripts move an entry's Redis expiry by (idle_step() in lua/includes/shard.lua):
         # in L2 both idle times (it leaves through L3), in L3 its own; 0 = no idle deadline.
