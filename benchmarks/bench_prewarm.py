@@ -7,20 +7,29 @@
 The fleet workload of benchmarks/bench_fleet.py (its request streams, workers, selection and ``Runner``):
 4 worker processes, each serving its seeded stream of agent sessions (4 open at a time, interleaved)
 walking a Markov chain over 1,000 Zipf-popular queries, 1 request in 10 a write; after each read the
-agent runs its tool (the think time). Each workload runs ``fleet`` (``AsyncMultiLevelCache.get_or_set``)
-and ``fleet+prewarm`` (the same plus bench_fleet's ``prewarm_step``: ``record_query`` on a warmer built
-with ``prewarm=``, whose model thread predicts and prewarms in the background) over the same requests,
-at a 5 ms and a 50 ms selection:
+agent runs its tool (the think time). The sessions model agent workflows, whose next step is far more
+predictable than the fleet benchmark's: the chain has the fleet's successors (3-8 per query) weighted
+1/rank**``WORKFLOW_SKEW`` (3) instead of 1/rank, so a step's likeliest successor is the next step about
+84% of the time (the oracle's top-1, 43% at 1/rank). A prewarm saves a miss only when it is right, so
+1 / that accuracy is the least background selections per saved miss any predictor can spend; every run
+reports it (``chain_oracle``), with the share of reads whose session's next request is a read of that
+successor (writes and session ends count against it too). Each workload runs ``fleet``
+(``AsyncMultiLevelCache.get_or_set``) and ``fleet+prewarm`` (the same plus bench_fleet's ``prewarm_step``:
+``record_query`` on a warmer built with ``prewarm=``, whose model thread predicts and prewarms in the
+background) over the same requests, at a 5 ms and a 50 ms selection:
 
 * ``steady``: today's fleet workload, where everything stays cached: no ttl, L2 + L3 (300 + 600) larger
   than the queries the streams touch. Prewarming finds nothing to do; what it costs shows.
-* ``ttl``: every value (a fill, a write, a prewarm) is stored with a ttl of ``TTL_SHARE`` (1/2) of the
-  typical revisit time: the median, over the reads of the steady ``fleet`` run at the same cost, of the
-  time since the same query was last asked (or written) anywhere in the fleet, measured from the
-  workers' clocks (one monotonic clock on one machine). Most values expire before they are asked for
-  again (the ttl workload's own revisit time, reported per row, is longer still: misses slow every
-  worker), while a session's next request (on average 4 requests of its worker later, where the
-  typical revisit is 9-11 of them) often comes within the ttl of a prewarm made after its previous one.
+* ``ttl``: every value (a fill, a write, a prewarm) is stored with a ttl shorter than the typical revisit
+  time but not shorter than a session's own step gap: halfway (``TTL_SHARE``) between the two medians
+  measured in the steady ``fleet`` run at the same cost, from the workers' clocks (one monotonic clock on
+  one machine): the step gap, between a session's consecutive requests, and the revisit time, between a
+  read and the last request (read or write) of its query anywhere in the fleet. Values expire before
+  the fleet asks for them again, while a value prewarmed after a session's step is still there when
+  the session asks. If the step gap is not below the revisit time the run says so (a warning, and
+  ``ttl_ordered`` false in the row); each row reports its own step gap and revisit time (longer in the
+  ttl runs: misses slow every worker), and the ttl row the share of the steady run's step gaps longer
+  than the ttl (the interleaving of a worker's sessions is random, so step gaps have a long tail).
 * ``evicting``: L2 + L3 hold ``EVICT_SHARE`` (1/4) of the distinct queries the fleet's streams touch
   (computed from the seeded streams: L2 a third of it, L3 the rest, each at least one entry per shard),
   L1 an eighth of that per process: entries are evicted before they are asked for again.
@@ -34,7 +43,10 @@ Requests per worker: 400 at 5 ms, 160 at 50 ms (quick: 120, 40), so a configurat
 Every configuration run starts cold (its namespace, model included, cleared). Per configuration: hit
 rate (reads answered without a selection of their own, a read that waited for a prewarm's fill
 included), mean and p99 latency per read (the prewarm path's awaited part included; ``learn ms`` is that
-part), foreground and background selections per request (a request is a read or a write), and Redis CPU
+part), foreground and background selections per request (a request is a read or a write), for
+``fleet+prewarm`` where its predictions went (the fleet's prewarms computed and read at least once, which
+is what ``prewarm_budget`` counts; predictions not computed because over the budget or already cached),
+and Redis CPU
 per request: the redis-server process's CPU time (``INFO cpu``: ``used_cpu_user + used_cpu_sys``) from
 the workers' release (caches open) until they have closed their caches (bookkeeping sent), less the idle
 server's CPU over as long (its rate measured for 1 s before and after the group), over the requests; the
