@@ -113,6 +113,7 @@ class FleetSettings:
     # A query's successors are weighted 1/rank**workflow_skew: 1 here (a step's likeliest successor is right
     # ~43% of the time); the prewarm group's agent workflows, whose next step is far more predictable, use more.
     workflow_skew: float = 1.0
+    prewarm_budget: float | None = None  # fleet+prewarm's warmer: its prewarm_budget (None: the library's default)
 
 
 def successor_probabilities(k: int, skew: float = 1.0) -> tuple[float, ...]:
@@ -264,8 +265,9 @@ class Runner:
                                               fail_open=False, **extra)
             await self.cache.client.ping()
             if c == "fleet+prewarm":
+                budget = {} if s.prewarm_budget is None else {"prewarm_budget": s.prewarm_budget}
                 self.warmer = AsyncPredictiveCacheWarmer(self.cache, prewarm=self.background_select,
-                                                         prewarm_top_k=s.top_k, prewarm_ttl=s.ttl)
+                                                         prewarm_top_k=s.top_k, prewarm_ttl=s.ttl, **budget)
         elif c == "cashews":
             from cashews import Cache  # noqa: PLC0415
             from cashews.backends.memory import Memory  # noqa: PLC0415

@@ -3,6 +3,7 @@
     python -m benchmarks run --group prewarm [--quick|--tiny] [--config steady --config ttl --config evicting]
     .venv/bin/python benchmarks/bench_prewarm.py [--quick|--tiny] [--workloads steady ttl evicting]
         [--costs 5 50] [--requests N] [--think-ms MS] [--url redis://host:port/0] [--json]
+        [--workflow-skew S] [--prewarm-budget B]   (for exploring; the verdicts are taken with the defaults)
 
 The fleet workload of benchmarks/bench_fleet.py (its request streams, workers, selection and ``Runner``):
 4 worker processes, each serving its seeded stream of agent sessions (4 open at a time, interleaved)
@@ -474,8 +475,11 @@ def _or_dash(x: float | None) -> str:
 
 def run_prewarm(url: str, mode: str = "full", workloads: Sequence[str] | None = None, progress: Progress = noop,
                 costs: Sequence[float] | None = None, requests: int | None = None,
-                think: float | None = None) -> dict[str, Any]:
-    """Every selected workload at every cost, fleet and fleet+prewarm: {"results", "figures", "settings", ...}."""
+                think: float | None = None, skew: float = WORKFLOW_SKEW,
+                budget: float | None = None) -> dict[str, Any]:
+    """Every selected workload at every cost, fleet and fleet+prewarm: {"results", "figures", "settings", ...}.
+    ``skew`` and ``budget`` (the warmer's ``prewarm_budget``; None: the library's) are for exploring: the
+    group's verdicts are taken with the defaults."""
     m = MODES[mode]
     wanted = resolve_workloads(workloads)
     n, costs = m.processes, tuple(costs or m.requests)
@@ -495,7 +499,7 @@ def run_prewarm(url: str, mode: str = "full", workloads: Sequence[str] | None = 
         for cost in costs:
             base = FleetSettings(url=url, namespace=ns, requests=requests or m.requests_at(cost), cost_ms=cost,
                                  rounds_per_ms=rounds, think_ms=think if think is not None else think_ms(cost),
-                                 processes=n, workflow_skew=WORKFLOW_SKEW)
+                                 processes=n, workflow_skew=skew, prewarm_budget=budget)
             oracle = chain_oracle(base)
             # seconds, measured in the steady fleet run at this cost: median revisit time and session step gap
             revisit: float | None = None
@@ -556,7 +560,7 @@ def run_prewarm(url: str, mode: str = "full", workloads: Sequence[str] | None = 
     settings_out.update(processes=n, costs_ms=list(costs),
                         requests={f"{c:g}": requests or m.requests_at(c) for c in costs},
                         think_ms={f"{c:g}": think if think is not None else think_ms(c) for c in costs},
-                        workflow_skew=WORKFLOW_SKEW, ttl_share=TTL_SHARE, evict_share=EVICT_SHARE,
+                        workflow_skew=skew, prewarm_budget=budget, ttl_share=TTL_SHARE, evict_share=EVICT_SHARE,
                         idle_redis_cpu_ms_per_s=[round(1000 * x, 3) for x in idle])
     return {"group": "prewarm", "mode": mode, "facts": facts.machine_facts(url), "settings": settings_out,
             "results": rows, "figures": figures, "skipped": {}, "seconds": round(time.perf_counter() - started, 1)}
@@ -573,6 +577,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, help="requests per worker at every cost (default 400 at 5 ms, 160 at 50 ms)")
     p.add_argument("--think-ms", type=float,
                    help=f"think time after each read (default max({MIN_THINK_MS:g}, 2 x the selection cost))")
+    p.add_argument("--workflow-skew", type=float, default=WORKFLOW_SKEW,
+                   help=f"successor weights 1/rank**SKEW (default {WORKFLOW_SKEW:g}; the fleet benchmark's is 1)")
+    p.add_argument("--prewarm-budget", type=float,
+                   help="the prewarming warmer's prewarm_budget (default: the library's, 1.5)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     return p.parse_args(argv)
 
@@ -581,7 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     return run_and_print(args.url, args.json, table, lambda url: run_prewarm(
-        url, mode, args.workloads, say, args.costs, args.requests, args.think_ms))
+        url, mode, args.workloads, say, args.costs, args.requests, args.think_ms, args.workflow_skew,
+        args.prewarm_budget))
 
 
 if __name__ == "__main__":
