@@ -209,7 +209,7 @@ def ttl_ordered(step: float, revisit: float) -> bool:
     return step < revisit
 
 
-def chain_oracle(settings: FleetSettings) -> dict[str, float]:
+def chain_oracle(settings: FleetSettings) -> dict[str, float | None]:
     """The chain's oracle (its likeliest successor, the true transition matrix's best guess) and what it
     implies for prewarming, whatever the predictor: ``oracle_top1`` is its accuracy stationary-weighted over
     the chain (``MarkovChain.expected_oracle_accuracy(1)``), ``oracle_top1_walked`` its expected accuracy over
