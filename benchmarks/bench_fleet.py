@@ -110,11 +110,23 @@ class FleetSettings:
     adaptive_interval: float = 1.0
     top_k: int = 2
     ttl: float | None = None  # every value's own ttl in seconds (get_or_set, put, prewarm); None: none
+    # A query's successors are weighted 1/rank**workflow_skew: 1 here (a step's likeliest successor is right
+    # ~43% of the time); the prewarm group's agent workflows, whose next step is far more predictable, use more.
+    workflow_skew: float = 1.0
+    prewarm_budget: float | None = None  # fleet+prewarm's warmer: its prewarm_budget (None: the library's default)
 
 
-def zipf_chain(seed: int, universe: int, zipf_s: float) -> MarkovChain:
+def successor_probabilities(k: int, skew: float = 1.0) -> tuple[float, ...]:
+    """The transition probabilities of a query's ``k`` successors, likeliest first: 1/rank**skew, normalized."""
+    weights = [1.0 / rank**skew for rank in range(1, k + 1)]
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def zipf_chain(seed: int, universe: int, zipf_s: float, skew: float = 1.0) -> MarkovChain:
     """A ``workloads.MarkovChain`` whose successors are drawn by Zipf popularity (query-000 first), so
-    the walk stays among popular queries; each query has 3..8 successors, Zipf-skewed probabilities."""
+    the walk stays among popular queries; each query has 3..8 successors, weighted 1/rank**skew
+    (``successor_probabilities``); the draws do not depend on ``skew``, only the weights do."""
     rng = random.Random(f"fleet-chain:{seed}")
     cw = zipf_cum_weights(universe, zipf_s)
     population = range(universe)
@@ -126,9 +138,8 @@ def zipf_chain(seed: int, universe: int, zipf_s: float) -> MarkovChain:
             s = rng.choices(population, cum_weights=cw)[0]
             if s != q and s not in picked:
                 picked.append(s)
-        weights = [1.0 / rank for rank in range(1, k + 1)]
         successors.append(tuple(picked))
-        probabilities.append(tuple(w / sum(weights) for w in weights))
+        probabilities.append(successor_probabilities(k, skew))
     return MarkovChain(tuple(successors), tuple(probabilities), seed)
 
 
@@ -137,7 +148,7 @@ def request_stream(settings: FleetSettings, worker: int) -> Iterator[tuple[str, 
 
     ``settings.sessions`` sessions are open at once; each starts at a Zipf-popular query and walks the
     chain for a random length; a request is a write with probability ``1 / write_every``."""
-    chain = zipf_chain(settings.seed, settings.universe, settings.zipf_s)
+    chain = zipf_chain(settings.seed, settings.universe, settings.zipf_s, settings.workflow_skew)
     cw = zipf_cum_weights(settings.universe, settings.zipf_s)
     rng = random.Random(f"fleet-stream:{settings.seed}:{worker}")
     slots: list[tuple[str, int, int] | None] = [None] * settings.sessions
@@ -201,7 +212,8 @@ class Report:
     index: int
     latencies: list[float] = field(default_factory=list)  # seconds per read (with the prewarm path's foreground)
     learn_seconds: float = 0.0  # of them, the time spent in prewarm_step (awaited by the request)
-    stamps: list[tuple[float, str, bool]] = field(default_factory=list)  # (time.monotonic(), query, is_write)
+    # (time.monotonic(), query, is_write, session) per request
+    stamps: list[tuple[float, str, bool, str]] = field(default_factory=list)
     reads: int = 0
     writes: int = 0
     hits: int = 0  # reads answered without a selection call of their own
@@ -210,6 +222,9 @@ class Report:
     wrong: int = 0  # answers for another query
     counts: dict[str, int] = field(default_factory=dict)  # victor_rcache's per-tier counters
     l1_size_end: int | None = None  # adaptive L1's size at the end
+    # fleet+prewarm: this process's prewarm outcomes (completed, cached, over_budget, ...) and predictions
+    # checked / correct, from the warmer's statistics at the end
+    prewarming: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -250,8 +265,9 @@ class Runner:
                                               fail_open=False, **extra)
             await self.cache.client.ping()
             if c == "fleet+prewarm":
+                budget = {} if s.prewarm_budget is None else {"prewarm_budget": s.prewarm_budget}
                 self.warmer = AsyncPredictiveCacheWarmer(self.cache, prewarm=self.background_select,
-                                                         prewarm_top_k=s.top_k, prewarm_ttl=s.ttl)
+                                                         prewarm_top_k=s.top_k, prewarm_ttl=s.ttl, **budget)
         elif c == "cashews":
             from cashews import Cache  # noqa: PLC0415
             from cashews.backends.memory import Memory  # noqa: PLC0415
@@ -277,6 +293,10 @@ class Runner:
     async def close(self) -> None:
         if self.warmer is not None:
             await self.warmer.wait_for_prewarms(30.0)
+            stats = await self.warmer.get_statistics()
+            made = stats["predictions"]["process"]
+            self.report.prewarming = {**stats["prewarming"]["process"], "predictions": made["made"],
+                                      "checked": made["checked"], "correct": made["correct"]}
         if self.config in FLEET_CONFIGS:
             metrics = await self.cache.get_metrics()
             self.report.counts = counts(metrics)
@@ -342,7 +362,7 @@ class Runner:
         done = 0
         while (r.reads < reads) if reads is not None else (done < self.settings.requests):
             session, query, is_write = next(stream)
-            r.stamps.append((time.monotonic(), query, is_write))
+            r.stamps.append((time.monotonic(), query, is_write, session))
             if is_write:
                 r.writes += 1
                 await self.write(query, answer(query, version=done + 1))

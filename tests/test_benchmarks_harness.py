@@ -82,8 +82,12 @@ def test_prewarm_tiny_run_and_report(redis_url: str, tmp_path: Path,
     assert rows["steady", "fleet"]["background_selections"] == 0
     assert rows["steady", "fleet"]["learn_ms"] < 0.1 < rows["steady", "fleet"]["mean_ms"]  # no prewarm path
     ttl = rows["ttl", "fleet"]
-    assert ttl["ttl_ms"] == pytest.approx(0.5 * ttl["ttl_from_revisit_ms"], abs=1)
+    assert ttl["ttl_ms"] == pytest.approx(0.5 * (ttl["ttl_from_step_ms"] + ttl["ttl_from_revisit_ms"]), abs=1)
     assert ttl["ttl_from_revisit_ms"] == pytest.approx(rows["steady", "fleet"]["revisit_ms"])
+    assert ttl["ttl_from_step_ms"] == pytest.approx(rows["steady", "fleet"]["step_gap_ms"])
+    assert ttl["ttl_ordered"] == (ttl["ttl_from_step_ms"] < ttl["ttl_from_revisit_ms"])
+    assert {r["workflow_skew"] for r in rows.values()} == {3.0}
+    assert 0.8 < ttl["oracle_top1"] < 0.9  # the chain's oracle top-1, stationary-weighted
     _, l2, l3 = rows["evicting", "fleet"]["sizes"]
     assert l2 + l3 == max(2 * 16, round(0.25 * rows["evicting", "fleet"]["distinct_queries"]))  # 2 slots per shard
     ids = {f["id"] for f in prewarm["figures"]}
@@ -122,7 +126,9 @@ def test_prewarm_verdicts_from_made_up_rows() -> None:
         return {"workload": workload, "config": config, "processes": 4, "cost_ms": 5.0, "hit_rate": hit_rate,
                 "mean_ms": mean, "p99_ms": 3 * mean, "redis_cpu_us_per_request": cpu, "selections": fg,
                 "background_selections": bg, "sizes": [100, 300, 600], "reads": 900, "writes": 100,
-                "think_ms": 20.0, "ttl_ms": 50.0, "ttl_from_revisit_ms": 100.0, "distinct_queries": 250}
+                "think_ms": 20.0, "ttl_ms": 80.0, "ttl_from_revisit_ms": 100.0, "ttl_from_step_ms": 60.0,
+                "ttl_ordered": True, "workflow_skew": 3.0, "oracle_top1_walked": 0.84, "least_bg_per_saved": 1 / 0.84,
+                "distinct_queries": 250}
 
     rows = [row("steady", "fleet", 0.9, 1.0, 100.0, 100, 0), row("steady", "fleet+prewarm", 0.9, 1.04, 140.0, 100, 0),
             row("ttl", "fleet", 0.3, 5.0, 150.0, 700, 0), row("ttl", "fleet+prewarm", 0.45, 3.9, 200.0, 550, 200),
@@ -137,6 +143,38 @@ def test_prewarm_verdicts_from_made_up_rows() -> None:
         "prewarm:evicting@5ms:background": False}  # misses went up: none saved
     [saved] = [f for f in figures_of(rows) if f["id"] == "prewarm:ttl@5ms:background"]
     assert (saved["value"], saved["floor_value"], saved["ratio"]) == (200, 150, pytest.approx(4 / 3))
+    assert saved["detail"]["least_bg_per_saved"] == pytest.approx(1 / 0.84)
+    assert "halfway between a session's step gap 60 ms" in saved["detail"]["workload"]
+
+
+def test_workflow_skew_weights_the_same_successors() -> None:
+    """The prewarm group's chain has the fleet's successors, its likeliest one weighted far more: the fleet's
+    chain (skew 1) is unchanged, 1/rank normalized."""
+    from benchmarks.bench_fleet import successor_probabilities, zipf_chain
+
+    assert successor_probabilities(3) == pytest.approx((6 / 11, 3 / 11, 2 / 11))
+    assert successor_probabilities(2, 3.0) == pytest.approx((8 / 9, 1 / 9))
+    fleet, workflows = zipf_chain(10, 200, 1.0), zipf_chain(10, 200, 1.0, 3.0)
+    assert workflows.successors == fleet.successors
+    assert all(p == successor_probabilities(len(p)) for p in fleet.probabilities)
+    assert all(p == successor_probabilities(len(p), 3.0) for p in workflows.probabilities)
+    assert fleet.expected_oracle_accuracy(1) < 0.5
+    assert workflows.expected_oracle_accuracy(1) > 0.8
+
+
+def test_ttl_between_the_step_gap_and_the_revisit_time() -> None:
+    from benchmarks.bench_fleet import Report
+    from benchmarks.bench_prewarm import revisit_gaps, step_gaps, ttl_between, ttl_ordered
+
+    assert ttl_between(0.06, 0.10) == pytest.approx(0.08)
+    assert ttl_ordered(0.06, 0.10)
+    assert not ttl_ordered(0.10, 0.10)
+    # worker 0: session a asks q1, q2; worker 1: session b asks q1 (read), then writes q2
+    one, two = Report("fleet", 0), Report("fleet", 1)
+    one.stamps = [(0.0, "q1", False, "a"), (0.5, "q2", False, "a")]
+    two.stamps = [(0.2, "q1", False, "b"), (0.3, "q2", True, "b")]
+    assert sorted(step_gaps([one, two])) == pytest.approx([0.1, 0.5])
+    assert sorted(revisit_gaps([one, two])) == pytest.approx([0.2, 0.2])  # q1 at 0.2 after 0.0, q2 at 0.5 after 0.3
 
 
 def _results(*runs: list[dict[str, Any]]) -> dict[str, Any]:
