@@ -679,7 +679,8 @@ def test_a_batch_of_records_writes_what_the_same_records_sent_one_by_one_write(
 
     one, batched = core_of(namespace), core_of(namespace + "b")
     epoch = one._sketch_epoch
-    assert epoch % 8 == 0 and epoch < 200  # batches of 8 after a first of 7: an epoch starts with a batch
+    assert epoch % 8 == 0  # batches of 8 after a first of 7: an epoch starts with a batch
+    assert epoch < 200
     rng = random.Random(7)
     stream = [(f"s{rng.randrange(3)}".encode(), (f"q{rng.randrange(15)}" if rng.random() < 0.7
                                                 else f"once{i}").encode()) for i in range(200)]
@@ -702,7 +703,8 @@ def test_a_batch_of_records_writes_what_the_same_records_sent_one_by_one_write(
         assert send(batched, stream[start:end], together) == [[1, -1]] * (end - start)
 
     a, b = Model(raw, namespace), Model(raw, namespace + "b")
-    assert a.stats()["patterns_rejected"] > 0 and a.zset(b"evicted")  # admission refused some, evicted others
+    assert a.stats()["patterns_rejected"] > 0  # admission refused some...
+    assert a.zset(b"evicted")  # ...and evicted others
     assert a.stats()["sketch_epoch"] >= 1
     assert a.contents() == b.contents()
 
