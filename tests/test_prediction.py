@@ -1126,7 +1126,8 @@ def test_the_scripts_refuse_bad_arguments_before_the_first_write(make_cache: Mak
                    model.key(next_name("A")), model.key(ngram_name("Z", "A"))]
     # session ttl, kept, max_patterns, max_successors, decay, hour decay, hour size, max_queries,
     # pattern ttl, sketch width, sketch epoch, R records, D doomed; then the record: query, tools, c, h, history
-    record_args: list[Any] = [60000, 2, 100, 10, "0.9", "0.99", 10, 100, 60000, 256, 1000, 1, 0, "B", "", 2, 2, "A", "Z"]
+    record_args: list[Any] = [60000, 2, 100, 10, "0.9", "0.99", 10, 100, 60000, 256, 1000, 1, 0,
+                              "B", "", 2, 2, "A", "Z"]
     predict_keys = [model.key(n) for n in (b"stats", b"tools", b"hist:s", b"pred:s", hour_name(20), next_name("A"),
                                            ngram_name("Z", "A"))]
     # top_k, remember, session ttl, min_confidence, w_t, w_n, w_h, current, kept, h, history
