@@ -40,6 +40,7 @@ from victor_rcache import (
 )
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import free_port
+from victor_rcache.periodic import Periodic
 from victor_rcache.prediction.background import MAX_RECORDS
 from victor_rcache.prediction.model import ModelKeys, PrewarmBudget
 from victor_rcache.tiers import default_scripts
@@ -417,3 +418,25 @@ def test_the_view_script_names_a_key_of_the_wrong_type(raw: Client, namespace: s
     for key_list, name in (((keys.tools, good, bad), bad), ((bad, good), bad)):
         with pytest.raises(redis.ResponseError, match=f"^VRC_WRONGTYPE {name.decode()} is a string"):
             raw.eval(view, len(key_list), *key_list, 1)
+
+
+def test_wake_within_brings_a_round_forward_and_what_arrives_meanwhile_shares_it() -> None:
+    """An automatic prewarm's record wakes the model thread within PREWARM_DELAY, not at once: a round
+    comes long before the job's own wait, and wakes made before it starts give one round, not one each."""
+    rounds: list[bool] = []
+    fired = threading.Event()
+
+    def work(force: bool) -> None:
+        rounds.append(force)
+        fired.set()
+
+    job = Periodic("test-wake-within", work, lambda: 3600.0, lambda exc: None).start()
+    try:
+        job.wake_within(0.2)
+        job.wake_within(0.2)  # (a later wake never postpones the round already due)
+        job.wake_within(3000.0)
+        assert fired.wait(10), "no round within the delay (the job's own wait is an hour)"
+        assert rounds == [False]
+    finally:
+        job.close()
+    assert rounds == [False, True]  # close: one last forced round

@@ -70,6 +70,11 @@ class Periodic:
         self._woken = True
         _SCHEDULER.wake()
 
+    def wake_within(self, delay: float) -> None:
+        """A round at most ``delay`` seconds from now (sooner if one is due sooner): what arrives meanwhile
+        goes in the same round."""
+        _SCHEDULER.due_within(self, delay)
+
     def flush(self) -> None:
         """A forced round, now, in this thread."""
         self._round(force=True)
@@ -141,6 +146,13 @@ class _Scheduler:
                 pass
 
     def wake(self) -> None:
+        self._event.set()
+
+    def due_within(self, job: Periodic, delay: float) -> None:
+        at = time.monotonic() + delay
+        with self._lock:
+            if job in self._jobs and self._jobs[job] > at:
+                self._jobs[job] = at
         self._event.set()
 
     def _run(self) -> None:

@@ -44,6 +44,7 @@ from ..tiers import Step
 from .model import HISTORY_RETRIES, RECORD_BATCH, Distribution, Prediction, PredictionCore, score_next, stored_tools
 
 RECORDS_WAKE = 64  # queued records that start a round at once
+PREWARM_DELAY = 0.005  # seconds: the longest a record of a prewarmed session waits for its round
 NO_TOOLS: tuple[list[Any], None] = ([], None)
 CONTEXTS_MEMO = 4096  # sequences whose pattern-set names a process remembers
 MAX_RECORDS = 256  # records one round carries; more wait for the next
@@ -226,10 +227,14 @@ class ModelSync:
             self._resize(session, state, after)
             self._recorded[session] = None
             # A session prewarmed automatically is predicted right after its record's round: that round
-            # starts now, so the prewarm can land before the session's next request (an agent's think time).
-            now = len(self._queue) >= RECORDS_WAKE or self.auto or state.plan is not None
+            # starts within PREWARM_DELAY, so the prewarm can land before the session's next request (an
+            # agent's think time), while the records of the process's other sessions meanwhile share it.
+            now = len(self._queue) >= RECORDS_WAKE
+            soon = self.auto or state.plan is not None
         if now:
             self.thread.wake()
+        elif soon:
+            self.thread.wake_within(PREWARM_DELAY)
 
     def predict(self, current: bytes, top_k: int, min_confidence: float, session: bytes, remember: bool,
                 shown: tuple[Any, Any] | None = None) -> Prediction:
