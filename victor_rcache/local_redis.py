@@ -169,9 +169,15 @@ class LocalRedisCluster:
         return self
 
     def wait_until_ok(self, timeout: float = 60.0, nodes: list[LocalRedisServer] | None = None) -> None:
-        """Return once every running node says cluster_state:ok and they agree on who serves what."""
+        """Return once every running node says cluster_state:ok, they agree on who serves what, and no
+        node that is down (killed, stopped) serves anything in that view.
+
+        Right after a master is killed the survivors still say ok and still name it (for about the node
+        timeout, until they agree it failed and its replica takes over); only its replica's link going
+        down held the check back, and a replica not scheduled since the kill has not seen that yet."""
         deadline = time.monotonic() + timeout
         running = [n for n in (nodes or self.nodes) if n.process is not None]
+        down = {n.port for n in self.nodes if n.process is None}
         while True:
             views = []
             for node in running:
@@ -186,7 +192,8 @@ class LocalRedisCluster:
                 finally:
                     client.close()
             else:
-                if views and all(view == views[0] for view in views) and self._replicas_in_sync(running):
+                if (views and all(view == views[0] for view in views) and not any(port in down for *_, port in views[0])
+                        and self._replicas_in_sync(running)):
                     return
             if time.monotonic() > deadline:
                 raise CacheError(f"the local cluster did not reach cluster_state:ok within {timeout}s")
