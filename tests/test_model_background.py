@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ from victor_rcache import (
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import free_port
 from victor_rcache.periodic import Periodic
-from victor_rcache.prediction.background import MAX_RECORDS
+from victor_rcache.prediction.background import MAX_RECORDS, RECORDS_WAKE
 from victor_rcache.prediction.model import ModelKeys, PrewarmBudget
 from victor_rcache.tiers import default_scripts
 
@@ -160,6 +161,44 @@ def test_a_copy_past_view_max_age_is_never_used_and_past_half_of_it_is_read_agai
     assert warmer.predict_next_queries("A").queries == []
     warmer.flush()
     assert warmer.predict_next_queries("A").queries[0] == "C"
+
+
+def test_a_backlog_wakes_the_thread_once_per_round_and_no_wake_is_lost(
+        quiet: Callable[..., PredictiveCacheWarmer]) -> None:
+    """Records past RECORDS_WAKE wake the thread (which otherwise sleeps for the test): the caller's many
+    wakes of one backlog are one (the job's flag), and once the thread has taken the round a wake counts
+    again, so a second backlog is sent too (never waiting for refresh_interval)."""
+    warmer = quiet()
+    sync = warmer._sync
+    assert sync is not None
+    for backlog in (1, 2):
+        for i in range(RECORDS_WAKE):  # the last one makes the backlog: it (and each later one) wakes
+            warmer.record_query(f"q{i % 7}", session=f"s{backlog}")
+        deadline = time.monotonic() + WAIT
+        while sync.core.counters.snapshot().get("records", 0) < backlog * RECORDS_WAKE and time.monotonic() < deadline:
+            time.sleep(0.005)  # polled: the thread sends them
+        assert sync.core.counters.snapshot().get("records", 0) == backlog * RECORDS_WAKE
+        assert sync.pending() == 0
+
+
+def test_a_remembered_answer_is_scored_again_once_a_round_changes_the_view(
+        quiet: Callable[..., PredictiveCacheWarmer]) -> None:
+    """The same question between rounds is answered from memory; a round that reads the sets again (this
+    process's own records) changes the answer at once."""
+    warmer = quiet()
+    for _ in range(3):
+        warmer.record_query("A", session="x")
+        warmer.record_query("B", session="x")
+    warmer.flush()
+    first = warmer.predict_next_queries("A", remember=False)
+    assert first.queries == ["B"]
+    assert warmer.predict_next_queries("A", remember=False) == first  # remembered: the same answer
+    assert warmer.predict_next_queries("A", remember=False).queries is not first.queries  # a fresh object
+    for _ in range(20):
+        warmer.record_query("A", session="y")
+        warmer.record_query("C", session="y")
+    warmer.flush()
+    assert warmer.predict_next_queries("A", remember=False).queries[0] == "C"
 
 
 # --------------------------------------------------------------- 2. bounded, closed, Redis failing

@@ -67,6 +67,11 @@ class Periodic:
         return self
 
     def wake(self) -> None:
+        # Once per round at most: a caller may wake on every call while a backlog lasts (a warmer's
+        # record_query with 64 records queued), and setting the event each time cost it microseconds.
+        # The flag is cleared when the thread takes the job's round, so a wake after that counts again.
+        if self._woken:
+            return
         self._woken = True
         _SCHEDULER.wake()
 

@@ -53,6 +53,16 @@ COUNTERS_INTERVAL = 1.0  # seconds: how often the fleet's counters get this proc
 # prewarm budget the fleet's prewarm counts
 
 
+class Scored(NamedTuple):
+    """A prediction scored from the view: its rows (see score_next), their tools, the predicted queries,
+    and until when the view's copies it used are fresh (monotonic)."""
+
+    rows: list[tuple[bytes, float, float, float, float]]
+    tools: list[tuple[list[Any], str | None]]
+    queries: frozenset[bytes]
+    fresh_until: float
+
+
 class QueuedRecord(NamedTuple):
     query: bytes
     tools_json: str
@@ -91,6 +101,7 @@ class LocalView:
         self._tools: dict[bytes, tuple[list[Any], str | None]] = {}  # member -> its tools, their registry hash
         self._wanted: dict[bytes, None] = {}  # insertion-ordered set
         self._tools_wanted: dict[bytes, None] = {}  # members whose tools the view does not have
+        self.generation = 0  # changes whenever a copy or a member's tools change (scores remembered till then)
 
     def lookup(self, key: bytes, now: float) -> Distribution | None:
         found = self._sets.get(key)
@@ -104,6 +115,18 @@ class LocalView:
 
     def has(self, key: bytes) -> bool:
         return key in self._sets
+
+    def fresh_until(self, keys: Sequence[bytes]) -> float | None:
+        """Until when every copy of ``keys`` is answered from without being wanted again (half its age), or
+        None if one is missing."""
+        oldest = None
+        for key in keys:
+            found = self._sets.get(key)
+            if found is None:
+                return None
+            if oldest is None or found[0] < oldest:
+                oldest = found[0]
+        return None if oldest is None else oldest + self.max_age / 2
 
     def take_wanted(self, limit: int) -> list[bytes]:
         keys = list(self._wanted)[:limit]
@@ -119,6 +142,7 @@ class LocalView:
 
     def store_tools(self, tools: dict[bytes, tuple[list[Any], str | None]]) -> None:
         self._tools.update(tools)
+        self.generation += 1
 
     def tools(self, member: bytes) -> tuple[list[Any], str | None]:
         """The tools recorded for a member, and the registry hash recorded with them."""
@@ -129,6 +153,7 @@ class LocalView:
         """Sets read at ``read_at`` (parsed by the caller, outside the lock a caller's question takes), and
         the tools of their members (None: read again without them; members new to the view get theirs
         with the next round)."""
+        self.generation += 1
         for key, found in zip(keys, sets, strict=True):
             self._sets[key] = (read_at, found)
             self._sets.move_to_end(key)
@@ -173,7 +198,9 @@ class ModelSync:
         self._queue: deque[QueuedRecord] = deque()
         self._sending = 0  # records taken by the round in progress (rounds take turns)
         self._sessions: OrderedDict[bytes, SessionState] = OrderedDict()
-        self._contexts: dict[tuple[bytes, ...], list[bytes]] = {}
+        self._contexts: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+        self._scores: dict[tuple[Any, ...], Scored] = {}  # answers from the view as it is (see predict)
+        self._scores_of = -1  # the view's generation they were scored from
         self._session_bytes = 0
         self._recorded: dict[bytes, None] = {}  # sessions recorded since the last round
         self.view = LocalView(self.config.view_size, self.config.view_max_age)
@@ -247,14 +274,28 @@ class ModelSync:
             history = state.history if state is not None else ()
             contexts = self._contexts_after(current, history)
             view = self.view
-            found = [view.lookup(k, now) for k in contexts]
-            hour = view.lookup(self.core.keys.hour_at(c.clock()), now)
-            rows = score_next(found[0], found[1:], hour, c.normalized_weights, top_k, min_confidence)
-            tools = [view.tools(r[0]) for r in rows]
+            hour_key = self.core.keys.hour_at(c.clock())
+            # The view changes only when a round stores what it read: until then (and while no copy used is
+            # old enough to be wanted again) the same question has the same answer, remembered here. A
+            # request's prediction is then a look-up, not a scoring.
+            if self._scores_of != view.generation or len(self._scores) >= CONTEXTS_MEMO:
+                self._scores.clear()
+                self._scores_of = view.generation
+            memo = (contexts, hour_key, top_k, min_confidence)
+            scored = self._scores.get(memo)
+            if scored is None or now >= scored.fresh_until:
+                found = [view.lookup(k, now) for k in contexts]
+                hour = view.lookup(hour_key, now)
+                rows = score_next(found[0], found[1:], hour, c.normalized_weights, top_k, min_confidence)
+                scored = Scored(rows, [view.tools(r[0]) for r in rows], frozenset(r[0] for r in rows),
+                                view.fresh_until([*contexts, hour_key]) or now)
+                if scored.fresh_until > now:
+                    self._scores[memo] = scored
+            rows, tools = scored.rows, scored.tools
             if remember:
                 if state is None:
                     state = self._session(session)
-                state.pending = (current, frozenset(r[0] for r in rows)) if rows else None
+                state.pending = (current, scored.queries) if rows else None
             wake = len(view._wanted) >= RECORDS_WAKE
         if remember:
             self.core.counters.add(predictions=1)
@@ -265,7 +306,7 @@ class ModelSync:
                           tools=[list(listed) for listed, _ in tools], parts=[(r[2], r[3], r[4]) for r in rows],
                           session=named, tools_hashes=[registry for _, registry in tools])
 
-    def _contexts_after(self, current: bytes, history: Sequence[bytes]) -> list[bytes]:
+    def _contexts_after(self, current: bytes, history: Sequence[bytes]) -> tuple[bytes, ...]:
         """The pattern sets a prediction after ``current`` reads, in a session with ``history`` (newest
         first), remembered: the same few sequences recur on every request."""
         keep = self.config.ngram_size - 1
@@ -274,7 +315,7 @@ class ModelSync:
         if found is None:
             if len(self._contexts) >= CONTEXTS_MEMO:
                 self._contexts.clear()
-            found = self._contexts[sequence] = self.core.keys.contexts(sequence, self.config.ngram_size)
+            found = self._contexts[sequence] = tuple(self.core.keys.contexts(sequence, self.config.ngram_size))
         return found
 
     def pending(self) -> int:
