@@ -159,10 +159,14 @@ def test_an_entry_redis_evicts_leaves_no_stale_copy_and_the_namespace_heals(serv
         # ...and once the reads' bookkeeping and a write have gone through, the shards' indexes, size
         # records and byte totals agree with what Redis holds again.
         b.call("flush_bookkeeping")
+        before = int(b.health()["coherence"]["invalidations"])
         for key in KEYS:
             a.put(key, f"{key}: 3")
         a.call("flush_bookkeeping")
         check_invariants(raw, ns, 2, 10_000, 100_000)
+        # (B stops serving its copies once their announcements reach it, one message per put: invariant 3
+        # allows that moment to come after A's put returned, so B reads once it has applied them all.)
+        eventually(lambda: heard(b, before + len(KEYS) - 1), "B hears every one of A's writes")
         assert b.call("get_many", KEYS) == {key: f"{key}: 3" for key in KEYS}
     raw.close()
 
