@@ -286,14 +286,6 @@ local function session(rec)
   return s
 end
 
-local function history_is(stored, rec)
-  if #stored ~= rec.h then return false end
-  for i = 1, rec.h do
-    if stored[i] ~= ARGV[rec.first_history + i - 1] then return false end
-  end
-  return true
-end
-
 -- Writes every record of the batch makes to the same key are gathered and sent once, at the end.
 local pattern_ticks, pattern_order = {}, {}   -- name -> tick for `patterns` (ZADD)
 local query_ticks, query_order = {}, {}       -- query -> tick for `queries` (ZADD)
@@ -390,7 +382,7 @@ local predicted_total, predicted_correct, patterns_rejected, queries_rejected = 
 for i, rec in ipairs(records) do
   local tick, query = first_tick + i - 1, rec.query
   local s = session(rec)
-  if not history_is(s.stored, rec) then
+  if not history_equals(s.stored, rec.first_history, rec.h) then
     replies[i] = {0, s.stored}
   else
     -- The verdict on the prediction pending for this session (see the header).

@@ -73,15 +73,20 @@ local function preflight(types)
   return nil
 end
 
--- The session's history as stored (newest first, its first `keep` entries) equals the one the
--- caller built its keys from? Also returns the stored history.
+-- A session's history as stored (newest first) equals the `count` entries the caller built its keys
+-- from, ARGV[first ..]?
+local function history_equals(stored, first, count)
+  if #stored ~= count then return false end
+  for i = 1, count do
+    if stored[i] ~= ARGV[first + i - 1] then return false end
+  end
+  return true
+end
+
+-- The same, read from the session's list (its first `keep` entries); also returns the stored history.
 local function history_matches(hist_key, keep, first, count)
   local stored = redis.call('LRANGE', hist_key, 0, keep - 1)
-  if #stored ~= count then return false, stored end
-  for i = 1, count do
-    if stored[i] ~= ARGV[first + i - 1] then return false, stored end
-  end
-  return true, stored
+  return history_equals(stored, first, count), stored
 end
 
 -- All of a pattern set as {member, count} pairs and the sum of the counts.
