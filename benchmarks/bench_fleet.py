@@ -8,7 +8,10 @@ configuration: agent sessions (4 open at a time, interleaved) walk a Markov chai
 queries (default 1,000) whose popularity is Zipf; 1 request in 10 is a write (a put of a fresh value
 for the query), the rest are reads answered by a selection function of real CPU cost (SHA-256 over a
 buffer, in a loop calibrated once: ``--costs`` ms, default 5). Between two requests the agent "runs
-the tool" for ``--think-ms``. Configurations:
+the tool" for ``--think-ms``. Every cache is handed the selection as a coroutine function that runs it
+inline, on the worker's event loop (a thread per selection would be the cost of one library alone); the
+table splits each mean into reads the cache answered (``hit ms``) and reads that ran the selection
+(``miss ms``). Configurations:
 
 * ``none``: every read calls the selection.
 * ``cachetools``: a per-process ``cachetools.LRUCache`` of ``l1_size + (l2_size + l3_size) / N``
@@ -212,6 +215,7 @@ class Report:
     index: int
     latencies: list[float] = field(default_factory=list)  # seconds per read (with the prewarm path's foreground)
     learn_seconds: float = 0.0  # of them, the time spent in prewarm_step (awaited by the request)
+    computed: list[bool] = field(default_factory=list)  # per read, parallel to latencies: a selection of its own
     # (time.monotonic(), query, is_write, session) per request
     stamps: list[tuple[float, str, bool, str]] = field(default_factory=list)
     reads: int = 0
@@ -318,6 +322,9 @@ class Runner:
             self.report.calls += 1
             return self.select(query)
 
+        async def aloader() -> Any:  # every cache runs the selection inline, on the event loop, as a peer must
+            return loader()
+
         if c == "none":
             value = loader()
         elif c == "cachetools":
@@ -325,11 +332,8 @@ class Runner:
             if value is None:
                 value = self.cache[query] = loader()
         elif c in FLEET_CONFIGS:
-            value = await self.cache.get_or_set(query, loader, self.settings.ttl)
+            value = await self.cache.get_or_set(query, aloader, self.settings.ttl)
         elif c == "cashews":
-            async def aloader() -> Any:
-                return loader()
-
             value = await self.cache.get_or_set(f"{self.ns}:{query}", aloader)
         else:  # aiocache: what its @cached decorator does
             value = await self.cache.get(query)
@@ -373,6 +377,7 @@ class Runner:
                 await self.learn(session, query, value)  # the request's caller awaits this part too
                 t2 = time.perf_counter()
                 r.latencies.append(t2 - t0)
+                r.computed.append(computed)
                 r.learn_seconds += t2 - t1
                 r.reads += 1
                 r.hits += not computed
@@ -491,6 +496,8 @@ def summarize(config: str, n: int, cost_ms: float, fleet: list[Report], joined: 
         "hit_rate": sum(r.hits for r in fleet) / reads if reads else 0.0,
         "mean_ms": 1000 * statistics.fmean(lat) if lat else 0.0,
         "p50_ms": 1000 * percentile(lat, 0.50), "p99_ms": 1000 * percentile(lat, 0.99),
+        # where the mean goes: a read answered by the cache, a read that ran its selection
+        "hit_mean_ms": _mean_ms(fleet, computed=False), "miss_mean_ms": _mean_ms(fleet, computed=True),
         "calls_per_request": sum(r.calls for r in fleet) / reads if reads else 0.0,
         "background_calls": sum(r.background_calls for r in fleet),
         "join_hit_rate": joined.hits / joined.reads if joined.reads else 0.0,
@@ -503,6 +510,11 @@ def summarize(config: str, n: int, cost_ms: float, fleet: list[Report], joined: 
         if config == "fleet+adaptive":
             row["l1_size_end"] = [r.l1_size_end for r in fleet]
     return row
+
+
+def _mean_ms(fleet: list[Report], computed: bool) -> float:
+    picked = [x for r in fleet for x, c in zip(r.latencies, r.computed, strict=True) if c is computed]
+    return 1000 * statistics.fmean(picked) if picked else 0.0
 
 
 def evaluate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -590,12 +602,13 @@ def fleet_figures(rows: list[dict[str, Any]], settings: dict[str, Any]) -> tuple
 def table(result: dict[str, Any]) -> str:
     lines = []
     head = (f"{'N':>2} {'cost':>6}  {'configuration':<15} {'hit rate':>8}  {'L1 / L2 / L3':<17} {'mean ms':>8} "
-            f"{'p50 ms':>7} {'p99 ms':>7} {'calls/req':>9} {'join 100':>8}")
+            f"{'p50 ms':>7} {'p99 ms':>7} {'hit ms':>7} {'miss ms':>7} {'calls/req':>9} {'join 100':>8}")
     lines.append(head)
     for r in result["results"]:
         tiers = "/".join(f"{100 * r['tiers'][t]:.0f}%" for t in ("l1", "l2", "l3")) if "tiers" in r else "-"
         lines.append(f"{r['processes']:>2} {r['cost_ms']:>4g}ms  {r['config']:<15} {100 * r['hit_rate']:7.1f}%  "
                      f"{tiers:<17} {r['mean_ms']:8.2f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} "
+                     f"{r['hit_mean_ms']:7.2f} {r['miss_mean_ms']:7.2f} "
                      f"{r['calls_per_request']:9.3f} {100 * r['join_hit_rate']:7.0f}%")
     for name, why in result["skipped"].items():
         lines.append(f"   skipped {name}: {why}")

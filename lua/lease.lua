@@ -7,6 +7,8 @@
   live now, its fields come back (a hit: nothing is written); otherwise an index member whose data is
   gone is removed, and the caller tries to take the lease. The reply's `now` is the server's clock,
   which the fill then passes as `since_ms`: put.lua refuses it if the entry changed at or after it.
+  The usual miss (nothing indexed, no data) writes nothing but the lease, so it skips the shard's
+  permission and byte-total checks (check_shard), which a call that removes something first makes.
 
   KEYS[1]     the shard's l2 key; the shard's other keys derive from it (see includes/shard.lua)
   ARGV[1..7]  the common header (now ms, capacities, idle ttls ms, promote_after, memory ms)
@@ -24,7 +26,7 @@
 ]]
 -- @include "includes/shard.lua"
 
-local err = check_head()
+local err = parse_head() or check_shard_types()
 if err then return redis.error_reply(err) end
 local id, token, lease_ms, disregard = ARGV[HEAD + 1], ARGV[HEAD + 2], arg_int(HEAD + 3, 1), ARGV[HEAD + 4]
 if (#ARGV ~= HEAD + 3 and #ARGV ~= HEAD + 4) or not id or string.len(id) == 0 or string.len(token or '') == 0
@@ -34,20 +36,39 @@ if (#ARGV ~= HEAD + 3 and #ARGV ~= HEAD + 4) or not id or string.len(id) == 0 or
 end
 
 local ek = entry_key(id)
-local tier, touched = tier_of(id)
-local f = entry_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w', 'e', 'z')
-if f and f[1] and disregard and (f[2] or '') == disregard then
-  drop(id, tier, 'corrupt')                          -- the caller found it is not a value the cache wrote
-  tier, f = nil, nil
+local lease_key = base .. 'lease:' .. id
+local function take_lease()
+  local taken = redis.call('SET', lease_key, token, 'NX', 'PX', lease_ms) and 1 or 0
+  return {0, taken, redis.call('PTTL', lease_key), now}
 end
-if tier and f and f[1] then
+
+local tier, touched = tier_of(id)
+local f = read_fields(ek, 'v', 'ver', 't', 'n', 'x', 'd', 'w', 'e', 'z')   -- nil: a key of another type
+local corrupt = f and f[1] and disregard and (f[2] or '') == disregard
+if tier and f and f[1] and not corrupt then
   local expiry = tonumber(f[5])                      -- served until then
   local ends = deadline(tier, touched, expiry)
   if not (ends and now >= ends) then
     return {1, 0, 0, now, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9]}
   end
+end
+if not tier and f and not f[1] then
+  -- The usual miss: nothing indexed, no data. The lease is the call's one write, so no check can fail
+  -- after an earlier write: the permission checks and the byte totals' are not needed.
+  return take_lease()
+end
+
+-- Something to remove first: the shard's full checks, before the first write.
+err = check_shard(true)
+if err then return redis.error_reply(err) end
+if f == nil then redis.call('DEL', ek) end           -- written by hand with another type: simply gone
+if corrupt then
+  drop(id, tier, 'corrupt')                          -- the caller found it is not a value the cache wrote
+elseif tier and f and f[1] then
   -- Not served any more. Past its ttl but inside its fail-safe grace (z), it stays: a loader that
   -- fails may fall back on it; the fill replaces it.
+  local expiry = tonumber(f[5])
+  local ends = deadline(tier, touched, expiry)
   local removal = tonumber(redis.call('ZSCORE', exp_key, id))
   local idle_end = deadline(tier, touched, nil)
   if (idle_end and now >= idle_end) or not (removal and now < removal) then
@@ -56,8 +77,6 @@ if tier and f and f[1] then
 elseif tier then
   drop(id, tier, 'vanished', tonumber(redis.call('ZSCORE', exp_key, id)))
 end
-local lease_key = base .. 'lease:' .. id
-local taken = redis.call('SET', lease_key, token, 'NX', 'PX', lease_ms) and 1 or 0
-local pttl = redis.call('PTTL', lease_key)
+local reply = take_lease()
 finish({})
-return {0, taken, pttl, now}
+return reply

@@ -107,7 +107,7 @@ from victor_rcache import (
 from victor_rcache.errors import CacheError
 from victor_rcache.keys import KeySpace
 from victor_rcache.local_redis import LocalRedisServer, free_port
-from victor_rcache.scripts import lua_dir
+from victor_rcache.scripts import Scripts, lua_dir
 
 from .helpers import Client
 
@@ -724,6 +724,29 @@ def test_a_user_lacking_evalsha_is_served_reads_and_its_script_calls_fail_open_o
     # fallback.
     denied = [(str(e["object"]), int(str(e["count"]))) for e in admin.acl_log()]
     assert denied == [("evalsha", len(calls) + len(read_shards))], denied
+
+
+def test_the_usual_miss_takes_its_lease_without_the_removal_permissions_and_a_removal_checks_them_first(
+        acl_server: tuple[LocalRedisServer, redis.Redis]) -> None:
+    """lease.lua's usual miss (nothing indexed, no data) writes only its lease, so it needs none of the
+    permissions the shard's other writes need; a miss that must first remove an index member whose data
+    Redis dropped checks them all before that first write, and is refused whole."""
+    server, admin = acl_server
+    url = f"redis://{set_documented_user(admin, '-zrem')}127.0.0.1:{server.port}/0"
+    space = KeySpace(ACL_NAMESPACE, 1)
+    shard = space.shard_keys[0]
+    admin.zadd(shard.l2, {b"gone": 1})  # indexed, its data dropped by Redis
+    admin.hset(shard.size, b"gone", 1)
+    lease = Scripts().lease
+    head = (0, 10, 10, 0, 0, 3, 30_000)
+    with redis.Redis.from_url(url) as user:
+        taken = user.eval(lease.source, 1, shard.l2, *head, b"absent", b"token", 10_000)  # type: ignore[no-untyped-call]
+        assert taken[:2] == [0, 1]
+        assert admin.get(space.lease_key(space.ref("absent"))) == b"token"
+        before = snapshot(admin, ACL_NAMESPACE)
+        with pytest.raises(redis.ResponseError, match="VRC_NOPERM the Redis user may not run ZREM"):
+            user.eval(lease.source, 1, shard.l2, *head, b"gone", b"token", 10_000)  # type: ignore[no-untyped-call]
+        assert snapshot(admin, ACL_NAMESPACE) == before, "lease.lua wrote something before it was refused"
 
 
 def test_a_missing_permission_error_names_the_acl_fix(acl_server: tuple[LocalRedisServer, redis.Redis]) -> None:

@@ -169,9 +169,11 @@ def test_the_async_front_end_runs_on_a_cluster(cluster_url: str, ns: str) -> Non
             await a.put_many({f"k{i}": i for i in range(30)})
             got = await b.get_many([f"k{i}" for i in range(30)])
             computed = await b.get_or_set("new", lambda: "loaded")
-            return got, computed, await a.get("new")
+            # b's fill lands behind its call: a finds b's lease, waits for the fill, computes nothing
+            seen = await a.get_or_set("new", lambda: "computed twice")
+            return got, computed, seen, await a.get("new")
 
-    got, computed, seen = asyncio.run(scenario())
+    got, computed, seen, read = asyncio.run(scenario())
     assert got == {f"k{i}": i for i in range(30)}
-    assert (computed, seen) == ("loaded", "loaded")
+    assert (computed, seen, read) == ("loaded", "loaded", "loaded")
 

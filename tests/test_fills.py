@@ -6,10 +6,11 @@ for the change, and checks what Redis holds afterwards.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from victor_rcache import MultiLevelCache
+from victor_rcache import AsyncMultiLevelCache, MultiLevelCache
 from victor_rcache.codec import Envelope, MsgpackCodec
 from victor_rcache.keys import KeySpace
 from victor_rcache.tiers import feed
@@ -17,6 +18,7 @@ from victor_rcache.tiers import feed
 from .helpers import Client, FakeClock, check_invariants, read_namespace
 
 Make = Callable[..., MultiLevelCache]
+MakeAsync = Callable[..., AsyncMultiLevelCache]
 
 
 def stored(raw: Client, namespace: str, key: str, shards: int = 1) -> Any:
@@ -161,3 +163,101 @@ def test_a_read_racing_with_invalidate_is_not_stored(make_cache: Make) -> None:
     feed(step, replies)
     assert me._core.l1.get(b"k") is None
     assert me.get("k") is None
+
+
+# ------------------------------------------------------------------- the async front end's fill behind
+
+SMALL: dict[str, Any] = {"shards": 1, "l2_size": 100, "l3_size": 100}
+
+
+def _lease_key(namespace: str, key: str, shards: int = 1) -> bytes:
+    space = KeySpace(namespace, shards)
+    return space.lease_key(space.ref(key))
+
+
+def test_an_async_miss_returns_before_its_fill_lands_and_this_process_reads_it(
+        make_async_cache: MakeAsync, raw: Client, namespace: str) -> None:
+    calls: list[int] = []
+
+    def loader() -> str:
+        calls.append(1)
+        return "computed"
+
+    async def scenario() -> tuple[Any, Any, bool, Any, Any]:
+        async with make_async_cache(**SMALL) as cache:
+            value = await cache.get_or_set("k", loader)
+            # Nothing has awaited since the call returned: its fill has not run yet; the lease still
+            # holds the fleet's other workers off.
+            in_redis, leased = stored(raw, namespace, "k"), raw.exists(_lease_key(namespace, "k")) == 1
+            read = await cache.get("k")  # waits for the process's own fill, then serves it
+            again = await cache.get_or_set("k", loader)
+        return value, in_redis, leased, read, again
+
+    value, in_redis, leased, read, again = asyncio.run(scenario())
+    assert (value, in_redis, leased) == ("computed", None, True)
+    assert (read, again, calls) == ("computed", "computed", [1])
+    assert stored(raw, namespace, "k") == "computed"
+    assert raw.exists(_lease_key(namespace, "k")) == 0
+    check_invariants(raw, namespace, 1, 100, 100)
+
+
+def test_another_worker_waits_for_a_fill_still_behind_and_the_loader_runs_once(
+        make_async_cache: MakeAsync, raw: Client, namespace: str) -> None:
+    calls: list[str] = []
+
+    def loader(name: str) -> Callable[[], str]:
+        def load() -> str:
+            calls.append(name)
+            return f"from {name}"
+        return load
+
+    async def scenario() -> tuple[Any, Any]:
+        async with make_async_cache(**SMALL) as a, make_async_cache(**SMALL) as b:
+            first = await a.get_or_set("k", loader("a"))
+            assert stored(raw, namespace, "k") is None  # a's fill is behind: b misses in Redis, finds the lease
+            second = await b.get_or_set("k", loader("b"))
+        return first, second
+
+    assert asyncio.run(scenario()) == ("from a", "from a")
+    assert calls == ["a"]
+    assert stored(raw, namespace, "k") == "from a"
+
+
+def test_close_lands_the_fills_still_behind(make_async_cache: MakeAsync, raw: Client, namespace: str) -> None:
+    async def scenario() -> None:
+        cache = make_async_cache(**SMALL)
+        for i in range(20):
+            await cache.get_or_set(f"k{i}", lambda i=i: i)  # type: ignore[misc]
+        await cache.close()
+
+    asyncio.run(scenario())
+    assert [stored(raw, namespace, f"k{i}") for i in range(20)] == list(range(20))
+    assert not raw.keys(_lease_key(namespace, "*"))
+    check_invariants(raw, namespace, 1, 100, 100)
+
+
+def test_a_loop_that_ends_without_close_still_lands_the_fill_and_frees_the_lease(
+        make_async_cache: MakeAsync, raw: Client, namespace: str) -> None:
+    cache = make_async_cache(**SMALL)
+
+    async def miss() -> Any:
+        return await cache.get_or_set("k", lambda: "computed")  # the loop ends right after: its task is cancelled
+
+    assert asyncio.run(miss()) == "computed"
+    assert stored(raw, namespace, "k") == "computed"
+    assert raw.exists(_lease_key(namespace, "k")) == 0
+    asyncio.run(cache.close())
+
+
+def test_a_put_right_after_a_miss_wins_over_the_fill_behind_it(make_async_cache: MakeAsync, raw: Client,
+                                                                namespace: str) -> None:
+    async def scenario() -> tuple[Any, Any]:
+        async with make_async_cache(**SMALL) as a, make_async_cache(**SMALL) as b:
+            await a.get_or_set("k", lambda: "computed")
+            await a.put("k", "written")  # the fill, still behind, started before this write: refused
+            await a.flush_bookkeeping()
+            return await a.get("k"), await b.get("k")
+
+    assert asyncio.run(scenario()) == ("written", "written")
+    assert stored(raw, namespace, "k") == "written"
+    assert raw.exists(_lease_key(namespace, "k")) == 0

@@ -69,6 +69,8 @@ class AsyncMultiLevelCache(CacheBase):
     made them. (A client passed as ``client=`` is used as it is: it must suit every loop it is used in.)
     """
 
+    FILL_BEHIND = True  # a miss's write runs on the loop after its caller has the value (_fill_behind)
+
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
                  client: AsyncClient | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config=config, **settings)
@@ -79,6 +81,7 @@ class AsyncMultiLevelCache(CacheBase):
         self._closed = False
         self._flights: Flights[asyncio.Future[bytes]] = Flights(lambda: asyncio.get_running_loop().create_future())
         self._refreshing: set[asyncio.Task[Any]] = set()
+        self._filling: dict[Hashable, asyncio.Task[None]] = {}  # fills behind (see _fill_behind), per loop and entry
         # read_from_replicas: plain reads go to a replica (replicas.py); the core decides, per batch.
         self._replicas = self._core.replicas = (AsyncReplicaReader(self.config) if self.config.read_from_replicas
                                                 else None)
@@ -183,6 +186,10 @@ class AsyncMultiLevelCache(CacheBase):
     async def _read(self, key: str | bytes, default: Any, trace: Timing | None = None) -> Any:
         """:meth:`MultiLevelCache._read`, awaited: one plain read after an L1 miss."""
         core = self._core
+        if self._filling and await self._filled(key):  # this process's own fill of it is on its way
+            value = core.get_from_l1(key)
+            if value is not MISS:
+                return value
         if not core.ready_done or core.replicas is not None:  # (replica reads take the fence's way)
             return await self._drive(core.get_from_redis(key, default, trace))
         ref = core.space.ref(key)
@@ -195,6 +202,10 @@ class AsyncMultiLevelCache(CacheBase):
 
     async def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, Any]:
         with self._timing("get_many"):
+            if self._filling:  # reads see this process's own fills
+                keys = list(keys)
+                for key in keys:
+                    await self._filled(key)
             return await self._drive(self._core.get_many(keys))
 
     async def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None, *,
@@ -209,6 +220,8 @@ class AsyncMultiLevelCache(CacheBase):
     async def _get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None, write: Write,
                           timing: Timing | None) -> Any:
         got = self._core.get_or_set_from_l1(key, ttl, write)  # an L1 hit needs no flight and no generator
+        if got is None and self._filling and await self._filled(key):
+            got = self._core.get_or_set_from_l1(key, ttl, write)
         if got is None:
             got = await self._drive(self._flight(key, ttl, write), loader)
         if timing is not None:
@@ -216,8 +229,47 @@ class AsyncMultiLevelCache(CacheBase):
         if got.refresh is not None:
             self._refresh_in_background(got.refresh, loader)
         if got.fill_later is not None:
-            self._fill_in_background(got.fill_later)
+            if isinstance(got.fill_later.job, Loaded):
+                self._fill_behind(got.fill_later)
+            else:
+                self._fill_in_background(got.fill_later)
         return got.value
+
+    def _fill_behind(self, job: FillLater) -> None:
+        """Write what a miss computed after its caller has the value: the fill (put.lua, with the lease's
+        release in the same round trip) runs as a task of this loop, off the caller's path. Until it is
+        done, the fleet's other workers wait on the lease as before, and this process's reads of the key
+        wait for it (:meth:`_filled`), so they see their own fill. close() and flush_bookkeeping() wait
+        for every fill; a task cancelled first (its loop ending) writes through the bookkeeping's
+        connection instead, so the lease is never left to expire."""
+        flight = self._flight_key(job.ref.id)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            if self._filling.get(flight) is task:
+                del self._filling[flight]
+            if task.cancelled():  # (started or not) a fill sent twice is refused the second time: harmless
+                with contextlib.suppress(Exception):
+                    self._bookkeeping_io.drive(self._core.fill_later(job, job.job))
+
+        task = asyncio.get_running_loop().create_task(self._drive(self._core.fill_later(job, job.job)))
+        self._filling[flight] = task
+        task.add_done_callback(finished)
+
+    async def _filled(self, key: str | bytes) -> bool:
+        """Wait for this process's pending fill of ``key`` (in this loop), if any; True if there was one."""
+        task = self._filling.get(self._flight_key(self._core.space.ref(key).id))
+        if task is None:
+            return False
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(task)
+        return True
+
+    async def _fills_done(self) -> None:
+        """Wait for every pending fill of the running loop."""
+        loop = asyncio.get_running_loop()
+        pending = [t for t in list(self._filling.values()) if t.get_loop() is loop]
+        if pending:
+            await asyncio.wait(pending)
 
     def _fill_in_background(self, job: FillLater) -> None:
         """Finish a fill whose loader (a task) outlived fail-safe's soft timeout, once it is done."""
@@ -282,7 +334,9 @@ class AsyncMultiLevelCache(CacheBase):
         return await self._drive(self._core.metrics(scope))
 
     async def flush_bookkeeping(self) -> None:
-        """:meth:`MultiLevelCache.flush_bookkeeping`: send the buffered bookkeeping now (in a thread)."""
+        """:meth:`MultiLevelCache.flush_bookkeeping`: send the buffered bookkeeping now (in a thread), after
+        every fill still on its way (see ``get_or_set``)."""
+        await self._fills_done()
         await asyncio.to_thread(self._flusher.flush)
 
     async def close(self) -> None:
@@ -290,6 +344,7 @@ class AsyncMultiLevelCache(CacheBase):
         that has ended took its own connections with it)."""
         if self._closed:
             return
+        await self._fills_done()  # the fills behind this loop's calls are writes the callers made: they land
         self._finalizer.detach()
         for task in list(self._refreshing):
             task.cancel()

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from redis.exceptions import RedisError
 
@@ -87,6 +87,9 @@ class CacheBase:
     """What both front ends share: settings, the tier core, coherence, construction from the environment."""
 
     _flights: Flights[Any]  # this process's get_or_set computations; each front end makes its own futures
+    # get_or_set writes a computed value after the caller has it (Got.fill_later): the async front end,
+    # whose event loop runs the write while the caller goes on; the sync one writes before returning.
+    FILL_BEHIND: ClassVar[bool] = False
 
     def __init__(self, redis_url: str | None = None, *, config: CacheConfig | None = None,
                  **settings: Any) -> None:
@@ -161,7 +164,7 @@ class CacheBase:
                 return Got(payload.value, None, source="coalesced")
             return Got(self._core.envelope.unwrap(payload), payload, source="coalesced")
         with flights.lead(flight, future) as done:
-            got = yield from self._core.get_or_set(key, ttl, l1_checked=True, write=write)
+            got = yield from self._core.get_or_set(key, ttl, l1_checked=True, write=write, behind=self.FILL_BEHIND)
             done(got.payload if got.payload is not None else got)
         return got
 

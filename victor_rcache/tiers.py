@@ -228,8 +228,10 @@ class Refresh:
 
 @dataclass(frozen=True)
 class FillLater:
-    """A fill whose loader outlived fail-safe's soft timeout (the caller got the stale value): what
-    :meth:`TierCore.fill_later` needs once the loader is done."""
+    """A fill the front end finishes in the background (:meth:`TierCore.fill_later`): one whose loader
+    outlived fail-safe's soft timeout (the caller got the stale value; ``job`` is the loader's task), or,
+    with ``behind``, one whose value the caller already has (``job`` is its :class:`Loaded`, ``payload``
+    its encoding): the write and the lease's release leave the caller's path."""
 
     ref: EntryRef
     write: Write
@@ -237,6 +239,8 @@ class FillLater:
     lease: bytes | None
     token: str
     job: Any
+    payload: bytes | None = None
+    computed_at: float | None = None  # behind: the core's clock when the value was computed (its L1 copy's start)
 
 
 @dataclass(frozen=True)
@@ -935,7 +939,7 @@ class TierCore:
                    self._refresh_if_due(key, entry.version, ttl_left, entry.cost, ttl, write), "l1")
 
     def get_or_set(self, key: str | bytes, ttl: float | None = None, l1_checked: bool = False,
-                   write: Write | None = None) -> Step[Got]:
+                   write: Write | None = None, behind: bool = False) -> Step[Got]:
         """The value under ``key``; on a miss, the caller's loader computes it once for the fleet.
 
         Yields :class:`Load` when this process must compute. After a plain read misses, lease.lua looks
@@ -944,6 +948,8 @@ class TierCore:
         lease ends, then read or take over. A fill is refused inside put.lua if the key changed after
         the miss. ``l1_checked``: :meth:`get_or_set_from_l1` has just missed; go straight to Redis.
         ``write``: the fill's ttl, tags and fail-safe (:meth:`write_options`; default: ``ttl`` alone).
+        ``behind``: the front end writes a computed value in the background (``Got.fill_later``), after
+        the caller has it; the value is encoded (and refused if it cannot be) before the call returns.
         """
         write = write or self.write_options(ttl)
         ref = self.space.ref(key)
@@ -992,7 +998,7 @@ class TierCore:
             return got
         if found.failed:
             return (yield from self._compute_locally(ref, write.ttl_ms))
-        return (yield from self._compute_and_fill(ref, write, since, lease if held else None, token, stale))
+        return (yield from self._compute_and_fill(ref, write, since, lease if held else None, token, stale, behind))
 
     def _lease(self, ref: EntryRef, token: str, disregard: bytes | None = None) -> Step[Looked]:
         """lease.lua for ``ref``: the entry if it is live now, else the fill lease, tried. ``disregard``: the
@@ -1065,7 +1071,7 @@ class TierCore:
         return loaded
 
     def _compute_and_fill(self, ref: EntryRef, write: Write, since_ms: int, lease: bytes | None, token: str,
-                          stale: Stale | None = None) -> Step[Got]:
+                          stale: Stale | None = None, behind: bool = False) -> Step[Got]:
         """Run the loader, then fill (refused if the key changed since the miss) and release the lease.
 
         Fail-safe (``write.fail_safe``): a loader that raises makes the call serve the value the key had
@@ -1091,10 +1097,11 @@ class TierCore:
                                             f"{self.config.fail_safe_timeout} s and will fill it in the background")
             return Got(stale.value, stale.payload, source="stale",
                        fill_later=FillLater(ref, write, since_ms, lease, token, loaded.job))
-        return (yield from self._fill(ref, write, since_ms, lease, token, loaded))
+        return (yield from self._fill(ref, write, since_ms, lease, token, loaded, behind))
 
     def _fill(self, ref: EntryRef, write: Write, since_ms: int, lease: bytes | None, token: str,
-              loaded: Loaded) -> Step[Got]:
+              loaded: Loaded, behind: bool = False, payload: bytes | None = None,
+              computed_at: float | None = None) -> Step[Got]:
         """Write what the loader computed (a fill, with the lease released in the same round trip). A value
         the loader marked :class:`Uncached`, or one that cannot be stored (too large, not encodable: with
         ``fail_open`` the caller still gets it, and the reason is logged), only gives the lease back."""
@@ -1102,7 +1109,8 @@ class TierCore:
         if uncached:
             value = value.value
         try:
-            payload: bytes | None = self._encode(ref, value)
+            if payload is None:  # (a fill behind was encoded on the caller's path)
+                payload = self._encode(ref, value)
         except (SerializationError, ValueTooLargeError) as exc:
             if lease is not None:
                 yield from self._release(lease, token)
@@ -1117,11 +1125,14 @@ class TierCore:
                 yield from self._release(lease, token)
             return Got(value, payload)
         assert payload is not None
+        if behind:
+            return Got(value, payload, fill_later=FillLater(ref, write, since_ms, lease, token, loaded, payload,
+                                                            self.since()))
         calls = [self._shard_call(self.scripts.put, ref.shard,
                                   self._put_items(ref, payload, write, since_ms=since_ms, cost=loaded.seconds))]
         if lease is not None:
             calls.append(ScriptCall(self.scripts.release, (lease,), (token,)))
-        sent_at = self.since()
+        sent_at = self.since() if computed_at is None else computed_at  # (an L1 copy's life counts from no later)
         ttl_s = _seconds(write.ttl_ms)
         try:
             sent = time.monotonic()
@@ -1166,9 +1177,8 @@ class TierCore:
                     extra=self.log_fields("fail_safe_served", "get_or_set", key=_text(ref.key), error=why))
 
     def fill_later(self, job: FillLater, outcome: Loaded | BaseException) -> Step[None]:
-        """Finish a fill whose loader outlived fail-safe's soft timeout (the front end runs this in the
-        background once the loader is done): write its value, or give the lease back if it failed.
-        Nothing is raised: nobody waits for it."""
+        """Finish a fill in the background (:class:`FillLater`; the front end runs this once the loader is
+        done): write its value, or give the lease back if it failed. Nothing is raised: nobody waits for it."""
         try:
             if isinstance(outcome, BaseException):
                 if job.lease is not None:
@@ -1177,7 +1187,8 @@ class TierCore:
                             extra=self.log_fields("fill_failed", "get_or_set", key=_text(job.ref.key),
                                                   error=str(outcome)))
                 return
-            yield from self._fill(job.ref, job.write, job.since_ms, job.lease, job.token, outcome)
+            yield from self._fill(job.ref, job.write, job.since_ms, job.lease, job.token, outcome, payload=job.payload,
+                                  computed_at=job.computed_at)
         except CacheError as exc:
             log.warning("the background fill of %r failed: %s", job.ref.key[:100], exc,
                         extra=self.log_fields("fill_failed", "get_or_set", key=_text(job.ref.key), error=str(exc)))

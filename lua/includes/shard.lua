@@ -139,20 +139,26 @@ end
 local drifted = false                -- the byte totals need a recount at the end of the call (recount())
 local check_totals = true            -- finish() checks the byte totals (touch.lua: once per sweep window)
 
--- Validates the common ARGV, the shard keys' types and the ACL permissions; an error message or nil.
--- Called by every script before its first write. Also notes, before anything changes them, whether the
--- byte totals were lost (Redis evicted the stats hash while the tiers hold entries). `skip_checks`
--- (touch.lua, told so by its caller): the ARGV only; see touch.lua's header for why that is safe there.
-local function check_head(skip_checks)
-  local err = parse_head() or (not skip_checks and (check_shard_types() or check_commands(SHARD_COMMANDS, l2_key,
-                                                                                          channel)))
+-- check_head: validates the common ARGV, the shard keys' types and the ACL permissions; an error message
+-- or nil. Called by every script before its first write. check_shard, its second half (lease.lua calls it
+-- apart, once it knows it will write more than its lease; `types_checked`: it checked them first): the
+-- types and permissions,
+-- and a note, made before anything changes them, of whether the byte totals were lost (Redis evicted the
+-- stats hash while the tiers hold entries). `skip_checks` (touch.lua, told so by its caller): the ARGV
+-- only; see touch.lua's header for why that is safe there.
+local function check_shard(types_checked)
+  local err = (not types_checked and check_shard_types()) or check_commands(SHARD_COMMANDS, l2_key, channel)
   if err then return err end
-  if skip_checks then return nil end
   local totals = redis.call('HMGET', stats_key, 'l2_bytes', 'l3_bytes')
   if (not totals[1] and redis.call('ZCARD', l2_key) > 0) or (not totals[2] and redis.call('ZCARD', l3_key) > 0) then
     drifted = true
   end
   return nil
+end
+local function check_head(skip_checks)
+  local err = parse_head()
+  if err or skip_checks then return err end
+  return check_shard()
 end
 
 local function entry_key(id) return base .. 'e:' .. id end
