@@ -54,13 +54,27 @@ COUNTERS_INTERVAL = 1.0  # seconds: how often the fleet's counters get this proc
 
 
 class Scored(NamedTuple):
-    """A prediction scored from the view: its rows (see score_next), their tools, the predicted queries,
-    and until when the view's copies it used are fresh (monotonic)."""
+    """A prediction scored from the view: the predicted queries, until when the view's copies it used are
+    fresh (monotonic), and the Prediction's fields as every caller of it gets them (each a copy of them)."""
 
-    rows: list[tuple[bytes, float, float, float, float]]
-    tools: list[tuple[list[Any], str | None]]
     queries: frozenset[bytes]
     fresh_until: float
+    texts: tuple[str | bytes, ...]
+    confidences: tuple[float, ...]
+    tools: tuple[tuple[Any, ...], ...]
+    parts: tuple[tuple[float, float, float], ...]
+    hashes: tuple[str | None, ...]
+
+    @classmethod
+    def of(cls, rows: list[tuple[bytes, float, float, float, float]], tools: list[tuple[list[Any], str | None]],
+           fresh_until: float) -> Scored:
+        """From score_next's rows and their tools (as LocalView.tools gives them)."""
+        if not rows:
+            return cls(frozenset(), fresh_until, (), (), (), (), ())
+        members, confidences, t, n, h = zip(*rows, strict=True)
+        listed, hashes = zip(*tools, strict=True)
+        return cls(frozenset(members), fresh_until, tuple(map(_text, members)), confidences,
+                   tuple(map(tuple, listed)), tuple(zip(t, n, h, strict=True)), hashes)
 
 
 class QueuedRecord(NamedTuple):
@@ -287,24 +301,23 @@ class ModelSync:
                 found = [view.lookup(k, now) for k in contexts]
                 hour = view.lookup(hour_key, now)
                 rows = score_next(found[0], found[1:], hour, c.normalized_weights, top_k, min_confidence)
-                scored = Scored(rows, [view.tools(r[0]) for r in rows], frozenset(r[0] for r in rows),
-                                view.fresh_until([*contexts, hour_key]) or now)
+                scored = Scored.of(rows, [view.tools(r[0]) for r in rows],
+                                   view.fresh_until([*contexts, hour_key]) or now)
                 if scored.fresh_until > now:
                     self._scores[memo] = scored
-            rows, tools = scored.rows, scored.tools
             if remember:
                 if state is None:
                     state = self._session(session)
-                state.pending = (current, scored.queries) if rows else None
+                state.pending = (current, scored.queries) if scored.texts else None
             wake = len(view._wanted) >= RECORDS_WAKE
         if remember:
             self.core.counters.add(predictions=1)
         if wake:
             self.thread.wake()
         query, named = shown if shown is not None else (_text(current), _text(session))
-        return Prediction(query, queries=[_text(r[0]) for r in rows], confidences=[r[1] for r in rows],
-                          tools=[list(listed) for listed, _ in tools], parts=[(r[2], r[3], r[4]) for r in rows],
-                          session=named, tools_hashes=[registry for _, registry in tools])
+        # (lists of their own: a caller may change what it got, never what the next caller gets)
+        return Prediction(query, list(scored.texts), list(scored.confidences), [list(t) for t in scored.tools],
+                          list(scored.parts), named, list(scored.hashes))
 
     def _contexts_after(self, current: bytes, history: Sequence[bytes]) -> tuple[bytes, ...]:
         """The pattern sets a prediction after ``current`` reads, in a session with ``history`` (newest
