@@ -211,7 +211,9 @@ class AsyncMultiLevelCache(CacheBase):
     async def get_or_set(self, key: str | bytes, loader: Callable[[], Any], ttl: float | None = None, *,
                          tags: Iterable[str | bytes] = (), fail_safe: bool | None = None) -> Any:
         """:meth:`MultiLevelCache.get_or_set`, awaited. A coroutine function's loader is awaited; a plain
-        function runs in a thread (``asyncio.to_thread``), so a slow loader never blocks the event loop."""
+        function runs in a thread (``asyncio.to_thread``), so a slow loader never blocks the event loop.
+        A computed value is returned before its fill lands: the fill runs as a task of this loop, and
+        this process's reads of the key wait for it (docs/single-flight.md)."""
         if self._observer is None:
             return await self._get_or_set(key, loader, ttl, self._core.write_options(ttl, tags, fail_safe), None)
         with self._timing("get_or_set") as timing:  # (a bad ttl or tag is an observed error too)
