@@ -28,7 +28,7 @@
 
   A previous entry under the same id, in L2 or L3, is replaced, and so are its tags. Every entry written is announced on
   <ns>:{<tag>}:inval with its new version (always: no process may keep serving an older copy, whether or not
-  Redis remembers that one exists). The entry's Redis expiry is its deadline (includes/shard.lua).
+  Redis remembers that one exists), and with its payload when it has no ttl and is small (see announce()). The entry's Redis expiry is its deadline (includes/shard.lua).
 
   Reply: { {promotions, demotions, evictions, expirations, now_ms}, version_1, version_2, ... }
     version_i = the new entry's version, or 0 when a conditional write was refused
@@ -135,7 +135,7 @@ for i = HEAD + 1, #ARGV, GROUP do
     -- the ghost hit then (the miss's report finds no record left, and counts nothing).
     if redis.call('ZREM', ghost_key, id) == 1 then ghost_hits = ghost_hits + 1 end
     bytes2 = bytes2 + string.len(payload)
-    announce(id, version)
+    announce(id, version, ttl == 0 and payload or nil)
     versions[#versions + 1] = version
     written = written + 1
   end

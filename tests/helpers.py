@@ -281,3 +281,9 @@ def guard_slots(cache: C) -> C:
 
     cache._send = guarded  # type: ignore[attr-defined]
     return cache
+
+
+def held_value(cache: Any, key: str | bytes, missing: Any = None) -> Any:
+    """The value of ``cache``'s live L1 copy of ``key``, or ``missing`` (not counted as a request)."""
+    entry = cache._core.l1.get(cache._core.space.ref(key).id)
+    return missing if entry is None else cache._core.envelope.unwrap(entry.payload)

@@ -47,7 +47,7 @@ import redis
 
 from victor_rcache import CacheClosedError, MultiLevelCache
 from victor_rcache.codec import Envelope, MsgpackCodec
-from victor_rcache.coherence import parse_invalidation
+from victor_rcache.coherence import parse_announcements, parse_invalidation
 from victor_rcache.config import CacheConfig
 from victor_rcache.keys import KeySpace
 from victor_rcache.l1 import LocalCache
@@ -59,6 +59,7 @@ from .helpers import (
     FakeClock,
     check_invariants,
     guard_slots,
+    held_value,
     server_at,
     server_of,
     servers,
@@ -92,6 +93,7 @@ def flushes(cache: MultiLevelCache) -> int:
 def held(cache: MultiLevelCache, key: str | bytes) -> bool:
     """Whether the cache's L1 holds a live copy of ``key`` (not counted as a request)."""
     return cache._core.l1.get(entry_id(cache, key)) is not None
+
 
 
 def entry_key(cache: MultiLevelCache, key: str | bytes) -> bytes:
@@ -182,9 +184,12 @@ def _run_command(caches: dict[str, MultiLevelCache], command: tuple[Any, ...]) -
     cache, blind = caches["coherent"], caches["blind"]
     op, *args = command
     if op == "put":
-        key, value = args
-        cache.put(key, value)
+        key, value, *ttl = args
+        cache.put(key, value, *ttl)
         return {"done_at": time.monotonic()}
+    if op == "redis_hits":  # the coherent cache's reads Redis answered so far (this process's counts)
+        m = cache.get_metrics()
+        return {"redis_hits": m["l2"]["hits"] + m["l3"]["hits"], "l1_hits": m["l1"]["hits"]}
     if op == "delete":
         (key,) = args
         deleted = cache.delete(key)
@@ -334,6 +339,25 @@ def test_a_put_in_process_a_reaches_process_bs_l1_within_100_ms(fleet: tuple[Wor
     assert_b_caught_up(seen, {"replaced": "v2"}, {"replaced": "v1"}, "put v2")
 
 
+@pytest.mark.parametrize(("ttl", "read_again"), [(None, False), (60.0, True)], ids=["no-ttl", "ttl"])
+def test_a_small_value_written_in_process_a_replaces_bs_copy_in_place_unless_it_has_a_ttl(
+        fleet: tuple[Worker, Worker, str], ttl: float | None, read_again: bool) -> None:
+    """The announcement of a small value without a ttl carries it: B's L1 copy becomes the new value with no
+    read of Redis. A value with a ttl is only announced: B drops its copy and reads the new one from Redis."""
+    a, b, _ = fleet
+    key = f"in-place-{ttl}"
+    a.ask("put", key, {"v": 1})
+    hold_in_b(b, [key], [{"v": 1}])
+    before = b.ask("redis_hits")
+    written = a.ask("put", key, {"v": 2}, ttl)
+    seen = b.ask("await", [key], {key: {"v": 2}}, written["done_at"])
+    assert_b_caught_up(seen, {key: {"v": 2}}, {key: {"v": 1}}, f"put with ttl={ttl}")
+    after = b.ask("redis_hits")
+    assert (after["redis_hits"] > before["redis_hits"]) is read_again, (before, after)
+    if not read_again:
+        assert after["l1_hits"] > before["l1_hits"], "B's new value came from somewhere else than its L1"
+
+
 def test_a_delete_in_process_a_reaches_process_bs_l1_within_100_ms(fleet: tuple[Worker, Worker, str]) -> None:
     a, b, _ = fleet
     a.ask("put", "deleted", "v1")
@@ -454,8 +478,8 @@ def test_namespaces_sharing_a_subscriber_each_lose_it_and_closing_one_keeps_the_
     assert b.get_metrics()["coherence"]["channel"] == "up"
     assert b.get("k") == "v1"
     assert held(b, "k")
-    writer_b.put("k", "v2")
-    wait_until(lambda: not held(b, "k"), "B hearing a write after A closed")
+    writer_b.put("k", "v2")  # (a small value without a ttl: its announcement carries it)
+    wait_until(lambda: held_value(b, "k", MISS) == "v2", "B hearing a write after A closed")
     assert b.get("k") == "v2"
 
 
@@ -848,6 +872,48 @@ def test_ids_of_any_bytes_round_trip_through_a_real_publish(make_cache: Make, ra
     assert single_invalidation(tap.collect()) == [(i, redis_version_of(raw, writer, k))
                                                   for k, i in zip(WEIRD_KEYS, ids, strict=True)]
     wait_until(lambda: all(holder.get(k) == "newer" for k in WEIRD_KEYS), "the holder dropping every copy")
+
+
+def test_parse_announcements_reads_payloads_by_their_length() -> None:
+    data = b"1:a 5 4:x y\n\n2:bb 6\n3:c\nd 7 0:\n"
+    assert parse_announcements(data) == [(b"a", 5, b"x y\n"), (b"bb", 6, None), (b"c\nd", 7, b"")]
+    assert parse_invalidation(data) == [(b"a", 5), (b"bb", 6), (b"c\nd", 7)]
+    for bad in (b"1:a 5 4:xyz\n", b"1:a 5 2:xyz\n", b"1:a 5 x:yz\n", b"1:a 5 3:xyz", b"1:a 5 \n"):
+        with pytest.raises(ValueError):  # noqa: PT011 - the parser raises plain ValueError
+            parse_announcements(bad)
+
+
+def test_put_announces_a_small_value_without_a_ttl_with_the_value_itself(make_cache: Make, raw: Client,
+                                                                          tap: ChannelTap) -> None:
+    """What travels (lua/includes/shard.lua's UPDATE_BYTES): the payload Redis holds, for a value of at most
+    1,024 encoded bytes written without a ttl; a value with a ttl or a larger one is announced by version."""
+    writer = make_cache(shards=1)
+    space = KeySpace(writer.namespace, 1)
+    writer.put("small", "x" * 10)
+    writer.put("timed", "x" * 10, ttl=60)
+    writer.put("large", "x" * 2000)
+    announced = [line for message in tap.collect() for line in parse_announcements(message)]
+    payload = raw.hget(space.entry_key(space.ref("small")), "v")
+    assert announced == [(b"small", redis_version_of(raw, writer, "small"), payload),
+                         (b"timed", redis_version_of(raw, writer, "timed"), None),
+                         (b"large", redis_version_of(raw, writer, "large"), None)]
+
+
+def test_an_update_replaces_only_an_older_copy_and_adds_none(make_cache: Make, raw: Client) -> None:
+    """L1.invalidate with a payload, as the listener applies a carried value: an older copy held becomes
+    the new one (with a fresh l1_ttl); a newer copy, or none, is left as it is (L1 holds only what this
+    process reads)."""
+    cache = make_cache(promote_after=1, coherence=False)
+    cache.put("held", "old")
+    l1, envelope = cache._core.l1, cache._core.envelope
+    ref, version = entry_id(cache, "held"), l1.get(entry_id(cache, "held")).version  # type: ignore[union-attr]
+    assert l1.invalidate(ref, version + 1, envelope.wrap("new"))
+    assert held_value(cache, "held", MISS) == "new"
+    assert not l1.invalidate(ref, version, envelope.wrap("older"))  # not newer than the copy: nothing changes
+    assert held_value(cache, "held", MISS) == "new"
+    assert not l1.invalidate(entry_id(cache, "absent"), version + 5, envelope.wrap("never read"))
+    assert not held(cache, "absent")
+    assert cache.get("held") == "new"
 
 
 def test_parse_invalidation_reads_lengths_not_separators() -> None:

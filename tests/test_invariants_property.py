@@ -28,6 +28,9 @@ return:
   (exact for ``get`` via the cache's own ``l1_fills``/``l1_hits`` counters, an over-approximation
   for ``get_many``), cleared by the cache's own delete/invalidate and by a miss (an L1 miss means
   the copy is gone). L1 LRU evictions are not modelled, which only makes the allowed set larger.
+* the write another cache put without a ttl, if cache ``i``'s L1 may have held an older copy of ``k``:
+  the announcement carries such a value, and a copy it finds is replaced in place (a fresh
+  ``l1_ttl`` from then; applied within the step, as ``invalidations_received_are_applied`` does).
 
 Two stricter checks: "reads see own writes" (right after a cache puts a key, its own get is an L1
 hit with that value), and idle expiry (docs/design.md#ttl-meanings): a value nobody has touched in Redis
@@ -136,6 +139,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.writes: list[Write] = []
         self.current: dict[str, int] = {}  # key -> index in self.writes of what Redis may hold
         self.l1_may_hold: list[dict[str, tuple[int, float]]] = [{} for _ in range(CACHES)]
+        # What another cache's put may have turned that copy into: its announcement carries a value without
+        # a ttl, and a cache holding an older copy replaces it (docs/coherence.md), when it applies it.
+        self.l1_updated: list[dict[str, tuple[int, float]]] = [{} for _ in range(CACHES)]
         self.last_touch: dict[str, float] = {}  # key -> latest put or (possible) Redis hit
         # Moments something becomes due, from the rules alone (never from what a call returned, which
         # may depend on when a listener thread applied an invalidation): advance_to_a_boundary draws
@@ -168,6 +174,10 @@ class CacheMachine(RuleBasedStateMachine):
             self.current[key] = value["w"]
             self.last_touch[key] = now
             self.l1_may_hold[i][key] = (value["w"], now + life)
+            self.l1_updated[i].pop(key, None)
+            for other in range(CACHES):
+                if ttl is None and other != i and (key in self.l1_may_hold[other] or key in self.l1_updated[other]):
+                    self.l1_updated[other][key] = (value["w"], now + L1_TTL)  # (applied within the step)
             self.due_points |= {(now + life, key), (now + L2_TTL, key), (now + L2_TTL + L3_TTL, key)}
             if ttl is not None:
                 self.due_points.add((now + ttl, key))
@@ -193,11 +203,24 @@ class CacheMachine(RuleBasedStateMachine):
         assert now < idle_end or swept < idle_end, (
             f"cache {i} served {key!r} at t={now}, untouched since t={self.last_touch[key]}: past l2_ttl + l3_ttl, "
             f"and its shard was swept at t={swept}")
-        held = self.l1_may_hold[i].get(key)
-        from_l1 = held is not None and held[0] == w and now < held[1]
+        held = self._l1_copy(i, key, w)
+        from_l1 = held is not None and now < held[1]
         assert w == self.current.get(key) or from_l1, (
             f"cache {i} served write {w} of {key!r}; allowed: current={self.current.get(key)}, its L1 copy={held}")
         return w
+
+    def _l1_copy(self, i: int, key: str, w: int) -> tuple[int, float] | None:
+        """The copy of write ``w`` of ``key`` cache ``i``'s L1 may hold, (w, deadline), or None."""
+        for copies in (self.l1_may_hold[i], self.l1_updated[i]):
+            held = copies.get(key)
+            if held is not None and held[0] == w:
+                return held
+        return None
+
+    def _forget(self, i: int, key: str) -> None:
+        """Cache ``i``'s L1 holds no copy of ``key`` any more (a miss, a delete, a read not copied)."""
+        self.l1_may_hold[i].pop(key, None)
+        self.l1_updated[i].pop(key, None)
 
     def _counters(self, i: int) -> tuple[int, int, int]:
         m = self.caches[i].get_metrics()
@@ -260,22 +283,23 @@ class CacheMachine(RuleBasedStateMachine):
             self.sweeps_pending.add(SHARD_OF[key])
         if got is MISS:
             assert (l1_hits_after, fills_after) == (l1_hits, fills), "a miss neither hit nor filled L1"
-            self.l1_may_hold[i].pop(key, None)  # an L1 miss drops whatever copy there was
+            self._forget(i, key)  # an L1 miss drops whatever copy there was
             return
         self.hits[i] += 1
         w = self._check_read(i, key, got)
         if l1_hits_after == l1_hits + 1:
-            held = self.l1_may_hold[i].get(key)
-            assert held is not None, f"L1 hit on {key!r}, which the model says this L1 cannot hold"
-            assert held[0] == w, f"L1 hit on {key!r} served write {w}, the model says it may hold {held[0]}"
+            held = self._l1_copy(i, key, w)
+            may = (self.l1_may_hold[i].get(key), self.l1_updated[i].get(key))
+            assert held is not None, f"L1 hit on {key!r} served write {w}, the model says it may hold {may}"
             assert self.clock.now < held[1], f"L1 served {key!r} after its copy's deadline t={held[1]}"
             assert fills_after == fills
         elif fills_after == fills + 1:
+            self._forget(i, key)
             self.l1_may_hold[i][key] = (w, self._fill_deadline(w))
             self.last_touch[key] = self.clock.now
         else:
             assert (l1_hits_after, fills_after) == (l1_hits, fills)
-            self.l1_may_hold[i].pop(key, None)
+            self._forget(i, key)
             self.last_touch[key] = self.clock.now
 
     @rule(i=cache_ids, chosen=st.lists(keys, min_size=1, max_size=8))
@@ -292,21 +316,22 @@ class CacheMachine(RuleBasedStateMachine):
         assert fills_after - fills <= len(got) - (l1_hits_after - l1_hits)
         for key in unique:
             if key not in got:
-                self.l1_may_hold[i].pop(key, None)
+                self._forget(i, key)
                 self.sweeps_pending.add(SHARD_OF[key])  # a miss was read from Redis
                 continue
             w = self._check_read(i, key, got[key])
-            held = self.l1_may_hold[i].get(key)
+            held = self._l1_copy(i, key, w)
             if w != self.current.get(key):
                 continue  # only L1 could have served an older write: its copy is unchanged
             self.last_touch[key] = self.clock.now  # maybe a Redis hit (an over-approximation)
             if fills_after == fills and l1_hits_after == l1_hits:
-                self.l1_may_hold[i].pop(key, None)  # came from Redis and was not copied into L1
+                self._forget(i, key)  # came from Redis and was not copied into L1
                 continue
             # Served by L1, or by Redis and maybe copied into L1: the copy may live until the later deadline.
             deadline = self._fill_deadline(w)
-            if held is not None and held[0] == w:
+            if held is not None:
                 deadline = max(deadline, held[1])
+            self._forget(i, key)
             self.l1_may_hold[i][key] = (w, deadline)
 
     @rule(i=cache_ids, readers=st.lists(cache_ids, min_size=1, max_size=4), key=keys)
@@ -322,18 +347,20 @@ class CacheMachine(RuleBasedStateMachine):
             self.caches[i].invalidate()
             self.current.clear()
             self.l1_may_hold[i].clear()
+            self.l1_updated[i].clear()
             for sk in KeySpace(self.ns, SHARDS).shard_keys:
                 assert self.raw.zcard(sk.l2) == self.raw.zcard(sk.l3) == self.raw.zcard(sk.exp) == 0
             return
         if how == "delete":
             existed = self.caches[i].delete(key)
             if existed:
-                assert key in self.current or key in self.l1_may_hold[i], f"delete({key!r}) found a key nobody wrote"
+                assert key in self.current or key in self.l1_may_hold[i] or key in self.l1_updated[i], \
+                    f"delete({key!r}) found a key nobody wrote"
         else:
             self.caches[i].invalidate(key)
         self._swept_now([key])
         self.current.pop(key, None)
-        self.l1_may_hold[i].pop(key, None)
+        self._forget(i, key)
 
     @rule(seconds=st.sampled_from(ADVANCES))
     def advance(self, seconds: float) -> None:

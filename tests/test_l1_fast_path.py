@@ -30,7 +30,7 @@ from victor_rcache.keys import MAX_RAW_KEY_BYTES, REFS_BYTES, KeySpace
 from victor_rcache.l1 import LocalCache
 from victor_rcache.metrics import Counters
 
-from .helpers import FakeClock
+from .helpers import FakeClock, held_value
 
 Make = Callable[..., MultiLevelCache]
 MakeAsync = Callable[..., AsyncMultiLevelCache]
@@ -47,6 +47,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = LIVENE
 def held(cache: MultiLevelCache, key: str) -> bool:
     """Whether the cache's L1 holds a live copy of ``key`` (not counted as a request)."""
     return cache._core.l1.get(cache._core.space.ref(key).id) is not None
+
 
 
 class Outcomes:
@@ -362,9 +363,14 @@ def test_the_listener_applies_an_invalidation_with_no_read_at_all(make_cache: Ma
     writer.put("k", "old")
     assert holder.get("k") == "old"
     assert held(holder, "k")
-    writer.put("k", "new")
-    wait_until(lambda: not held(holder, "k"), "the holder's listener dropping its copy, unasked")
+    writer.put("k", "new")  # a small value without a ttl: its announcement carries it
+    wait_until(lambda: held_value(holder, "k", MISS) == "new", "the holder's listener replacing its copy, unasked")
+    hits = holder.get_metrics()["l1"]["hits"]
     assert holder.get("k") == "new"
+    assert holder.get_metrics()["l1"]["hits"] == hits + 1
+    writer.put("k", "timed", ttl=60)  # a value with a ttl is only announced: the copy goes
+    wait_until(lambda: not held(holder, "k"), "the holder's listener dropping its copy, unasked")
+    assert holder.get("k") == "timed"
     writer.delete("k")
     wait_until(lambda: holder.get("k", MISS) == MISS, "the holder dropping its copy of the deleted key")
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import select
 import socket
 import threading
@@ -55,19 +56,38 @@ SILENCE = 3.0  # seconds without any reply after which the connection is conside
 RECONNECT_MAX = 2.0  # cap of the reconnect backoff, seconds
 
 
-def parse_invalidation(data: bytes) -> list[tuple[bytes, int]]:
-    """``b"13:read the file 42\\n..."`` -> ``[(b"read the file", 42), ...]`` (ids may hold any byte)."""
-    out, pos = [], 0
-    while pos < len(data):
+_VERSION = re.compile(rb"(\d+)([ \n])")  # an announcement's version, then its end or its payload
+_LENGTH = re.compile(rb"(\d+):")
+
+
+def parse_announcements(data: bytes) -> list[tuple[bytes, int, bytes | None]]:
+    """``b"13:read the file 42\\n9:pick tool 43 5:\\x92...\\n"`` -> ``[(b"read the file", 42, None),
+    (b"pick tool", 43, b"\\x92...")]``: each entry's id, new version, and the value's payload when the
+    line carries it (a put of a small value without a ttl, see lua/includes/shard.lua). Ids and payloads
+    may hold any byte: they are read by their lengths. Raises ValueError on anything else."""
+    out: list[tuple[bytes, int, bytes | None]] = []
+    pos, size = 0, len(data)
+    while pos < size:
         colon = data.index(b":", pos)
         start = colon + 1
         end = start + int(data[pos:colon])
-        if data[end:end + 1] != b" ":
+        version = _VERSION.match(data, end + 1) if data[end:end + 1] == b" " else None
+        if version is None:
             raise ValueError(f"malformed invalidation at byte {pos}")
-        newline = data.index(b"\n", end)
-        out.append((data[start:end], int(data[end + 1:newline])))
-        pos = newline + 1
+        payload, pos = None, version.end()
+        if version[2] == b" ":
+            length = _LENGTH.match(data, pos)
+            stop = length.end() + int(length[1]) if length is not None else size
+            if length is None or data[stop:stop + 1] != b"\n":
+                raise ValueError(f"malformed payload at byte {pos}")
+            payload, pos = data[length.end():stop], stop + 1
+        out.append((data[start:end], int(version[1]), payload))
     return out
+
+
+def parse_invalidation(data: bytes) -> list[tuple[bytes, int]]:
+    """:func:`parse_announcements` without the payloads: ``[(id, version), ...]``."""
+    return [(entry_id, version) for entry_id, version, _ in parse_announcements(data)]
 
 
 class FillWatch:
@@ -272,8 +292,8 @@ class InvalidationListener:
                 self.l1.invalidate_shard(int(shard), int(flushed_at))
                 self._wake(None)
                 return
-            for entry_id, version in parse_invalidation(data):
-                self.l1.invalidate(entry_id, version)
+            for entry_id, version, payload in parse_announcements(data):
+                self.l1.invalidate(entry_id, version, payload)
                 self._wake(entry_id)
         except ValueError as exc:  # a message we cannot read: be safe
             log.warning("unreadable invalidation on %r (%s); clearing L1", self._channel_text, exc,

@@ -264,8 +264,13 @@ class LocalCache:
                 self._sizer.forget(key)
         return True
 
-    def invalidate(self, key: bytes, version: int) -> bool:
-        """Another process wrote ``version`` of ``key``: drop an older copy; True if one was dropped."""
+    def invalidate(self, key: bytes, version: int, payload: bytes | None = None) -> bool:
+        """Another process wrote ``version`` of ``key``: drop an older copy; True if one was dropped (or,
+        with ``payload``, replaced).
+
+        ``payload``: the write's announcement carried the value (one without a ttl): an older copy held
+        here is replaced by it, as if it had just been read (a fresh ``l1_ttl``); without a copy nothing
+        is added, so L1 keeps holding only what this process reads."""
         with self._lock:
             self.unconfirmed.pop(key, None)
             if version > self._floors.get(key, 0):
@@ -274,10 +279,15 @@ class LocalCache:
                 if len(self._floors) > FLOORS:
                     self._floors.popitem(last=False)
             current = self._data.peek(key)
-            dropped = current is not None and current.version < version and self._remove(key)
-        if self.fence is not None:  # after the drop: once the fence shows the version, no older copy is here
+            changed = current is not None and current.version < version and self._remove(key)
+            lives = float("inf") if self.ttl is None else self.ttl
+            if current is not None and changed and payload is not None and lives > 0:
+                self.total_size += len(payload)
+                entry = L1Entry(payload, version, self.clock() + lives, None, current.cost, current.shard)
+                self._evicted(self._data.put(key, entry))
+        if self.fence is not None:  # after the change: once the fence shows the version, no older copy is here
             self.fence.saw(key, version)
-        return dropped
+        return changed
 
     def invalidate_shard(self, shard: int, version: int) -> int:
         """Shard ``shard`` was flushed at ``version``: drop its older copies; returns how many."""

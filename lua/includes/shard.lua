@@ -49,10 +49,12 @@
   Invalidation: every write that changes or removes a value (put.lua, delete.lua, flush.lua)
   publishes on the shard's channel <ns>:{<tag>}:inval with SPUBLISH (sharded pub/sub), always,
   whether or not Redis remembers that some process holds a copy: one line per entry,
-  "<length of id>:<id> <version>\n", or "*<shard> <version>" for a flushed shard. The channel has the
-  shard's hash tag, so on a Redis Cluster it lives in the shard's slot: only the shard's master (and
-  its replicas) carry the message, not every node of the cluster as PUBLISH would. Every process
-  drops its L1 copies older than the version. Moves between tiers, expiry and
+  "<length of id>:<id> <version>\n" (a put of a value without a ttl of at most UPDATE_BYTES adds the
+  value: "<length of id>:<id> <version> <length>:<payload>\n", see announce()), or "*<shard> <version>"
+  for a flushed shard. The channel has the shard's hash tag, so on a Redis Cluster it lives in the
+  shard's slot: only the shard's master (and its replicas) carry the message, not every node of the
+  cluster as PUBLISH would. Every process drops its L1 copies older than the version (replaces them,
+  when the line carries the value). Moves between tiers, expiry and
   evictions publish nothing: they do not change a value, and every L1 copy carries its own deadline.
 
   Common ARGV (HEAD of them, every script but flush.lua):
@@ -281,9 +283,18 @@ local function next_version()
   return v
 end
 
--- Queues "<length of id>:<id> <version>\n" for the invalidation published by finish().
-local function announce(id, version)
-  changed[#changed + 1] = string.len(id) .. ':' .. id .. ' ' .. string.format('%d', version) .. '\n'
+-- Queues "<length of id>:<id> <version>\n" for the invalidation published by finish(). With `payload`
+-- (a value without a ttl, at most UPDATE_BYTES), the line carries it, "<length of id>:<id> <version>
+-- <length of payload>:<payload>\n": a process holding an older copy replaces it instead of dropping it,
+-- so a value written elsewhere does not cost every reader a round trip. (A value with a ttl never
+-- travels: its deadline is Redis's to keep.)
+local UPDATE_BYTES = 1024
+local function announce(id, version, payload)
+  local line = string.len(id) .. ':' .. id .. ' ' .. string.format('%d', version)
+  if payload and string.len(payload) <= UPDATE_BYTES then
+    line = line .. ' ' .. string.len(payload) .. ':' .. payload
+  end
+  changed[#changed + 1] = line .. '\n'
 end
 
 -- A fill that started at or before `at` (ms) is refused from now on.
