@@ -28,7 +28,8 @@
 
   A previous entry under the same id, in L2 or L3, is replaced, and so are its tags. Every entry written is announced on
   <ns>:{<tag>}:inval with its new version (always: no process may keep serving an older copy, whether or not
-  Redis remembers that one exists), and with its payload when it has no ttl and is small (see announce()). The entry's Redis expiry is its deadline (includes/shard.lua).
+  Redis remembers that one exists), and with its payload when it has no ttl and is small (see announce()).
+  The entry's Redis expiry is its deadline (includes/shard.lua).
 
   Reply: { {promotions, demotions, evictions, expirations, now_ms}, version_1, version_2, ... }
     version_i = the new entry's version, or 0 when a conditional write was refused

@@ -262,8 +262,7 @@ class AsyncMultiLevelCache(CacheBase):
         task = self._filling.get(self._flight_key(self._core.space.ref(key).id))
         if task is None:
             return False
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.shield(task)
+        await asyncio.wait((task,))  # its outcome is its own (logged); a cancelled caller is still cancelled
         return True
 
     async def _fills_done(self) -> None:
